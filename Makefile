@@ -1,0 +1,54 @@
+# Chaperone developer entry points. The README names two: `make demo` and `make test`.
+# Everything they need is installed here (Debian packages, a Python venv, a control plane built
+# from Go modules), so a clean clone on a fresh machine works with nothing done by hand.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+APT_PACKAGES := redis-server iproute2 iptables curl
+export CHAPERONE_CACHE ?= $(HOME)/.cache/chaperone
+
+.PHONY: demo test deps system-deps venv control-plane sync-crds check-crds bench clean
+
+demo: deps
+	$(PY) -m chaperone_testbed demo
+
+test: deps
+	KUBEBUILDER_ASSETS="$$(hack/build-control-plane.sh)" HELM_BIN="$$(hack/build-helm.sh)" $(PY) -m pytest $(PYTEST_ARGS)
+
+deps: system-deps venv control-plane
+
+# Debian packages: redis-server is a real component of the test bed; iproute2/iptables serve the
+# transparent-mode tests. apt-get runs only when something is missing.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(STAMP)
+
+# Exact pins in constraints.txt keep the install fast (unpinned kubernetes + boto3 backtracks).
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+control-plane:
+	hack/build-control-plane.sh >/dev/null
+	hack/build-helm.sh >/dev/null
+
+# The CRDs have one source (crds/); the chart carries a copy, checked by tests/test_chart.py.
+sync-crds:
+	rm -f charts/chaperone/crds/*.yaml
+	cp crds/*.yaml charts/chaperone/crds/
+
+bench: deps
+	$(PY) bench/bench_policy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

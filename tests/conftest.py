@@ -1,0 +1,71 @@
+"""Shared pytest fixtures: the real test bed (control plane, Redis, S3), one per session.
+
+Rule: a component that cannot start FAILS the run (pytest.fail), it is never skipped. A skipped
+integration test reads as green in CI while testing nothing; under CI=true that is a hard
+requirement, and locally failing loudly is just as useful.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+try:
+    import chaperone_testbed
+except ImportError:  # not pip-installed: run straight from the source tree
+    sys.path.insert(0, str(REPO_ROOT / "testbed"))
+    import chaperone_testbed
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _start(component, what: str):
+    try:
+        return component.start()
+    except chaperone_testbed.TestbedError as exc:
+        error = exc  # fail outside the except block: no "during handling..." chain in reports
+    getattr(component, "close", component.stop)()  # remove its temp dir (the log tail is in error)
+    where = " (CI=true: missing infrastructure is a failure)" if IN_CI else ""
+    pytest.fail(f"test bed: {what} could not start{where}:\n{error}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def control_plane(repo_root):
+    cp = chaperone_testbed.ControlPlane(build_script=repo_root / "hack" / "build-control-plane.sh")
+    yield _start(cp, "control plane (etcd + kube-apiserver)")
+    cp.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = chaperone_testbed.RedisServer()
+    yield _start(server, "redis-server")
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = chaperone_testbed.S3Server()
+    yield _start(server, "S3 (moto) server")
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def crds_installed(control_plane, repo_root):
+    """The chaperone.dev CRDs from crds/ (the single source), applied and Established."""
+    control_plane.kubectl("apply", "-f", str(repo_root / "crds"))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                          "crd/claudeconnections.chaperone.dev",
+                          "crd/accesspolicies.chaperone.dev",
+                          "crd/approvalrequests.chaperone.dev")
+    return repo_root / "crds"

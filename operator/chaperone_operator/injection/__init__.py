@@ -1,0 +1,23 @@
+"""Sidecar injection: the pure function behind the pod-mutating webhook.
+
+`inject(pod, settings, connections, user_info)` returns the RFC 6902 patch (and the mutated pod)
+that puts a labelled pod behind the Chaperone sidecar, or a refusal reason. Everything it writes
+is named in `contract` and documented in docs/injection.md, the contract the sidecar reads.
+
+Modules: `settings` (operator-wide knobs from CHAPERONE_* variables), `connections` (which
+ClaudeConnections apply, NO_PROXY safety), `agent` (agent containers), `sidecar` (added
+containers and volumes), `iptables` (transparent-mode rules), `patch` (JSONPatch diff),
+`inject` (the orchestration and refusals).
+"""
+
+from .connections import ConnectionPlan, applicable_connections, selector_matches
+from .inject import InjectionResult, creator_of, inject
+from .iptables import iptables_rules, iptables_script, redirect_ports
+from .patch import escape, make_patch, pointer
+from .settings import InjectionSettings, quantity_bytes
+
+__all__ = [
+    "ConnectionPlan", "InjectionResult", "InjectionSettings", "applicable_connections",
+    "creator_of", "escape", "inject", "iptables_rules", "iptables_script", "make_patch",
+    "pointer", "quantity_bytes", "redirect_ports", "selector_matches",
+]

@@ -1,0 +1,208 @@
+"""InjectionSettings: the operator-wide knobs of sidecar injection, read once at startup.
+
+Why a frozen dataclass built from a plain mapping: `inject()` must be a pure function, so
+everything it needs besides the pod, the connections and userInfo arrives in one immutable value.
+`from_env` takes the mapping as an argument (not `os.environ` directly) so tests and golden files
+build settings exactly as the operator does, from `CHAPERONE_*` variables the Helm chart sets.
+Every variable is listed in `ENV_VARS` and documented in docs/injection.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping
+
+from .contract import APPROVAL_MODES, MODES
+
+DEFAULT_VERSION = "0.1.0"
+MAX_REVERSE_PORTS = 64  # a pod uses at most this many reverse-mode (baseURL) connections
+
+# env var -> (field, parser name). Order is the documentation order.
+ENV_VARS: dict[str, str] = {
+    "CHAPERONE_VERSION": "version",
+    "CHAPERONE_SIDECAR_IMAGE": "sidecar_image",
+    "CHAPERONE_SIDECAR_IMAGE_PULL_POLICY": "image_pull_policy",
+    "CHAPERONE_SIDECAR_UID": "sidecar_uid",
+    "CHAPERONE_SIDECAR_GID": "sidecar_gid",
+    "CHAPERONE_DEFAULT_MODE": "default_mode",
+    "CHAPERONE_PROXY_PORT": "proxy_port",
+    "CHAPERONE_HEALTH_PORT": "health_port",
+    "CHAPERONE_REVERSE_PORT_BASE": "reverse_port_base",
+    "CHAPERONE_REDIRECT_PORTS": "redirect_ports",
+    "CHAPERONE_REDIRECT_IPV6": "redirect_ipv6",
+    "CHAPERONE_SIDECAR_CPU_REQUEST": "cpu_request",
+    "CHAPERONE_SIDECAR_MEMORY_REQUEST": "memory_request",
+    "CHAPERONE_SIDECAR_CPU_LIMIT": "cpu_limit",
+    "CHAPERONE_SIDECAR_MEMORY_LIMIT": "memory_limit",
+    "CHAPERONE_SPOOL_SIZE_LIMIT": "spool_size_limit",
+    "CHAPERONE_S3_BUCKET": "s3_bucket",
+    "CHAPERONE_S3_ENDPOINT": "s3_endpoint",
+    "CHAPERONE_S3_REGION": "s3_region",
+    "CHAPERONE_S3_PREFIX": "s3_prefix",
+    "CHAPERONE_REDIS_URL": "redis_url",
+    "CHAPERONE_OTEL_ENDPOINT": "otel_endpoint",
+    "CHAPERONE_SIDECAR_SECRET": "sidecar_secret",
+    "CHAPERONE_CA_SECRET": "ca_secret_name",
+    "CHAPERONE_TRUST_BUNDLE": "trust_bundle_name",
+    "CHAPERONE_OPERATOR_NAMESPACE": "operator_namespace",
+    "CHAPERONE_APPROVAL_MODE": "approval_mode",
+    "CHAPERONE_APPROVAL_TIMEOUT_SECONDS": "approval_timeout_seconds",
+    "CHAPERONE_SIDECAR_LOG_LEVEL": "log_level",
+    "CHAPERONE_TOKEN_EXPIRATION_SECONDS": "token_expiration_seconds",
+    "CHAPERONE_API_AUDIENCES": "api_audiences",
+}
+
+
+@dataclass(frozen=True)
+class InjectionSettings:
+    """Operator-wide injection settings. Defaults are the documented defaults."""
+
+    version: str = DEFAULT_VERSION
+    sidecar_image: str = f"ghcr.io/chaperone-dev/chaperone:{DEFAULT_VERSION}"
+    image_pull_policy: str = "IfNotPresent"
+    sidecar_uid: int = 1337
+    sidecar_gid: int = 1337
+    default_mode: str = "explicit"
+    proxy_port: int = 15001
+    health_port: int = 15021
+    reverse_port_base: int = 15100
+    redirect_ports: tuple[int, ...] = (80, 443)
+    redirect_ipv6: bool = True
+    cpu_request: str = "100m"
+    memory_request: str = "128Mi"
+    cpu_limit: str = ""                 # empty: no CPU limit (throttling a proxy hurts latency)
+    memory_limit: str = "512Mi"
+    spool_size_limit: str = "1Gi"
+    s3_bucket: str = ""
+    s3_endpoint: str = ""
+    s3_region: str = ""
+    s3_prefix: str = ""
+    redis_url: str = ""
+    otel_endpoint: str = ""
+    sidecar_secret: str = ""            # Secret (in each pod namespace) with S3/Redis credentials
+    ca_secret_name: str = "chaperone-ca"
+    trust_bundle_name: str = "chaperone-ca-bundle"
+    operator_namespace: str = "chaperone-system"
+    approval_mode: str = "hold"
+    approval_timeout_seconds: int = 300
+    log_level: str = "info"
+    token_expiration_seconds: int = 3607
+    # Audiences the API server accepts; a projected token for one of them is an API credential.
+    api_audiences: tuple[str, ...] = ("https://kubernetes.default.svc.cluster.local",)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending setting; called on construction."""
+        if not self.sidecar_image:
+            raise ValueError("CHAPERONE_SIDECAR_IMAGE must not be empty")
+        if self.default_mode not in MODES:
+            raise ValueError(f"CHAPERONE_DEFAULT_MODE must be one of {MODES}, "
+                             f"not {self.default_mode!r}")
+        if self.approval_mode not in APPROVAL_MODES:
+            raise ValueError(f"CHAPERONE_APPROVAL_MODE must be one of {APPROVAL_MODES}, "
+                             f"not {self.approval_mode!r}")
+        if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+            raise ValueError("CHAPERONE_SIDECAR_IMAGE_PULL_POLICY must be Always, IfNotPresent "
+                             f"or Never, not {self.image_pull_policy!r}")
+        # UID 0 would make the sidecar root; the iptables exclusion would then exempt root.
+        for name, uid in (("CHAPERONE_SIDECAR_UID", self.sidecar_uid),
+                          ("CHAPERONE_SIDECAR_GID", self.sidecar_gid)):
+            if not 0 < uid < 2**31:
+                raise ValueError(f"{name} must be a positive id, not {uid}")
+        ports = {"CHAPERONE_PROXY_PORT": self.proxy_port,
+                 "CHAPERONE_HEALTH_PORT": self.health_port,
+                 "CHAPERONE_REVERSE_PORT_BASE": self.reverse_port_base}
+        for name, port in ports.items():
+            if not 0 < port < 65536:
+                raise ValueError(f"{name} must be a TCP port, not {port}")
+        if self.proxy_port == self.health_port:
+            raise ValueError("CHAPERONE_PROXY_PORT and CHAPERONE_HEALTH_PORT must differ")
+        # Reverse-mode connections get base, base+1, ... (at most MAX_REVERSE_PORTS of them).
+        if any(self.reverse_port_base <= p < self.reverse_port_base + MAX_REVERSE_PORTS
+               for p in (self.proxy_port, self.health_port)):
+            raise ValueError(f"CHAPERONE_REVERSE_PORT_BASE..+{MAX_REVERSE_PORTS - 1} must not "
+                             "contain the proxy or health port")
+        if self.reverse_port_base + MAX_REVERSE_PORTS > 65536:
+            raise ValueError("CHAPERONE_REVERSE_PORT_BASE leaves no room for reverse ports")
+        if not self.redirect_ports or any(not 0 < p < 65536 for p in self.redirect_ports):
+            raise ValueError("CHAPERONE_REDIRECT_PORTS must list TCP ports (e.g. 80,443)")
+        if self.approval_timeout_seconds <= 0:
+            raise ValueError("CHAPERONE_APPROVAL_TIMEOUT_SECONDS must be positive")
+        if self.token_expiration_seconds < 600:  # the API server's minimum
+            raise ValueError("CHAPERONE_TOKEN_EXPIRATION_SECONDS must be at least 600")
+        quantity_bytes(self.spool_size_limit)  # raises ValueError when malformed
+        if not self.ca_secret_name or not self.trust_bundle_name:
+            raise ValueError("CHAPERONE_CA_SECRET and CHAPERONE_TRUST_BUNDLE must be set")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "InjectionSettings":
+        """Build settings from CHAPERONE_* variables; unset or empty variables keep defaults.
+
+        Exception: the optional endpoints (S3, Redis, OTel, sidecar Secret, CPU limit) default to
+        empty, so an empty value there simply means "not configured".
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, object] = {}
+        for var, name in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            kwargs[name] = _parse(var, raw.strip(), fields[name].default)
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> "InjectionSettings":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _parse(var: str, raw: str, default: object) -> object:
+    """Parse `raw` to the type of the field's default."""
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{var} must be true or false, not {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{var} must be an integer, not {raw!r}") from None
+    if isinstance(default, tuple):
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        if default and isinstance(default[0], int):
+            try:
+                # Sorted and deduplicated: settings equality must not depend on spelling.
+                return tuple(sorted({int(item) for item in items}))
+            except ValueError:
+                raise ValueError(f"{var} must be a comma-separated list of ports, "
+                                 f"not {raw!r}") from None
+        return tuple(items)
+    return raw
+
+
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory/storage quantity ("1Gi", "500M", "1048576") in bytes.
+
+    The sidecar gets the spool limit in bytes so it needs no quantity parser of its own.
+    """
+    q = quantity.strip()
+    number, factor = q, 1
+    for suffix, mult in (*_BINARY.items(), *_DECIMAL.items()):  # two-letter suffixes first
+        if q.endswith(suffix):
+            number, factor = q[: -len(suffix)], mult
+            break
+    try:
+        value = float(number)
+        if not 0 <= value < 2**63:
+            raise ValueError
+        return int(value * factor)
+    except (ValueError, OverflowError):
+        raise ValueError(f"CHAPERONE_SPOOL_SIZE_LIMIT must be a quantity such as 1Gi, "
+                         f"not {quantity!r}") from None

@@ -1,0 +1,68 @@
+"""Approvals: ApprovalRequests, grants, decision fan-out and rate limits for the sidecar.
+
+The approval addon calls one façade (``service.ApprovalService``)::
+
+    svc = ApprovalService(KubeApprovalBackend(...), RedisGrants(redis_client))
+    outcome = await svc.request(identity=..., connection=..., action=..., digest=...,
+                                rule=..., requirement=...)
+    # outcome.state: approved | denied | expired | pending (pending: answer 403 with the name)
+
+Modules: ``digest`` (canonical request digest, action key, request names), ``kube``
+(ApprovalRequests through the apiserver with aiohttp + watch), ``local`` (standalone mode:
+one JSON file per request), ``grants`` (grant cache + decision fan-out, Redis or memory),
+``ratelimit`` (policy rate limits, Redis or memory), ``service`` (the façade).
+
+The errors live here and everything else is imported lazily (PEP 562), so ``kube`` and
+``local`` can import the errors without an import cycle and the standalone proxy never has
+to import aiohttp or redis.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+class ApprovalError(Exception):
+    """Base class: approvals could not do what was asked."""
+
+
+class BackendError(ApprovalError):
+    """The ApprovalRequest store refused or failed (``status`` is the HTTP status, 0 if none)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: no answer, overload or a server error."""
+        return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+class Conflict(BackendError):
+    """An object of that name exists already."""
+
+
+class ApprovalUnavailable(ApprovalError):
+    """No ApprovalRequest could be opened; the caller must refuse the flow (fail closed)."""
+
+
+_LAZY = {
+    "ApprovalService": "service", "Outcome": "service", "approvers_text": "service",
+    "approve_command": "service", "subject_key": "service",
+    "KubeApprovalBackend": "kube", "LocalApprovalStore": "local",
+    "RedisGrants": "grants", "MemoryGrants": "grants", "Grant": "grants",
+    "RedisRateLimiter": "ratelimit", "MemoryRateLimiter": "ratelimit",
+    "RateVerdict": "ratelimit", "rate_key": "ratelimit",
+    "request_digest": "digest", "action_key": "digest", "request_name": "digest",
+}
+
+__all__ = ["ApprovalError", "BackendError", "Conflict", "ApprovalUnavailable", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

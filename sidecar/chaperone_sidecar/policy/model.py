@@ -65,11 +65,12 @@ class KubernetesAction:
 
 @dataclass(frozen=True)
 class AnthropicAction:
-    model: str = ""
+    model: str = ""  # the single requested model; "" when none or when a batch mixes models
     stream: bool = False
     tools: tuple[str, ...] = ()  # declared tool names
     tool_uses: tuple[str, ...] = ()  # names in tool_use blocks of the conversation
     tool_results: int = 0  # count of tool_result blocks
+    models: tuple[str, ...] = ()  # every requested model (message batches can mix them)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""Request classifiers: turn one proxied HTTP request into an ``Action`` for the policy engine.
+
+``classify(request, connection_type)`` is the only entry point the sidecar needs. The
+connection's type (from its ClaudeConnection) picks the typed classifier:
+
+* ``aws``        -> ``aws``: service/region from the SigV4 scope, operation from botocore models
+* ``kubernetes`` -> ``kubernetes``: the apiserver's own RequestInfo rules
+* ``anthropic``  -> ``anthropic``: model, streaming, declared and used tools
+* ``http``       -> ``http``: the generic fields only
+
+Every Action carries the generic HTTP fields, a canonical ``name`` (``s3:DeleteBucket``,
+``kubernetes:delete/namespaces``, ``http:GET``, ``anthropic:messages``) and a one-line
+``summary`` for approvals and recordings.
+
+``classify`` is total: it is called on every flow, with whatever an agent chose to send, and an
+exception there would break the flow or, worse, the policy decision. Any failure inside a typed
+classifier is recorded in ``Action.errors`` and the generic action is returned; the evaluator
+decides what an incomplete classification means (typically: no typed rule matches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..model import Action, HTTPRequest
+from .anthropic import anthropic_summary, classify_anthropic
+from .aws import classify_aws
+from .aws_models import warm_up
+from .http import base_action, sanitize, shorten
+from .kubernetes import classify_kubernetes, kubernetes_name, kubernetes_summary
+
+__all__ = ["classify", "warm_up", "CONNECTION_TYPES"]
+
+CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic")
+_MAX_ERROR = 300
+
+
+def _error_text(where: str, exc: BaseException) -> str:
+    return shorten(f"{where} classifier failed: {type(exc).__name__}: {exc}", _MAX_ERROR)
+
+
+def _fallback(request, connection_type: str, errors: list[str]) -> Action:
+    """Last resort when even the generic fields could not be read: every field is safe."""
+
+    def text(name: str) -> str:
+        value = getattr(request, name, "")
+        return value if isinstance(value, str) else ""
+
+    port = getattr(request, "port", 0)
+    method = text("method").upper()
+    return Action(
+        connection_type=connection_type,  # type: ignore[arg-type]
+        method=method,
+        scheme=text("scheme"),
+        host=text("host").lower(),
+        port=port if isinstance(port, int) else 0,
+        path=text("path"),
+        query=text("query"),
+        name=f"http:{method or '?'}",
+        summary=shorten(f"{method or '?'} {text('host')}{text('path')}"),
+        errors=tuple(errors),
+    )
+
+
+def classify(request: HTTPRequest, connection_type: str) -> Action:
+    """Classify one request for policy evaluation. Never raises."""
+    errors: list[str] = []
+    if connection_type not in CONNECTION_TYPES:
+        errors.append(f"unknown connection type {str(connection_type)[:50]!r}; classified as http")
+        connection_type = "http"
+    try:
+        request = sanitize(request, errors)
+        base = base_action(request, connection_type, errors)
+    except Exception as exc:  # noqa: BLE001 - totality is the contract
+        errors.append(_error_text("http", exc))
+        return _fallback(request, connection_type, errors)
+    if connection_type == "http":
+        return base
+    try:
+        return _typed(request, connection_type, base, errors)
+    except Exception as exc:  # noqa: BLE001 - totality is the contract
+        errors.append(_error_text(connection_type, exc))
+        return replace(base, errors=tuple(errors))
+
+
+def _typed(request: HTTPRequest, connection_type: str, base: Action, errors: list[str]) -> Action:
+    if connection_type == "aws":
+        aws, described = classify_aws(request, errors)
+        name = aws.action if aws.service else "aws:unknown"
+        summary = " ".join(part for part in (name, described) if part)
+        if aws.region:
+            summary += f" ({aws.region})"
+        if aws.presigned:
+            summary += " presigned"
+        return replace(base, name=name, summary=shorten(summary), aws=aws, errors=tuple(errors))
+    if connection_type == "kubernetes":
+        kube = classify_kubernetes(request, errors)
+        return replace(
+            base,
+            name=kubernetes_name(kube, request.path),
+            summary=shorten(kubernetes_summary(kube, request)),
+            kubernetes=kube,
+            errors=tuple(errors),
+        )
+    anthropic, endpoint = classify_anthropic(request, errors)
+    name = f"anthropic:{endpoint}"
+    return replace(
+        base,
+        name=name,
+        summary=shorten(anthropic_summary(anthropic, name)),
+        anthropic=anthropic,
+        errors=tuple(errors),
+    )

@@ -1,0 +1,305 @@
+"""Compile AccessPolicy objects (dicts, as read from the apiserver or local YAML) for evaluation.
+
+Two jobs, one pass:
+
+* **Validate** everything, reporting one :class:`PolicyError` per problem with the field path in
+  Kubernetes notation (``spec.rules[2].match.pathRegex: invalid regular expression: ...``). The
+  operator shows these verbatim at admission and in ``status``; ``chaperone policy test`` prints
+  them for local files. The schema part (types, enums, bounds, unknown fields, required fields)
+  repeats what the apiserver enforces from the CRD, because the standalone CLI has no apiserver;
+  :mod:`.schema` mirrors the CRD and a test fails when the two drift. The semantic part is what
+  no OpenAPI schema can say: regexes compile, globs are usable, one effect per rule, approvers
+  exist and can reach ``minApprovals``, masking detectors and JSON paths are known to the masker.
+* **Compile** a valid policy into immutable matchers with the CRD's defaults filled in (built
+  by :mod:`.matching`): globs become regexes once, each rule becomes a short tuple of match
+  tests, and rules are bucketed by (connection type, method, AWS action, host) so an evaluation
+  only looks at rules that can match. :mod:`.evaluator` documents precedence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .globs import quote as _q, glob_error
+from .matching import CompiledPolicy, CompiledPolicySet, CompiledRule, build_policy
+from .schema import API_VERSION, DETECTORS, KIND, KUBERNETES_VERBS, MAX_RATE_REQUESTS, SCHEMA, check_schema
+
+__all__ = ["CompileResult", "CompiledPolicy", "CompiledPolicySet", "CompiledRule", "PolicyError",
+           "PolicyErrors", "compile_policies", "compile_policy", "validate_policy"]
+
+EFFECTS = ("allow", "block", "requireApproval", "mask", "rateLimit")
+_TYPED = ("aws", "kubernetes", "anthropic")
+
+
+@dataclass(frozen=True)
+class PolicyError:
+    """One problem: ``path`` in Kubernetes field-path notation, ``reason`` in plain words."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path else self.reason
+
+
+class PolicyErrors(Exception):
+    """All problems of one policy (raised by :func:`compile_policy`)."""
+
+    def __init__(self, errors: Iterable[PolicyError], policy: str = ""):
+        self.errors: tuple[PolicyError, ...] = tuple(errors)
+        self.policy = policy  # "namespace/name", or "objs[i]" when the object has no name
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+    def __iter__(self):
+        return iter(self.errors)
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+
+# ---------------------------------------------------------------------------- masking hooks
+
+def _masking_hooks() -> tuple[Callable[[list[str]], list[str]], Callable[[str], Any]]:
+    """``validate_detectors`` and ``compile_path`` from the masker, or built-in fallbacks.
+
+    Imported lazily (the masker may import this package). The fallbacks only cover a masker
+    that is not there (no ``masking/__init__.py``): one that exists but fails to import is a
+    bug that must surface, not be papered over by a weaker check.
+    """
+    try:
+        from .masking import compile_path, validate_detectors
+    except ImportError:
+        if (Path(__file__).parent / "masking" / "__init__.py").exists():
+            raise
+
+        def validate_detectors(names: list[str]) -> list[str]:
+            known = [d for d in DETECTORS if d != "all"]
+            return [f"unknown detector {n!r} (known: {', '.join(known)}, all)" for n in names if n not in DETECTORS]
+
+        def compile_path(path: str) -> Any:
+            if not path.startswith("$"):
+                raise ValueError(f"JSON path {path!r} must start with '$'")
+            return path
+
+    return validate_detectors, compile_path
+
+
+# ---------------------------------------------------------------------------- semantic checks
+
+class _Checker:
+    """The checks no OpenAPI schema can express; works on the schema-checked, defaulted spec.
+
+    Values that failed the schema check were removed (list items became ``None``), so every
+    value seen here has the right type.
+    """
+
+    def __init__(self, errors: list[PolicyError]):
+        self.errors = errors
+        self.validate_detectors, self.compile_path = _masking_hooks()
+
+    def err(self, path: str, reason: str) -> None:
+        self.errors.append(PolicyError(path, reason))
+
+    def globs(self, values: list | None, path: str, kind: str = "name", allow_empty=False) -> None:
+        for i, value in enumerate(values or ()):
+            if isinstance(value, str) and (why := glob_error(value, kind, allow_empty=allow_empty)):
+                self.err(f"{path}[{i}]", why)
+
+    def regex(self, value: Any, path: str) -> None:
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                self.err(path, f"invalid regular expression: {exc}")
+
+    def subjects(self, subjects: list | None, path: str) -> None:
+        for i, subject in enumerate(subjects or ()):
+            for key, value in (subject or {}).items():
+                at = f"{path}[{i}].{key}"
+                if key != "serviceAccount":  # user and group names may contain anything, even spaces
+                    if value == "":
+                        self.err(at, "must not be empty")
+                elif value and (value.count("/") > 1 or "" in value.split("/")):
+                    self.err(at, f'invalid service account {_q(value)}: use "namespace/name" or "name"')
+                elif why := glob_error(value, "name"):
+                    self.err(at, why)
+
+    def masking(self, masking: dict | None, path: str) -> None:
+        for i, name in enumerate((masking or {}).get("detectors") or ()):
+            if isinstance(name, str):
+                for reason in self.validate_detectors([name]):
+                    self.err(f"{path}.detectors[{i}]", reason)
+        for i, json_path in enumerate((masking or {}).get("fields") or ()):
+            if isinstance(json_path, str):
+                try:
+                    self.compile_path(json_path)
+                except ValueError as exc:
+                    self.err(f"{path}.fields[{i}]", str(exc))  # the masker's reason names the path
+
+    def match(self, match: dict, path: str) -> None:
+        self.subjects(match.get("subjects"), f"{path}.subjects")
+        self.globs(match.get("hosts"), f"{path}.hosts", "host")
+        self.globs(match.get("paths"), f"{path}.paths", "path")
+        self.regex(match.get("pathRegex"), f"{path}.pathRegex")
+        self.regex(match.get("bodyRegex"), f"{path}.bodyRegex")
+        aws, kube, claude = (match.get(k) or {} for k in ("aws", "kubernetes", "anthropic"))
+        self.globs(aws.get("regions"), f"{path}.aws.regions")
+        self.globs(aws.get("resources"), f"{path}.aws.resources")
+        for i, verb in enumerate(kube.get("verbs") or ()):
+            if isinstance(verb, str) and verb not in KUBERNETES_VERBS:
+                hint = (f'; {verb} is a subresource, match it with resources: ["pods/{verb}"]'
+                        if verb in ("exec", "attach", "portforward", "log") else "")
+                self.err(f"{path}.kubernetes.verbs[{i}]", f"unknown verb {_q(verb)}{hint}")
+        self.globs(kube.get("apiGroups"), f"{path}.kubernetes.apiGroups", allow_empty=True)
+        for key in ("resources", "namespaces", "names"):
+            self.globs(kube.get(key), f"{path}.kubernetes.{key}")
+        for key in ("models", "tools"):
+            self.globs(claude.get(key), f"{path}.anthropic.{key}")
+        typed = [k for k in _TYPED if k in match]
+        if len(typed) > 1:
+            self.err(path, f"conditions for {' and '.join(typed)} can never hold together: "
+                           "a request has one connection type; split them into separate rules")
+
+    def approval(self, approval: dict, policy_approvers: dict | None, path: str) -> None:
+        if "approvers" in approval:
+            approvers, where = approval["approvers"], f"{path}.approvers"
+            if not (approvers.get("users") or approvers.get("groups")):
+                self.err(where, "must name at least one user or group")
+                return
+        elif policy_approvers and (policy_approvers.get("users") or policy_approvers.get("groups")):
+            approvers = policy_approvers
+        else:
+            self.err(f"{path}.approvers", "required: name users or groups here or in spec.approvers")
+            return
+        users = sorted({u for u in approvers.get("users") or () if u})
+        needed = approval.get("minApprovals", 1)
+        if not approvers.get("groups") and len(users) < needed:
+            named = f"{len(users)} user is" if len(users) == 1 else f"{len(users)} users are"
+            self.err(f"{path}.minApprovals", f"needs {needed} distinct approvals but only {named} named "
+                                             f"({', '.join(users)}) and no groups")
+        hold, timeout = approval.get("holdSeconds", 0), approval.get("timeoutSeconds", 0)
+        if approval.get("mode") == "hold" and hold > timeout:
+            self.err(f"{path}.holdSeconds", f"must not exceed timeoutSeconds ({timeout}): the "
+                                            "ApprovalRequest would expire while the request is held")
+
+    def rules(self, rules: list, raw_rules: list, policy_approvers: dict | None) -> None:
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, dict):
+                continue
+            path, raw = f"spec.rules[{i}]", raw_rules[i] if isinstance(raw_rules[i], dict) else {}
+            name = rule.get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    self.err(f"{path}.name", f"duplicate rule name {_q(name)} (also spec.rules[{seen[name]}])")
+                seen.setdefault(name, i)
+            effects = [e for e in EFFECTS if e in rule]
+            if len(effects) != 1:
+                got = "none" if not effects else ", ".join(effects)
+                nulls = [e for e in EFFECTS if e in raw and raw[e] is None]
+                hint = f' ("{nulls[0]}:" without a value is null; write "{nulls[0]}: {{}}")' if nulls else ""
+                self.err(path, "a rule needs exactly one effect (allow, block, requireApproval, "
+                               f"mask or rateLimit), got {got}{hint}")
+            if isinstance(rule.get("match"), dict):
+                self.match(rule["match"], f"{path}.match")
+            if isinstance(rule.get("requireApproval"), dict):
+                self.approval(rule["requireApproval"], policy_approvers, f"{path}.requireApproval")
+            mask = rule.get("mask")
+            if isinstance(mask, dict):
+                self.masking(mask, f"{path}.mask")
+                # An empty mask is already a schema error ("must not be empty"); one error each.
+                if raw.get("mask") and not mask.get("detectors") and not mask.get("fields"):
+                    self.err(f"{path}.mask", "masks nothing: set detectors or fields")
+            limit = rule.get("rateLimit")
+            if isinstance(limit, dict) and limit.get("requests", 0) > MAX_RATE_REQUESTS:
+                self.err(f"{path}.rateLimit.requests",
+                         f"must be at most {MAX_RATE_REQUESTS} per window; a larger number limits nothing")
+
+
+def _sort_key(error: PolicyError) -> list:
+    # Natural order so spec.rules[10] sorts after spec.rules[2]; stable for equal paths.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", error.path)]
+
+
+def validate_policy(obj: Any) -> tuple[dict | None, list[PolicyError]]:
+    """Check one AccessPolicy; returns (the object with defaults filled, errors sorted by path)."""
+    errors: list[PolicyError] = []
+    if not isinstance(obj, dict):
+        return None, [PolicyError("", f"an AccessPolicy must be a mapping, got {type(obj).__name__}")]
+    out = check_schema(obj, SCHEMA, "", errors)
+    for key, want in (("apiVersion", API_VERSION), ("kind", KIND)):
+        got = obj.get(key)
+        if got is None:
+            errors.append(PolicyError(key, "required field is missing"))
+        elif isinstance(got, str) and got != want:
+            errors.append(PolicyError(key, f'must be "{want}", got {_q(got)}'))
+    meta = out.get("metadata") if isinstance(out.get("metadata"), dict) else {}
+    for key in ("name", "namespace"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(PolicyError(f"metadata.{key}", "must be of type string"))
+    if not meta.get("name") and "metadata" not in {e.path for e in errors}:
+        errors.append(PolicyError("metadata.name", "required field is missing"))
+    spec = out.get("spec")
+    if isinstance(spec, dict):
+        raw_spec = obj.get("spec") or {}
+        checker = _Checker(errors)
+        checker.globs(spec.get("connections"), "spec.connections")
+        checker.subjects(spec.get("subjects"), "spec.subjects")
+        checker.masking(spec.get("masking"), "spec.masking")
+        raw_rules = raw_spec.get("rules") if isinstance(raw_spec.get("rules"), list) else []
+        checker.rules(spec.get("rules") or [], raw_rules, spec.get("approvers"))
+    unique = list(dict.fromkeys(errors))  # one error per problem, even if two checks found it
+    unique.sort(key=_sort_key)
+    return out, unique
+
+
+# ---------------------------------------------------------------------------- entry points
+
+@dataclass(frozen=True)
+class CompileResult:
+    """Every valid policy compiled into one set, plus the errors of the invalid ones."""
+
+    policies: CompiledPolicySet
+    errors: tuple[PolicyErrors, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def compile_policy(obj: Any, default_namespace: str = "default") -> CompiledPolicy:
+    """Validate and compile one AccessPolicy; raises :class:`PolicyErrors` listing every problem.
+
+    ``default_namespace`` stands in for ``metadata.namespace`` when a local file has none.
+    """
+    out, errors = validate_policy(obj)
+    if errors or out is None:
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        label = ""
+        if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+            label = f"{meta.get('namespace') or default_namespace}/{meta['name']}"
+        raise PolicyErrors(errors, label)
+    return build_policy(out, default_namespace)
+
+
+def compile_policies(objs: Iterable[Any], default_namespace: str = "default") -> CompileResult:
+    """Compile many policies; invalid ones are reported and left out, never raised."""
+    compiled, errors, seen = [], [], set()
+    for i, obj in enumerate(objs):
+        try:
+            policy = compile_policy(obj, default_namespace)
+        except PolicyErrors as exc:
+            errors.append(exc if exc.policy else PolicyErrors(exc.errors, f"objs[{i}]"))
+            continue
+        if policy.key in seen:
+            errors.append(PolicyErrors([PolicyError("metadata.name", f"duplicate AccessPolicy {_q(policy.key)}")], policy.key))
+            continue
+        seen.add(policy.key)
+        compiled.append(policy)
+    return CompileResult(CompiledPolicySet(compiled), tuple(errors))

@@ -1,0 +1,197 @@
+"""``Masker``: masking for whole bodies, built once from the ``MaskSpec``s of a decision.
+
+Order of work for one body (``mask_bytes``):
+
+1. Content-Encoding is decoded with the smallest ``max_body_bytes`` of the specs as the cap
+   (a bomb raises ``BodyTooLarge``; an unknown coding raises ``UnsupportedEncoding``: the
+   caller refuses the message rather than forward it unmasked).
+2. Binary bodies pass through unchanged and say so (``MaskResult.binary``): a body is binary
+   when its content type is not a text type *and* it is not UTF-8 (or contains NUL). Rewriting
+   bytes inside images or protobufs would corrupt them, and a non-text secret is out of scope.
+3. JSON bodies get the field rules first (parsed, matched values replaced, re-serialised
+   compactly), then the detectors over the serialised text; other text gets the detectors.
+   In JSON (and NDJSON/SSE) a detector hit outside a string - a bare number such as a card
+   number - is replaced by a quoted token so the document stays valid JSON.
+4. If anything was masked, the original codings are re-applied; otherwise the original bytes
+   are returned untouched (no re-serialisation, no re-compression).
+
+Counts per kind (``{"jwt": 2, "field": 1}``) come back for recordings and metrics. Building a
+``Masker`` never raises: unknown detectors and bad paths land in ``errors`` (admission reports
+them through ``validate_detectors`` / ``fields.compile_path`` before this point).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..model import MaskSpec
+from .detectors import ALL, DETECTOR_NAMES, Rule, resolve_rules, validate_detectors
+from .encoding import BodyTooLarge, StreamDecoder, decode, encode, parse_content_encoding
+from .fields import FIELD_KIND, CompiledPath, apply_paths, compile_path
+from .spans import mask_text
+from .stream import StreamMasker
+
+DEFAULT_MAX_BODY_BYTES = MaskSpec().max_body_bytes
+
+_TEXT_HINTS = ("json", "xml", "yaml", "javascript", "ecmascript", "x-www-form-urlencoded",
+               "csv", "graphql", "event-stream", "html", "x-sh", "toml", "sql", "jwt")
+
+
+def _mime(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_text_type(content_type: str | None) -> bool:
+    """``text/*`` and structured text types (JSON, XML, YAML, form data, SSE ...)."""
+    mime = _mime(content_type)
+    return mime.startswith("text/") or any(h in mime for h in _TEXT_HINTS)
+
+
+def is_json_type(content_type: str | None) -> bool:
+    """``application/json``, ``*+json``, ``application/x-amz-json-1.1`` ..."""
+    mime = _mime(content_type)
+    return "json" in mime and "ndjson" not in mime and "json-seq" not in mime
+
+
+def _json_lines(content_type: str | None, body: bytes = b"") -> bool:
+    """JSON documents or JSON per line (NDJSON, SSE): replaced bare values must be quoted."""
+    mime = _mime(content_type)
+    if not mime:
+        return body.lstrip()[:1] in (b"{", b"[")
+    return "json" in mime or mime == "text/event-stream"
+
+
+def _looks_utf8(body: bytes) -> bool:
+    if b"\x00" in body:
+        return False
+    if body.isascii():
+        return True
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """The masked body and what happened to it."""
+
+    body: bytes
+    counts: Mapping[str, int] = field(default_factory=dict)  # kind -> replacements
+    binary: bool = False  # passed through unchanged because it is binary
+    notes: tuple[str, ...] = ()  # e.g. field rules skipped because the JSON did not parse
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class Masker:
+    """All masking of one direction of a flow, compiled once and reused for every body."""
+
+    def __init__(self, specs: Iterable[MaskSpec] = (), *, hash_key: bytes | None = None,
+                 direction: Literal["request", "response"] | None = None) -> None:
+        """``direction`` keeps only specs whose target covers it (``None`` keeps all)."""
+        chosen = [s for s in specs if direction is None or s.target in (direction, "both")]
+        names = list(dict.fromkeys(d for s in chosen for d in s.detectors))
+        errors = validate_detectors(names)
+        paths: dict[str, CompiledPath] = {}
+        for spec in chosen:
+            for p in spec.fields:
+                try:
+                    paths.setdefault(p, compile_path(p))
+                except ValueError as exc:
+                    errors.append(str(exc))
+        self.rules: tuple[Rule, ...] = resolve_rules(names)
+        self.detectors: tuple[str, ...] = tuple(
+            n for n in DETECTOR_NAMES if ALL in names or n in names)
+        self.paths: tuple[CompiledPath, ...] = tuple(paths.values())
+        self.max_body_bytes = min((s.max_body_bytes for s in chosen), default=DEFAULT_MAX_BODY_BYTES)
+        self.hash_key = hash_key
+        self.errors: tuple[str, ...] = tuple(errors)
+
+    @property
+    def active(self) -> bool:
+        """False when there is nothing to mask (no detectors, no field rules)."""
+        return bool(self.rules or self.paths)
+
+    def mask_bytes(self, body: bytes, content_type: str | None = None,
+                   content_encoding: str | None = None) -> MaskResult:
+        """Mask one whole body. Never raises for an identity-encoded body within the size
+        limit; raises ``MaskingError`` subclasses (``BodyTooLarge``, ``UnsupportedEncoding``,
+        ``DecodeError``) when the body cannot be masked and must be refused."""
+        if not self.active or not body:
+            return MaskResult(body)
+        codings = parse_content_encoding(content_encoding)
+        if codings:
+            plain = decode(body, codings, self.max_body_bytes)
+        elif len(body) > self.max_body_bytes:
+            raise BodyTooLarge(self.max_body_bytes)
+        else:
+            plain = body
+        if not is_text_type(content_type) and not _looks_utf8(plain):
+            return MaskResult(body, binary=True)
+        counts: dict[str, int] = {}
+        notes: list[str] = []
+        masked = plain
+        if self.paths and (is_json_type(content_type) or (
+                not _mime(content_type) and plain.lstrip()[:1] in (b"{", b"["))):
+            masked = self._mask_fields(plain, counts, notes)
+        masked = mask_text(masked, self.rules, self.hash_key, counts,
+                           json_strings=_json_lines(content_type, plain))
+        if not counts:
+            return MaskResult(body, notes=tuple(notes))
+        return MaskResult(encode(masked, codings) if codings else masked, counts, notes=tuple(notes))
+
+    def mask_str(self, text: str) -> tuple[str, dict[str, int]]:
+        """Detectors over a string (headers, URLs, recorded fields); field rules do not apply."""
+        counts: dict[str, int] = {}
+        raw = text.encode("utf-8", "surrogateescape")
+        masked = mask_text(raw, self.rules, self.hash_key, counts)
+        return (masked.decode("utf-8", "surrogateescape") if counts else text), counts
+
+    def _mask_fields(self, body: bytes, counts: dict[str, int], notes: list[str]) -> bytes:
+        try:
+            document = json.loads(body)
+            document, n = apply_paths(document, self.paths, self.hash_key)
+            if not n:
+                return body
+            try:
+                out = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
+                out = json.dumps(document, separators=(",", ":")).encode("ascii")
+        except (ValueError, RecursionError) as exc:
+            # Not JSON after all (or nested beyond the parser's depth): the detectors still
+            # run over the text; the note lets the recording say the field rules did not.
+            notes.append(f"field rules not applied: body is not parseable JSON ({type(exc).__name__})")
+            return body
+        counts[FIELD_KIND] = counts.get(FIELD_KIND, 0) + n
+        return out
+
+    def can_stream(self, content_type: str | None) -> bool:
+        """False when field rules apply to this body (they need the whole JSON document)."""
+        return not (self.paths and (is_json_type(content_type) or not _mime(content_type)))
+
+    def stream(self, content_type: str | None = None, content_encoding: str | None = None,
+               *, max_decoded_bytes: int | None = None) -> StreamMasker:
+        """A streaming masker for one body (detectors only; see ``can_stream``).
+
+        With a Content-Encoding the stream is decoded (capped at ``max_decoded_bytes``,
+        default ``max_body_bytes``, against bombs) and emitted identity-encoded. An identity
+        stream has no total limit: bounding it is the proxy's job (it is streamed because it
+        is long). A non-text content type is sniffed: binary streams pass through unchanged.
+        """
+        codings = parse_content_encoding(content_encoding)
+        decoder = None
+        if codings:
+            decoder = StreamDecoder(codings, max_decoded_bytes or self.max_body_bytes)
+        return StreamMasker(self.rules, self.hash_key, decoder=decoder,
+                            sniff=not is_text_type(content_type), json_mode=_json_lines(content_type))

@@ -1,0 +1,258 @@
+"""Streaming masker for chunked and SSE bodies: chunks in, masked chunks out.
+
+A secret split across chunks must still be masked, so the masker holds back the tail of what
+it has received until that tail can no longer be part of a secret. Three facts bound what is
+held:
+
+* No detector matches across a line feed except ``private-key`` (every separator in the
+  detectors is ``[ \\t]``, never ``\\s``). Everything up to the last LF is decided as soon as
+  it arrives: SSE events (``data: ...\\n\\n``) and line-oriented output flow through with no
+  added latency.
+* Every other match is bounded (``Rule.max_len``): the longest is a ``jwt`` (~11 KiB), then
+  the OAuth bearer rule (8 KiB + 512 bytes of context it reads after the token), a
+  ``secret-json-key`` value (4096 characters, ~8.4 KiB escaped) and ``private-key`` (8 KiB
+  body + markers). A line without LF is emitted up to ``len(held) - WINDOW``; ``WINDOW`` is
+  32 KiB, above ``required_window()`` (twice the longest match, ~22 KiB). Held data stays
+  below 2 x WINDOW plus one chunk; each byte of such a line is scanned about twice.
+* A candidate that reaches the end of the data (it may still grow, or its validator needs
+  bytes that have not arrived) holds everything from its start; so does a PEM BEGIN marker
+  until its END arrives or ``PEM_BODY_MAX`` has passed.
+
+PEM blocks longer than that: with no END within ``PEM_BODY_MAX`` (8 KiB) after BEGIN, the
+marker and the key material after it become one ``[MASKED:private-key]`` and the masker
+stays in *continuation* mode, dropping further key material (base64, whitespace, escaped
+newlines) across any number of chunks until a byte that cannot be key material (the ``-`` of
+the END marker, a quote ...). The END line itself passes. The whole-body masker does the same
+with the same input: a stream masks exactly like the buffered body, whatever the chunking
+(property-tested), except that keyed hash tokens of such over-long blocks differ.
+
+Findings are masked in place as soon as they are final; when a replacement leaves a token
+glued to other token characters the window is scanned again (as ``spans.mask_text`` does).
+In JSON mode (JSON, NDJSON, SSE) JSON string state is carried across chunks (strings never
+contain a raw LF, so it resets per line), and a bare number replaced by a token is quoted.
+
+Field rules need a whole JSON document and are not applied here (``Masker.can_stream`` tells
+the caller when to buffer instead). A body with a Content-Encoding is decoded on the way in
+(capped against bombs) and emitted *identity-encoded*: the caller drops Content-Encoding and
+Content-Length from the forwarded headers.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable
+
+from .detectors import Rule
+from .encoding import MaskingError, StreamDecoder
+from .spans import MAX_ROUNDS, Finding, adjacent, apply, ends_in_string, mask_token, merge, scan, string_spans
+
+WINDOW = 32 * 1024
+CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
+SLACK = 4  # bytes the lookahead assertions read past a match end (at most 2 today)
+SNIFF_BYTES = 512
+
+
+def required_window(rules: Iterable[Rule]) -> int:
+    """The smallest safe window: twice the longest bounded match (with its lookahead).
+
+    Twice, because a finding just before the cut may be overlapped by a match that starts
+    inside it and has not fully arrived; such a match is shorter than the longest one, so a
+    finding ending more than that before the end of the data is final.
+    """
+    return 2 * max((r.max_len + r.lookahead for r in rules), default=0) + 64
+
+
+class StreamMasker:
+    """Feed chunks, get masked chunks; ``finish()`` returns the rest.
+
+    Also usable directly as mitmproxy's ``flow.response.stream`` (or ``request.stream``):
+    mitmproxy 11 calls it with each received chunk and once with ``b""`` at the end of the
+    message (``state_stream_response_body`` in ``mitmproxy/proxy/layers/http/__init__.py``).
+    ``__call__`` returns a *list* of chunks, empty when nothing is ready: returning ``b""``
+    would make the HTTP/1 layer frame an empty chunk, i.e. ``0\\r\\n\\r\\n``, which terminates a
+    chunked body early. An HTTP/2 DATA frame with no payload also arrives as ``b""``; it is
+    treated as end of stream (everything held is flushed) and later chunks are still masked,
+    but a secret straddling such a frame may then escape (upstreams send empty frames only
+    with END_STREAM in practice).
+    """
+
+    def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
+                 window: int = WINDOW, decoder: StreamDecoder | None = None, sniff: bool = False,
+                 json_mode: bool = False) -> None:
+        """``sniff``: decide text/binary from the first bytes (binary passes through).
+        ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted."""
+        needed = required_window(rules)
+        if window < needed:
+            raise ValueError(f"window {window} is smaller than the longest match ({needed})")
+        if any(r.lookbehind > CONTEXT for r in rules):
+            raise ValueError(f"a rule reads more than {CONTEXT} bytes before its match")
+        self.rules = rules
+        self.hash_key = hash_key
+        self.window = window
+        self.decoder = decoder
+        self.counts: dict[str, int] = {}
+        self.errors: list[str] = []  # e.g. a truncated compressed stream at finish
+        self.binary: bool | None = None if sniff else False  # None: not decided yet
+        self._buf = b""  # received, not yet emitted (settled findings may be masked already)
+        self._ctx = b""  # tail of the emitted output, for lookbehinds and validator context
+        self._cont: Rule | None = None
+        self.json_mode = json_mode
+        self._in_string = False  # JSON mode: the held data starts inside a string
+
+    # --- public API -------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes:
+        if self.decoder is not None:
+            data = self.decoder.feed(data)
+        return self._push(data, final=False)
+
+    def finish(self) -> bytes:
+        tail = b""
+        if self.decoder is not None:
+            try:
+                tail = self.decoder.finish()
+            except MaskingError as exc:  # what was received has been masked; note and end
+                self.errors.append(str(exc))
+        return self._push(tail, final=True)
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        out = self.feed(data) if data else self.finish()
+        return [out] if out else []
+
+    @property
+    def held(self) -> int:
+        """Bytes received but not yet emitted."""
+        return len(self._buf)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _push(self, data: bytes, final: bool) -> bytes:
+        self._buf += data
+        if self.binary is None:
+            if len(self._buf) < SNIFF_BYTES and not final:
+                return b""
+            self.binary = not _looks_text(self._buf[:SNIFF_BYTES], final)
+        if self.binary or not self.rules:
+            out, self._buf = self._buf, b""
+            return out
+        if self._cont is not None and not self._continue(final):
+            return b""
+        out: list[bytes] = []
+        self._drain(final, out)
+        return b"".join(out)
+
+    def _continue(self, final: bool) -> bool:
+        """Drop key material of an over-long PEM block; True when the block has ended."""
+        assert self._cont is not None and self._cont.continuation is not None
+        buf = self._buf
+        end = self._cont.continuation.match(buf).end()
+        if not final and (end == len(buf) or (end == len(buf) - 1 and buf.endswith(b"\\"))):
+            self._buf = buf[end:]  # a lone trailing backslash may start an escape: keep it
+            return False
+        self._buf = buf[end:]
+        self._cont = None
+        return True
+
+    def _emit(self, out: list[bytes], data: bytes) -> None:
+        if data:
+            out.append(data)
+            # Lookbehinds see what was emitted (masked), like a second scan of a masked body.
+            self._ctx = (self._ctx + data)[-CONTEXT:]
+
+    def _drain(self, final: bool, out: list[bytes]) -> None:
+        """Emit what is decided; may enter continuation mode for an over-long PEM block."""
+        for round_ in range(MAX_ROUNDS):
+            buf, n = self._buf, len(self._buf)
+            if not n:
+                return
+            if final:
+                base = n
+            else:
+                base = buf.rfind(b"\n") + 1
+                if n >= 2 * self.window:  # rescan once per window of new data, not per chunk
+                    base = max(base, n - self.window)
+                if base <= 0:
+                    return
+            window, off = self._ctx + buf, len(self._ctx)
+            cands = scan(window, self.rules, pos=off)
+            findings = [Finding(f.start - off, f.end - off, f.kind)
+                        for f in merge(c.finding for c in cands if c.finding is not None)]
+            spans = [(c.match_start - off, c.match_end - off) for c in cands]
+            unsettled: list[tuple[int, int]] = []  # may still change with more data
+            cont: tuple[int, int, Rule] | None = None  # an over-long PEM block running at the end
+            if not final:
+                for c, (s, e) in zip(cands, spans):
+                    if c.open and c.match_start + c.rule.max_len + SLACK <= len(window):
+                        if (e == n or (e == n - 1 and buf.endswith(b"\\"))) and (cont is None or s < cont[0]):
+                            cont = (s, e, c.rule)
+                    elif c.open or _undecided(window, c.match_end, c.rule.lookahead):
+                        unsettled.append((s, e))  # END may still come / may grow / needs context
+            held = min((s for s, _ in unsettled), default=n)
+            cont_f: Finding | None = None
+            for f in findings:
+                if any(f.start < e and s < f.end for s, e in unsettled):
+                    held = min(held, f.start)
+                elif cont is not None and f.start <= cont[0] < f.end:
+                    cont_f = f
+                    held = min(held, f.start)
+            cut = _safe_cut(min(base, held), held, spans + [(f.start, f.end) for f in findings])
+            # Only findings before the cut are final: one after it could still be overlapped
+            # by a match that has not fully arrived (and the union must be masked).
+            settled = [f for f in findings if f.end <= cut and f is not cont_f]
+            strings = string_spans(buf, self._in_string) if self.json_mode and settled else None
+            if settled and round_ < MAX_ROUNDS - 1 and adjacent(buf, settled, self._ctx):
+                # A replacement creates a new boundary: mask in place and scan again.
+                self._buf = apply(buf, settled, self.hash_key, self.counts, strings=strings)
+                continue
+            self._emit(out, apply(buf, settled, self.hash_key, self.counts, 0, cut, strings))
+            self._buf = buf[cut:]
+            if self.json_mode:
+                self._in_string = ends_in_string(buf[:cut], self._in_string)
+            if cont_f is not None and cut == cont_f.start:
+                # Mask from the block's start to what has arrived; keep dropping key material.
+                self._emit(out, mask_token(cont_f.kind, buf[cut : cont_f.end], self.hash_key))
+                self.counts[cont_f.kind] = self.counts.get(cont_f.kind, 0) + 1
+                if self.json_mode:
+                    self._in_string = ends_in_string(buf[cut : cont_f.end], self._in_string)
+                self._buf = buf[cont_f.end :]  # empty, or a lone backslash
+                self._cont = cont[2] if cont else None
+            return
+
+
+def _undecided(window: bytes, end: int, lookahead: int) -> bool:
+    """A match ending at ``end`` may still change: it reaches the end of the data, or its
+    lookahead assertions (a few bytes, never across a line feed) or its validator's context
+    (``lookahead`` bytes) are not all here yet."""
+    if end + lookahead + SLACK <= len(window):
+        return False
+    return lookahead > 0 or b"\n" not in window[end : end + SLACK]
+
+
+def _safe_cut(cut: int, held: int, spans: list[tuple[int, int]]) -> int:
+    """Move ``cut`` off any span it would split: forward past complete ones while that stays
+    at or before ``held``, otherwise back to the earliest crossing start (then only back)."""
+    backwards = False
+    while True:
+        crossing = [(s, e) for s, e in spans if s < cut < e]
+        if not crossing:
+            return cut
+        end = max(e for _, e in crossing)
+        if not backwards and end <= held:
+            cut = end
+        else:
+            backwards = True
+            cut = min(s for s, _ in crossing)
+
+
+def _looks_text(sample: bytes, final: bool) -> bool:
+    """UTF-8 without NUL bytes (a cut multi-byte character at the sample's end is fine)."""
+    if b"\x00" in sample:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(sample, final=final)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+__all__ = ["WINDOW", "StreamMasker", "required_window"]

@@ -52,3 +52,10 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# The quick-start story on a kind cluster (kind-config.yaml): builds the image, loads it into
+# kind, installs the chart and runs the story with kubectl. Needs Docker, kind and kubectl;
+# cannot run on machines without a Docker engine (such as CI here). See docs/kind.md.
+.PHONY: e2e-kind
+e2e-kind: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" hack/e2e-kind.sh

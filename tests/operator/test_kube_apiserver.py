@@ -1,0 +1,52 @@
+"""The operator's own API calls (chaperone_operator.kube) against the real apiserver."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import yaml
+
+from chaperone_operator import kube
+
+pytestmark = pytest.mark.controlplane
+
+PEERING_CRD = "clusterkopfpeerings.kopf.dev"
+
+
+@pytest.fixture()
+def api(control_plane):
+    client = control_plane.api_client()
+    yield client
+    client.close()
+
+
+def test_role_binding_is_created_updated_and_deleted(control_plane, api):
+    ns = f"kube-{uuid.uuid4().hex[:6]}"
+    control_plane.create_namespace(ns)
+    labels = {"app.kubernetes.io/managed-by": "test"}
+    assert kube.ensure_role_binding(api, ns, "rb", "view", [], labels) == "unchanged"
+    assert kube.ensure_role_binding(api, ns, "rb", "view", ["b", "a", "a"], labels) == "created"
+    assert kube.ensure_role_binding(api, ns, "rb", "view", ["a", "b"], labels) == "unchanged"
+    assert kube.ensure_role_binding(api, ns, "rb", "view", ["a"], labels) == "updated"
+    stored = yaml.safe_load(control_plane.kubectl("get", "rolebinding", "rb", "-n", ns, "-o", "yaml").stdout)
+    assert stored["subjects"] == [{"kind": "ServiceAccount", "name": "a", "namespace": ns}]
+    assert kube.ensure_role_binding(api, ns, "rb", "view", [], labels) == "deleted"
+    assert kube.read_pod(api, ns, "missing") is None and kube.read_secret(api, ns, "missing") is None
+    control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_cluster_peering_object_needs_its_crd(control_plane, api, repo_root):
+    assert control_plane.kubectl("get", "crd", PEERING_CRD, check=False).returncode != 0
+    assert kube.ensure_cluster_peering(api, "chaperone-test") is False
+    template = (repo_root / "charts" / "chaperone" / "templates" / "peering.yaml").read_text()
+    crd = yaml.safe_load(template[template.index("apiVersion:"):template.index("{{- end }}")]
+                         .replace("{{- include \"chaperone.labels\" . | nindent 4 }}", "test: peering"))
+    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(crd))
+    try:
+        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{PEERING_CRD}", "--timeout=30s")
+        assert kube.ensure_cluster_peering(api, "chaperone-test") is True
+        assert kube.ensure_cluster_peering(api, "chaperone-test") is True  # already there
+        control_plane.kubectl("get", "clusterkopfpeering", "chaperone-test")
+    finally:
+        control_plane.kubectl("delete", "crd", PEERING_CRD, "--wait=true")

@@ -60,12 +60,35 @@ def s3_server():
     server.close()
 
 
+CRD_NAMES = ("claudeconnections.chaperone.dev", "accesspolicies.chaperone.dev",
+             "approvalrequests.chaperone.dev")
+
+
 @pytest.fixture(scope="session")
 def crds_installed(control_plane, repo_root):
-    """The chaperone.dev CRDs from crds/ (the single source), applied and Established."""
+    """The chaperone.dev CRDs from crds/ (the single source), applied, Established and serving.
+
+    `kubectl wait` fails outright when a CRD has no status yet, and a just-established CRD can
+    still answer 429 "storage is (re)initializing": poll both until the kinds can be listed.
+    """
+    import time
+
     control_plane.kubectl("apply", "-f", str(repo_root / "crds"))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/claudeconnections.chaperone.dev",
-                          "crd/accesspolicies.chaperone.dev",
-                          "crd/approvalrequests.chaperone.dev")
+    deadline = time.monotonic() + 60
+    pending = set(CRD_NAMES)
+    while pending and time.monotonic() < deadline:
+        for name in sorted(pending):
+            status, crd = control_plane.api(
+                "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            conditions = (crd.get("status") or {}).get("conditions") or [] if status == 200 else []
+            established = any(c.get("type") == "Established" and c.get("status") == "True"
+                              for c in conditions)
+            plural = name.split(".", 1)[0]
+            if established and control_plane.api(
+                    "GET", f"/apis/chaperone.dev/v1alpha1/{plural}?limit=1")[0] == 200:
+                pending.discard(name)
+        if pending:
+            time.sleep(0.2)
+    if pending:
+        pytest.fail(f"CRDs not serving after 60s: {sorted(pending)}", pytrace=False)
     return repo_root / "crds"

@@ -1,0 +1,100 @@
+"""Chaperone's mitmproxy addons and their documented order.
+
+mitmproxy calls every addon's hook in list order, so the order *is* the pipeline. Each addon is
+one concern, constructed as ``Addon(services)`` (:class:`~chaperone_sidecar.services.SidecarServices`),
+and they share per-flow state only through the :class:`~chaperone_sidecar.flowctx.FlowContext`
+in ``flow.metadata["chaperone"]``.
+
+Rules every addon follows:
+
+* Hooks start with guard clauses. Once a flow is refused (``flow.response`` set by an addon in
+  ``requestheaders``/``request``, ``ctx.refused`` holds the body), later addons leave the
+  request alone - only Record and Telemetry still look at it.
+* Refusals go through :func:`chaperone_sidecar.addons.refusal.refuse` (one JSON shape).
+* The snapshot (connections, routes, compiled policies) is read once per flow by Route and kept
+  in ``flow.metadata["chaperone.snapshot"]`` (:func:`chaperone_sidecar.addons.route.snapshot_of`),
+  so every addon of a flow sees the same configuration generation.
+
+=====================  ====================================================================
+addon (module)         responsibility; FlowContext fields read -> written
+=====================  ====================================================================
+1. Identify            Who is calling: pod namespace/name/uid/ServiceAccount and creator from
+   (identify)          the config; the optional on-behalf-of OIDC token
+                       (``X-Chaperone-On-Behalf-Of``) verified against the issuer's JWKS.
+                       Removes **every** client-sent ``X-Chaperone-*`` header (no spoofing).
+                       Invalid token -> 401 ``unauthenticated``, never forwarded.
+                       -> ``identity`` (``requestheaders``)
+2. Route               Which ClaudeConnection: by host (explicit), by SNI/Host header
+   (route)             (transparent; the upstream is then the name, not the original IP),
+                       by listener (reverse). Classifies the request (``classify``): from
+                       headers at ``requestheaders``, refined with the body at ``request``
+                       unless the body streams. No connection -> 403 ``no_connection`` naming
+                       the host and the connections that exist. Raw TCP/UDP flows are closed.
+                       -> ``connection``, ``connection_type``, ``action``
+3. Enforce             Evaluates the compiled policies (``evaluate``) and the policy rate
+   (enforce)           limits. block -> 403 ``blocked``; over a limit -> 429.
+                       identity, connection, action -> ``decision``
+4. Approve             For ``require_approval``: a cached grant passes; otherwise opens (or
+   (approve)           reuses) an ApprovalRequest and holds the flow (bounded, async) or
+                       answers 403 with its name (defer). decision -> ``approval_request``,
+                       ``approved_by``, ``grant``, ``request_digest``
+5. InjectCredentials   Replaces the agent's credentials with the connection's (AWS SigV4
+   (credentials)       re-signing, header/bearer tokens, x-api-key). connection -> (request)
+6. Mask                Masks responses (and request bodies where a rule says so), streaming-
+   (mask)              safe. decision.masks -> ``masked``
+7. Record              Appends request/response/decision/approval events (masked) to the
+                       session recording. everything -> (recording); may refuse (strict mode)
+8. Telemetry           OpenTelemetry span and metrics per flow. everything -> (spans,
+   (telemetry)         metrics); ``upstream_started``, ``upstream_latency``
+=====================  ====================================================================
+
+Why this order: identity and connection are inputs of the policy; the policy decides before
+anything leaves (approval only for what the policy sent there); credentials are added only to
+requests that will be forwarded, after every check; masking runs before recording so the
+recording only ever holds the masked form; telemetry last sees the final state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+__all__ = ["ADDON_ORDER", "build_addons"]
+
+log = logging.getLogger("chaperone.addons")
+
+# (module, class) in pipeline order - the single place the order is defined.
+ADDON_ORDER: tuple[tuple[str, str], ...] = (
+    ("identify", "Identify"),
+    ("route", "Route"),
+    ("enforce", "Enforce"),
+    ("approve", "Approve"),
+    ("credentials", "InjectCredentials"),
+    ("mask", "Mask"),
+    ("record", "Record"),
+    ("telemetry", "Telemetry"),
+)
+
+
+def build_addons(config: Any, services: Any, *, allow_missing: bool = False) -> list[Any]:
+    """The Chaperone addons in order, each constructed with ``services``.
+
+    ``allow_missing`` is for tests of a partial pipeline only: an addon module that does not
+    exist is then skipped with a warning. In production it must stay False - a missing Enforce
+    would forward every request unchecked.
+    """
+    del config  # part of the signature for symmetry; addons read services.config
+    addons = []
+    for module_name, class_name in ADDON_ORDER:
+        qualified = f"{__name__}.{module_name}"
+        try:
+            module = importlib.import_module(qualified)
+        except ModuleNotFoundError as exc:
+            if allow_missing and exc.name == qualified:
+                log.warning("addon %s.%s is missing; skipped (test-only allow_missing)",
+                            module_name, class_name)
+                continue
+            raise
+        addons.append(getattr(module, class_name)(services))
+    return addons

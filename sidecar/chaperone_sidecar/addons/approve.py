@@ -1,0 +1,273 @@
+"""Approve: a ``require_approval`` decision is released only by a human's approval (or a grant).
+
+For a flow Enforce decided ``require_approval``:
+
+1. The canonical request digest (:func:`~chaperone_sidecar.approvals.digest.request_digest`:
+   stable across re-signing, dates and SDK attempt ids) is computed from the request as the
+   agent sent it, before credentials are injected, and stored in ``ctx.request_digest``.
+2. The approvals façade (``services.approvals``, :class:`~chaperone_sidecar.approvals.service.
+   ApprovalService`) answers: a cached grant (exact request, then action) passes at once;
+   otherwise it opens an ApprovalRequest, or reuses the pending one of an earlier attempt of
+   the same request, and then either **holds** the flow until a decision - bounded, awaited on
+   the event loop (mitmproxy awaits async hooks per flow, so every other flow keeps moving) -
+   or returns at once (**defer**).
+3. approved -> the flow continues; ``ctx.approval_request``, ``ctx.approved_by`` and
+   ``ctx.grant`` say by whom / which grant. denied / expired -> 403 with the reason and who
+   decided. pending (defer, or the hold ran out) -> 403 naming the ApprovalRequest, its
+   namespace and expiry, the approvers, the exact command an approver runs and "retry the same
+   request after approval" - the retry then passes on the grant the approval left.
+
+Mode and bound. A rule says ``hold`` or ``defer`` and ``holdSeconds``; the pod's setting
+(``CHAPERONE_APPROVAL_MODE`` / ``CHAPERONE_APPROVAL_TIMEOUT_SECONDS``, mitmproxy options
+``chaperone_approval_mode`` / ``chaperone_approval_hold_max``) can only make it stricter:
+``defer`` on either side defers, and a hold never lasts longer than the pod's bound.
+
+When. Like Enforce, in ``request`` with the body in the digest - or in ``requestheaders``
+when the body may leave before ``request`` (:func:`~.enforce.body_leaves_early`); the digest
+then covers method, target and the significant headers but not the body (which was not
+read), and the agent's retry has the same digest, so an approval still lets exactly that
+retry through. **Decision**: a request whose body is known to stream (``Content-Length`` above
+``stream_large_bodies``) is never held: holding it would buffer the upload in the proxy's
+memory while the client keeps sending; it is answered in defer mode at once.
+
+Fail closed: no approvals service, no approvers, or an apiserver that refuses the
+ApprovalRequest -> 503 ``chaperone_approval_unavailable``; the flow is never forwarded.
+The ApprovalRequest's ``bodyPreview`` is masked with every built-in detector before it leaves
+the sidecar (approvers must not see the agent's secrets either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+from mitmproxy import ctx as mctx
+from mitmproxy import exceptions, http
+
+from .. import flowctx
+from ..approvals import ApprovalUnavailable, BackendError
+from ..approvals.digest import request_digest
+from ..logging import flow_fields
+from ..policy.model import ApprovalRequirement, HTTPRequest
+from .refusal import refuse
+from .enforce import body_leaves_early
+from .route import request_of
+
+__all__ = ["Approve", "approve_command", "body_preview", "PREVIEW_BYTES"]
+
+log = logging.getLogger("chaperone.approve")
+
+PREVIEW_BYTES = 2048
+RETRY_DELAYS = (0.2, 0.5, 1.0)  # transient backend failures: ~2 s in all, then refuse (503)
+_TEXT_TYPES = ("json", "xml", "text/", "x-www-form-urlencoded", "yaml", "javascript")
+
+
+def approve_command(name: str, namespace: str, *, standalone: bool = False) -> str:
+    """The exact command an approver runs."""
+    if standalone:
+        return f"chaperone approve {name}"
+    return (f"kubectl patch ar {name} -n {namespace} --type=merge "
+            "-p '{\"spec\":{\"decision\":\"Approved\"}}'")
+
+
+def body_preview(request: HTTPRequest, limit: int = PREVIEW_BYTES) -> str:
+    """The start of a text body, masked with every built-in detector, for approvers to read."""
+    if not request.body:
+        return ""
+    ctype = (request.header("content-type") or "").lower()
+    if ctype and not any(t in ctype for t in _TEXT_TYPES):
+        return f"<{len(request.body)} bytes of {ctype}>"
+    from ..policy.masking import DETECTOR_NAMES, mask_text, resolve_rules
+
+    head = request.body[:limit * 2]  # room for masks; the result is cut to `limit` characters
+    text = mask_text(head, resolve_rules(DETECTOR_NAMES)).decode("utf-8", errors="replace")
+    if len(text) > limit or len(request.body) > len(head):
+        text = text[:limit] + f"... <{len(request.body)} bytes>"
+    return text
+
+
+class Approve:
+    """Releases, holds or refuses ``require_approval`` flows through the approvals façade."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+
+    def load(self, loader) -> None:
+        config = self.services.config
+        loader.add_option(
+            "chaperone_approval_mode", str, config.approval_mode,
+            "How this pod waits for approvals: 'hold' keeps the request open until decided "
+            "(bounded), 'defer' answers 403 with the ApprovalRequest at once. 'defer' here or "
+            "in the rule wins.",
+            choices=("hold", "defer"),
+        )
+        loader.add_option(
+            "chaperone_approval_hold_max", int, config.approval_timeout_seconds,
+            "Longest time (seconds) a request is held for an approval, whatever the rule's "
+            "holdSeconds says.",
+        )
+
+    def configure(self, updated) -> None:
+        if "chaperone_approval_hold_max" in updated and mctx.options.chaperone_approval_hold_max < 0:
+            raise exceptions.OptionsError("chaperone_approval_hold_max must not be negative")
+
+    # ------------------------------------------------------------------ hooks
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not body_leaves_early(flow):
+            return  # buffered bodies are handled in `request`, with the body in the digest
+        ctx = self._pending(flow)
+        if ctx is not None:
+            await self._approve(flow, ctx, early=True)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        ctx = self._pending(flow)
+        if ctx is not None:
+            await self._approve(flow, ctx, early=bool(flow.request.stream))
+
+    @staticmethod
+    def _pending(flow: http.HTTPFlow) -> flowctx.FlowContext | None:
+        """The FlowContext when this flow awaits approval and was not handled yet."""
+        ctx = flowctx.get(flow)
+        if ctx is None or ctx.decision is None or ctx.decision.effect != "require_approval":
+            return None
+        if ctx.request_digest:  # handled in requestheaders
+            return None
+        return ctx
+
+    # ------------------------------------------------------------------ approving
+    def _option(self, name: str, default: Any) -> Any:
+        try:
+            return getattr(mctx.options, name)
+        except AttributeError:  # not loaded into a master (a bare unit test): the config's
+            return default
+
+    def _requirement(self, base: ApprovalRequirement, streamed: bool) -> ApprovalRequirement:
+        config = self.services.config
+        pod_mode = self._option("chaperone_approval_mode", config.approval_mode)
+        mode = "defer" if streamed or base.mode == "defer" or pod_mode == "defer" else "hold"
+        hold_max = self._option("chaperone_approval_hold_max", config.approval_timeout_seconds)
+        return replace(base, mode=mode, hold_seconds=max(0, min(base.hold_seconds, hold_max)))
+
+    async def _approve(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, *,
+                       early: bool) -> None:
+        decision = ctx.decision
+        assert decision is not None
+        request = request_of(flow, body=not early)
+        ctx.request_digest = request_digest(request)
+        service = getattr(self.services, "approvals", None)
+        if decision.approval is None or decision.rule is None or ctx.action is None:
+            self._unavailable(flow, "the decision requires approval but names no approval "
+                                    "requirement; refusing (fail closed)")
+            return
+        if service is None:
+            self._unavailable(flow, "this gateway cannot open ApprovalRequests (no approvals "
+                                    "backend), so requests that need approval are refused")
+            return
+        # A body known to stream is never held (it would pile up in memory while held).
+        requirement = self._requirement(decision.approval, bool(flow.request.stream))
+        recorder = getattr(self.services, "recorder", None)
+        try:
+            outcome = await self._request(
+                service, identity=ctx.identity, connection=ctx.connection, action=ctx.action,
+                digest=ctx.request_digest, rule=decision.rule, requirement=requirement,
+                session_id=getattr(recorder, "session_id", "") or "",
+                body_preview=body_preview(request))
+        except ApprovalUnavailable as exc:
+            self._unavailable(flow, f"no ApprovalRequest could be opened: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever failed, never forward unapproved
+            log.exception("approval failed", extra=flow_fields(flow))
+            self._unavailable(flow, f"the approval could not be processed: "
+                                    f"{exc.__class__.__name__}: {exc}")
+            return
+        ctx.approval_request = outcome.name
+        if outcome.state == "approved":
+            ctx.approved_by = tuple(outcome.approvers)
+            ctx.grant = outcome.grant
+            log.info("approved (%s)", outcome.reason or outcome.state,
+                     extra=flow_fields(flow, approval_request=outcome.name,
+                                       approvers=list(outcome.approvers), grant=outcome.grant))
+            return
+        self._refuse(flow, ctx, outcome, requirement)
+
+    @staticmethod
+    async def _request(service: Any, **kwargs: Any) -> Any:
+        """``service.request``, retried briefly while the backend's failure is transient (an
+        apiserver restarting, 429/5xx): a hiccup should not refuse the agent at once."""
+        for delay in RETRY_DELAYS:
+            try:
+                return await service.request(**kwargs)
+            except ApprovalUnavailable as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, BackendError) and cause.transient):
+                    raise
+                log.info("approvals backend unavailable (%s); retrying in %ss", cause, delay)
+                await asyncio.sleep(delay)
+        return await service.request(**kwargs)
+
+    # ------------------------------------------------------------------ refusals
+    @property
+    def _namespace(self) -> str:
+        backend = getattr(self.services, "approval_backend", None)
+        return getattr(backend, "namespace", "") or self.services.config.pod_namespace
+
+    def _refuse(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, outcome: Any,
+                requirement: ApprovalRequirement) -> None:
+        from ..approvals.service import approvers_text
+
+        decision = ctx.decision
+        assert decision is not None
+        name, namespace = outcome.name, self._namespace
+        standalone = bool(getattr(self.services.config, "standalone", False))
+        command = approve_command(name, namespace, standalone=standalone)
+        who = approvers_text(requirement)
+        ar = {"name": name, "namespace": namespace, "expires_at": outcome.expires_at}
+        approvers = {"users": list(requirement.approvers.users),
+                     "groups": list(requirement.approvers.groups),
+                     "min_approvals": requirement.min_approvals}
+        grant = ("a retry of the same request" if requirement.grant_scope == "exact"
+                 else "the same action") + f" passes for {requirement.grant_ttl_seconds}s"
+        if outcome.state == "pending":
+            waited = (f" (held {requirement.hold_seconds}s without a decision)"
+                      if requirement.mode == "hold" else "")
+            message = (f"{decision.message or 'This request needs approval'}: ApprovalRequest "
+                       f"{name} in namespace {namespace} is waiting for {who}{waited}.")
+            retry = ("Retry the same request (same method, URL, headers and body) after "
+                     f"approval; {grant} after the approval. Retrying before a decision does "
+                     f"not open another request: it reports this one again. After "
+                     f"{outcome.expires_at or 'it expires'} a retry opens a new request.")
+            refuse(flow, "approval_pending", message, rule=decision.rule,
+                   how_to_get_access=(f"Ask an approver ({who}) to approve it by running: "
+                                      f"{command} - then retry the same request."),
+                   approval_request=ar, approvers=approvers, approve_command=command,
+                   retry=retry)
+            log.info("approval pending: %s", name, extra=flow_fields(flow, approval_request=name))
+            return
+        decided_by = outcome.approvers[0] if outcome.approvers else ""
+        if outcome.state == "denied":
+            message = (f"ApprovalRequest {name} was {outcome.reason or 'denied'}; the request "
+                       "was not sent.")
+            how = ("A human decided against this request: do not retry it unchanged unless "
+                   f"they ask you to (a retry opens a new ApprovalRequest for {who}). Ask "
+                   f"{decided_by or 'the approver'} why, or change the request.")
+            kind = "approval_denied"
+        else:
+            message = (f"ApprovalRequest {name} expired: {outcome.reason or 'no decision in time'}; "
+                       "the request was not sent.")
+            how = (f"Retry the same request to open a new ApprovalRequest, and ask an approver "
+                   f"({who}) to decide it within {requirement.timeout_seconds}s.")
+            kind = "approval_expired"
+        refuse(flow, kind, message, rule=decision.rule, how_to_get_access=how,
+               approval_request=ar, reason=outcome.reason, decided_by=decided_by,
+               approvers=approvers)
+        log.info("approval %s: %s", outcome.state, name,
+                 extra=flow_fields(flow, approval_request=name, decided_by=decided_by))
+
+    @staticmethod
+    def _unavailable(flow: http.HTTPFlow, message: str) -> None:
+        refuse(flow, "approval_unavailable", message)
+        log.warning("refused: %s", message, extra=flow_fields(flow))

@@ -1,0 +1,310 @@
+"""Enforce: evaluate the AccessPolicies on the classified request; refuse what they block.
+
+For every routed flow the compiled policies of the flow's snapshot are evaluated
+(:func:`~chaperone_sidecar.policy.evaluator.evaluate`) with the identity, connection and action
+Identify and Route put into the ``FlowContext``, and the ``Decision`` is stored there
+(``ctx.decision``) for Approve, Mask, Record and Telemetry.
+
+* **block** - answered with 403 ``chaperone_blocked`` (see :mod:`.refusal`): the rule's message,
+  the rule, the action as classified and how to get access (naming the policy, its namespace
+  and its approvers). ``flow.response`` is set, so the upstream is never contacted.
+* **rate limits** - for a flow that is not blocked, every ``rateLimit`` rule that matched is
+  counted with the services' rate limiter (Redis when configured: shared by all sidecars).
+  Over a limit: 429 ``chaperone_rate_limited`` with ``Retry-After``, and the decision is
+  stored with effect ``rate_limited``. If the limiter cannot count (Redis down) the flow is
+  refused with 503 (fail closed: a limit that cannot be counted is not a limit).
+* **allow** / **require_approval** - the flow continues (Approve handles the latter).
+
+When it runs. The ``request`` hook has the whole body, which ``bodyRegex`` conditions need,
+so that is where flows are judged - unless the body may leave before that hook
+(:func:`body_leaves_early`): mitmproxy streams a body whose ``Content-Length`` exceeds
+``stream_large_bodies`` (the sidecar sets it, 1 MiB), and also one of unknown length (HTTP/1
+chunked, HTTP/2 without ``Content-Length``) once it grew past that size while being read - the
+headers and the body go upstream and ``request`` fires only afterwards. Such flows are judged
+in ``requestheaders`` on the headers (and the classification Route made from them).
+**Decisions**: if a rule that could match such a request tests the body (``bodyRegex``):
+
+* a ``Content-Length`` within that policy's body limit (``masking.maxBodyBytes``, default
+  64 MiB): streaming is switched off for the flow, the body is read and judged in ``request``;
+* a larger body: refused with 413; a ``POST``/``PUT``/``PATCH`` or chunked body without a
+  length: refused with 411 (judging it without its body could let through what the rule
+  blocks);
+* anything else (an HTTP/2 ``GET`` without ``Content-Length``, which normally has no body) is
+  judged on the headers - and if a body was read after all (it stayed under the streaming
+  size), judged again with it in ``request``; a stricter result wins. The one case a body rule
+  cannot see is a body without ``Content-Length`` on such a method that exceeds the streaming
+  size: it has left before it could be read.
+
+A flow without a classified action (Route did not run or could not classify) is blocked:
+nothing is forwarded unjudged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from mitmproxy import http
+
+from .. import flowctx
+from ..logging import flow_fields
+from ..policy.evaluator import describe_action, describe_identity, evaluate
+from ..policy.model import Decision, RateLimit, RuleRef
+from .refusal import refuse
+from .route import request_of, snapshot_of
+
+__all__ = ["Enforce", "DEFAULT_BODY_LIMIT", "EARLY_KEY", "blocked_guidance", "body_leaves_early"]
+
+log = logging.getLogger("chaperone.enforce")
+
+DEFAULT_BODY_LIMIT = 64 * 1024 * 1024  # the CRD's default masking.maxBodyBytes
+RATE_LIMITER_RETRY = "5"  # Retry-After when the limiter itself is unavailable
+EARLY_KEY = "chaperone.early"  # flow.metadata: judged in requestheaders on the headers alone
+_RANK = {"allow": 1, "require_approval": 2, "rate_limited": 3, "block": 3}
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def body_leaves_early(flow: http.HTTPFlow) -> bool:
+    """Whether the request may be on its way upstream before the ``request`` hook fires.
+
+    mitmproxy streams a request body - sends the headers, then each chunk - when
+    ``flow.request.stream`` is set at ``requestheaders`` (it sets it itself for a
+    Content-Length above ``stream_large_bodies``), and also *while reading* a body of unknown
+    length once it grew past that size, without asking any addon. So such a request must be
+    judged, approved and given its credentials in ``requestheaders``. Unknown length: HTTP/1
+    ``Transfer-Encoding: chunked``, and HTTP/2 or HTTP/3 without ``Content-Length`` (a body may
+    follow the headers). Enforce, Approve and InjectCredentials all use this one test.
+    """
+    req = flow.request
+    if req.stream:
+        return True
+    if "content-length" in req.headers:
+        return False
+    if req.is_http2 or req.is_http3:
+        return True
+    return "chunked" in req.headers.get("transfer-encoding", "").lower()
+
+
+def _approvers_of(policy: Any) -> str:
+    spec = getattr(policy, "spec", None) or {}
+    approvers = spec.get("approvers") or {}
+    who = []
+    if approvers.get("users"):
+        who.append("users " + ", ".join(approvers["users"]))
+    if approvers.get("groups"):
+        who.append("members of groups " + ", ".join(approvers["groups"]))
+    return " or ".join(who)
+
+
+def _policy_ref(key: str) -> str:
+    namespace, _, name = key.partition("/")
+    return f"AccessPolicy {name} in namespace {namespace}" if name else f"AccessPolicy {key}"
+
+
+def blocked_guidance(decision: Decision, snapshot: Any, ctx: flowctx.FlowContext) -> str:
+    """``how_to_get_access`` of a block: which policy to change, whom to ask."""
+    action = ctx.action
+    what = (action.name or describe_action(action)) if action is not None else "this request"
+    who = describe_identity(ctx.identity)
+    conn = f"connection {ctx.connection!r}" if ctx.connection else "this connection"
+    policies = {p.key: p for p in snapshot.policies} if snapshot is not None else {}
+    if decision.rule is not None:
+        key = decision.rule.policy
+        approvers = _approvers_of(policies.get(key))
+        ask = f"its approvers ({approvers}) or the team that owns namespace " \
+              f"{key.split('/', 1)[0]}" if approvers else \
+              f"the team that owns namespace {key.split('/', 1)[0]}"
+        return (f"Rule {decision.rule.rule!r} of {_policy_ref(key)} blocks {what} on {conn}; "
+                f"retrying the same request will be refused again. To get access, ask {ask} "
+                f"to allow {what} for {who} in that policy, or to change the rule to "
+                f"requireApproval so a human can approve each call "
+                f"(kubectl get accesspolicy {key.split('/', 1)[-1]} -n {key.split('/', 1)[0]} "
+                f"-o yaml shows the policy).")
+    applicable = snapshot.policies.applicable(ctx.connection, ctx.identity) if snapshot else ()
+    if applicable:
+        keys = ", ".join(p.key for p in applicable)
+        approvers = "; ".join(f"{p.key}: {a}" for p in applicable if (a := _approvers_of(p)))
+        extra = f" (approvers: {approvers})" if approvers else ""
+        return (f"No rule of the AccessPolicies governing {conn} ({keys}) allows {what}, and "
+                f"they deny by default. Ask the owners of those policies{extra} to add an allow "
+                f"or requireApproval rule for {what} for {who}.")
+    namespace = ctx.identity.pod_namespace or "this namespace"
+    return (f"No AccessPolicy governs {conn} for {who}, so everything through it is refused. "
+            f"Ask the team that owns namespace {namespace} to create an AccessPolicy for "
+            f"{conn} whose subjects include {who}.")
+
+
+class Enforce:
+    """Stores the policy ``Decision`` in the FlowContext; refuses blocked and rate-limited flows."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+        self._own_limiter: Any = None  # only when the services have none
+
+    # ------------------------------------------------------------------ hooks
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not body_leaves_early(flow):
+            return  # a buffered body is judged in `request`, with the body
+        ctx = flowctx.ensure(flow)
+        if ctx.decision is not None:
+            return
+        snapshot = snapshot_of(flow, self.services)
+        flow.metadata[EARLY_KEY] = True
+        if ctx.action is not None and self._body_rule_applies(flow, ctx, snapshot):
+            return
+        await self._enforce(flow, ctx, snapshot, b"")
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        ctx = flowctx.ensure(flow)
+        if ctx.decision is not None:
+            # Judged on the headers because the length was unknown, but the body was buffered
+            # after all: judge again with it (a body rule may be stricter).
+            if flow.metadata.get(EARLY_KEY) and not flow.request.stream and flow.request.raw_content:
+                await self._rejudge(flow, ctx, request_of(flow).body)
+            return
+        if flow.request.stream:
+            # Streaming was switched on after our requestheaders hook: the body is gone already.
+            log.error("a streamed request reached the request hook unjudged",
+                      extra=flow_fields(flow))
+        body = request_of(flow).body if not flow.request.stream else b""
+        await self._enforce(flow, ctx, snapshot_of(flow, self.services), body)
+
+    # ------------------------------------------------------------------ judging
+    async def _enforce(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, snapshot: Any,
+                       body: bytes) -> None:
+        if ctx.action is None:
+            ctx.decision = Decision("block", message="the request could not be classified, so no "
+                                                     "policy can judge it; refusing (fail closed)")
+            refuse(flow, "blocked", ctx.decision.message, rule=None,
+                   how_to_get_access="Send the request through a host covered by a "
+                                     "ClaudeConnection, as a well-formed HTTP request.")
+            log.warning("refused an unclassified request", extra=flow_fields(flow))
+            return
+        decision = evaluate(snapshot.policies, ctx.action, ctx.identity, ctx.connection, body)
+        ctx.decision = decision
+        if decision.effect == "block":
+            refuse(flow, "blocked", decision.message, rule=decision.rule,
+                   how_to_get_access=blocked_guidance(decision, snapshot, ctx))
+            log.info("blocked: %s", decision.message, extra=flow_fields(flow))
+            return
+        if decision.rate_limits and not await self._within_limits(flow, ctx, decision):
+            return
+        log.debug("decision %s", decision.effect, extra=flow_fields(flow))
+
+    async def _rejudge(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, body: bytes) -> None:
+        old = ctx.decision
+        assert old is not None and ctx.action is not None
+        new = evaluate(snapshot_of(flow, self.services).policies, ctx.action, ctx.identity,
+                       ctx.connection, body)
+        if _RANK.get(new.effect, 0) <= _RANK.get(old.effect, 0):
+            return  # not stricter: the decision (and its rate-limit count) stands
+        ctx.decision = new
+        log.info("judged again with the body: %s -> %s", old.effect, new.effect,
+                 extra=flow_fields(flow))
+        if new.effect == "block":
+            refuse(flow, "blocked", new.message, rule=new.rule,
+                   how_to_get_access=blocked_guidance(new, snapshot_of(flow, self.services), ctx))
+
+    def _body_rule_applies(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
+                           snapshot: Any) -> bool:
+        """A request judged early that a body rule could match: True when it was handled
+        (switched to buffering, to be judged in ``request``; or refused), False otherwise."""
+        ref, limit = self._body_rule(ctx, snapshot)
+        if ref is None:
+            return False
+        length = flow.request.headers.get("content-length", "").strip()
+        if length.isdigit() and int(length) <= limit:
+            flow.request.stream = False  # read the body; judged (with it) in `request`
+            flow.metadata.pop(EARLY_KEY, None)
+            return True
+        if length.isdigit():
+            why, status = f"this body is larger than {limit} bytes", 413
+        elif flow.request.method.upper() in _BODY_METHODS or \
+                "chunked" in flow.request.headers.get("transfer-encoding", "").lower():
+            why, status = "this body has no Content-Length", 411
+        else:
+            return False  # probably no body (HTTP/2 GET): judged now, again if a body is read
+        ctx.decision = Decision("block", rule=ref, message=(
+            f"rule {ref.rule!r} of AccessPolicy {ref.policy} inspects request bodies "
+            f"(bodyRegex), and {why}, so it cannot be judged before it is sent"))
+        refuse(flow, "blocked", ctx.decision.message, rule=ref, status=status,
+               how_to_get_access=(f"Send the body with a Content-Length header of at most "
+                                  f"{limit} bytes, or ask the owners of AccessPolicy "
+                                  f"{ref.policy} to narrow the rule so it does not apply to "
+                                  "this request."))
+        log.info("refused a body a bodyRegex rule applies to but that cannot be read first",
+                 extra=flow_fields(flow))
+        return True
+
+    @staticmethod
+    def _body_rule(ctx: flowctx.FlowContext, snapshot: Any) -> tuple[RuleRef | None, int]:
+        """The first rule that could match this request and tests its body, and the body limit."""
+        action = ctx.action
+        assert action is not None
+        aws = action.aws
+        bucket = (action.connection_type, action.method, aws.action.lower() if aws else "",
+                  action.host.rstrip(".").lower())
+        found: RuleRef | None = None
+        limit = 0
+        for policy in snapshot.policies.applicable(ctx.connection, ctx.identity):
+            decisive, side = policy.candidates(*bucket)
+            for rule in (*decisive, *side):
+                if any(c.field == "match.bodyRegex" for c in rule.conditions):
+                    found = found or rule.ref
+                    masking = (policy.spec or {}).get("masking") or {}
+                    limit = max(limit, int(masking.get("maxBodyBytes", DEFAULT_BODY_LIMIT)))
+        return found, limit
+
+    # ------------------------------------------------------------------ rate limits
+    @property
+    def limiter(self) -> Any:
+        limiter = getattr(self.services, "rate_limiter", None)
+        if limiter is None:
+            if self._own_limiter is None:
+                from ..approvals.ratelimit import MemoryRateLimiter
+
+                self._own_limiter = MemoryRateLimiter()
+            limiter = self._own_limiter
+        return limiter
+
+    async def _within_limits(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
+                             decision: Decision) -> bool:
+        from ..approvals.ratelimit import check_limits
+
+        try:
+            verdict, limit = await check_limits(self.limiter, decision.rate_limits, ctx.identity,
+                                                ctx.connection)
+        except Exception as exc:  # noqa: BLE001 - Redis down or similar: fail closed
+            source = decision.rate_limits[0].source
+            ctx.decision = replace(decision, effect="rate_limited", rule=source, message=(
+                f"the rate limit of this request cannot be counted right now ({exc.__class__.__name__}); "
+                "refusing rather than exceeding it"))
+            refuse(flow, "rate_limited", ctx.decision.message, rule=source, status=503,
+                   headers={"Retry-After": RATE_LIMITER_RETRY},
+                   retry_after_seconds=int(RATE_LIMITER_RETRY),
+                   how_to_get_access="This is a temporary problem of the gateway's rate "
+                                     f"limiter: retry in {RATE_LIMITER_RETRY} seconds.")
+            log.warning("rate limiter unavailable: %s: %s", exc.__class__.__name__, exc,
+                        extra=flow_fields(flow))
+            return False
+        if verdict.allowed:
+            return True
+        assert limit is not None
+        retry = verdict.retry_after_header
+        message = (f"rate limit exceeded: at most {limit.requests} request"
+                   f"{'s' if limit.requests != 1 else ''} per {limit.period_seconds}s per "
+                   f"{limit.per}")
+        if limit.source is not None:
+            message += f" (rule {limit.source.rule!r} of AccessPolicy {limit.source.policy})"
+        ctx.decision = replace(decision, effect="rate_limited", rule=limit.source, message=message)
+        refuse(flow, "rate_limited", message, rule=limit.source, headers={"Retry-After": retry},
+               retry_after_seconds=int(retry), limit=_limit_info(limit))
+        log.info("rate limited: %s", message, extra=flow_fields(flow, retry_after=retry))
+        return False
+
+
+def _limit_info(limit: RateLimit) -> dict[str, Any]:
+    return {"requests": limit.requests, "period_seconds": limit.period_seconds, "per": limit.per}

@@ -1,0 +1,596 @@
+"""Mask: secrets and personal data are replaced before the agent or the recording sees them.
+
+The masks come from the flow's decision (``FlowContext.decision.masks``: the policies'
+``masking`` and every matching ``mask`` rule); a ``Masker`` is compiled once per distinct set
+and direction. Counts of what was masked in the response go to ``FlowContext.masked``.
+
+**Responses** (what the agent receives). In ``responseheaders`` each response is put on one of
+three paths - never buffered whole unless it is small and has a known length:
+
+* *buffered* - ``Content-Length`` known and at most ``chaperone_mask_buffer`` (default: the
+  config's ``stream_large_bodies``, never more than mitmproxy's own ``stream_large_bodies``, so
+  mitmproxy can never switch a buffered body to unmasked streaming half-way): masked whole in
+  ``response``: decoded under the policy's cap, masked, re-encoded with the same codings.
+* *streamed* - ``text/event-stream``, no ``Content-Length`` (chunked, HTTP/2 without length) or
+  a larger body: ``flow.response.stream`` is set to a callable wrapping the streaming masker
+  (mitmproxy calls it with each chunk and once with ``b""`` at the end; it returns a list of
+  chunks, never ``b""``, which HTTP/1 would frame as the terminating chunk). A compressed
+  stream is decoded on the way and sent identity-encoded. ``Content-Length`` is dropped (masking
+  changes the length) and HTTP/1.1 clients get ``Transfer-Encoding: chunked``.
+* *whole body via the stream* - field rules (JSON paths) need the whole document, so a JSON
+  body of unknown or large length is collected by the stream callable (up to the policy cap),
+  masked at its end and sent as one chunk.
+
+**Fail closed.** A body that cannot be masked is never passed on: an unknown Content-Encoding,
+a body over the policy's ``maxBodyBytes`` after decompression (a gzip bomb), a corrupt
+compressed body. Before the response started (buffered, or known at ``responseheaders``) the
+agent gets a 502 JSON refusal (``chaperone_response_unmaskable``); the upstream body is drained
+and dropped, never buffered. Once a stream has started, the rest is withheld and the flow is
+killed, so the client sees a broken transfer rather than a silently shortened or unmasked one.
+**Decision**: a stream is masked incrementally with bounded memory, so the size cap limits
+what is *buffered* and what a compressed stream may *decompress to*; an identity-encoded stream
+is masked to its end whatever its size (a 1 GiB download is masked, not refused).
+
+**Binary** bodies (not a text type and not UTF-8) pass through to the agent unmasked -
+rewriting bytes in an image or protobuf would corrupt it. **Decision**: when masks apply, a
+binary body is not kept for the recording (it cannot be shown to be masked); the recording says
+``binary`` with its size. Without masks it is kept as is, like any body.
+
+**Requests**. **Decision**: what goes upstream is never modified - the request may be signed
+(SigV4 covers the body hash), and the policy has no "rewrite upstream" option. Masks whose
+target is ``request``/``both`` apply to the *recorded copy* of the request body only.
+
+**Hand-off to Record.** For each direction Mask leaves a :class:`BodyCapture` (the masked
+body as sent, truncated to the connection's ``recording.maxBodyBytes``, plus size, counts and
+notes) in ``flow.metadata["chaperone.bodies"]`` (read with :func:`captured`), the way Route
+shares the snapshot. Record stores only what is in a capture, so a body that was not masked
+never reaches the recording. Without masks the capture holds the body as is.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any, Iterable
+
+from mitmproxy import ctx as mctx
+from mitmproxy import exceptions, http
+from mitmproxy.utils import human
+
+from .. import flowctx
+from ..logging import flow_fields
+from ..policy.masking import (
+    BodyTooLarge,
+    Masker,
+    MaskingError,
+    MaskResult,
+    StreamDecoder,
+    StreamMasker,
+    UnsupportedEncoding,
+    decode,
+    encode,
+    parse_content_encoding,
+)
+from ..policy.model import MaskSpec
+
+__all__ = ["Mask", "BodyCapture", "BODIES_KEY", "captured", "masker_for", "UNMASKABLE"]
+
+log = logging.getLogger("chaperone.mask")
+
+BODIES_KEY = "chaperone.bodies"
+UNMASKABLE = "response_unmaskable"  # refusal kind (502)
+BINARY_NOTE = "binary body: passed through unmasked, not recorded (it cannot be masked)"
+DEFAULT_BUFFER = "1m"
+_NO_BODY_STATUS = (204, 304)
+_STEP = 64 * 1024
+
+
+# ============================================================================ capture
+
+class BodyCapture:
+    """One body as it was masked, kept (bounded) for the recording.
+
+    ``data`` holds at most ``limit`` bytes of the masked body - decoded (identity) when the
+    wire body was compressed; ``size`` counts every byte of it. ``recordable`` is False when
+    the body must not be recorded at all (it could not be masked, or no decision said how).
+    """
+
+    __slots__ = ("limit", "data", "size", "counts", "binary", "streamed", "recordable", "notes",
+                 "complete", "cut")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, limit)
+        self.data = bytearray()
+        self.size = 0
+        self.counts: dict[str, int] = {}
+        self.binary = False
+        self.streamed = False
+        self.recordable = True
+        self.notes: list[str] = []
+        self.complete = False  # the whole body went through (end of stream / buffered)
+        self.cut = False  # data is a prefix even if size does not show it (decoded prefix)
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        room = self.limit - len(self.data)
+        if room > 0 and chunk and self.recordable:
+            self.data += chunk[:room]
+
+    def set(self, body: bytes) -> None:
+        self.data = bytearray(body[: self.limit]) if self.recordable else bytearray()
+        self.size = len(body)
+        self.complete = True
+
+    def withhold(self, reason: str) -> None:
+        """Nothing of this body may be recorded (it could not be masked)."""
+        self.recordable = False
+        self.data = bytearray()
+        self.notes.append(reason)
+
+    @property
+    def truncated(self) -> bool:
+        return self.cut or self.size > len(self.data)
+
+    @property
+    def masked(self) -> int:
+        return sum(self.counts.values())
+
+    def __repr__(self) -> str:
+        return (f"BodyCapture(size={self.size}, kept={len(self.data)}, masked={self.counts}, "
+                f"binary={self.binary}, streamed={self.streamed}, recordable={self.recordable})")
+
+
+def captured(flow: Any, direction: str) -> BodyCapture | None:
+    """The capture Mask left for ``direction`` (``"request"`` or ``"response"``), if any."""
+    bodies = flow.metadata.get(BODIES_KEY)
+    return bodies.get(direction) if bodies else None
+
+
+def _new_capture(flow: Any, direction: str, limit: int) -> BodyCapture:
+    capture = BodyCapture(limit)
+    flow.metadata.setdefault(BODIES_KEY, {})[direction] = capture
+    return capture
+
+
+@functools.lru_cache(maxsize=256)
+def masker_for(masks: tuple[MaskSpec, ...], direction: str | None) -> Masker:
+    """The compiled ``Masker`` for a decision's masks in one direction (``None``: every spec,
+    whatever its target); cached, since specs are frozen."""
+    return Masker(masks, direction=direction)  # type: ignore[arg-type]
+
+
+def _mime(headers: http.Headers) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _length(message: http.Message) -> int | None:
+    """Content-Length when it frames the body (not with Transfer-Encoding), else None."""
+    if "transfer-encoding" in message.headers:
+        return None
+    value = message.headers.get("content-length", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _keep_unmasked(capture: BodyCapture, raw: bytes, codings: tuple[str, ...]) -> None:
+    """No masks apply: keep the body (decoded when compressed, for a readable recording).
+
+    Decoding stops once ``capture.limit`` bytes are there, so a bomb costs nothing here.
+    """
+    capture.complete = True
+    if not codings:
+        capture.set(raw)
+        return
+    decoder = StreamDecoder(codings, None)
+    out = bytearray()
+    try:
+        for i in range(0, len(raw), _STEP):
+            out += decoder.feed(raw[i : i + _STEP])
+            if len(out) > capture.limit:
+                capture.set(bytes(out[: capture.limit]))
+                capture.cut = True
+                return
+        out += decoder.finish()
+    except MaskingError as exc:
+        capture.set(raw)
+        capture.notes.append(f"kept as sent (compressed): it could not be decoded ({exc})")
+        return
+    capture.set(bytes(out))
+
+
+def mask_whole(masker: Masker, raw: bytes, content_type: str,
+               codings: tuple[str, ...]) -> tuple[bytes, bytes, MaskResult]:
+    """Decode (capped), mask, re-encode one whole body: (wire bytes, masked plain, result).
+
+    Raises ``MaskingError`` (``BodyTooLarge`` for bombs) when the body cannot be masked.
+    """
+    plain = decode(raw, codings, masker.max_body_bytes)
+    if not codings and len(plain) > masker.max_body_bytes:
+        raise BodyTooLarge(masker.max_body_bytes)
+    result = masker.mask_bytes(plain, content_type or None, None)
+    if not result.changed:
+        return raw, plain, result
+    return (encode(result.body, codings) if codings else result.body), result.body, result
+
+
+# ============================================================================ stream callables
+
+class _Stream:
+    """Base of the ``flow.response.stream`` callables: capture what goes out, fail closed."""
+
+    def __init__(self, flow: http.HTTPFlow, capture: BodyCapture) -> None:
+        self.flow = flow
+        self.capture = capture
+        self.failed = False
+        capture.streamed = True
+
+    def _out(self, chunks: Iterable[bytes]) -> list[bytes]:
+        out = [c for c in chunks if c]  # b"" would end an HTTP/1 chunked body
+        for chunk in out:
+            self.capture.add(chunk)
+        return out
+
+    def fail(self, reason: str) -> list[bytes]:
+        """Withhold the rest and kill the flow: the client sees a broken transfer."""
+        self.failed = True
+        self.capture.notes.append(f"stream aborted: {reason}")
+        log.warning("response stream aborted, rest withheld: %s", reason,
+                    extra=flow_fields(self.flow))
+        if self.flow.killable:
+            self.flow.kill()
+        return []
+
+
+class _Passthrough(_Stream):
+    """No masks apply: stream unchanged (SSE and large bodies must not be buffered)."""
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if not data:
+            self.capture.complete = True
+            return []
+        return self._out((data,))
+
+
+class _MaskedStream(_Stream):
+    """The streaming masker (detectors; decoding a compressed stream under the cap)."""
+
+    def __init__(self, flow: http.HTTPFlow, capture: BodyCapture, masker: StreamMasker,
+                 ctx: flowctx.FlowContext) -> None:
+        super().__init__(flow, capture)
+        self.masker = masker
+        self.ctx = ctx
+        self.base = dict(ctx.masked)
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if self.failed:
+            return []
+        try:
+            out = self._out(self.masker(data))
+        except MaskingError as exc:
+            return self.fail(str(exc))
+        if self.masker.binary and self.capture.recordable:
+            self.capture.binary = True
+            self.capture.withhold(BINARY_NOTE)
+        if not data:  # end of the body (or an empty HTTP/2 frame): publish counts and notes
+            self.capture.complete = True
+            self.capture.counts = dict(self.masker.counts)
+            merged = dict(self.base)
+            for kind, n in self.masker.counts.items():
+                merged[kind] = merged.get(kind, 0) + n
+            self.ctx.masked = merged
+            for error in self.masker.errors:
+                if error not in self.capture.notes:
+                    self.capture.notes.append(error)
+        return out
+
+
+class _WholeBody(_Stream):
+    """Field rules need the whole JSON document: collect (capped), mask at the end."""
+
+    def __init__(self, flow: http.HTTPFlow, capture: BodyCapture, masker: Masker,
+                 ctx: flowctx.FlowContext, content_type: str, codings: tuple[str, ...]) -> None:
+        super().__init__(flow, capture)
+        self.masker = masker
+        self.ctx = ctx
+        self.content_type = content_type
+        self.codings = codings
+        self.buf = bytearray()
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if self.failed:
+            return []
+        if data:
+            self.buf += data
+            if len(self.buf) > self.masker.max_body_bytes:
+                self.buf = bytearray()
+                return self.fail(str(BodyTooLarge(self.masker.max_body_bytes)))
+            return []
+        raw, self.buf = bytes(self.buf), bytearray()
+        try:
+            wire, plain, result = mask_whole(self.masker, raw, self.content_type, self.codings)
+        except MaskingError as exc:
+            return self.fail(str(exc))
+        _publish(self.ctx, self.capture, plain, result)
+        return [wire] if wire else []
+
+
+def _publish(ctx: flowctx.FlowContext, capture: BodyCapture, plain: bytes, result: MaskResult) -> None:
+    capture.set(plain)
+    capture.counts = dict(result.counts)
+    capture.binary = result.binary
+    capture.notes += list(result.notes)
+    if result.binary:
+        capture.withhold(BINARY_NOTE)
+    for kind, n in result.counts.items():
+        ctx.masked[kind] = ctx.masked.get(kind, 0) + n
+
+
+class _Discard:
+    """Replaces an upstream body by a refusal sent in its place (the refusal's headers went
+    out instead of the upstream's; its body goes out at the end, the upstream's is dropped)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if data or not self.body:
+            return []
+        body, self.body = self.body, b""
+        return [body]
+
+
+class _RequestTee:
+    """A streamed request body goes upstream unchanged; a masked copy is captured."""
+
+    def __init__(self, capture: BodyCapture, masker: StreamMasker | None) -> None:
+        self.capture = capture
+        self.masker = masker
+        capture.streamed = True
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if self.masker is None:
+            self.capture.add(data)
+        elif self.capture.recordable:
+            try:
+                for chunk in self.masker(data):
+                    self.capture.add(chunk)
+            except MaskingError as exc:
+                self.capture.withhold(f"not recorded: the body could not be masked ({exc})")
+            if self.masker.binary and self.capture.recordable:
+                self.capture.binary = True
+                self.capture.withhold(BINARY_NOTE)
+            self.capture.counts = dict(self.masker.counts)
+        else:
+            self.capture.size += len(data)
+        if not data:
+            self.capture.complete = True
+        return [data] if data else []
+
+
+# ============================================================================ addon
+
+class Mask:
+    """Masks response bodies for the agent and both bodies for the recording."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+        self.buffer_limit = human.parse_size(DEFAULT_BUFFER) or 0
+
+    def load(self, loader) -> None:
+        config = getattr(self.services, "config", None)
+        loader.add_option(
+            "chaperone_mask_buffer", str,
+            getattr(config, "stream_large_bodies", "") or DEFAULT_BUFFER,
+            "Largest response body (Content-Length on the wire) that is buffered and masked "
+            "whole; larger, chunked and SSE bodies are masked as they stream.",
+        )
+
+    def configure(self, updated) -> None:
+        if "store_streamed_bodies" in updated and getattr(mctx.options, "store_streamed_bodies", False):
+            log.warning("store_streamed_bodies is on: mitmproxy keeps every streamed body in "
+                        "memory (unmasked on requests), so streams are no longer flat in memory")
+        if "chaperone_mask_buffer" not in updated and "stream_large_bodies" not in updated:
+            return
+        try:
+            limit = human.parse_size(mctx.options.chaperone_mask_buffer)
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"chaperone_mask_buffer: {exc}") from None
+        if limit is None:
+            raise exceptions.OptionsError("chaperone_mask_buffer must be a size, e.g. 1m")
+        # Never buffer past mitmproxy's own streaming threshold: past it mitmproxy would switch
+        # a buffered body to plain streaming (no callable) half-way - unmasked.
+        mitm = getattr(mctx.options, "stream_large_bodies", None)
+        mitm_limit = human.parse_size(mitm) if mitm else None
+        self.buffer_limit = min(limit, mitm_limit) if mitm_limit is not None else limit
+
+    # ------------------------------------------------------------------ requests
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not flow.request.stream:
+            return  # buffered bodies are handled in `request`
+        ctx = flowctx.get(flow)
+        if ctx is None:
+            return
+        capture = _new_capture(flow, "request", self._record_limit(flow, ctx))
+        if ctx.decision is None:
+            capture.withhold("not recorded: the body streamed before a policy decision")
+            return
+        masker = masker_for(ctx.decision.masks, "request")
+        stream = None
+        if masker.active:
+            try:
+                stream = masker.stream(_mime(flow.request.headers) or None,
+                                       flow.request.headers.get("content-encoding"))
+            except MaskingError as exc:
+                capture.withhold(f"not recorded: the body cannot be masked ({exc})")
+        flow.request.stream = _RequestTee(capture, stream)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.request.stream:
+            return  # streamed: captured by the tee
+        ctx = flowctx.get(flow)
+        if ctx is None:
+            return
+        capture = _new_capture(flow, "request", self._record_limit(flow, ctx))
+        raw = flow.request.raw_content or b""
+        capture.complete = True
+        if not raw:
+            return
+        if ctx.decision is None:
+            capture.size = len(raw)
+            capture.withhold("not recorded: no policy decision says how to mask it")
+            return
+        masker = masker_for(ctx.decision.masks, "request")
+        try:
+            codings = parse_content_encoding(flow.request.headers.get("content-encoding"))
+        except UnsupportedEncoding as exc:
+            if masker.active:
+                capture.size = len(raw)
+                capture.withhold(f"not recorded: {exc}")
+                return
+            codings = ()
+        if not masker.active:
+            _keep_unmasked(capture, raw, codings)
+            return
+        try:
+            _, plain, result = mask_whole(masker, raw, _mime(flow.request.headers), codings)
+        except MaskingError as exc:
+            capture.size = len(raw)
+            capture.withhold(f"not recorded: the body could not be masked ({exc})")
+            return
+        capture.set(plain)
+        capture.counts = dict(result.counts)
+        capture.binary = result.binary
+        capture.notes += list(result.notes)
+        if result.binary:
+            capture.withhold(BINARY_NOTE)
+
+    # ------------------------------------------------------------------ responses
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = flowctx.get(flow)
+        resp = flow.response
+        if ctx is None or resp is None or ctx.refused is not None:
+            return
+        if flow.request.method.upper() == "HEAD" or resp.status_code < 200 or \
+                resp.status_code in _NO_BODY_STATUS or _length(resp) == 0:
+            return  # no body
+        capture = _new_capture(flow, "response", self._record_limit(flow, ctx))
+        masks = ctx.decision.masks if ctx.decision is not None else ()
+        masker = masker_for(masks, "response")
+        mime, length = _mime(resp.headers), _length(resp)
+        stream = bool(resp.stream) or mime == "text/event-stream" or length is None or \
+            length > self.buffer_limit
+        if not masker.active:
+            if stream:
+                resp.stream = _Passthrough(flow, capture)
+            return
+        try:
+            codings = parse_content_encoding(resp.headers.get("content-encoding"))
+        except UnsupportedEncoding as exc:
+            self._refuse_early(flow, capture, str(exc))
+            return
+        if not masker.can_stream(mime or None):  # field rules: the whole document is needed
+            if length is not None and length > masker.max_body_bytes:
+                self._refuse_early(flow, capture, str(BodyTooLarge(masker.max_body_bytes)))
+            elif stream:
+                resp.stream = _WholeBody(flow, capture, masker, ctx, mime, codings)
+                self._unframe(flow)
+            else:
+                resp.stream = False
+            return
+        if not stream:
+            resp.stream = False  # masked whole in `response`
+            return
+        sm = masker.stream(mime or None, resp.headers.get("content-encoding"),
+                           max_decoded_bytes=masker.max_body_bytes)
+        resp.stream = _MaskedStream(flow, capture, sm, ctx)
+        if codings:
+            del resp.headers["content-encoding"]  # the masker emits the decoded body
+        self._unframe(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        ctx = flowctx.get(flow)
+        resp = flow.response
+        if ctx is None or resp is None or ctx.refused is not None or resp.stream:
+            return  # refusals are Chaperone's own text; streams were handled chunk by chunk
+        capture = captured(flow, "response")
+        if capture is None:  # no body expected at responseheaders
+            capture = _new_capture(flow, "response", self._record_limit(flow, ctx))
+        raw = resp.raw_content or b""
+        capture.complete = True
+        if not raw:
+            return
+        masks = ctx.decision.masks if ctx.decision is not None else ()
+        masker = masker_for(masks, "response")
+        if not masker.active:
+            try:
+                codings = parse_content_encoding(resp.headers.get("content-encoding"))
+            except UnsupportedEncoding:
+                codings = ()
+            _keep_unmasked(capture, raw, codings)
+            return
+        try:
+            codings = parse_content_encoding(resp.headers.get("content-encoding"))
+            wire, plain, result = mask_whole(masker, raw, _mime(resp.headers), codings)
+        except MaskingError as exc:
+            capture.size = len(raw)
+            capture.withhold(f"refused: {exc}")
+            self._refuse(flow, str(exc))
+            return
+        if wire is not raw:
+            resp.raw_content = wire
+            if "transfer-encoding" not in resp.headers:
+                resp.headers["content-length"] = str(len(wire))
+        _publish(ctx, capture, plain, result)
+
+    # ------------------------------------------------------------------ helpers
+    def _record_limit(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> int:
+        from .record import recording_settings  # Record owns the recording settings
+
+        return recording_settings(flow, self.services, ctx).body_limit
+
+    @staticmethod
+    def _unframe(flow: http.HTTPFlow) -> None:
+        """Masking changes the length: drop Content-Length; HTTP/1.1 clients get chunks."""
+        headers = flow.response.headers
+        headers.pop("content-length", None)
+        if flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in headers:
+            headers["transfer-encoding"] = "chunked"
+
+    def _refuse_early(self, flow: http.HTTPFlow, capture: BodyCapture, reason: str) -> None:
+        """Refuse at ``responseheaders``: the refusal's headers go out instead of the
+        upstream's, and the upstream body is drained and dropped (never buffered)."""
+        capture.withhold(f"refused: {reason}")
+        self._refuse(flow, reason)
+        flow.response.stream = _Discard(flow.response.raw_content or b"")
+
+    def _refuse(self, flow: http.HTTPFlow, reason: str) -> None:
+        log.warning("response refused, it cannot be masked: %s", reason, extra=flow_fields(flow))
+        message = (f"The response to this request could not be masked, so Chaperone withheld "
+                   f"it: {reason}. The request itself was sent to the target.")
+        guidance = ("Ask for a smaller or uncompressed response (for example a narrower query, "
+                    "a page size, or Accept-Encoding: identity); the masking limit is the "
+                    "policy's masking.maxBodyBytes.")
+        refuse_unmaskable(flow, message, guidance)
+
+
+def refuse_unmaskable(flow: http.HTTPFlow, message: str, guidance: str) -> dict[str, Any]:
+    """A 502 ``chaperone_response_unmaskable`` refusal in the shared refusal shape."""
+    from . import refusal
+
+    if UNMASKABLE in refusal.KINDS:
+        return refusal.refuse(flow, UNMASKABLE, message, status=502, how_to_get_access=guidance)
+    # The shared module does not know the kind (yet): same shape, built here.
+    ctx = flowctx.ensure(flow)
+    body = {
+        "error": f"chaperone_{UNMASKABLE}",
+        "message": message,
+        "rule": refusal.rule_info(ctx.decision.rule if ctx.decision is not None else None),
+        "action": refusal.action_info(ctx.action, ctx.connection, flow.request),
+        "how_to_get_access": guidance,
+    }
+    content = json.dumps(body, indent=2, ensure_ascii=False).encode() + b"\n"
+    flow.response = http.Response.make(502, content, {
+        "Content-Type": "application/json", refusal.HEADER: UNMASKABLE,
+        "Cache-Control": "no-store"})
+    ctx.refused = body
+    return body

@@ -1,0 +1,194 @@
+"""Refusals: the JSON answer an agent gets instead of a forwarded request.
+
+Every addon that refuses a flow builds its answer here, so an LLM agent sees one shape whatever
+refused it, and can act on it without knowing Chaperone's internals::
+
+    {
+      "error": "chaperone_blocked",              # "chaperone_" + kind
+      "message": "Deleting buckets needs a human",  # the rule's message, or a default
+      "rule": {"policy": "team-a/s3", "name": "no-delete"},  # null when no rule decided
+      "action": {"name": "s3:DeleteBucket",      # the action as classified ("" if unknown)
+                 "summary": "delete S3 bucket logs",
+                 "connection": "aws-prod"},       # "" when no connection covers the host
+      "how_to_get_access": "..."                 # what to do next, naming policy/approvers
+      ...                                        # kind-specific fields, see KINDS
+    }
+
+The response carries ``Content-Type: application/json``, ``X-Chaperone-Refused: <kind>`` and
+``Cache-Control: no-store``; a rate-limit refusal also ``Retry-After``. Setting
+``flow.response`` in a ``request``/``requestheaders`` hook makes mitmproxy answer the client
+itself: the upstream is never contacted. A request refused in ``requestheaders`` whose body
+was going to stream is switched back to reading the body (mitmproxy cannot answer a request it
+streams, it raises): the body is read and dropped, then the refusal is sent. **Caveat**
+(mitmproxy 11 and 12): once such a body grows past ``stream_large_bodies`` while being read,
+mitmproxy tries to stream it again and logs "mitmproxy has crashed!" (about once per
+``stream_large_bodies`` of body); the data is dropped, nothing reaches the upstream and the
+refusal still arrives at the end of the body. The body is also stored in
+``FlowContext.refused`` for the recorder and telemetry.
+
+Kinds and their status codes (``KINDS``): ``blocked`` 403, ``rate_limited`` 429,
+``approval_pending`` / ``approval_denied`` / ``approval_expired`` 403,
+``approval_unavailable`` 503, ``no_connection`` 403, ``unauthenticated`` 401,
+``recording_unavailable`` 503, ``credentials_unavailable`` 503, ``invalid_request`` 400.
+**Decision**: 403 (not 202 or 409) for a pending approval, as the design fixes it: agents and
+SDKs treat 403 as "do not blindly retry", which is what we want until a human decided; the body
+says when and how to retry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from mitmproxy import http
+
+from .. import flowctx
+from ..policy.model import Action, RuleRef
+
+__all__ = ["KINDS", "HEADER", "build", "make_response", "refuse", "rule_info", "action_info",
+           "default_guidance"]
+
+HEADER = "X-Chaperone-Refused"
+
+KINDS: Mapping[str, int] = {
+    "blocked": 403,
+    "rate_limited": 429,
+    "approval_pending": 403,
+    "approval_denied": 403,
+    "approval_expired": 403,
+    "approval_unavailable": 503,
+    "no_connection": 403,
+    "unauthenticated": 401,
+    "recording_unavailable": 503,
+    "credentials_unavailable": 503,
+    "invalid_request": 400,
+}
+
+_DEFAULT_MESSAGES: Mapping[str, str] = {
+    "blocked": "Chaperone's access policy blocks this request.",
+    "rate_limited": "Chaperone's access policy limits how often this request may be made.",
+    "approval_pending": "This request needs a human's approval, which has not been given yet.",
+    "approval_denied": "An approver denied this request.",
+    "approval_expired": "Nobody decided on this request's approval in time.",
+    "approval_unavailable": "This request needs approval, but no approval could be requested.",
+    "no_connection": "No ClaudeConnection covers this host, so Chaperone does not let it through.",
+    "unauthenticated": "Chaperone could not verify who is making this request.",
+    "recording_unavailable": "The session recording cannot be written; traffic is refused "
+                             "until it can (strict recording).",
+    "credentials_unavailable": "The credentials for this connection are not available right "
+                               "now; the request was not sent.",
+    "invalid_request": "Chaperone could not prepare this request for its target.",
+}
+
+_UNSET: Any = object()
+
+
+def rule_info(rule: RuleRef | None) -> dict[str, str] | None:
+    """``{"policy": "ns/name", "name": rule}``, or None when no rule decided."""
+    if rule is None:
+        return None
+    return {"policy": rule.policy, "name": rule.rule}
+
+
+def action_info(action: Action | None, connection: str = "",
+                request: http.Request | None = None) -> dict[str, str]:
+    """The action as classified; without a classification, the request line stands in."""
+    if action is not None:
+        summary = action.summary or _request_line(action.method, action.scheme, action.host,
+                                                  action.port, action.path, action.query)
+        return {"name": action.name, "summary": summary, "connection": connection}
+    summary = ""
+    if request is not None:
+        path, _, query = request.path.partition("?")
+        summary = _request_line(request.method, request.scheme, request.pretty_host,
+                                request.port, path, query)
+    return {"name": "", "summary": summary, "connection": connection}
+
+
+def _request_line(method: str, scheme: str, host: str, port: int, path: str, query: str) -> str:
+    default = (scheme, port) in (("https", 443), ("http", 80)) or not port
+    netloc = host if default else f"{host}:{port}"
+    return f"{method} {scheme}://{netloc}{path}{'?' + query if query else ''}"
+
+
+def default_guidance(kind: str, rule: RuleRef | None = None, connection: str = "") -> str:
+    """A generic ``how_to_get_access`` when the refusing addon has nothing more specific."""
+    where = f"AccessPolicy {rule.policy} (rule {rule.rule!r})" if rule else \
+        "the AccessPolicies of this namespace"
+    conn = f"ClaudeConnection {connection!r}" if connection else "a ClaudeConnection"
+    if kind == "blocked":
+        return (f"This is governed by {where}. Retrying unchanged will be refused again. "
+                f"Ask the team that owns that policy to allow this action, or to make it "
+                f"require approval so a human can approve it case by case.")
+    if kind == "rate_limited":
+        return ("Wait for the number of seconds in retry_after_seconds (the Retry-After "
+                f"header), then retry. The limit is set by {where}.")
+    if kind == "no_connection":
+        return (f"Only hosts covered by {conn} reachable from this pod are let through. Ask "
+                "your platform team to add a ClaudeConnection for this host (and an "
+                "AccessPolicy for it), or use a host that is already covered.")
+    if kind == "unauthenticated":
+        return ("Send a valid on-behalf-of token (X-Chaperone-On-Behalf-Of) from the "
+                "configured issuer, or none at all.")
+    if kind in ("recording_unavailable", "credentials_unavailable", "approval_unavailable"):
+        return ("This is a temporary problem on Chaperone's side, not a policy decision: retry "
+                "in a little while; if it persists, tell the operators of this cluster.")
+    if kind == "invalid_request":
+        return "Fix the request (see message) and send it again."
+    return f"This is governed by {where}."
+
+
+def build(kind: str, message: str = "", *, rule: RuleRef | None = None,
+          action: Action | None = None, connection: str = "",
+          request: http.Request | None = None, how_to_get_access: str = "",
+          **extra: Any) -> dict[str, Any]:
+    """The JSON body of a refusal (see the module docstring); ``extra`` adds kind-specific keys."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown refusal kind {kind!r}")
+    body: dict[str, Any] = {
+        "error": f"chaperone_{kind}",
+        "message": message or _DEFAULT_MESSAGES[kind],
+        "rule": rule_info(rule),
+        "action": action_info(action, connection, request),
+        "how_to_get_access": how_to_get_access or default_guidance(kind, rule, connection),
+    }
+    for key, value in extra.items():
+        if key in body:
+            raise ValueError(f"refusal field {key!r} is fixed")
+        body[key] = value
+    return body
+
+
+def make_response(kind: str, body: Mapping[str, Any], *, status: int | None = None,
+                  headers: Mapping[str, str] | None = None) -> http.Response:
+    """The HTTP response for a refusal body: JSON, ``X-Chaperone-Refused``, never cached."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown refusal kind {kind!r}")
+    content = json.dumps(body, indent=2, ensure_ascii=False).encode() + b"\n"
+    fields = {"Content-Type": "application/json", HEADER: kind, "Cache-Control": "no-store"}
+    fields.update(headers or {})
+    return http.Response.make(status or KINDS[kind], content, fields)
+
+
+def refuse(flow: http.HTTPFlow, kind: str, message: str = "", *, rule: RuleRef | None = _UNSET,
+           status: int | None = None, headers: Mapping[str, str] | None = None,
+           how_to_get_access: str = "", **extra: Any) -> dict[str, Any]:
+    """Answer ``flow`` with a refusal instead of forwarding it; returns the body.
+
+    The action, connection and (unless ``rule`` is given) the deciding rule come from the
+    flow's ``FlowContext``. ``flow.response`` is set, so mitmproxy never contacts the upstream
+    (when called from ``request`` or ``requestheaders``).
+    """
+    ctx = flowctx.ensure(flow)
+    if rule is _UNSET:
+        rule = ctx.decision.rule if ctx.decision is not None else None
+    body = build(kind, message, rule=rule, action=ctx.action, connection=ctx.connection,
+                 request=flow.request, how_to_get_access=how_to_get_access, **extra)
+    if flow.request.stream:
+        # Refused before a streamed body was read: mitmproxy cannot answer a request it is
+        # streaming upstream (it raises), so the body is read and dropped instead, then the
+        # refusal is sent (see the module docstring). The upstream is never contacted.
+        flow.request.stream = False
+    flow.response = make_response(kind, body, status=status, headers=headers)
+    ctx.refused = body
+    return body

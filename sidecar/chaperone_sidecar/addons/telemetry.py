@@ -1,0 +1,228 @@
+"""Telemetry: one OpenTelemetry span and a handful of metrics per flow.
+
+Runs last, so it sees each flow's final state. The tracer and meter come from the services
+(``services.tracer``/``services.meter``; the API's no-ops until
+:func:`chaperone_sidecar.telemetry_setup.setup_telemetry` installs exporting providers).
+
+**Span** (kind SERVER, named after the classified action, e.g. ``s3:GetObject``; else the
+method), created when the flow ends with the flow's own start and end times - no span is kept
+open across hooks, so a held approval costs nothing. Attributes: identity
+(``chaperone.identity.*``), ``chaperone.connection``, ``chaperone.action``,
+``chaperone.decision``, ``chaperone.rule``, ``chaperone.refused``, ``chaperone.approval.name``
+and ``.approved_by``, ``chaperone.grant``, ``chaperone.masked``, ``chaperone.upstream.latency_ms``
+and the HTTP semantic-convention fields (``http.request.method``, ``server.address``,
+``url.path`` - never the query, which may carry signatures - ``http.response.status_code``,
+``http.request.body.size``, ``http.response.body.size``). Status ERROR for a flow error or a
+5xx.
+
+**Metrics**: ``chaperone.requests`` (counter; attributes decision, outcome, connection),
+``chaperone.request.duration`` (histogram, s), ``chaperone.upstream.duration`` (histogram, s:
+request sent -> response headers), ``chaperone.approvals.pending`` (observable up-down counter:
+flows held for approval now, ``ApprovalService.held``), ``chaperone.recording.backlog`` (observable
+gauge, bytes written but not yet shipped; ``chaperone.recording.backlog.segments`` the same in
+segments) and ``chaperone.recording.dropped`` (observable counter: events lost).
+
+**Timing.** ``FlowContext.upstream_started`` is set when the request leaves (the ``request``
+hook, or ``requestheaders`` for a streamed body - every other addon ran before, approvals
+included) and ``upstream_latency`` at ``responseheaders``. Body sizes: streamed bodies are counted
+by a thin wrapper around whatever ``stream`` callable is in place (bytes as sent); buffered
+bodies by their length.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+from mitmproxy import http
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .. import flowctx
+
+__all__ = ["Telemetry", "METER_NAME", "TRACER_NAME"]
+
+log = logging.getLogger("chaperone.telemetry")
+
+TRACER_NAME = METER_NAME = "chaperone.sidecar"
+_STATE = "chaperone.telemetry"
+
+
+class _Counting:
+    """Wraps a ``stream`` value (a callable or ``True``) and counts the bytes it lets through."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.bytes = 0
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if callable(self.inner):
+            out: Any = self.inner(data)
+            chunks = [out] if isinstance(out, bytes) else list(out or ())
+        else:
+            chunks = [data]
+        chunks = [c for c in chunks if c]  # b"" would end an HTTP/1 chunked body
+        self.bytes += sum(len(c) for c in chunks)
+        return chunks
+
+
+class Telemetry:
+    """Spans and metrics per flow (see the module docstring for names and attributes)."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+        self.tracer = getattr(services, "tracer", None) or trace.get_tracer(TRACER_NAME)
+        meter = getattr(services, "meter", None) or metrics.get_meter(METER_NAME)
+        self.requests = meter.create_counter(
+            "chaperone.requests", unit="{request}",
+            description="Requests through the sidecar, by decision and outcome")
+        self.duration = meter.create_histogram(
+            "chaperone.request.duration", unit="s",
+            description="Time from the request's first byte to the end of the response")
+        self.upstream = meter.create_histogram(
+            "chaperone.upstream.duration", unit="s",
+            description="Upstream latency: request forwarded to response headers received")
+        meter.create_observable_up_down_counter(
+            "chaperone.approvals.pending", callbacks=[self._pending], unit="{request}",
+            description="Requests currently held waiting for an approval")
+        meter.create_observable_gauge(
+            "chaperone.recording.backlog", callbacks=[self._backlog_bytes], unit="By",
+            description="Recorded bytes not yet shipped to the store")
+        meter.create_observable_gauge(
+            "chaperone.recording.backlog.segments", callbacks=[self._backlog_segments],
+            unit="{segment}", description="Closed spool segments not yet shipped")
+        meter.create_observable_counter(
+            "chaperone.recording.dropped", callbacks=[self._dropped], unit="{event}",
+            description="Events that could not be written to the spool")
+
+    # ------------------------------------------------------------------ observable callbacks
+    def _recorder_metric(self, name: str) -> int | None:
+        recorder = getattr(self.services, "recorder", None)
+        snapshot = getattr(getattr(recorder, "metrics", None), "snapshot", None)
+        return snapshot().get(name) if snapshot is not None else None
+
+    def _pending(self, options: Any) -> Iterable[metrics.Observation]:
+        held = getattr(getattr(self.services, "approvals", None), "held", None)
+        return [metrics.Observation(held)] if isinstance(held, int) else []
+
+    def _backlog_bytes(self, options: Any) -> Iterable[metrics.Observation]:
+        value = self._recorder_metric("backlog_bytes")
+        return [metrics.Observation(value)] if value is not None else []
+
+    def _backlog_segments(self, options: Any) -> Iterable[metrics.Observation]:
+        value = self._recorder_metric("backlog_segments")
+        return [metrics.Observation(value)] if value is not None else []
+
+    def _dropped(self, options: Any) -> Iterable[metrics.Observation]:
+        value = self._recorder_metric("events_dropped")
+        return [metrics.Observation(value)] if value is not None else []
+
+    # ------------------------------------------------------------------ hooks
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not flow.request.stream:
+            return
+        self._state(flow)["request"] = flow.request.stream = _Counting(flow.request.stream)
+        self._forwarded(flow)  # a streamed body leaves now
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None:
+            self._forwarded(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = flowctx.get(flow)
+        if ctx is not None and ctx.upstream_started and not ctx.upstream_latency:
+            ctx.upstream_latency = time.monotonic() - ctx.upstream_started
+        if flow.response is not None and flow.response.stream:
+            self._state(flow)["response"] = flow.response.stream = _Counting(flow.response.stream)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _state(flow: http.HTTPFlow) -> dict[str, Any]:
+        return flow.metadata.setdefault(_STATE, {})
+
+    @staticmethod
+    def _forwarded(flow: http.HTTPFlow) -> None:
+        ctx = flowctx.ensure(flow)
+        if not ctx.upstream_started:
+            ctx.upstream_started = time.monotonic()
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        state = self._state(flow)
+        if state.get("done"):
+            return
+        state["done"] = True
+        ctx = flowctx.get(flow) or flowctx.FlowContext()
+        req, resp = flow.request, flow.response
+        decision = ctx.decision.effect if ctx.decision is not None else "none"
+        refused = str(ctx.refused.get("error", "refused")) if ctx.refused is not None else ""
+        outcome = refused.removeprefix("chaperone_") if refused else (
+            "error" if flow.error is not None else "forwarded")
+        labels = {"chaperone.decision": decision, "chaperone.outcome": outcome,
+                  "chaperone.connection": ctx.connection or ""}
+        end = (resp.timestamp_end if resp is not None and resp.timestamp_end else None) or time.time()
+        start = req.timestamp_start or end
+        self.requests.add(1, labels)
+        self.duration.record(max(0.0, end - start), labels)
+        if ctx.upstream_latency:
+            self.upstream.record(ctx.upstream_latency, {"chaperone.connection": ctx.connection or ""})
+        try:
+            self._span(flow, ctx, labels, start, end, state)
+        except Exception:  # telemetry must never break a flow
+            log.exception("recording a span failed")
+
+    def _span(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, labels: dict[str, str],
+              start: float, end: float, state: dict[str, Any]) -> None:
+        req, resp = flow.request, flow.response
+        ident = ctx.identity
+        attrs: dict[str, Any] = dict(labels)
+        attrs.update({
+            "chaperone.identity.service_account": ident.service_account,
+            "chaperone.identity.pod": f"{ident.pod_namespace}/{ident.pod_name}" if ident.pod_name else "",
+            "chaperone.identity.creator": ident.creator,
+            "chaperone.identity.on_behalf_of": ident.on_behalf_of,
+            "chaperone.connection.type": ctx.connection_type,
+            "chaperone.action": ctx.action.name if ctx.action is not None else "",
+            "chaperone.rule": str(ctx.decision.rule) if ctx.decision is not None and
+            ctx.decision.rule is not None else "",
+            "chaperone.refused": str(ctx.refused.get("error", "")) if ctx.refused is not None else "",
+            "chaperone.approval.name": ctx.approval_request,
+            "chaperone.grant": ctx.grant,
+            "http.request.method": req.method,
+            "url.scheme": req.scheme,
+            "server.address": req.pretty_host,
+            "server.port": req.port,
+            "url.path": req.path.partition("?")[0],
+            "network.protocol.version": req.http_version.removeprefix("HTTP/"),
+            "http.request.body.size": self._size(req, state.get("request")),
+        })
+        if ctx.approved_by:
+            attrs["chaperone.approval.approved_by"] = list(ctx.approved_by)
+        if ctx.masked:
+            attrs["chaperone.masked"] = sum(ctx.masked.values())
+        if ctx.upstream_latency:
+            attrs["chaperone.upstream.latency_ms"] = round(ctx.upstream_latency * 1000, 3)
+        if resp is not None:
+            attrs["http.response.status_code"] = resp.status_code
+            attrs["http.response.body.size"] = self._size(resp, state.get("response"))
+        attrs = {k: v for k, v in attrs.items() if v is not None and v != ""}
+        name = (ctx.action.name if ctx.action is not None and ctx.action.name else req.method)
+        span = self.tracer.start_span(name, kind=SpanKind.SERVER, attributes=attrs,
+                                      start_time=int(start * 1e9))
+        if flow.error is not None:
+            span.set_status(Status(StatusCode.ERROR, flow.error.msg))
+        elif resp is not None and resp.status_code >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end(end_time=int(end * 1e9))
+
+    @staticmethod
+    def _size(message: http.Message, counter: _Counting | None) -> int:
+        if counter is not None and message.stream is counter:
+            return counter.bytes
+        return len(message.raw_content or b"")

@@ -1,0 +1,302 @@
+"""SidecarServices: the long-lived objects the addons share, built once per process.
+
+Every addon is constructed with the one ``SidecarServices`` instance (``Addon(services)``) and
+finds everything it needs there - nothing is global, so tests build a services object with just
+the parts an addon touches (``SidecarServices(config=..., sources=...)``).
+
+=================  ===========================================================================
+field              what / who uses it
+=================  ===========================================================================
+config             the frozen :class:`~.config.SidecarConfig` (all addons)
+sources            :class:`~.sources.Sources`; ``services.snapshot()`` is the current
+                   :class:`~.sources.Snapshot` (connections, routes, compiled policies)
+kube               :class:`~.sources.KubeClient` with the sidecar's token (None standalone)
+oidc               :class:`~.oidc.OIDCVerifier` when an issuer is configured (Identify)
+injectors          :class:`InjectorRegistry`: a ``CredentialInjector`` per connection
+                   (InjectCredentials), rebuilt when a connection's spec changes
+recorder           ``recording.Recorder`` or None when recording is off (Record, Approve)
+approvals          ``approvals.ApprovalService`` or None (Approve: None means "cannot open an
+                   ApprovalRequest", i.e. refuse require-approval flows - fail closed)
+approval_backend   KubeApprovalBackend / LocalApprovalStore under ``approvals``
+grants             grant cache (Redis when ``CHAPERONE_REDIS_URL``, else memory)
+rate_limiter       policy rate limits (Redis when configured, else memory) (Enforce)
+redis              the ``redis.asyncio`` client, if any
+tracer, meter      OpenTelemetry API objects (Telemetry; no-ops until a provider is set)
+=================  ===========================================================================
+
+:func:`build_services` makes them in dependency order and :meth:`SidecarServices.aclose` takes
+them down in reverse (recorder first, so the session is closed and flushed while everything it
+may need still works). A configured backend that cannot be built fails the start: an operator
+who set ``CHAPERONE_REDIS_URL`` must not silently get per-sidecar memory grants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from .config import SidecarConfig
+from .routing import Connection
+from .sources import FileSources, KubeClient, KubeSources, Snapshot, Sources
+
+__all__ = ["SidecarServices", "InjectorRegistry", "build_services"]
+
+log = logging.getLogger("chaperone.services")
+
+
+class InjectorRegistry:
+    """One ``CredentialInjector`` per connection, kept in step with the snapshot.
+
+    ``get(name)`` returns the injector or raises ``CredentialsUnavailable`` saying why (no
+    credentials mounted, a spec the injector cannot use). An injector is rebuilt only when its
+    connection's spec or mount changed; web-identity injectors are started (first STS exchange,
+    refresh task) in the background and closed when replaced.
+    """
+
+    def __init__(self, config: SidecarConfig):
+        self.config = config
+        self._entries: dict[str, tuple[Any, Any]] = {}  # name -> (fingerprint, injector | error)
+        self._tasks: set[asyncio.Task] = set()
+
+    @staticmethod
+    def _fingerprint(conn: Connection) -> Any:
+        import json
+
+        return (json.dumps(conn.spec, sort_keys=True, default=str), conn.credentials_dir,
+                conn.web_identity_token_file)
+
+    def update(self, snapshot: Snapshot) -> None:
+        from .credentials import CredentialInjector
+
+        current = snapshot.connections
+        for name in list(self._entries):
+            if name not in current:
+                self._retire(self._entries.pop(name)[1])
+        for name, conn in current.items():
+            fp = self._fingerprint(conn)
+            old = self._entries.get(name)
+            if old is not None and old[0] == fp:
+                continue
+            try:
+                injector: Any = CredentialInjector.for_connection(
+                    dict(conn.spec), conn.credentials_dir, token_file=conn.web_identity_token_file,
+                    pod_name=self.config.pod_name or None)
+            except Exception as exc:  # a spec the injector cannot use: refuse that connection
+                injector = exc
+                log.error("connection %s: credentials cannot be set up: %s", name, exc)
+            else:
+                self._spawn(injector.start(), f"start credentials {name}")
+            if old is not None:
+                self._retire(old[1])
+            self._entries[name] = (fp, injector)
+
+    def get(self, name: str) -> Any:
+        from .credentials import CredentialsUnavailable
+
+        entry = self._entries.get(name)
+        if entry is None:
+            raise CredentialsUnavailable(f"no credentials are set up for connection {name!r}")
+        if isinstance(entry[1], Exception):
+            raise CredentialsUnavailable(f"credentials of connection {name!r} cannot be used: {entry[1]}")
+        return entry[1]
+
+    def _retire(self, injector: Any) -> None:
+        if not isinstance(injector, Exception):
+            self._spawn(injector.aclose(), "close credentials")
+
+    def _spawn(self, coro: Awaitable[Any], what: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # built outside a loop (unit tests): nothing refreshable to start
+            coro.close()  # type: ignore[attr-defined]
+            return
+
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                log.error("%s failed: %s", what, exc)
+
+        task = loop.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for _, injector in self._entries.values():
+            if not isinstance(injector, Exception):
+                try:
+                    await injector.aclose()
+                except Exception:
+                    pass
+        self._entries.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+@dataclass
+class SidecarServices:
+    config: SidecarConfig
+    sources: Sources
+    kube: KubeClient | None = None
+    oidc: Any = None
+    injectors: InjectorRegistry | None = None
+    recorder: Any = None
+    approvals: Any = None
+    approval_backend: Any = None
+    grants: Any = None
+    rate_limiter: Any = None
+    redis: Any = None
+    tracer: Any = None
+    meter: Any = None
+    closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list, repr=False)
+
+    def snapshot(self) -> Snapshot:
+        """The current snapshot; read it once per hook and use that value throughout."""
+        return self.sources.current
+
+    async def aclose(self, reason: str = "shutdown") -> None:
+        """Close everything in reverse order of creation; never raises."""
+        if self.recorder is not None:
+            try:
+                await self.recorder.close(reason)
+            except Exception:
+                log.exception("closing the recorder failed")
+        for closer in reversed(self.closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing a service failed")
+        self.closers.clear()
+
+
+def _secret(config: SidecarConfig, key: str) -> str | None:
+    if config.sidecar_secret_dir is None:
+        return None
+    try:
+        return (config.sidecar_secret_dir / key).read_text().strip() or None
+    except OSError:
+        return None
+
+
+async def build_services(config: SidecarConfig, *, sources: Sources | None = None,
+                         recorder: bool = True) -> SidecarServices:
+    """Build every service for ``config`` (call inside the event loop). ``sources`` and
+    ``recorder=False`` are for tests that bring their own."""
+    kube = None
+    if sources is None:
+        if config.standalone:
+            sources = FileSources(config)
+        else:
+            kube = KubeClient(config.api_server, config.token_file, config.api_ca_file)
+            sources = KubeSources(config, kube)
+    elif isinstance(sources, KubeSources):
+        kube = sources.client
+    services = SidecarServices(config=config, sources=sources, kube=kube)
+    services.closers.append(sources.aclose)
+
+    if config.oidc is not None:
+        from .oidc import OIDCVerifier
+
+        services.oidc = OIDCVerifier(config.oidc)
+        services.closers.append(services.oidc.aclose)
+
+    services.injectors = InjectorRegistry(config)
+    sources.subscribe(services.injectors.update)
+    services.closers.append(services.injectors.aclose)
+
+    await _make_backends(config, services)
+    _make_telemetry(config, services)
+    if recorder:
+        services.recorder = _make_recorder(config)
+    return services
+
+
+async def _make_backends(config: SidecarConfig, services: SidecarServices) -> None:
+    from . import approvals
+
+    if config.redis_url:
+        import redis.asyncio as aioredis
+
+        services.redis = aioredis.from_url(config.redis_url, password=_secret(config, "REDIS_PASSWORD"))
+        services.closers.append(services.redis.aclose)
+        services.grants = approvals.RedisGrants(services.redis)
+        services.rate_limiter = approvals.RedisRateLimiter(services.redis)
+    else:
+        services.grants = approvals.MemoryGrants()
+        services.rate_limiter = approvals.MemoryRateLimiter()
+    services.closers.append(services.grants.close)
+    services.closers.append(services.rate_limiter.close)
+
+    if config.standalone:
+        assert config.approvals_dir is not None
+        backend: Any = approvals.LocalApprovalStore(config.approvals_dir, namespace=config.pod_namespace)
+    else:
+        backend = approvals.KubeApprovalBackend(
+            config.api_server, config.pod_namespace, token_file=config.token_file,
+            ca_file=config.api_ca_file)
+    services.approval_backend = backend
+    services.closers.append(backend.close)
+    try:
+        service_cls = approvals.ApprovalService
+    except (AttributeError, ImportError) as exc:
+        log.error("approvals service not available (%s): require-approval requests will be refused", exc)
+        return
+    services.approvals = service_cls(backend, services.grants)
+    close = getattr(services.approvals, "close", None)
+    if close is not None:
+        services.closers.append(close)
+
+
+def _make_telemetry(config: SidecarConfig, services: SidecarServices) -> None:
+    """Providers from the standard ``OTEL_*`` variables (:mod:`.telemetry_setup`)."""
+    from .telemetry_setup import setup_telemetry
+
+    attributes = {"k8s.namespace.name": config.pod_namespace, "k8s.pod.name": config.pod_name,
+                  "k8s.pod.uid": config.pod_uid, "k8s.node.name": config.node_name}
+    setup = setup_telemetry(attributes=attributes)
+    services.tracer = setup.tracer()
+    services.meter = setup.meter()
+
+    async def shutdown() -> None:
+        await asyncio.to_thread(setup.shutdown)  # flushes exporters: never on the loop
+
+    services.closers.append(shutdown)
+
+
+def _make_recorder(config: SidecarConfig) -> Any:
+    """The session recorder: spool in ``spool_dir``; shipped to S3 (injected, when a bucket is
+    configured) or to ``recordings_dir`` (standalone). Manifest key: the sidecar Secret's
+    ``MANIFEST_KEY`` (injected) or ``<config>/manifest.key`` (standalone), when present."""
+    from .recording import DirStore, Recorder, S3Store, SpoolConfig, load_key
+    from .recording.events import Identity as RecIdentity
+
+    store: Any = None
+    key = None
+    if config.standalone:
+        assert config.recordings_dir is not None and config.config_dir is not None
+        store = DirStore(config.recordings_dir)
+        key_file = config.config_dir / "manifest.key"
+    else:
+        key_file = (config.sidecar_secret_dir / "MANIFEST_KEY") if config.sidecar_secret_dir else None
+        if config.s3_bucket:
+            kwargs: dict[str, Any] = {}
+            if config.s3_endpoint:
+                kwargs["endpoint_url"] = config.s3_endpoint
+            if config.s3_region:
+                kwargs["region_name"] = config.s3_region
+            access, secret = _secret(config, "AWS_ACCESS_KEY_ID"), _secret(config, "AWS_SECRET_ACCESS_KEY")
+            if access and secret:
+                kwargs.update(aws_access_key_id=access, aws_secret_access_key=secret)
+            store = S3Store(config.s3_bucket, prefix=config.s3_prefix, **kwargs)
+    if key_file is not None and Path(key_file).is_file():
+        key = load_key(key_file)
+    limit = int(config.spool_limit_bytes * 0.9) if config.spool_limit_bytes else None
+    identity = RecIdentity(namespace=config.pod_namespace, pod=config.pod_name or "local",
+                           pod_uid=config.pod_uid, service_account=config.service_account,
+                           creator=config.creator)
+    return Recorder(SpoolConfig(Path(config.spool_dir), max_spool_bytes=limit),
+                    namespace=config.pod_namespace, pod=config.pod_name or "local",
+                    identity=identity, store=store, key=key)

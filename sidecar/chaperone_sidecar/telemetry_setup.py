@@ -1,0 +1,173 @@
+"""OpenTelemetry providers for the sidecar, configured by the standard ``OTEL_*`` variables.
+
+Chaperone depends on ``opentelemetry-sdk`` only. Spans and metrics leave the process only when
+*both* hold: an OTLP exporter package is installed (``opentelemetry-exporter-otlp-proto-http``
+or ``-grpc``; not a dependency - the image adds one when it wants export) and an endpoint is set
+(``OTEL_EXPORTER_OTLP_ENDPOINT``, or the per-signal ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
+``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``; the webhook sets the first from the operator's
+``CHAPERONE_OTEL_ENDPOINT``). Otherwise no provider is installed and the API stays the no-op
+it is by default - the addon's calls cost next to nothing.
+
+Honoured variables: ``OTEL_SDK_DISABLED``, ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``
+(``none`` switches a signal off; anything else means OTLP), ``OTEL_EXPORTER_OTLP_PROTOCOL`` and
+the per-signal ``..._PROTOCOL`` (``http/protobuf``, the default, or ``grpc``), and - read by
+the SDK and the exporters themselves - ``OTEL_SERVICE_NAME`` (default ``chaperone-sidecar``),
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_EXPORTER_OTLP_HEADERS``/``_TIMEOUT``/``_CERTIFICATE``,
+``OTEL_BSP_*`` (batch span processor) and ``OTEL_METRIC_EXPORT_INTERVAL``.
+
+Spans go through a ``BatchSpanProcessor`` (export in its own thread: the event loop never
+waits on the collector); metrics through a ``PeriodicExportingMetricReader``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = ["TelemetrySetup", "setup_telemetry", "DEFAULT_SERVICE_NAME"]
+
+log = logging.getLogger("chaperone.telemetry")
+
+DEFAULT_SERVICE_NAME = "chaperone-sidecar"
+
+# protocol -> (trace exporter module, metric exporter module); classes are OTLPSpanExporter and
+# OTLPMetricExporter in both.
+_EXPORTERS = {
+    "http/protobuf": ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                      "opentelemetry.exporter.otlp.proto.http.metric_exporter"),
+    "grpc": ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+             "opentelemetry.exporter.otlp.proto.grpc.metric_exporter"),
+}
+_CLASSES = ("OTLPSpanExporter", "OTLPMetricExporter")
+
+
+@dataclass
+class TelemetrySetup:
+    """What was set up; ``shutdown()`` flushes and stops (call it at process exit)."""
+
+    tracer_provider: Any = None
+    meter_provider: Any = None
+    notes: list[str] = field(default_factory=list)  # why a signal is not exported
+
+    @property
+    def tracing(self) -> bool:
+        return self.tracer_provider is not None
+
+    @property
+    def metrics(self) -> bool:
+        return self.meter_provider is not None
+
+    def tracer(self, name: str = "chaperone.sidecar") -> Any:
+        from opentelemetry import trace
+
+        provider = self.tracer_provider or trace.get_tracer_provider()
+        return provider.get_tracer(name)
+
+    def meter(self, name: str = "chaperone.sidecar") -> Any:
+        from opentelemetry import metrics
+
+        provider = self.meter_provider or metrics.get_meter_provider()
+        return provider.get_meter(name)
+
+    def shutdown(self) -> None:
+        for provider in (self.tracer_provider, self.meter_provider):
+            if provider is None:
+                continue
+            try:
+                provider.shutdown()
+            except Exception:  # never fail a shutdown on telemetry
+                log.exception("shutting down telemetry failed")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("true", "1", "yes", "on")
+
+
+def _load_exporter(module: str, cls: str) -> Callable[[], Any] | None:
+    """The exporter class, or None when its package is not installed."""
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError:
+        return None
+
+
+def _resource(env: Mapping[str, str], attributes: Mapping[str, str] | None) -> Any:
+    from opentelemetry.sdk.resources import Resource
+
+    attrs = {k: v for k, v in (attributes or {}).items() if v}
+    # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over our default service name.
+    named = env.get("OTEL_SERVICE_NAME") or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    if not named:
+        attrs["service.name"] = DEFAULT_SERVICE_NAME
+    return Resource.create(attrs)
+
+
+def _signal(env: Mapping[str, str], signal: str, index: int, notes: list[str],
+            loader: Callable[[str, str], Any]) -> Callable[[], Any] | None:
+    """The exporter class for ``signal`` (traces|metrics) when it should export, else None."""
+    upper = signal.upper()
+    if env.get(f"OTEL_{upper}_EXPORTER", "otlp").strip().lower() == "none":
+        notes.append(f"{signal}: OTEL_{upper}_EXPORTER=none")
+        return None
+    endpoint = env.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint:
+        notes.append(f"{signal}: no OTEL_EXPORTER_OTLP_ENDPOINT")
+        return None
+    protocol = (env.get(f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL") or
+                env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip().lower()
+    if protocol not in _EXPORTERS:
+        notes.append(f"{signal}: unsupported OTLP protocol {protocol!r}")
+        return None
+    exporter = loader(_EXPORTERS[protocol][index], _CLASSES[index])
+    if exporter is None:
+        package = "opentelemetry-exporter-otlp-proto-" + ("grpc" if protocol == "grpc" else "http")
+        notes.append(f"{signal}: {package} is not installed")
+    return exporter
+
+
+def setup_telemetry(env: Mapping[str, str] | None = None, *,
+                    attributes: Mapping[str, str] | None = None, install_global: bool = True,
+                    loader: Callable[[str, str], Any] = _load_exporter) -> TelemetrySetup:
+    """Build the tracer and meter providers the ``OTEL_*`` variables ask for (see module doc).
+
+    ``attributes`` are extra resource attributes (``k8s.pod.name`` ...). With
+    ``install_global`` the providers become the API's global ones, so tracers and meters
+    obtained earlier through ``opentelemetry.trace``/``metrics`` start exporting too.
+    """
+    env = os.environ if env is None else env
+    setup = TelemetrySetup()
+    if _truthy(env.get("OTEL_SDK_DISABLED")):
+        setup.notes.append("OTEL_SDK_DISABLED")
+        return setup
+    span_exporter = _signal(env, "traces", 0, setup.notes, loader)
+    metric_exporter = _signal(env, "metrics", 1, setup.notes, loader)
+    if span_exporter is None and metric_exporter is None:
+        for note in setup.notes:
+            log.info("telemetry not exported: %s", note)
+        return setup
+    resource = _resource(env, attributes)
+    if span_exporter is not None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        setup.tracer_provider = TracerProvider(resource=resource)
+        setup.tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter()))
+    if metric_exporter is not None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        setup.meter_provider = MeterProvider(
+            resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter())])
+    if install_global:
+        from opentelemetry import metrics, trace
+
+        if setup.tracer_provider is not None:
+            trace.set_tracer_provider(setup.tracer_provider)
+        if setup.meter_provider is not None:
+            metrics.set_meter_provider(setup.meter_provider)
+    for note in setup.notes:
+        log.info("telemetry not exported: %s", note)
+    return setup

@@ -1,0 +1,361 @@
+"""Mask: responses masked buffered or as they stream; request bodies masked for the recording.
+
+Hooks are called the way mitmproxy calls them (``responseheaders``, then - for a stream - the
+``flow.response.stream`` callable with each chunk and ``b""`` at the end, then ``response``).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import hmac
+import json
+import zlib
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow, tutils
+
+from chaperone_sidecar import flowctx
+from chaperone_sidecar.addons.mask import BODIES_KEY, BodyCapture, Mask, captured
+from chaperone_sidecar.config import SidecarConfig
+from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec, RuleRef
+from chaperone_sidecar.services import SidecarServices
+from chaperone_sidecar.sources import Sources
+
+AWS_KEY_ID = b"AKIAIOSFODNN7EXAMPLE"
+AWS_SECRET = b"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+ALL = MaskSpec(detectors=("all",), source=RuleRef("team-a/p", "mask-secrets"))
+
+
+def b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def make_jwt() -> bytes:
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64url(json.dumps({"sub": "1234567890", "name": "Ada"}).encode())
+    sig = b64url(hmac.new(b"k", head + b"." + body, hashlib.sha256).digest())
+    return head + b"." + body + b"." + sig
+
+
+JWT = make_jwt()
+
+
+def services() -> SidecarServices:
+    sources = Sources("team-a")
+    sources.publish({"connection_objs": [
+        {"metadata": {"name": "api"}, "spec": {"type": "http", "hosts": ["api.example.com"],
+                                               "recording": {"maxBodyBytes": 4096}}}],
+        "policy_objs": []})
+    return SidecarServices(config=SidecarConfig(standalone=True), sources=sources)
+
+
+def make_flow(masks=(ALL,), *, method=b"GET", content=b"", req_headers=None) -> http.HTTPFlow:
+    headers = http.Headers(host="api.example.com", **(req_headers or {}))
+    f = tflow.tflow(req=tutils.treq(host="api.example.com", port=443, scheme=b"https",
+                                    method=method, path=b"/v1/things", headers=headers,
+                                    content=content))
+    ctx = flowctx.ensure(f)
+    ctx.identity = Identity(service_account="team-a/claude", pod_namespace="team-a", pod_name="agent-0")
+    ctx.connection, ctx.connection_type = "api", "http"
+    ctx.action = Action("http", method.decode(), "https", "api.example.com", 443, "/v1/things",
+                        name=f"http:{method.decode()}")
+    ctx.decision = Decision("allow", masks=tuple(masks))
+    return f
+
+
+def respond(f: http.HTTPFlow, content: bytes = b"", *, status=200, **headers: str) -> http.Response:
+    """Upstream response headers as mitmproxy hands them to ``responseheaders``."""
+    f.response = http.Response.make(status)
+    f.response.headers.clear()
+    for name, value in headers.items():
+        f.response.headers[name.replace("_", "-")] = value
+    f.response.raw_content = content if content else None
+    return f.response
+
+
+def stream_through(f: http.HTTPFlow, chunks) -> bytes:
+    """What the agent receives: every chunk through the stream callable, then b"" (end)."""
+    stream = f.response.stream
+    assert callable(stream), "the response was not streamed"
+    out = []
+    for chunk in [*chunks, b""]:
+        result = stream(chunk)
+        assert isinstance(result, list) and all(isinstance(c, bytes) and c for c in result)
+        out += result
+    return b"".join(out)
+
+
+@pytest.fixture
+def mask():
+    addon = Mask(services())
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, chaperone_mask_buffer="64k")
+        yield addon
+
+
+# ---------------------------------------------------------------------------- streaming
+
+@pytest.mark.parametrize("secret", [AWS_KEY_ID, JWT], ids=["aws-key-id", "jwt"])
+def test_sse_stream_split_mid_secret_is_still_masked(mask, secret):
+    event = b'data: {"type":"content_block_delta","delta":{"text":"key ' + secret + b' ok"}}\n\n'
+    body = b"event: ping\ndata: {}\n\n" + event + b"data: [DONE]\n\n"
+    at = body.index(secret)
+    for cut in range(at - 1, at + len(secret) + 1):  # every split point through the secret
+        f = make_flow()
+        respond(f, content_type="text/event-stream", transfer_encoding="chunked")
+        mask.responseheaders(f)
+        out = stream_through(f, [body[:cut], body[cut:]])
+        assert secret not in out, f"leaked when split at {cut - at}"
+        assert out.count(b"[MASKED:") == 1 and out.endswith(b"data: [DONE]\n\n")
+        mask.response(f)
+        ctx = flowctx.get(f)
+        assert sum(ctx.masked.values()) == 1
+        capture = captured(f, "response")
+        assert capture.streamed and capture.complete and secret not in bytes(capture.data)
+
+
+def test_sse_is_streamed_without_buffering_and_reframed(mask):
+    f = make_flow()
+    respond(f, content_type="text/event-stream; charset=utf-8", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    first = f.response.stream(b"data: hello\n\n")
+    assert first == [b"data: hello\n\n"]  # a complete event goes out at once: no buffering
+    assert "content-length" not in f.response.headers
+    assert f.response.headers["transfer-encoding"] == "chunked"
+
+
+def test_sse_without_masks_still_streams_unchanged(mask):
+    f = make_flow(masks=())
+    respond(f, content_type="text/event-stream", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    assert stream_through(f, [b"data: " + AWS_KEY_ID + b"\n\n"]) == b"data: " + AWS_KEY_ID + b"\n\n"
+
+
+def test_large_body_streams_and_drops_content_length(mask):
+    body = (b"line without secrets\n" * 5000) + b"token " + AWS_KEY_ID + b"\n"
+    f = make_flow()
+    respond(f, content_type="text/plain", content_length=str(len(body)))
+    mask.responseheaders(f)
+    out = stream_through(f, [body[i:i + 7000] for i in range(0, len(body), 7000)])
+    assert AWS_KEY_ID not in out and out.startswith(b"line without secrets\n")
+    assert "content-length" not in f.response.headers
+
+
+def test_gzip_stream_is_decoded_masked_and_sent_identity(mask):
+    body = b"data: " + AWS_KEY_ID + b"\n\n" * 10
+    wire = gzip.compress(body)
+    f = make_flow()
+    respond(f, content_type="text/event-stream", content_encoding="gzip", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    assert "content-encoding" not in f.response.headers
+    out = stream_through(f, [wire[i:i + 5] for i in range(0, len(wire), 5)])
+    assert AWS_KEY_ID not in out and out.startswith(b"data: [MASKED:aws-access-key-id]")
+
+
+def test_streamed_gzip_bomb_is_cut_off_and_the_flow_killed(mask):
+    cap = 1 << 20
+    comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = b"".join(comp.compress(b"A" * (1 << 20)) for _ in range(50)) + comp.flush()
+    assert len(bomb) < 100_000  # 50 MiB of text in well under 100 KB
+    f = make_flow(masks=(MaskSpec(detectors=("all",), max_body_bytes=cap),))
+    respond(f, content_type="text/plain", content_encoding="gzip", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    out = stream_through(f, [bomb[i:i + 4096] for i in range(0, len(bomb), 4096)])
+    assert len(out) <= cap  # never more than the cap decoded and sent
+    assert f.error is not None and f.error.msg == "Connection killed."  # the client sees a broken transfer
+    assert any("exceeds the masking limit" in n for n in captured(f, "response").notes)
+
+
+# ---------------------------------------------------------------------------- buffered
+
+def test_small_body_is_buffered_and_masked_whole(mask):
+    body = json.dumps({"AccessKeyId": AWS_KEY_ID.decode(), "note": "hi"}).encode()
+    f = make_flow()
+    respond(f, body, content_type="application/json", content_length=str(len(body)))
+    mask.responseheaders(f)
+    assert f.response.stream is False
+    mask.response(f)
+    assert AWS_KEY_ID not in f.response.raw_content
+    assert json.loads(f.response.raw_content)["note"] == "hi"
+    assert int(f.response.headers["content-length"]) == len(f.response.raw_content)
+    assert flowctx.get(f).masked == {"aws-access-key-id": 1}
+
+
+def test_gzip_body_is_masked_and_re_encoded(mask):
+    plain = json.dumps({"credentials": {"aws_secret_access_key": AWS_SECRET.decode()},
+                        "id": AWS_KEY_ID.decode(), "pad": "x" * 2000}).encode()
+    wire = gzip.compress(plain)
+    f = make_flow()
+    respond(f, wire, content_type="application/json", content_encoding="gzip",
+            content_length=str(len(wire)))
+    mask.responseheaders(f)
+    mask.response(f)
+    sent = f.response.raw_content
+    assert f.response.headers["content-encoding"] == "gzip"
+    assert int(f.response.headers["content-length"]) == len(sent)
+    decoded = gzip.decompress(sent)  # still gzip on the wire, as the client asked
+    assert AWS_SECRET not in decoded and AWS_KEY_ID not in decoded
+    assert json.loads(decoded)["pad"] == "x" * 2000
+    capture = captured(f, "response")  # the recording gets the decoded, masked text
+    assert AWS_KEY_ID not in bytes(capture.data) and bytes(capture.data).startswith(b"{")
+
+
+def test_gzip_bomb_is_refused_with_a_502_never_passed_unmasked(mask):
+    comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = b"".join(comp.compress(b"A" * (1 << 20)) for _ in range(40)) + comp.flush()
+    f = make_flow(masks=(MaskSpec(detectors=("all",), max_body_bytes=1 << 20),))
+    respond(f, bomb, content_type="text/plain", content_encoding="gzip",
+            content_length=str(len(bomb)))
+    mask.responseheaders(f)
+    assert f.response.stream is False  # small on the wire: buffered
+    mask.response(f)
+    assert f.response.status_code == 502
+    body = json.loads(f.response.content)
+    assert body["error"] == "chaperone_response_unmaskable"
+    assert "exceeds the masking limit of 1048576 bytes" in body["message"]
+    assert body["action"]["connection"] == "api"
+    assert flowctx.get(f).refused == body
+    capture = captured(f, "response")
+    assert not capture.recordable and not capture.data
+
+
+def test_unknown_encoding_is_refused_before_the_response_starts(mask):
+    f = make_flow()
+    respond(f, content_type="text/plain", content_encoding="compress", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    assert f.response.status_code == 502  # these headers go out instead of the upstream's
+    refusal = f.response.raw_content
+    assert int(f.response.headers["content-length"]) == len(refusal)
+    # the upstream body is drained and dropped; the refusal body is sent at the end
+    assert stream_through(f, [b"secret " + AWS_KEY_ID, b"more"]) == refusal
+    assert json.loads(refusal)["error"] == "chaperone_response_unmaskable"
+
+
+def test_oversized_known_length_for_field_rules_is_refused_early(mask):
+    f = make_flow(masks=(MaskSpec(fields=("$.password",), max_body_bytes=2048),))
+    respond(f, content_type="application/json", content_length="100000")
+    mask.responseheaders(f)
+    assert f.response.status_code == 502
+
+
+def test_field_rules_collect_a_chunked_json_body_then_mask_it(mask):
+    doc = {"user": "ada", "password": "hunter2-but-longer", "items": list(range(3000))}
+    body = json.dumps(doc).encode()
+    f = make_flow(masks=(MaskSpec(fields=("$.password",)),))
+    respond(f, content_type="application/json", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    out = stream_through(f, [body[i:i + 1000] for i in range(0, len(body), 1000)])
+    masked = json.loads(out)
+    assert masked["password"] != doc["password"] and masked["items"] == doc["items"]
+    assert flowctx.get(f).masked == {"field": 1}
+
+
+def test_binary_body_passes_through_unmasked_and_says_so(mask):
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + AWS_KEY_ID + b"\x00\x01\x02" * 50
+    f = make_flow()
+    respond(f, png, content_type="image/png", content_length=str(len(png)))
+    mask.responseheaders(f)
+    mask.response(f)
+    assert f.response.raw_content == png
+    capture = captured(f, "response")  # masks applied: a body they cannot cover is not kept
+    assert capture.binary and not capture.recordable and not capture.data
+    assert any("binary" in n for n in capture.notes) and capture.size == len(png)
+    assert flowctx.get(f).masked == {}
+
+
+def test_binary_stream_passes_through_unmasked(mask):
+    blob = bytes(range(256)) * 600 + AWS_KEY_ID
+    f = make_flow()
+    respond(f, content_type="application/octet-stream", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    assert stream_through(f, [blob[i:i + 10000] for i in range(0, len(blob), 10000)]) == blob
+    capture = captured(f, "response")
+    assert capture.binary and not capture.data and capture.size == len(blob)
+
+
+def test_binary_without_masks_is_kept_as_is(mask):
+    png = b"\x89PNG\r\n\x1a\n\x00\x00" + AWS_KEY_ID
+    f = make_flow(masks=())
+    respond(f, png, content_type="image/png", content_length=str(len(png)))
+    mask.responseheaders(f)
+    mask.response(f)
+    assert bytes(captured(f, "response").data) == png  # no masks: recorded like any body
+
+
+# ---------------------------------------------------------------------------- guards
+
+def test_refusals_and_bodiless_responses_are_left_alone(mask):
+    f = make_flow()
+    flowctx.get(f).refused = {"error": "chaperone_blocked"}
+    respond(f, b'{"error":"chaperone_blocked"}', content_type="application/json")
+    mask.responseheaders(f)
+    mask.response(f)
+    assert f.response.stream is False and BODIES_KEY not in f.metadata
+    head = make_flow(method=b"HEAD")
+    respond(head, content_type="text/plain", content_length="123")
+    mask.responseheaders(head)
+    assert head.response.headers["content-length"] == "123"
+
+
+def test_buffer_limit_never_exceeds_mitmproxys_stream_threshold():
+    addon = Mask(services())
+    with taddons.context(addon) as tctx:
+        tctx.options.add_option("stream_large_bodies", str | None, None, "test copy")
+        tctx.configure(addon, chaperone_mask_buffer="10m", stream_large_bodies="100k")
+        assert addon.buffer_limit == 100 * 1024
+        tctx.configure(addon, chaperone_mask_buffer="8k")
+        assert addon.buffer_limit == 8 * 1024
+
+
+# ---------------------------------------------------------------------------- requests
+
+def test_request_body_is_masked_for_the_recording_only(mask):
+    body = json.dumps({"token": "x", "id": AWS_KEY_ID.decode()}).encode()
+    f = make_flow(masks=(MaskSpec(detectors=("all",), target="request"),), method=b"POST",
+                  content=body, req_headers={"content-type": "application/json"})
+    mask.request(f)
+    assert f.request.raw_content == body  # upstream gets the request as the agent sent it
+    capture = captured(f, "request")
+    assert AWS_KEY_ID not in bytes(capture.data) and b'"x"' not in bytes(capture.data)
+    assert capture.counts == {"aws-access-key-id": 1, "secret-json-key": 1}
+
+
+def test_response_only_masks_leave_the_recorded_request_as_sent(mask):
+    f = make_flow(method=b"POST", content=b"hello " + AWS_KEY_ID)  # ALL targets responses
+    mask.request(f)
+    assert bytes(captured(f, "request").data) == b"hello " + AWS_KEY_ID
+
+
+def test_streamed_request_goes_upstream_unchanged_with_a_masked_copy(mask):
+    f = make_flow(masks=(MaskSpec(detectors=("all",), target="both"),), method=b"PUT",
+                  req_headers={"content-type": "text/plain"})
+    f.request.stream = True  # mitmproxy's stream_large_bodies decided to stream it
+    mask.requestheaders(f)
+    tee = f.request.stream
+    body = b"x" * 5000 + b" " + AWS_KEY_ID + b" " + b"y" * 5000
+    sent = [c for part in (body[:5003], body[5003:], b"") for c in tee(part)]
+    assert b"".join(sent) == body
+    capture = captured(f, "request")
+    assert capture.streamed and capture.complete and capture.counts == {"aws-access-key-id": 1}
+    assert capture.size == len(body) - len(AWS_KEY_ID) + len(b"[MASKED:aws-access-key-id]")
+    assert len(capture.data) == 4096 and capture.truncated  # recording.maxBodyBytes of "api"
+    mask.request(f)  # fires after the stream: nothing more to do
+    assert captured(f, "request") is capture
+
+
+def test_body_without_a_decision_is_never_kept(mask):
+    f = make_flow(method=b"POST", content=b"secret " + AWS_KEY_ID)
+    flowctx.get(f).decision = None
+    mask.request(f)
+    capture = captured(f, "request")
+    assert not capture.recordable and not capture.data
+
+
+def test_capture_keeps_a_bounded_prefix():
+    capture = BodyCapture(10)
+    for _ in range(5):
+        capture.add(b"0123456")
+    assert bytes(capture.data) == b"0123456012" and capture.size == 35 and capture.truncated

@@ -1,0 +1,182 @@
+"""Route: host -> connection in explicit, transparent and reverse mode; 403 for unknown hosts."""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow, tutils
+
+from chaperone_sidecar import flowctx
+from chaperone_sidecar.addons.route import SNAPSHOT_KEY, Route, request_of, snapshot_of
+from chaperone_sidecar.config import ConnectionMount, SidecarConfig
+from chaperone_sidecar.services import SidecarServices
+from chaperone_sidecar.sources import Sources
+
+CONNECTIONS = [
+    {"metadata": {"name": "github"}, "spec": {"type": "http", "hosts": ["api.github.com"]}},
+    {"metadata": {"name": "aws"}, "spec": {"type": "aws"}},
+    {"metadata": {"name": "claude"}, "spec": {"type": "anthropic", "baseURL": "https://api.anthropic.com/v1"}},
+]
+
+
+def services(connections=CONNECTIONS):
+    sources = Sources("team-a")
+    sources.publish({"connection_objs": connections, "policy_objs": [],
+                     "mounts": [ConnectionMount("claude", "anthropic", reverse_port=15100)]})
+    return SidecarServices(config=SidecarConfig(standalone=True), sources=sources)
+
+
+def make_flow(host, port=443, scheme="https", path="/", headers=None, content=b"", mode="regular",
+              sni=None):
+    fields = headers if headers is not None else [(b"host", host.encode())]
+    f = tflow.tflow(req=tutils.treq(host=host, port=port, scheme=scheme.encode(), path=path.encode(),
+                                    headers=http.Headers(fields), content=content))
+    f.client_conn.proxy_mode = ProxyMode.parse(mode)
+    f.client_conn.sni = sni
+    return f
+
+
+def route(flow, svc=None, *, body=True):
+    addon = Route(svc or services())
+    with taddons.context(addon):
+        addon.requestheaders(flow)
+        if body:
+            addon.request(flow)
+    return flowctx.get(flow)
+
+
+def test_explicit_mode_routes_by_host_and_classifies():
+    f = make_flow("api.github.com", path="/repos/x/y")
+    ctx = route(f)
+    assert (ctx.connection, ctx.connection_type) == ("github", "http")
+    assert ctx.action.name == "http:GET" and ctx.action.host == "api.github.com"
+    assert f.response is None and f.metadata[SNAPSHOT_KEY].generation == 1
+
+
+def test_unknown_host_gets_a_403_an_agent_can_act_on():
+    f = make_flow("evil.example.com", path="/exfil")
+    ctx = route(f)
+    assert f.response.status_code == 403
+    assert f.response.headers["X-Chaperone-Refused"] == "no_connection"
+    assert f.response.headers["Content-Type"] == "application/json"
+    body = json.loads(f.response.content)
+    assert body["error"] == "chaperone_no_connection"
+    assert "evil.example.com" in body["message"] and "github (api.github.com)" in body["message"]
+    assert body["host"] == "evil.example.com" and body["port"] == 443
+    assert {c["name"] for c in body["connections"]} == {"github", "aws", "claude"}
+    assert body["action"]["summary"].startswith("GET https://evil.example.com/exfil")
+    assert ctx.refused == body and ctx.connection == ""
+
+
+def test_no_connections_at_all():
+    f = make_flow("api.github.com")
+    route(f, services([]))
+    assert "no connections at all" in json.loads(f.response.content)["message"]
+
+
+def test_host_header_must_match_the_destination():
+    f = make_flow("api.github.com", headers=[(b"host", b"internal.example.com")])
+    route(f)
+    assert f.response.status_code == 400
+    assert f.response.headers["X-Chaperone-Refused"] == "invalid_request"
+    assert "Host header names internal.example.com" in json.loads(f.response.content)["message"]
+    ok = make_flow("api.github.com", headers=[(b"Host", b"API.GITHUB.COM:443")])
+    route(ok)
+    assert ok.response is None
+
+
+def test_transparent_mode_routes_by_sni_and_connects_to_the_name():
+    f = make_flow("93.184.216.34", sni="s3.us-east-1.amazonaws.com", mode="transparent",
+                  headers=[(b"host", b"s3.us-east-1.amazonaws.com")])
+    ctx = route(f)
+    assert ctx.connection == "aws" and ctx.connection_type == "aws"
+    assert f.request.host == "s3.us-east-1.amazonaws.com"  # not the IP the client dialled
+    assert f.request.headers["host"] == "s3.us-east-1.amazonaws.com"
+
+
+def test_transparent_mode_plain_http_uses_the_host_header():
+    f = make_flow("10.0.0.7", port=80, scheme="http", mode="transparent",
+                  headers=[(b"host", b"api.github.com")])
+    assert route(f).connection == "github" and f.request.host == "api.github.com"
+
+
+def test_transparent_mode_sni_and_host_must_agree():
+    f = make_flow("10.0.0.7", sni="api.github.com", mode="transparent",
+                  headers=[(b"host", b"evil.example.com")])
+    route(f)
+    assert f.response.status_code == 400
+
+
+def test_reverse_mode_routes_by_listener_and_prefixes_the_base_path():
+    f = make_flow("api.anthropic.com", path="/messages", mode="reverse:https://api.anthropic.com@127.0.0.1:15100",
+                  headers=[(b"host", b"api.anthropic.com")], content=b'{"model": "claude-x", "messages": []}')
+    f.request.method = "POST"
+    ctx = route(f)
+    assert ctx.connection == "claude" and f.request.path == "/v1/messages"
+    assert ctx.action.anthropic is not None and ctx.action.anthropic.model == "claude-x"
+    again = make_flow("api.anthropic.com", path="/v1/messages",
+                      mode="reverse:https://api.anthropic.com@127.0.0.1:15100")
+    route(again)
+    assert again.request.path == "/v1/messages"
+
+
+def test_reverse_listener_without_a_connection_is_refused():
+    f = make_flow("api.anthropic.com", mode="reverse:https://api.anthropic.com@127.0.0.1:15199")
+    route(f)
+    assert f.response.status_code == 403
+    assert "port 15199" in json.loads(f.response.content)["message"]
+
+
+def test_the_body_refines_the_classification_unless_it_streams():
+    body = b'{"model": "claude-opus", "messages": [{"role": "user", "content": "hi"}]}'
+    f = make_flow("api.anthropic.com", path="/v1/messages", content=body)
+    f.request.method = "POST"
+    addon = Route(services())
+    with taddons.context(addon):
+        addon.requestheaders(f)
+        assert flowctx.get(f).action.anthropic.model == ""  # headers only
+        addon.request(f)
+    assert flowctx.get(f).action.anthropic.model == "claude-opus"
+    streamed = make_flow("api.anthropic.com", path="/v1/messages", content=body)
+    streamed.request.method = "POST"
+    streamed.request.stream = True
+    assert route(streamed).action.anthropic.model == ""
+
+
+def test_already_refused_flows_are_left_alone():
+    f = make_flow("evil.example.com")
+    f.response = http.Response.make(401)
+    route(f)
+    assert f.response.status_code == 401 and flowctx.get(f) is None
+
+
+def test_alt_svc_is_removed():
+    f = make_flow("api.github.com")
+    route(f)
+    f.response = tutils.tresp(headers=http.Headers([(b"alt-svc", b'h3=":443"'), (b"x", b"1")]))
+    Route(services()).responseheaders(f)
+    assert "alt-svc" not in f.response.headers and f.response.headers["x"] == "1"
+
+
+def test_raw_tcp_udp_and_dns_flows_are_closed():
+    addon = Route(services())
+    with taddons.context(addon):
+        for flow, hook in ((tflow.ttcpflow(), addon.tcp_start), (tflow.tudpflow(), addon.udp_start),
+                           (tflow.tdnsflow(), addon.dns_request)):
+            hook(flow)
+            assert flow.error is not None and flow.error.msg == "Connection killed."
+
+
+def test_request_of_and_snapshot_of():
+    svc = services()
+    f = make_flow("API.GitHub.com", path="/a%2Fb?x=1&y=2", headers=[(b"host", b"api.github.com"), (b"a", b"1"), (b"a", b"2")],
+                  content=b"body")
+    req = request_of(f)
+    assert (req.host, req.path, req.query, req.body) == ("api.github.com", "/a%2Fb", "x=1&y=2", b"body")
+    assert req.headers.count(("a", "1")) == 1 and ("a", "2") in req.headers
+    assert request_of(f, body=False).body == b""
+    assert snapshot_of(f, svc) is svc.snapshot()
+    route(f, svc)
+    assert snapshot_of(f, svc) is svc.snapshot()

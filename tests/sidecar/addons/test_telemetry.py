@@ -1,0 +1,248 @@
+"""Telemetry: a span per flow and the sidecar's metrics, read back with the SDK's in-memory
+exporter and reader; ``telemetry_setup`` configured from ``OTEL_*`` variables."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow, tutils
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from chaperone_sidecar import flowctx
+from chaperone_sidecar.addons.refusal import refuse
+from chaperone_sidecar.addons.telemetry import Telemetry
+from chaperone_sidecar.policy.model import Action, Decision, Identity, RuleRef
+from chaperone_sidecar.recording import RecorderMetrics
+from chaperone_sidecar.telemetry_setup import DEFAULT_SERVICE_NAME, setup_telemetry
+
+AGENT = Identity(service_account="team-a/claude", pod_namespace="team-a", pod_name="agent-0",
+                 creator="alice", on_behalf_of="bob")
+
+
+@pytest.fixture
+def otel():
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    recorder = SimpleNamespace(metrics=RecorderMetrics(backlog_bytes=4096, backlog_segments=2,
+                                                       events_dropped=1))
+    services = SimpleNamespace(tracer=tracer_provider.get_tracer("test"),
+                               meter=meter_provider.get_meter("test"),
+                               approvals=SimpleNamespace(held=3), recorder=recorder)
+    addon = Telemetry(services)
+    with taddons.context(addon):
+        yield SimpleNamespace(addon=addon, spans=spans, reader=reader, services=services)
+    tracer_provider.shutdown()
+    meter_provider.shutdown()
+
+
+def make_flow(method=b"GET", content=b"", decision=None) -> http.HTTPFlow:
+    f = tflow.tflow(req=tutils.treq(host="api.github.com", port=443, scheme=b"https", method=method,
+                                    path=b"/repos/o/r?access_token=secret123",
+                                    headers=http.Headers(host="api.github.com"), content=content))
+    f.request.timestamp_start = time.time() - 0.25
+    ctx = flowctx.ensure(f)
+    ctx.identity, ctx.connection, ctx.connection_type = AGENT, "github", "http"
+    ctx.action = Action("http", method.decode(), "https", "api.github.com", 443, "/repos/o/r",
+                        name=f"http:{method.decode()}")
+    ctx.decision = decision or Decision("allow", rule=RuleRef("team-a/github", "reads"))
+    return f
+
+
+def metric_points(reader) -> dict[str, list]:
+    data = reader.get_metrics_data()
+    out: dict[str, list] = {}
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                out.setdefault(metric.name, []).extend(metric.data.data_points)
+    return out
+
+
+def test_span_per_flow_with_identity_decision_bytes_and_latency(otel):
+    t = otel.addon
+    f = make_flow(method=b"POST", content=b"x" * 123,
+                  decision=Decision("require_approval", rule=RuleRef("team-a/github", "ask")))
+    ctx = flowctx.get(f)
+    ctx.approval_request, ctx.approved_by, ctx.masked = "ar-1", ("carol",), {"jwt": 2}
+    t.request(f)  # forwarded now
+    time.sleep(0.02)
+    f.response = http.Response.make(201, b"y" * 456, {"content-type": "application/json"})
+    t.responseheaders(f)
+    t.response(f)
+    [span] = otel.spans.get_finished_spans()
+    assert span.name == "http:POST" and span.kind == SpanKind.SERVER
+    a = dict(span.attributes)
+    assert a["chaperone.identity.service_account"] == "team-a/claude"
+    assert a["chaperone.identity.creator"] == "alice" and a["chaperone.identity.on_behalf_of"] == "bob"
+    assert a["chaperone.connection"] == "github" and a["chaperone.action"] == "http:POST"
+    assert a["chaperone.decision"] == "require_approval" and a["chaperone.rule"] == "team-a/github#ask"
+    assert a["chaperone.approval.name"] == "ar-1" and a["chaperone.approval.approved_by"] == ("carol",)
+    assert a["chaperone.masked"] == 2 and a["chaperone.outcome"] == "forwarded"
+    assert a["http.request.body.size"] == 123 and a["http.response.body.size"] == 456
+    assert a["http.response.status_code"] == 201 and a["url.path"] == "/repos/o/r"
+    assert not any("secret123" in str(v) for v in a.values())  # the query never lands in a span
+    assert a["chaperone.upstream.latency_ms"] >= 20
+    assert ctx.upstream_latency >= 0.02
+    assert span.end_time - span.start_time >= 0.25e9  # the flow's own start time
+    assert span.status.status_code == StatusCode.UNSET
+
+
+def test_refused_and_failed_flows(otel):
+    t = otel.addon
+    blocked = make_flow(method=b"DELETE", decision=Decision("block", rule=RuleRef("team-a/github", "no")))
+    refuse(blocked, "blocked", "no")
+    t.request(blocked)
+    t.responseheaders(blocked)
+    t.response(blocked)
+    failed = make_flow()
+    t.request(failed)
+    failed.error = tflow.terr("upstream reset")
+    t.error(failed)
+    t.error(failed)  # once per flow
+    spans = {s.name: s for s in otel.spans.get_finished_spans()}
+    assert len(otel.spans.get_finished_spans()) == 2
+    assert spans["http:DELETE"].attributes["chaperone.refused"] == "chaperone_blocked"
+    assert spans["http:DELETE"].attributes["chaperone.outcome"] == "blocked"
+    assert "chaperone.upstream.latency_ms" not in spans["http:DELETE"].attributes  # never sent
+    assert spans["http:GET"].status.status_code == StatusCode.ERROR
+    assert spans["http:GET"].status.description == "upstream reset"
+
+
+def test_streamed_bodies_are_counted_as_they_pass(otel):
+    t = otel.addon
+    f = make_flow(method=b"PUT")
+    f.request.stream = True
+    t.requestheaders(f)
+    assert [c for part in (b"a" * 1000, b"b" * 24, b"") for c in f.request.stream(part)] == [b"a" * 1000, b"b" * 24]
+    f.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+    f.response.stream = lambda data: [data.upper()] if data else []  # e.g. Mask's callable
+    t.responseheaders(f)
+    assert f.response.stream(b"data: x\n\n") == [b"DATA: X\n\n"]
+    assert f.response.stream(b"") == []
+    t.response(f)
+    [span] = otel.spans.get_finished_spans()
+    assert span.attributes["http.request.body.size"] == 1024
+    assert span.attributes["http.response.body.size"] == 9
+
+
+def test_metrics_requests_latency_pending_approvals_and_recording_backlog(otel):
+    t = otel.addon
+    for decision in ("allow", "allow", "require_approval"):
+        f = make_flow(decision=Decision(decision))
+        t.request(f)
+        f.response = http.Response.make(200, b"ok")
+        t.responseheaders(f)
+        t.response(f)
+    points = metric_points(otel.reader)
+    by_decision = {p.attributes["chaperone.decision"]: p.value for p in points["chaperone.requests"]}
+    assert by_decision == {"allow": 2, "require_approval": 1}
+    assert sum(p.count for p in points["chaperone.request.duration"]) == 3
+    assert min(p.min for p in points["chaperone.request.duration"]) >= 0.25
+    assert sum(p.count for p in points["chaperone.upstream.duration"]) == 3
+    assert [p.value for p in points["chaperone.approvals.pending"]] == [3]
+    assert [p.value for p in points["chaperone.recording.backlog"]] == [4096]
+    assert [p.value for p in points["chaperone.recording.backlog.segments"]] == [2]
+    assert [p.value for p in points["chaperone.recording.dropped"]] == [1]
+    otel.services.approvals.held = 0
+    assert [p.value for p in metric_points(otel.reader)["chaperone.approvals.pending"]] == [0]
+
+
+def test_without_services_telemetry_uses_the_api_no_ops():
+    addon = Telemetry(SimpleNamespace())
+    with taddons.context(addon):
+        f = make_flow()
+        addon.request(f)
+        f.response = http.Response.make(200, b"ok")
+        addon.responseheaders(f)
+        addon.response(f)  # no provider installed: nothing exported, nothing raised
+
+
+# ---------------------------------------------------------------------------- setup from OTEL_*
+
+class FakeExporter:
+    made: list[str] = []
+
+    def __init__(self):
+        FakeExporter.made.append(type(self).__name__)
+
+    def export(self, batch, *args, **kwargs):
+        from opentelemetry.sdk.metrics.export import MetricExportResult
+        from opentelemetry.sdk.trace.export import SpanExportResult
+        return SpanExportResult.SUCCESS if isinstance(batch, (list, tuple)) else MetricExportResult.SUCCESS
+
+    def shutdown(self, *args, **kwargs):
+        pass
+
+    def force_flush(self, *args, **kwargs):
+        return True
+
+
+class FakeMetricExporter(FakeExporter):
+    _preferred_temporality: dict = {}
+    _preferred_aggregation: dict = {}
+
+
+def fake_loader(installed):
+    def load(module, cls):
+        if not any(module.startswith(p) for p in installed):
+            return None
+        return FakeExporter if cls == "OTLPSpanExporter" else FakeMetricExporter
+    return load
+
+
+def test_no_endpoint_means_no_provider():
+    setup = setup_telemetry({}, install_global=False, loader=fake_loader(["opentelemetry"]))
+    assert not setup.tracing and not setup.metrics
+    assert "traces: no OTEL_EXPORTER_OTLP_ENDPOINT" in setup.notes
+
+
+def test_endpoint_without_an_exporter_package_means_no_provider():
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    setup = setup_telemetry(env, install_global=False)  # the real loader: no exporter installed
+    assert not setup.tracing and not setup.metrics
+    assert "traces: opentelemetry-exporter-otlp-proto-http is not installed" in setup.notes
+
+
+def test_endpoint_and_exporter_give_batch_export_and_a_periodic_reader():
+    FakeExporter.made = []
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    setup = setup_telemetry(env, install_global=False,
+                            loader=fake_loader(["opentelemetry.exporter.otlp.proto.grpc"]),
+                            attributes={"k8s.pod.name": "agent-0"})
+    try:
+        assert setup.tracing and setup.metrics
+        processors = setup.tracer_provider._active_span_processor._span_processors
+        assert [type(p) for p in processors] == [BatchSpanProcessor]
+        assert FakeExporter.made == ["FakeExporter", "FakeMetricExporter"]
+        resource = setup.tracer_provider.resource.attributes
+        assert resource["service.name"] == DEFAULT_SERVICE_NAME and resource["k8s.pod.name"] == "agent-0"
+        with setup.tracer().start_as_current_span("x"):
+            pass
+    finally:
+        setup.shutdown()
+
+
+@pytest.mark.parametrize("env, tracing, metrics", [
+    ({"OTEL_SDK_DISABLED": "true"}, False, False),
+    ({"OTEL_TRACES_EXPORTER": "none"}, False, True),
+    ({"OTEL_METRICS_EXPORTER": "none"}, True, False),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, False, False),
+])
+def test_standard_switches(env, tracing, metrics):
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", **env}
+    setup = setup_telemetry(env, install_global=False, loader=fake_loader(["opentelemetry"]))
+    try:
+        assert (setup.tracing, setup.metrics) == (tracing, metrics)
+    finally:
+        setup.shutdown()

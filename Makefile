@@ -11,8 +11,8 @@ export CHAPERONE_CACHE ?= $(HOME)/.cache/chaperone
 
 .PHONY: demo test deps system-deps venv control-plane sync-crds check-crds bench clean
 
-demo: deps
-	$(PY) -m chaperone_testbed demo
+demo: venv
+	$(PY) -m chaperone_sidecar.demo
 
 test: deps
 	KUBEBUILDER_ASSETS="$$(hack/build-control-plane.sh)" HELM_BIN="$$(hack/build-helm.sh)" $(PY) -m pytest $(PYTEST_ARGS)
@@ -59,3 +59,13 @@ clean:
 .PHONY: e2e-kind
 e2e-kind: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" hack/e2e-kind.sh
+
+# Proxy benchmarks (issue 7, bench/run.py): Chaperone against direct, bare mitmproxy and Squid
+# ssl-bump, plus approval and webhook latencies on the test bed's apiserver; writes
+# docs/benchmarks.md. Needs squid-openssl and wrk (Debian) and the optional `bench` extra (uvloop,
+# py-spy; without it the uvloop rows and the profiles are left out). BENCH_ARGS=--quick for a
+# short run.
+.PHONY: bench-proxy
+bench-proxy: deps
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	KUBEBUILDER_ASSETS="$$(hack/build-control-plane.sh)" $(PY) bench/run.py $(BENCH_ARGS)

@@ -18,11 +18,11 @@ every component (``SidecarServices.config``). Invalid input raises :class:`Confi
 the variable or argument, so a misconfigured sidecar fails at start instead of at the first
 request.
 
-Not (yet) written by the webhook, read when present: ``CHAPERONE_OIDC_ISSUER``,
-``CHAPERONE_OIDC_AUDIENCE``, ``CHAPERONE_OIDC_USERNAME_CLAIM`` (default ``sub``),
-``CHAPERONE_OIDC_GROUPS_CLAIM`` (default ``groups``), ``CHAPERONE_OIDC_CA_FILE``: the issuer
-that on-behalf-of tokens (``X-Chaperone-On-Behalf-Of``) are verified against. Without an issuer
-such a token is refused (401) - never silently ignored.
+Written by the webhook only when the operator is configured with an issuer:
+``CHAPERONE_OIDC_ISSUER``, ``CHAPERONE_OIDC_AUDIENCE``, ``CHAPERONE_OIDC_USERNAME_CLAIM``
+(default ``sub``), ``CHAPERONE_OIDC_GROUPS_CLAIM`` (default ``groups``) and, when set,
+``CHAPERONE_OIDC_CA_FILE``: the issuer that on-behalf-of tokens (``X-Chaperone-On-Behalf-Of``)
+are verified against. Without an issuer such a token is refused (401) - never silently ignored.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
     python -m chaperone_testbed build   # locate or build kube-apiserver + etcd, print the dir
     python -m chaperone_testbed up      # run control plane + Redis + S3 until Ctrl-C/SIGTERM
-    python -m chaperone_testbed demo    # the README demo (see demo.py)
 
 Why: developers need the same environment the tests use to poke at by hand (kubectl, the
 operator run from a shell); `up` prints it as shell `export` lines so `eval` or copy-paste works.
@@ -64,13 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--assets", help="directory holding kube-apiserver and etcd")
     up.add_argument("--no-redis", action="store_true")
     up.add_argument("--no-s3", action="store_true")
-    sub.add_parser("demo", help="the README demo on a real control plane")
     args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run
-
-            return run(args.build_script)
         return _build(args) if args.command == "build" else _up(args)
     except TestbedError as exc:
         print(f"chaperone_testbed: {exc}", file=sys.stderr)

@@ -139,7 +139,9 @@ def deployment_env(docs) -> dict[str, str]:
 
 def test_deployment_env_is_exactly_what_the_operator_reads(helm, repo_root):
     docs = render(helm, repo_root, "--set", "sidecar.mode=transparent", "--set", "redis.url=redis://r:6379/0",
-                  "--set", "recording.s3.bucket=recs", "--set", "otel.endpoint=http://otel:4317")
+                  "--set", "recording.s3.bucket=recs", "--set", "otel.endpoint=http://otel:4317",
+                  "--set", "oidc.issuer=https://dex.example.com", "--set", "oidc.audience=chaperone",
+                  "--set", "oidc.caFile=/var/run/secrets/chaperone/sidecar/oidc-ca.crt")
     env = deployment_env(docs)
     known = set(OPERATOR_ENV.values()) | set(INJECTION_ENV) | {"POD_ID"}
     assert set(env) <= known, set(env) - known
@@ -148,6 +150,13 @@ def test_deployment_env_is_exactly_what_the_operator_reads(helm, repo_root):
     assert (injection.default_mode, injection.redis_url, injection.s3_bucket, injection.otel_endpoint) == (
         "transparent", "redis://r:6379/0", "recs", "http://otel:4317")
     assert injection.sidecar_image == "ghcr.io/chaperone-dev/chaperone:0.1.0"
+    assert (injection.oidc_issuer, injection.oidc_audience, injection.oidc_username_claim,
+            injection.oidc_groups_claim, injection.oidc_ca_file) == (
+        "https://dex.example.com", "chaperone", "sub", "groups",
+        "/var/run/secrets/chaperone/sidecar/oidc-ca.crt")
+    assert InjectionSettings.from_env(
+        {k: v for k, v in deployment_env(render(helm, repo_root)).items() if v is not None}
+    ).oidc_issuer == ""  # the defaults configure no issuer (and are valid settings)
     op = OperatorSettings.from_env(literal)
     assert op.standalone and op.webhook_cert_file == "/etc/chaperone/webhook/tls.crt"
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
@@ -171,6 +180,13 @@ def test_sidecar_role_is_minimal_and_operator_may_bind_only_it(helm, repo_root):
                                     "namespace": CHART_NS}]
 
 
+def test_oidc_issuer_needs_an_audience(helm, repo_root):
+    res = run_helm(helm, repo_root, "--set", "oidc.issuer=https://dex.example.com")
+    assert res.returncode != 0 and "oidc.audience is required with oidc.issuer" in res.stderr
+    res = run_helm(helm, repo_root, "--set", "oidc.audience=chaperone")
+    assert res.returncode != 0 and "need oidc.issuer" in res.stderr
+
+
 def test_replicas_need_peering(helm, repo_root):
     res = run_helm(helm, repo_root, "--set", "operator.replicas=2")
     assert res.returncode != 0 and "operator.replicas > 1 needs operator.peering.enabled" in res.stderr
@@ -186,6 +202,8 @@ def test_replicas_need_peering(helm, repo_root):
     ("operator.replicas=0", "replicas"),
     ("surprise=1", "surprise"),
     ("redis.url=http://not-redis", "url"),
+    ("oidc.issuer=http://dex.example.com", "issuer"),
+    ("oidc.caFile=relative/ca.crt", "caFile"),
 ])
 def test_values_schema_rejects_bad_values(helm, repo_root, setting, complaint):
     res = run_helm(helm, repo_root, "--set", setting)

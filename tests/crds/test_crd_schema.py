@@ -62,3 +62,16 @@ def test_chart_copy_matches_the_single_source(path):
 def test_chart_has_no_crd_that_crds_lacks():
     copies = {p.name for p in (REPO / "charts" / "chaperone" / "crds").glob("*.yaml")}
     assert copies == {p.name for p in CRD_FILES}
+
+
+def test_masking_max_body_bytes_describes_what_the_sidecar_does():
+    """Mask refuses only what it must hold whole (buffered, or decompressed) above the limit; an
+    uncompressed stream is masked as it passes whatever its size (tests/sidecar/addons/
+    test_mask.py) - `kubectl explain` must not promise that larger bodies are refused."""
+    spec = load(REPO / "crds" / "accesspolicies.chaperone.dev.yaml")["spec"]["versions"][0]
+    masking = spec["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["masking"]
+    text = " ".join(masking["properties"]["maxBodyBytes"]["description"].split())
+    assert "a larger one is refused" not in text
+    for said in ("buffered or decompressed body above it", "refused with 502",
+                 "uncompressed stream", "masked as it passes, whatever its size"):
+        assert said in text, said

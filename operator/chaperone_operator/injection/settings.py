@@ -10,8 +10,10 @@ Every variable is listed in `ENV_VARS` and documented in docs/injection.md.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass
 from typing import Mapping
+from urllib.parse import urlsplit
 
 from .contract import APPROVAL_MODES, MODES
 
@@ -42,6 +44,11 @@ ENV_VARS: dict[str, str] = {
     "CHAPERONE_S3_PREFIX": "s3_prefix",
     "CHAPERONE_REDIS_URL": "redis_url",
     "CHAPERONE_OTEL_ENDPOINT": "otel_endpoint",
+    "CHAPERONE_OIDC_ISSUER": "oidc_issuer",
+    "CHAPERONE_OIDC_AUDIENCE": "oidc_audience",
+    "CHAPERONE_OIDC_USERNAME_CLAIM": "oidc_username_claim",
+    "CHAPERONE_OIDC_GROUPS_CLAIM": "oidc_groups_claim",
+    "CHAPERONE_OIDC_CA_FILE": "oidc_ca_file",
     "CHAPERONE_SIDECAR_SECRET": "sidecar_secret",
     "CHAPERONE_CA_SECRET": "ca_secret_name",
     "CHAPERONE_TRUST_BUNDLE": "trust_bundle_name",
@@ -80,6 +87,13 @@ class InjectionSettings:
     s3_prefix: str = ""
     redis_url: str = ""
     otel_endpoint: str = ""
+    # On-behalf-of OIDC issuer the sidecars verify X-Chaperone-On-Behalf-Of tokens against;
+    # empty: not configured (the sidecars then refuse such tokens).
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_username_claim: str = "sub"
+    oidc_groups_claim: str = "groups"
+    oidc_ca_file: str = ""              # path inside the sidecar, e.g. in the sidecar Secret
     sidecar_secret: str = ""            # Secret (in each pod namespace) with S3/Redis credentials
     ca_secret_name: str = "chaperone-ca"
     trust_bundle_name: str = "chaperone-ca-bundle"
@@ -136,13 +150,37 @@ class InjectionSettings:
         quantity_bytes(self.spool_size_limit)  # raises ValueError when malformed
         if not self.ca_secret_name or not self.trust_bundle_name:
             raise ValueError("CHAPERONE_CA_SECRET and CHAPERONE_TRUST_BUNDLE must be set")
+        self._validate_oidc()
+
+    def _validate_oidc(self) -> None:
+        """The sidecar would refuse to start with half an OIDC configuration: refuse it here,
+        once, instead of in every injected pod."""
+        if not self.oidc_issuer:
+            if self.oidc_audience or self.oidc_ca_file:
+                raise ValueError("CHAPERONE_OIDC_AUDIENCE/CHAPERONE_OIDC_CA_FILE need "
+                                 "CHAPERONE_OIDC_ISSUER")
+            return
+        parts = urlsplit(self.oidc_issuer)
+        loopback = parts.hostname == "localhost" or _is_loopback_ip(parts.hostname or "")
+        if not parts.hostname or not (parts.scheme == "https" or
+                                      (parts.scheme == "http" and loopback)):
+            raise ValueError("CHAPERONE_OIDC_ISSUER must be an https URL, not "
+                             f"{self.oidc_issuer!r}")
+        if not self.oidc_audience:
+            raise ValueError("CHAPERONE_OIDC_AUDIENCE is required with CHAPERONE_OIDC_ISSUER")
+        if not self.oidc_username_claim or not self.oidc_groups_claim:
+            raise ValueError("CHAPERONE_OIDC_USERNAME_CLAIM and CHAPERONE_OIDC_GROUPS_CLAIM "
+                             "must not be empty")
+        if self.oidc_ca_file and not self.oidc_ca_file.startswith("/"):
+            raise ValueError("CHAPERONE_OIDC_CA_FILE must be an absolute path in the sidecar "
+                             f"container, not {self.oidc_ca_file!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "InjectionSettings":
         """Build settings from CHAPERONE_* variables; unset or empty variables keep defaults.
 
-        Exception: the optional endpoints (S3, Redis, OTel, sidecar Secret, CPU limit) default to
-        empty, so an empty value there simply means "not configured".
+        Exception: the optional endpoints (S3, Redis, OTel, OIDC issuer, sidecar Secret, CPU
+        limit) default to empty, so an empty value there simply means "not configured".
         """
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, object] = {}
@@ -181,6 +219,13 @@ def _parse(var: str, raw: str, default: object) -> object:
                                  f"not {raw!r}") from None
         return tuple(items)
     return raw
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}

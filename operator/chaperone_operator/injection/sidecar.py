@@ -74,6 +74,13 @@ def sidecar_container(settings: InjectionSettings, mode: str, approval_mode: str
     if settings.otel_endpoint:
         env.append({"name": c.ENV_OTEL_ENDPOINT, "value": settings.otel_endpoint})
         env.append({"name": c.ENV_OTEL_SERVICE, "value": c.OTEL_SERVICE_NAME})
+    if settings.oidc_issuer:  # on-behalf-of tokens; without an issuer the sidecar refuses them
+        env += [{"name": c.ENV_OIDC_ISSUER, "value": settings.oidc_issuer},
+                {"name": c.ENV_OIDC_AUDIENCE, "value": settings.oidc_audience},
+                {"name": c.ENV_OIDC_USERNAME_CLAIM, "value": settings.oidc_username_claim},
+                {"name": c.ENV_OIDC_GROUPS_CLAIM, "value": settings.oidc_groups_claim}]
+        if settings.oidc_ca_file:
+            env.append({"name": c.ENV_OIDC_CA_FILE, "value": settings.oidc_ca_file})
     # Read-only root filesystem: anything that insists on writing under $HOME gets the tmp volume.
     env.append({"name": c.ENV_HOME, "value": c.TMP_DIR})
 

@@ -39,19 +39,34 @@ addon (module)         responsibility; FlowContext fields read -> written
                        answers 403 with its name (defer). decision -> ``approval_request``,
                        ``approved_by``, ``grant``, ``request_digest``
 5. InjectCredentials   Replaces the agent's credentials with the connection's (AWS SigV4
-   (credentials)       re-signing, header/bearer tokens, x-api-key). connection -> (request)
-6. Mask                Masks responses (and request bodies where a rule says so), streaming-
-   (mask)              safe. decision.masks -> ``masked``
+   (credentials)       re-signing, header/bearer tokens, x-api-key); the last addon that
+                       changes the request. A streamed aws-chunked upload gets its decoder as
+                       ``flow.request.stream``. connection -> (request)
+6. Mask                Masks responses, streaming-safe. Never changes the request: captures a
+   (mask)              masked copy of its body for the recording (as sent upstream), for a
+                       streamed body with a tee that *wraps* the stream function in place (the
+                       aws-chunked decoder), never replaces it. decision.masks -> ``masked``
 7. Record              Appends request/response/decision/approval events (masked) to the
-                       session recording. everything -> (recording); may refuse (strict mode)
+   (record)            session recording, before the request leaves. everything ->
+                       (recording); may refuse (strict mode)
 8. Telemetry           OpenTelemetry span and metrics per flow. everything -> (spans,
    (telemetry)         metrics); ``upstream_started``, ``upstream_latency``
 =====================  ====================================================================
 
 Why this order: identity and connection are inputs of the policy; the policy decides before
 anything leaves (approval only for what the policy sent there); credentials are added only to
-requests that will be forwarded, after every check; masking runs before recording so the
-recording only ever holds the masked form; telemetry last sees the final state.
+requests that will be forwarded, after every check, and by the last addon that changes the
+request (a signature covers it; ``InjectCredentials.running`` reports a ``mutates_request``
+addon placed after it); masking runs after injection, so the recorded request - headers and
+body - is what went upstream, and before recording, so the recording only ever holds the
+masked form; telemetry last sees the final state.
+
+Streaming: an addon that needs to act before a request leaves does so in ``requestheaders``
+when :func:`~.streaming.body_leaves_early` says the body may leave before ``request`` (it
+streams, or its length is unknown). An addon after InjectCredentials that wants to see a
+streamed body wraps ``flow.request.stream`` (calls the function it found first), never
+replaces it - replacing it would drop the aws-chunked decoder and send the upload still
+chunk-framed. Mask and Telemetry do so.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Mode and bound. A rule says ``hold`` or ``defer`` and ``holdSeconds``; the pod's
 ``defer`` on either side defers, and a hold never lasts longer than the pod's bound.
 
 When. Like Enforce, in ``request`` with the body in the digest - or in ``requestheaders``
-when the body may leave before ``request`` (:func:`~.enforce.body_leaves_early`); the digest
+when the body may leave before ``request`` (:func:`~.streaming.body_leaves_early`); the digest
 then covers method, target and the significant headers but not the body (which was not
 read), and the agent's retry has the same digest, so an approval still lets exactly that
 retry through. **Decision**: a request whose body is known to stream (``Content-Length`` above
@@ -52,7 +52,7 @@ from ..approvals.digest import request_digest
 from ..logging import flow_fields
 from ..policy.model import ApprovalRequirement, HTTPRequest
 from .refusal import refuse
-from .enforce import body_leaves_early
+from .streaming import body_leaves_early
 from .route import request_of
 
 __all__ = ["Approve", "approve_command", "body_preview", "PREVIEW_BYTES"]

@@ -17,13 +17,14 @@ refused rather than forwarded untouched.
 When it runs - last. A signature covers the body (SigV4's payload hash), so the request must
 be final when it is signed: this addon must be the last one that changes what goes upstream.
 It runs in the ``request`` hook (after every earlier addon's ``request`` hook) or - when the
-body may leave before that hook (:func:`~.enforce.body_leaves_early`: it streams, or its length
+body may leave before that hook (:func:`~.streaming.body_leaves_early`: it streams, or its length
 is unknown) - in ``requestheaders``, the last moment before the headers leave; S3 then signs
 ``UNSIGNED-PAYLOAD``, and an ``aws-chunked`` upload gets the decoder the injector returns
 installed as ``flow.request.stream`` (a :class:`ChainedStream`: the decoder first, then any
 stream function an earlier addon installed). Contract for other addons: one that changes
 requests, or installs a request stream function, comes *before* this one in ``ADDON_ORDER``
-(or, if it must come after, wraps the stream function it finds instead of replacing it). An
+(or, if it must come after, wraps the stream function it finds instead of replacing it, as
+Mask's recording tee and Telemetry's byte counter do). An
 addon may declare ``mutates_request = True``; :meth:`InjectCredentials.running` logs an error
 when such an addon comes after this one, and a streamed upload whose decoder was replaced
 (never called) is logged as an error in ``request``.
@@ -40,7 +41,7 @@ from mitmproxy import http
 from .. import flowctx
 from ..credentials import CredentialsUnavailable, InjectionError
 from ..logging import flow_fields
-from .enforce import body_leaves_early
+from .streaming import body_leaves_early
 from .refusal import refuse
 
 __all__ = ["InjectCredentials", "ChainedStream", "order_problems"]

@@ -17,7 +17,7 @@ Identify and Route put into the ``FlowContext``, and the ``Decision`` is stored 
 
 When it runs. The ``request`` hook has the whole body, which ``bodyRegex`` conditions need,
 so that is where flows are judged - unless the body may leave before that hook
-(:func:`body_leaves_early`): mitmproxy streams a body whose ``Content-Length`` exceeds
+(:func:`~.streaming.body_leaves_early`): mitmproxy streams a body whose ``Content-Length`` exceeds
 ``stream_large_bodies`` (the sidecar sets it, 1 MiB), and also one of unknown length (HTTP/1
 chunked, HTTP/2 without ``Content-Length``) once it grew past that size while being read - the
 headers and the body go upstream and ``request`` fires only afterwards. Such flows are judged
@@ -53,6 +53,7 @@ from ..policy.evaluator import describe_action, describe_identity, evaluate
 from ..policy.model import Decision, RateLimit, RuleRef
 from .refusal import refuse
 from .route import request_of, snapshot_of
+from .streaming import body_leaves_early
 
 __all__ = ["Enforce", "DEFAULT_BODY_LIMIT", "EARLY_KEY", "blocked_guidance", "body_leaves_early"]
 
@@ -63,27 +64,6 @@ RATE_LIMITER_RETRY = "5"  # Retry-After when the limiter itself is unavailable
 EARLY_KEY = "chaperone.early"  # flow.metadata: judged in requestheaders on the headers alone
 _RANK = {"allow": 1, "require_approval": 2, "rate_limited": 3, "block": 3}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-def body_leaves_early(flow: http.HTTPFlow) -> bool:
-    """Whether the request may be on its way upstream before the ``request`` hook fires.
-
-    mitmproxy streams a request body - sends the headers, then each chunk - when
-    ``flow.request.stream`` is set at ``requestheaders`` (it sets it itself for a
-    Content-Length above ``stream_large_bodies``), and also *while reading* a body of unknown
-    length once it grew past that size, without asking any addon. So such a request must be
-    judged, approved and given its credentials in ``requestheaders``. Unknown length: HTTP/1
-    ``Transfer-Encoding: chunked``, and HTTP/2 or HTTP/3 without ``Content-Length`` (a body may
-    follow the headers). Enforce, Approve and InjectCredentials all use this one test.
-    """
-    req = flow.request
-    if req.stream:
-        return True
-    if "content-length" in req.headers:
-        return False
-    if req.is_http2 or req.is_http3:
-        return True
-    return "chunked" in req.headers.get("transfer-encoding", "").lower()
 
 
 def _approvers_of(policy: Any) -> str:

@@ -38,7 +38,19 @@ binary body is not kept for the recording (it cannot be shown to be masked); the
 
 **Requests**. **Decision**: what goes upstream is never modified - the request may be signed
 (SigV4 covers the body hash), and the policy has no "rewrite upstream" option. Masks whose
-target is ``request``/``both`` apply to the *recorded copy* of the request body only.
+target is ``request``/``both`` apply to the *recorded copy* of the request body only. Mask runs
+after InjectCredentials, so the copy is the body as it goes upstream (headers and body of the
+recorded request match):
+
+* a buffered body is captured whole in ``request``;
+* a body that streams (:func:`~.streaming.body_leaves_early` and ``flow.request.stream`` set at
+  ``requestheaders``) is captured by a tee that **wraps** the stream function already installed
+  - InjectCredentials' aws-chunked decoder, whose output is what goes upstream - and never
+  replaces it;
+* a body of unknown length is not forced to stream (Route and Enforce look at a body that was
+  read): mitmproxy reads it and it is captured in ``request``, unless it grows past
+  ``stream_large_bodies`` and mitmproxy streams it on by itself - then it has gone before
+  anything could mask it, and the recording says so instead of holding it.
 
 **Hand-off to Record.** For each direction Mask leaves a :class:`BodyCapture` (the masked
 body as sent, truncated to the connection's ``recording.maxBodyBytes``, plus size, counts and
@@ -50,7 +62,6 @@ never reaches the recording. Without masks the capture holds the body as is.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from typing import Any, Iterable
 
@@ -73,13 +84,15 @@ from ..policy.masking import (
     parse_content_encoding,
 )
 from ..policy.model import MaskSpec
+from . import refusal
+from .streaming import body_leaves_early
 
 __all__ = ["Mask", "BodyCapture", "BODIES_KEY", "captured", "masker_for", "UNMASKABLE"]
 
 log = logging.getLogger("chaperone.mask")
 
 BODIES_KEY = "chaperone.bodies"
-UNMASKABLE = "response_unmaskable"  # refusal kind (502)
+UNMASKABLE = "response_unmaskable"  # refusal kind (502, refusal.KINDS)
 BINARY_NOTE = "binary body: passed through unmasked, not recorded (it cannot be masked)"
 DEFAULT_BUFFER = "1m"
 _NO_BODY_STATUS = (204, 304)
@@ -340,14 +353,32 @@ class _Discard:
 
 
 class _RequestTee:
-    """A streamed request body goes upstream unchanged; a masked copy is captured."""
+    """A streamed request body goes upstream unchanged; a masked copy is captured.
 
-    def __init__(self, capture: BodyCapture, masker: StreamMasker | None) -> None:
+    ``then`` is the stream function that was installed before (InjectCredentials' aws-chunked
+    decoder, or mitmproxy's plain ``True``): it is wrapped, never replaced - it runs first and
+    the tee captures what it lets through, i.e. the body as it goes upstream.
+    """
+
+    def __init__(self, capture: BodyCapture, masker: StreamMasker | None, then: Any = None) -> None:
         self.capture = capture
         self.masker = masker
+        self.then = then if callable(then) else None
         capture.streamed = True
 
     def __call__(self, data: bytes) -> list[bytes]:
+        if self.then is None:
+            out = [data] if data else []
+        else:
+            out = [c for c in _chunks(self.then(data)) if c]  # b"" would end a chunked body
+        for chunk in out:
+            self._capture(chunk)
+        if not data:
+            self._capture(b"")  # end of the body: flush the masker
+            self.capture.complete = True
+        return out
+
+    def _capture(self, data: bytes) -> None:
         if self.masker is None:
             self.capture.add(data)
         elif self.capture.recordable:
@@ -362,9 +393,15 @@ class _RequestTee:
             self.capture.counts = dict(self.masker.counts)
         else:
             self.capture.size += len(data)
-        if not data:
-            self.capture.complete = True
-        return [data] if data else []
+
+
+def _chunks(out: Any) -> list[bytes]:
+    """What a stream function returned (bytes or an iterable of chunks) as a list of bytes."""
+    if out is None:
+        return []
+    if isinstance(out, (bytes, bytearray)):
+        return [bytes(out)]
+    return [bytes(c) for c in out]
 
 
 # ============================================================================ addon
@@ -405,8 +442,14 @@ class Mask:
 
     # ------------------------------------------------------------------ requests
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not flow.request.stream:
-            return  # buffered bodies are handled in `request`
+        if flow.response is not None or not body_leaves_early(flow):
+            return  # a buffered body is captured in `request`
+        if not flow.request.stream:
+            # Length unknown (chunked, HTTP/2 without Content-Length): mitmproxy reads it and
+            # it is captured in `request` - unless it grows past stream_large_bodies and
+            # mitmproxy streams it on by itself (see `request`). Not forced to stream here:
+            # Route and Enforce look at a body that was read (classification, bodyRegex).
+            return
         ctx = flowctx.get(flow)
         if ctx is None:
             return
@@ -422,14 +465,24 @@ class Mask:
                                        flow.request.headers.get("content-encoding"))
             except MaskingError as exc:
                 capture.withhold(f"not recorded: the body cannot be masked ({exc})")
-        flow.request.stream = _RequestTee(capture, stream)
+        # Wrap what is there (InjectCredentials' aws-chunked decoder): replacing it would send
+        # the upload upstream still chunk-framed.
+        flow.request.stream = _RequestTee(capture, stream, flow.request.stream)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.request.stream:
-            return  # streamed: captured by the tee
         ctx = flowctx.get(flow)
         if ctx is None:
             return
+        if flow.request.stream:
+            if captured(flow, "request") is None:
+                # A body of unknown length that mitmproxy switched to streaming by itself once
+                # it grew past stream_large_bodies: it went upstream without passing a tee.
+                capture = _new_capture(flow, "request", self._record_limit(flow, ctx))
+                capture.streamed = True
+                capture.withhold("not recorded: the body had no Content-Length and grew past "
+                                 "stream_large_bodies, so it streamed upstream before it could "
+                                 "be masked")
+            return  # streamed: captured by the tee
         capture = _new_capture(flow, "request", self._record_limit(flow, ctx))
         raw = flow.request.raw_content or b""
         capture.complete = True
@@ -570,27 +623,4 @@ class Mask:
         guidance = ("Ask for a smaller or uncompressed response (for example a narrower query, "
                     "a page size, or Accept-Encoding: identity); the masking limit is the "
                     "policy's masking.maxBodyBytes.")
-        refuse_unmaskable(flow, message, guidance)
-
-
-def refuse_unmaskable(flow: http.HTTPFlow, message: str, guidance: str) -> dict[str, Any]:
-    """A 502 ``chaperone_response_unmaskable`` refusal in the shared refusal shape."""
-    from . import refusal
-
-    if UNMASKABLE in refusal.KINDS:
-        return refusal.refuse(flow, UNMASKABLE, message, status=502, how_to_get_access=guidance)
-    # The shared module does not know the kind (yet): same shape, built here.
-    ctx = flowctx.ensure(flow)
-    body = {
-        "error": f"chaperone_{UNMASKABLE}",
-        "message": message,
-        "rule": refusal.rule_info(ctx.decision.rule if ctx.decision is not None else None),
-        "action": refusal.action_info(ctx.action, ctx.connection, flow.request),
-        "how_to_get_access": guidance,
-    }
-    content = json.dumps(body, indent=2, ensure_ascii=False).encode() + b"\n"
-    flow.response = http.Response.make(502, content, {
-        "Content-Type": "application/json", refusal.HEADER: UNMASKABLE,
-        "Cache-Control": "no-store"})
-    ctx.refused = body
-    return body
+        refusal.refuse(flow, UNMASKABLE, message, how_to_get_access=guidance)

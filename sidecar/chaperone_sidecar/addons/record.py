@@ -7,9 +7,12 @@ disk). Per flow, in the recording's hash chain:
 
 1. ``request``, ``decision`` and - when an approval was involved - ``approval``, appended
    **before the request is forwarded**: in ``request`` (Record runs after Enforce, Approve,
-   InjectCredentials and Mask), or in ``requestheaders`` when the body streams (it leaves before
-   ``request`` fires; its masked copy is then added to the ``response`` event as
-   ``requestBody``).
+   InjectCredentials and Mask), or in ``requestheaders`` when the body may leave before
+   ``request`` fires (:func:`~.streaming.body_leaves_early`: it streams, or its length is
+   unknown and mitmproxy may start streaming it while reading it); its masked copy is then
+   added to the ``response`` event as ``requestBody``. If such a body was read after all and
+   Enforce judged the request again with it, a second ``decision`` event records the new
+   decision before the request leaves.
 2. ``response`` (status, headers, masked body, what was masked, timings) or ``error``.
 
 **What is stored.** Bodies come only from what Mask captured (:func:`.mask.captured`): the masked
@@ -29,7 +32,8 @@ without a connection). ``strict``: an event that cannot be written refuses the f
 is forwarded* with 503 ``chaperone_recording_unavailable``; a buffered response whose event
 cannot be written is withheld the same way (the agent learns the request was sent). A streamed
 request cannot be answered with a response by mitmproxy once its body streams (setting
-``flow.response`` then breaks the HTTP layer), so it is killed instead. ``best-effort``: the flow
+``flow.response`` then breaks the HTTP layer), so it is killed instead; one of unknown length
+that is not streaming yet is refused (its body is read and dropped). ``best-effort``: the flow
 continues, ``unrecorded`` counts the lost events and the recorder reports the gap in the chain.
 ``recording.enabled: false`` records nothing for that connection.
 """
@@ -50,6 +54,7 @@ from ..logging import flow_fields
 from ..policy.model import Identity
 from ..recording import SpoolUnavailable, encode_body, new_event
 from .mask import BodyCapture, captured, masker_for
+from .streaming import body_leaves_early
 
 __all__ = ["Record", "RecordingSettings", "recording_settings", "FULL_BODY_CAP", "REDACTED",
            "redact_headers", "redact_url", "redact_text", "identity_of", "body_of"]
@@ -261,10 +266,11 @@ class Record:
 
     # ------------------------------------------------------------------ hooks
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None and flow.request.stream:
-            await self._before_forward(flow, streamed=True)  # the body leaves before `request`
+        if flow.response is None and body_leaves_early(flow):
+            await self._before_forward(flow, streamed=True)  # the body may leave before `request`
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        await self._rejudged(flow)
         await self._before_forward(flow, streamed=False)
 
     async def response(self, flow: http.HTTPFlow) -> None:
@@ -288,6 +294,7 @@ class Record:
             state["off"] = True
             return
         state["streamed_request"] = streamed
+        state["decided"] = (ctx.decision, ctx.refused)
         events = [self._request_event(flow, ctx, settings, streamed)]
         if ctx.decision is not None or ctx.refused is not None:
             events.append(self._decision_event(flow, ctx))
@@ -297,8 +304,12 @@ class Record:
         lost = await self._append(flow, events)
         if not lost or not self._strict(settings) or flow.response is not None:
             return
+        self._refuse_request(flow)
+
+    def _refuse_request(self, flow: http.HTTPFlow) -> None:
+        """Strict recording: the request must not leave unrecorded."""
         self.refused += 1
-        if streamed:
+        if flow.request.stream:
             log.error("recording unavailable (strict): killing a streamed request before it is "
                       "forwarded", extra=flow_fields(flow))
             flow.kill()
@@ -307,6 +318,24 @@ class Record:
 
         refuse(flow, "recording_unavailable")
         log.error("recording unavailable (strict): request refused", extra=flow_fields(flow))
+
+    async def _rejudged(self, flow: http.HTTPFlow) -> None:
+        """Recorded in ``requestheaders`` but the body was read after all: a decision that
+        changed since (Enforce judged again with the body) is recorded before the request
+        leaves."""
+        state = self._state(flow)
+        if not state.get("streamed_request") or state.get("off") or flow.request.stream \
+                or self.recorder is None:
+            return
+        ctx = flowctx.ensure(flow)
+        decision, refused = state.get("decided", (None, None))
+        if ctx.decision is decision and ctx.refused is refused:
+            return
+        state["decided"] = (ctx.decision, ctx.refused)
+        lost = await self._append(flow, [self._decision_event(flow, ctx)])
+        settings = recording_settings(flow, self.services, ctx)
+        if lost and self._strict(settings) and flow.response is None:
+            self._refuse_request(flow)
 
     async def _end(self, flow: http.HTTPFlow, kind: str) -> None:
         state = self._state(flow)
@@ -412,12 +441,14 @@ class Record:
 
     def _approval_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> dict[str, Any]:
         if ctx.refused is not None:
-            outcome = str(ctx.refused.get("error", "refused"))
+            state = str(ctx.refused.get("error", "refused")).removeprefix("chaperone_")
         else:
-            outcome = "granted" if ctx.grant else "approved"
-        data = {"name": ctx.approval_request or None, "approvedBy": list(ctx.approved_by),
-                "grant": ctx.grant or None, "digest": ctx.request_digest or None,
-                "outcome": outcome}
+            state = "granted" if ctx.grant else "approved"
+        # `state` and `approver` are what docs/recording.md and `sessions replay` read.
+        data = {"name": ctx.approval_request or None, "state": state,
+                "approver": ", ".join(ctx.approved_by) or None,
+                "approvedBy": list(ctx.approved_by), "grant": ctx.grant or None,
+                "digest": ctx.request_digest or None}
         return self._event("approval", flow, ctx, data)
 
     def _response_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,

@@ -29,7 +29,9 @@ refusal still arrives at the end of the body. The body is also stored in
 Kinds and their status codes (``KINDS``): ``blocked`` 403, ``rate_limited`` 429,
 ``approval_pending`` / ``approval_denied`` / ``approval_expired`` 403,
 ``approval_unavailable`` 503, ``no_connection`` 403, ``unauthenticated`` 401,
-``recording_unavailable`` 503, ``credentials_unavailable`` 503, ``invalid_request`` 400.
+``recording_unavailable`` 503, ``credentials_unavailable`` 503, ``invalid_request`` 400,
+``response_unmaskable`` 502 (Mask: the upstream's response could not be masked, so it was
+withheld - the request itself *was* forwarded; this replaces a response, see :mod:`.mask`).
 **Decision**: 403 (not 202 or 409) for a pending approval, as the design fixes it: agents and
 SDKs treat 403 as "do not blindly retry", which is what we want until a human decided; the body
 says when and how to retry.
@@ -62,6 +64,7 @@ KINDS: Mapping[str, int] = {
     "recording_unavailable": 503,
     "credentials_unavailable": 503,
     "invalid_request": 400,
+    "response_unmaskable": 502,
 }
 
 _DEFAULT_MESSAGES: Mapping[str, str] = {
@@ -78,6 +81,8 @@ _DEFAULT_MESSAGES: Mapping[str, str] = {
     "credentials_unavailable": "The credentials for this connection are not available right "
                                "now; the request was not sent.",
     "invalid_request": "Chaperone could not prepare this request for its target.",
+    "response_unmaskable": "The response to this request could not be masked, so Chaperone "
+                           "withheld it. The request itself was sent to the target.",
 }
 
 _UNSET: Any = object()
@@ -135,6 +140,10 @@ def default_guidance(kind: str, rule: RuleRef | None = None, connection: str = "
                 "in a little while; if it persists, tell the operators of this cluster.")
     if kind == "invalid_request":
         return "Fix the request (see message) and send it again."
+    if kind == "response_unmaskable":
+        return ("The request already took effect: check its outcome before repeating it. Ask "
+                "for a smaller or uncompressed response; the masking limit is the policy's "
+                "masking.maxBodyBytes.")
     return f"This is governed by {where}."
 
 
@@ -184,7 +193,7 @@ def refuse(flow: http.HTTPFlow, kind: str, message: str = "", *, rule: RuleRef |
         rule = ctx.decision.rule if ctx.decision is not None else None
     body = build(kind, message, rule=rule, action=ctx.action, connection=ctx.connection,
                  request=flow.request, how_to_get_access=how_to_get_access, **extra)
-    if flow.request.stream:
+    if flow.request.stream and flow.response is None:
         # Refused before a streamed body was read: mitmproxy cannot answer a request it is
         # streaming upstream (it raises), so the body is read and dropped instead, then the
         # refusal is sent (see the module docstring). The upstream is never contacted.

@@ -30,9 +30,10 @@ class ApprovalError(Exception):
 class BackendError(ApprovalError):
     """The ApprovalRequest store refused or failed (``status`` is the HTTP status, 0 if none)."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked to wait (Retry-After), if any
 
     @property
     def transient(self) -> bool:

@@ -12,11 +12,22 @@ Waiting uses ``list`` with ``fieldSelector=metadata.name=NAME`` (for the object 
 resourceVersion), then ``watch`` from that version. A watch that ends (server timeout,
 dropped connection, apiserver restart) resumes from the last version seen; ``410 Gone``
 (version too old) re-lists. The whole wait is bounded by the caller's timeout.
+
+Transient answers. ``429 Too Many Requests`` (API priority and fairness, and - Kubernetes 1.33 -
+"storage is (re)initializing" while the watch cache of a just-created or just-restarted
+resource starts) and ``503 Service Unavailable`` mean the apiserver did not process the
+request. Every call (create, get, list, watch) is retried: create, get and list up to
+``transient_retries`` times, waiting what ``Retry-After`` asks (capped at ``max_retry_after``
+seconds; without the header ``retry_delay`` doubling per attempt); a watch until the caller's
+deadline, waiting the same way. Then the status is raised as a ``BackendError`` (``transient``).
+A create retried after a 503 that answers ``409`` with an object carrying the same labels was
+our own earlier attempt: that object is returned, so a retry never opens a second request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import math
@@ -36,6 +47,26 @@ log = logging.getLogger("chaperone.approvals.kube")
 
 GROUP, VERSION, PLURAL = "chaperone.dev", "v1alpha1", "approvalrequests"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+RETRY_STATUS = frozenset({429, 503})  # the apiserver did not process the request: try again
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delay-seconds or an HTTP date), None if absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class KubeApprovalBackend:
@@ -48,7 +79,8 @@ class KubeApprovalBackend:
     def __init__(self, server: str, namespace: str, *, token_file: str | os.PathLike,
                  ca_file: str | os.PathLike | None = None, token_refresh_seconds: float = 60.0,
                  request_timeout: float = 10.0, watch_timeout_seconds: int = 240,
-                 retry_delay: float = 0.5) -> None:
+                 retry_delay: float = 0.5, transient_retries: int = 4,
+                 max_retry_after: float = 5.0) -> None:
         self.server = server.rstrip("/")
         self.namespace = namespace
         self.token_file = Path(token_file)
@@ -57,6 +89,9 @@ class KubeApprovalBackend:
         self.request_timeout = request_timeout
         self.watch_timeout_seconds = max(1, int(watch_timeout_seconds))
         self.retry_delay = retry_delay
+        self.transient_retries = max(0, transient_retries)
+        self.max_retry_after = max_retry_after
+        self.transient_retried = 0  # calls repeated after a 429/503 (telemetry, tests)
         self.watch_restarts = 0  # watches resumed after an end or an error (telemetry, tests)
         self._session: aiohttp.ClientSession | None = None
         self._token = ""
@@ -107,39 +142,75 @@ class KubeApprovalBackend:
 
     async def _call(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                     body: Any = None) -> tuple[int, Any]:
-        """One JSON request; a 401 re-reads the token (it may have rotated) and retries once."""
+        """One JSON request (see :meth:`_request`)."""
+        status, data, _ = await self._request(method, path, params=params, body=body)
+        return status, data
+
+    async def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+                       body: Any = None) -> tuple[int, Any, bool]:
+        """One JSON request: (status, data, whether it was repeated after a 429/503).
+
+        A 401 re-reads the token (it may have rotated) and retries once; a 429/503 is retried
+        up to ``transient_retries`` times, waiting what ``Retry-After`` asks.
+        """
         session = await self._client()
-        for attempt in (0, 1):
-            headers = {"Authorization": f"Bearer {await self._bearer(force=attempt == 1)}",
+        reread, transient = False, 0
+        while True:
+            headers = {"Authorization": f"Bearer {await self._bearer()}",
                        "Accept": "application/json"}
             try:
                 async with session.request(method, self.server + path, params=params,
                                            json=body, headers=headers) as resp:
                     status = resp.status
+                    wait = retry_after(resp.headers.get("Retry-After"))
                     try:
                         data = await resp.json(content_type=None)
                     except ValueError:
                         data = await resp.text()
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 raise BackendError(f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
-            if status != 401 or attempt == 1:
-                return status, data
-        raise AssertionError("unreachable")
+            if status == 401 and not reread:
+                reread = True
+                await self._bearer(force=True)
+                continue
+            if status in RETRY_STATUS and transient < self.transient_retries:
+                delay = self._backoff(wait, transient)
+                transient += 1
+                self.transient_retried += 1
+                log.info("%s %s: HTTP %s (%s); retrying in %.1fs", method, path, status,
+                         _message(data), delay)
+                await asyncio.sleep(delay)
+                continue
+            return status, data, transient > 0
+
+    def _backoff(self, wait: float | None, attempt: int) -> float:
+        """Seconds before retrying a 429/503: Retry-After (capped), else doubling retry_delay."""
+        if wait is None:
+            wait = self.retry_delay * (2 ** attempt)
+        return min(wait, self.max_retry_after)
 
     @staticmethod
-    def _error(what: str, status: int, data: Any) -> BackendError:
-        message = data.get("message") if isinstance(data, dict) else str(data)[:500]
+    def _error(what: str, status: int, data: Any, retry_after: float | None = None) -> BackendError:
         cls = Conflict if status == 409 else BackendError
-        return cls(f"{what}: HTTP {status}: {message}", status)
+        return cls(f"{what}: HTTP {status}: {_message(data)}", status, retry_after)
 
     # ------------------------------------------------------------------ API
     async def create(self, obj: dict) -> dict:
         """Create ``obj`` (metadata.name set by the caller); ``Conflict`` when the name is taken."""
         obj = {**obj, "apiVersion": f"{GROUP}/{VERSION}", "kind": "ApprovalRequest",
                "metadata": {**obj.get("metadata", {}), "namespace": self.namespace}}
-        status, data = await self._call("POST", self._collection, body=obj)
+        name = obj["metadata"].get("name")
+        status, data, retried = await self._request("POST", self._collection, body=obj)
+        if status == 409 and retried and name:
+            # An earlier attempt may have been processed after all (a 503 from a proxy in
+            # front of the apiserver): the same name with the same labels is ours.
+            existing = await self.get(name)
+            labels = (obj["metadata"].get("labels") or {})
+            if existing is not None and labels and \
+                    (existing.get("metadata") or {}).get("labels") == labels:
+                return existing
         if status not in (200, 201):
-            raise self._error(f"creating ApprovalRequest {obj['metadata'].get('name')}", status, data)
+            raise self._error(f"creating ApprovalRequest {name}", status, data)
         return data
 
     async def get(self, name: str) -> dict | None:
@@ -186,7 +257,8 @@ class KubeApprovalBackend:
                     data = await resp.json(content_type=None)
                 except ValueError:
                     data = await resp.text()
-                raise self._error(f"watching ApprovalRequest {name}", resp.status, data)
+                raise self._error(f"watching ApprovalRequest {name}", resp.status, data,
+                                  retry_after(resp.headers.get("Retry-After")))
             buf = b""
             # Lines can exceed aiohttp's readline limit (large bodyPreview + reviews): split here.
             async for chunk in resp.content.iter_any():
@@ -252,8 +324,12 @@ class KubeApprovalBackend:
                 elif not (exc.transient or (listed and exc.status == 401)):
                     raise  # 401 on a watch: the token was re-read, the next attempt uses it
                 else:
-                    log.info("waiting for %s: %s; resuming", name, exc)
-                    await asyncio.sleep(min(self.retry_delay, max(0.0, deadline - loop.time())))
+                    # 429/503: wait what Retry-After asks (capped) - retrying at once would only
+                    # add load to an apiserver that is starting up or shedding it.
+                    delay = self._backoff(exc.retry_after, 0) if exc.status in RETRY_STATUS \
+                        else self.retry_delay
+                    log.info("waiting for %s: %s; resuming in %.1fs", name, exc, delay)
+                    await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 log.info("watch of %s dropped (%s: %s); resuming", name, exc.__class__.__name__, exc)
                 await asyncio.sleep(min(self.retry_delay, max(0.0, deadline - loop.time())))
@@ -267,3 +343,10 @@ class KubeApprovalBackend:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _message(data: Any) -> str:
+    """The message of a Kubernetes ``Status`` answer, or the start of whatever came back."""
+    if isinstance(data, dict) and data.get("message"):
+        return str(data["message"])
+    return str(data)[:500]

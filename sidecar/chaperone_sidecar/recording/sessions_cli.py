@@ -202,17 +202,24 @@ def timeline(events: list[dict[str, Any]], *, per_event: bool = False,
             row["what"], row["requestBody"] = _what(event), _body(data.get("body"), body_limit)
         elif kind == "decision":
             row["decision"] = data.get("effect") or data.get("decision")
-            row["rule"] = data.get("rule") or row["rule"]
+            row["rule"] = _rule(data.get("rule")) or row["rule"]
         elif kind == "approval":
             state = data.get("state") or data.get("phase")
             row["approval"] = " ".join(str(x) for x in (data.get("name"), state) if x)
             row["approver"] = data.get("approver") or data.get("decidedBy") or row["approver"]
-            row["rule"] = row["rule"] or data.get("rule")
+            row["rule"] = row["rule"] or _rule(data.get("rule"))
         elif kind == "response":
             row["status"], row["responseBody"] = data.get("status"), _body(data.get("body"), body_limit)
             if per_event:
                 row["what"] = _what(event)
     return rows
+
+
+def _rule(rule: Any) -> str | None:
+    """``policy#name`` for the rule object the sidecar records (a string passes through)."""
+    if isinstance(rule, dict):
+        return "#".join(str(rule[k]) for k in ("policy", "name") if rule.get(k)) or None
+    return rule or None
 
 
 def cmd_replay(store: Any, args: argparse.Namespace) -> int:

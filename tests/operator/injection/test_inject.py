@@ -377,6 +377,12 @@ def test_settings_overrides_reach_the_pod():
     assert env["CHAPERONE_SPOOL_LIMIT_BYTES"] == str(2 * 2**30)
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
     assert env["CHAPERONE_SIDECAR_SECRET_DIR"] == "/var/run/secrets/chaperone/sidecar"
+    assert {k: v for k, v in env.items() if k.startswith("CHAPERONE_OIDC_")} == {
+        "CHAPERONE_OIDC_ISSUER": "https://dex.example.com",
+        "CHAPERONE_OIDC_AUDIENCE": "chaperone",
+        "CHAPERONE_OIDC_USERNAME_CLAIM": "email",
+        "CHAPERONE_OIDC_GROUPS_CLAIM": "groups",
+        "CHAPERONE_OIDC_CA_FILE": "/var/run/secrets/chaperone/sidecar/oidc-ca.crt"}
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/ready", "port": 16021}
     assert status_of(pod)["version"] == "9.9.9"
 
@@ -524,9 +530,19 @@ def test_settings_from_env():
                 {"CHAPERONE_PROXY_PORT": "abc"}, {"CHAPERONE_HEALTH_PORT": "15001"},
                 {"CHAPERONE_REVERSE_PORT_BASE": "15000"}, {"CHAPERONE_APPROVAL_MODE": "x"},
                 {"CHAPERONE_SPOOL_SIZE_LIMIT": "lots"}, {"CHAPERONE_REDIRECT_IPV6": "maybe"},
-                {"CHAPERONE_TOKEN_EXPIRATION_SECONDS": "60"}):
+                {"CHAPERONE_TOKEN_EXPIRATION_SECONDS": "60"},
+                {"CHAPERONE_OIDC_ISSUER": "http://dex.example.com", "CHAPERONE_OIDC_AUDIENCE": "c"},
+                {"CHAPERONE_OIDC_AUDIENCE": "chaperone"},
+                {"CHAPERONE_OIDC_ISSUER": "https://dex.example.com"},
+                {"CHAPERONE_OIDC_CA_FILE": "ca.crt", "CHAPERONE_OIDC_ISSUER": "https://dex",
+                 "CHAPERONE_OIDC_AUDIENCE": "c"}):
         with pytest.raises(ValueError, match=next(iter(env))):
             InjectionSettings.from_env(env)
+    oidc = InjectionSettings.from_env({"CHAPERONE_OIDC_ISSUER": "http://127.0.0.1:5556/dex",
+                                       "CHAPERONE_OIDC_AUDIENCE": "chaperone"})
+    assert (oidc.oidc_issuer, oidc.oidc_audience, oidc.oidc_username_claim,
+            oidc.oidc_groups_claim, oidc.oidc_ca_file) == (
+        "http://127.0.0.1:5556/dex", "chaperone", "sub", "groups", "")
     assert quantity_bytes("1Gi") == 2**30 and quantity_bytes("500M") == 500 * 10**6
     assert redact("http://u:p@h:3128/x") == "http://u:REDACTED@h:3128/x"
     assert redact("http://h:3128") == "http://h:3128"

@@ -437,3 +437,48 @@ def test_a_replaced_decoder_is_reported(aws_services, moto_auth, caplog):
         f.request.stream = lambda data: data  # a later addon replacing it
         addon.request(f)
     assert "decoder was replaced" in caplog.text
+
+
+def test_streamed_aws_chunked_upload_survives_mask_in_pipeline_order(aws_services, moto_auth,
+                                                                     caplog):
+    """The whole request side of the pipeline that touches the stream, in ADDON_ORDER: Mask
+    (after InjectCredentials) captures the upload for the recording by wrapping the decoder,
+    so the upload still leaves decoded and moto accepts the re-signed PUT."""
+    from chaperone_sidecar.addons import ADDON_ORDER
+    from chaperone_sidecar.addons.mask import Mask, captured
+
+    moto_auth.client("s3").create_bucket(Bucket="chaperone-addon-masked")
+    payload = b"line of text\n" * 800
+    wire = _aws_chunked(payload, 1000)
+    host = f"chaperone-addon-masked.s3.{REGION}.amazonaws.com"
+    req = to_mitmproxy("PUT", f"https://{host}/notes.txt", {
+        "Host": host, "Content-Type": "text/plain",
+        "Authorization": f"AWS4-HMAC-SHA256 Credential={AGENT_KEY_ID}/20250101/{REGION}/s3/"
+                         "aws4_request, SignedHeaders=content-encoding;host;x-amz-content-sha256;"
+                         "x-amz-date;x-amz-decoded-content-length, Signature=" + "a" * 64,
+        "X-Amz-Date": "20250101T000000Z",
+        "X-Amz-Content-SHA256": "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+        "Content-Encoding": "aws-chunked", "X-Amz-Decoded-Content-Length": str(len(payload)),
+        "Content-Length": str(len(wire))}, wire)
+    f = tflow.tflow(req=req)
+    ctx = flowctx.ensure(f)
+    ctx.connection, ctx.connection_type, ctx.decision = "aws-prod", "aws", ALLOW
+    f.request.raw_content, f.request.stream = None, True  # mitmproxy: above stream_large_bodies
+    built = {"InjectCredentials": InjectCredentials(aws_services), "Mask": Mask(aws_services)}
+    chain = [built[cls] for _, cls in ADDON_ORDER if cls in built]
+    assert [type(a).__name__ for a in chain] == ["InjectCredentials", "Mask"]
+    with caplog.at_level(logging.ERROR, logger="chaperone.credentials"), taddons.context(*chain):
+        for addon in chain:
+            addon.requestheaders(f)
+        out = b"".join(c for i in range(0, len(wire), 777) for c in f.request.stream(wire[i:i + 777]))
+        out += b"".join(f.request.stream(b""))
+        for addon in chain:
+            addon.request(f)
+    assert "decoder was replaced" not in caplog.text
+    assert out == payload  # decoded, not chunk-framed
+    capture = captured(f, "request")
+    assert capture.complete and capture.size == len(payload)
+    assert bytes(capture.data) == payload[:len(capture.data)] and capture.data
+    f.request.raw_content = out
+    resp = send(f.request)
+    assert resp.status == 200, resp.read()

@@ -359,3 +359,60 @@ def test_capture_keeps_a_bounded_prefix():
     for _ in range(5):
         capture.add(b"0123456")
     assert bytes(capture.data) == b"0123456012" and capture.size == 35 and capture.truncated
+
+
+def test_streamed_request_tee_wraps_the_stream_function_in_place(mask):
+    """InjectCredentials (before Mask) may install an aws-chunked decoder as the request's
+    stream function: Mask's tee runs it first and captures what it lets through - replacing it
+    would send the upload upstream still chunk-framed."""
+    f = make_flow(masks=(MaskSpec(detectors=("all",), target="both"),), method=b"PUT",
+                  req_headers={"content-type": "text/plain", "content-length": "99999999"})
+    f.request.stream = lambda data: [data.replace(b"#", b"")] if data else []  # "the decoder"
+    mask.requestheaders(f)
+    framed = b"##up#load " + AWS_KEY_ID + b" done##"
+    sent = [c for part in (framed[:13], framed[13:], b"") for c in f.request.stream(part)]
+    assert b"".join(sent) == b"upload " + AWS_KEY_ID + b" done" and all(sent)
+    capture = captured(f, "request")
+    assert bytes(capture.data) == b"upload [MASKED:aws-access-key-id] done"
+    assert capture.complete and capture.counts == {"aws-access-key-id": 1}
+
+
+@pytest.mark.parametrize("version, headers", [
+    ("HTTP/1.1", {"transfer-encoding": "chunked"}),
+    ("HTTP/2.0", {}),
+], ids=["chunked", "h2-without-length"])
+def test_body_of_unknown_length_is_captured_whether_read_or_streamed_by_mitmproxy(
+        mask, version, headers):
+    """mitmproxy reads such a body, but streams it on by itself (``stream = True``, no hook)
+    once it grew past stream_large_bodies: both cases leave a capture - never an empty one that
+    would make the recording say "no body"."""
+    body = b"token " + AWS_KEY_ID
+    masks = (MaskSpec(detectors=("all",), target="both"),)
+    read = make_flow(masks=masks, method=b"POST", content=body, req_headers=headers)
+    read.request.http_version = version
+    mask.requestheaders(read)
+    assert not read.request.stream  # not forced to stream: Route and Enforce read the body
+    mask.request(read)  # it stayed small: read whole
+    assert bytes(captured(read, "request").data) == b"token [MASKED:aws-access-key-id]"
+
+    late = make_flow(masks=masks, method=b"POST", req_headers=headers)
+    late.request.http_version = version
+    mask.requestheaders(late)
+    late.request.stream, late.request.raw_content = True, None  # mitmproxy switched to streaming
+    mask.request(late)
+    capture = captured(late, "request")
+    assert capture is not None and capture.streamed and not capture.recordable
+    assert "stream_large_bodies" in capture.notes[0] and not capture.data
+
+
+def test_unmaskable_refusal_is_built_by_the_shared_refusal_module(mask, monkeypatch):
+    from chaperone_sidecar.addons import refusal
+
+    calls = []
+    real = refusal.refuse
+    monkeypatch.setattr(refusal, "refuse", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    f = make_flow()
+    respond(f, content_type="text/plain", content_encoding="compress", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    assert calls == ["response_unmaskable"] and f.response.status_code == 502
+    assert f.response.headers[refusal.HEADER] == "response_unmaskable"

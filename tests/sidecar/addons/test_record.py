@@ -224,7 +224,8 @@ def test_approval_event_names_the_request_and_approvers(tmp_path):
     assert [e["type"] for e in events] == ["session-start", "request", "decision", "approval",
                                            "response", "session-end"]
     assert events[3]["data"] == {"name": "ar-abc123", "approvedBy": ["carol", "dave"], "grant": None,
-                                 "digest": "sha256:00ff", "outcome": "approved"}
+                                 "approver": "carol, dave",
+                                 "digest": "sha256:00ff", "state": "approved"}
 
 
 # ---------------------------------------------------------------------------- bodies
@@ -396,3 +397,98 @@ def test_error_event_for_a_flow_that_failed(tmp_path):
     events = load_session(DirStore(tmp_path / "store"), find_session(DirStore(tmp_path / "store"), "s1")).events
     assert [e["type"] for e in events] == ["session-start", "request", "decision", "error", "session-end"]
     assert events[3]["data"]["message"] == "server disconnected"
+
+
+# ---------------------------------------------------------------------------- unknown length
+
+def appended_types(rec: Recorder) -> list[str]:
+    """Event types in the order they were handed to the recorder (a spy on ``append``)."""
+    seen: list[str] = []
+    real = rec.append
+
+    async def spy(event):
+        seen.append(event["type"])
+        return await real(event)
+    rec.append = spy
+    return seen
+
+
+@pytest.mark.parametrize("version, headers", [
+    ("HTTP/1.1", {"transfer_encoding": "chunked"}),
+    ("HTTP/2.0", {}),
+], ids=["chunked", "h2-without-length"])
+def test_body_of_unknown_length_is_recorded_before_it_can_leave(tmp_path, version, headers):
+    """mitmproxy may stream such a body on by itself, before `request` fires: the request is
+    recorded in `requestheaders`; read after all, its masked body goes with the response."""
+    rec = recorder(tmp_path)
+    pipe = Pipeline(rec)
+    seen = appended_types(rec)
+    body = b"upload " + AWS_KEY_ID + b" done"
+
+    async def main():
+        with taddons.context(pipe.mask, pipe.record):
+            await pipe.record.running()
+            f = make_flow(content=body, content_type="text/plain", **headers)
+            f.request.http_version = version
+            pipe.mask.requestheaders(f)
+            await pipe.record.requestheaders(f)
+            before_request_hook = list(seen)
+            pipe.mask.request(f)  # it stayed small: mitmproxy read it
+            await pipe.record.request(f)
+            upstream(f, b"ok", content_type="text/plain", content_length="2")
+            await pipe.response(f)
+            await pipe.record.done()
+            return before_request_hook
+
+    assert run(main) == ["session-start", "request", "decision"]
+    events = load_session(DirStore(tmp_path / "store"), find_session(DirStore(tmp_path / "store"), "s1")).events
+    assert [e["type"] for e in events] == ["session-start", "request", "decision", "response",
+                                           "session-end"]
+    assert events[1]["data"]["body"] == {"streamed": True, "recordedIn": "response"}
+    assert events[3]["data"]["requestBody"]["text"] == "upload [MASKED:aws-access-key-id] done"
+
+
+def test_strict_body_of_unknown_length_is_refused_before_it_can_leave(tmp_path):
+    rec = recorder(tmp_path, spool=unwritable(tmp_path))
+    pipe = Pipeline(rec)
+
+    async def main():
+        with taddons.context(pipe.mask, pipe.record):
+            await pipe.record.running()
+            f = make_flow(content=b"hello", transfer_encoding="chunked")
+            pipe.mask.requestheaders(f)
+            await pipe.record.requestheaders(f)
+            return f
+
+    f = run(main)
+    assert f.response is not None and f.response.status_code == 503  # not streaming yet: refused
+    assert json.loads(f.response.content)["error"] == "chaperone_recording_unavailable"
+
+
+def test_a_decision_changed_after_the_early_record_is_recorded_again(tmp_path):
+    """Enforce judges a body of unknown length on its headers, and again once it was read: a
+    stricter decision then is recorded before the request would have left."""
+    rec = recorder(tmp_path)
+    pipe = Pipeline(rec)
+
+    async def main():
+        with taddons.context(pipe.mask, pipe.record):
+            await pipe.record.running()
+            f = make_flow(content=b"DROP TABLE", transfer_encoding="chunked")
+            pipe.mask.requestheaders(f)
+            await pipe.record.requestheaders(f)
+            ctx = flowctx.get(f)  # what Enforce's `request` hook does on a stricter re-judgement
+            ctx.decision = Decision("block", rule=RuleRef(f"{NS}/api", "no-drops"), message="no")
+            refuse(f, "blocked", "no")
+            pipe.mask.request(f)
+            await pipe.record.request(f)
+            await pipe.response(f)
+            await pipe.record.done()
+
+    run(main)
+    events = load_session(DirStore(tmp_path / "store"), find_session(DirStore(tmp_path / "store"), "s1")).events
+    assert [e["type"] for e in events] == ["session-start", "request", "decision", "decision",
+                                           "response", "session-end"]
+    assert events[2]["data"]["effect"] == "allow"
+    assert events[3]["data"]["effect"] == "block" and events[3]["data"]["refused"] == "chaperone_blocked"
+    assert events[4]["data"]["status"] == 403

@@ -94,3 +94,17 @@ def test_build_is_json_serialisable_with_unicode():
     body = refusal.build("blocked", "Zugriff verweigert – Regel “x”", action=ACTION, connection="c")
     response = refusal.make_response("blocked", body)
     assert json.loads(response.content)["message"] == "Zugriff verweigert – Regel “x”"
+
+
+def test_response_unmaskable_is_a_kind_and_leaves_the_sent_request_alone():
+    """Mask's 502 is one of the shared kinds; refusing a *response* keeps the request's stream
+    function (the body already went upstream through it)."""
+    assert refusal.KINDS["response_unmaskable"] == 502
+    f = make_flow()
+    tee = lambda data: [data] if data else []  # noqa: E731 - a request stream function
+    f.request.stream = tee
+    f.response = tutils.tresp()  # the upstream's response, being replaced
+    body = refusal.refuse(f, "response_unmaskable", rule=None)
+    assert f.response.status_code == 502 and body["error"] == "chaperone_response_unmaskable"
+    assert "was sent" in body["message"] and "already took effect" in body["how_to_get_access"]
+    assert f.request.stream is tee

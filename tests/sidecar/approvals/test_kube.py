@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from urllib.parse import urlsplit
 
@@ -251,3 +252,192 @@ def test_token_file_is_reread_periodically(kube_env):
             await backend.close()
 
     assert asyncio.run(scenario()) == []
+
+
+# ---------------------------------------------------------------------------- transient answers
+
+class FlakyApiserver:
+    """A stand-in apiserver (plain HTTP) that answers 429 "storage is (re)initializing" - what a
+    just-created CRD's resource answers on Kubernetes 1.33 while its watch cache starts - a
+    given number of times per call before the real answer."""
+
+    STATUS = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 429,
+              "reason": "TooManyRequests", "message": "storage is (re)initializing"}
+
+    def __init__(self, failures: dict[str, int], retry_after: str | None = "1",
+                 status: int = 429) -> None:
+        self.failures = dict(failures)  # call -> how many times it fails first
+        self.retry_after, self.status = retry_after, status
+        self.calls: list[tuple[str, float]] = []
+        self.objects: dict[str, dict] = {}
+
+    def _flaky(self, call: str):
+        from aiohttp import web
+
+        self.calls.append((call, time.monotonic()))
+        if self.failures.get(call, 0) > 0:
+            self.failures[call] -= 1
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.json_response({**self.STATUS, "code": self.status}, status=self.status,
+                                     headers=headers)
+        return None
+
+    async def collection(self, request):
+        from aiohttp import web
+
+        if request.method == "POST":
+            if (failed := self._flaky("create")) is not None:
+                return failed
+            obj = await request.json()
+            obj["metadata"]["resourceVersion"] = "1"
+            self.objects[obj["metadata"]["name"]] = obj
+            return web.json_response(obj, status=201)
+        if request.query.get("watch"):
+            if (failed := self._flaky("watch")) is not None:
+                return failed
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            for obj in self.objects.values():
+                obj = {**obj, "spec": {**obj["spec"], "decision": "Approved", "decidedBy": "alice"},
+                       "metadata": {**obj["metadata"], "resourceVersion": "2"}}
+                await resp.write(json.dumps({"type": "MODIFIED", "object": obj}).encode() + b"\n")
+            return resp
+        if (failed := self._flaky("list")) is not None:
+            return failed
+        return web.json_response({"kind": "List", "metadata": {"resourceVersion": "1"},
+                                  "items": list(self.objects.values())})
+
+    async def one(self, request):
+        from aiohttp import web
+
+        if (failed := self._flaky("get")) is not None:
+            return failed
+        obj = self.objects.get(request.match_info["name"])
+        return web.json_response(obj) if obj else web.json_response({}, status=404)
+
+    async def __aenter__(self) -> str:
+        from aiohttp import web
+
+        app = web.Application()
+        base = "/apis/chaperone.dev/v1alpha1/namespaces/ns/approvalrequests"
+        app.router.add_route("*", base, self.collection)
+        app.router.add_get(base + "/{name}", self.one)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+    def gaps(self, call: str) -> list[float]:
+        times = [t for c, t in self.calls if c == call]
+        return [b - a for a, b in zip(times, times[1:])]
+
+
+def flaky_backend(url: str, tmp_path, **kwargs):
+    from chaperone_sidecar.approvals.kube import KubeApprovalBackend
+
+    token = tmp_path / "token"
+    token.write_text("t")
+    return KubeApprovalBackend(url, "ns", token_file=token, retry_delay=0.05, **kwargs)
+
+
+def test_storage_initializing_429_is_retried_honouring_retry_after(tmp_path):
+    """A just-created CRD answers 429 until its watch cache is ready: create, find, get and the
+    wait's watch are retried after Retry-After instead of failing the flow."""
+    obj = {"metadata": {"name": "ar-1", "labels": {"chaperone.dev/request-digest": "d"}},
+           "spec": {"requestDigest": "sha256:d"}}
+    server = FlakyApiserver({"create": 1, "list": 1, "get": 1, "watch": 1})
+
+    async def scenario():
+        async with server as url:
+            backend = flaky_backend(url, tmp_path)
+            try:
+                created = await backend.create(obj)
+                found = await backend.find({"chaperone.dev/request-digest": "d"})
+                got = await backend.get("ar-1")
+                decided = await backend.wait("ar-1", 10, lambda o: bool(o["spec"].get("decision")))
+                return created, found, got, decided, backend.transient_retried
+            finally:
+                await backend.close()
+
+    created, found, got, decided, retried = asyncio.run(scenario())
+    assert created["metadata"]["name"] == "ar-1" and [o["metadata"]["name"] for o in found] == ["ar-1"]
+    assert got["metadata"]["name"] == "ar-1" and decided["spec"]["decision"] == "Approved"
+    assert retried == 3  # create, list, get (the watch is retried by wait)
+    for call in ("create", "get", "watch"):
+        assert [c for c, _ in server.calls].count(call) == 2, call
+        assert server.gaps(call)[0] >= 0.9, f"{call} retried before Retry-After: 1"
+
+
+def test_transient_retries_are_bounded_and_503_backs_off_without_retry_after(tmp_path):
+    server = FlakyApiserver({"list": 100, "get": 2}, retry_after=None, status=503)
+
+    async def scenario():
+        async with server as url:
+            backend = flaky_backend(url, tmp_path, transient_retries=3)
+            try:
+                with pytest.raises(BackendError) as err:
+                    await backend.find({})
+                assert await backend.get("missing") is None  # 503, 503, then the answer
+                return err.value
+            finally:
+                await backend.close()
+
+    err = asyncio.run(scenario())
+    assert err.status == 503 and err.transient and "storage is (re)initializing" in str(err)
+    assert [c for c, _ in server.calls].count("list") == 4  # the first call and 3 retries
+    gaps = server.gaps("list")  # no Retry-After: retry_delay (0.05 s), doubling
+    assert all(gap >= 0.9 * want for gap, want in zip(gaps, (0.05, 0.1, 0.2))), gaps
+
+
+def test_retry_after_header_forms():
+    from email.utils import formatdate
+
+    from chaperone_sidecar.approvals.kube import retry_after
+
+    assert retry_after("1") == 1.0 and retry_after(" 2.5 ") == 2.5 and retry_after("-3") == 0.0
+    assert retry_after(None) is None and retry_after("soon") is None
+    assert 9 <= retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10
+
+
+def test_a_create_retried_after_a_503_it_survived_returns_that_object(tmp_path):
+    """A 503 from something in front of the apiserver after the object was created: the retry
+    gets 409 for the same name and labels - that is our object, not a name collision (which
+    would open a second ApprovalRequest under a new name)."""
+    from aiohttp import web
+
+    class Processed503(FlakyApiserver):
+        async def collection(self, request):
+            if request.method != "POST":
+                return await super().collection(request)
+            obj = await request.json()
+            name = obj["metadata"]["name"]
+            self.calls.append(("create", time.monotonic()))
+            if name in self.objects:
+                return web.json_response({**self.STATUS, "code": 409, "reason": "AlreadyExists",
+                                          "message": f"{name} already exists"}, status=409)
+            self.objects[name] = obj
+            return web.json_response({**self.STATUS, "code": 503}, status=503,
+                                     headers={"Retry-After": "0"})
+
+    server = Processed503({})
+    labels = {"chaperone.dev/request-digest": "d"}
+
+    async def scenario():
+        async with server as url:
+            backend = flaky_backend(url, tmp_path)
+            try:
+                created = await backend.create({"metadata": {"name": "ar-1", "labels": labels},
+                                                "spec": {}})
+                with pytest.raises(Conflict):  # not retried: a real collision stays one
+                    await backend.create({"metadata": {"name": "ar-1", "labels": {"other": "x"}},
+                                          "spec": {}})
+                return created
+            finally:
+                await backend.close()
+
+    created = asyncio.run(scenario())
+    assert created["metadata"]["name"] == "ar-1" and list(server.objects) == ["ar-1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -93,6 +94,23 @@ def test_from_env_paths_can_be_remapped_and_oidc_is_optional(tmp_path):
     assert config.mode == "transparent" and config.work_dir == tmp_path
     assert config.oidc.issuer == "https://idp.example.com" and config.oidc.groups_claim == "roles"
     assert config.oidc.username_claim == "sub"
+
+
+def test_oidc_settings_of_the_operator_reach_the_sidecar():
+    """The operator's CHAPERONE_OIDC_* settings are written into the sidecar container, where
+    SidecarConfig.from_env turns them into the issuer on-behalf-of tokens are verified against."""
+    settings = InjectionSettings.from_env({
+        "CHAPERONE_OIDC_ISSUER": "https://dex.example.com", "CHAPERONE_OIDC_AUDIENCE": "chaperone",
+        "CHAPERONE_OIDC_GROUPS_CLAIM": "roles",
+        "CHAPERONE_OIDC_CA_FILE": contract.SIDECAR_SECRET_DIR + "/oidc-ca.crt"})
+    container = webhook_container(**{f.name: getattr(settings, f.name)
+                                     for f in dataclasses.fields(settings)})
+    config = SidecarConfig.from_env(env_of(container), container["args"][1:])
+    assert config.oidc == cfg.OIDCConfig(
+        issuer="https://dex.example.com", audience="chaperone", username_claim="sub",
+        groups_claim="roles", ca_file="/var/run/secrets/chaperone/sidecar/oidc-ca.crt")
+    names = [e["name"] for e in webhook_container()["env"]]
+    assert not [n for n in names if n.startswith("CHAPERONE_OIDC_")]  # not configured: absent
 
 
 @pytest.mark.parametrize("change, message", [

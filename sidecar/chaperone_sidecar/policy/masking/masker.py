@@ -142,8 +142,9 @@ class Masker:
         counts: dict[str, int] = {}
         notes: list[str] = []
         masked = plain
-        if self.paths and (is_json_type(content_type) or (
-                not _mime(content_type) and plain.lstrip()[:1] in (b"{", b"["))):
+        # Field rules apply to anything that parses as JSON, whatever the label: a mislabelled
+        # upstream (moto answers GetSecretValue as text/html) must not switch masking off.
+        if self.paths and (is_json_type(content_type) or plain.lstrip()[:1] in (b"{", b"[")):
             masked = self._mask_fields(plain, counts, notes)
         masked = mask_text(masked, self.rules, self.hash_key, counts,
                            json_strings=_json_lines(content_type, plain))
@@ -177,8 +178,12 @@ class Masker:
         return out
 
     def can_stream(self, content_type: str | None) -> bool:
-        """False when field rules apply to this body (they need the whole JSON document)."""
-        return not (self.paths and (is_json_type(content_type) or not _mime(content_type)))
+        """False when field rules may apply to this body (they need the whole JSON document).
+
+        Any label but an event stream may carry JSON (upstreams mislabel), so with field rules
+        only SSE is streamed; its events are masked by the detectors as they pass.
+        """
+        return not self.paths or _mime(content_type) == "text/event-stream"
 
     def stream(self, content_type: str | None = None, content_encoding: str | None = None,
                *, max_decoded_bytes: int | None = None) -> StreamMasker:

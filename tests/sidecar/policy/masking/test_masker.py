@@ -236,3 +236,15 @@ def test_json_stays_json(doc, ascii_only):
     body = json.dumps(doc, ensure_ascii=ascii_only).encode()
     out = ALL.mask_bytes(body, "application/json").body
     json.loads(out)  # masking never breaks the document
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "text/plain",
+                                          "application/octet-stream", None])
+def test_field_rules_apply_to_mislabelled_json(content_type):
+    """An upstream that labels JSON as something else must not switch field masking off."""
+    m = Masker([MaskSpec(fields=("$.SecretString",))])
+    body = json.dumps({"Name": "db", "SecretString": "hunter2-not-a-pattern"}).encode()
+    out = m.mask_bytes(body, content_type)
+    assert b"hunter2" not in out.body and json.loads(out.body)["SecretString"] == "[MASKED:field]"
+    assert not m.can_stream(content_type)
+    assert m.can_stream("text/event-stream")

@@ -6,7 +6,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
-APT_PACKAGES := redis-server iproute2 iptables curl
+APT_PACKAGES := redis-server iproute2 iptables curl squid-openssl wrk
 export CHAPERONE_CACHE ?= $(HOME)/.cache/chaperone
 
 .PHONY: demo test deps system-deps venv control-plane sync-crds check-crds bench clean
@@ -47,8 +47,10 @@ sync-crds:
 	rm -f charts/chaperone/crds/*.yaml
 	cp crds/*.yaml charts/chaperone/crds/
 
+# Benchmarks: the policy engine micro-benchmark, then the proxy comparison (bench-proxy).
 bench: deps
 	$(PY) bench/bench_policy.py
+	$(MAKE) bench-proxy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
@@ -62,10 +64,9 @@ e2e-kind: venv
 
 # Proxy benchmarks (issue 7, bench/run.py): Chaperone against direct, bare mitmproxy and Squid
 # ssl-bump, plus approval and webhook latencies on the test bed's apiserver; writes
-# docs/benchmarks.md. Needs squid-openssl and wrk (Debian) and the optional `bench` extra (uvloop,
-# py-spy; without it the uvloop rows and the profiles are left out). BENCH_ARGS=--quick for a
+# docs/benchmarks.md. Needs squid-openssl and wrk (Debian, in APT_PACKAGES) and uvloop/py-spy (the
+# test extra). BENCH_ARGS=--quick for a
 # short run.
 .PHONY: bench-proxy
 bench-proxy: deps
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	KUBEBUILDER_ASSETS="$$(hack/build-control-plane.sh)" $(PY) bench/run.py $(BENCH_ARGS)

@@ -60,10 +60,18 @@ def list_pods(api: client.ApiClient, namespace: str, label_selector: str) -> lis
                 label_selector=label_selector).get("items", [])
 
 
-def list_objects(api: client.ApiClient, plural: str, namespace: str) -> list[dict]:
-    """All chaperone.dev objects of a kind in a namespace."""
+def list_objects(api: client.ApiClient, plural: str, namespace: str, *,
+                 from_cache: bool = False) -> list[dict]:
+    """All chaperone.dev objects of a kind in a namespace.
+
+    ``from_cache`` lists with resourceVersion=0: served from the apiserver's watch cache
+    without waiting for it to catch up with etcd (measured: 84 ms → ~0 ms added to every
+    pod admission, bench/). The cost is data at most a moment stale, which on the injection
+    path fails closed: a connection created in that moment is simply not offered to the pod.
+    """
+    kwargs = {"resource_version": "0"} if from_cache else {}
     return client.CustomObjectsApi(api).list_namespaced_custom_object(
-        GROUP, VERSION, namespace, plural).get("items", [])
+        GROUP, VERSION, namespace, plural, **kwargs).get("items", [])
 
 
 def read_secret(api: client.ApiClient, namespace: str, name: str) -> dict | None:

@@ -50,3 +50,20 @@ def test_cluster_peering_object_needs_its_crd(control_plane, api, repo_root):
         control_plane.kubectl("get", "clusterkopfpeering", "chaperone-test")
     finally:
         control_plane.kubectl("delete", "crd", PEERING_CRD, "--wait=true")
+
+
+def test_list_objects_from_cache_reads_the_watch_cache(control_plane, api, crds_installed):
+    ns = f"cache-{uuid.uuid4().hex[:6]}"
+    control_plane.create_namespace(ns)
+    control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "chaperone.dev/v1alpha1", "kind": "ClaudeConnection",
+        "metadata": {"name": "c1"}, "spec": {"type": "anthropic"}}))
+    assert [o["metadata"]["name"] for o in kube.list_objects(api, "claudeconnections", ns)] == ["c1"]
+    import time
+    deadline = time.monotonic() + 10  # the cache is eventually consistent: poll, never sleep blind
+    while time.monotonic() < deadline:
+        cached = kube.list_objects(api, "claudeconnections", ns, from_cache=True)
+        if cached:
+            break
+        time.sleep(0.05)
+    assert [o["metadata"]["name"] for o in cached] == ["c1"]

@@ -41,7 +41,7 @@ def on_pod_mutate(body, userinfo, patch, memo, **_):
     runtime = memo.runtime
     pod = copy.deepcopy(dict(body))
     namespace = (pod.get("metadata") or {}).get("namespace")
-    connections = kube.list_objects(runtime.api, "claudeconnections", namespace)
+    connections = kube.list_objects(runtime.api, "claudeconnections", namespace, from_cache=True)
     result = inject(pod, runtime.injection, connections, dict(userinfo or {}))
     if result.refused:
         raise kopf.AdmissionError(f"Chaperone cannot inject this pod: {result.refused}", code=403)

@@ -27,7 +27,7 @@ def pod(**spec) -> dict:
 
 
 def test_mutate_applies_the_injection_patch(monkeypatch):
-    monkeypatch.setattr(h.kube, "list_objects", lambda api, plural, ns: [])
+    monkeypatch.setattr(h.kube, "list_objects", lambda api, plural, ns, **kw: [])
     body = pod()
     patch = kopf.Patch(body=kopf.Body(body))
     h.on_pod_mutate(body=kopf.Body(body), userinfo={"username": "dave"}, patch=patch, memo=memo())
@@ -37,7 +37,7 @@ def test_mutate_applies_the_injection_patch(monkeypatch):
 
 
 def test_mutate_refuses_what_injection_refuses(monkeypatch):
-    monkeypatch.setattr(h.kube, "list_objects", lambda api, plural, ns: [])
+    monkeypatch.setattr(h.kube, "list_objects", lambda api, plural, ns, **kw: [])
     body = pod(hostNetwork=True)
     with pytest.raises(kopf.AdmissionError, match="Chaperone cannot inject this pod: spec.hostNetwork"):
         h.on_pod_mutate(body=kopf.Body(body), userinfo={}, patch=kopf.Patch(body=kopf.Body(body)),
@@ -56,3 +56,14 @@ def test_pod_events_reconcile_the_namespace_on_arrival_and_departure_only(monkey
     assert calls == []
     h.on_pod_event(type="DELETED", body=running, memo=memo(), logger=None)
     assert calls == ["team", {"injectedPods": 0}]
+
+
+def test_mutate_lists_connections_from_the_watch_cache(monkeypatch):
+    """resourceVersion=0: pod admission must not wait for a quorum read of etcd (bench/)."""
+    calls = []
+    monkeypatch.setattr(h.kube, "list_objects",
+                        lambda api, plural, ns, **kw: calls.append((plural, ns, kw)) or [])
+    body = pod()
+    h.on_pod_mutate(body=kopf.Body(body), userinfo={"username": "dave"},
+                    patch=kopf.Patch(body=kopf.Body(body)), memo=memo())
+    assert calls == [("claudeconnections", "team", {"from_cache": True})]

@@ -47,6 +47,7 @@ from .policy.compiler import PolicyErrors, compile_policy
 from .policy.globs import glob_error
 from .policy.matching import CompiledPolicySet
 from .routing import Connection, RouteTable, effective_hosts
+from .selectors import selector_matches
 
 __all__ = ["Snapshot", "Sources", "KubeSources", "FileSources", "KubeClient", "KubeError",
            "build_snapshot", "read_labels", "parse_downward_api", "selector_matches",
@@ -109,31 +110,6 @@ def read_labels(podinfo_dir: Path | None) -> dict[str, str]:
         return parse_downward_api((podinfo_dir / "labels").read_text())
     except OSError:
         return {}
-
-
-def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
-    """Kubernetes LabelSelector semantics; an absent or empty selector matches every pod."""
-    if not selector:
-        return True
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        present = key in labels
-        if op == "In":
-            ok = present and labels[key] in values
-        elif op == "NotIn":
-            ok = not present or labels[key] not in values
-        elif op == "Exists":
-            ok = present
-        elif op == "DoesNotExist":
-            ok = not present
-        else:  # unknown operator: the connection does not apply (fewer rights, never more)
-            ok = False
-        if not ok:
-            return False
-    return True
 
 
 def _connection(obj: Mapping[str, Any], namespace: str, mount: ConnectionMount | None,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
+from chaperone_sidecar.selectors import selector_matches
+
 from .contract import (
     CONNECTIONS_DIR, UPSTREAM_CA_DIR, VOL_CONN_PREFIX, VOL_UPSTREAM_CA_PREFIX, WEBIDENTITY_DIR,
 )
@@ -77,31 +79,6 @@ class ConnectionPlan:
         if self.reverse_port is not None:
             entry["reversePort"] = self.reverse_port
         return entry
-
-
-def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
-    """Kubernetes LabelSelector semantics; an absent or empty selector matches every pod."""
-    if not selector:
-        return True
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        present = key in labels
-        if op == "In":
-            ok = present and labels[key] in values
-        elif op == "NotIn":
-            ok = not present or labels[key] not in values
-        elif op == "Exists":
-            ok = present
-        elif op == "DoesNotExist":
-            ok = not present
-        else:  # unknown operator: the connection does not apply (fewer rights, never more)
-            ok = False
-        if not ok:
-            return False
-    return True
 
 
 def applicable_connections(connections: Iterable[Mapping[str, Any]],

@@ -374,8 +374,12 @@ class Record:
 
     async def _append(self, flow: http.HTTPFlow, events: list[dict[str, Any]]) -> int:
         """Append events in order; the number that could not be written."""
-        results = await asyncio.gather(*(self.recorder.append(e) for e in events),
-                                       return_exceptions=True)
+        recorder = self.recorder
+        if hasattr(recorder, "append_many"):  # one queueing for all, no task per event
+            results = await recorder.append_many(events)
+        else:
+            results = await asyncio.gather(*(recorder.append(e) for e in events),
+                                           return_exceptions=True)
         lost = 0
         for result in results:
             if isinstance(result, dict):

@@ -129,6 +129,47 @@ class Recorder:
         The recorder owns ``event`` from here on: do not mutate it. Strict mode raises
         SpoolUnavailable if it could not be written; best-effort returns None.
         """
+        return await self._enqueue("event", self._prepare(event))
+
+    async def append_many(self, events: list[Mapping[str, Any]]) -> list[Any]:
+        """Append several events in this order, queued together (no task per event).
+
+        Per event, what ``append`` would return or raise, as
+        ``asyncio.gather(*(append(e) for e in events), return_exceptions=True)`` gives it: the
+        sealed dict, None (best-effort, not written) or the exception.
+        """
+        loop = asyncio.get_running_loop()
+        pending: list[Any] = []
+        for event in events:
+            try:
+                prepared = self._prepare(event)
+            except Exception as exc:
+                pending.append(exc)
+                continue
+            future = loop.create_future()
+            self._queue.append(("event", prepared, future))
+            pending.append(future)
+        self._wake.set()
+        results: list[Any] = []
+        try:
+            for item in pending:
+                if isinstance(item, BaseException):
+                    results.append(item)
+                    continue
+                try:
+                    results.append(await item)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    results.append(exc)
+        except asyncio.CancelledError:
+            for item in pending:  # the writer skips cancelled futures (the events are written)
+                if isinstance(item, asyncio.Future) and not item.done():
+                    item.cancel()
+            raise
+        return results
+
+    def _prepare(self, event: Mapping[str, Any]) -> dict[str, Any]:
         if self._state not in ("open", "closing"):
             raise RuntimeError(f"recorder is {self._state}; call start() first")
         if event.get("type") not in EVENT_TYPES:
@@ -139,7 +180,7 @@ class Recorder:
         event["time"] = moment if isinstance(moment, str) else format_time(moment)
         event.setdefault("identity", self.identity)
         event.setdefault("data", {})
-        return await self._enqueue("event", event)
+        return event
 
     async def record(self, type: str, *, flow: str | None = None,
                      data: Mapping[str, Any] | None = None,

@@ -31,11 +31,15 @@ SCHEMA_VERSION = 1
 GENESIS_DOMAIN = b"chaperone/recording/v1/genesis\x00"
 
 
+# One encoder, built once: ``json.dumps`` with non-default options builds a new one per call.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+).encode
+
+
 def canonical_json(value: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no spaces, UTF-8, NaN/Infinity refused."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-    ).encode("utf-8")
+    return _CANONICAL(value).encode("utf-8")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -150,8 +154,15 @@ class Chain:
         sealed["seq"] = self.seq
         sealed["prev"] = self.last_hash
         try:
-            sealed["hash"] = sha256_hex(canonical_json(sealed))
-            line = canonical_json(sealed) + b"\n"
+            # Encode once. The top-level keys are split around "hash" in sorted order, so the
+            # hashed bytes (without "hash") and the stored line (with it) are both joined from
+            # the same two encodings - byte-identical to encoding each whole dict.
+            low = _CANONICAL({k: v for k, v in sealed.items() if k < "hash"})[1:-1]
+            high = _CANONICAL({k: v for k, v in sealed.items() if k > "hash"})[1:-1]
+            digest = sha256_hex(("{" + ",".join(p for p in (low, high) if p) + "}").encode("utf-8"))
+            line = ("{" + ",".join(p for p in (low, f'"hash":"{digest}"', high) if p)
+                    + "}\n").encode("utf-8")
+            sealed["hash"] = digest
         except (TypeError, ValueError, UnicodeEncodeError) as exc:
             raise ValueError(f"event is not canonical-JSON serialisable: {exc}") from None
         self.seq += 1

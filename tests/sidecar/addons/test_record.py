@@ -343,7 +343,10 @@ def test_strict_buffered_response_is_withheld_when_it_cannot_be_recorded(tmp_pat
 
             async def broken(event):
                 raise SpoolUnavailable("disk full")
+            async def broken_many(events):
+                return [SpoolUnavailable("disk full") for _ in events]
             rec.append = broken  # the spool fails between request and response
+            rec.append_many = broken_many
             upstream(f, b"the answer", content_type="text/plain", content_length="10")
             await pipe.response(f)
             return f
@@ -402,14 +405,21 @@ def test_error_event_for_a_flow_that_failed(tmp_path):
 # ---------------------------------------------------------------------------- unknown length
 
 def appended_types(rec: Recorder) -> list[str]:
-    """Event types in the order they were handed to the recorder (a spy on ``append``)."""
+    """Event types in the order they were handed to the recorder (a spy on ``append`` and
+    ``append_many``)."""
     seen: list[str] = []
     real = rec.append
 
     async def spy(event):
         seen.append(event["type"])
         return await real(event)
+    real_many = rec.append_many
+
+    async def spy_many(events):
+        seen.extend(event["type"] for event in events)
+        return await real_many(events)
     rec.append = spy
+    rec.append_many = spy_many
     return seen
 
 

@@ -67,9 +67,16 @@ def test_kubectl_reads_go_through_the_sidecar(story):
 
 
 def test_kubectl_delete_namespace_is_blocked(story):
-    # -v=9 logs response bodies: kubectl itself prints only "Error from server (Forbidden):
-    # unknown (delete namespaces ...)", since the refusal is not a metav1.Status (see
-    # docs/e2e.md, findings).
+    # The refusal is also a metav1.Status, so kubectl's normal output carries its message:
+    # what was refused, by which rule, and how to get access.
+    plain = agent_kubectl(story, "delete", "namespace", story.victim_ns, "--wait=false")
+    assert plain.returncode != 0, st.describe(plain)
+    assert "Error from server (Forbidden): Agents may not delete namespaces." in plain.stderr, \
+        st.describe(plain)
+    assert "never-delete-namespaces" in plain.stderr and "How to get access:" in plain.stderr, \
+        st.describe(plain)
+    assert "unknown (delete namespaces" not in plain.stderr, st.describe(plain)
+    # -v=9 logs response bodies: the full JSON refusal.
     res = agent_kubectl(story, "delete", "namespace", story.victim_ns, "--wait=false", "-v=9")
     assert res.returncode != 0, st.describe(res)
     assert "Error from server (Forbidden)" in res.stderr, st.describe(res)

@@ -15,7 +15,11 @@ refused it, and can act on it without knowing Chaperone's internals::
     }
 
 The response carries ``Content-Type: application/json``, ``X-Chaperone-Refused: <kind>`` and
-``Cache-Control: no-store``; a rate-limit refusal also ``Retry-After``. Setting
+``Cache-Control: no-store``; a rate-limit refusal also ``Retry-After``. So that the agent's own
+client shows *why* (kubectl, the AWS CLI hide bodies they cannot decode), fields are added - never
+removed - by connection type (see :func:`for_client`): a kubernetes refusal is also a
+``metav1.Status``; an AWS json/rest-json refusal carries ``__type``; AWS refusals set
+``x-amzn-ErrorType`` and ``X-Chaperone-Reason``. Setting
 ``flow.response`` in a ``request``/``requestheaders`` hook makes mitmproxy answer the client
 itself: the upstream is never contacted. A request refused in ``requestheaders`` whose body
 was going to stream is switched back to reading the body (mitmproxy cannot answer a request it
@@ -47,8 +51,8 @@ from mitmproxy import http
 from .. import flowctx
 from ..policy.model import Action, RuleRef
 
-__all__ = ["KINDS", "HEADER", "build", "make_response", "refuse", "rule_info", "action_info",
-           "default_guidance"]
+__all__ = ["KINDS", "HEADER", "build", "make_response", "refuse", "for_client", "rule_info",
+           "action_info", "default_guidance"]
 
 HEADER = "X-Chaperone-Refused"
 
@@ -198,6 +202,104 @@ def refuse(flow: http.HTTPFlow, kind: str, message: str = "", *, rule: RuleRef |
         # streaming upstream (it raises), so the body is read and dropped instead, then the
         # refusal is sent (see the module docstring). The upstream is never contacted.
         flow.request.stream = False
-    flow.response = make_response(kind, body, status=status, headers=headers)
+    status = status or KINDS[kind]
+    body, client_headers = for_client(body, status, ctx)
+    flow.response = make_response(kind, body, status=status,
+                                  headers={**client_headers, **(headers or {})})
     ctx.refused = body
     return body
+
+
+# -- making the refusal readable by the agent's own client ------------------------------------
+
+# HTTP status -> metav1.Status reason (k8s.io/apimachinery/pkg/apis/meta/v1 StatusReason*).
+_K8S_REASONS: Mapping[int, str] = {
+    400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+    409: "Conflict", 413: "RequestEntityTooLarge", 429: "TooManyRequests",
+    500: "InternalError", 502: "InternalError", 503: "ServiceUnavailable",
+    504: "Timeout",
+}
+_AWS_JSON_PROTOCOLS = ("json", "rest-json")
+_REASON_HEADER = "X-Chaperone-Reason"
+
+
+def for_client(body: dict[str, Any], status: int,
+               ctx: flowctx.FlowContext) -> tuple[dict[str, Any], dict[str, str]]:
+    """Add the fields (and headers) that let the agent's client show *why* it was refused.
+
+    Nothing is removed and the body stays JSON; only fields are added:
+
+    * ``kubernetes`` connections: the body is also a ``metav1.Status`` (``kind: Status``,
+      ``apiVersion: v1``, ``status: Failure``, ``reason``, ``code``), which client-go decodes
+      from an error response with ``Content-Type: application/json`` - so kubectl prints
+      ``Error from server (Forbidden): <message>`` instead of ``unknown (...)``. ``message``
+      becomes the whole human text (the refusal's message, the rule, how to get access), since
+      that is all kubectl prints. A kind-specific ``reason`` (approval denied/expired) would
+      clash with Status's ``reason``: it moves to ``refusal_reason``.
+    * ``aws`` connections with a JSON protocol (json, rest-json): ``__type`` and the
+      ``x-amzn-ErrorType`` header (``AccessDeniedException``, ``ThrottlingException``, ...), so
+      botocore raises ``ClientError`` with that code and our ``message``. For the XML protocols
+      (query, ec2, rest-xml) the body stays JSON - botocore cannot parse it and falls back to
+      the HTTP status (``An error occurred (403) ... Forbidden``); the ``x-amzn-ErrorType`` and
+      a one-line ``X-Chaperone-Reason`` header are set for clients that look at headers
+      (botocore keeps them in ``ResponseMetadata.HTTPHeaders``, it does not print them).
+    """
+    if ctx.connection_type == "kubernetes":
+        return _kubernetes_status(body, status), {}
+    if ctx.connection_type == "aws":
+        aws = ctx.action.aws if ctx.action is not None else None
+        protocol = aws.protocol if aws is not None else ""
+        headers = {_REASON_HEADER: _one_line(body)}
+        if protocol in _AWS_JSON_PROTOCOLS:
+            code = _aws_code(status, json_protocol=True)
+            body = {**body, "__type": code} if "__type" not in body else body
+        else:
+            code = _aws_code(status, json_protocol=False)
+        headers["x-amzn-ErrorType"] = code
+        return body, headers
+    return body, {}
+
+
+def _kubernetes_status(body: dict[str, Any], status: int) -> dict[str, Any]:
+    out = dict(body)
+    if "reason" in out:
+        out["refusal_reason"] = out.pop("reason")
+    rule = body.get("rule")
+    parts = [str(body.get("message") or "").rstrip()]
+    if rule:
+        parts.append(f"[Chaperone refused {body.get('action', {}).get('summary') or 'this request'}"
+                     f"; rule {rule['name']!r} of AccessPolicy {rule['policy']}]")
+    else:
+        parts.append(f"[Chaperone refused {body.get('action', {}).get('summary') or 'this request'}]")
+    if body.get("how_to_get_access"):
+        parts.append(f"How to get access: {body['how_to_get_access']}")
+    out["message"] = " ".join(p for p in parts if p)
+    out.update({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "reason": _K8S_REASONS.get(status, ""), "code": status})
+    retry_after = body.get("retry_after_seconds")
+    if isinstance(retry_after, int) and "details" not in out:
+        out["details"] = {"retryAfterSeconds": retry_after}
+    return out
+
+
+def _aws_code(status: int, *, json_protocol: bool) -> str:
+    if status == 429:
+        code = "Throttling"
+    elif status >= 500:
+        code = "ServiceUnavailable"
+    elif status == 400:
+        return "ValidationException" if json_protocol else "ValidationError"
+    else:
+        code = "AccessDenied"
+    return code + "Exception" if json_protocol else code
+
+
+def _one_line(body: Mapping[str, Any]) -> str:
+    """The refusal in one ASCII header line: error, message and rule."""
+    rule = body.get("rule")
+    text = f"{body.get('error', '')}: {body.get('message', '')}"
+    if rule:
+        text += f" (rule {rule['name']!r} of AccessPolicy {rule['policy']})"
+    text = " ".join(text.split())
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= 512 else text[:509] + "..."

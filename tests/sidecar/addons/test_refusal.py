@@ -108,3 +108,169 @@ def test_response_unmaskable_is_a_kind_and_leaves_the_sent_request_alone():
     assert f.response.status_code == 502 and body["error"] == "chaperone_response_unmaskable"
     assert "was sent" in body["message"] and "already took effect" in body["how_to_get_access"]
     assert f.request.stream is tee
+
+
+# -- readable by the agent's own client (kubectl, botocore) -----------------------------------
+
+K8S_ACTION = Action("kubernetes", "DELETE", "https", "kubernetes.default.svc", 443,
+                    "/api/v1/namespaces/victim", name="kubernetes:delete/namespaces",
+                    summary="delete namespaces victim")
+K8S_RULE = RuleRef("team-a/cluster-readonly", "never-delete-namespaces")
+
+
+def kube_flow(decision=None):
+    f = tflow.tflow(req=tutils.treq(host="kubernetes.default.svc", port=443, method=b"DELETE",
+                                    path=b"/api/v1/namespaces/victim"))
+    ctx = flowctx.ensure(f)
+    ctx.connection, ctx.connection_type, ctx.action = "cluster", "kubernetes", K8S_ACTION
+    ctx.decision = decision
+    return f
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("blocked", "Forbidden"), ("rate_limited", "TooManyRequests"),
+    ("approval_unavailable", "ServiceUnavailable"), ("invalid_request", "BadRequest"),
+    ("unauthenticated", "Unauthorized"), ("approval_pending", "Forbidden"),
+])
+def test_kubernetes_refusal_is_also_a_metav1_status(kind, reason):
+    f = kube_flow(Decision("block", rule=K8S_RULE, message="Agents may not delete namespaces."))
+    body = refusal.refuse(f, kind, "Agents may not delete namespaces.")
+    sent = json.loads(f.response.content)
+    assert sent == body and flowctx.get(f).refused == body
+    assert f.response.headers["Content-Type"] == "application/json"  # client-go needs it
+    # What client-go's dynamicCodec looks at, then json.Unmarshal into metav1.Status:
+    assert (sent["kind"], sent["apiVersion"], sent["status"]) == ("Status", "v1", "Failure")
+    assert sent["metadata"] == {} and sent["code"] == f.response.status_code
+    assert sent["reason"] == reason
+    # kubectl prints Status.message: it says what, which rule and how to get access.
+    assert sent["message"].startswith("Agents may not delete namespaces.")
+    assert "never-delete-namespaces" in sent["message"] and "team-a/cluster-readonly" in sent["message"]
+    assert "delete namespaces victim" in sent["message"]
+    assert sent["how_to_get_access"] in sent["message"]
+    # The Chaperone shape is all still there.
+    assert tuple(sent)[:5] == FIXED and sent["error"] == f"chaperone_{kind}"
+    assert sent["rule"] == {"policy": "team-a/cluster-readonly", "name": "never-delete-namespaces"}
+    assert sent["action"]["name"] == "kubernetes:delete/namespaces"
+
+
+def test_kubernetes_status_fields_have_metav1_types():
+    f = kube_flow()
+    body = refusal.refuse(f, "rate_limited", "slow down", rule=None,
+                          headers={"Retry-After": "7"}, retry_after_seconds=7)
+    assert isinstance(body["code"], int) and isinstance(body["reason"], str)
+    assert body["details"] == {"retryAfterSeconds": 7} and body["retry_after_seconds"] == 7
+    assert f.response.headers["Retry-After"] == "7"
+
+
+def test_kubernetes_approval_pending_message_names_request_and_command():
+    f = kube_flow(Decision("require_approval", rule=K8S_RULE, message="Needs a human"))
+    command = "kubectl chaperone approve ar-123 -n team-a"
+    body = refusal.refuse(
+        f, "approval_pending", "Needs a human: ApprovalRequest ar-123 in namespace team-a is "
+        "waiting for alice.", how_to_get_access=f"Ask an approver (alice) to approve it by "
+        f"running: {command} - then retry the same request.",
+        approval_request={"name": "ar-123", "namespace": "team-a", "expires_at": ""},
+        approve_command=command)
+    assert "ApprovalRequest ar-123" in body["message"] and command in body["message"]
+    assert body["approve_command"] == command and body["reason"] == "Forbidden"
+
+
+def test_kubernetes_keeps_a_clashing_reason_as_refusal_reason():
+    f = kube_flow(Decision("require_approval", rule=K8S_RULE))
+    body = refusal.refuse(f, "approval_denied", "ApprovalRequest ar-1 was denied by alice",
+                          reason="denied by alice: not on a Friday")
+    assert body["reason"] == "Forbidden"
+    assert body["refusal_reason"] == "denied by alice: not on a Friday"
+
+
+def test_other_connection_types_are_unchanged():
+    f = make_flow()
+    flowctx.ensure(f).connection_type = "http"
+    body = refusal.refuse(f, "blocked", "no", rule=RULE)
+    assert set(body) == set(FIXED)
+    assert "x-amzn-ErrorType" not in f.response.headers
+
+
+def aws_flow(protocol, service="secretsmanager", operation="GetSecretValue"):
+    from chaperone_sidecar.policy.model import AWSAction
+    f = make_flow()
+    ctx = flowctx.ensure(f)
+    ctx.connection, ctx.connection_type = "aws-prod", "aws"
+    ctx.action = Action("aws", "POST", "https", f"{service}.us-east-1.amazonaws.com", 443, "/",
+                        name=f"{service}:{operation}", summary=f"{service}:{operation}",
+                        aws=AWSAction(service, "us-east-1", operation, protocol))
+    ctx.decision = Decision("block", rule=RULE, message="Secrets are off limits")
+    return f
+
+
+def _botocore_call(service, operation, params, response):
+    """Call ``operation`` with a real botocore client whose HTTP layer returns ``response``."""
+    import botocore.session
+    from botocore.awsrequest import AWSResponse
+    from botocore.config import Config
+
+    class Raw:
+        def stream(self, **_):
+            yield response.content
+
+    client = botocore.session.get_session().create_client(
+        service, region_name="us-east-1", aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="secret", config=Config(retries={"total_max_attempts": 1}))
+    client.meta.events.register(
+        "before-send", lambda request, **_: AWSResponse(
+            request.url, response.status_code, dict(response.headers), Raw()))
+    return getattr(client, operation)(**params)
+
+
+@pytest.mark.parametrize("kind, code", [("blocked", "AccessDeniedException"),
+                                        ("rate_limited", "ThrottlingException"),
+                                        ("credentials_unavailable", "ServiceUnavailableException")])
+def test_aws_json_protocol_refusal_is_a_botocore_client_error(kind, code):
+    from botocore.exceptions import ClientError
+    f = aws_flow("json")
+    body = refusal.refuse(f, kind, "Secrets are off limits")
+    assert body["__type"] == code and f.response.headers["x-amzn-ErrorType"] == code
+    assert tuple(body)[:5] == FIXED and body["error"] == f"chaperone_{kind}"
+    assert body["message"] == "Secrets are off limits"  # unchanged for AWS
+    with pytest.raises(ClientError) as err:
+        _botocore_call("secretsmanager", "get_secret_value", {"SecretId": "db"}, f.response)
+    assert err.value.response["Error"]["Code"] == code
+    assert err.value.response["Error"]["Message"] == "Secrets are off limits"
+    # "An error occurred (AccessDeniedException) when calling the GetSecretValue operation: ..."
+    # (botocore adds "(reached max retries: N)" before the colon for retryable codes)
+    text = str(err.value)
+    assert text.startswith(f"An error occurred ({code}) when calling the GetSecretValue operation")
+    assert text.endswith(": Secrets are off limits")
+
+
+def test_aws_rest_json_refusal_is_a_botocore_client_error():
+    from botocore.exceptions import ClientError
+    f = aws_flow("rest-json", "lambda", "ListFunctions")
+    refusal.refuse(f, "blocked", "No lambdas")
+    with pytest.raises(ClientError) as err:
+        _botocore_call("lambda", "list_functions", {}, f.response)
+    assert err.value.response["Error"] == {"Code": "AccessDeniedException", "Message": "No lambdas"}
+
+
+def test_aws_xml_protocols_keep_the_json_body_and_get_headers():
+    """The body stays JSON for query/ec2/rest-xml; botocore cannot parse it as XML."""
+    from botocore.exceptions import ClientError
+    f = aws_flow("rest-xml", "s3", "DeleteBucket")
+    body = refusal.refuse(f, "blocked", "Deleting buckets needs a human")
+    assert "__type" not in body and set(body) == set(FIXED)
+    assert f.response.headers["x-amzn-ErrorType"] == "AccessDenied"
+    reason = f.response.headers["X-Chaperone-Reason"]
+    assert reason == ("chaperone_blocked: Deleting buckets needs a human "
+                      "(rule 'no-delete' of AccessPolicy team-a/s3)")
+    with pytest.raises(ClientError) as err:  # what botocore makes of it: the HTTP status only
+        _botocore_call("s3", "delete_bucket", {"Bucket": "logs"}, f.response)
+    assert err.value.response["Error"]["Code"] == "403"
+    assert err.value.response["ResponseMetadata"]["HTTPHeaders"]["x-chaperone-reason"] == reason
+
+
+def test_aws_reason_header_is_one_ascii_line():
+    f = aws_flow("query", "iam", "ListUsers")
+    refusal.refuse(f, "blocked", "Zugriff\nverweigert – “x”" + "y" * 1000)
+    reason = f.response.headers["X-Chaperone-Reason"]
+    assert reason.isascii() and "\n" not in reason and len(reason) <= 512
+    assert f.response.headers["x-amzn-ErrorType"] == "AccessDenied"

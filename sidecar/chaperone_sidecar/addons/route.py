@@ -20,10 +20,11 @@ A host no connection covers is answered with 403 ``no_connection`` listing the c
 that do exist and their hosts, so an agent can correct itself. The upstream is never contacted
 (with ``connection_strategy=lazy`` not even for the TLS handshake with the agent).
 
-Classification (``policy.classify``) runs at ``requestheaders`` on the headers alone - so the
-action is known before a streamed body starts flowing - and again at ``request`` with the body
-when the body was read (not streamed), because some actions live in the body (AWS query and
-JSON protocols, Anthropic models and tools).
+Classification (``policy.classify``) runs once per flow on the hot path: at ``requestheaders``
+on the headers alone when the body may leave before the ``request`` hook (``body_leaves_early``:
+the other addons judge such flows there), otherwise at ``request`` with the body, because some
+actions live in the body (AWS query and JSON protocols, Anthropic models and tools). An early
+flow whose body was read after all is classified again with it.
 
 Only HTTP is proxied: raw TCP, UDP and DNS flows (a CONNECT tunnel carrying something that is
 not TLS/HTTP) are closed, since no hook could judge them. ``Alt-Svc`` response headers are
@@ -45,6 +46,7 @@ from ..policy.model import HTTPRequest
 from ..routing import Connection, base_url_parts, normalize_host, split_host
 from ..sources import Snapshot
 from . import refusal
+from .streaming import body_leaves_early
 
 __all__ = ["Route", "SNAPSHOT_KEY", "snapshot_of", "request_of"]
 
@@ -96,14 +98,17 @@ class Route:
             return
         assert conn is not None
         ctx.connection, ctx.connection_type = conn.name, conn.type
-        ctx.action = classify(request_of(flow, body=False), conn.type)
+        if body_leaves_early(flow):  # the others judge it now, on the headers
+            ctx.action = classify(request_of(flow, body=False), conn.type)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         ctx = flowctx.get(flow)
-        if ctx is None or not ctx.connection or flow.request.stream or not flow.request.raw_content:
+        if ctx is None or not ctx.connection:
             return
+        if ctx.action is not None and (flow.request.stream or not flow.request.raw_content):
+            return  # classified on the headers and there is no read body to add
         ctx.action = classify(request_of(flow), ctx.connection_type)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -129,16 +129,31 @@ def test_reverse_listener_without_a_connection_is_refused():
     assert "port 15199" in json.loads(f.response.content)["message"]
 
 
-def test_the_body_refines_the_classification_unless_it_streams():
+def test_the_body_refines_the_classification_unless_it_streams(monkeypatch):
+    import chaperone_sidecar.addons.route as route_module
+
+    calls = []
+    real = route_module.classify
+    monkeypatch.setattr(route_module, "classify", lambda req, t: calls.append(req) or real(req, t))
     body = b'{"model": "claude-opus", "messages": [{"role": "user", "content": "hi"}]}'
     f = make_flow("api.anthropic.com", path="/v1/messages", content=body)
     f.request.method = "POST"
     addon = Route(services())
     with taddons.context(addon):
         addon.requestheaders(f)
-        assert flowctx.get(f).action.anthropic.model == ""  # headers only
+        assert flowctx.get(f).action is None  # a buffered body: classified once, with it
         addon.request(f)
     assert flowctx.get(f).action.anthropic.model == "claude-opus"
+    assert len(calls) == 1  # the hot path classifies each flow once
+    chunked = make_flow("api.anthropic.com", path="/v1/messages", content=body)
+    chunked.request.method = "POST"
+    chunked.request.headers.pop("content-length", None)
+    chunked.request.headers["transfer-encoding"] = "chunked"
+    with taddons.context(addon):
+        addon.requestheaders(chunked)
+        assert flowctx.get(chunked).action.anthropic.model == ""  # may leave early: headers
+        addon.request(chunked)  # read after all: refined with the body
+    assert flowctx.get(chunked).action.anthropic.model == "claude-opus"
     streamed = make_flow("api.anthropic.com", path="/v1/messages", content=body)
     streamed.request.method = "POST"
     streamed.request.stream = True

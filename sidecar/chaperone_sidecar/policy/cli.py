@@ -13,6 +13,9 @@ rule and the decision (``--json`` for machines). A suite of cases (``--suite cas
 The same compiler, classifier and evaluator as the sidecar are used, so a passing suite means
 the sidecar decides the same way. Exit codes: 0 ok, 1 an expectation did not hold (suite case
 or ``--expect``), 2 invalid input (policy errors are printed with their field paths).
+
+This module is the command line: arguments, the single request, printing its result. Reading
+inputs, running a case and suites are in :mod:`.cases` (its names are importable from here too).
 """
 
 from __future__ import annotations
@@ -20,28 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
-from urllib.parse import urlsplit
+from typing import Any, TextIO
 
-import yaml
+# Everything but argument parsing and printing lives in .cases; the names stay importable here.
+from .cases import (  # noqa: F401 - re-exported
+    CONNECTION_TYPES, EXIT_INVALID, EXIT_MISMATCH, EXIT_OK, _DECISIONS, Case, CaseResult, Classifier,
+    InputError, load_policies, load_suite, make_identity, parse_raw_request, request_from_url,
+    run_case, run_suite,
+)
+from .evaluator import describe_action
+from .model import HTTPRequest
 
-from .compiler import PolicyErrors, compile_policy
-from .evaluator import describe_action, evaluate
-from .matching import CompiledPolicySet
-from .model import Action, Decision, HTTPRequest, Identity
-
-Classifier = Callable[[HTTPRequest, str], Action]
-EXIT_OK, EXIT_MISMATCH, EXIT_INVALID = 0, 1, 2
-CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic")
-_DECISIONS = {"allow": "allow", "block": "block", "require_approval": "require_approval",
-              "requireapproval": "require_approval", "require-approval": "require_approval"}
 _EPILOG = "exit codes: 0 ok, 1 an expectation did not hold, 2 invalid input"
-
-
-class InputError(Exception):
-    """Bad input (policy, request, suite): reported as is, exit code 2."""
 
 
 def register(subparsers: Any) -> None:
@@ -131,102 +125,6 @@ def _default_classifier() -> Classifier:
     return classify
 
 
-# ---------------------------------------------------------------------------- inputs
-
-def load_policies(paths: list[Path], namespace: str = "default") -> CompiledPolicySet:
-    """Compile every AccessPolicy in the files; any problem raises InputError listing all."""
-    compiled, problems, seen = [], [], {}
-    for path in paths:
-        for index, doc in enumerate(_read_yaml_docs(path)):
-            items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") in ("List", "AccessPolicyList") else [doc]
-            for obj in items or ():
-                try:
-                    policy = compile_policy(obj, namespace)
-                except PolicyErrors as exc:
-                    label = f"AccessPolicy {exc.policy}" if exc.policy else f"document {index + 1}"
-                    problems += [f"{path}: {label}: {e}" for e in exc.errors]
-                    continue
-                if policy.key in seen:
-                    problems.append(f"{path}: AccessPolicy {policy.key}: duplicate (also in {seen[policy.key]})")
-                    continue
-                seen[policy.key] = path
-                compiled.append(policy)
-    if problems:
-        raise InputError("invalid AccessPolicies:\n  " + "\n  ".join(problems))
-    return CompiledPolicySet(compiled)
-
-
-def _read_yaml_docs(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML: {exc}") from exc
-
-
-def make_identity(service_account: str = "", user: str = "", groups=(), on_behalf_of: str = "",
-                  on_behalf_of_groups=(), namespace: str = "default") -> Identity:
-    if service_account and "/" not in service_account:
-        service_account = f"{namespace}/{service_account}"
-    return Identity(service_account=service_account, pod_namespace=service_account.partition("/")[0],
-                    creator=user, creator_groups=tuple(groups), on_behalf_of=on_behalf_of,
-                    on_behalf_of_groups=tuple(on_behalf_of_groups))
-
-
-def request_from_url(method: str, url: str, headers: list[tuple[str, str]] = (), body: bytes = b"") -> HTTPRequest:
-    """An HTTPRequest from a URL (scheme defaults to https); adds Host when missing."""
-    parts = urlsplit(url if "://" in url else f"https://{url}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"invalid URL {url!r}: need http(s)://host/path")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
-        raise InputError(f"invalid URL {url!r}: {exc}") from exc
-    headers = list(headers)
-    if not any(k.lower() == "host" for k, _ in headers):
-        headers.insert(0, ("Host", parts.netloc.rpartition("@")[2]))
-    return HTTPRequest(method=method.upper(), scheme=parts.scheme, host=parts.hostname, port=port,
-                       path=parts.path or "/", query=parts.query, headers=tuple(headers), body=body)
-
-
-def parse_raw_request(raw: bytes, scheme: str = "https") -> HTTPRequest:
-    """Parse a raw HTTP/1.1 request (CRLF or LF line ends; origin- or absolute-form target)."""
-    cut = [(raw.find(sep), sep) for sep in (b"\r\n\r\n", b"\n\n") if raw.find(sep) >= 0]
-    if cut:
-        at, sep = min(cut)
-        head, body = raw[:at], raw[at + len(sep):]
-    else:
-        head, body = raw, b""
-    lines = head.decode("latin-1").lstrip("\r\n").splitlines()
-    if not lines:
-        raise InputError("empty request")
-    first = lines[0].split()
-    if len(first) not in (2, 3) or (len(first) == 3 and not first[2].startswith("HTTP/")):
-        raise InputError(f"invalid request line {lines[0]!r}: want 'METHOD TARGET HTTP/1.1'")
-    method, target = first[0], first[1]
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t") and headers:  # obsolete line folding
-            headers[-1] = (headers[-1][0], f"{headers[-1][1]} {line.strip()}")
-        elif ":" in line:
-            key, _, value = line.partition(":")
-            headers.append((key.strip(), value.strip()))
-        elif line.strip():
-            raise InputError(f"invalid header line {line!r}")
-    length = next((v for k, v in headers if k.lower() == "content-length"), None)
-    if length is not None and length.isdigit():
-        body = body[:int(length)]
-    if "://" in target:
-        return request_from_url(method, target, headers, body)
-    host = next((v for k, v in headers if k.lower() == "host"), None)
-    if not host:
-        raise InputError("the request has no Host header and no absolute URL")
-    return request_from_url(method, f"{scheme}://{host}{target}", headers, body)
-
-
 def _request_from_args(args: argparse.Namespace) -> HTTPRequest:
     if args.request:
         if args.url or args.method or args.data or args.header:
@@ -255,59 +153,6 @@ def _request_from_args(args: argparse.Namespace) -> HTTPRequest:
     return request_from_url(args.method or ("POST" if args.data is not None else "GET"), args.url, headers, body)
 
 
-# ---------------------------------------------------------------------------- cases
-
-@dataclass
-class Case:
-    """One suite case (or the single request of ``policy test``)."""
-
-    name: str
-    request: HTTPRequest
-    identity: Identity
-    connection: str
-    connection_type: str
-    expect: dict = field(default_factory=dict)  # decision, rule, action, masks
-
-
-@dataclass
-class CaseResult:
-    case: Case
-    action: Action
-    decision: Decision
-    mismatches: list[str]
-
-    def to_json(self) -> dict:
-        decision = asdict(self.decision)
-        decision["rule"] = str(self.decision.rule) if self.decision.rule else None
-        for part, src in zip(decision["masks"] + decision["rate_limits"],
-                             self.decision.masks + self.decision.rate_limits):
-            part["source"] = str(src.source) if src.source else None
-        return {"name": self.case.name, "passed": not self.mismatches, "mismatches": self.mismatches,
-                "connection": self.case.connection, "action": asdict(self.action), "decision": decision}
-
-
-def run_case(case: Case, policies: CompiledPolicySet, classify: Classifier, explain: bool = False) -> CaseResult:
-    """Classify + evaluate one request and compare with the case's expectations."""
-    action = classify(case.request, case.connection_type)
-    decision = evaluate(policies, action, case.identity, case.connection, case.request.body, explain=explain)
-    mismatches, expect = [], case.expect
-    if expect.get("decision") is not None and _DECISIONS.get(str(expect["decision"]).lower()) != decision.effect:
-        mismatches.append(f"decision: expected {expect['decision']}, got {decision.effect}"
-                          + (f" (rule {decision.rule})" if decision.rule else " (by default)"))
-    if "rule" in expect:
-        got, want = decision.rule, expect["rule"]
-        if (got is None) != (want is None) or (got is not None and str(want) not in (got.rule, str(got))):
-            mismatches.append(f"rule: expected {want or 'none (a default decides)'}, "
-                              f"got {got or 'none (a default decided)'}")
-    if expect.get("masks") is not None:  # names of the mask rules that must apply, exactly
-        got_masks = sorted(m.source.rule for m in decision.masks if m.source is not None)
-        if got_masks != sorted(map(str, expect["masks"])):
-            mismatches.append(f"masks: expected rules {sorted(map(str, expect['masks']))}, got {got_masks}")
-    if expect.get("action") is not None and expect["action"] != action.name:
-        mismatches.append(f"action: expected {expect['action']}, got {action.name}")
-    return CaseResult(case, action, decision, mismatches)
-
-
 def _print_result(result: CaseResult, out: TextIO, explain: bool) -> None:
     action, decision = result.action, result.decision
     lines = [f"action:    {describe_action(action)}"]
@@ -326,121 +171,6 @@ def _print_result(result: CaseResult, out: TextIO, explain: bool) -> None:
         lines += ["explanation:"] + [f"  {line}" for line in decision.explanation]
     lines += [f"MISMATCH   {m}" for m in result.mismatches]
     print("\n".join(lines), file=out)
-
-
-def run_suite(path: Path, extra_policies: list[str], namespace: str, classify: Classifier,
-              out: TextIO, as_json: bool = False, explain: bool = False) -> int:
-    """Run every case of a suite file; exit 1 listing each mismatch, 0 when all pass."""
-    policy_files, namespace, cases = load_suite(path, namespace)
-    policies = load_policies(policy_files + [Path(p) for p in extra_policies], namespace)
-    results = [run_case(case, policies, classify, explain=True) for case in cases]
-    failed = [r for r in results if r.mismatches]
-    if as_json:
-        json.dump({"suite": str(path), "passed": len(results) - len(failed), "failed": len(failed),
-                   "cases": [r.to_json() for r in results]}, out, indent=2)
-        out.write("\n")
-        return EXIT_MISMATCH if failed else EXIT_OK
-    for r in results:
-        print(f"{'FAIL' if r.mismatches else 'PASS'}  {r.case.name}", file=out)
-        for line in r.mismatches:
-            print(f"      {line}", file=out)
-        if explain or r.mismatches:  # a failing case shows how it was decided
-            for line in r.decision.explanation:
-                print(f"        {line}", file=out)
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed", file=out)
-    return EXIT_MISMATCH if failed else EXIT_OK
-
-
-# ---------------------------------------------------------------------------- suite files
-
-_SUITE_KEYS = {"policies", "namespace", "defaults", "cases"}
-_DEFAULT_KEYS = {"connection", "type", "identity", "headers"}
-_CASE_KEYS = {"name", "connection", "type", "identity", "request", "expect"}
-_REQUEST_KEYS = {"method", "url", "headers", "body", "raw", "file"}
-_IDENTITY_KEYS = {"serviceAccount", "user", "groups", "onBehalfOf", "onBehalfOfGroups"}
-_EXPECT_KEYS = {"decision", "rule", "action", "masks"}
-
-
-def _mapping(value: Any, where: str, keys: set[str], problems: list[str]) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        problems.append(f"{where}: must be a mapping")
-        return {}
-    problems += [f"{where}.{k}: unknown field (known: {', '.join(sorted(keys))})" for k in value if k not in keys]
-    return value
-
-
-def _headers(value: Any, where: str, problems: list[str]) -> list[tuple[str, str]]:
-    """Headers as a mapping, a list of "Name: value" strings or a list of [name, value]."""
-    if isinstance(value, dict):
-        return [(str(k), str(v)) for k, v in value.items()]
-    pairs = []
-    for i, item in enumerate(value or ()):
-        if isinstance(item, str) and ":" in item:
-            key, _, val = item.partition(":")
-            pairs.append((key.strip(), val.strip()))
-        elif isinstance(item, (list, tuple)) and len(item) == 2:
-            pairs.append((str(item[0]), str(item[1])))
-        else:
-            problems.append(f"{where}[{i}]: want \"Name: value\"")
-    return pairs
-
-
-def load_suite(path: Path, namespace: str = "default") -> tuple[list[Path], str, list[Case]]:
-    """Read a suite file: (policy files relative to it, namespace, cases); InputError on problems."""
-    docs = _read_yaml_docs(path)
-    problems: list[str] = []
-    top = _mapping(docs[0] if len(docs) == 1 else None, "suite", _SUITE_KEYS, problems)
-    if len(docs) != 1 or not top.get("cases") or not isinstance(top["cases"], list):
-        raise InputError(f"{path}: a suite is one YAML document with a non-empty list of cases")
-    namespace = str(top.get("namespace") or namespace)
-    policy_files = [path.parent / str(p) for p in top.get("policies") or ()]
-    defaults = _mapping(top.get("defaults"), "defaults", _DEFAULT_KEYS, problems)
-    cases = []
-    for i, raw in enumerate(top["cases"]):
-        where = f"cases[{i}]"
-        case = _mapping(raw, where, _CASE_KEYS, problems)
-        ident = _mapping(case.get("identity", defaults.get("identity")), f"{where}.identity", _IDENTITY_KEYS, problems)
-        expect = _mapping(case.get("expect"), f"{where}.expect", _EXPECT_KEYS, problems)
-        req = _mapping(case.get("request"), f"{where}.request", _REQUEST_KEYS, problems)
-        connection, ctype = case.get("connection", defaults.get("connection")), case.get("type", defaults.get("type"))
-        if not connection:
-            problems.append(f"{where}.connection: required (here or in defaults)")
-        if ctype not in CONNECTION_TYPES:
-            problems.append(f"{where}.type: must be one of {', '.join(CONNECTION_TYPES)} (here or in defaults), got {ctype!r}")
-        if "decision" in expect and str(expect["decision"]).lower() not in _DECISIONS:
-            problems.append(f"{where}.expect.decision: must be allow, block or requireApproval, got {expect['decision']!r}")
-        try:
-            request = _suite_request(req, path.parent, _headers(defaults.get("headers"), "defaults.headers", problems)
-                                     + _headers(req.get("headers"), f"{where}.request.headers", problems))
-        except InputError as exc:
-            problems.append(f"{where}.request: {exc}")
-            continue
-        identity = make_identity(str(ident.get("serviceAccount") or ""), str(ident.get("user") or ""),
-                                 ident.get("groups") or (), str(ident.get("onBehalfOf") or ""),
-                                 ident.get("onBehalfOfGroups") or (), namespace)
-        cases.append(Case(str(case.get("name") or where), request, identity, str(connection), str(ctype), expect))
-    if problems:
-        raise InputError(f"{path}: invalid suite:\n  " + "\n  ".join(problems))
-    return policy_files, namespace, cases
-
-
-def _suite_request(req: dict, base: Path, headers: list[tuple[str, str]]) -> HTTPRequest:
-    if req.get("raw") is not None or req.get("file") is not None:
-        if req.get("url") or req.get("method") or req.get("body") is not None:
-            raise InputError("raw/file cannot be combined with method/url/body")
-        if req.get("raw") is not None:
-            return parse_raw_request(str(req["raw"]).encode("utf-8"))
-        try:
-            return parse_raw_request((base / str(req["file"])).read_bytes())
-        except OSError as exc:
-            raise InputError(f"{req['file']}: cannot read: {exc.strerror or exc}") from exc
-    if not req.get("url"):
-        raise InputError("url (or raw, or file) is required")
-    body = req.get("body")
-    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else str(body).encode() if body is not None else b""
-    return request_from_url(str(req.get("method") or ("POST" if data else "GET")), str(req["url"]), headers, data)
 
 
 if __name__ == "__main__":

@@ -8,232 +8,40 @@ Where the objects come from:
 
 * :class:`KubeSources` (the injected sidecar): the connections named in
   ``CHAPERONE_CONNECTIONS`` (fixed at admission: their credentials are mounted) as they are now
-  in the Kubernetes API with the sidecar's own
-  ServiceAccount token (re-read from the projected file on every request, as it rotates), over
-  aiohttp. Per kind: **list** (paginated), then **watch** from the list's ``resourceVersion``
-  with bookmarks; a watch that ends or drops is resumed from the last seen resourceVersion, a
-  ``410 Gone`` (too old) re-lists. Connections are filtered by ``spec.podSelector`` against the
-  pod's labels, read from the downward-API file ``<podinfo>/labels`` (re-read when it changes:
-  labels are mutable); policies are all AccessPolicies of the namespace (their own
-  ``connections``/``subjects`` decide applicability at evaluation).
+  in the Kubernetes API, followed by list+watch (:mod:`.kubewatch`). Connections are filtered
+  by ``spec.podSelector`` against the pod's labels, read from the downward-API file
+  ``<podinfo>/labels`` (re-read when it changes: labels are mutable); policies are all
+  AccessPolicies of the namespace (their own ``connections``/``subjects`` decide applicability
+  at evaluation).
 * :class:`FileSources` (standalone ``chaperone proxy``): YAML files with the same schema as the
   CRDs, in ``<config>/connections/``, ``<config>/policies/`` and ``<config>/*.yaml``, reloaded when
   any of them changes (polled; no inotify dependency).
 
-**Invalid policies fail closed.** A policy that does not compile is left out and reported
-(``Snapshot.policy_errors``, logged once per change), and in its place the snapshot carries a
-synthetic policy with the same name and a single block rule ``invalid-policy`` on the
-connections the broken policy names (all connections when even that part is unusable). So the
-traffic the broken policy would have governed is refused with a 403 whose message names the
-policy and its errors (``AccessPolicy team-a/p is invalid ...: spec.rules[0].match.pathRegex:
-...``) - never silently allowed because a stricter rule vanished. A policy file that is not
-even YAML does the same for all connections. Other problems (a connection host that is not a
-valid glob, two connections claiming one host) are listed in ``Snapshot.problems``.
+This module holds the feeders; the model and its pure builder (including how invalid policies
+fail closed) are in :mod:`.snapshot`, the API client and reflector in :mod:`.kubewatch`. The
+names they define are re-exported here, where most callers have always imported them from.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import json
 import logging
-import ssl
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, Callable
 
 from .config import ConnectionMount, SidecarConfig, standalone_layout
-from .policy.compiler import PolicyErrors, compile_policy
-from .policy.globs import glob_error
-from .policy.matching import CompiledPolicySet
-from .routing import Connection, RouteTable, effective_hosts
+from .kubewatch import KubeClient, KubeError, Reflector
 from .selectors import selector_matches
+from .snapshot import (
+    GROUP, INVALID_POLICY_RULE, VERSION, Snapshot, build_snapshot, empty_snapshot,
+    parse_downward_api, read_labels,
+)
 
 __all__ = ["Snapshot", "Sources", "KubeSources", "FileSources", "KubeClient", "KubeError",
            "build_snapshot", "read_labels", "parse_downward_api", "selector_matches",
            "INVALID_POLICY_RULE", "GROUP", "VERSION"]
 
 log = logging.getLogger("chaperone.sources")
-
-GROUP = "chaperone.dev"
-VERSION = "v1alpha1"
-INVALID_POLICY_RULE = "invalid-policy"
-_MAX_MESSAGE = 1024
-_MAX_LINE = 32 * 1024 * 1024  # one watch event; CRD objects are far smaller
-
-
-# ============================================================================ snapshot
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One consistent view: connections, their host routes and the compiled policies."""
-
-    connections: Mapping[str, Connection]
-    routes: RouteTable
-    policies: CompiledPolicySet
-    generation: int = 0
-    policy_errors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # key -> errors
-    problems: tuple[str, ...] = ()
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-    def connection(self, name: str) -> Connection | None:
-        return self.connections.get(name)
-
-
-def empty_snapshot() -> Snapshot:
-    return Snapshot({}, RouteTable(()), CompiledPolicySet(()), 0)
-
-
-def parse_downward_api(text: str) -> dict[str, str]:
-    """A downward-API labels/annotations file: one ``key="value"`` per line, Go-quoted values."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, raw = line.partition("=")
-        if not sep or not key.strip():
-            continue
-        raw = raw.strip()
-        value = raw
-        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-            try:
-                parsed = ast.literal_eval(raw)  # Go's %q escapes are a subset of Python's
-            except (ValueError, SyntaxError):
-                parsed = raw[1:-1]
-            value = parsed if isinstance(parsed, str) else raw[1:-1]
-        out[key.strip()] = value
-    return out
-
-
-def read_labels(podinfo_dir: Path | None) -> dict[str, str]:
-    if podinfo_dir is None:
-        return {}
-    try:
-        return parse_downward_api((podinfo_dir / "labels").read_text())
-    except OSError:
-        return {}
-
-
-def _connection(obj: Mapping[str, Any], namespace: str, mount: ConnectionMount | None,
-                local: tuple[Path, Path] | None, reverse_port: int | None) -> Connection:
-    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-    name = meta["name"]
-    credentials_dir = mount.credentials_dir if mount else None
-    upstream_ca = mount.upstream_ca_file if mount else None
-    if local is not None:
-        cred_root, ca_root = local
-        if (cred_root / name).is_dir():
-            credentials_dir = str(cred_root / name)
-        if (ca_root / name / "ca.crt").is_file():
-            upstream_ca = str(ca_root / name / "ca.crt")
-    return Connection(
-        name=name, type=str(spec.get("type") or ""), namespace=meta.get("namespace") or namespace,
-        hosts=effective_hosts(spec), spec=spec, base_url=spec.get("baseURL") or None,
-        reverse_port=reverse_port, credentials_dir=credentials_dir,
-        web_identity_token_file=mount.web_identity_token_file if mount else None,
-        upstream_ca_file=upstream_ca, resource_version=str(meta.get("resourceVersion") or ""))
-
-
-def _blocking_stand_in(name: str, namespace: str, connections: Any, errors: Iterable[str]) -> Any:
-    """The synthetic policy that replaces an invalid one: block everything it could govern."""
-    text = "; ".join(errors) or "unknown error"
-    message = (f"AccessPolicy {namespace}/{name} is invalid, so the traffic it governs is blocked "
-               f"until it is fixed: {text}")
-    if len(message) > _MAX_MESSAGE:
-        message = message[:_MAX_MESSAGE - 3] + "..."
-    spec: dict[str, Any] = {"rules": [{"name": INVALID_POLICY_RULE, "block": {"message": message}}]}
-    if isinstance(connections, list) and connections and len(connections) <= 64 and all(
-            isinstance(c, str) and c and len(c) <= 253 and glob_error(c, "name") is None
-            for c in connections):
-        spec["connections"] = list(connections)
-    return compile_policy({"apiVersion": f"{GROUP}/{VERSION}", "kind": "AccessPolicy",
-                           "metadata": {"name": name, "namespace": namespace}, "spec": spec},
-                          namespace)
-
-
-def build_snapshot(connection_objs: Iterable[Mapping[str, Any]], policy_objs: Iterable[Any], *,
-                   namespace: str, labels: Mapping[str, str] | None = None,
-                   mounts: Iterable[ConnectionMount] = (), generation: int = 0,
-                   local_dirs: tuple[Path, Path] | None = None,
-                   load_errors: Mapping[str, str] | None = None,
-                   only_mounted: bool = False) -> Snapshot:
-    """A Snapshot from raw objects (pure; the sources call this on every change).
-
-    ``mounts``: CHAPERONE_CONNECTIONS (injected mode: credential paths and reverse ports).
-    ``only_mounted``: use only connections named in ``mounts`` (injected mode: the set is fixed
-    at admission, docs/injection.md 2.3; a connection created later needs a pod restart).
-    ``local_dirs``: (credentials root, upstream-ca root) in standalone mode.
-    ``load_errors``: policy files that could not be read (name -> error): each blocks everything.
-    """
-    labels = dict(labels or {})
-    mount_by_name = {m.name: m for m in mounts}
-    problems: list[str] = []
-
-    selected: dict[str, Mapping[str, Any]] = {}
-    for obj in connection_objs:
-        meta = obj.get("metadata") or {}
-        name = meta.get("name")
-        if not isinstance(name, str) or not name or meta.get("deletionTimestamp") or name in selected:
-            continue
-        if (meta.get("namespace") or namespace) != namespace:
-            continue
-        if only_mounted and name not in mount_by_name:
-            continue
-        spec = obj.get("spec") or {}
-        if not isinstance(spec, dict) or not spec.get("type"):
-            problems.append(f"ClaudeConnection {name}: spec.type is missing; connection ignored")
-            continue
-        if selector_matches(spec.get("podSelector"), labels):
-            selected[name] = obj
-    connections: dict[str, Connection] = {}
-    for name in sorted(selected):
-        obj, mount = selected[name], mount_by_name.get(name)
-        port = mount.reverse_port if mount else None
-        connections[name] = _connection(obj, namespace, mount, local_dirs, port)
-    routes = RouteTable(connections.values())
-    problems += routes.problems + routes.overlaps
-
-    compiled, errors, keys = [], {}, set()
-    broken: list[tuple[str, Any, list[str]]] = []
-    for i, obj in enumerate(policy_objs):
-        meta = obj.get("metadata") if isinstance(obj, dict) else None
-        meta = meta if isinstance(meta, dict) else {}
-        if meta.get("deletionTimestamp"):
-            continue
-        ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else namespace
-        if ns != namespace:
-            continue
-        try:
-            policy = compile_policy(obj, namespace)
-        except PolicyErrors as exc:
-            name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else f"unnamed-{i}"
-            spec = obj.get("spec") if isinstance(obj, dict) and isinstance(obj.get("spec"), dict) else {}
-            broken.append((name, spec.get("connections"), [str(e) for e in exc.errors]))
-            continue
-        if policy.key in keys:
-            broken.append((policy.key.split("/", 1)[1], None, [f"duplicate AccessPolicy {policy.key}"]))
-            continue
-        keys.add(policy.key)
-        compiled.append(policy)
-    for source, error in sorted((load_errors or {}).items()):
-        broken.append((f"file-{_dns_label(source)}", None, [f"{source}: {error}"]))
-    for name, conns, errs in broken:
-        key = f"{namespace}/{name}"
-        while key in keys:  # a duplicate or file name clash: keep every stand-in
-            name += "-x"
-            key = f"{namespace}/{name}"
-        keys.add(key)
-        errors[key] = tuple(errs)
-        compiled.append(_blocking_stand_in(name, namespace, conns, errs))
-    return Snapshot(connections=connections, routes=routes, policies=CompiledPolicySet(compiled),
-                    generation=generation, policy_errors=errors, problems=tuple(problems),
-                    labels=labels)
-
-
-def _dns_label(text: str) -> str:
-    out = "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
-    return (out or "x")[:50].strip("-") or "x"
-
-
-# ============================================================================ sources
 
 Listener = Callable[[Snapshot], Any]
 
@@ -316,184 +124,6 @@ class Sources:
 
 # ---------------------------------------------------------------------------- Kubernetes API
 
-class KubeError(Exception):
-    def __init__(self, status: int, message: str, body: Any = None):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.body = body
-
-
-class _Gone(Exception):
-    """The watch's resourceVersion is too old (410): re-list."""
-
-
-class KubeClient:
-    """A minimal async Kubernetes API client on aiohttp, authenticated with a token file."""
-
-    def __init__(self, server: str, token_file: Path | None, ca_file: Path | None, *,
-                 request_timeout: float = 30.0):
-        self.server = server.rstrip("/")
-        self.token_file = token_file
-        self.ca_file = ca_file
-        self.request_timeout = request_timeout
-        self._session: Any = None
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "chaperone-sidecar"}
-        if self.token_file is not None:
-            try:
-                token = self.token_file.read_text().strip()
-            except OSError as exc:
-                raise KubeError(0, f"cannot read the service-account token {self.token_file}: {exc}") from None
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
-
-    def _get_session(self) -> Any:
-        import aiohttp
-
-        if self._session is None:
-            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
-        return self._session
-
-    async def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json") -> Any:
-        """One request; returns the decoded JSON body, raises KubeError for non-2xx."""
-        import aiohttp
-
-        headers = self._headers()
-        data = None
-        if body is not None:
-            headers["Content-Type"] = content_type
-            data = json.dumps(body).encode()
-        async with self._get_session().request(
-                method, self.server + path, params=params, data=data, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.request_timeout)) as resp:
-            raw = await resp.read()
-        try:
-            decoded = json.loads(raw) if raw else None
-        except ValueError:
-            decoded = raw.decode(errors="replace")
-        if resp.status >= 300:
-            message = decoded.get("message") if isinstance(decoded, dict) else str(decoded)[:300]
-            raise KubeError(resp.status, message or resp.reason or "", decoded)
-        return decoded
-
-    async def watch(self, path: str, params: Mapping[str, str], *,
-                    read_timeout: float) -> AsyncIterator[dict[str, Any]]:
-        """Watch events as dicts ({"type", "object"}); ends when the server closes the watch."""
-        import aiohttp
-
-        async with self._get_session().get(
-                self.server + path, params={**params, "watch": "1"}, headers=self._headers(),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout,
-                                              sock_read=read_timeout)) as resp:
-            if resp.status == 410:
-                raise _Gone()
-            if resp.status >= 300:
-                raw = await resp.read()
-                raise KubeError(resp.status, raw.decode(errors="replace")[:300])
-            buffer = bytearray()
-            async for chunk in resp.content.iter_any():
-                buffer += chunk
-                while (end := buffer.find(b"\n")) >= 0:
-                    line = bytes(buffer[:end]).strip()
-                    del buffer[:end + 1]
-                    if line:
-                        yield json.loads(line)
-                if len(buffer) > _MAX_LINE:
-                    raise KubeError(0, "watch event larger than 32 MiB")
-            if buffer.strip():
-                yield json.loads(bytes(buffer))
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-class _Reflector:
-    """list + watch of one resource collection into ``items`` (name -> object)."""
-
-    def __init__(self, client: KubeClient, path: str, on_change: Callable[[], None], what: str, *,
-                 watch_timeout: int = 290, backoff_max: float = 30.0):
-        self.client = client
-        self.path = path
-        self.on_change = on_change
-        self.what = what
-        self.items: dict[str, dict[str, Any]] = {}
-        self.synced = asyncio.Event()
-        self.resource_version: str | None = None
-        self.watch_timeout = watch_timeout
-        self.backoff_max = backoff_max
-        self.lists = 0  # how many times we listed (tests: 410 Gone re-lists)
-        self.last_error = ""
-
-    async def run(self) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                if self.resource_version is None:
-                    await self._list()
-                await self._watch()
-                backoff = 0.2
-            except _Gone:
-                log.info("watch of %s expired (410 Gone); listing again", self.what)
-                self.resource_version = None
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("list/watch of %s failed (%s); retrying in %.1fs", self.what,
-                            self.last_error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.backoff_max)
-
-    async def _list(self) -> None:
-        items: dict[str, dict[str, Any]] = {}
-        params: dict[str, str] = {"limit": "500"}
-        while True:
-            page = await self.client.request("GET", self.path, params=params)
-            for obj in page.get("items") or []:
-                name = (obj.get("metadata") or {}).get("name")
-                if name:
-                    items[name] = obj
-            meta = page.get("metadata") or {}
-            if not meta.get("continue"):
-                break
-            params = {"limit": "500", "continue": meta["continue"]}
-        self.items = items
-        self.resource_version = str(meta.get("resourceVersion") or "")
-        self.lists += 1
-        self.synced.set()
-        self.on_change()
-
-    async def _watch(self) -> None:
-        params = {"resourceVersion": self.resource_version or "", "allowWatchBookmarks": "true",
-                  "timeoutSeconds": str(self.watch_timeout)}
-        async for event in self.client.watch(self.path, params, read_timeout=self.watch_timeout + 30):
-            kind, obj = event.get("type"), event.get("object") or {}
-            if kind == "ERROR":
-                if obj.get("code") == 410:
-                    raise _Gone()
-                raise KubeError(int(obj.get("code") or 0), str(obj.get("message") or obj))
-            meta = obj.get("metadata") or {}
-            if meta.get("resourceVersion"):
-                self.resource_version = str(meta["resourceVersion"])
-            if kind == "BOOKMARK":
-                continue
-            name = meta.get("name")
-            if not name:
-                continue
-            if kind in ("ADDED", "MODIFIED"):
-                self.items[name] = obj
-            elif kind == "DELETED":
-                self.items.pop(name, None)
-            else:
-                continue
-            self.on_change()
-
-
 class KubeSources(Sources):
     """Connections and policies of the pod's namespace from the API, followed by watch."""
 
@@ -503,10 +133,10 @@ class KubeSources(Sources):
         self.config = config
         self.client = client or KubeClient(config.api_server, config.token_file, config.api_ca_file)
         base = f"/apis/{GROUP}/{VERSION}/namespaces/{config.pod_namespace}"
-        self.connections = _Reflector(self.client, f"{base}/claudeconnections", self._changed,
-                                      "claudeconnections", watch_timeout=watch_timeout)
-        self.policies = _Reflector(self.client, f"{base}/accesspolicies", self._changed,
-                                   "accesspolicies", watch_timeout=watch_timeout)
+        self.connections = Reflector(self.client, f"{base}/claudeconnections", self._changed,
+                                     "claudeconnections", watch_timeout=watch_timeout)
+        self.policies = Reflector(self.client, f"{base}/accesspolicies", self._changed,
+                                  "accesspolicies", watch_timeout=watch_timeout)
         self.debounce = debounce
         self.labels_interval = labels_interval
         self._dirty = asyncio.Event()

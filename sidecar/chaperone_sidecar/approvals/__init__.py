@@ -10,7 +10,8 @@ The approval addon calls one façade (``service.ApprovalService``)::
 Modules: ``digest`` (canonical request digest, action key, request names), ``kube``
 (ApprovalRequests through the apiserver with aiohttp + watch), ``local`` (standalone mode:
 one JSON file per request), ``grants`` (grant cache + decision fan-out, Redis or memory),
-``ratelimit`` (policy rate limits, Redis or memory), ``service`` (the façade).
+``ratelimit`` (policy rate limits, Redis or memory), ``objects`` (ApprovalRequest objects built
+and read, pure), ``service`` (the façade).
 
 The errors live here and everything else is imported lazily (PEP 562), so ``kube`` and
 ``local`` can import the errors without an import cycle and the standalone proxy never has

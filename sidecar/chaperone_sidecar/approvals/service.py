@@ -14,32 +14,35 @@
 The decision is read from ``spec.decision`` (final by the CRD's rules) and, when the operator
 has written it, ``status.phase`` (Approved/Denied/Expired). A fan-out message only wakes the
 holder; the decision is re-read from the backend before a flow is released.
+
+This module is the deciding part; the ApprovalRequest objects themselves (building one, reading
+its state, labels, the texts shown to the agent) are pure functions in :mod:`.objects`, re-exported
+here because callers have always imported them from ``approvals.service``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef
 from . import ApprovalUnavailable, BackendError, Conflict
-from .digest import action_key, action_resources, request_name, short_hash
+from .digest import action_key, request_name
 from .grants import Grant, MemoryGrants, grant_key
+from .objects import (
+    LABEL_DIGEST, LABEL_REQUESTER, State, approve_command, approvers_text, build_request,
+    parse_rfc3339, read_state, requester_label, rfc3339, subject_key,
+)
 
 __all__ = ["ApprovalService", "Outcome", "read_state", "build_request", "subject_key",
            "approvers_text", "approve_command", "LABEL_DIGEST", "LABEL_REQUESTER"]
 
 log = logging.getLogger("chaperone.approvals")
 
-State = Literal["approved", "denied", "expired", "pending"]
-LABEL_DIGEST = "chaperone.dev/request-digest"
-LABEL_REQUESTER = "chaperone.dev/requester"
-SA_PREFIX = "system:serviceaccount:"
 _EXPIRY_GRACE = 0.05  # wake just after expiresAt, so "expired" is decided on our clock too
 
 
@@ -63,134 +66,6 @@ class Backend(Protocol):
     async def get(self, name: str) -> dict | None: ...
     async def find(self, labels: Mapping[str, str]) -> list[dict]: ...
     async def wait(self, name: str, timeout: float, done: Callable[[dict], bool]) -> dict | None: ...
-
-
-# ---------------------------------------------------------------------------- pure helpers
-
-def _rfc3339(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _epoch(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp()
-
-
-def _service_account(identity: Identity) -> str:
-    sa = identity.service_account
-    if sa.startswith(SA_PREFIX) or not sa:
-        return sa
-    ns, _, name = sa.partition("/")
-    return f"{SA_PREFIX}{ns}:{name}" if name else f"{SA_PREFIX}{identity.pod_namespace}:{ns}"
-
-
-def subject_key(identity: Identity, connection: str) -> str:
-    """Whose grant: service account, pod creator, on-behalf-of user and connection.
-
-    Not the pod: grants survive pod restarts and are shared by replicas (the point of Redis).
-    The creator is included so that a pod created by an approver never inherits a grant that
-    approver gave a colleague's pod under the same service account.
-    """
-    return short_hash("subject", _service_account(identity), identity.creator,
-                      identity.on_behalf_of, connection)
-
-
-def _requester_label(identity: Identity) -> str:
-    # Reuse is per pod: a retry comes from the same sidecar.
-    return short_hash("requester", _service_account(identity), identity.pod_namespace,
-                      identity.pod_name, identity.on_behalf_of)
-
-
-def read_state(obj: Mapping, now: float) -> tuple[State, tuple[str, ...], str]:
-    """(state, approvers, reason) of an ApprovalRequest object at ``now`` (epoch seconds)."""
-    spec = obj.get("spec") or {}
-    status = obj.get("status") or {}
-    decision = spec.get("decision") or (status.get("phase") if status.get("phase") in
-                                         ("Approved", "Denied") else None)
-    reason = spec.get("reason") or ""
-    if decision == "Approved":
-        users = tuple(r.get("user") for r in spec.get("reviews") or ()
-                      if isinstance(r, dict) and r.get("decision") == "Approved" and r.get("user"))
-        if not users and spec.get("decidedBy"):
-            users = (spec["decidedBy"],)
-        return "approved", users, reason
-    if decision == "Denied":
-        by = spec.get("decidedBy") or ""
-        why = f"denied by {by}" if by else "denied"
-        return "denied", ((by,) if by else ()), (f"{why}: {reason}" if reason else why)
-    expires = _epoch(spec.get("expiresAt"))
-    if status.get("phase") == "Expired" or (expires is not None and now >= expires):
-        return "expired", (), f"no decision before {spec.get('expiresAt')}; ask again"
-    return "pending", (), ""
-
-
-def approvers_text(requirement: ApprovalRequirement) -> str:
-    """Who may approve, for the agent's error body: "1 approval from user alice or ..."."""
-    who = []
-    users, groups = requirement.approvers.users, requirement.approvers.groups
-    if users:
-        who.append(("users " if len(users) > 1 else "user ") + ", ".join(users))
-    if groups:
-        who.append(("members of groups " if len(groups) > 1 else "members of group ")
-                   + ", ".join(groups))
-    n = requirement.min_approvals
-    return f"{n} approval{'s' if n != 1 else ''} from " + (" or ".join(who) or "nobody")
-
-
-def approve_command(name: str, namespace: str = "") -> str:
-    """The command an approver runs (shown to the agent so it can tell its human)."""
-    ns = f" -n {namespace}" if namespace else ""
-    return (f"kubectl{ns} patch approvalrequest {name} --type=merge "
-            "-p '{\"spec\":{\"decision\":\"Approved\"}}'")
-
-
-def build_request(*, name: str, identity: Identity, connection: str, action: Action, digest: str,
-                  rule: RuleRef, requirement: ApprovalRequirement, now: float,
-                  session_id: str = "", body_preview: str = "") -> dict:
-    """The ApprovalRequest object (crds/approvalrequests.chaperone.dev.yaml), fields capped."""
-    requested = int(now)  # RFC 3339 to the second: expiresAt must stay > requestedAt
-    requester: dict[str, Any] = {
-        "serviceAccount": _service_account(identity)[:317],
-        "pod": {"namespace": identity.pod_namespace, "name": identity.pod_name}}
-    if identity.pod_uid:
-        requester["pod"]["uid"] = identity.pod_uid
-    if identity.creator:
-        requester["creator"] = identity.creator[:253]
-    if identity.on_behalf_of:
-        requester["onBehalfOf"] = identity.on_behalf_of[:253]
-    groups = identity.on_behalf_of_groups if identity.on_behalf_of else identity.creator_groups
-    if groups:
-        requester["groups"] = list(groups[:64])
-    act: dict[str, Any] = {"name": (action.name or "unknown")[:256],
-                           "summary": (action.summary or action.name or "unknown")[:1024]}
-    for key, value, cap in (("method", action.method, 16), ("host", action.host, 260),
-                            ("path", action.path, 4096), ("bodyPreview", body_preview, 4096)):
-        if value:
-            act[key] = value[:cap]
-    if resources := action_resources(action):
-        act["resources"] = [r[:2048] for r in resources[:32]]
-    approvers = {k: list(v)[:64] for k, v in (("users", requirement.approvers.users),
-                                               ("groups", requirement.approvers.groups)) if v}
-    spec: dict[str, Any] = {
-        "requester": requester, "connection": connection[:253], "action": act,
-        "requestDigest": digest, "rule": {"policy": rule.policy, "name": rule.rule},
-        "approvers": approvers, "minApprovals": max(1, min(10, requirement.min_approvals)),
-        "grant": {"scope": requirement.grant_scope,
-                  "ttlSeconds": max(0, min(86400, requirement.grant_ttl_seconds))},
-        "requestedAt": _rfc3339(requested),
-        "expiresAt": _rfc3339(requested + max(1, requirement.timeout_seconds)),
-    }
-    if session_id:
-        spec["sessionID"] = session_id[:128]
-    labels = {"app.kubernetes.io/managed-by": "chaperone-sidecar",
-              LABEL_DIGEST: digest.split(":", 1)[-1][:63],
-              LABEL_REQUESTER: _requester_label(identity)}
-    return {"metadata": {"name": name, "labels": labels}, "spec": spec}
 
 
 # ---------------------------------------------------------------------------- the service
@@ -234,7 +109,7 @@ class ApprovalService:
                 return None
             if grant is not None:
                 return Outcome("approved", grant.request, grant.approvers,
-                               f"{scope} grant from {grant.request}", _rfc3339(grant.expires_at),
+                               f"{scope} grant from {grant.request}", rfc3339(grant.expires_at),
                                grant=scope)
         return None
 
@@ -273,7 +148,7 @@ class ApprovalService:
             raise ApprovalUnavailable(f"rule {rule} names no approvers: nobody could decide")
         subject, akey = subject_key(identity, connection), action_key(connection, action)
         labels = {LABEL_DIGEST: digest.split(":", 1)[-1][:63],
-                  LABEL_REQUESTER: _requester_label(identity)}
+                  LABEL_REQUESTER: requester_label(identity)}
         async with self._keyed("|".join(sorted(labels.values()))):
             try:
                 existing = await self.backend.find(labels)
@@ -289,16 +164,17 @@ class ApprovalService:
                 if state == "approved":
                     # Approved while nobody held the flow: the grant window runs from the
                     # decision (or, without decidedAt, conservatively from the request).
-                    since = _epoch(spec.get("decidedAt")) or _epoch(spec.get("requestedAt")) or 0.0
+                    since = (parse_rfc3339(spec.get("decidedAt"))
+                             or parse_rfc3339(spec.get("requestedAt")) or 0.0)
                     end = await self._store_grant(obj, approvers, subject, digest, akey,
                                                   requirement, since)
                     if end > now:
                         return Outcome("approved", obj["metadata"]["name"], approvers,
-                                       "approved", _rfc3339(end))
+                                       "approved", rfc3339(end))
                 elif state == "pending":
                     pending.append(obj)
             if pending:
-                obj = max(pending, key=lambda o: _epoch(o["spec"].get("expiresAt")) or 0.0)
+                obj = max(pending, key=lambda o: parse_rfc3339(o["spec"].get("expiresAt")) or 0.0)
             else:
                 obj = await self._create(identity=identity, connection=connection, action=action,
                                          digest=digest, rule=rule, requirement=requirement,
@@ -325,7 +201,7 @@ class ApprovalService:
     async def _hold(self, obj: dict, waiting: Outcome, subject: str, digest: str, akey: str,
                     requirement: ApprovalRequirement) -> Outcome:
         name = waiting.name
-        expires = _epoch((obj.get("spec") or {}).get("expiresAt"))
+        expires = parse_rfc3339((obj.get("spec") or {}).get("expiresAt"))
         budget = float(requirement.hold_seconds)
         if expires is not None and expires - self.clock() <= budget:
             budget = max(0.0, expires - self.clock()) + _EXPIRY_GRACE
@@ -341,11 +217,11 @@ class ApprovalService:
         now = self.clock()
         state, approvers, reason = read_state(found, now)
         if state == "approved":
-            since = _epoch((found.get("spec") or {}).get("decidedAt")) or now
+            since = parse_rfc3339((found.get("spec") or {}).get("decidedAt")) or now
             end = await self._store_grant(found, approvers, subject, digest, akey, requirement,
                                           min(since, now))
             return Outcome("approved", name, approvers, reason or "approved",
-                           _rfc3339(end) if end > now else "")
+                           rfc3339(end) if end > now else "")
         if state == "pending":
             return waiting
         return Outcome(state, name, approvers, reason)

@@ -50,6 +50,9 @@ DEFAULT_REVERSE_PORT_BASE = 15100
 DEFAULT_STANDALONE_PORT = 8080
 DEFAULT_STANDALONE_HEALTH_PORT = 8081
 SERVICE_NAME = "chaperone-sidecar"
+# Not part of the injection contract (the webhook never sets it): a knob on the sidecar itself.
+ENV_EVENT_LOOP = "CHAPERONE_EVENT_LOOP"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class SidecarConfig:
 
     # proxy tuning
     stream_large_bodies: str = "1m"  # bodies above this stream (masking works on the stream)
+    # auto | uvloop | asyncio (ENV_EVENT_LOOP); auto = uvloop when installed (the image has it)
+    event_loop: str = "auto"
     reverse_port_base: int = DEFAULT_REVERSE_PORT_BASE
 
     # standalone only
@@ -129,6 +134,9 @@ class SidecarConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"{ENV_EVENT_LOOP} must be one of {', '.join(EVENT_LOOPS)}, "
+                              f"not {self.event_loop!r}")
         if self.approval_mode not in APPROVAL_MODES:
             raise ConfigError(f"{ENV_APPROVAL_MODE} must be one of {', '.join(APPROVAL_MODES)}, "
                               f"not {self.approval_mode!r}")
@@ -235,6 +243,7 @@ class SidecarConfig:
             otel_endpoint=get(ENV_OTEL_ENDPOINT),
             otel_service_name=get(ENV_OTEL_SERVICE, SERVICE_NAME),
             log_level=get(ENV_LOG_LEVEL, "info"),
+            event_loop=get(ENV_EVENT_LOOP, "auto").lower(),
             oidc=oidc,
         )
 
@@ -295,6 +304,7 @@ class SidecarConfig:
             approval_timeout_seconds=timeout,
             redis_url=str(settings.get("redisURL") or ""),
             log_level=str(settings.get("logLevel") or env.get(ENV_LOG_LEVEL) or "info"),
+            event_loop=str(settings.get("eventLoop") or env.get(ENV_EVENT_LOOP) or "auto").lower(),
             oidc=oidc,
             reverse_port_base=base,
             config_dir=layout["root"],

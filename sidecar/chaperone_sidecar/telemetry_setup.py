@@ -1,8 +1,8 @@
 """OpenTelemetry providers for the sidecar, configured by the standard ``OTEL_*`` variables.
 
-Chaperone depends on ``opentelemetry-sdk`` only. Spans and metrics leave the process only when
-*both* hold: an OTLP exporter package is installed (``opentelemetry-exporter-otlp-proto-http``
-or ``-grpc``; not a dependency - the image adds one when it wants export) and an endpoint is set
+Spans and metrics leave the process only when *both* hold: an OTLP exporter package is
+installed (``opentelemetry-exporter-otlp-proto-http``: the ``otlp`` extra, which the image
+installs; or ``-grpc``, which an image of your own may add) and an endpoint is set
 (``OTEL_EXPORTER_OTLP_ENDPOINT``, or the per-signal ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
 ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``; the webhook sets the first from the operator's
 ``CHAPERONE_OTEL_ENDPOINT``). Otherwise no provider is installed and the API stays the no-op
@@ -21,6 +21,7 @@ waits on the collector); metrics through a ``PeriodicExportingMetricReader``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -107,7 +108,9 @@ def _resource(env: Mapping[str, str], attributes: Mapping[str, str] | None) -> A
 
 def _signal(env: Mapping[str, str], signal: str, index: int, notes: list[str],
             loader: Callable[[str, str], Any]) -> Callable[[], Any] | None:
-    """The exporter class for ``signal`` (traces|metrics) when it should export, else None."""
+    """A factory of the exporter for ``signal`` (traces|metrics) when it should export, else
+    None. The endpoint is passed explicitly: the exporters would otherwise read
+    ``os.environ`` themselves and ignore the ``env`` this set-up was given."""
     upper = signal.upper()
     if env.get(f"OTEL_{upper}_EXPORTER", "otlp").strip().lower() == "none":
         notes.append(f"{signal}: OTEL_{upper}_EXPORTER=none")
@@ -125,7 +128,11 @@ def _signal(env: Mapping[str, str], signal: str, index: int, notes: list[str],
     if exporter is None:
         package = "opentelemetry-exporter-otlp-proto-" + ("grpc" if protocol == "grpc" else "http")
         notes.append(f"{signal}: {package} is not installed")
-    return exporter
+        return None
+    if protocol != "grpc" and not env.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT"):
+        # The generic endpoint is a base URL: OTLP/HTTP appends the signal's path to it.
+        endpoint = endpoint.rstrip("/") + f"/v1/{signal}"
+    return functools.partial(exporter, endpoint=endpoint)
 
 
 def setup_telemetry(env: Mapping[str, str] | None = None, *,

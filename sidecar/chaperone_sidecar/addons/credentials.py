@@ -99,7 +99,9 @@ class InjectCredentials:
         self.services = services
 
     def running(self) -> None:
-        for problem in order_problems(list(mctx.master.addons.chain), self):
+        # The Pipeline (addons/pipeline.py) registers Chaperone's addons as one: look inside.
+        chain = [c for a in mctx.master.addons.chain for c in (getattr(a, "children", None) or [a])]
+        for problem in order_problems(chain, self):
             log.error("addon order: %s", problem)
 
     # ------------------------------------------------------------------ hooks

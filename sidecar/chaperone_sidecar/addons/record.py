@@ -139,14 +139,21 @@ def _injected_header(flow: Any, services: Any, ctx: flowctx.FlowContext | None) 
 
 
 def redact_headers(headers: http.Headers, extra: str = "", masker: Any = None) -> list[list[str]]:
-    """Headers as ``[[name, value], ...]``: credential-like values redacted, others masked."""
+    """Headers as ``[[name, value], ...]``: credential-like values redacted, the others
+    masked (``Masker.mask_values``: values seen clean before are not scanned again, the rest
+    in one joined scan)."""
     out = []
+    kept: list[int] = []
     for name, value in headers.items(multi=True):
         if _SENSITIVE.search(name) or (extra and name.lower() == extra):
             value = REDACTED
-        elif masker is not None and masker.active:
-            value = masker.mask_str(value)[0]
+        else:
+            kept.append(len(out))
         out.append([name, value])
+    if masker is None or not masker.active or not kept:
+        return out
+    for i, value in zip(kept, masker.mask_values([out[i][1] for i in kept])):
+        out[i][1] = value
     return out
 
 

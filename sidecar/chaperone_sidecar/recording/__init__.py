@@ -12,10 +12,11 @@ Design (why it never blocks the proxy's event loop): ``append`` only puts the ev
 and awaits a future. One writer task takes everything queued so far as a batch and hands it to
 a dedicated single thread, which seals the events into the chain and writes them with one
 ``write()`` per segment; group fsync (``fsync_every`` events or ``fsync_interval`` seconds,
-whichever first) runs in that thread too. Concurrent appends therefore share writes and
-fsyncs, and the loop only ever waits on futures. ``append`` returns once the line is in the
-file (the page cache: it survives a crash of the process, not of the kernel); ``flush()``
-forces the fsync. The shipper is another task that does its boto3 calls in threads.
+whichever first) runs in that thread too, after the batch's appends were answered.
+Concurrent appends therefore share writes and fsyncs, and the loop only ever waits on futures.
+``append`` returns once the line is in the file (the page cache: it survives a crash of the
+process, not of the kernel) - never after an fsync it did not ask for; ``flush()`` forces
+the fsync. The shipper is another task that does its boto3 calls in threads.
 
 Strict mode: ``append`` raises ``SpoolUnavailable`` when the line could not be written, so the
 caller refuses the traffic. Best-effort mode: ``append`` returns None, ``metrics`` counts the
@@ -246,22 +247,41 @@ class Recorder:
             if not self._queue:
                 if self._state == "closed":
                     return
-                deadline = self._spool.next_deadline()
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                self._wake.clear()
+                await self._idle(loop)
+            if self._queue:
+                items, self._queue = self._queue, []
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-            items, self._queue = self._queue, []
-            try:
-                results = await loop.run_in_executor(self._executor, self._process, items)
-            except Exception as exc:  # a bug, not an I/O error: fail the callers, do not hang them
-                results = [exc] * len(items)
-            self._settle(items, results)
+                    results = await loop.run_in_executor(self._executor, self._process, items)
+                except Exception as exc:  # a bug, not an I/O error: fail the callers, do not hang them
+                    results = [exc] * len(items)
+                self._settle(items, results)
+            # Only after the callers have their answers: an append returns once its line is in
+            # the file, so no flow waits for a group fsync (1-5 ms) or an age rotation.
+            if self._spool.maintenance_due():
+                await loop.run_in_executor(self._executor, self._maintain)
             if self._spool.closed_new and self._shipper is not None:
                 self._spool.closed_new = 0
                 self._shipper.wake()
+
+    async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait for an append or the spool's next deadline (a timer, not ``wait_for``: that
+        costs a task per wait)."""
+        deadline = self._spool.next_deadline()
+        self._wake.clear()
+        timer = None if deadline is None else loop.call_later(
+            max(0.0, deadline - time.monotonic()), self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _maintain(self) -> None:
+        """Writer thread: the group fsync and the age rotation, when due."""
+        try:
+            self._spool.tick()
+        except OSError as exc:
+            self._spool.report("rotate-failed", str(exc))
 
     def _process(self, items: list[tuple[str, Any, asyncio.Future]]) -> list[Any]:
         """Writer thread: events in runs (one write per run), control operations in order."""
@@ -285,10 +305,6 @@ class Recorder:
             except (OSError, SpoolUnavailable) as exc:
                 self._spool.report("finish-failed", str(exc))
                 results.append(SpoolUnavailable(f"spool {self.config.directory}: {exc}"))
-        try:
-            self._spool.tick()
-        except OSError as exc:
-            self._spool.report("rotate-failed", str(exc))
         return results
 
     def _settle(self, items: list, results: list) -> None:

@@ -224,8 +224,6 @@ class SessionSpool:
                 f"spool {self.dir} not writable: {exc}")
             self._note_failure(failure, results.count(None))
             results = [failure if r is None else r for r in results]
-        if self._unsynced >= self.config.fsync_every:
-            self.sync()
         return results
 
     def _commit(self, buf: bytearray, items: list, results: list) -> None:
@@ -313,10 +311,18 @@ class SessionSpool:
             due.append(self._seg_first_at + self.config.segment_max_age)
         return min(due) if due else None
 
+    def maintenance_due(self) -> bool:
+        """Whether :meth:`tick` has work: a group fsync (count or age) or an age rotation."""
+        deadline = self.next_deadline()
+        return self._unsynced >= self.config.fsync_every or (
+            deadline is not None and time.monotonic() >= deadline)
+
     def tick(self) -> None:
-        """Run whatever is due: the group fsync and the age rotation."""
+        """Run whatever is due: the group fsync (``fsync_every`` lines or ``fsync_interval``
+        seconds) and the age rotation."""
         now = time.monotonic()
-        if self._unsynced_since is not None and now >= self._unsynced_since + self.config.fsync_interval:
+        if self._unsynced >= self.config.fsync_every or (
+                self._unsynced_since is not None and now >= self._unsynced_since + self.config.fsync_interval):
             self.sync()
         if self._seg_first_at is not None and now >= self._seg_first_at + self.config.segment_max_age:
             self.rotate()

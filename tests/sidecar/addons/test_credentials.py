@@ -205,6 +205,15 @@ def test_order_check_names_request_mutators_that_run_later(http_services, caplog
         with taddons.context(addon, later) as tctx:
             tctx.master.addons.invoke_addon_sync(addon, hooks.RunningHook())
     assert "Mutator mutates requests" in caplog.text
+    caplog.clear()
+    # Inside the Pipeline (as the sidecar registers its addons) the check still sees the order.
+    from chaperone_sidecar.addons.pipeline import Pipeline
+
+    addon = InjectCredentials(http_services)
+    with caplog.at_level(logging.ERROR, logger="chaperone.credentials"):
+        with taddons.context(Pipeline([addon, Mutator()])) as tctx:
+            tctx.master.addons.invoke_addon_sync(addon, hooks.RunningHook())
+    assert "Mutator mutates requests" in caplog.text
 
 
 # ---------------------------------------------------------------------------- streaming

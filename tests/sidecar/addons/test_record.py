@@ -502,3 +502,23 @@ def test_a_decision_changed_after_the_early_record_is_recorded_again(tmp_path):
     assert events[2]["data"]["effect"] == "allow"
     assert events[3]["data"]["effect"] == "block" and events[3]["data"]["refused"] == "chaperone_blocked"
     assert events[4]["data"]["status"] == 403
+
+
+def test_redact_headers_masks_value_by_value_after_one_joined_scan():
+    from chaperone_sidecar.addons.mask import masker_for
+    from chaperone_sidecar.addons.record import redact_headers
+
+    masker = masker_for(MASKS, None)
+    clean = http.Headers(accept="*/*", x_note="nothing secret here", authorization="Bearer abc")
+    assert redact_headers(clean, "", masker) == [
+        ["accept", "*/*"], ["x-note", "nothing secret here"], ["authorization", REDACTED]]
+    mixed = http.Headers(x_a="plain", x_b="key " + AWS_KEY_ID.decode(), x_c="also plain")
+    assert redact_headers(mixed, "", masker) == [
+        ["x-a", "plain"], ["x-b", "key [MASKED:aws-access-key-id]"], ["x-c", "also plain"]]
+    # A secret split over two headers is two harmless halves, as when each value was masked
+    # on its own: the joined scan never masks across a header boundary.
+    split = http.Headers(x_a="AKIAIOSFOD", x_b="NN7EXAMPLE")
+    assert redact_headers(split, "", masker) == [["x-a", "AKIAIOSFOD"], ["x-b", "NN7EXAMPLE"]]
+    # The injected credential header is redacted by name, never scanned.
+    assert redact_headers(http.Headers(x_token_here="AKIAIOSFODNN7EXAMPLE"), "x-token-here", None) == [
+        ["x-token-here", REDACTED]]

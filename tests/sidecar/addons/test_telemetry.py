@@ -172,9 +172,11 @@ def test_without_services_telemetry_uses_the_api_no_ops():
 
 class FakeExporter:
     made: list[str] = []
+    endpoints: list[str] = []
 
-    def __init__(self):
+    def __init__(self, endpoint=None):
         FakeExporter.made.append(type(self).__name__)
+        FakeExporter.endpoints.append(endpoint)
 
     def export(self, batch, *args, **kwargs):
         from opentelemetry.sdk.metrics.export import MetricExportResult
@@ -208,10 +210,57 @@ def test_no_endpoint_means_no_provider():
 
 
 def test_endpoint_without_an_exporter_package_means_no_provider():
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
-    setup = setup_telemetry(env, install_global=False)  # the real loader: no exporter installed
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    setup = setup_telemetry(env, install_global=False)  # the real loader: no gRPC exporter here
     assert not setup.tracing and not setup.metrics
-    assert "traces: opentelemetry-exporter-otlp-proto-http is not installed" in setup.notes
+    assert "traces: opentelemetry-exporter-otlp-proto-grpc is not installed" in setup.notes
+
+
+def test_spans_and_metrics_reach_a_real_otlp_http_endpoint():
+    """The exporter the image ships (the ``otlp`` extra), against an OTLP/HTTP receiver that
+    decodes what arrives."""
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: dict[str, list] = {"/v1/traces": [], "/v1/metrics": []}
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            kind = {"/v1/traces": ExportTraceServiceRequest, "/v1/metrics": ExportMetricsServiceRequest}
+            received[self.path].append(kind[self.path].FromString(body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+    setup = setup_telemetry(env, install_global=False, attributes={"k8s.pod.name": "agent-0"})
+    try:
+        assert setup.tracing and setup.metrics, setup.notes
+        with setup.tracer().start_as_current_span("s3:ListBuckets") as span:
+            span.set_attribute("chaperone.decision", "allow")
+        setup.meter_provider.get_meter("t").create_counter("chaperone.requests").add(1, {"decision": "allow"})
+    finally:
+        setup.shutdown()  # flushes both signals
+        server.shutdown()
+    spans = [(sp.name, {a.key: a.value.string_value for a in sp.attributes})
+             for req in received["/v1/traces"] for rs in req.resource_spans for ss in rs.scope_spans
+             for sp in ss.spans]
+    assert ("s3:ListBuckets", {"chaperone.decision": "allow"}) in spans
+    resource = received["/v1/traces"][0].resource_spans[0].resource.attributes
+    assert {a.key: a.value.string_value for a in resource}["k8s.pod.name"] == "agent-0"
+    metrics = [m.name for req in received["/v1/metrics"] for rm in req.resource_metrics
+               for sm in rm.scope_metrics for m in sm.metrics]
+    assert "chaperone.requests" in metrics
 
 
 def test_endpoint_and_exporter_give_batch_export_and_a_periodic_reader():
@@ -225,6 +274,7 @@ def test_endpoint_and_exporter_give_batch_export_and_a_periodic_reader():
         processors = setup.tracer_provider._active_span_processor._span_processors
         assert [type(p) for p in processors] == [BatchSpanProcessor]
         assert FakeExporter.made == ["FakeExporter", "FakeMetricExporter"]
+        assert FakeExporter.endpoints[-2:] == ["http://collector:4317"] * 2  # gRPC: as given
         resource = setup.tracer_provider.resource.attributes
         assert resource["service.name"] == DEFAULT_SERVICE_NAME and resource["k8s.pod.name"] == "agent-0"
         with setup.tracer().start_as_current_span("x"):

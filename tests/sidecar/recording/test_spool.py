@@ -78,21 +78,28 @@ def test_concurrent_appends_are_chained_in_order(tmp_path):
     assert rec.metrics.bytes_appended == sum(p.stat().st_size for p in spool_files(tmp_path / "spool", "s1"))
 
 
+async def settled(rec, seconds: float = 0.2) -> None:
+    """Let the writer finish what it does after answering (group fsync, rotation)."""
+    await asyncio.sleep(seconds)
+
+
 def test_group_fsync_every_n_events_and_flush_forces(tmp_path):
     async def main():
         rec = recorder(tmp_path, fsync_every=10, fsync_interval=60)
         await rec.start()
         for i in range(99):
             await rec.record("request", data={"i": i})
+        await settled(rec)
         at_100 = rec.metrics.fsyncs
         for i in range(3):
             await rec.record("request", data={"i": i})
+        await settled(rec)
         at_103 = rec.metrics.fsyncs
         await rec.flush()
         return at_100, at_103, rec.metrics.fsyncs
 
-    # 100 events (session-start + 99): one fsync per 10; 3 more wait for their group until
-    # flush() forces it
+    # 100 events (session-start + 99): one fsync per 10, done by the writer after it answered
+    # the appends; 3 more wait for their group until flush() forces it
     assert run(main()) == (10, 10, 11)
 
 

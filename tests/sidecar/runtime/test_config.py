@@ -122,6 +122,7 @@ def test_oidc_settings_of_the_operator_reach_the_sidecar():
     ({"CHAPERONE_SPOOL_LIMIT_BYTES": "1Gi"}, "CHAPERONE_SPOOL_LIMIT_BYTES must be an integer"),
     ({"KUBERNETES_SERVICE_HOST": ""}, "KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not set"),
     ({"CHAPERONE_OIDC_ISSUER": "https://idp"}, "CHAPERONE_OIDC_AUDIENCE is required"),
+    ({"CHAPERONE_EVENT_LOOP": "trio"}, "CHAPERONE_EVENT_LOOP must be one of auto, uvloop, asyncio"),
 ])
 def test_from_env_refuses_bad_input_naming_the_variable(change, message):
     container = webhook_container()
@@ -180,3 +181,31 @@ def test_config_is_frozen():
     config = SidecarConfig(standalone=True)
     with pytest.raises(AttributeError):
         config.proxy_port = 1  # type: ignore[misc]
+
+
+def test_event_loop_is_uvloop_by_default_and_can_be_chosen(tmp_path):
+    import asyncio
+
+    import uvloop
+
+    from chaperone_sidecar.proxy import event_loop_factory
+
+    container = webhook_container()
+    config = SidecarConfig.from_env(env_of(container), container["args"][1:])
+    assert config.event_loop == "auto"
+    factory, name = event_loop_factory(config.event_loop)
+    loop = factory()
+    try:
+        assert name == "uvloop" and isinstance(loop, uvloop.Loop)  # uvloop is a dependency
+    finally:
+        loop.close()
+    config = SidecarConfig.from_env(env_of(container, {"CHAPERONE_EVENT_LOOP": "asyncio"}), container["args"][1:])
+    factory, name = event_loop_factory(config.event_loop)
+    loop = factory()
+    try:
+        assert name == "asyncio" and not isinstance(loop, uvloop.Loop)
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        loop.close()
+    files = SidecarConfig.from_files(tmp_path / "c", env={"CHAPERONE_EVENT_LOOP": "uvloop"})
+    assert files.event_loop == "uvloop"

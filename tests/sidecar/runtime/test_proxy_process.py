@@ -319,6 +319,25 @@ def test_the_sidecar_logs_json(pod):
 
 # ---------------------------------------------------------------------------- standalone
 
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports (each bound once to prove it)."""
+    for _ in range(200):
+        base = free_port()
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no run of {n} free ports")
+
+
 def wait_for(predicate, timeout=20.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -339,7 +358,9 @@ def test_standalone_proxy_process(tmp_path):
     (conf / "upstream-ca" / "local" / "ca.crt").write_bytes(upstream.ca_file.read_bytes())
     (conf / "upstream-ca" / "rev").mkdir(parents=True)
     (conf / "upstream-ca" / "rev" / "ca.crt").write_bytes(upstream.ca_file.read_bytes())
-    reverse_port = free_port()
+    # Reverse listeners take consecutive ports from the base: all of them must be free (a
+    # port next to a free one may be some other socket's, which once made zeta's never listen).
+    reverse_port = free_port_run(4)
     (conf / "chaperone.yaml").write_text(f"namespace: laptop\nuser: dana\nreversePortBase: {reverse_port}\n")
     (conf / "connections" / "local.yaml").write_text(json.dumps(
         {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "local"},
@@ -408,7 +429,11 @@ def test_standalone_proxy_process(tmp_path):
             except requests.ConnectionError:
                 return False
 
-        wait_for(zeta_listens, 20, "the new reverse listener")
+        try:
+            wait_for(zeta_listens, 20, "the new reverse listener")
+        except AssertionError:
+            raise AssertionError(f"zeta's reverse listener on {zeta_port} never answered; proxy log:\n"
+                                 + log.read_text()[-4000:]) from None
         assert requests.get(f"http://127.0.0.1:{reverse_port}/again", timeout=30).json()["path"] == "/api/again"
     finally:
         if proc.poll() is None:

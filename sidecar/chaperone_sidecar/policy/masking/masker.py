@@ -117,6 +117,9 @@ class Masker:
         self.max_body_bytes = min((s.max_body_bytes for s in chosen), default=DEFAULT_MAX_BODY_BYTES)
         self.hash_key = hash_key
         self.errors: tuple[str, ...] = tuple(errors)
+        # Short strings the detectors found nothing in (see ``mask_values``). Only clean values
+        # are kept, so the set never holds anything a detector calls a secret.
+        self._clean: set[str] = set()
 
     @property
     def active(self) -> bool:
@@ -154,10 +157,44 @@ class Masker:
 
     def mask_str(self, text: str) -> tuple[str, dict[str, int]]:
         """Detectors over a string (headers, URLs, recorded fields); field rules do not apply."""
+        if text in self._clean:
+            return text, {}
         counts: dict[str, int] = {}
         raw = text.encode("utf-8", "surrogateescape")
         masked = mask_text(raw, self.rules, self.hash_key, counts)
-        return (masked.decode("utf-8", "surrogateescape") if counts else text), counts
+        if counts:
+            return masked.decode("utf-8", "surrogateescape"), counts
+        self._remember_clean((text,))
+        return text, counts
+
+    def mask_values(self, values: list[str]) -> list[str]:
+        """``mask_str`` over each value (header values: no line feeds), cheaply.
+
+        Two shortcuts, both exact: values seen clean before are not scanned again (User-Agent,
+        Accept, Content-Type ... repeat on every request), and the rest are scanned once,
+        joined by line feeds, instead of one scan each - a scan has a fixed cost per detector
+        that dwarfs a short value. Only when the joined scan finds something are those values
+        masked one by one, so a match never spans two values.
+        """
+        unknown = [v for v in dict.fromkeys(values) if v not in self._clean]
+        if not unknown or not self.rules:
+            return list(values)
+        joined = "\n".join(unknown).encode("utf-8", "surrogateescape")
+        counts: dict[str, int] = {}
+        if joined.count(b"\n") == len(unknown) - 1:  # no value has a line feed of its own
+            mask_text(joined, self.rules, self.hash_key, counts)
+            if not counts:
+                self._remember_clean(unknown)
+                return list(values)
+        return [self.mask_str(v)[0] for v in values]
+
+    _CLEAN_MAX_ENTRIES = 4096
+    _CLEAN_MAX_CHARS = 512
+
+    def _remember_clean(self, values: Iterable[str]) -> None:
+        if len(self._clean) >= self._CLEAN_MAX_ENTRIES:
+            self._clean.clear()  # unique values (dates, request IDs) churn it; start over
+        self._clean.update(v for v in values if len(v) <= self._CLEAN_MAX_CHARS)
 
     def _mask_fields(self, body: bytes, counts: dict[str, int], notes: list[str]) -> bytes:
         try:

@@ -248,3 +248,29 @@ def test_field_rules_apply_to_mislabelled_json(content_type):
     assert b"hunter2" not in out.body and json.loads(out.body)["SecretString"] == "[MASKED:field]"
     assert not m.can_stream(content_type)
     assert m.can_stream("text/event-stream")
+
+
+def test_mask_values_equals_mask_str_value_by_value_and_remembers_only_clean_values():
+    masker = Masker([MaskSpec(detectors=("all",))])
+    secret = "key " + AWS_KEY_ID.decode()
+    values = ["*/*", "curl/8.5.0", secret, "*/*", "a\nb " + AWS_KEY_ID.decode()]
+    assert masker.mask_values(values) == [masker.mask_str(v)[0] for v in values]
+    assert masker.mask_values(values)[2] == "key [MASKED:aws-access-key-id]"
+    assert "*/*" in masker._clean and "curl/8.5.0" in masker._clean
+    assert not any(AWS_KEY_ID.decode() in v for v in masker._clean)
+    # A secret split over two values is not a secret in either: the joined scan never masks
+    # across values, it only says whether any value needs a look of its own.
+    split = [AWS_KEY_ID.decode()[:10], AWS_KEY_ID.decode()[10:]]
+    assert masker.mask_values(split) == split
+
+
+@given(st.lists(st.sampled_from(["text/plain", "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+                                 "alice@example.com", "4111 1111 1111 1111", "ssn 078-05-1120",
+                                 AWS_KEY_ID.decode(), "ok", "x"]) | st.text(max_size=40),
+                max_size=6))
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_mask_values_is_exactly_mask_str_per_value(values):
+    masker = Masker([MaskSpec(detectors=("all",))])
+    expected = [Masker([MaskSpec(detectors=("all",))]).mask_str(v)[0] for v in values]
+    assert masker.mask_values(values) == expected
+    assert masker.mask_values(values) == expected  # again, now from the clean cache

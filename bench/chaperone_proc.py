@@ -12,14 +12,15 @@
 
   - recording shipped to S3 (``S3Store`` on the test bed's moto server; bucket, endpoint and
     keys from ``BENCH_S3_*``) instead of a local directory, built like ``services._make_recorder``;
-  - the OpenTelemetry SDK: a ``TracerProvider`` with a ``BatchSpanProcessor`` and a
-    ``MeterProvider`` with a ``PeriodicExportingMetricReader``, both exporting with the SDK's
-    console exporters into ``/dev/null`` (no collector on this machine; the spans and metrics
-    are still built, batched and serialised in the exporter threads, as with OTLP).
+  - the OpenTelemetry SDK as ``setup_telemetry`` builds it from ``OTEL_*`` (a
+    ``BatchSpanProcessor`` and a ``PeriodicExportingMetricReader``) with the OTLP/HTTP
+    exporters (the ``otlp`` extra) sending to the bench upstream's OTLP sink - the collector
+    stand-in (``BENCH_OTLP_ENDPOINT``).
 
 ``--without telemetry`` leaves the SDK out (the ablation that attributes the full profile's
-cost). ``--loop uvloop`` installs uvloop's event-loop policy first (the runtime uses ``asyncio.run``,
-so mitmproxy's master then runs on uvloop).
+cost). ``--loop`` is the product's own setting (``CHAPERONE_EVENT_LOOP``: uvloop is what the
+sidecar picks by default, asyncio the standard loop); both profiles start like ``chaperone
+proxy`` does (:func:`chaperone_sidecar.lean_imports.install`, then the chosen loop).
 """
 
 from __future__ import annotations
@@ -37,26 +38,20 @@ for _sub in ("sidecar", "operator", "testbed"):
 
 
 def _telemetry() -> list:
-    """Global SDK providers exporting to /dev/null; returns them for shutdown."""
-    from opentelemetry import metrics, trace
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    """The sidecar's own OpenTelemetry set-up (:func:`~chaperone_sidecar.telemetry_setup.
+    setup_telemetry`, as the injected sidecar runs it) exporting over OTLP/HTTP to the bench
+    upstream's sink (``BENCH_OTLP_ENDPOINT``); returns the providers for shutdown.
 
-    # BENCH_OTEL_OUT: a file instead of /dev/null (the smoke test reads the spans back).
-    sink = open(os.environ.get("BENCH_OTEL_OUT") or os.devnull, "w")  # noqa: SIM115 - process lifetime
-    resource = Resource.create({"service.name": "chaperone-sidecar", "k8s.pod.name": "bench"})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sink)))
-    reader = PeriodicExportingMetricReader(ConsoleMetricExporter(out=sink),
-                                           export_interval_millis=int(os.environ.get(
-                                               "OTEL_METRIC_EXPORT_INTERVAL", "10000")))
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-    trace.set_tracer_provider(tracer_provider)
-    metrics.set_meter_provider(meter_provider)
-    return [tracer_provider, meter_provider]
+    A missing OTLP exporter package is an error, not a silent no-op: "full" would otherwise
+    measure the API's no-op tracer.
+    """
+    from chaperone_sidecar.telemetry_setup import setup_telemetry
+
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": os.environ["BENCH_OTLP_ENDPOINT"]}
+    setup = setup_telemetry(env, attributes={"k8s.pod.name": "bench", "k8s.namespace.name": "bench"})
+    if setup.tracer_provider is None or setup.meter_provider is None:
+        raise SystemExit(f"chaperone-full needs OTLP export: {'; '.join(setup.notes)}")
+    return [setup.tracer_provider, setup.meter_provider]
 
 
 def _s3_recorder(config):
@@ -76,9 +71,12 @@ def _s3_recorder(config):
 
 
 def run_full(args: argparse.Namespace) -> int:
+    from chaperone_sidecar import lean_imports
+
+    lean_imports.install()  # first, as chaperone_sidecar.proxy.run does
     from chaperone_sidecar.config import SidecarConfig
     from chaperone_sidecar.logging import configure_logging
-    from chaperone_sidecar.proxy import ProxyRuntime
+    from chaperone_sidecar.proxy import ProxyRuntime, event_loop_factory
     from chaperone_sidecar.services import build_services
 
     providers = [] if "telemetry" in args.without else _telemetry()
@@ -90,8 +88,10 @@ def run_full(args: argparse.Namespace) -> int:
         services.recorder = _s3_recorder(config)
         return await ProxyRuntime(config, services).run()
 
+    factory, _ = event_loop_factory(config.event_loop)
     try:
-        return asyncio.run(main())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(main())
     finally:
         for provider in providers:
             provider.shutdown()
@@ -100,17 +100,14 @@ def run_full(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=("minimal", "full"), required=True)
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     parser.add_argument("--config-dir", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--health-port", type=int, required=True)
     parser.add_argument("--without", action="append", default=[], choices=("recording", "masking", "telemetry"),
                         help="full profile minus a feature (recording and masking are in the config directory)")
     args = parser.parse_args(argv)
-    if args.loop == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    os.environ["CHAPERONE_EVENT_LOOP"] = args.loop  # read by SidecarConfig.from_files
     if args.profile == "full":
         return run_full(args)
     from chaperone_sidecar.sidecar_cli import main as chaperone_main

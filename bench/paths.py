@@ -8,7 +8,8 @@ mitmdump               bare mitmproxy, the venv's ``mitmdump`` (same version as 
                        so the 1 GiB download streams in both instead of being buffered whole)
 chaperone-minimal      ``chaperone proxy``: allow-all policy, no recording, no masking
 chaperone-full         50-rule policy, masking on, recording to S3, OpenTelemetry SDK on
-\\*-uvloop              the same on uvloop's event loop
+\\*-asyncio             the same on the standard asyncio loop (``CHAPERONE_EVENT_LOOP=asyncio``);
+                       without the suffix Chaperone runs as shipped: uvloop
 chaperone-full-        the full profile minus one feature (``recording``, ``masking``,
 without-F              ``telemetry``): the ablation that says what each feature costs
 squid                  Debian's Squid 5.7 (``squid-openssl``) with ssl-bump, the C peer
@@ -184,13 +185,13 @@ class Mitmdump(ProxyPath):
 class Chaperone(ProxyPath):
     """``chaperone proxy`` through bench/chaperone_proc.py (``profile``: minimal | full)."""
 
-    def __init__(self, profile: str, loop: str = "asyncio", without: tuple[str, ...] = ()) -> None:
+    def __init__(self, profile: str, loop: str = "uvloop", without: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.profile, self.loop, self.without = profile, loop, tuple(without)
         self.name = f"chaperone-{profile}" + "".join(f"-without-{w}" for w in self.without) + (
-            "-uvloop" if loop == "uvloop" else "")
+            "-asyncio" if loop == "asyncio" else "")
         self.label = f"Chaperone {profile}" + "".join(f" without {w}" for w in self.without) + (
-            " (uvloop)" if loop == "uvloop" else "")
+            " (asyncio loop)" if loop == "asyncio" else "")
         self.health_port = 0
 
     def start(self, env: Env, timeout: float = 60.0) -> "Chaperone":
@@ -206,7 +207,8 @@ class Chaperone(ProxyPath):
                 raise RuntimeError("chaperone-full records to S3: start the S3 test server first")
             extra.update(BENCH_S3_BUCKET=env.s3_bucket, BENCH_S3_PREFIX=f"{self.name}/",
                          BENCH_S3_ENDPOINT=env.s3.endpoint_url, BENCH_S3_REGION=env.s3.region,
-                         BENCH_S3_ACCESS_KEY=env.s3.access_key, BENCH_S3_SECRET_KEY=env.s3.secret_key)
+                         BENCH_S3_ACCESS_KEY=env.s3.access_key, BENCH_S3_SECRET_KEY=env.s3.secret_key,
+                         BENCH_OTLP_ENDPOINT=env.upstream.otlp_endpoint)
         self._spawn([sys.executable, str(REPO / "bench" / "chaperone_proc.py"), "--profile", self.profile,
                      "--loop", self.loop, "--config-dir", str(conf), "--port", str(self.port),
                      "--health-port", str(self.health_port)] + [f"--without={w}" for w in self.without], env, extra)
@@ -297,8 +299,8 @@ max_filedescriptors 4096
         return code
 
 
-PATH_NAMES = ("direct", "mitmdump", "chaperone-minimal", "chaperone-full", "chaperone-minimal-uvloop",
-              "chaperone-full-uvloop", "squid")
+PATH_NAMES = ("direct", "mitmdump", "chaperone-minimal", "chaperone-full", "chaperone-minimal-asyncio",
+              "chaperone-full-asyncio", "squid")
 
 
 def make_path(name: str) -> ProxyPath:
@@ -311,7 +313,7 @@ def make_path(name: str) -> ProxyPath:
         return Squid()
     if name.startswith("chaperone-"):
         parts = name.split("-")
-        loop = "uvloop" if parts[-1] == "uvloop" else "asyncio"
+        loop = "asyncio" if parts[-1] == "asyncio" else "uvloop"
         without = tuple(parts[i + 1] for i, part in enumerate(parts) if part == "without")
         if parts[1] not in ("minimal", "full") or (without and parts[1] != "full") or \
                 not set(without) <= set(chaperone_config.FEATURES):

@@ -22,8 +22,8 @@ from typing import Any, Iterable
 __all__ = ["machine_info", "summarise", "render", "median_of"]
 
 NAMES = {"direct": "direct", "mitmdump": "bare mitmproxy", "chaperone-minimal": "Chaperone minimal",
-         "chaperone-full": "Chaperone full", "chaperone-minimal-uvloop": "Chaperone minimal + uvloop",
-         "chaperone-full-uvloop": "Chaperone full + uvloop", "squid": "Squid ssl-bump"}
+         "chaperone-full": "Chaperone full", "chaperone-minimal-asyncio": "Chaperone minimal (asyncio loop)",
+         "chaperone-full-asyncio": "Chaperone full (asyncio loop)", "squid": "Squid ssl-bump"}
 MB = 1e6
 
 
@@ -110,17 +110,17 @@ def summarise(data: dict) -> dict[str, Any]:
     base_rps, full_rps = med("mitmdump", "tput-https-1k.rps"), med("chaperone-full", "tput-https-1k.rps")
     ratio = full_rps / base_rps if base_rps else math.nan
     cpu = med("chaperone-full", "tput-https-1k.cpu_us_per_req") / med("mitmdump", "tput-https-1k.cpu_us_per_req")
-    uv_rps = med("chaperone-full-uvloop", "tput-https-1k.rps")
-    uv = f"; with uvloop {uv_rps / base_rps:.2f}x" if _ok(uv_rps) and base_rps else ""
+    uv_rps = med("chaperone-full-asyncio", "tput-https-1k.rps")
+    uv = f"; on the asyncio loop {uv_rps / base_rps:.2f}x" if _ok(uv_rps) and base_rps else ""
     add("Chaperone full >= 0.95x bare mitmproxy throughput (HTTPS 1 KiB, c=32)", ratio, ratio >= 0.95,
         f"{ratio:.2f}x ({full_rps:,.0f} vs {base_rps:,.0f} req/s; CPU per request {cpu:.2f}x){uv}", "chaperone-full@1k")
     added = (med("chaperone-full", "lat-https-1k.p50") - med("mitmdump", "lat-https-1k.p50")) * 1e3
-    uv_added = (med("chaperone-full-uvloop", "lat-https-1k.p50") - med("mitmdump", "lat-https-1k.p50")) * 1e3
-    uv = f"; with uvloop {uv_added:+.2f} ms" if _ok(uv_added) else ""
+    uv_added = (med("chaperone-full-asyncio", "lat-https-1k.p50") - med("mitmdump", "lat-https-1k.p50")) * 1e3
+    uv = f"; on the asyncio loop {uv_added:+.2f} ms" if _ok(uv_added) else ""
     add("Chaperone full adds <= 0.5 ms p50 over bare mitmproxy (HTTPS 1 KiB, c=1)", added, added <= 0.5,
         f"{added:+.2f} ms ({med('chaperone-full', 'lat-https-1k.p50') * 1e3:.2f} vs "
         f"{med('mitmdump', 'lat-https-1k.p50') * 1e3:.2f} ms){uv}", "chaperone-full@1k")
-    variants = [v for v in ("chaperone-full", "chaperone-full-uvloop") if _ok(med(v, "tput-https-1k.rps"))]
+    variants = [v for v in ("chaperone-full", "chaperone-full-asyncio") if _ok(med(v, "tput-https-1k.rps"))]
     best = max(variants, key=lambda v: med(v, "tput-https-1k.rps")) if variants else "chaperone-full"
     stretch = med(best, "tput-https-1k.rps") / base_rps if base_rps else math.nan
     add("Stretch: Chaperone full >= 1.5x bare mitmproxy throughput", stretch, stretch >= 1.5,
@@ -143,9 +143,9 @@ def summarise(data: dict) -> dict[str, Any]:
         lab, unl = _get(cp, f"{variant}.api.labelled.{q}"), _get(cp, f"{variant}.api.unlabelled.{q}")
         return (lab - unl) * 1e3 if _ok(lab) and _ok(unl) else math.nan
 
-    wh, fix = added_ms("webhook", "p99"), added_ms("webhook_cached_list", "p99")
-    fixed = f"; connections listed with resourceVersion=0: {fix:+.1f} ms p99 " \
-            f"({added_ms('webhook_cached_list', 'p50'):+.1f} ms p50)" if _ok(fix) else ""
+    wh, before = added_ms("webhook", "p99"), added_ms("webhook_consistent_list", "p99")
+    fixed = f"; before the fix (a consistent list, no resourceVersion): {before:+.1f} ms p99 " \
+            f"({added_ms('webhook_consistent_list', 'p50'):+.1f} ms p50)" if _ok(before) else ""
     add("Injection webhook adds <= 30 ms p99 to pod admission", wh, wh <= 30,
         f"{wh:+.1f} ms p99 ({added_ms('webhook', 'p50'):+.1f} ms p50){fixed}")
     data["targets"] = targets
@@ -233,7 +233,7 @@ def _sse(data: dict) -> list[str]:
 def _uvloop(data: dict) -> list[str]:
     runs, rows = data["paths"], []
     for profile in ("minimal", "full"):
-        a, b = runs.get(f"chaperone-{profile}", []), runs.get(f"chaperone-{profile}-uvloop", [])
+        a, b = runs.get(f"chaperone-{profile}-asyncio", []), runs.get(f"chaperone-{profile}", [])
         if not a or not b:
             continue
         for label, key, spec, scale in (("HTTPS 1 KiB req/s (c=32)", "tput-https-1k.rps", ",.0f", 1),
@@ -247,8 +247,9 @@ def _uvloop(data: dict) -> list[str]:
                          _f(y / x if _ok(x) and x else math.nan, ".2f", suffix="x")])
     if not rows:
         return []
-    return ["## uvloop: before / after", "", "The same Chaperone process with `asyncio.set_event_loop_policy"
-            "(uvloop.EventLoopPolicy())` installed first (bench/chaperone_proc.py `--loop uvloop`).", ""] + _table(
+    return ["## uvloop: before / after", "", "The same Chaperone process on the standard asyncio loop "
+            "(`CHAPERONE_EVENT_LOOP=asyncio`) and on uvloop, the sidecar's default since this run "
+            "(`auto`: uvloop when installed; it is a dependency).", ""] + _table(
         ["path", "metric", "asyncio", "uvloop", "after / before"], rows) + [""]
 
 
@@ -287,8 +288,8 @@ def _controlplane(data: dict) -> list[str]:
         out += [f"Failures: {cp['approval']['failures']}", ""]
     out += ["### Injection webhook: pod admission with and without the label", ""]
     rows = []
-    for variant, label in (("webhook", "operator's way (consistent list of connections)"),
-                           ("webhook_cached_list", "connections listed with resourceVersion=0")):
+    for variant, label in (("webhook", "operator's way (connections from the watch cache, resourceVersion=0)"),
+                           ("webhook_consistent_list", "before the fix (a consistent list)")):
         if variant not in cp:
             continue
         for how in ("api", "kubectl"):

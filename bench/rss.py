@@ -126,17 +126,21 @@ class PeakSampler:
 # What a Chaperone process imports, in groups, cumulatively (see import_footprint).
 FOOTPRINT: list[tuple[str, list[str]]] = [
     ("Python, asyncio, ssl, cryptography", ["asyncio", "ssl", "cryptography.x509"]),
-    ("mitmproxy.master (its package imports every default addon: flask, passlib, aioquic, ...)",
-     ["mitmproxy.master"]),
+    ("mitmproxy.master, without the default addons' modules (chaperone_sidecar.lean_imports)",
+     ["=lean-imports", "mitmproxy.master"]),
     ("mitmproxy's HTTP/TLS layers and the lean master's core addons",
      ["mitmproxy.proxy.layers.http", "mitmproxy.addons.proxyserver", "mitmproxy.addons.tlsconfig"]),
     ("aiohttp (health endpoint, Kubernetes and JWKS clients)", ["aiohttp", "aiohttp.web"]),
-    ("PyYAML, OpenTelemetry API + SDK", ["yaml", "opentelemetry.sdk.trace", "opentelemetry.sdk.metrics"]),
+    ("PyYAML, OpenTelemetry API + SDK, uvloop", ["yaml", "opentelemetry.sdk.trace", "opentelemetry.sdk.metrics",
+                                                 "uvloop"]),
     ("chaperone_sidecar: runtime, addons, policy, recording",
      ["chaperone_sidecar.proxy", "chaperone_sidecar.services"] + [f"chaperone_sidecar.addons.{m}" for m in (
          "identify", "route", "enforce", "approve", "credentials", "mask", "record", "telemetry")]
      + ["chaperone_sidecar.recording"]),
     ("boto3 and one S3 client (recording shipped to S3: Chaperone full)", ["boto3", "=s3-client"]),
+    ("the OTLP/HTTP exporters (protobuf, requests: telemetry exported, Chaperone full)",
+     ["opentelemetry.exporter.otlp.proto.http.trace_exporter",
+      "opentelemetry.exporter.otlp.proto.http.metric_exporter"]),
 ]
 
 _FOOTPRINT_CHILD = """
@@ -148,7 +152,10 @@ def rss():
 out = [rss()]
 for mods in json.loads(sys.argv[1]):
     for mod in mods:
-        if mod == '=s3-client':
+        if mod == '=lean-imports':
+            from chaperone_sidecar import lean_imports
+            lean_imports.install()
+        elif mod == '=s3-client':
             import boto3
             boto3.client('s3', region_name='us-east-1', endpoint_url='http://127.0.0.1:9',
                          aws_access_key_id='x', aws_secret_access_key='y')

@@ -163,11 +163,13 @@ def _harness_loop() -> str:
 
 
 def setup_env(workdir: Path, names: list[str], harness_loop: str,
-              cpus: tuple[set[int] | None, set[int] | None] = (None, None)) -> tuple[paths.Env, list[Any]]:
-    """Upstream, interception CA and (for chaperone-full) the S3 server + bucket."""
+              cpus: tuple[set[int] | None, set[int] | None] = (None, None),
+              otlp_out: Path | None = None) -> tuple[paths.Env, list[Any]]:
+    """Upstream (also the OTLP sink; ``otlp_out`` keeps the spans it receives), interception
+    CA and (for chaperone-full) the S3 server + bucket."""
     proxy_cpus, client_cpus = cpus
     closers: list[Any] = []
-    upstream = Upstream(workdir / "upstream", loop=harness_loop, cpus=client_cpus).start()
+    upstream = Upstream(workdir / "upstream", loop=harness_loop, cpus=client_cpus, otlp_out=otlp_out).start()
     closers.append(upstream.stop)
     env = paths.Env(workdir, upstream, paths.interception_ca(workdir / "ca"), proxy_cpus=proxy_cpus)
     if any(n.startswith("chaperone-full") for n in names):
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"), help="Markdown report")
     parser.add_argument("--json", default=None, help="raw results as JSON (default: results.json in the work dir)")
     parser.add_argument("--paths", default=None, help=f"comma-separated, of: {', '.join(paths.PATH_NAMES)} "
-                        "(default: all; the uvloop ones only when uvloop is installed)")
+                        "(default: all)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--no-controlplane", action="store_true", help="skip the apiserver measurements")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy on misses")
@@ -290,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.paths:
         names = [n.strip() for n in args.paths.split(",") if n.strip()]
     else:
-        names = [n for n in paths.PATH_NAMES if _harness_loop() == "uvloop" or not n.endswith("-uvloop")]
-        if len(names) < len(paths.PATH_NAMES):
-            print("uvloop is not installed: the uvloop paths are left out (pip install uvloop)", flush=True)
+        names = list(paths.PATH_NAMES)
     for n in names:
         paths.make_path(n)  # validates the name
     cpus = _cpus()

@@ -11,6 +11,10 @@ Routes (every body is deterministic, so clients check what they received):
 ``/1m``            1 MiB of text (``text/plain``): what masking has to scan in a large body
 ``/sse?n=N``       ``text/event-stream``: N events of ~100 bytes, each flushed on its own
 ``/bytes?size=N``  ``application/octet-stream`` of N bytes with a Content-Length (1 GiB download)
+``POST /v1/*``     an OTLP/HTTP sink (``/v1/traces``, ``/v1/metrics``): Chaperone full exports
+                   its spans and metrics here with the SDK's OTLP exporter, as an injected
+                   sidecar does to a collector. ``--otlp-out FILE`` decodes each span into
+                   one JSON line there (the smoke test reads them); otherwise it only answers.
 =================  ===========================================================================
 
 Run by :class:`Upstream` (``python bench/upstream.py --cert C --key K``); the child prints one
@@ -68,7 +72,22 @@ def byte_pattern(offset: int, size: int) -> bytes:
 
 # ---------------------------------------------------------------------------- the server (child)
 
-def _app() -> Any:
+def _span_lines(body: bytes) -> list[str]:
+    """One JSON line per span of an OTLP ``ExportTraceServiceRequest``: name and attributes."""
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest.FromString(body)
+    lines = []
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                attrs = {a.key: next(iter(MessageToDict(a.value).values()), None) for a in span.attributes}
+                lines.append(json.dumps({"name": span.name, "attributes": attrs}, sort_keys=True))
+    return lines
+
+
+def _app(otlp_out: str | None = None) -> Any:
     from aiohttp import web
 
     async def one_k(_: web.Request) -> web.Response:
@@ -99,7 +118,17 @@ def _app() -> Any:
         await resp.write_eof()
         return resp
 
-    app = web.Application()
+    async def otlp(request: web.Request) -> web.Response:
+        body = await request.read()
+        if otlp_out and request.path == "/v1/traces":
+            with open(otlp_out, "a", encoding="utf-8") as out:
+                out.writelines(line + "\n" for line in _span_lines(body))
+        # An empty Export*ServiceResponse: the exporter reads only the status.
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/v1/traces", otlp)
+    app.router.add_post("/v1/metrics", otlp)
     app.router.add_get("/1k", one_k)
     app.router.add_get("/1m", one_m)
     app.router.add_get("/sse", sse)
@@ -115,10 +144,10 @@ def _listen() -> socket.socket:
     return sock
 
 
-async def _serve(cert: str, key: str) -> None:
+async def _serve(cert: str, key: str, otlp_out: str | None = None) -> None:
     from aiohttp import web
 
-    runner = web.AppRunner(_app(), access_log=None, handle_signals=True)
+    runner = web.AppRunner(_app(otlp_out), access_log=None, handle_signals=True)
     await runner.setup()
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert, key)
@@ -141,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--otlp-out", default=None, help="decode exported spans into this JSON-lines file")
     args = parser.parse_args(argv)
     if args.loop == "uvloop":
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(_serve(args.cert, args.key))
+    asyncio.run(_serve(args.cert, args.key, args.otlp_out))
     return 0
 
 
@@ -155,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 class Upstream:
     """Starts the upstream child with a fresh CA in ``directory``; ``ca_file`` is its CA."""
 
-    def __init__(self, directory: Path, *, loop: str = "asyncio", cpus: set[int] | None = None):
+    def __init__(self, directory: Path, *, loop: str = "asyncio", cpus: set[int] | None = None,
+                 otlp_out: Path | None = None):
         from chaperone_testbed.pki import CertAuthority
 
         self.directory = Path(directory)
@@ -164,7 +195,7 @@ class Upstream:
         self.ca_file = ca.write_cert(self.directory / "upstream-ca.crt")
         self.pair = ca.write_server_cert(self.directory, "upstream", dns_names=("localhost",),
                                          ip_addresses=("127.0.0.1",))
-        self.loop, self.cpus = loop, cpus
+        self.loop, self.cpus, self.otlp_out = loop, cpus, otlp_out
         self.proc: subprocess.Popen | None = None
         self.http_port = self.https_port = 0
 
@@ -172,7 +203,8 @@ class Upstream:
         cpus = self.cpus
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--cert", str(self.pair.cert_path),
-             "--key", str(self.pair.key_path), "--loop", self.loop],
+             "--key", str(self.pair.key_path), "--loop", self.loop]
+            + (["--otlp-out", str(self.otlp_out)] if self.otlp_out else []),
             stdout=subprocess.PIPE, stderr=(self.directory / "upstream.log").open("wb"),
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         assert self.proc.stdout is not None
@@ -189,6 +221,11 @@ class Upstream:
         ports = json.loads(buf.split(b"\n", 1)[0])
         self.http_port, self.https_port = ports["http"], ports["https"]
         return self
+
+    @property
+    def otlp_endpoint(self) -> str:
+        """``OTEL_EXPORTER_OTLP_ENDPOINT`` for the sink (the exporters append ``/v1/...``)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def url(self, scheme: str, path: str) -> str:
         port = self.https_port if scheme == "https" else self.http_port

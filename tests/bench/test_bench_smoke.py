@@ -1,6 +1,6 @@
 """Smoke test of the benchmark harness (bench/): behaviour only, with tiny counts.
 
-Every path - direct, bare mitmdump, Chaperone minimal/full (asyncio and uvloop) and Squid
+Every path - direct, bare mitmdump, Chaperone minimal/full (uvloop, the default, and asyncio) and Squid
 ssl-bump - starts, serves every scenario of one round correctly (1 KiB bodies byte for byte,
 1 MiB sizes, an SSE stream, a download) over HTTP and intercepted HTTPS, and stops cleanly;
 Chaperone full really records to S3 and really exports spans; the control-plane measurements
@@ -36,8 +36,7 @@ SCENARIOS = ["lat-http-1k", "lat-https-1k", "lat-http-1m", "lat-https-1m", "tput
 def bench_env(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bench")
     names = list(paths.PATH_NAMES)
-    env, closers = run.setup_env(workdir, names, "asyncio", run._cpus())
-    env.extra_env["BENCH_OTEL_OUT"] = str(workdir / "spans.jsonl")
+    env, closers = run.setup_env(workdir, names, "asyncio", run._cpus(), otlp_out=workdir / "spans.jsonl")
     try:
         yield env
     finally:
@@ -68,11 +67,13 @@ def test_every_path_serves_every_scenario_and_stops(bench_env):
     import boto3
 
     s3 = boto3.client("s3", **env.s3.client_kwargs())
-    for name in ("chaperone-full", "chaperone-full-uvloop"):
+    for name in ("chaperone-full", "chaperone-full-asyncio"):
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=env.s3_bucket, Prefix=f"{name}/").get("Contents", [])]
         assert any(k.endswith(".json") for k in keys) and len(keys) >= 2, (name, keys)
-    spans = (env.workdir / "spans.jsonl").read_text()
-    assert '"chaperone.decision": "allow"' in spans and '"chaperone.connection": "bench-upstream"' in spans
+    # Spans arrive over OTLP/HTTP at the upstream's sink, which decodes them.
+    spans = [json.loads(line) for line in (env.workdir / "spans.jsonl").read_text().splitlines()]
+    assert any(s["attributes"].get("chaperone.decision") == "allow"
+               and s["attributes"].get("chaperone.connection") == "bench-upstream" for s in spans), spans[:3]
 
     data = {"meta": {**report.machine_info(), "mode": "quick", "params": asdict(TINY), "paths": list(results),
                      "harness_loop": "asyncio", "started": "now", "finished": "later", "load_after": [0, 0, 0]},
@@ -101,7 +102,8 @@ def test_profile_parsing_attributes_samples_to_components():
 def test_path_names():
     assert [paths.make_path(n).name for n in paths.PATH_NAMES] == list(paths.PATH_NAMES)
     variant = paths.make_path("chaperone-full-without-recording")
-    assert (variant.profile, variant.without, variant.loop) == ("full", ("recording",), "asyncio")
+    assert (variant.profile, variant.without, variant.loop) == ("full", ("recording",), "uvloop")
+    assert paths.make_path("chaperone-full-asyncio").loop == "asyncio"  # the standard loop
     for bad in ("chaperone-minimal-without-masking", "chaperone-full-without-brakes", "nginx"):
         with pytest.raises(ValueError):
             paths.make_path(bad)

@@ -33,7 +33,8 @@ def _short(frame: str) -> str:
     return f"{match.group('func')} ({match.group('file')})" if match else frame.strip()
 
 
-_OWN = ("chaperone_sidecar/proxy.py", "chaperone_sidecar/sidecar_cli.py")
+_OWN = ("chaperone_sidecar/proxy.py", "chaperone_sidecar/sidecar_cli.py",
+        "chaperone_sidecar/addons/pipeline.py")  # plumbing, not a feature: look past it
 
 
 def component(frames: list[str]) -> str:

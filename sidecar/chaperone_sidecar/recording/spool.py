@@ -18,11 +18,13 @@ Threading: :class:`SessionSpool` is synchronous and is driven from the recorder'
 writer thread (write/sync/rotate) and the shipper's thread (segments it reads, confirms and
 deletes). The two share only file renames (atomic) and counters under a lock. The asyncio
 front end, :class:`chaperone_sidecar.recording.Recorder`, is in the package ``__init__``.
+
+Crash recovery (adopting a crashed writer's session at the next start) is in :mod:`.recovery`;
+``SessionSpool.adopt``/``SessionSpool.leftovers`` delegate there.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from .events import Chain, ChainChecker, format_time, new_event, sha256_hex, split_lines
+from .events import Chain, format_time, new_event, split_lines
 
 OPEN, CLOSED = ".open", ".jsonl"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
@@ -408,91 +410,18 @@ class SessionSpool:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.release()
 
-    # ---- recovery ------------------------------------------------------------------------------
+    # ---- recovery (in recovery.py: it runs once per start, never on the write path) ----------
+    # recovery imports this module, so it is imported lazily here.
 
     @classmethod
     def adopt(cls, config: SpoolConfig, name: str, metrics: RecorderMetrics,
               clock: Callable[[], Any]) -> "SessionSpool | None":
-        """Take over a crashed writer's session: None if it is live (locked) or empty.
-
-        Re-validates the chain over the unshipped segments, cuts a torn last line (a write the
-        crash interrupted: bytes after the last newline), closes the open segment and, if the
-        session never ended, appends an ``error`` event describing the crash plus a
-        ``session-end`` (reason ``recovered``) that continue the chain.
-        """
-        path = config.directory / name
-        if not _NAME.match(name) or not path.is_dir():
-            return None
-        meta = read_json(path / "meta.json") or {"session": name}
-        spool = cls(config, name, meta, metrics, clock)
-        try:
-            spool._ensure_dir()
-        except SpoolUnavailable:
-            return None  # a live recorder holds it
-        shipped = spool.shipped()
-        if shipped:
-            spool.chain = Chain(name, shipped[-1]["lastSeq"] + 1, shipped[-1]["lastHash"])
-        report: dict[str, Any] = {"tornBytes": 0, "problems": []}
-        checker = ChainChecker(name, spool.chain.seq, spool.chain.last_hash)
-        last_event: dict[str, Any] | None = None
-        last_line = b""
-        segments = sorted([*path.glob(f"seg-*{OPEN}"), *path.glob(f"seg-*{CLOSED}")], key=segment_seq)
-        for seg in segments:
-            if segment_seq(seg) < spool.chain.seq:  # confirmed before the crash, not yet deleted
-                seg.unlink(missing_ok=True)
-                continue
-            data = seg.read_bytes()
-            lines, tail = split_lines(data)
-            if tail:
-                with open(seg, "r+b") as f:
-                    f.truncate(len(data) - len(tail))
-                    os.fsync(f.fileno())
-                report["tornBytes"] += len(tail)
-                metrics.add("torn_tails")
-            for number, line in enumerate(lines, 1):
-                last_event, problems = checker.check_line(seg.name, number, line)
-                report["problems"] += [str(p) for p in problems]
-                last_line = line
-            if not lines:
-                seg.unlink(missing_ok=True)
-                continue
-            if seg.suffix == OPEN:
-                os.replace(seg, seg.with_suffix(CLOSED))
-            size = len(data) - len(tail)
-            spool.unshipped_bytes += size
-            metrics.add("backlog_segments")
-            metrics.add("backlog_bytes", size)
-        fsync_dir(path)
-        if last_line:  # continue after the last stored line (its hash, or its bytes' hash)
-            spool.chain = Chain(name, checker.seq, checker.last_hash or sha256_hex(last_line))
-        spool.ended = read_json(path / "ended.json")
-        spool.recovered = report
-        if spool.ended is None and last_event and last_event.get("type") == "session-end":
-            spool.finish(str(last_event.get("data", {}).get("reason", "closed")))  # crash in finish()
-        if spool.ended is None:
-            if not shipped and not checker.events:
-                spool.remove()
-                return None
-            identity = meta.get("identity", {})
-            now = format_time(clock())
-            error = new_event("error", identity=identity, data={
-                "kind": "unclean-shutdown", "tornBytes": report["tornBytes"],
-                "problems": report["problems"][:20],
-                "message": "recorder stopped without closing the session; spool recovered"})
-            end = new_event("session-end", identity=identity, data={"reason": "recovered"})
-            error["time"] = end["time"] = now
-            for result in spool.write([error, end]):
-                if isinstance(result, Exception):
-                    spool.release()
-                    raise result
-            spool.finish("recovered")
-        return spool
+        """Take over a crashed writer's session (:func:`.recovery.adopt`)."""
+        from .recovery import adopt
+        return adopt(config, name, metrics, clock, cls)
 
     @staticmethod
     def leftovers(config: SpoolConfig) -> list[str]:
-        try:
-            return sorted(p.name for p in config.directory.iterdir() if p.is_dir())
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return []
-            raise
+        """Session directories in the spool (:func:`.recovery.leftovers`)."""
+        from .recovery import leftovers
+        return leftovers(config)

@@ -1,0 +1,188 @@
+"""What a recorded event holds: the recording settings, redaction, and bodies and identities
+in the recording's vocabulary.
+
+Why a module of its own: these are pure functions of a flow's data and a connection's
+``spec.recording``, with no recorder, queue or mitmproxy hook in them. The :class:`~.record.Record`
+addon (``record.py``) decides *when* events are appended and what a failed append does; this
+module decides *what* goes into them - and guarantees that a credential never does (header
+values and query parameters whose name looks like one become :data:`REDACTED`; bodies are only
+ever Mask's masked capture). Mask reads :func:`recording_settings` too (how much of a body to
+capture), through ``record``, which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from mitmproxy import http
+
+from .. import flowctx
+from ..policy.model import Identity
+from ..recording import encode_body
+from .mask import BodyCapture
+
+__all__ = ["RecordingSettings", "recording_settings", "FULL_BODY_CAP", "REDACTED",
+           "redact_headers", "redact_url", "redact_text", "identity_of", "body_of"]
+
+FULL_BODY_CAP = 16 * 1024 * 1024  # ``bodies: full`` still stops here (the CRD's maxBodyBytes max)
+REDACTED = "[REDACTED]"
+_SENSITIVE = re.compile(
+    r"authorization|token|secret|passw|pwd|api[-_]?key|cookie|session|credential|signature|"
+    r"^key$|^sig$|auth", re.IGNORECASE)
+
+
+# ============================================================================ settings
+
+@dataclass(frozen=True)
+class RecordingSettings:
+    """A connection's ``spec.recording`` (CRD defaults when absent)."""
+
+    enabled: bool = True
+    bodies: str = "truncated"  # full | truncated | none
+    max_body_bytes: int = 65536
+    mode: str = ""  # strict | best-effort; "" = the recorder's own mode (no connection)
+
+    @property
+    def body_limit(self) -> int:
+        """Bytes of each (masked) body kept in the recording."""
+        if not self.enabled or self.bodies == "none":
+            return 0
+        if self.bodies == "full":
+            return FULL_BODY_CAP
+        return max(0, min(self.max_body_bytes, FULL_BODY_CAP))
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> "RecordingSettings":
+        spec = spec if isinstance(spec, Mapping) else {}
+        bodies = spec.get("bodies", "truncated")
+        size = spec.get("maxBodyBytes", 65536)
+        mode = spec.get("mode", "strict")
+        return cls(enabled=spec.get("enabled", True) is not False,
+                   bodies=bodies if bodies in ("full", "truncated", "none") else "truncated",
+                   max_body_bytes=size if isinstance(size, int) and size >= 0 else 65536,
+                   mode=mode if mode in ("strict", "best-effort") else "strict")
+
+
+_NO_CONNECTION = RecordingSettings()
+
+
+def recording_settings(flow: Any, services: Any, ctx: flowctx.FlowContext | None = None
+                       ) -> RecordingSettings:
+    """The recording settings of the flow's connection (from the flow's snapshot)."""
+    ctx = ctx or flowctx.get(flow)
+    if ctx is None or not ctx.connection:
+        return _NO_CONNECTION
+    from .route import SNAPSHOT_KEY
+
+    snapshot = flow.metadata.get(SNAPSHOT_KEY)
+    if snapshot is None and hasattr(services, "snapshot"):
+        try:
+            snapshot = services.snapshot()
+        except Exception:  # no sources (unit tests of a lone addon)
+            snapshot = None
+    conn = snapshot.connection(ctx.connection) if snapshot is not None else None
+    spec = conn.spec if conn is not None else {}
+    return RecordingSettings.from_spec(spec.get("recording") if isinstance(spec, Mapping) else None)
+
+
+# ============================================================================ redaction
+
+def _injected_header(flow: Any, services: Any, ctx: flowctx.FlowContext | None) -> str:
+    """The header an http connection injects its token into (spec.credentials.header)."""
+    if ctx is None or not ctx.connection:
+        return ""
+    from .route import SNAPSHOT_KEY
+
+    snapshot = flow.metadata.get(SNAPSHOT_KEY)
+    conn = snapshot.connection(ctx.connection) if snapshot is not None else None
+    creds = (conn.spec.get("credentials") or {}) if conn is not None else {}
+    header = creds.get("header") if isinstance(creds, Mapping) else None
+    return header.lower() if isinstance(header, str) else ""
+
+
+def redact_headers(headers: http.Headers, extra: str = "", masker: Any = None) -> list[list[str]]:
+    """Headers as ``[[name, value], ...]``: credential-like values redacted, the others
+    masked (``Masker.mask_values``: values seen clean before are not scanned again, the rest
+    in one joined scan)."""
+    out = []
+    kept: list[int] = []
+    for name, value in headers.items(multi=True):
+        if _SENSITIVE.search(name) or (extra and name.lower() == extra):
+            value = REDACTED
+        else:
+            kept.append(len(out))
+        out.append([name, value])
+    if masker is None or not masker.active or not kept:
+        return out
+    for i, value in zip(kept, masker.mask_values([out[i][1] for i in kept])):
+        out[i][1] = value
+    return out
+
+
+def redact_url(url: str, masker: Any = None) -> str:
+    """The URL with credential-like query parameters redacted (presigned URLs, ?token=...)."""
+    base, sep, query = url.partition("?")
+    if sep:
+        parts = []
+        for part in query.split("&"):
+            name, eq, _ = part.partition("=")
+            parts.append(f"{name}={REDACTED}" if eq and _SENSITIVE.search(name) else part)
+        url = base + "?" + "&".join(parts)
+    if masker is not None and masker.active:
+        url = masker.mask_str(url)[0]
+    return url
+
+
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"'#]+)=([^&\s\"'#]*)")
+
+
+def redact_text(text: str) -> str:
+    """Credential-like query parameters inside free text (a request line in a summary)."""
+    return _QUERY_PARAM.sub(
+        lambda m: f"{m[1]}{m[2]}={REDACTED}" if _SENSITIVE.search(m[2]) else m[0], text)
+
+
+def identity_of(identity: Identity) -> dict[str, Any] | None:
+    """The flow's identity in the recording's vocabulary (``recording.events.Identity``)."""
+    sa_ns, _, sa_name = identity.service_account.rpartition("/")
+    out: dict[str, Any] = {
+        "namespace": identity.pod_namespace or sa_ns, "pod": identity.pod_name,
+        "podUID": identity.pod_uid, "serviceAccount": sa_name, "creator": identity.creator,
+        "onBehalfOf": identity.on_behalf_of,
+    }
+    if identity.on_behalf_of_groups:
+        out["onBehalfOfGroups"] = list(identity.on_behalf_of_groups)
+    out = {k: v for k, v in out.items() if v}
+    return out or None
+
+
+def body_of(capture: BodyCapture | None, raw_size: int, settings: RecordingSettings,
+            what: str) -> dict[str, Any] | None:
+    """A body as stored in an event (only ever the masked capture)."""
+    if capture is None:
+        if not raw_size:
+            return None
+        return {"size": raw_size, "omitted": f"the {what} body was not masked, so it is not recorded"}
+    if not capture.recordable:
+        omitted = {"size": capture.size, "omitted": "; ".join(capture.notes) or "not recordable"}
+        return {**omitted, "binary": True} if capture.binary else omitted
+    if not capture.size and not capture.data:
+        return None
+    if settings.body_limit == 0:
+        return {"size": capture.size, "omitted": "recording.bodies is none"}
+    stored = encode_body(bytes(capture.data[: settings.body_limit]))
+    assert stored is not None
+    stored["size"] = capture.size
+    if capture.truncated or capture.size > settings.body_limit:
+        stored["truncated"] = True
+    if capture.counts:
+        stored["masked"] = dict(capture.counts)
+    if capture.binary:
+        stored["binary"] = True
+    if capture.streamed:
+        stored["streamed"] = True
+    if capture.notes:
+        stored["notes"] = list(capture.notes)
+    return stored

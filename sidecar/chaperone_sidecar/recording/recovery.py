@@ -1,0 +1,110 @@
+"""Crash recovery of the spool: adopt the sessions a crashed recorder left behind.
+
+Why: a sidecar that is SIGKILLed or OOM-killed leaves its session directory on the pod's
+emptyDir - possibly a torn last line, an ``.open`` segment, no ``session-end`` and no manifest.
+The next recorder's ``start()`` lists those directories (:func:`leftovers`) and takes each one
+whose lock is free over (:func:`adopt`), so the recording ends in a verified chain and is shipped
+like any other. Kept apart from :mod:`.spool` because it runs once per start, never on the
+write path. ``SessionSpool.adopt`` and ``SessionSpool.leftovers`` delegate here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Callable
+
+from .events import Chain, ChainChecker, format_time, new_event, sha256_hex, split_lines
+from .spool import (_NAME, CLOSED, OPEN, RecorderMetrics, SessionSpool, SpoolConfig,
+                    SpoolUnavailable, fsync_dir, read_json, segment_seq)
+
+__all__ = ["adopt", "leftovers"]
+
+
+def adopt(config: SpoolConfig, name: str, metrics: RecorderMetrics, clock: Callable[[], Any],
+          cls: type[SessionSpool] = SessionSpool) -> SessionSpool | None:
+    """Take over a crashed writer's session: None if it is live (locked) or empty.
+
+    Re-validates the chain over the unshipped segments, cuts a torn last line (a write the
+    crash interrupted: bytes after the last newline), closes the open segment and, if the
+    session never ended, appends an ``error`` event describing the crash plus a
+    ``session-end`` (reason ``recovered``) that continue the chain. ``cls`` is the class to
+    build (``SessionSpool.adopt`` passes its own, so a subclass adopts as itself).
+    """
+    path = config.directory / name
+    if not _NAME.match(name) or not path.is_dir():
+        return None
+    meta = read_json(path / "meta.json") or {"session": name}
+    spool = cls(config, name, meta, metrics, clock)
+    try:
+        spool._ensure_dir()
+    except SpoolUnavailable:
+        return None  # a live recorder holds it
+    shipped = spool.shipped()
+    if shipped:
+        spool.chain = Chain(name, shipped[-1]["lastSeq"] + 1, shipped[-1]["lastHash"])
+    report: dict[str, Any] = {"tornBytes": 0, "problems": []}
+    checker = ChainChecker(name, spool.chain.seq, spool.chain.last_hash)
+    last_event: dict[str, Any] | None = None
+    last_line = b""
+    segments = sorted([*path.glob(f"seg-*{OPEN}"), *path.glob(f"seg-*{CLOSED}")], key=segment_seq)
+    for seg in segments:
+        if segment_seq(seg) < spool.chain.seq:  # confirmed before the crash, not yet deleted
+            seg.unlink(missing_ok=True)
+            continue
+        data = seg.read_bytes()
+        lines, tail = split_lines(data)
+        if tail:
+            with open(seg, "r+b") as f:
+                f.truncate(len(data) - len(tail))
+                os.fsync(f.fileno())
+            report["tornBytes"] += len(tail)
+            metrics.add("torn_tails")
+        for number, line in enumerate(lines, 1):
+            last_event, problems = checker.check_line(seg.name, number, line)
+            report["problems"] += [str(p) for p in problems]
+            last_line = line
+        if not lines:
+            seg.unlink(missing_ok=True)
+            continue
+        if seg.suffix == OPEN:
+            os.replace(seg, seg.with_suffix(CLOSED))
+        size = len(data) - len(tail)
+        spool.unshipped_bytes += size
+        metrics.add("backlog_segments")
+        metrics.add("backlog_bytes", size)
+    fsync_dir(path)
+    if last_line:  # continue after the last stored line (its hash, or its bytes' hash)
+        spool.chain = Chain(name, checker.seq, checker.last_hash or sha256_hex(last_line))
+    spool.ended = read_json(path / "ended.json")
+    spool.recovered = report
+    if spool.ended is None and last_event and last_event.get("type") == "session-end":
+        spool.finish(str(last_event.get("data", {}).get("reason", "closed")))  # crash in finish()
+    if spool.ended is None:
+        if not shipped and not checker.events:
+            spool.remove()
+            return None
+        identity = meta.get("identity", {})
+        now = format_time(clock())
+        error = new_event("error", identity=identity, data={
+            "kind": "unclean-shutdown", "tornBytes": report["tornBytes"],
+            "problems": report["problems"][:20],
+            "message": "recorder stopped without closing the session; spool recovered"})
+        end = new_event("session-end", identity=identity, data={"reason": "recovered"})
+        error["time"] = end["time"] = now
+        for result in spool.write([error, end]):
+            if isinstance(result, Exception):
+                spool.release()
+                raise result
+        spool.finish("recovered")
+    return spool
+
+
+def leftovers(config: SpoolConfig) -> list[str]:
+    """Names of the session directories in the spool (live ones included: adopt skips those)."""
+    try:
+        return sorted(p.name for p in config.directory.iterdir() if p.is_dir())
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return []
+        raise

@@ -110,16 +110,16 @@ def summarise(data: dict) -> dict[str, Any]:
     base_rps, full_rps = med("mitmdump", "tput-https-1k.rps"), med("chaperone-full", "tput-https-1k.rps")
     ratio = full_rps / base_rps if base_rps else math.nan
     cpu = med("chaperone-full", "tput-https-1k.cpu_us_per_req") / med("mitmdump", "tput-https-1k.cpu_us_per_req")
-    uv_rps = med("chaperone-full-asyncio", "tput-https-1k.rps")
-    uv = f"; on the asyncio loop {uv_rps / base_rps:.2f}x" if _ok(uv_rps) and base_rps else ""
+    std_rps = med("chaperone-full-asyncio", "tput-https-1k.rps")
+    std = f"; on the asyncio loop {std_rps / base_rps:.2f}x" if _ok(std_rps) and base_rps else ""
     add("Chaperone full >= 0.95x bare mitmproxy throughput (HTTPS 1 KiB, c=32)", ratio, ratio >= 0.95,
-        f"{ratio:.2f}x ({full_rps:,.0f} vs {base_rps:,.0f} req/s; CPU per request {cpu:.2f}x){uv}", "chaperone-full@1k")
+        f"{ratio:.2f}x ({full_rps:,.0f} vs {base_rps:,.0f} req/s; CPU per request {cpu:.2f}x){std}", "chaperone-full@1k")
     added = (med("chaperone-full", "lat-https-1k.p50") - med("mitmdump", "lat-https-1k.p50")) * 1e3
-    uv_added = (med("chaperone-full-asyncio", "lat-https-1k.p50") - med("mitmdump", "lat-https-1k.p50")) * 1e3
-    uv = f"; on the asyncio loop {uv_added:+.2f} ms" if _ok(uv_added) else ""
+    std_added = (med("chaperone-full-asyncio", "lat-https-1k.p50") - med("mitmdump", "lat-https-1k.p50")) * 1e3
+    std = f"; on the asyncio loop {std_added:+.2f} ms" if _ok(std_added) else ""
     add("Chaperone full adds <= 0.5 ms p50 over bare mitmproxy (HTTPS 1 KiB, c=1)", added, added <= 0.5,
         f"{added:+.2f} ms ({med('chaperone-full', 'lat-https-1k.p50') * 1e3:.2f} vs "
-        f"{med('mitmdump', 'lat-https-1k.p50') * 1e3:.2f} ms){uv}", "chaperone-full@1k")
+        f"{med('mitmdump', 'lat-https-1k.p50') * 1e3:.2f} ms){std}", "chaperone-full@1k")
     variants = [v for v in ("chaperone-full", "chaperone-full-asyncio") if _ok(med(v, "tput-https-1k.rps"))]
     best = max(variants, key=lambda v: med(v, "tput-https-1k.rps")) if variants else "chaperone-full"
     stretch = med(best, "tput-https-1k.rps") / base_rps if base_rps else math.nan

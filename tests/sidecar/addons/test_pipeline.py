@@ -14,7 +14,7 @@ from mitmproxy.test import taddons, tflow
 from chaperone_sidecar.addons.pipeline import Pipeline
 
 
-class Recorder:
+class Logs:
     def __init__(self, name, log):
         self.name_, self.log = name, log
 
@@ -22,13 +22,13 @@ class Recorder:
         self.log.append((self.name_, "requestheaders"))
 
 
-class AsyncChild(Recorder):
+class AsyncChild(Logs):
     async def request(self, flow):
         await asyncio.sleep(0)
         self.log.append((self.name_, "request"))
 
 
-class Failing(Recorder):
+class Failing(Logs):
     def request(self, flow):
         raise RuntimeError("boom")
 
@@ -46,7 +46,7 @@ class WithOption:
 
 def test_children_run_in_order_awaited_and_a_failure_does_not_stop_the_rest(caplog):
     log: list = []
-    pipeline = Pipeline([Recorder("a", log), Failing("b", log), AsyncChild("c", log)])
+    pipeline = Pipeline([Logs("a", log), Failing("b", log), AsyncChild("c", log)])
     # Hooks exist only where a child has one.
     assert hasattr(pipeline, "requestheaders") and hasattr(pipeline, "request")
     assert not hasattr(pipeline, "response") and not hasattr(pipeline, "update")

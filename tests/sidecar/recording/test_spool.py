@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -78,9 +79,12 @@ def test_concurrent_appends_are_chained_in_order(tmp_path):
     assert rec.metrics.bytes_appended == sum(p.stat().st_size for p in spool_files(tmp_path / "spool", "s1"))
 
 
-async def settled(rec, seconds: float = 0.2) -> None:
-    """Let the writer finish what it does after answering (group fsync, rotation)."""
-    await asyncio.sleep(seconds)
+async def settled(rec, timeout: float = 10.0) -> None:
+    """Wait until the writer did what it does after answering (a due group fsync, rotation)."""
+    deadline = time.monotonic() + timeout
+    while rec._spool.maintenance_due():
+        assert time.monotonic() < deadline, "the writer never ran the due group fsync"
+        await asyncio.sleep(0.005)
 
 
 def test_group_fsync_every_n_events_and_flush_forces(tmp_path):

@@ -97,6 +97,9 @@ class MaskResult:
 class Masker:
     """All masking of one direction of a flow, compiled once and reused for every body."""
 
+    _CLEAN_MAX_ENTRIES = 4096  # bound of the clean-value cache (see ``mask_values``)
+    _CLEAN_MAX_CHARS = 512  # longer values are scanned every time, never cached
+
     def __init__(self, specs: Iterable[MaskSpec] = (), *, hash_key: bytes | None = None,
                  direction: Literal["request", "response"] | None = None) -> None:
         """``direction`` keeps only specs whose target covers it (``None`` keeps all)."""
@@ -187,9 +190,6 @@ class Masker:
                 self._remember_clean(unknown)
                 return list(values)
         return [self.mask_str(v)[0] for v in values]
-
-    _CLEAN_MAX_ENTRIES = 4096
-    _CLEAN_MAX_CHARS = 512
 
     def _remember_clean(self, values: Iterable[str]) -> None:
         if len(self._clean) >= self._CLEAN_MAX_ENTRIES:

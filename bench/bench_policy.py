@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sidecar"))
 
+from chaperone_sidecar.policy.aws_catalog import action_error, operations  # noqa: E402
 from chaperone_sidecar.policy.classify import classify  # noqa: E402
 from chaperone_sidecar.policy.compiler import compile_policies  # noqa: E402
 from chaperone_sidecar.policy.evaluator import evaluate  # noqa: E402
@@ -23,6 +24,18 @@ NUMBER, REPEAT = 2000, 7
 SERVICES = ["s3", "ec2", "iam", "lambda", "dynamodb", "sqs", "sns", "kms", "rds", "sts"]
 
 
+def real_operation(service: str, prefix: str, i: int) -> str:
+    """The i-th real operation of ``service`` starting with ``prefix``: the compiler refuses
+    action names no AWS call has (policy.aws_catalog), so synthetic rules use real ones."""
+    ops = sorted(o for o in operations(service) if o.startswith(prefix)) or sorted(operations(service))
+    return ops[i % len(ops)]
+
+
+def read_patterns(service: str) -> list[str]:
+    """``service:Get*`` and ``service:List*``, where the service has such operations."""
+    return [p for p in (f"{service}:Get*", f"{service}:List*") if action_error(p) is None]
+
+
 def hundred_rule_policy() -> dict:
     """100 rules of the usual shapes: literal and wildcard AWS actions, methods, hosts, paths."""
     rules = []
@@ -30,13 +43,13 @@ def hundred_rule_policy() -> dict:
         service = SERVICES[i % len(SERVICES)]
         shape = i % 4
         if shape == 0:
-            rules.append({"name": f"block-{i}", "match": {"aws": {"actions": [f"{service}:Delete{i}"]}}, "block": {}})
+            rules.append({"name": f"block-{i}", "match": {"aws": {"actions": [f"{service}:{real_operation(service, 'Delete', i // 10)}"]}}, "block": {}})
         elif shape == 1:
-            rules.append({"name": f"ask-{i}", "match": {"aws": {"actions": [f"{service}:Create*{i}"]}},
+            rules.append({"name": f"ask-{i}", "match": {"aws": {"actions": [f"{service}:{real_operation(service, 'Create', i // 10)}*"]}},
                           "requireApproval": {"approvers": {"groups": ["ops"]}}})
         elif shape == 2:
             rules.append({"name": f"read-{i}", "match": {"methods": ["GET"], "aws": {
-                "actions": [f"{service}:Get*", f"{service}:List*"], "resources": [f"res-{i}-*"]}}, "allow": {}})
+                "actions": read_patterns(service), "resources": [f"res-{i}-*"]}}, "allow": {}})
         else:
             rules.append({"name": f"path-{i}", "match": {"hosts": [f"*.svc{i}.example.com"],
                                                           "paths": [f"/v{i}/**"], "pathRegex": "token="}, "block": {}})

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 from .globs import quote as _q, glob_error
 from .matching import CompiledPolicy, CompiledPolicySet, CompiledRule, build_policy
 from .schema import API_VERSION, DETECTORS, KIND, KUBERNETES_VERBS, MAX_RATE_REQUESTS, SCHEMA, check_schema
+from .vocabulary import unknown_names
 
 __all__ = ["CompileResult", "CompiledPolicy", "CompiledPolicySet", "CompiledRule", "PolicyError",
            "PolicyErrors", "compile_policies", "compile_policy", "validate_policy"]
@@ -151,6 +152,8 @@ class _Checker:
         aws, kube, claude = (match.get(k) or {} for k in ("aws", "kubernetes", "anthropic"))
         self.globs(aws.get("regions"), f"{path}.aws.regions")
         self.globs(aws.get("resources"), f"{path}.aws.resources")
+        for where, why in unknown_names(match, path):  # typos that would never match (fail open)
+            self.err(where, why)
         for i, verb in enumerate(kube.get("verbs") or ()):
             if isinstance(verb, str) and verb not in KUBERNETES_VERBS:
                 hint = (f'; {verb} is a subresource, match it with resources: ["pods/{verb}"]'

@@ -105,6 +105,7 @@ log = logging.getLogger("chaperone.mask")
 UNMASKABLE = "response_unmaskable"  # refusal kind (502, refusal.KINDS)
 DEFAULT_BUFFER = "1m"
 _NO_BODY_STATUS = (204, 304)
+_FRAMING = frozenset((b"content-length", b"transfer-encoding"))  # never rewritten
 
 
 # ============================================================================ addon
@@ -226,12 +227,15 @@ class Mask:
         resp = flow.response
         if ctx is None or resp is None or ctx.refused is not None:
             return
+        masks = ctx.decision.masks if ctx.decision is not None else ()
+        masker = masker_for(masks, "response")
+        # Headers first, and for every response (HEAD, 204, 304 too): they go out to the
+        # agent right after this hook, whichever path the body takes.
+        self._mask_headers(resp, masker, ctx)
         if flow.request.method.upper() == "HEAD" or resp.status_code < 200 or \
                 resp.status_code in _NO_BODY_STATUS or _length(resp) == 0:
             return  # no body
         capture = _new_capture(flow, "response", self._record_limit(flow, ctx))
-        masks = ctx.decision.masks if ctx.decision is not None else ()
-        masker = masker_for(masks, "response")
         mime, length = _mime(resp.headers), _length(resp)
         stream = bool(resp.stream) or mime == "text/event-stream" or length is None or \
             length > self.buffer_limit
@@ -299,6 +303,37 @@ class Mask:
         _publish(ctx, capture, plain, result)
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _mask_headers(resp: http.Response, masker: Any, ctx: flowctx.FlowContext) -> None:
+        """Mask response header values in place (``Masker.mask_values``: one joined scan,
+        clean values cached); the counts go to ``FlowContext.masked`` like the body's.
+        Framing headers (Content-Length, Transfer-Encoding) are never rewritten.
+
+        The recording masked header values before (``record_events.redact_headers``), but
+        nothing masked the headers sent to the agent: ``X-Debug-Key: AKIA...`` reached it.
+        Masking them here, before they go out, fixes both: Record reads the same headers."""
+        if not masker.active:
+            return
+        fields = [(name, value) for name, value in resp.headers.fields
+                  if name.lower() not in _FRAMING]
+        if not fields:
+            return
+        values = [v.decode("utf-8", "surrogateescape") for _, v in fields]
+        masked = masker.mask_values(values)
+        if masked == values:
+            return
+        out, i = [], 0
+        for name, value in resp.headers.fields:
+            if name.lower() in _FRAMING:
+                out.append((name, value))
+                continue
+            if masked[i] != values[i]:
+                for kind, n in masker.mask_str(values[i])[1].items():
+                    ctx.masked[kind] = ctx.masked.get(kind, 0) + n
+            out.append((name, masked[i].encode("utf-8", "surrogateescape")))
+            i += 1
+        resp.headers.fields = tuple(out)
+
     def _record_limit(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> int:
         from .record import recording_settings  # Record owns the recording settings
 

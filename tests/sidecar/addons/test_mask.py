@@ -416,3 +416,69 @@ def test_unmaskable_refusal_is_built_by_the_shared_refusal_module(mask, monkeypa
     mask.responseheaders(f)
     assert calls == ["response_unmaskable"] and f.response.status_code == 502
     assert f.response.headers[refusal.HEADER] == "response_unmaskable"
+
+
+# ---------------------------------------------------------------------------- issue 11: headers, escapes, base64, binary
+
+def test_response_header_values_are_masked_for_the_agent(mask):
+    """X-Debug-Key: AKIA... reached the agent: only the recorded copy was masked."""
+    body = b'{"ok": true}'
+    f = make_flow()
+    respond(f, body, content_type="application/json", content_length=str(len(body)),
+            x_debug_key=AWS_KEY_ID.decode(), x_creds=base64.b64encode(b"id=" + AWS_KEY_ID).decode(),
+            x_trace="abc123", set_cookie="session=" + JWT.decode())
+    mask.responseheaders(f)
+    headers = f.response.headers
+    assert headers["x-debug-key"] == "[MASKED:aws-access-key-id]"
+    assert headers["x-creds"] == "[MASKED:aws-access-key-id]"
+    assert headers["set-cookie"] == "session=[MASKED:jwt]"
+    assert headers["x-trace"] == "abc123" and headers["content-length"] == str(len(body))
+    assert flowctx.get(f).masked == {"aws-access-key-id": 2, "jwt": 1}
+    mask.response(f)
+    assert f.response.raw_content == body
+
+
+@pytest.mark.parametrize("how", ["head", "204", "streamed"])
+def test_headers_are_masked_whatever_the_body_path(mask, how):
+    f = make_flow(method=b"HEAD" if how == "head" else b"GET")
+    if how == "streamed":
+        respond(f, content_type="text/event-stream", x_debug_key=AWS_KEY_ID.decode())
+    else:
+        respond(f, status=204 if how == "204" else 200, x_debug_key=AWS_KEY_ID.decode(),
+                content_length="0" if how == "204" else "10")
+    mask.responseheaders(f)
+    assert AWS_KEY_ID.decode() not in str(f.response.headers)
+
+
+def test_headers_without_masks_are_left_alone(mask):
+    f = make_flow(masks=())
+    respond(f, b"{}", content_type="application/json", content_length="2", x_debug_key=AWS_KEY_ID.decode())
+    mask.responseheaders(f)
+    assert f.response.headers["x-debug-key"] == AWS_KEY_ID.decode()
+
+
+def test_buffered_json_with_escaped_and_base64_secrets_is_masked_for_agent_and_recording(mask):
+    escaped = '{"k": "\\u0041' + AWS_KEY_ID[1:].decode() + '", "blob": "' + \
+        base64.b64encode(b"aws_access_key_id=" + AWS_KEY_ID).decode() + '"}'
+    body = escaped.encode()
+    f = make_flow()
+    respond(f, body, content_type="application/json", content_length=str(len(body)))
+    mask.responseheaders(f)
+    mask.response(f)
+    sent = f.response.raw_content
+    assert json.loads(sent) == {"k": "[MASKED:aws-access-key-id]", "blob": "[MASKED:aws-access-key-id]"}
+    assert int(f.response.headers["content-length"]) == len(sent)
+    assert json.loads(bytes(captured(f, "response").data)) == json.loads(sent)
+
+
+def test_binary_body_printable_runs_are_masked_in_place(mask):
+    blob = b"\x00\x01\x02 " + AWS_KEY_ID + b" \xff\xfe" * 40
+    f = make_flow()
+    respond(f, blob, content_type="application/octet-stream", content_length=str(len(blob)))
+    mask.responseheaders(f)
+    mask.response(f)
+    sent = f.response.raw_content
+    assert AWS_KEY_ID not in sent and len(sent) == len(blob)
+    assert f.response.headers["content-length"] == str(len(blob))
+    assert flowctx.get(f).masked == {"aws-access-key-id": 1}
+    assert not captured(f, "response").recordable  # binary bodies are still not recorded

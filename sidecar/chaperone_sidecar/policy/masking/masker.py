@@ -5,13 +5,17 @@ Order of work for one body (``mask_bytes``):
 1. Content-Encoding is decoded with the smallest ``max_body_bytes`` of the specs as the cap
    (a bomb raises ``BodyTooLarge``; an unknown coding raises ``UnsupportedEncoding``: the
    caller refuses the message rather than forward it unmasked).
-2. Binary bodies pass through unchanged and say so (``MaskResult.binary``): a body is binary
-   when its content type is not a text type *and* it is not UTF-8 (or contains NUL). Rewriting
-   bytes inside images or protobufs would corrupt them, and a non-text secret is out of scope.
+2. Binary bodies (``MaskResult.binary``): a body is binary when its content type is not a
+   text type *and* it is not UTF-8 (or contains NUL). Only their printable ASCII runs are
+   scanned, and findings are masked in place, length preserving (``decoded.mask_binary``):
+   rewriting anything else inside images or protobufs would corrupt them.
 3. JSON bodies get the field rules first (parsed, matched values replaced, re-serialised
    compactly), then the detectors over the serialised text; other text gets the detectors.
    In JSON (and NDJSON/SSE) a detector hit outside a string - a bare number such as a card
-   number - is replaced by a quoted token so the document stays valid JSON.
+   number - is replaced by a quoted token so the document stays valid JSON. The detectors see
+   the decoded views an agent would see (``decoded.py``): JSON strings with ``\\uXXXX`` /
+   ``\\/`` escapes canonicalised, and base64 runs decoded (a secret inside masks the whole
+   run).
 4. If anything was masked, the original codings are re-applied; otherwise the original bytes
    are returned untouched (no re-serialisation, no re-compression).
 
@@ -31,6 +35,7 @@ from ..model import MaskSpec
 from .detectors import ALL, DETECTOR_NAMES, Rule, resolve_rules, validate_detectors
 from .encoding import BodyTooLarge, StreamDecoder, decode, encode, parse_content_encoding
 from .fields import FIELD_KIND, CompiledPath, apply_paths, compile_path
+from .decoded import mask_base64, mask_binary, mask_decoded
 from .spans import mask_text
 from .stream import StreamMasker
 
@@ -82,7 +87,7 @@ class MaskResult:
 
     body: bytes
     counts: Mapping[str, int] = field(default_factory=dict)  # kind -> replacements
-    binary: bool = False  # passed through unchanged because it is binary
+    binary: bool = False  # binary: only its printable runs were scanned (masked in place)
     notes: tuple[str, ...] = ()  # e.g. field rules skipped because the JSON did not parse
 
     @property
@@ -143,28 +148,33 @@ class Masker:
             raise BodyTooLarge(self.max_body_bytes)
         else:
             plain = body
-        if not is_text_type(content_type) and not _looks_utf8(plain):
-            return MaskResult(body, binary=True)
         counts: dict[str, int] = {}
+        if not is_text_type(content_type) and not _looks_utf8(plain):
+            masked = mask_binary(plain, self.rules, self.hash_key, counts)
+            if not counts:
+                return MaskResult(body, binary=True)
+            return MaskResult(encode(masked, codings) if codings else masked, counts, binary=True)
         notes: list[str] = []
         masked = plain
         # Field rules apply to anything that parses as JSON, whatever the label: a mislabelled
         # upstream (moto answers GetSecretValue as text/html) must not switch masking off.
         if self.paths and (is_json_type(content_type) or plain.lstrip()[:1] in (b"{", b"[")):
             masked = self._mask_fields(plain, counts, notes)
-        masked = mask_text(masked, self.rules, self.hash_key, counts,
-                           json_strings=_json_lines(content_type, plain))
+        masked = mask_decoded(masked, self.rules, self.hash_key, counts,
+                              json_strings=_json_lines(content_type, plain))
         if not counts:
             return MaskResult(body, notes=tuple(notes))
         return MaskResult(encode(masked, codings) if codings else masked, counts, notes=tuple(notes))
 
     def mask_str(self, text: str) -> tuple[str, dict[str, int]]:
-        """Detectors over a string (headers, URLs, recorded fields); field rules do not apply."""
+        """Detectors over a string (headers, URLs, recorded fields), base64 runs in it decoded;
+        field rules do not apply."""
         if text in self._clean:
             return text, {}
         counts: dict[str, int] = {}
         raw = text.encode("utf-8", "surrogateescape")
-        masked = mask_text(raw, self.rules, self.hash_key, counts)
+        masked = mask_base64(mask_text(raw, self.rules, self.hash_key, counts), self.rules,
+                             self.hash_key, counts)
         if counts:
             return masked.decode("utf-8", "surrogateescape"), counts
         self._remember_clean((text,))
@@ -185,7 +195,8 @@ class Masker:
         joined = "\n".join(unknown).encode("utf-8", "surrogateescape")
         counts: dict[str, int] = {}
         if joined.count(b"\n") == len(unknown) - 1:  # no value has a line feed of its own
-            mask_text(joined, self.rules, self.hash_key, counts)
+            mask_base64(mask_text(joined, self.rules, self.hash_key, counts), self.rules,
+                        self.hash_key, counts)
             if not counts:
                 self._remember_clean(unknown)
                 return list(values)

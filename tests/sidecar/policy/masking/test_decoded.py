@@ -1,0 +1,162 @@
+"""Decoded views (issue 11): JSON escapes, base64-wrapped secrets and binary printable runs.
+
+Each secret here is one an agent gets back by one obvious decoding step (``json.loads``,
+``base64.b64decode``, ``strings``); each test fails on the masker before ``decoded.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chaperone_sidecar.policy.masking import Masker
+from chaperone_sidecar.policy.masking.decoded import (
+    canonical_json_strings,
+    mask_base64,
+    mask_binary,
+)
+from chaperone_sidecar.policy.model import MaskSpec
+
+from .samples import ALL_RULES, AWS_KEY_ID, AWS_SECRET
+
+M = Masker([MaskSpec(detectors=("all",))])
+KEY = AWS_KEY_ID.decode()
+CREDENTIALS = (f"[default]\naws_access_key_id = {KEY}\n"
+               f"aws_secret_access_key = {AWS_SECRET.decode()}\n").encode()
+
+
+def u_escape(text: str) -> str:
+    return "".join(f"\\u{ord(c):04x}" for c in text)
+
+
+# ---------------------------------------------------------------------------- JSON escapes
+
+@pytest.mark.parametrize("literal", [
+    "\\u0041" + KEY[1:],  # the issue's example
+    u_escape(KEY),  # every character escaped
+    KEY[:10] + "\\u" + f"{ord(KEY[10]):04X}" + KEY[11:],  # upper-case hex, in the middle
+])
+def test_unicode_escaped_key_is_masked_and_json_stays_valid(literal):
+    body = ('{"k": "' + literal + '", "note": "caf\\u00e9 \\"q\\" \\n"}').encode()
+    assert json.loads(body)["k"] == KEY  # what the agent would get
+    r = M.mask_bytes(body, "application/json")
+    doc = json.loads(r.body)
+    assert doc["k"] == "[MASKED:aws-access-key-id]" and r.counts == {"aws-access-key-id": 1}
+    assert doc["note"] == 'café "q" \n'
+
+
+def test_escaped_key_name_and_escaped_slashes_in_a_secret_key():
+    secret = AWS_SECRET.decode().replace("/", "\\/")
+    body = ('{"aws_secret_access_key": "' + secret + '", "pass\\u0077ord": "hunter2-x"}').encode()
+    r = M.mask_bytes(body, "application/json")
+    doc = json.loads(r.body)
+    assert doc == {"aws_secret_access_key": "[MASKED:aws-secret-key]", "password": "[MASKED:secret-json-key]"}
+
+
+def test_escapes_in_ndjson_and_sse_lines():
+    body = b'{"a": "\\u0041' + AWS_KEY_ID[1:] + b'"}\n{"b": 1}\n'
+    r = M.mask_bytes(body, "application/x-ndjson")
+    assert [json.loads(line) for line in r.body.splitlines()] == [
+        {"a": "[MASKED:aws-access-key-id]"}, {"b": 1}]
+    sse = b'event: x\ndata: {"t": "\\u0041' + AWS_KEY_ID[1:] + b'"}\n\n'
+    assert AWS_KEY_ID[1:] not in M.mask_bytes(sse, "text/event-stream").body
+
+
+def test_escapes_without_a_secret_leave_the_bytes_untouched():
+    body = b'{"x": "caf\\u00e9 \\/ \\ud83d\\ude00", "y": "\\ud800"}'
+    r = M.mask_bytes(body, "application/json")
+    assert r.body is body and not r.changed
+
+
+def test_canonicalisation_keeps_lone_surrogates_valid_json():
+    text = b'{"a": "\\ud800 \\u0041", "b": "\\"\\\\"}'
+    out = canonical_json_strings(text)
+    assert json.loads(out) == json.loads(text) and out.isascii()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=30),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                    max_leaves=8))
+def test_canonical_form_means_the_same_document(value):
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False).replace("/", "\\/")):
+        raw = text.encode("utf-8", "surrogatepass")
+        try:
+            expected = json.loads(raw)
+        except ValueError:
+            continue
+        assert json.loads(canonical_json_strings(raw).decode("utf-8", "surrogatepass")) == expected
+
+
+# ---------------------------------------------------------------------------- base64
+
+@pytest.mark.parametrize("encode", [
+    base64.b64encode,
+    base64.urlsafe_b64encode,
+    lambda b: base64.b64encode(b).rstrip(b"="),
+    lambda b: base64.urlsafe_b64encode(b).rstrip(b"="),
+], ids=["standard", "urlsafe", "standard-unpadded", "urlsafe-unpadded"])
+def test_base64_of_a_credentials_file_is_masked_whole(encode):
+    blob = encode(CREDENTIALS + b"\xfe\xff")  # + binary bytes: urlsafe chars appear in the encoding
+    body = json.dumps({"config": blob.decode(), "other": base64.b64encode(b"nothing to see here").decode()}).encode()
+    r = M.mask_bytes(body, "application/json")
+    doc = json.loads(r.body)
+    assert doc["config"] == "[MASKED:aws-access-key-id]"
+    assert doc["other"] == base64.b64encode(b"nothing to see here").decode()  # untouched
+    assert r.counts == {"aws-access-key-id": 1}
+
+
+def test_base64_in_yaml_text_headers_and_nested_twice():
+    yaml = b"data:\n  creds: " + base64.b64encode(CREDENTIALS) + b"\n  name: YWRtaW4=\n"
+    r = M.mask_bytes(yaml, "application/yaml")
+    assert base64.b64encode(CREDENTIALS) not in r.body and b"YWRtaW4=" in r.body
+    inner = json.dumps({"url": base64.b64encode(b"key=" + AWS_KEY_ID).decode()}).encode()
+    outer = json.dumps({"v": base64.b64encode(inner).decode()}).encode()
+    assert json.loads(M.mask_bytes(outer, "application/json").body) == {"v": "[MASKED:aws-access-key-id]"}
+    assert M.mask_values(["text/plain", "Basic " + base64.b64encode(CREDENTIALS).decode()])[1] == \
+        "Basic [MASKED:aws-access-key-id]"
+
+
+def test_base64_after_an_escape_and_short_runs():
+    body = json.dumps({"pem": "line\n" + base64.b64encode(CREDENTIALS).decode()}).encode()
+    assert b"MASKED" in M.mask_bytes(body, "application/json").body
+    assert mask_base64(b"abc " + base64.b64encode(AWS_KEY_ID)[:12], ALL_RULES) == \
+        b"abc " + base64.b64encode(AWS_KEY_ID)[:12]  # too short to hold a secret
+
+
+def test_base64_masking_is_idempotent():
+    body = json.dumps({"a": base64.b64encode(CREDENTIALS).decode()}).encode()
+    once = M.mask_bytes(body, "application/json")
+    assert not M.mask_bytes(once.body, "application/json").changed
+
+
+# ---------------------------------------------------------------------------- binary
+
+def test_binary_printable_runs_are_masked_in_place_length_preserving():
+    blob = (b"\x89PNG\r\n\x1a\n\x00\x00" + b"tEXt\x00key=" + AWS_KEY_ID + b"\x00\xff\xfe" * 20
+            + b"\x12\x40" + base64.b64encode(CREDENTIALS) + b"\x00\x01")
+    r = M.mask_bytes(blob, "image/png")
+    assert r.binary and r.changed and len(r.body) == len(blob)
+    assert AWS_KEY_ID not in r.body and base64.b64encode(CREDENTIALS) not in r.body
+    assert r.body.startswith(b"\x89PNG\r\n\x1a\n\x00\x00tEXt\x00key=[MASKED:aws-access-k")
+    assert r.body.endswith(b"*" * 10 + b"\x00\x01") and r.counts == {"aws-access-key-id": 2}
+
+
+def test_binary_with_gzip_is_masked_and_re_encoded():
+    import gzip
+
+    blob = b"\x00\xff" * 100 + b" " + AWS_KEY_ID + b" " + b"\xfe" * 100
+    r = M.mask_bytes(gzip.compress(blob), "application/octet-stream", "gzip")
+    plain = gzip.decompress(r.body)
+    assert AWS_KEY_ID not in plain and len(plain) == len(blob)
+
+
+def test_binary_without_secrets_is_returned_as_is():
+    blob = bytes(range(256)) * 50
+    assert mask_binary(blob, ALL_RULES) is blob
+    r = M.mask_bytes(blob, "application/octet-stream")
+    assert r.body is blob and r.binary and not r.changed

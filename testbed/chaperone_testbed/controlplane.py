@@ -9,6 +9,13 @@ loopback ports with a throwaway PKI, plus a kubeconfig with one context per test
 There is no kube-controller-manager; `controllers.NamespaceController` stands in for the two
 controller behaviours tests trip over at once (default ServiceAccount per namespace, namespace
 deletion). Garbage collection, workload controllers and scheduling are *not* emulated.
+
+`ControlPlane(node_address=IP)` serves a real node (`node.Node`, issue 14): the apiserver also
+listens on that non-loopback address (pods reach it there through the `kubernetes` Service,
+whose Endpoints the lease reconciler keeps pointing at it), its certificate names it, nodes are
+authorized by the Node authorizer + NodeRestriction, kubelets are reached at their InternalIP
+with a client certificate of their own, and `component_kubeconfig` issues identities for the
+node's components. Without it nothing changes: loopback only, no endpoint reconciler.
 """
 
 from __future__ import annotations
@@ -127,12 +134,15 @@ class ControlPlane:
         kubectl_binary: str | None = None,
         startup_timeout: float = 120.0,
         emulate_controllers: bool = True,
+        node_address: str | None = None,
     ) -> None:
         self.assets_dir = Path(assets_dir) if assets_dir else None
         self.build_script = build_script
         self.kubectl_binary = kubectl_binary
         self.startup_timeout = startup_timeout
         self.emulate_controllers = emulate_controllers
+        self.node_address = node_address
+        self.port = 0
         self.workdir: Path | None = None
         self.url = ""
         self.etcd_url = ""
@@ -218,11 +228,17 @@ class ControlPlane:
             d, "apiserver",
             dns_names=("localhost", "kubernetes", "kubernetes.default",
                        "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"),
-            ip_addresses=(LOOPBACK, "10.0.0.1"),  # 10.0.0.1: the `kubernetes` Service IP
+            # 10.0.0.1: the `kubernetes` Service IP
+            ip_addresses=(LOOPBACK, "10.0.0.1", *filter(None, [self.node_address])),
         )
         for ctx, (user, groups) in USERS.items():
             self.ca.write_client_cert(d, f"user-{ctx}", user=user, groups=groups)
         KeyPair.write(d, "sa")
+        if self.node_address:
+            # What kube-apiserver presents to kubelets (exec, logs); kubeadm's name and group.
+            self.ca.write_client_cert(d, "apiserver-kubelet-client",
+                                      user="kube-apiserver-kubelet-client",
+                                      groups=("system:masters",))
 
     def _start_etcd(self) -> None:
         assert self.workdir and self.assets_dir
@@ -249,15 +265,16 @@ class ControlPlane:
     def _start_apiserver(self) -> None:
         assert self.workdir and self.assets_dir
         d, port = self.pki_dir, free_port()
+        self.port = port
         self.url = f"https://{LOOPBACK}:{port}"
         self._apiserver = ManagedProcess("kube-apiserver", [
             self.assets_dir / "kube-apiserver",
             "--etcd-servers", self.etcd_url,
-            "--bind-address", LOOPBACK, "--advertise-address", LOOPBACK,
+            *self._address_flags(),
             "--secure-port", str(port), "--cert-dir", self.workdir / "apiserver-certs",
             "--tls-cert-file", d / "apiserver.crt", "--tls-private-key-file", d / "apiserver.key",
             "--client-ca-file", self.ca_path,
-            "--authorization-mode", "RBAC",
+            *self._authorization_flags(),
             "--service-account-issuer", SA_ISSUER,
             "--service-account-key-file", d / "sa.pub",
             "--service-account-signing-key-file", d / "sa.key",
@@ -265,10 +282,9 @@ class ControlPlane:
             "--allow-privileged=true",
             # Already defaults; listed so nobody "simplifies" them away: the operator's
             # webhooks are the point of the test bed. ServiceAccount admission stays enabled.
-            "--enable-admission-plugins", "MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
-            # No kubelets/nodes exist: the lease reconciler would only keep rewriting the
-            # `kubernetes` Endpoints with a loopback address.
-            "--endpoint-reconciler-type", "none",
+            "--enable-admission-plugins", "MutatingAdmissionWebhook,ValidatingAdmissionWebhook"
+            + (",NodeRestriction" if self.node_address else ""),
+            *self._endpoint_flags(),
             "--profiling=false", "--v", "1",
         ], self.workdir / "kube-apiserver.log")
         self._apiserver.start()
@@ -279,6 +295,58 @@ class ControlPlane:
         self._apiserver.wait_ready(
             lambda: self.api("GET", "/readyz")[0] == 200, self.startup_timeout, "ready"
         )
+
+    def _address_flags(self) -> list[str]:
+        if not self.node_address:
+            return ["--bind-address", LOOPBACK, "--advertise-address", LOOPBACK]
+        # All addresses: loopback for the tests' own clients (self.url), the node address for
+        # pods (via the `kubernetes` Service) and the kubelet.
+        return ["--bind-address", "0.0.0.0", "--advertise-address", self.node_address]
+
+    def _authorization_flags(self) -> list[str]:
+        if not self.node_address:
+            return ["--authorization-mode", "RBAC"]
+        return ["--authorization-mode", "Node,RBAC"]
+
+    def _endpoint_flags(self) -> list[str]:
+        if not self.node_address:
+            # No kubelets/nodes exist: the lease reconciler would only keep rewriting the
+            # `kubernetes` Endpoints with a loopback address.
+            return ["--endpoint-reconciler-type", "none"]
+        d = self.pki_dir
+        return [
+            # The `kubernetes` Service's Endpoints name the node address, so kube-proxy sends
+            # pods' in-cluster API calls there.
+            "--endpoint-reconciler-type", "lease",
+            # The node registers its interface address; the test bed has no node DNS names.
+            "--kubelet-preferred-address-types", "InternalIP",
+            "--kubelet-client-certificate", str(d / "apiserver-kubelet-client.crt"),
+            "--kubelet-client-key", str(d / "apiserver-kubelet-client.key"),
+        ]
+
+    def component_kubeconfig(self, name: str, user: str, groups: tuple[str, ...] = ()) -> Path:
+        """A kubeconfig for a node component (kubelet, kube-proxy, ...) with its own client cert.
+
+        It names the apiserver at the node address (what a component on another host would
+        use); needs `node_address`.
+        """
+        assert self.workdir is not None and self.ca is not None, "control plane not started"
+        if not self.node_address:
+            raise ValueError("component kubeconfigs need ControlPlane(node_address=...)")
+        pair = self.ca.write_client_cert(self.pki_dir, f"component-{name}", user=user,
+                                         groups=groups)
+        path = self.workdir / f"{name}.kubeconfig"
+        _write_json(path, {
+            "apiVersion": "v1", "kind": "Config", "preferences": {},
+            "clusters": [{"name": CLUSTER_NAME, "cluster": {
+                "server": f"https://{self.node_address}:{self.port}",
+                "certificate-authority": str(self.ca_path)}}],
+            "users": [{"name": name, "user": {"client-certificate": str(pair.cert_path),
+                                              "client-key": str(pair.key_path)}}],
+            "contexts": [{"name": name, "context": {"cluster": CLUSTER_NAME, "user": name}}],
+            "current-context": name,
+        })
+        return path
 
     def _write_kubeconfig(self) -> None:
         d = self.pki_dir

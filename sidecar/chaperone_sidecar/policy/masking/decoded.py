@@ -24,7 +24,8 @@ detectors over it and masks the wire text where the view had a secret:
   the *decoded* bytes is missed (documented in docs/masking.md).
 * :func:`mask_binary` scans a binary body's printable ASCII runs (``RUN_MIN`` = 8 bytes or
   more: every detector needs more than that) and masks findings **in place, length
-  preserving**: the token, padded with ``*`` (or cut to the finding's length). **Decision**:
+  preserving**: the token padded with ``*``, or with its kind cut short (``[MASKED:aws-acc]``);
+  both still read as tokens (``spans.MASK_TOKEN_RE``), so masking is idempotent. **Decision**:
   length preserving, because length-prefixed binary formats (protobuf, as Kubernetes serves
   it; tar; zip directories) stay parseable, and a buffered body keeps its Content-Length.
 
@@ -203,6 +204,18 @@ def mask_decoded(text: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = 
 _PRINTABLE = bytes(c if c in (9, 10, 13) or 32 <= c < 127 else 10 for c in range(256))
 
 
+def _fitted_token(kind: str, secret: bytes, hash_key: bytes | None) -> bytes:
+    """A mask token exactly ``len(secret)`` long: padded with ``*``, or with the kind (and
+    hash) cut short; below 9 bytes (``[MASKED:]``) only ``*`` fit."""
+    n = len(secret)
+    token = mask_token(kind, secret, hash_key)
+    if len(token) <= n:
+        return token.ljust(n, b"*")
+    if n >= 9:
+        return b"[MASKED:" + kind.encode()[: n - 9] + b"]"
+    return b"*" * n
+
+
 def mask_binary(body: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = None,
                 counts: dict[str, int] | None = None) -> bytes:
     """Mask secrets in the printable runs of a binary body in place, length preserving
@@ -220,7 +233,7 @@ def mask_binary(body: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = N
     out = bytearray(body)
     for f in merge(findings):
         n = f.end - f.start
-        out[f.start : f.end] = mask_token(f.kind, body[f.start : f.end], hash_key)[:n].ljust(n, b"*")
+        out[f.start : f.end] = _fitted_token(f.kind, body[f.start : f.end], hash_key)
         if counts is not None:
             counts[f.kind] = counts.get(f.kind, 0) + 1
     return bytes(out)

@@ -20,7 +20,9 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-MASK_TOKEN_RE = re.compile(rb"\[MASKED:[a-z-]{1,32}(?::[0-9a-f]{12})?\]")
+# Trailing "*" and an empty or cut kind: the length-preserving tokens of binary bodies
+# (``decoded.mask_binary``) are tokens too, so masking them again changes nothing.
+MASK_TOKEN_RE = re.compile(rb"\[MASKED:[a-z-]{0,32}(?::[0-9a-f]{12})?\]\**")
 
 Validator = Callable[[bytes, "re.Match[bytes]"], bool]
 Finder = Callable[[bytes, bytes, int], "Iterator[re.Match[bytes]]"]  # (text, lowered, pos)

@@ -142,7 +142,7 @@ def test_binary_printable_runs_are_masked_in_place_length_preserving():
     r = M.mask_bytes(blob, "image/png")
     assert r.binary and r.changed and len(r.body) == len(blob)
     assert AWS_KEY_ID not in r.body and base64.b64encode(CREDENTIALS) not in r.body
-    assert r.body.startswith(b"\x89PNG\r\n\x1a\n\x00\x00tEXt\x00key=[MASKED:aws-access-k")
+    assert r.body.startswith(b"\x89PNG\r\n\x1a\n\x00\x00tEXt\x00key=[MASKED:aws-access-]\x00")
     assert r.body.endswith(b"*" * 10 + b"\x00\x01") and r.counts == {"aws-access-key-id": 2}
 
 

@@ -18,7 +18,10 @@ reaching them would use this pod's credentials):
 
 * ``--mode explicit``: ``regular@127.0.0.1:PORT`` (and ``[::1]`` when the host has IPv6 loopback)
 * ``--mode transparent``: ``transparent@127.0.0.1:PORT`` (and ``::1``); the iptables REDIRECT of
-  the init container rewrites destinations to exactly these addresses
+  the init container rewrites destinations to exactly these addresses - for *every* outbound
+  TCP connection of the agents, any port, any address. Route judges those that carry HTTP(S)
+  on their original port; the ``Egress`` addon records those that never do (nothing of them
+  is forwarded).
 * per connection with ``baseURL`` and a reverse port: ``reverse:<scheme://host:port>@127.0.0.1:RPORT``.
   Reverse listeners follow the snapshot: a changed ``baseURL`` re-targets its listener.
 
@@ -272,6 +275,7 @@ class ProxyRuntime:
         from mitmproxy import master, options
 
         from .addons import build_addons
+        from .addons.egress import Egress
         from .addons.pipeline import Pipeline
 
         snap = services.snapshot()
@@ -280,6 +284,10 @@ class ProxyRuntime:
         self.master.addons.add(*lean_core_addons())
         self.master.addons.add(Pipeline(build_addons(self.config, services,
                                                      allow_missing=self.allow_missing_addons)))
+        if self.config.mode == "transparent":
+            # Every agent TCP connection arrives here; those that never carry an HTTP
+            # request are recorded as refused attempts (addons/egress.py).
+            self.master.addons.add(Egress(services))
         self.master.addons.add(_Lifecycle(self))
         self._modes = listen_modes(self.config, snap)
         self._trust = self._trust_bundle(snap)

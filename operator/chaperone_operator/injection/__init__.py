@@ -12,12 +12,12 @@ containers and volumes), `iptables` (transparent-mode rules), `patch` (JSONPatch
 
 from .connections import ConnectionPlan, applicable_connections, selector_matches
 from .inject import InjectionResult, creator_of, inject
-from .iptables import iptables_rules, iptables_script, redirect_ports
+from .iptables import iptables_rules, iptables_script
 from .patch import escape, make_patch, pointer
 from .settings import InjectionSettings, quantity_bytes
 
 __all__ = [
     "ConnectionPlan", "InjectionResult", "InjectionSettings", "applicable_connections",
     "creator_of", "escape", "inject", "iptables_rules", "iptables_script", "make_patch",
-    "pointer", "quantity_bytes", "redirect_ports", "selector_matches",
+    "pointer", "quantity_bytes", "selector_matches",
 ]

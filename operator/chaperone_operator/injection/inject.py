@@ -22,13 +22,23 @@ from typing import Any, Mapping, Sequence
 
 from . import contract as c
 from .agent import agent_env_plan, mutate_agent
-from .connections import applicable_connections, host_ports, plan_connections
+from .connections import applicable_connections, plan_connections
 from .patch import make_patch
 from .settings import MAX_REVERSE_PORTS, InjectionSettings
 from .sidecar import init_container, pod_volumes, sidecar_container
 
 # Capabilities that let a process rewrite the pod's iptables rules (transparent mode bypass).
+# Compared after `_cap_name`: runtimes accept "net_admin" and "CAP_NET_ADMIN" alike.
 _NET_BYPASS_CAPS = {"NET_ADMIN", "SYS_ADMIN", "ALL"}
+# Transparent mode exempts exactly the sidecar UID, so no agent may be able to *become* it:
+# without CAP_SETUID a (root) agent cannot setuid()/setfsuid() to it, and with
+# allowPrivilegeEscalation false (no_new_privs) no setuid binary - which a root agent could
+# chown to the sidecar UID and chmod u+s - changes its UID on exec.
+_TRANSPARENT_AGENT_DROP = "SETUID"
+
+
+def _cap_name(cap: Any) -> str:
+    return str(cap).strip().upper().removeprefix("CAP_")
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,7 @@ def _check(spec: Mapping[str, Any], agents: Sequence[Mapping[str, Any]], mode: s
         if sc.get("runAsUser") == settings.sidecar_uid:
             return f"{where}: runAsUser {settings.sidecar_uid} is reserved for the sidecar"
         if mode == "transparent":
-            caps = set((sc.get("capabilities") or {}).get("add") or [])
+            caps = {_cap_name(cap) for cap in (sc.get("capabilities") or {}).get("add") or []}
             if sc.get("privileged") or caps & _NET_BYPASS_CAPS:
                 return (f"{where}: privileged or NET_ADMIN/SYS_ADMIN agents could remove the "
                         "transparent-mode redirection")
@@ -128,6 +138,32 @@ def _check(spec: Mapping[str, Any], agents: Sequence[Mapping[str, Any]], mode: s
                 return (f"{where}: volume {vname!r} holds a Kubernetes API token; agent "
                         "containers reach the API only through a kubernetes connection")
     return None
+
+
+def _confine_transparent_agent(agent: dict[str, Any]) -> dict[str, Any]:
+    """Keep a transparent-mode agent from becoming the sidecar UID (the one UID its netfilter
+    rules exempt): `allowPrivilegeEscalation: false` and `SETUID` dropped, set in place.
+    Returns the user's previous values that changed, keyed like the status' `overridden`."""
+    sc = dict(agent.get("securityContext") or {})
+    changed: dict[str, Any] = {}
+    if sc.get("allowPrivilegeEscalation") is not False:
+        if "allowPrivilegeEscalation" in sc:
+            changed["securityContext.allowPrivilegeEscalation"] = sc["allowPrivilegeEscalation"]
+        sc["allowPrivilegeEscalation"] = False
+    caps = dict(sc.get("capabilities") or {})
+    drop = list(caps.get("drop") or [])
+    if not {_cap_name(cap) for cap in drop} & {_TRANSPARENT_AGENT_DROP, "ALL"}:
+        caps["drop"] = drop + [_TRANSPARENT_AGENT_DROP]
+    add = list(caps.get("add") or [])
+    kept = [cap for cap in add if _cap_name(cap) != _TRANSPARENT_AGENT_DROP]
+    if kept != add:  # an explicit add would win over the drop in some runtimes
+        changed["securityContext.capabilities.add"] = add
+        caps["add"] = kept
+        if not kept:
+            del caps["add"]
+    sc["capabilities"] = caps
+    agent["securityContext"] = sc
+    return changed
 
 
 def _previous_status(annotations: Mapping[str, str]) -> dict[str, Any]:
@@ -202,6 +238,8 @@ def inject(pod: Mapping[str, Any], settings: InjectionSettings,
     overridden: dict[str, dict[str, Any]] = {}
     for agent in agents:  # the deep copies inside `new`: mutated in place
         changed = mutate_agent(agent, env_plan, dropped)
+        if mode == "transparent":
+            changed.update(_confine_transparent_agent(agent))
         overridden[agent.get("name", "")] = changed
     removed = set(sa_volumes)
     previous = _previous_status(annotations)
@@ -210,7 +248,7 @@ def inject(pod: Mapping[str, Any], settings: InjectionSettings,
 
     ours = [sidecar_container(settings, mode, approval_mode, plans, creator_json)]
     if mode == "transparent":
-        ours.insert(0, init_container(settings, sorted(host_ports(plans))))
+        ours.insert(0, init_container(settings))
     spec["initContainers"] = ours + user_inits
     new_volumes = [v for v in volumes if v.get("name") not in dropped]
     spec["volumes"] = new_volumes + pod_volumes(settings, plans)

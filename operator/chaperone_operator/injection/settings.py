@@ -31,7 +31,6 @@ ENV_VARS: dict[str, str] = {
     "CHAPERONE_PROXY_PORT": "proxy_port",
     "CHAPERONE_HEALTH_PORT": "health_port",
     "CHAPERONE_REVERSE_PORT_BASE": "reverse_port_base",
-    "CHAPERONE_REDIRECT_PORTS": "redirect_ports",
     "CHAPERONE_REDIRECT_IPV6": "redirect_ipv6",
     "CHAPERONE_SIDECAR_CPU_REQUEST": "cpu_request",
     "CHAPERONE_SIDECAR_MEMORY_REQUEST": "memory_request",
@@ -74,7 +73,6 @@ class InjectionSettings:
     proxy_port: int = 15001
     health_port: int = 15021
     reverse_port_base: int = 15100
-    redirect_ports: tuple[int, ...] = (80, 443)
     redirect_ipv6: bool = True
     cpu_request: str = "100m"
     memory_request: str = "128Mi"
@@ -141,8 +139,6 @@ class InjectionSettings:
                              "contain the proxy or health port")
         if self.reverse_port_base + MAX_REVERSE_PORTS > 65536:
             raise ValueError("CHAPERONE_REVERSE_PORT_BASE leaves no room for reverse ports")
-        if not self.redirect_ports or any(not 0 < p < 65536 for p in self.redirect_ports):
-            raise ValueError("CHAPERONE_REDIRECT_PORTS must list TCP ports (e.g. 80,443)")
         if self.approval_timeout_seconds <= 0:
             raise ValueError("CHAPERONE_APPROVAL_TIMEOUT_SECONDS must be positive")
         if self.token_expiration_seconds < 600:  # the API server's minimum

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from . import contract as c
 from .connections import ConnectionPlan
-from .iptables import iptables_rules, iptables_script
+from .iptables import iptables_script
 from .settings import InjectionSettings, quantity_bytes
 
 
@@ -140,9 +140,9 @@ def sidecar_container(settings: InjectionSettings, mode: str, approval_mode: str
     }
 
 
-def init_container(settings: InjectionSettings, extra_ports: Sequence[int]) -> dict[str, Any]:
-    """The transparent-mode `chaperone-init` container: installs the REDIRECT rules and exits."""
-    script = iptables_script(iptables_rules(settings, extra_ports))
+def init_container(settings: InjectionSettings) -> dict[str, Any]:
+    """The transparent-mode `chaperone-init` container: installs the netfilter rules and exits."""
+    script = iptables_script(settings)
     return {
         "name": c.INIT_NAME,
         "image": settings.sidecar_image,

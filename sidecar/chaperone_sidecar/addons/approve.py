@@ -18,9 +18,28 @@ For a flow Enforce decided ``require_approval``:
    request after approval" - the retry then passes on the grant the approval left.
 
 Mode and bound. A rule says ``hold`` or ``defer`` and ``holdSeconds``; the pod's setting
-(``CHAPERONE_APPROVAL_MODE`` / ``CHAPERONE_APPROVAL_TIMEOUT_SECONDS``, mitmproxy options
-``chaperone_approval_mode`` / ``chaperone_approval_hold_max``) can only make it stricter:
-``defer`` on either side defers, and a hold never lasts longer than the pod's bound.
+(``CHAPERONE_APPROVAL_MODE`` from the pod annotation / ``CHAPERONE_APPROVAL_TIMEOUT_SECONDS``,
+mitmproxy options ``chaperone_approval_mode`` / ``chaperone_approval_hold_max``) can only make
+it stricter, never weaker. **Decision**: ``hold`` is the stricter mode - the agent's call does
+not return until a human decided, so the agent cannot work around a pending request - hence
+``hold`` on either side holds, and a pod annotation saying ``defer`` does not weaken a policy's
+``hold``. The pod's side counts only when the pod says it (the ``chaperone.dev/approval-mode``
+annotation, read from the downward API; outside a pod, the option): the operator writes its
+cluster default into every pod's environment, and that default must not turn a policy's
+deliberate ``defer`` (e.g. for ``pods/exec``, which cannot wait) into a hold. The pod's bound
+only caps how long one connection stays open (a hold that runs out answers "pending", it never
+lets anything through). The one exception is a body known to stream, which is never held
+(see When).
+
+Refused grants. When the approvals façade refused cached grants that their ApprovalRequest does
+not prove (forged, altered, replayed to another key, revoked; :mod:`~chaperone_sidecar.approvals.
+proof`), the attempt is logged (warning, ``refused_grants``), counted
+(``chaperone.approvals.refused_grants``) and recorded (``ctx.refused_grants`` -> the approval
+event's ``refusedGrants``); the flow then goes through the normal approval path.
+
+Remembered outcomes. A retry of a request (or, with ``action`` scope, an action) that was denied
+or expired undecided is answered with that outcome - approver, reason, ApprovalRequest - for the
+rule's ``rememberOutcomeSeconds`` (``remembered_until`` in the body), not with a new request.
 
 When. Like Enforce, in ``request`` with the body in the digest - or in ``requestheaders``
 when the body may leave before ``request`` (:func:`~.streaming.body_leaves_early`); the digest
@@ -45,12 +64,14 @@ from typing import Any
 
 from mitmproxy import ctx as mctx
 from mitmproxy import exceptions, http
+from opentelemetry import metrics
 
 from .. import flowctx
 from ..approvals import ApprovalUnavailable, BackendError
 from ..approvals.digest import request_digest
 from ..logging import flow_fields
 from ..policy.model import ApprovalRequirement, HTTPRequest
+from ..snapshot import parse_downward_api
 from .refusal import refuse
 from .streaming import body_leaves_early
 from .route import request_of
@@ -61,6 +82,7 @@ log = logging.getLogger("chaperone.approve")
 
 PREVIEW_BYTES = 2048
 RETRY_DELAYS = (0.2, 0.5, 1.0)  # transient backend failures: ~2 s in all, then refuse (503)
+APPROVAL_MODE_ANNOTATION = "chaperone.dev/approval-mode"  # the injection contract's input
 _TEXT_TYPES = ("json", "xml", "text/", "x-www-form-urlencoded", "yaml", "javascript")
 
 
@@ -93,6 +115,12 @@ class Approve:
 
     def __init__(self, services: Any) -> None:
         self.services = services
+        self._pod_says_mode: bool | None = None
+        meter = getattr(services, "meter", None) or metrics.get_meter("chaperone.sidecar")
+        self.refused_grants = meter.create_counter(
+            "chaperone.approvals.refused_grants", unit="{grant}",
+            description="Cached grants refused because their ApprovalRequest does not prove them "
+                        "(forged, altered, replayed or revoked)")
 
     def load(self, loader) -> None:
         config = self.services.config
@@ -108,6 +136,19 @@ class Approve:
             "Longest time (seconds) a request is held for an approval, whatever the rule's "
             "holdSeconds says.",
         )
+
+        self._pod_says_mode = self._explicit_pod_mode()
+
+    def _explicit_pod_mode(self) -> bool:
+        """Whether the pod itself chose its approval mode (see the module docstring)."""
+        podinfo = getattr(self.services.config, "podinfo_dir", None)
+        if podinfo is None or not podinfo.is_dir():
+            return True  # not in a pod: the option is what the user set
+        try:
+            annotations = parse_downward_api((podinfo / "annotations").read_text())
+        except OSError:
+            return False
+        return APPROVAL_MODE_ANNOTATION in annotations
 
     def configure(self, updated) -> None:
         if "chaperone_approval_hold_max" in updated and mctx.options.chaperone_approval_hold_max < 0:
@@ -148,7 +189,12 @@ class Approve:
     def _requirement(self, base: ApprovalRequirement, streamed: bool) -> ApprovalRequirement:
         config = self.services.config
         pod_mode = self._option("chaperone_approval_mode", config.approval_mode)
-        mode = "defer" if streamed or base.mode == "defer" or pod_mode == "defer" else "hold"
+        if self._pod_says_mode is None:  # not loaded into a master (a bare unit test)
+            self._pod_says_mode = self._explicit_pod_mode()
+        if not self._pod_says_mode:
+            pod_mode = base.mode  # the operator's default, not the pod's word: the policy decides
+        # hold is the stricter mode: either side saying hold holds (a streamed body never is)
+        mode = "defer" if streamed or (base.mode != "hold" and pod_mode != "hold") else "hold"
         hold_max = self._option("chaperone_approval_hold_max", config.approval_timeout_seconds)
         return replace(base, mode=mode, hold_seconds=max(0, min(base.hold_seconds, hold_max)))
 
@@ -185,6 +231,12 @@ class Approve:
                                     f"{exc.__class__.__name__}: {exc}")
             return
         ctx.approval_request = outcome.name
+        if refused := tuple(getattr(outcome, "refused_grants", ()) or ()):
+            ctx.refused_grants = refused
+            self.refused_grants.add(len(refused), {"connection": ctx.connection})
+            log.warning("refused %d forged or invalid grant(s)", len(refused),
+                        extra=flow_fields(flow, refused_grants=list(refused),
+                                          approval_request=outcome.name))
         if outcome.state == "approved":
             ctx.approved_by = tuple(outcome.approvers)
             ctx.grant = outcome.grant
@@ -248,22 +300,29 @@ class Approve:
             log.info("approval pending: %s", name, extra=flow_fields(flow, approval_request=name))
             return
         decided_by = outcome.approvers[0] if outcome.approvers else ""
+        until = getattr(outcome, "remembered_until", "")
+        same = "request" if requirement.grant_scope == "exact" else "action"
+        remembered = (f" This is the answer to an earlier ApprovalRequest: retries of the same "
+                      f"{same} get it until {until} without a new request." if until else "")
+        after = (f"after {until} a retry opens a new ApprovalRequest" if until
+                 else "a retry opens a new ApprovalRequest")
         if outcome.state == "denied":
             message = (f"ApprovalRequest {name} was {outcome.reason or 'denied'}; the request "
-                       "was not sent.")
+                       f"was not sent.{remembered}")
             how = ("A human decided against this request: do not retry it unchanged unless "
-                   f"they ask you to (a retry opens a new ApprovalRequest for {who}). Ask "
+                   f"they ask you to ({after} for {who}). Ask "
                    f"{decided_by or 'the approver'} why, or change the request.")
             kind = "approval_denied"
         else:
             message = (f"ApprovalRequest {name} expired: {outcome.reason or 'no decision in time'}; "
-                       "the request was not sent.")
-            how = (f"Retry the same request to open a new ApprovalRequest, and ask an approver "
-                   f"({who}) to decide it within {requirement.timeout_seconds}s.")
+                       f"the request was not sent.{remembered}")
+            how = (f"Ask an approver ({who}) to be ready, then retry the same request "
+                   f"({after}); it must be decided within {requirement.timeout_seconds}s.")
             kind = "approval_expired"
+        extra = {"remembered_until": until} if until else {}
         refuse(flow, kind, message, rule=decision.rule, how_to_get_access=how,
                approval_request=ar, reason=outcome.reason, decided_by=decided_by,
-               approvers=approvers)
+               approvers=approvers, **extra)
         log.info("approval %s: %s", outcome.state, name,
                  extra=flow_fields(flow, approval_request=name, decided_by=decided_by))
 

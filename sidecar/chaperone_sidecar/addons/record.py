@@ -303,6 +303,8 @@ class Record:
                 "approver": ", ".join(ctx.approved_by) or None,
                 "approvedBy": list(ctx.approved_by), "grant": ctx.grant or None,
                 "digest": ctx.request_digest or None}
+        if ctx.refused_grants:  # a forged/altered/replayed grant was tried: the attempt
+            data["refusedGrants"] = list(ctx.refused_grants)
         return self._event("approval", flow, ctx, data)
 
     def _response_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,

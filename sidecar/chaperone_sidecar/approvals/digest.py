@@ -26,7 +26,7 @@ from ..policy.model import Action, HTTPRequest
 
 __all__ = [
     "SIGNIFICANT_HEADERS", "IGNORED_QUERY_PARAMS", "request_digest", "canonical_query",
-    "action_resources", "action_key", "request_name", "short_hash", "DIGEST_RE",
+    "action_resources", "action_key", "named_action_key", "request_name", "short_hash", "DIGEST_RE",
 ]
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -141,7 +141,14 @@ def action_resources(action: Action) -> tuple[str, ...]:
 
 def action_key(connection: str, action: Action) -> str:
     """``sha256:<hex>`` naming the classified action: connection + action name + resources."""
-    doc = json.dumps([_VERSION, "action", connection, action.name, list(action_resources(action))],
+    return named_action_key(connection, action.name, action_resources(action))
+
+
+def named_action_key(connection: str, name: str, resources) -> str:
+    """:func:`action_key` from the parts as an ApprovalRequest stores them (``spec.connection``,
+    ``spec.action.name``, ``spec.action.resources``): how a grant's action is checked against
+    the request that was approved."""
+    doc = json.dumps([_VERSION, "action", connection, name, list(resources)],
                      separators=(",", ":"), ensure_ascii=True)
     return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
 

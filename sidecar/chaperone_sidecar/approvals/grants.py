@@ -14,6 +14,12 @@ constant Redis connections however many flows are held. The decision is also sto
 key for ``decision_ttl`` so a waiter that subscribes after the publish still sees it, and
 after a reconnect every waiter re-checks that key (messages published while disconnected are
 lost by pub/sub).
+
+**A grant is a claim, not proof** (decision). Whoever can write Redis can write a grant key, and
+the agent container may reach Redis. So a grant only says *which* ApprovalRequest to look at:
+the service (:mod:`.proof`) re-reads that request from the API and honours the grant only if
+the request itself approves this subject, this digest or action, in this scope and window. A
+value that does not even parse is reported as :class:`InvalidGrant` (an attempt, not a miss).
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["Grant", "MemoryGrants", "RedisGrants", "grant_key"]
+__all__ = ["Grant", "InvalidGrant", "MemoryGrants", "RedisGrants", "grant_key"]
 
 log = logging.getLogger("chaperone.approvals.grants")
+
+
+class InvalidGrant(ValueError):
+    """A grant key holds something no sidecar wrote (unreadable JSON or fields)."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +55,12 @@ class Grant:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> "Grant":
-        doc = json.loads(raw)
-        return cls(str(doc["scope"]), str(doc["request"]), tuple(doc.get("approvers") or ()),
-                   float(doc["expires_at"]))
+        try:
+            doc = json.loads(raw)
+            return cls(str(doc["scope"]), str(doc["request"]),
+                       tuple(str(a) for a in doc.get("approvers") or ()), float(doc["expires_at"]))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise InvalidGrant(f"unreadable grant ({exc.__class__.__name__}: {exc})") from None
 
 
 def grant_key(scope: str, subject: str, key: str) -> str:
@@ -110,6 +123,9 @@ class MemoryGrants:
         if grant.expires_at > self.clock():
             self._grants[key] = grant
             self._prune()
+
+    async def delete(self, key: str) -> None:
+        self._grants.pop(key, None)
 
     def _prune(self) -> None:
         # Bounded memory without a timer task: drop expired entries now and then.
@@ -177,6 +193,9 @@ class RedisGrants:
         ttl_ms = int((grant.expires_at - self.clock()) * 1000)
         if ttl_ms > 0:
             await self.client.set(self._grant_key(key), grant.to_json(), px=ttl_ms)
+
+    async def delete(self, key: str) -> None:
+        await self.client.delete(self._grant_key(key))
 
     # ------------------------------------------------------------------ fan-out
     def _channel(self, name: str) -> str:

@@ -17,15 +17,20 @@ import datetime as dt
 from typing import Any, Literal, Mapping
 
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef
-from .digest import action_resources, short_hash
+from .digest import action_key, action_resources, named_action_key, short_hash
 
-__all__ = ["State", "LABEL_DIGEST", "LABEL_REQUESTER", "SA_PREFIX", "rfc3339", "parse_rfc3339",
-           "subject_key", "requester_label", "read_state", "approvers_text", "approve_command",
-           "build_request"]
+__all__ = ["State", "LABEL_DIGEST", "LABEL_REQUESTER", "LABEL_SUBJECT", "LABEL_ACTION",
+           "SA_PREFIX", "rfc3339", "parse_rfc3339", "subject_key", "requester_label",
+           "read_state", "approvers_text", "approve_command", "build_request", "label_value",
+           "request_action_key", "binding_problem"]
 
 State = Literal["approved", "denied", "expired", "pending"]
 LABEL_DIGEST = "chaperone.dev/request-digest"
 LABEL_REQUESTER = "chaperone.dev/requester"
+# Whose request (``subject_key``) and which classified action (``action_key``): how a retry
+# from any replica of the same agent finds an earlier decision (the outcome memory).
+LABEL_SUBJECT = "chaperone.dev/subject"
+LABEL_ACTION = "chaperone.dev/action-key"
 SA_PREFIX = "system:serviceaccount:"
 
 
@@ -64,6 +69,11 @@ def subject_key(identity: Identity, connection: str) -> str:
                       identity.on_behalf_of, connection)
 
 
+def label_value(digest: str) -> str:
+    """A ``sha256:<hex>`` digest or action key as a label value (the hex, cut to 63)."""
+    return digest.split(":", 1)[-1][:63]
+
+
 def requester_label(identity: Identity) -> str:
     # Reuse is per pod: a retry comes from the same sidecar.
     return short_hash("requester", _service_account(identity), identity.pod_namespace,
@@ -89,7 +99,7 @@ def read_state(obj: Mapping, now: float) -> tuple[State, tuple[str, ...], str]:
         return "denied", ((by,) if by else ()), (f"{why}: {reason}" if reason else why)
     expires = parse_rfc3339(spec.get("expiresAt"))
     if status.get("phase") == "Expired" or (expires is not None and now >= expires):
-        return "expired", (), f"no decision before {spec.get('expiresAt')}; ask again"
+        return "expired", (), f"expired undecided at {spec.get('expiresAt')}; ask again"
     return "pending", (), ""
 
 
@@ -152,6 +162,36 @@ def build_request(*, name: str, identity: Identity, connection: str, action: Act
     if session_id:
         spec["sessionID"] = session_id[:128]
     labels = {"app.kubernetes.io/managed-by": "chaperone-sidecar",
-              LABEL_DIGEST: digest.split(":", 1)[-1][:63],
-              LABEL_REQUESTER: requester_label(identity)}
+              LABEL_DIGEST: label_value(digest),
+              LABEL_REQUESTER: requester_label(identity),
+              LABEL_SUBJECT: subject_key(identity, connection),
+              LABEL_ACTION: label_value(action_key(connection, action))}
     return {"metadata": {"name": name, "labels": labels}, "spec": spec}
+
+
+def request_action_key(obj: Mapping) -> str:
+    """The action key of what a stored ApprovalRequest asked for (its connection, action name
+    and resources as stored), computed like :func:`~.digest.action_key` for a live flow."""
+    spec = obj.get("spec") or {}
+    act = spec.get("action") or {}
+    return named_action_key(str(spec.get("connection") or ""), str(act.get("name") or ""),
+                            [str(r) for r in act.get("resources") or ()])
+
+
+def binding_problem(obj: Mapping, identity: Identity, connection: str) -> str | None:
+    """Why ``obj`` was not asked for by this subject (service account, pod creator,
+    on-behalf-of user, connection), or None when it was: the grant's *who*."""
+    spec = obj.get("spec") or {}
+    req = spec.get("requester") or {}
+    want = {"requester.serviceAccount": _service_account(identity)[:317],
+            "requester.creator": identity.creator[:253],
+            "requester.onBehalfOf": identity.on_behalf_of[:253],
+            "connection": connection[:253]}
+    have = {"requester.serviceAccount": req.get("serviceAccount") or "",
+            "requester.creator": req.get("creator") or "",
+            "requester.onBehalfOf": req.get("onBehalfOf") or "",
+            "connection": spec.get("connection") or ""}
+    for field, value in want.items():
+        if have[field] != value:
+            return f"spec.{field} is {have[field]!r}, not this requester's {value!r}"
+    return None

@@ -2,11 +2,26 @@
 
 ``await ApprovalService.request(...)`` for a flow whose decision is ``require_approval``:
 
-1. A cached grant (exact digest first, then the action key) passes the flow at once.
-2. Otherwise an ApprovalRequest is opened — or an existing one for the same digest and
-   requester reused: an agent that retries while a request is pending must not flood
-   approvers with duplicates. An already *approved* one whose grant window is still open
-   (approved while nobody was holding) passes the flow and refills the cache.
+1. A cached grant (exact digest first, then the action key) passes the flow, once the
+   ApprovalRequest it names proves it (:mod:`.proof`: re-read from the API, bound to subject,
+   digest or action, scope and window). A grant the request disproves (forged, altered,
+   replayed to another key, revoked by deleting the request) is refused, dropped from the
+   cache and reported in ``Outcome.refused_grants``; the flow then takes step 2.
+2. Otherwise the subject's earlier requests for this digest (and, with ``action`` scope, this
+   action) are looked up in the API (labels ``chaperone.dev/subject`` + ``request-digest`` /
+   ``action-key``, then checked on the object):
+
+   * an *approved* one whose grant window is still open (approved while nobody was holding,
+     or the cache lost it) passes the flow and refills the cache;
+   * a *denied* or *expired* one answers the retry with that outcome - approver, reason,
+     name - for ``remember_outcome_seconds`` (policy ``rememberOutcomeSeconds``, default 1 h)
+     after the decision or deadline, instead of paging approvers again. **Decision**: the
+     memory is the ApprovalRequest objects themselves, not a cache entry, so an agent that
+     erases Redis changes nothing; a retry from another replica of the same subject is
+     answered the same way;
+   * a *pending* one for the same digest is reused: an agent that retries while a request
+     is pending must not flood approvers with duplicates;
+   * else a new ApprovalRequest is opened.
 3. ``defer`` mode returns ``pending`` (the addon answers 403 naming the request); ``hold``
    mode waits up to ``hold_seconds`` for the decision, racing the backend's watch against
    the decision fan-out, and never blocks the event loop.
@@ -25,24 +40,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Mapping, Protocol
 
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef
-from . import ApprovalUnavailable, BackendError, Conflict
+from . import ApprovalError, ApprovalUnavailable, BackendError, Conflict
 from .digest import action_key, request_name
-from .grants import Grant, MemoryGrants, grant_key
+from .grants import Grant, InvalidGrant, MemoryGrants, grant_key
 from .objects import (
-    LABEL_DIGEST, LABEL_REQUESTER, State, approve_command, approvers_text, build_request,
-    parse_rfc3339, read_state, requester_label, rfc3339, subject_key,
+    LABEL_ACTION, LABEL_DIGEST, LABEL_REQUESTER, LABEL_SUBJECT, State, approve_command,
+    approvers_text, binding_problem, build_request, label_value, parse_rfc3339, read_state,
+    request_action_key, rfc3339, subject_key,
 )
+from .proof import ProofCache, check as check_proof, window_end
 
 __all__ = ["ApprovalService", "Outcome", "read_state", "build_request", "subject_key",
            "approvers_text", "approve_command", "LABEL_DIGEST", "LABEL_REQUESTER"]
 
 log = logging.getLogger("chaperone.approvals")
 
+_OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS-1123 subdomain
 _EXPIRY_GRACE = 0.05  # wake just after expiresAt, so "expired" is decided on our clock too
 
 
@@ -56,6 +75,10 @@ class Outcome:
     reason: str = ""
     expires_at: str = ""  # pending: the request's deadline; approved: the grant's end (RFC 3339)
     grant: str = ""  # "exact" | "action" when a cached grant passed the flow
+    # denied/expired answered from an earlier request: retries get this answer until then
+    remembered_until: str = ""
+    # grants found in the cache but refused (forged, altered, replayed, revoked): why
+    refused_grants: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v}
@@ -68,17 +91,34 @@ class Backend(Protocol):
     async def wait(self, name: str, timeout: float, done: Callable[[dict], bool]) -> dict | None: ...
 
 
+def _remembered_until(obj: Mapping, state: State, requirement: ApprovalRequirement) -> float:
+    """Until when a denial or expiry answers retries (epoch; 0 when not at all).
+
+    A denial counts from its decision, an expiry from the deadline; without ``decidedAt`` (no
+    operator webhook) the deadline is the later, stricter anchor."""
+    spec = obj.get("spec") or {}
+    keep = max(0, requirement.remember_outcome_seconds)
+    if not keep or state not in ("denied", "expired"):
+        return 0.0
+    anchor = (parse_rfc3339(spec.get("decidedAt")) if state == "denied" else None) \
+        or parse_rfc3339(spec.get("expiresAt")) or 0.0
+    return anchor + keep if anchor else 0.0
+
+
 # ---------------------------------------------------------------------------- the service
 
 class ApprovalService:
     """One per sidecar. ``backend``: ``KubeApprovalBackend`` or ``LocalApprovalStore``;
     ``grants``: ``RedisGrants`` (shared) or ``MemoryGrants`` (default)."""
 
-    def __init__(self, backend: Backend, grants=None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, backend: Backend, grants=None, *, clock: Callable[[], float] = time.time,
+                 proofs: ProofCache | None = None) -> None:
         self.backend = backend
         self.grants = grants if grants is not None else MemoryGrants()
         self.clock = clock
+        self.proofs = proofs if proofs is not None else ProofCache()
         self.held = 0  # flows currently held (the "pending approvals" gauge)
+        self.refused_grants = 0  # grants refused because their ApprovalRequest disproved them
         self._locks: dict[str, list] = {}  # key -> [Lock, users]
 
     def _final(self, obj: Mapping) -> bool:
@@ -98,20 +138,58 @@ class ApprovalService:
                 self._locks.pop(key, None)
 
     async def check_grant(self, *, identity: Identity, connection: str, action: Action,
-                          digest: str) -> Outcome | None:
-        """A cached grant for this exact request, else for this action; None when neither."""
+                          digest: str) -> tuple[Outcome | None, tuple[str, ...]]:
+        """A proven grant for this exact request, else for this action; and why the grants that
+        were found but disproved were refused (see :mod:`.proof`)."""
         subject = subject_key(identity, connection)
+        refused: list[str] = []
         for scope, key in (("exact", digest), ("action", action_key(connection, action))):
+            cache_key = grant_key(scope, subject, key)
             try:
-                grant = await self.grants.get(grant_key(scope, subject, key))
+                grant = await self.grants.get(cache_key)
+            except InvalidGrant as exc:
+                refused.append(f"{scope} grant: {exc}")
+                await self._forget(cache_key)
+                continue
             except Exception as exc:  # noqa: BLE001 - cache down: ask for approval (fail closed)
                 log.warning("grant cache unavailable: %s: %s", exc.__class__.__name__, exc)
-                return None
-            if grant is not None:
-                return Outcome("approved", grant.request, grant.approvers,
-                               f"{scope} grant from {grant.request}", rfc3339(grant.expires_at),
-                               grant=scope)
-        return None
+                break
+            if grant is None:
+                continue
+            obj = self.proofs.get(grant.request)
+            if obj is None and _OBJECT_NAME.match(grant.request):  # never a path of our making
+                try:
+                    obj = await self.backend.get(grant.request)
+                except BackendError as exc:
+                    # Cannot prove it now: not an attempt, just no grant (fail closed).
+                    log.warning("cannot verify the %s grant from %s: %s", scope, grant.request, exc)
+                    continue
+                except ApprovalError:  # a name the store cannot hold: no such request
+                    obj = None
+                if obj is not None:
+                    self.proofs.put(obj)
+            proof, why = check_proof(obj, grant, scope=scope, key=key, identity=identity,
+                                     connection=connection, now=self.clock())
+            if proof is None:
+                refused.append(f"{scope} grant: {why}")
+                await self._forget(cache_key)
+                continue
+            return Outcome("approved", grant.request, proof.approvers,
+                           f"{scope} grant from {grant.request}", rfc3339(proof.end),
+                           grant=scope, refused_grants=tuple(refused)), tuple(refused)
+        if refused:
+            self.refused_grants += len(refused)
+            log.warning("refused %d cached grant(s) that their ApprovalRequest does not prove: %s",
+                        len(refused), "; ".join(refused))
+        return None, tuple(refused)
+
+    async def _forget(self, cache_key: str) -> None:
+        """Drop a disproved grant (best effort): it must not be tried again and again."""
+        delete = getattr(self.grants, "delete", None)
+        if delete is None:
+            return
+        with contextlib.suppress(Exception):
+            await delete(cache_key)
 
     async def _store_grant(self, obj: Mapping, approvers: tuple[str, ...], subject: str,
                            digest: str, akey: str, requirement: ApprovalRequirement,
@@ -141,38 +219,80 @@ class ApprovalService:
 
         Raises ``ApprovalUnavailable`` when no ApprovalRequest can be opened (refuse the flow).
         """
-        if (cached := await self.check_grant(identity=identity, connection=connection,
-                                             action=action, digest=digest)) is not None:
+        cached, refused = await self.check_grant(identity=identity, connection=connection,
+                                                 action=action, digest=digest)
+        if cached is not None:
             return cached
+        outcome = await self._decide(identity=identity, connection=connection, action=action,
+                                     digest=digest, rule=rule, requirement=requirement,
+                                     session_id=session_id, body_preview=body_preview)
+        return replace(outcome, refused_grants=refused) if refused else outcome
+
+    async def _earlier(self, identity: Identity, connection: str, digest: str, akey: str,
+                       scope: str) -> list[dict]:
+        """This subject's earlier requests for this digest (and, for action scope, this action).
+
+        Found by labels, then checked on the object itself: labels only narrow the search."""
+        subject = subject_key(identity, connection)
+        selectors = [{LABEL_SUBJECT: subject, LABEL_DIGEST: label_value(digest)}]
+        if scope == "action":
+            selectors.append({LABEL_SUBJECT: subject, LABEL_ACTION: label_value(akey)})
+        found: dict[str, dict] = {}
+        for labels in selectors:
+            try:
+                items = await self.backend.find(labels)
+            except BackendError as exc:
+                raise ApprovalUnavailable(f"cannot look up ApprovalRequests: {exc}") from exc
+            for obj in items:
+                spec = obj.get("spec") or {}
+                same = spec.get("requestDigest") == digest or (
+                    scope == "action" and request_action_key(obj) == akey)
+                if same and binding_problem(obj, identity, connection) is None:
+                    found[(obj.get("metadata") or {}).get("name", "")] = obj
+        return list(found.values())
+
+    async def _decide(self, *, identity: Identity, connection: str, action: Action, digest: str,
+                      rule: RuleRef, requirement: ApprovalRequirement, session_id: str,
+                      body_preview: str) -> Outcome:
         if not (requirement.approvers.users or requirement.approvers.groups):
             raise ApprovalUnavailable(f"rule {rule} names no approvers: nobody could decide")
         subject, akey = subject_key(identity, connection), action_key(connection, action)
-        labels = {LABEL_DIGEST: digest.split(":", 1)[-1][:63],
-                  LABEL_REQUESTER: requester_label(identity)}
-        async with self._keyed("|".join(sorted(labels.values()))):
-            try:
-                existing = await self.backend.find(labels)
-            except BackendError as exc:
-                raise ApprovalUnavailable(f"cannot look up ApprovalRequests: {exc}") from exc
+        async with self._keyed(f"{subject}|{digest}"):
+            existing = await self._earlier(identity, connection, digest, akey,
+                                           requirement.grant_scope)
             now = self.clock()
             pending: list[dict] = []
+            remembered: list[tuple[float, dict, State, tuple[str, ...], str]] = []
             for obj in existing:
                 spec = obj.get("spec") or {}
-                if spec.get("requestDigest") != digest:
-                    continue
-                state, approvers, _ = read_state(obj, now)
+                state, approvers, reason = read_state(obj, now)
+                exact = spec.get("requestDigest") == digest
                 if state == "approved":
-                    # Approved while nobody held the flow: the grant window runs from the
-                    # decision (or, without decidedAt, conservatively from the request).
+                    # Approved while nobody held the flow (or the grant cache lost it): the
+                    # grant window runs from the decision. Another request's approval counts
+                    # only if it granted the whole action.
+                    if not exact and (spec.get("grant") or {}).get("scope") != "action":
+                        continue
+                    self.proofs.put(obj)
                     since = (parse_rfc3339(spec.get("decidedAt"))
                              or parse_rfc3339(spec.get("requestedAt")) or 0.0)
-                    end = await self._store_grant(obj, approvers, subject, digest, akey,
-                                                  requirement, since)
+                    end = min(await self._store_grant(obj, approvers, subject, digest, akey,
+                                                      requirement, since),
+                              window_end(obj) or 0.0)
                     if end > now:
                         return Outcome("approved", obj["metadata"]["name"], approvers,
                                        "approved", rfc3339(end))
                 elif state == "pending":
-                    pending.append(obj)
+                    if exact:
+                        pending.append(obj)
+                elif (until := _remembered_until(obj, state, requirement)) > now:
+                    remembered.append((until, obj, state, approvers, reason))
+            if remembered:
+                # The latest outcome answers: no new request, nobody is paged again.
+                until, obj, state, approvers, reason = max(remembered, key=lambda r: r[0])
+                return Outcome(state, obj["metadata"]["name"], approvers, reason,
+                               (obj.get("spec") or {}).get("expiresAt", ""),
+                               remembered_until=rfc3339(until))
             if pending:
                 obj = max(pending, key=lambda o: parse_rfc3339(o["spec"].get("expiresAt")) or 0.0)
             else:
@@ -211,12 +331,14 @@ class ApprovalService:
         finally:
             self.held -= 1
         if gone:
-            return Outcome("expired", name, (), f"ApprovalRequest {name} was deleted before a "
-                                                 "decision; ask again")
+            log.warning("ApprovalRequest %s was deleted while a flow waited for it", name)
+            return Outcome("expired", name, (), f"request deleted: ApprovalRequest {name} was "
+                                                 "deleted before a decision; a retry opens a new one")
         found = found or obj  # nothing newer seen: judge the object we opened (maybe expired now)
         now = self.clock()
         state, approvers, reason = read_state(found, now)
         if state == "approved":
+            self.proofs.put(found)
             since = parse_rfc3339((found.get("spec") or {}).get("decidedAt")) or now
             end = await self._store_grant(found, approvers, subject, digest, akey, requirement,
                                           min(since, now))
@@ -224,7 +346,9 @@ class ApprovalService:
                            rfc3339(end) if end > now else "")
         if state == "pending":
             return waiting
-        return Outcome(state, name, approvers, reason)
+        until = _remembered_until(found, state, requirement)
+        return Outcome(state, name, approvers, reason,
+                       remembered_until=rfc3339(until) if until > now else "")
 
     async def _await_final(self, name: str, timeout: float) -> tuple[dict | None, bool]:
         """(latest object, deleted): races the backend's watch against the decision fan-out."""

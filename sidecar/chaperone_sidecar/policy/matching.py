@@ -331,7 +331,8 @@ def _approval(spec: dict, policy: dict) -> ApprovalRequirement:
         approvers=Approvers(tuple(approvers.get("users") or ()), tuple(approvers.get("groups") or ())),
         min_approvals=spec["minApprovals"], timeout_seconds=spec["timeoutSeconds"], mode=spec["mode"],
         hold_seconds=spec["holdSeconds"], grant_ttl_seconds=grant.get("ttlSeconds", 900),
-        grant_scope=grant.get("scope", "exact"))
+        grant_scope=grant.get("scope", "exact"),
+        remember_outcome_seconds=spec.get("rememberOutcomeSeconds", 3600))
 
 
 def _build_rule(index: int, rule: dict, key: str, namespace: str, spec: dict, body_limit: int) -> CompiledRule:

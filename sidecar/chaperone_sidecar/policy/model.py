@@ -130,6 +130,9 @@ class ApprovalRequirement:
     hold_seconds: int = 120
     grant_ttl_seconds: int = 900
     grant_scope: Literal["exact", "action"] = "exact"
+    # How long a denial or an expiry answers retries of the same request (exact) or action
+    # (action scope) instead of opening a new ApprovalRequest: no approver is paged again.
+    remember_outcome_seconds: int = 3600
 
 
 @dataclass(frozen=True)

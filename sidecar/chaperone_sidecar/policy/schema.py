@@ -81,6 +81,7 @@ _RULE = _obj({
         "mode": _str(enum=["hold", "defer"], default="hold"),
         "holdSeconds": _int(minimum=1, maximum=900, default=120),
         "grant": _GRANT,
+        "rememberOutcomeSeconds": _int(minimum=0, maximum=86400, default=3600),
     }),
     "mask": _obj({"detectors": _arr(_str(64), 32), "fields": _JSON_PATHS, "target": _TARGET},
                  minProperties=1),

@@ -240,11 +240,23 @@ def test_hold_that_runs_out_answers_pending(store):
 
 
 def test_pod_setting_can_only_make_it_stricter(store):
+    # The policy says hold (stricter): a pod annotation saying defer does not weaken it.
     svc = services(store, approval_mode="defer")
-    f = make_flow(requirement(hold_seconds=30))  # the rule says hold
+    f = make_flow(requirement(hold_seconds=1))  # the rule says hold
     start = time.monotonic()
     asyncio.run(approve(Approve(svc), f))
-    assert time.monotonic() - start < 2 and body_of(f)["error"] == "chaperone_approval_pending"
+    assert time.monotonic() - start >= 0.9, "the pod's defer weakened the policy's hold"
+    assert "held 1s" in body_of(f)["message"]
+    # The policy says defer, the pod says hold: the stricter (hold) wins too.
+    held = make_flow(requirement(mode="defer", hold_seconds=1), path="/repos/o/held")
+    start = time.monotonic()
+    asyncio.run(approve(Approve(services(store, approval_mode="hold")), held))
+    assert time.monotonic() - start >= 0.9 and "held 1s" in body_of(held)["message"]
+    # Both defer: answered at once.
+    deferred = make_flow(requirement(mode="defer", hold_seconds=30), path="/repos/o/deferred")
+    start = time.monotonic()
+    asyncio.run(approve(Approve(services(store, approval_mode="defer")), deferred))
+    assert time.monotonic() - start < 2 and body_of(deferred)["error"] == "chaperone_approval_pending"
     capped = make_flow(requirement(hold_seconds=30), path="/repos/o/capped")
     start = time.monotonic()
     asyncio.run(approve(Approve(services(store)), capped, chaperone_approval_hold_max=1))
@@ -272,6 +284,44 @@ def test_denied_is_a_403_with_reason_and_approver(store):
     assert body["reason"] == "denied by alice: not on a Friday"
     assert "not on a Friday" in body["message"] and "do not retry" in body["how_to_get_access"]
     assert body["approval_request"]["name"] == flowctx.get(f).approval_request
+    # The agent's retry of the same request gets the same answer - approver, reason, name -
+    # and no second ApprovalRequest pages the approvers again.
+    retry = make_flow(requirement(hold_seconds=10))
+    start = time.monotonic()
+    asyncio.run(approve(Approve(svc), retry))
+    again = body_of(retry)
+    assert time.monotonic() - start < 2  # answered at once, not held
+    assert again["error"] == "chaperone_approval_denied" and again["decided_by"] == "alice"
+    assert again["reason"] == "denied by alice: not on a Friday"
+    assert again["approval_request"]["name"] == body["approval_request"]["name"]
+    assert again["remembered_until"] and again["remembered_until"] in again["message"]
+    assert len(store.list()) == 1
+
+
+def test_only_the_pods_own_annotation_counts_as_its_word(store, tmp_path):
+    """The operator's default mode (written into every pod) does not turn a policy's deliberate
+    defer into a hold; the pod's own annotation saying hold does; a pod saying defer never
+    weakens a policy's hold."""
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    (podinfo / "annotations").write_text('chaperone.dev/mode="explicit"\n')
+    f = make_flow(requirement(mode="defer", hold_seconds=30))
+    start = time.monotonic()
+    asyncio.run(approve(Approve(services(store, approval_mode="hold", podinfo_dir=podinfo)), f))
+    assert time.monotonic() - start < 2 and body_of(f)["error"] == "chaperone_approval_pending"
+
+    (podinfo / "annotations").write_text('chaperone.dev/approval-mode="hold"\n')
+    held = make_flow(requirement(mode="defer", hold_seconds=1), path="/repos/o/held")
+    start = time.monotonic()
+    asyncio.run(approve(Approve(services(store, approval_mode="hold", podinfo_dir=podinfo)), held))
+    assert time.monotonic() - start >= 0.9 and "held 1s" in body_of(held)["message"]
+
+    (podinfo / "annotations").write_text('chaperone.dev/approval-mode="defer"\n')
+    policy_hold = make_flow(requirement(hold_seconds=1), path="/repos/o/policy-hold")
+    start = time.monotonic()
+    asyncio.run(approve(Approve(services(store, approval_mode="defer", podinfo_dir=podinfo)),
+                        policy_hold))
+    assert time.monotonic() - start >= 0.9 and "held 1s" in body_of(policy_hold)["message"]
 
 
 def test_expired_is_a_403_saying_to_ask_again(store):
@@ -281,7 +331,10 @@ def test_expired_is_a_403_saying_to_ask_again(store):
     assert time.monotonic() - start < 5
     body = body_of(f)
     assert body["error"] == "chaperone_approval_expired" and "ask again" in body["reason"]
-    assert "open a new ApprovalRequest" in body["how_to_get_access"]
+    # retries get this answer for rememberOutcomeSeconds (1 h by default), then ask again
+    assert body["remembered_until"] and "expired undecided at" in body["reason"]
+    assert f"after {body['remembered_until']} a retry opens a new ApprovalRequest" in \
+        body["how_to_get_access"]
 
 
 # ---------------------------------------------------------------------------- fail closed

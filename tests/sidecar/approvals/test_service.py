@@ -108,12 +108,41 @@ def test_denied_flow_is_refused_with_the_reason(kube_env, redis_server):
             outcome = await ask(svc, who, hold_seconds=60)
             await decider
             retry = await ask(svc, who, mode="defer")  # a denial leaves no grant behind
-            return outcome, retry
+            # ... and a retry is answered with the denial, not a new request paging approvers
+            # again - even by a fresh sidecar whose grant cache was wiped (a restart, or an
+            # agent that flushed Redis): the memory is the ApprovalRequest itself.
+            async with service(kube_env, redis_server.url) as fresh:
+                again = await ask(fresh, who, hold_seconds=60)
+            # remembering is the policy's choice: with 0 a retry asks again at once
+            anew = await ask(svc, who, mode="defer", remember_outcome_seconds=0)
+            return outcome, retry, again, anew
 
-    outcome, retry = asyncio.run(scenario())
+    outcome, retry, again, anew = asyncio.run(scenario())
     assert outcome.state == "denied" and outcome.approvers == ("bob",)
     assert outcome.reason == "denied by bob: not during the freeze"
-    assert retry.state == "pending" and retry.name != outcome.name
+    for answer in (retry, again):
+        assert answer.state == "denied" and answer.name == outcome.name, answer
+        assert answer.approvers == ("bob",) and answer.reason == outcome.reason
+        assert answer.remembered_until  # until when retries get this answer
+    assert anew.state == "pending" and anew.name != outcome.name
+    assert len(kube_env.names()) == 2  # the remembered retries opened nothing
+
+
+def test_expired_outcome_is_remembered_for_retries(kube_env, redis_server):
+    who = identity(kube_env.ns)
+
+    async def scenario():
+        async with service(kube_env, redis_server.url) as svc:
+            first = await ask(svc, who, hold_seconds=60, timeout_seconds=1)
+            retry = await ask(svc, who, hold_seconds=60, timeout_seconds=1)
+            return first, retry
+
+    first, retry = asyncio.run(scenario())
+    expires = kube_env.get(first.name)["spec"]["expiresAt"]
+    assert first.state == "expired" and f"expired undecided at {expires}" in first.reason
+    assert retry.state == "expired" and retry.name == first.name, retry
+    assert f"expired undecided at {expires}" in retry.reason and retry.remembered_until
+    assert kube_env.names() == [first.name]
 
 
 def test_hold_timeout_returns_pending_with_the_name(kube_env, redis_server):
@@ -399,8 +428,9 @@ def test_standalone_local_store_with_memory_grants(tmp_path):
     assert ticks >= 5
     assert retry.grant == "exact" and retry.name == held.name
     assert other.state == "pending"
-    # a denied request is not reused: the retry asks again (and is pending after a short hold)
-    assert refused.state == "pending" and refused.name != other.name
+    # a denied request answers the retry (remembered), it does not open another one
+    assert refused.state == "denied" and refused.name == other.name
+    assert refused.reason == "denied by alice: no" and refused.approvers == ("alice",)
 
 
 def test_two_services_in_one_process_share_memory_fanout(tmp_path):

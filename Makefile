@@ -10,7 +10,7 @@ APT_PACKAGES := redis-server iproute2 iptables curl squid-openssl wrk \
                 containerd runc containernetworking-plugins debootstrap buildah
 export CHAPERONE_CACHE ?= $(HOME)/.cache/chaperone
 
-.PHONY: demo test deps system-deps venv control-plane sync-crds check-crds bench clean
+.PHONY: demo test deps system-deps venv control-plane node-deps sync-crds check-crds bench clean
 
 demo: venv
 	$(PY) -m chaperone_sidecar.demo
@@ -26,7 +26,7 @@ test-node: deps
 	KUBEBUILDER_ASSETS="$$(hack/build-control-plane.sh)" HELM_BIN="$$(hack/build-helm.sh)" \
 	  CHAPERONE_NODE_ASSETS="$$(hack/build-node.sh)" $(PY) -m pytest e2e/node $(PYTEST_ARGS)
 
-deps: system-deps venv control-plane kube-node
+deps: system-deps venv control-plane node-deps kube-node
 
 # Debian packages: redis-server is a real component of the test bed; iproute2/iptables serve the
 # transparent-mode tests. apt-get runs only when something is missing.
@@ -50,6 +50,20 @@ $(STAMP): pyproject.toml constraints.txt
 control-plane:
 	hack/build-control-plane.sh >/dev/null
 	hack/build-helm.sh >/dev/null
+
+# Node clients of the integration tests (tests/sidecar/integration/test_sdk_streams.py): the
+# official Anthropic TypeScript SDK and undici (its ProxyAgent: Node 20's fetch ignores
+# HTTPS_PROXY), pinned, installed into the cache - never committed. The tests find them through
+# CHAPERONE_NODE_MODULES and fail when they are missing.
+NODE_DIR      := $(CHAPERONE_CACHE)/node
+NODE_PACKAGES := @anthropic-ai/sdk@1.17.0 undici@7.30.3
+export CHAPERONE_NODE_MODULES ?= $(NODE_DIR)/node_modules
+
+node-deps:
+	@test "$$(cat $(NODE_DIR)/.installed 2>/dev/null)" = "$(NODE_PACKAGES)" || { \
+	  mkdir -p $(NODE_DIR) && \
+	  npm install --prefix $(NODE_DIR) --no-save --no-audit --no-fund --loglevel=error $(NODE_PACKAGES) && \
+	  echo "$(NODE_PACKAGES)" > $(NODE_DIR)/.installed; }
 
 # The test bed's node (testbed/chaperone_testbed/node.py): kubelet, kube-scheduler,
 # kube-controller-manager, kube-proxy and the pause image, built from Go modules and cached.

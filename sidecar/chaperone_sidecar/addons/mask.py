@@ -95,6 +95,7 @@ from .mask_bodies import (
     captured,
     mask_whole,
     masker_for,
+    stream_masker,
 )
 from .streaming import body_leaves_early
 
@@ -165,7 +166,7 @@ class Mask:
         stream = None
         if masker.active:
             try:
-                stream = masker.stream(_mime(flow.request.headers) or None,
+                stream = stream_masker(masker, _mime(flow.request.headers) or None,
                                        flow.request.headers.get("content-encoding"))
             except MaskingError as exc:
                 capture.withhold(f"not recorded: the body cannot be masked ({exc})")
@@ -260,7 +261,7 @@ class Mask:
         if not stream:
             resp.stream = False  # masked whole in `response`
             return
-        sm = masker.stream(mime or None, resp.headers.get("content-encoding"),
+        sm = stream_masker(masker, mime or None, resp.headers.get("content-encoding"),
                            max_decoded_bytes=masker.max_body_bytes)
         resp.stream = _MaskedStream(flow, capture, sm, ctx)
         if codings:

@@ -32,10 +32,14 @@ from ..policy.masking import (
     StreamMasker,
     decode,
     encode,
+    parse_content_encoding,
 )
+from ..policy.masking.ndjson import NDJSONMasker
+from ..policy.masking.sse import SSEMasker
 from ..policy.model import MaskSpec
 
-__all__ = ["BodyCapture", "BODIES_KEY", "BINARY_NOTE", "captured", "masker_for", "mask_whole"]
+__all__ = ["BodyCapture", "BODIES_KEY", "BINARY_NOTE", "captured", "masker_for", "mask_whole",
+           "stream_masker"]
 
 # The same logger as the addon: a stream aborted here is Mask's warning to operators.
 log = logging.getLogger("chaperone.mask")
@@ -174,6 +178,39 @@ def mask_whole(masker: Masker, raw: bytes, content_type: str,
 
 # ============================================================================ stream callables
 
+_NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
+                           "application/x-jsonlines", "application/jsonlines"})
+
+
+def stream_masker(masker: Masker, content_type: str | None, content_encoding: str | None, *,
+                  max_decoded_bytes: int | None = None) -> StreamMasker | SSEMasker | NDJSONMasker:
+    """The streaming masker for a body of this type: what its client reassembles is masked.
+
+    * ``text/event-stream``: :class:`~..policy.masking.sse.SSEMasker` - events parsed, the
+      streamed text of each Anthropic content block masked as one text across events, every
+      other event masked whole, re-framed as valid SSE.
+    * NDJSON / JSON Lines: :class:`~..policy.masking.ndjson.NDJSONMasker` - each record masked
+      as a JSON document, the text fields a client concatenates (Ollama) across records.
+    * anything else (chunked ``text/*``, JSON, unknown): the byte-level
+      :class:`~..policy.masking.stream.StreamMasker`, which holds only a tail that could still
+      become a secret.
+
+    Raises ``UnsupportedEncoding`` for a Content-Encoding it cannot decode.
+    """
+    mime = _mime_of(content_type)
+    if mime == "text/event-stream" or mime in _NDJSON_TYPES:
+        codings = parse_content_encoding(content_encoding)
+        decoder = StreamDecoder(codings, max_decoded_bytes or masker.max_body_bytes) if codings else None
+        if mime == "text/event-stream":
+            return SSEMasker(masker, decoder=decoder)
+        return NDJSONMasker(masker, decoder=decoder)
+    return masker.stream(content_type, content_encoding, max_decoded_bytes=max_decoded_bytes)
+
+
+def _mime_of(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 class _Stream:
     """Base of the ``flow.response.stream`` callables: capture what goes out, fail closed."""
 
@@ -213,8 +250,8 @@ class _Passthrough(_Stream):
 class _MaskedStream(_Stream):
     """The streaming masker (detectors; decoding a compressed stream under the cap)."""
 
-    def __init__(self, flow: http.HTTPFlow, capture: BodyCapture, masker: StreamMasker,
-                 ctx: flowctx.FlowContext) -> None:
+    def __init__(self, flow: http.HTTPFlow, capture: BodyCapture,
+                 masker: StreamMasker | SSEMasker | NDJSONMasker, ctx: flowctx.FlowContext) -> None:
         super().__init__(flow, capture)
         self.masker = masker
         self.ctx = ctx
@@ -306,7 +343,8 @@ class _RequestTee:
     the tee captures what it lets through, i.e. the body as it goes upstream.
     """
 
-    def __init__(self, capture: BodyCapture, masker: StreamMasker | None, then: Any = None) -> None:
+    def __init__(self, capture: BodyCapture, masker: StreamMasker | SSEMasker | NDJSONMasker | None,
+                 then: Any = None) -> None:
         self.capture = capture
         self.masker = masker
         self.then = then if callable(then) else None

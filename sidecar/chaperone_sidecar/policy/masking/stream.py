@@ -1,19 +1,26 @@
 """Streaming masker for chunked and SSE bodies: chunks in, masked chunks out.
 
 A secret split across chunks must still be masked, so the masker holds back the tail of what
-it has received until that tail can no longer be part of a secret. Three facts bound what is
-held:
+it has received until that tail can no longer be part of a secret. What is held:
 
-* No detector matches across a line feed except ``private-key`` (every separator in the
-  detectors is ``[ \\t]``, never ``\\s``). Everything up to the last LF is decided as soon as
-  it arrives: SSE events (``data: ...\\n\\n``) and line-oriented output flow through with no
-  added latency.
-* Every other match is bounded (``Rule.max_len``): the longest is a ``jwt`` (~11 KiB), then
-  the OAuth bearer rule (8 KiB + 512 bytes of context it reads after the token), a
+* **Only a tail that could still become a match.** For every rule the masker asks where the
+  earliest match could start that reaches the end of the data - a match already touching the
+  end (it may grow), or a *prefix* of one (``sec`` of ``secret_key=``, a trailing word that
+  may be the local part of an address, an ``ey...`` that may be a JWT). That is the rule's
+  pattern followed by ``\\Z`` under the ``regex`` module's partial matching (``_open_start``),
+  which is what ``re`` lacks. Everything before the earliest such start is decided now:
+  prose flows word by word, SSE events and lines flow as they arrive, and an LLM's text
+  deltas are held only while their tail may still be a secret. (Before, a line without a line
+  feed was held up to 32 KiB.) A rule whose pattern the ``regex`` module cannot compile falls
+  back to the old bound for that rule: the last line feed (no detector but ``private-key``
+  matches across one), or ``WINDOW`` before the end of a longer line.
+* The search is cheap: a match is at most ``Rule.max_len`` long, so only the last
+  ``max_len`` bytes can hold its start, and a position found not to start an open match never
+  does later (more data only extends the text), so each call searches from where the last
+  one stopped. Every match is bounded (``Rule.max_len``): the longest is a ``jwt`` (~11
+  KiB), then the OAuth bearer rule (8 KiB + 512 bytes of context it reads after the token), a
   ``secret-json-key`` value (4096 characters, ~8.4 KiB escaped) and ``private-key`` (8 KiB
-  body + markers). A line without LF is emitted up to ``len(held) - WINDOW``; ``WINDOW`` is
-  32 KiB, above ``required_window()`` (twice the longest match, ~22 KiB). Held data stays
-  below 2 x WINDOW plus one chunk; each byte of such a line is scanned about twice.
+  body + markers); held data stays below the longest match plus one chunk.
 * A candidate that reaches the end of the data (it may still grow, or its validator needs
   bytes that have not arrived) holds everything from its start; so does a PEM BEGIN marker
   until its END arrives or ``PEM_BODY_MAX`` has passed.
@@ -40,7 +47,11 @@ Content-Length from the forwarded headers.
 from __future__ import annotations
 
 import codecs
+import functools
+import re
 from collections.abc import Iterable
+
+import regex
 
 from .detectors import Rule
 from .encoding import MaskingError, StreamDecoder
@@ -50,6 +61,47 @@ WINDOW = 32 * 1024
 CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
 SLACK = 4  # bytes the lookahead assertions read past a match end (at most 2 today)
 SNIFF_BYTES = 512
+
+
+_REGEX_FLAGS = ((re.IGNORECASE, regex.IGNORECASE), (re.MULTILINE, regex.MULTILINE),
+                (re.DOTALL, regex.DOTALL), (re.VERBOSE, regex.VERBOSE), (re.ASCII, regex.ASCII))
+
+
+@functools.lru_cache(maxsize=256)
+def _open_pattern(pattern: re.Pattern[bytes]) -> regex.Pattern[bytes] | None:
+    """``pattern`` anchored at the end of the data, for partial matching; None when the
+    ``regex`` module cannot compile it (the rule then falls back to line/window holds)."""
+    flags = 0
+    for ours, theirs in _REGEX_FLAGS:
+        if pattern.flags & ours:
+            flags |= theirs
+    try:
+        return regex.compile(b"(?:" + pattern.pattern + b")\\Z", flags)
+    except (regex.error, TypeError, ValueError):
+        return None
+
+
+def _open_start(text: bytes, rule: Rule, pos: int) -> int | None:
+    """The earliest start at or after ``pos`` of a match of ``rule`` that reaches the end of
+    ``text`` or could with more data (a partial match); None when there is none. The rule's
+    own pattern is used (custom finders only pick among its matches, so this is a superset).
+
+    A closed PEM block (``body`` matched up to its END marker) is skipped: the lazy body stops
+    at the first END, so more data cannot change that match, although the pattern could
+    still run on over the END (which would hold 8 KiB after every key).
+    """
+    pattern = _open_pattern(rule.pattern)
+    assert pattern is not None
+    while True:
+        m = pattern.search(text, pos, partial=True)
+        if m is None:
+            return None
+        if rule.continuation is not None and not m.partial:
+            closed = rule.pattern.match(text, m.start())
+            if closed is not None and closed.group("body") is not None and closed.end() < len(text):
+                pos = m.start() + 1
+                continue
+        return m.start()
 
 
 def required_window(rules: Iterable[Rule]) -> int:
@@ -96,6 +148,14 @@ class StreamMasker:
         self._buf = b""  # received, not yet emitted (settled findings may be masked already)
         self._ctx = b""  # tail of the emitted output, for lookbehinds and validator context
         self._cont: Rule | None = None
+        # Partial matching (see the module docstring); rules it cannot handle use _line_base.
+        self._eager = tuple(r for r in rules if _open_pattern(r.pattern) is not None)
+        self._lazy = len(self._eager) < len(rules)
+        # Custom finders that tokenise (credit-card digit runs, at most 45 digits each): where a
+        # run ends depends on where it started, so a cut must never fall inside a raw run.
+        self._runs = tuple(r for r in rules if r.find is not None
+                           and not getattr(r.find, "__qualname__", "").startswith("anchored."))
+        self._frontier = 0  # in _buf: no open match of any rule starts before it
         self.json_mode = json_mode
         self._in_string = False  # JSON mode: the held data starts inside a string
 
@@ -159,21 +219,49 @@ class StreamMasker:
             # Lookbehinds see what was emitted (masked), like a second scan of a masked body.
             self._ctx = (self._ctx + data)[-CONTEXT:]
 
+    def _base(self, window: bytes, off: int) -> int:
+        """Everything of ``_buf`` before this may be emitted as far as *open* matches go (the
+        candidates found by ``scan`` may hold more): the earliest start of a match that
+        reaches the end or may still grow (``_open_start``), searched from ``_frontier`` and
+        within each rule's longest match before the end."""
+        n = len(window) - off
+        base = n
+        # No detector matches across a line feed but private-key, whose open block the scan
+        # holds as a candidate: the search starts after the last line feed (as the old bound).
+        line = window.rfind(b"\n", off) + 1
+        for rule in self._eager:
+            pos = max(off + self._frontier, len(window) - rule.max_len - SLACK, off, line)
+            start = _open_start(window, rule, pos)
+            if start is not None:
+                base = min(base, start - off)
+        if self._lazy:  # a rule without partial matching: whole lines, or a window behind
+            line = max(line - off, 0)
+            if n >= 2 * self.window:  # rescan once per window of new data, not per chunk
+                line = max(line, n - self.window)
+            base = min(base, line)
+        for rule in self._runs:
+            for m in rule.pattern.finditer(window, off):
+                if m.start() - off >= base:
+                    break
+                if m.end() - off > base:  # the run crosses the cut: hold it whole
+                    base = m.start() - off
+                    break
+        self._frontier = base
+        return base
+
     def _drain(self, final: bool, out: list[bytes]) -> None:
         """Emit what is decided; may enter continuation mode for an over-long PEM block."""
         for round_ in range(MAX_ROUNDS):
             buf, n = self._buf, len(self._buf)
             if not n:
                 return
+            window, off = self._ctx + buf, len(self._ctx)
             if final:
                 base = n
             else:
-                base = buf.rfind(b"\n") + 1
-                if n >= 2 * self.window:  # rescan once per window of new data, not per chunk
-                    base = max(base, n - self.window)
+                base = self._base(window, off)
                 if base <= 0:
                     return
-            window, off = self._ctx + buf, len(self._ctx)
             cands = scan(window, self.rules, pos=off)
             findings = [Finding(f.start - off, f.end - off, f.kind)
                         for f in merge(c.finding for c in cands if c.finding is not None)]
@@ -203,9 +291,11 @@ class StreamMasker:
             if settled and round_ < MAX_ROUNDS - 1 and adjacent(buf, settled, self._ctx):
                 # A replacement creates a new boundary: mask in place and scan again.
                 self._buf = apply(buf, settled, self.hash_key, self.counts, strings=strings)
+                self._frontier = 0  # the text changed: search it again
                 continue
             self._emit(out, apply(buf, settled, self.hash_key, self.counts, 0, cut, strings))
             self._buf = buf[cut:]
+            self._frontier = max(0, self._frontier - cut)
             if self.json_mode:
                 self._in_string = ends_in_string(buf[:cut], self._in_string)
             if cont_f is not None and cut == cont_f.start:
@@ -215,6 +305,7 @@ class StreamMasker:
                 if self.json_mode:
                     self._in_string = ends_in_string(buf[cut : cont_f.end], self._in_string)
                 self._buf = buf[cont_f.end :]  # empty, or a lone backslash
+                self._frontier = 0
                 self._cont = cont[2] if cont else None
             return
 

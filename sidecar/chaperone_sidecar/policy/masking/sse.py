@@ -1,0 +1,412 @@
+"""Masking a Server-Sent Events stream on its *decoded text*, event by event.
+
+Why not the bytes: an LLM's answer arrives as many small events, each carrying a few characters
+of text inside a JSON string (``data: {"delta": {"text": "AKIAIOSF"}}`` then
+``data: {"delta": {"text": "ODNN7EXAMPLE"}}``). A secret split across two events is split
+across two JSON documents with framing in between, so no detector sees it in the bytes, while
+the client's SDK joins the halves into the whole secret. The stream is therefore parsed, and
+what the client will concatenate is masked as one text.
+
+**Framing** (``SSEParser``, the WHATWG "event stream interpretation"): UTF-8; lines end with
+CRLF, LF or a lone CR (a CR at the end of a chunk waits for the next byte); a blank line
+dispatches the event; ``:`` starts a comment; ``field: value`` loses one space after the colon;
+several ``data`` lines join with LF. A leading BOM is dropped. What goes out is re-framed with
+LF line ends - every SSE client accepts them - with the same fields in the same order.
+
+**Anthropic Messages** (``event: content_block_delta``): the text of ``text_delta``
+(``delta.text``), ``thinking_delta`` (``delta.thinking``) and ``input_json_delta``
+(``delta.partial_json``, masked in JSON mode: a token replacing a bare number is quoted, so
+the assembled tool input stays JSON) is fed, per content block ``index`` and field, into a
+:class:`~.stream.StreamMasker`, which holds back only a tail that could still become a secret
+(see ``stream.py``). Each delta event goes out carrying what the masker released - the same
+event type, valid JSON, only the text changed; a delta whose text is all held is not sent. A
+block's held text is released when it is decided: in a later delta, or in one extra delta
+emitted just before ``content_block_stop`` (also before ``message_delta``, ``message_stop``,
+``error`` and at the end of the stream; never on ``ping`` or unknown events, which could
+otherwise split a secret). A ``content_block_start`` carrying initial text feeds it to its
+block first. The SDKs (Python ``anthropic``, TypeScript ``@anthropic-ai/sdk``) concatenate the
+deltas, so the text they assemble is exactly the masked text (tested with both).
+
+**Every other event** (other APIs, ``message_start``, ``signature_delta``, ``citations_delta``,
+pings, errors ...) is masked whole, as a small body: its ``data`` with the whole-body
+:class:`~.masker.Masker` (as JSON when it parses as JSON, so field rules apply to each event's
+document), and the values of the other fields and comments with ``Masker.mask_str``.
+
+**Memory stays flat**: an event is held only until its blank line, and an event larger than
+``MAX_EVENT_BYTES`` (1 MiB; no real event comes near) switches the rest of the stream to the
+byte-level streaming masker in JSON mode (the old behaviour, bounded memory), after the held
+text of every block has been released.
+
+**Not covered**: a secret split across the text of two *different* content blocks (they are
+different texts for the client too); JSON escapes inside ``partial_json`` (``\\u0041KIA...``)
+are masked only as far as the detectors see them in the JSON text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from typing import Any
+
+from .encoding import MaskingError, StreamDecoder
+from .masker import Masker
+from .stream import StreamMasker
+
+MAX_EVENT_BYTES = 1024 * 1024
+
+# Anthropic Messages: delta type -> (field that carries streamed text, JSON mode)
+DELTA_FIELDS: dict[str, tuple[str, bool]] = {
+    "text_delta": ("text", False),
+    "thinking_delta": ("thinking", False),
+    "input_json_delta": ("partial_json", True),
+}
+# content_block.type -> (field with initial text, delta type that continues it)
+BLOCK_FIELDS: dict[str, tuple[str, str]] = {
+    "text": ("text", "text_delta"),
+    "thinking": ("thinking", "thinking_delta"),
+}
+# Events after which no block continues: release what is held before passing them on.
+_BLOCKS_END = frozenset({"message_delta", "message_stop", "error"})
+
+Field = tuple[bytes | None, bytes]  # (name, value); name None: a comment
+
+
+class SSEParser:
+    """Bytes in, complete events out: each event is its fields in order (comments included).
+
+    ``pending`` is the size of the event being read (bytes of its complete lines plus the
+    unterminated line), for the caller's memory bound.
+    """
+
+    def __init__(self) -> None:
+        self._line = b""  # unterminated line
+        self._fields: list[Field] = []
+        self._size = 0
+        self._start = True  # a BOM may come first
+        self._cr = False  # the last chunk ended with CR: an LF now belongs to it
+
+    @property
+    def pending(self) -> int:
+        return self._size + len(self._line)
+
+    def feed(self, data: bytes, final: bool = False) -> list[list[Field]]:
+        events: list[list[Field]] = []
+        if self._start and (data or final):
+            if len(self._line + data) < 3 and not final and b"\xef\xbb\xbf".startswith(self._line + data):
+                self._line += data
+                return events
+            data, self._line = self._line + data, b""
+            if data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            self._start = False
+        if self._cr and data.startswith(b"\n"):
+            data = data[1:]
+        self._cr = False
+        buf = self._line + data
+        pos = 0
+        while True:
+            lf, cr = buf.find(b"\n", pos), buf.find(b"\r", pos)
+            if lf < 0 and cr < 0:
+                break
+            end = lf if cr < 0 or (0 <= lf < cr) else cr
+            line = buf[pos:end]
+            pos = end + 1
+            if buf[end:end + 1] == b"\r":
+                if end + 1 == len(buf):
+                    self._cr = True  # maybe CRLF split across chunks
+                elif buf[end + 1:end + 2] == b"\n":
+                    pos += 1
+            event = self._take(line)
+            if event is not None:
+                events.append(event)
+        self._line = buf[pos:]
+        if final:
+            if self._line:
+                self._take(self._line)
+                self._line = b""
+            if self._fields:  # an unterminated last event: clients drop it, it passes masked
+                events.append(self._fields)
+                self._fields, self._size = [], 0
+        return events
+
+    def _take(self, line: bytes) -> list[Field] | None:
+        if not line:
+            if not self._fields:
+                return None
+            event, self._fields, self._size = self._fields, [], 0
+            return event
+        self._size += len(line) + 1
+        if line.startswith(b":"):
+            self._fields.append((None, line[1:]))
+            return None
+        name, colon, value = line.partition(b":")
+        if colon and value.startswith(b" "):
+            value = value[1:]
+        self._fields.append((name, value))
+        return None
+
+
+def serialize(fields: list[Field]) -> bytes:
+    """One event, LF-framed; a value of ``data`` with line feeds becomes several lines."""
+    out: list[bytes] = []
+    for name, value in fields:
+        if name is None:
+            out.append(b":" + value)
+        elif name == b"data":
+            out.extend(b"data: " + part if part else b"data:" for part in value.split(b"\n"))
+        else:
+            out.append(name + b": " + value if value else name + b":")
+    return b"\n".join(out) + b"\n\n"
+
+
+def compact_json(obj: Any) -> bytes:
+    """Compact JSON, UTF-8 (escaped ASCII when lone surrogates cannot be encoded)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates (from \ud800 escapes) only survive escaped
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+class TextStream:
+    """A streaming masker over ``str``: text in, the decided (masked) prefix out."""
+
+    def __init__(self, masker: Masker, json_mode: bool) -> None:
+        self.masker = StreamMasker(masker.rules, masker.hash_key, json_mode=json_mode)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")
+
+    def feed(self, text: str) -> str:
+        return self._decoder.decode(self.masker.feed(text.encode("utf-8", "surrogatepass")))
+
+    def finish(self) -> str:
+        return self._decoder.decode(self.masker.finish(), final=True)
+
+
+class _Block:
+    """The streamed text of one content block field."""
+
+    def __init__(self, masker: Masker, delta_type: str, field: str, json_mode: bool,
+                 event_name: bytes) -> None:
+        self.text = TextStream(masker, json_mode)
+        self.delta_type = delta_type
+        self.field = field
+        self.event_name = event_name  # the name its deltas came with, for the release event
+
+
+class SSEMasker:
+    """Feed raw SSE bytes, get masked, re-framed SSE bytes; ``finish()`` returns the rest.
+
+    The same interface as :class:`~.stream.StreamMasker` (``feed``, ``finish``, ``__call__``
+    as mitmproxy's stream callable, ``counts``, ``errors``, ``binary``, ``held``), so the
+    Mask addon drives either one.
+    """
+
+    binary = False  # an event stream is text by definition
+
+    def __init__(self, masker: Masker, *, decoder: StreamDecoder | None = None,
+                 max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.masker = masker
+        self.decoder = decoder
+        self.max_event_bytes = max_event_bytes
+        self.errors: list[str] = []
+        self._counts: dict[str, int] = {}
+        self._parser = SSEParser()
+        self._blocks: dict[tuple[Any, str], _Block] = {}
+        self._raw: StreamMasker | None = None  # after an over-long event: byte-level masking
+
+    # --- public API -------------------------------------------------------------------------
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = dict(self._counts)
+        streams = [b.text.masker for b in self._blocks.values()]
+        if self._raw is not None:
+            streams.append(self._raw)
+        for s in streams:
+            for kind, n in s.counts.items():
+                out[kind] = out.get(kind, 0) + n
+        return out
+
+    @property
+    def held(self) -> int:
+        """Bytes received but not yet emitted (the event being read and held block text)."""
+        held = self._parser.pending + sum(b.text.masker.held for b in self._blocks.values())
+        return held + (self._raw.held if self._raw is not None else 0)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.decoder is not None:
+            data = self.decoder.feed(data)
+        return self._push(data, final=False)
+
+    def finish(self) -> bytes:
+        tail = b""
+        if self.decoder is not None:
+            try:
+                tail = self.decoder.finish()
+            except MaskingError as exc:  # what was received has been masked; note and end
+                self.errors.append(str(exc))
+        return self._push(tail, final=True)
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        out = self.feed(data) if data else self.finish()
+        return [out] if out else []
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _push(self, data: bytes, final: bool) -> bytes:
+        if self._raw is not None:
+            return self._raw.finish() if final and not data else (
+                self._raw.feed(data) + (self._raw.finish() if final else b""))
+        out: list[bytes] = []
+        for event in self._parser.feed(data, final):
+            out.append(self._event(event))
+        if final:
+            out.append(self._release_all())
+        elif self._parser.pending > self.max_event_bytes:
+            out.append(self._go_raw())
+        return b"".join(out)
+
+    def _go_raw(self) -> bytes:
+        """An event too large to hold: release the blocks, then mask bytes from here on."""
+        released = self._release_all()
+        self._raw = StreamMasker(self.masker.rules, self.masker.hash_key, json_mode=True)
+        parser, self._parser = self._parser, SSEParser()
+        rest = serialize(parser._fields)[:-1] + parser._line  # the event so far, unterminated
+        self.errors.append(f"an event exceeded {self.max_event_bytes} bytes: the rest of the "
+                           "stream was masked as bytes, not per event")
+        return released + self._raw.feed(rest)
+
+    def _event(self, fields: list[Field]) -> bytes:
+        data_parts = [v for n, v in fields if n == b"data"]
+        name = next((v for n, v in reversed(fields) if n == b"event"), b"")
+        kind, obj = None, None
+        if data_parts:
+            data = b"\n".join(data_parts)
+            if b'"content_block_' in data or name.startswith(b"content_block_"):
+                try:
+                    obj = json.loads(data)
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("type"), str):
+                    kind = obj["type"]
+        if kind == "content_block_delta" and isinstance(obj, dict):
+            out = self._delta(fields, name, obj)
+            if out is not None:
+                return out
+        prefix = b""
+        if kind == "content_block_stop" and isinstance(obj, dict):
+            prefix = self._release(obj.get("index"))
+        elif name.decode("utf-8", "replace") in _BLOCKS_END:
+            prefix = self._release_all()
+        masked = self._mask_whole(fields)
+        if kind == "content_block_start":
+            masked = self._start(masked, name)
+        return prefix + serialize(masked)
+
+    def _delta(self, fields: list[Field], name: bytes, obj: dict[str, Any]) -> bytes | None:
+        delta = obj.get("delta")
+        if not isinstance(delta, dict) or delta.get("type") not in DELTA_FIELDS:
+            return None  # signature_delta, citations_delta ...: masked whole
+        field, json_mode = DELTA_FIELDS[delta["type"]]
+        text = delta.get(field)
+        if not isinstance(text, str):
+            return None
+        block = self._block(obj.get("index"), delta["type"], field, json_mode, name)
+        released = block.text.feed(text)
+        if not released:
+            return b""  # all held: nothing to send yet
+        return serialize(self._with_text(fields, obj, field, released))
+
+    def _block(self, index: Any, delta_type: str, field: str, json_mode: bool, name: bytes) -> _Block:
+        key = (index if isinstance(index, (int, str)) else repr(index), field)
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = _Block(self.masker, delta_type, field, json_mode,
+                                               name or b"content_block_delta")
+        return block
+
+    def _start(self, fields: list[Field], name: bytes) -> list[Field]:
+        """``content_block_start`` with initial text: the text starts its block's stream."""
+        data = b"\n".join(v for n, v in fields if n == b"data")
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return fields
+        block = obj.get("content_block") if isinstance(obj, dict) else None
+        if not isinstance(block, dict) or block.get("type") not in BLOCK_FIELDS:
+            return fields
+        field, delta_type = BLOCK_FIELDS[block["type"]]
+        text = block.get(field)
+        if not isinstance(text, str) or not text:
+            return fields
+        stream = self._block(obj.get("index"), delta_type, field, False, b"content_block_delta")
+        block[field] = stream.text.feed(text)
+        return [(n, compact_json(obj) if n == b"data" else v) for n, v in fields]  # one data (masked)
+
+    def _with_text(self, fields: list[Field], obj: dict[str, Any], field: str, text: str) -> list[Field]:
+        obj["delta"][field] = text
+        data = compact_json(obj)
+        out: list[Field] = []
+        for n, v in fields:
+            if n == b"data":
+                if data is not None:
+                    out.append((n, data))
+                    data = None
+            else:
+                out.append((n, self._mask_value(v)))
+        return out
+
+    def _release(self, index: Any) -> bytes:
+        """Emit what the blocks of ``index`` hold (their stream is over), as delta events."""
+        key = index if isinstance(index, (int, str)) else repr(index)
+        out = []
+        for k in [k for k in self._blocks if k[0] == key]:
+            out.append(self._release_block(k))
+        return b"".join(out)
+
+    def _release_all(self) -> bytes:
+        return b"".join(self._release_block(k) for k in list(self._blocks))
+
+    def _release_block(self, key: tuple[Any, str]) -> bytes:
+        block = self._blocks.pop(key)
+        text = block.text.finish()
+        for kind, n in block.text.masker.counts.items():
+            self._counts[kind] = self._counts.get(kind, 0) + n
+        if not text:
+            return b""
+        obj = {"type": "content_block_delta", "index": key[0],
+               "delta": {"type": block.delta_type, block.field: text}}
+        return serialize([(b"event", block.event_name), (b"data", compact_json(obj))])
+
+    def _mask_whole(self, fields: list[Field]) -> list[Field]:
+        """An event that is not streamed text: ``data`` as one small body, the rest as strings."""
+        out: list[Field] = []
+        data_parts = [v for n, v in fields if n == b"data"]
+        data = b"\n".join(data_parts)
+        masked_data = data
+        if data_parts and self.masker.active:
+            looks_json = data.lstrip()[:1] in (b"{", b"[")
+            result = self.masker.mask_bytes(data, "application/json" if looks_json else "text/plain")
+            for kind, n in result.counts.items():
+                self._counts[kind] = self._counts.get(kind, 0) + n
+            masked_data = result.body
+        emitted = False
+        for n, v in fields:
+            if n == b"data":
+                if not emitted:
+                    out.append((n, masked_data))
+                    emitted = True
+            else:
+                out.append((n, self._mask_value(v)))
+        return out
+
+    def _mask_value(self, value: bytes) -> bytes:
+        if not value or not self.masker.rules:
+            return value
+        text = value.decode("utf-8", "surrogateescape")
+        masked, counts = self.masker.mask_str(text)
+        for kind, n in counts.items():
+            self._counts[kind] = self._counts.get(kind, 0) + n
+        return masked.encode("utf-8", "surrogateescape")
+
+
+__all__ = ["MAX_EVENT_BYTES", "SSEMasker", "SSEParser", "TextStream", "compact_json", "serialize"]

@@ -53,6 +53,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from chaperone_operator.injection import inject
 from chaperone_operator.injection.iptables import iptables_rules, iptables_script
 from chaperone_operator.injection.settings import InjectionSettings
 
@@ -514,3 +515,29 @@ def test_transparent_mode_captures_other_uids_and_lets_the_sidecar_uid_out(
             if server is not None:
                 server.close()
         rmtree(root)
+
+
+def test_without_ipv6_rules_a_pod_with_ipv6_does_not_start(pod_network):
+    """CHAPERONE_REDIRECT_IPV6=false installs no ip6tables rules, so the injected script must
+    refuse a pod that has IPv6 beyond loopback (an unredirected IPv6 path around the sidecar),
+    and start one that has none."""
+    pod_ns, _ = pod_network
+    settings = InjectionSettings(redirect_ipv6=False)
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "v4-only", "labels": {"chaperone.dev/inject": "true"},
+                        "annotations": {"chaperone.dev/mode": "transparent"}},
+           "spec": {"containers": [{"name": "agent", "image": "example.com/agent:1"}]}}
+    result = inject(pod, settings, [])
+    script = next(ct for ct in result.pod["spec"]["initContainers"]
+                  if ct["name"] == "chaperone-init")["args"][0]
+    out = sh("ip", "netns", "exec", pod_ns, "/bin/sh", "-c", script, check=False)
+    assert out.returncode == 1 and "IPv6 address on chp" in out.stderr, out.stderr
+    # The same pod without IPv6 on its interface starts, with IPv4 rules only.
+    dev = sh("ip", "-n", pod_ns, "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+    sh("ip", "-n", pod_ns, "-6", "addr", "flush", "dev", dev)
+    sh("ip", "netns", "exec", pod_ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1")
+    assert "REDIRECT" not in sh("ip", "netns", "exec", pod_ns, "iptables", "-t", "nat", "-S").stdout
+    out = sh("ip", "netns", "exec", pod_ns, "/bin/sh", "-c", script, check=False)
+    assert out.returncode == 0, out.stderr
+    listed = sh("ip", "netns", "exec", pod_ns, "iptables", "-t", "nat", "-S", "OUTPUT").stdout
+    assert "REDIRECT --to-ports 15001" in listed

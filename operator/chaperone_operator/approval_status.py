@@ -12,7 +12,7 @@ from typing import Mapping
 
 from .approvals import APPROVED, DECISIONS, DENIED, EXPIRED, PENDING, describe_approvers, parse_time
 
-__all__ = ["desired_status", "decision_events"]
+__all__ = ["desired_status", "decision_events", "deletion_event"]
 
 
 def _spec(obj: Mapping) -> dict:
@@ -81,3 +81,20 @@ def decision_events(obj: Mapping, current: Mapping | None, desired: Mapping) -> 
         kind = "Normal" if phase == APPROVED else "Warning"
         events.append((kind, phase, desired.get("message", "")))
     return events
+
+
+def deletion_event(obj: Mapping, now: dt.datetime) -> tuple[str, str, str] | None:
+    """The Warning Event recording that a request was deleted before anyone decided it.
+
+    A decided or expired request going away is housekeeping; a *pending* one going away is worth
+    an audit trail: the agent's held flow is refused ("request deleted") and a retry opens a new
+    request. Who deleted it is in the apiserver's audit log (a watch event does not carry it)."""
+    if desired_status(obj, now).get("phase") != PENDING:
+        return None
+    spec = _spec(obj)
+    req = spec.get("requester") or {}
+    action = (spec.get("action") or {}).get("summary") or (spec.get("action") or {}).get("name")
+    when = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return ("Warning", "DeletedPending",
+            f"deleted while pending at {when} (undecided request from {req.get('serviceAccount')}: "
+            f"{action}); the held request is refused and a retry opens a new ApprovalRequest")

@@ -35,9 +35,19 @@ values other than Approved/Denied, and approvers changing anything else in ``spe
 service account of the request's namespace (a sibling agent's sidecar), the user who created the
 requesting pod, or the verified user the agent acted for (``onBehalfOf``).
 
-**Sidecar edits** (decision): after creation only the requesting sidecar may change
-``spec.sessionID`` and ``spec.grant``, and only while the request is pending; the CRD's CEL rules
-keep every other requester field immutable even if this webhook is bypassed.
+**Nothing but the decision changes after creation** (decision): every field the sidecar wrote -
+requester, connection, action, digest, rule, approvers, minApprovals, grant (scope, TTL),
+sessionID, requestedAt, expiresAt - is fixed when the request is opened. The requesting sidecar
+in particular cannot widen a pending request's grant (scope ``exact`` -> ``action``, a longer
+``ttlSeconds``) after an approver saw it: what the approver approves is what was asked. The
+CRD's CEL transition rules hold the same even if this webhook is bypassed; admission refuses
+first, naming the fields and who tried.
+
+**Deletion** (decision): deleting a pending request is not an admission decision (RBAC says who
+may delete); the operator records it as a Warning Event ``DeletedPending`` on the request
+(:mod:`.approval_status`), the sidecar holding a flow for it refuses that flow with "request
+deleted", and a retry opens a new request that approvers see again - a deletion never lets
+anything through.
 """
 
 from __future__ import annotations
@@ -61,7 +71,6 @@ POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 
 DECIDER_FIELDS = ("decision", "reason")  # what an approver sends
 STAMPED_FIELDS = ("decidedBy", "decidedAt", "reviews")  # written by admission only
-SIDECAR_FIELDS = ("sessionID", "grant")  # the requesting sidecar may still change while pending
 STAMP_TOLERANCE = dt.timedelta(minutes=5)  # recheck: stamped times near the webhook's clock
 
 
@@ -296,13 +305,10 @@ def admit_update(old: Mapping, new: Mapping, user: UserInfo, now: dt.datetime) -
             return Verdict.refuse(f"{_fields(stamped)} are stamped by admission and cannot be set by clients")
         if "reason" in changed:
             return Verdict.refuse("spec.reason can only be given together with spec.decision")
-        if frozen := changed - set(SIDECAR_FIELDS):
-            return Verdict.refuse(f"{_fields(frozen)} cannot change after creation")
         requester = (old_spec.get("requester") or {}).get("serviceAccount")
-        if name != requester:
-            return Verdict.refuse(f"only the requesting sidecar ({requester}) may change {_fields(changed)}; "
-                                  "approvers set spec.decision")
-        return Verdict.allow()
+        who = "the requesting sidecar" if name == requester else name
+        return Verdict.refuse(f"{_fields(changed)} cannot change after creation ({who} tried): only "
+                              "spec.decision (with spec.reason) is set later, by an approver")
 
     namespace = (old.get("metadata") or {}).get("namespace") or ""
     if decision not in DECISIONS:

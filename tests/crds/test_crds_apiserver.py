@@ -181,6 +181,23 @@ INVALID_UPDATES = [
      approval(reviews=[{"user": "alice", "decision": "Approved", "time": "2026-11-22T10:01:00Z"}]),
      {"spec": {"reviews": []}},
      "reviews cannot be removed"),
+    # What an approval grants is fixed at creation, even when the webhook is bypassed.
+    ("grant-scope-cannot-widen",
+     approval(grant={"scope": "exact", "ttlSeconds": 300}),
+     {"spec": {"grant": {"scope": "action"}}},
+     "spec.grant: Invalid value: \"object\": grant is immutable"),
+    ("grant-ttl-cannot-grow",
+     approval(grant={"scope": "exact", "ttlSeconds": 300}),
+     {"spec": {"grant": {"ttlSeconds": 86400}}},
+     "grant is immutable"),
+    ("grant-cannot-be-added",
+     approval(),
+     {"spec": {"grant": {"scope": "action", "ttlSeconds": 86400}}},
+     "grant is immutable"),
+    ("session-is-immutable",
+     approval(sessionID="s-1"),
+     {"spec": {"sessionID": "s-2"}},
+     "sessionID is immutable"),
     ("connection-type-is-immutable",
      connection(type="http", hosts=["a.example.com"], credentials={"source": "none"}),
      {"spec": {"type": "kubernetes"}},
@@ -214,6 +231,22 @@ def test_get_ar_shows_on_call_columns(control_plane, ns):
     wide = control_plane.kubectl("get", "ar", "-n", NS, "columns", "-o", "wide").stdout
     assert wide.splitlines()[0].split()[:4] == ["NAME", "REQUESTER", "ON-BEHALF-OF", "CONNECTION"]
     assert "DECIDED-BY" in wide.splitlines()[0]
+
+
+def test_get_ar_shows_a_pending_requests_expiry_as_a_readable_time(control_plane, ns):
+    """A date column renders a future time as <invalid>; EXPIRES is the RFC 3339 timestamp."""
+    import datetime as dt
+
+    soon = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(minutes=10)
+    expires = soon.strftime("%Y-%m-%dT%H:%M:%SZ")
+    obj = approval(requestedAt=(soon - dt.timedelta(minutes=15)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   expiresAt=expires)
+    obj["metadata"]["name"] = "pending-expiry"
+    assert create(control_plane, obj).returncode == 0
+    out = control_plane.kubectl("get", "ar", "-n", NS, "pending-expiry").stdout
+    header, row = out.splitlines()[:2]
+    assert "<invalid>" not in row, out
+    assert header.split()[-1] == "EXPIRES" and row.split()[-1] == expires, out
 
 
 def test_short_names_work(control_plane, ns):

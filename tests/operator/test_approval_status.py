@@ -60,3 +60,14 @@ def test_denied_and_expired():
         ("Warning", "Expired", expired["message"])]
     # A decided request never becomes Expired afterwards.
     assert desired_status(denied_obj, late)["phase"] == "Denied"
+
+
+def test_deleting_a_pending_request_is_recorded_a_decided_one_is_housekeeping():
+    from chaperone_operator.approval_status import deletion_event
+
+    kind, reason, message = deletion_event(obj(), NOW)
+    assert (kind, reason) == ("Warning", "DeletedPending")
+    assert message.startswith("deleted while pending at 2030-01-01T12:00:00Z (undecided request "
+                              "from system:serviceaccount:team:agent: create role x)")
+    assert deletion_event(obj(decision="Denied", decidedBy="alice"), NOW) is None
+    assert deletion_event(obj(), NOW + dt.timedelta(minutes=11)) is None  # expired already

@@ -248,8 +248,21 @@ def test_edits_without_a_decision():
     session = copy.deepcopy(obj)
     session["spec"]["sessionID"] = "s2"
     assert admit_update(obj, session, ALICE, NOW).message == (
-        f"only the requesting sidecar ({SA}) may change spec.sessionID; approvers set spec.decision")
-    assert admit_update(obj, session, UserInfo(SA), NOW).allowed
+        "spec.sessionID cannot change after creation (alice tried): only spec.decision (with "
+        "spec.reason) is set later, by an approver")
+    assert not admit_update(obj, session, UserInfo(SA), NOW).allowed
+    # The requesting sidecar cannot widen what a pending request grants (scope, TTL), nor add
+    # a grant to a request opened without one.
+    for grant in ({"scope": "action", "ttlSeconds": 900}, {"scope": "exact", "ttlSeconds": 86400}):
+        wider = copy.deepcopy(obj)
+        wider["spec"]["grant"] = grant
+        verdict = admit_update(obj, wider, UserInfo(SA), NOW)
+        assert verdict.message == ("spec.grant cannot change after creation (the requesting "
+                                   "sidecar tried): only spec.decision (with spec.reason) is set "
+                                   "later, by an approver"), grant
+    bare = copy.deepcopy(obj)
+    del bare["spec"]["grant"]
+    assert not admit_update(bare, obj, UserInfo(SA), NOW).allowed
     conn = copy.deepcopy(obj)
     conn["spec"]["connection"] = "other"
     assert "spec.connection cannot change after creation" in admit_update(obj, conn, UserInfo(SA), NOW).message

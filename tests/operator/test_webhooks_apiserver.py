@@ -275,11 +275,58 @@ def test_forged_reviews_and_other_edits_are_refused(running_operator, agent):
                   user="approver"),
             "a decision may only set spec.decision and spec.reason; spec.grant changed too")
     refused(patch(op, agent, "edits", {"sessionID": "other"}, user="approver"),
-            "only the requesting sidecar")
+            "spec.sessionID cannot change after creation (alice tried)")
     denied = patch(op, agent, "edits", {"decision": "Denied", "reason": "no"}, user="approver2")
     assert denied.returncode == 0, denied.stderr
     refused(patch(op, agent, "edits", {"decision": "Approved"}, user="approver"),
             "this request is final: Denied by bob")
+
+
+def test_the_requesting_sidecar_cannot_widen_a_pending_grant(running_operator, agent):
+    """Even a sidecar service account that was (mis)granted patch rights cannot widen what a
+    pending request grants: scope exact -> action, a longer TTL, a grant added afterwards, or
+    another session. Refused by the real apiserver's admission, as the sidecar's own token."""
+    op, cp, ns = running_operator, running_operator.cp, agent["ns"]
+    open_request(op, agent, "widen", grant={"scope": "exact", "ttlSeconds": 300})
+    open_request(op, agent, "widen-bare")  # opened without a grant
+    cp.kubectl("create", "role", "ar-patcher", "--verb=patch,update",
+               "--resource=approvalrequests.chaperone.dev", "-n", ns)
+    cp.kubectl("create", "rolebinding", "sidecar-patches", "--role=ar-patcher",
+               f"--serviceaccount={ns}:agent", "-n", ns)
+    try:
+        op.wait_for(lambda: cp.kubectl("auth", "can-i", "patch", AR, "-n", ns,
+                                       f"--as=system:serviceaccount:{ns}:agent",
+                                       check=False).stdout.strip() == "yes",
+                    what="the sidecar's patch RoleBinding")
+        for name, spec in (("widen", {"grant": {"scope": "action"}}),
+                           ("widen", {"grant": {"ttlSeconds": 86400}}),
+                           ("widen-bare", {"grant": {"scope": "action", "ttlSeconds": 86400}}),
+                           ("widen", {"sessionID": "another-session"})):
+            res = patch(op, agent, name, spec, user=agent["sidecar"])
+            field = "spec.grant" if "grant" in spec else "spec.sessionID"
+            refused(res, f"{field} cannot change after creation (the requesting sidecar tried)")
+        stored = op.get(AR, "widen", "-n", ns)["spec"]
+        assert stored["grant"] == {"scope": "exact", "ttlSeconds": 300}
+        assert "grant" not in op.get(AR, "widen-bare", "-n", ns)["spec"]
+    finally:
+        cp.kubectl("delete", "rolebinding", "sidecar-patches", "-n", ns, check=False)
+
+
+def test_deleting_a_pending_request_is_recorded(running_operator, agent):
+    op, cp, ns = running_operator, running_operator.cp, agent["ns"]
+    open_request(op, agent, "doomed")
+    op.wait_for(lambda: op.get(AR, "doomed", "-n", ns).get("status", {}).get("phase") == "Pending",
+                what="status Pending")
+    cp.kubectl("delete", AR, "doomed", "-n", ns, "--wait=true")
+
+    def recorded():
+        events = json.loads(cp.kubectl("get", "events", "-n", ns, "-o", "json",
+                                       "--field-selector", "involvedObject.name=doomed").stdout)
+        return [e for e in events["items"] if e.get("reason") == "DeletedPending"]
+
+    event = op.wait_for(recorded, what="the DeletedPending Event")[0]
+    assert event["type"] == "Warning" and event["message"].startswith("deleted while pending at ")
+    assert f"system:serviceaccount:{ns}:agent" in event["message"]
 
 
 def test_request_expires_at_its_deadline_and_can_no_longer_be_decided(running_operator, agent):

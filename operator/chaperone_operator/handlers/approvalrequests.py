@@ -9,7 +9,8 @@ requesting pod, the clock) and apply outputs.
 * ``approvalrequest-validate`` (CREATE, UPDATE): re-checks the final object after every
   mutating webhook ran (``approvals.recheck``), so nothing can be slipped in after the stamp.
 * ``approvalrequest-status`` (event): mirrors phase/approvals/message into status and posts one
-  Kubernetes Event per review and per final phase.
+  Kubernetes Event per review and per final phase, and a Warning ``DeletedPending`` when a
+  request is deleted before it was decided (the audit trail of a deletion).
 * ``approvalrequest-deadline`` (daemon, pending requests only): sleeps until ``expiresAt`` and
   then writes the Expired status. It stops by itself once the request is decided.
 
@@ -28,7 +29,7 @@ import jsonpatch
 import kopf
 
 from .. import kube
-from ..approval_status import decision_events, desired_status
+from ..approval_status import decision_events, deletion_event, desired_status
 from ..approvals import EXPIRED, UserInfo, Verdict, admit_create, admit_update, parse_time, recheck
 from ..conditions import status_differs
 from ..kube import GROUP, VERSION
@@ -82,6 +83,8 @@ def on_approvalrequest_validate(operation, old, new, userinfo, memo, **_):
 def on_approvalrequest_event(type, body, status, patch, memo, **_):
     """Mirror phase/approvals into status; one Event per review and per final phase."""
     if type == "DELETED":
+        if (event := deletion_event(body, memo.runtime.now())) is not None:
+            kopf.event(body, type=event[0], reason=event[1], message=event[2])
         return
     desired = desired_status(body, memo.runtime.now())
     if status_differs(status, desired):

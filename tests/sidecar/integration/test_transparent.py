@@ -156,6 +156,29 @@ def as_user(netns: str, uid: int) -> list[str]:
             "--clear-groups", "--no-new-privs", "--"]
 
 
+# What containerd and Docker grant a container by default (runAsUser unset: root).
+RUNTIME_DEFAULT_CAPS = ("chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid",
+                        "setuid", "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill",
+                        "audit_write")
+
+
+def as_container(netns: str, security_context: dict | None) -> list[str]:
+    """argv prefix: inside the pod netns, a process as a container runtime starts one with this
+    ``securityContext``: ``runAsUser`` (default root), the runtime's default capabilities minus
+    ``drop`` plus ``add``, and no_new_privs when ``allowPrivilegeEscalation`` is false."""
+    sc = security_context or {}
+    caps = sc.get("capabilities") or {}
+    drop = {str(c).lower().removeprefix("cap_") for c in caps.get("drop") or []}
+    kept = [] if "all" in drop else [c for c in RUNTIME_DEFAULT_CAPS if c not in drop]
+    kept += [str(c).lower().removeprefix("cap_") for c in caps.get("add") or []]
+    uid = sc.get("runAsUser", 0)
+    argv = ["ip", "netns", "exec", netns, "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--bounding-set=" + ",".join(["-all"] + [f"+{c}" for c in kept])]
+    if sc.get("allowPrivilegeEscalation") is False:
+        argv.append("--no-new-privs")
+    return argv + ["--"]
+
+
 @pytest.fixture
 def pod_network():
     """Two network namespaces joined by a veth pair; removed again afterwards."""
@@ -472,6 +495,28 @@ def test_transparent_mode_captures_other_uids_and_lets_the_sidecar_uid_out(
         assert len(traps["udp:5353"].hits) == 1 and not traps["udp6:5353"].hits
         reached = {key: len(t.hits) for key, t in traps.items() if "dns" not in key and "udp" not in key}
         assert reached == {key: 0 for key in reached}, reached
+
+        # 5. ... nor by becoming the sidecar UID, the one UID the rules exempt. A root agent (no
+        # runAsUser: the image's root) holds CAP_SETUID by default and could setuid() to it, or
+        # exec a setuid binary it chowned to it; the webhook's securityContext closes both.
+        escape = ["setpriv", f"--reuid={SIDECAR_UID}", f"--regid={SIDECAR_UID}", "--clear-groups",
+                  "curl", "-sS", "--noproxy", "*", "--cacert", str(upstream.ca_file)]
+        suid = root / "suid-id"
+        become = f"cp /usr/bin/id {suid} && chown {SIDECAR_UID} {suid} && chmod u+s {suid} && {suid} -u"
+        unconfined = as_container(pod_ns, {})  # control: what the webhook's settings prevent
+        out = sh(*unconfined, *escape, f"{url}/escape-unconfined", env=agent_env, check=False)
+        assert out.returncode == 0 and upstream.requests(path_prefix="/escape-unconfined"), out.stderr
+        assert sh(*unconfined, "sh", "-c", become, check=False).stdout.strip() == str(SIDECAR_UID)
+        confined = as_container(pod_ns, pod.agent["securityContext"])  # as injected
+        assert "--no-new-privs" in confined and "+setuid" not in next(
+            arg for arg in confined if arg.startswith("--bounding-set="))
+        out = sh(*confined, *escape, f"{url}/escape-confined", env=agent_env, check=False)
+        assert out.returncode != 0 and "Operation not permitted" in out.stderr, out.stderr
+        assert not upstream.requests(path_prefix="/escape-confined")
+        assert sh(*confined, "sh", "-c", become, check=False).stdout.strip() == "0"
+        body, code = sh(*confined, "curl", "-sS", "--noproxy", "*", "-w", "\n%{http_code}",
+                        f"{url}/as-root-agent", env=agent_env).stdout.rsplit("\n", 1)
+        assert code == "200" and json.loads(body)["path"] == "/as-root-agent"  # captured, as UID 0
 
         # ---- the recording: shipped at SIGTERM, complete, verifiable
         code = pod.stop()

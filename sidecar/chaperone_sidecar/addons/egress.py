@@ -96,15 +96,19 @@ class Egress:
                 "sni": client.sni or None, "transport": client.transport_protocol,
                 "message": message,
                 "durationMs": int(round((time.time() - state["start"]) * 1000))}
-        log.warning("transparent connection to %s closed without a request; nothing was "
-                    "forwarded", destination, extra={"fields": {"destination": destination,
-                                                                "sni": client.sni}})
+        # info, not warning: a client may also open a connection it then does not use
+        # (happy eyeballs, pre-connecting pools); the recording keeps every such attempt.
+        log.info("transparent connection to %s closed without a request; nothing was "
+                 "forwarded", destination, extra={"fields": {"destination": destination,
+                                                             "sni": client.sni}})
         recorder = getattr(self.services, "recorder", None)
         if recorder is None:
             return
         try:
-            await recorder.append(new_event("error", flow=client.id, data=data,
-                                            identity=self.identity))
-            self.recorded += 1
+            sealed = await recorder.append(new_event("error", flow=client.id, data=data,
+                                                     identity=self.identity))
         except Exception as exc:  # noqa: BLE001 - nothing was forwarded; log and go on
             log.error("recording a refused connection failed: %r", exc)
+            return
+        if sealed is not None:  # best-effort recorders answer None for a lost event
+            self.recorded += 1

@@ -75,6 +75,7 @@ from mitmproxy.utils import human
 from .. import flowctx
 from ..logging import flow_fields
 from ..policy.masking import BodyTooLarge, MaskingError, UnsupportedEncoding, parse_content_encoding
+from ..policy.model import MaskSpec
 from . import refusal
 # The body machinery lives in .mask_bodies; the public names are re-exported (the very same
 # objects - masker_for's lru_cache is one cache) so importers keep using this module.
@@ -107,6 +108,39 @@ UNMASKABLE = "response_unmaskable"  # refusal kind (502, refusal.KINDS)
 DEFAULT_BUFFER = "1m"
 _NO_BODY_STATUS = (204, 304)
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))  # never rewritten
+
+
+# ============================================================================ masks
+
+# Kubernetes Secret data is masked on kubernetes connections unless a rule reveals it
+# (``mask: {kubernetesSecrets: reveal}``); see policy/masking/kubernetes.py. Target both: the
+# recorded copy of a request that creates or updates a Secret is masked too.
+SECRET_DATA = MaskSpec(target="both", kubernetes_secrets="mask")
+_JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/json-seq",
+               "application/x-json-stream")
+
+
+def effective_masks(ctx: flowctx.FlowContext) -> tuple[MaskSpec, ...]:
+    """The decision's masks, plus ``SECRET_DATA`` on a request for core Secrets through a
+    kubernetes connection that no matching rule opted out of."""
+    masks = ctx.decision.masks if ctx.decision is not None else ()
+    kube = ctx.action.kubernetes if ctx.action is not None else None
+    if ctx.connection_type != "kubernetes" or kube is None or kube.api_group or \
+            kube.resource != "secrets":
+        return masks
+    if any(m.kubernetes_secrets == "reveal" for m in masks):
+        return masks
+    return (*masks, SECRET_DATA)
+
+
+def _json_lines(flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> bool:
+    """A stream of one JSON document per line: NDJSON, or a Kubernetes watch (served as plain
+    ``application/json``, so the classified verb tells)."""
+    content_type = flow.response.headers.get("content-type", "").lower()
+    if _mime(flow.response.headers) in _JSON_LINES or "stream=watch" in content_type:
+        return True
+    kube = ctx.action.kubernetes if ctx.action is not None else None
+    return kube is not None and kube.verb == "watch"
 
 
 # ============================================================================ addon
@@ -162,9 +196,13 @@ class Mask:
         if ctx.decision is None:
             capture.withhold("not recorded: the body streamed before a policy decision")
             return
-        masker = masker_for(ctx.decision.masks, "request")
+        masker = masker_for(effective_masks(ctx), "request")
         stream = None
-        if masker.active:
+        if masker.active and not masker.can_stream(_mime(flow.request.headers) or None):
+            # Field rules and Secret data need the whole document; a stream is not kept.
+            capture.withhold("not recorded: the body streamed and its masks (field rules, "
+                             "Kubernetes Secret data) need the whole document")
+        elif masker.active:
             try:
                 stream = stream_masker(masker, _mime(flow.request.headers) or None,
                                        flow.request.headers.get("content-encoding"))
@@ -197,7 +235,7 @@ class Mask:
             capture.size = len(raw)
             capture.withhold("not recorded: no policy decision says how to mask it")
             return
-        masker = masker_for(ctx.decision.masks, "request")
+        masker = masker_for(effective_masks(ctx), "request")
         try:
             codings = parse_content_encoding(flow.request.headers.get("content-encoding"))
         except UnsupportedEncoding as exc:
@@ -228,8 +266,7 @@ class Mask:
         resp = flow.response
         if ctx is None or resp is None or ctx.refused is not None:
             return
-        masks = ctx.decision.masks if ctx.decision is not None else ()
-        masker = masker_for(masks, "response")
+        masker = masker_for(effective_masks(ctx), "response")
         # Headers first, and for every response (HEAD, 204, 304 too): they go out to the
         # agent right after this hook, whichever path the body takes.
         self._mask_headers(resp, masker, ctx)
@@ -252,6 +289,17 @@ class Mask:
         if not masker.can_stream(mime or None):  # field rules: the whole document is needed
             if length is not None and length > masker.max_body_bytes:
                 self._refuse_early(flow, capture, str(BodyTooLarge(masker.max_body_bytes)))
+            elif stream and _json_lines(flow, ctx):
+                # A watch or NDJSON stream never ends: each line is a whole document.
+                try:
+                    lines = masker.lines(mime or None, resp.headers.get("content-encoding"))
+                except MaskingError as exc:
+                    self._refuse_early(flow, capture, str(exc))
+                    return
+                resp.stream = _MaskedStream(flow, capture, lines, ctx)
+                if codings:
+                    del resp.headers["content-encoding"]  # the line masker emits decoded lines
+                self._unframe(flow)
             elif stream:
                 resp.stream = _WholeBody(flow, capture, masker, ctx, mime, codings)
                 self._unframe(flow)
@@ -280,8 +328,7 @@ class Mask:
         capture.complete = True
         if not raw:
             return
-        masks = ctx.decision.masks if ctx.decision is not None else ()
-        masker = masker_for(masks, "response")
+        masker = masker_for(effective_masks(ctx), "response")
         if not masker.active:
             try:
                 codings = parse_content_encoding(resp.headers.get("content-encoding"))

@@ -217,8 +217,9 @@ class _Checker:
             if isinstance(mask, dict):
                 self.masking(mask, f"{path}.mask")
                 # An empty mask is already a schema error ("must not be empty"); one error each.
-                if raw.get("mask") and not mask.get("detectors") and not mask.get("fields"):
-                    self.err(f"{path}.mask", "masks nothing: set detectors or fields")
+                if raw.get("mask") and not mask.get("detectors") and not mask.get("fields") \
+                        and not mask.get("kubernetesSecrets"):
+                    self.err(f"{path}.mask", "masks nothing: set detectors, fields or kubernetesSecrets")
             limit = rule.get("rateLimit")
             if isinstance(limit, dict) and limit.get("requests", 0) > MAX_RATE_REQUESTS:
                 self.err(f"{path}.rateLimit.requests",

@@ -15,8 +15,11 @@ bounded dicts (agents can send any method or host; a miss costs one pass over th
 Matching semantics worth knowing:
 
 * Empty lists are the same as absent fields (not checked).
-* Paths are matched after RFC 3986 normalization (percent-decoding of unreserved characters,
-  removal of ``.``/``..`` segments), so ``/%61dmin`` and ``/x/../admin`` cannot dodge ``/admin``.
+* Paths are matched in their canonical form (:func:`.classify.paths.canonical_path`, the one
+  function every classifier uses: unreserved characters decoded, slashes collapsed, dot segments
+  resolved), so ``//admin``, ``/%61dmin`` and ``/x/../admin`` cannot dodge ``/admin``. On a
+  connection with ``pathNormalization.caseInsensitive`` (``Action.path_case_insensitive``)
+  ``paths`` and ``pathRegex`` ignore case, so ``/ADMIN`` cannot dodge it either.
 * A condition on a field the request does not have never holds (``namespaces`` for a
   cluster-scoped call, ``aws.resources`` when no resource was derived, ``models`` with no model).
 * Multi-valued fields (``aws.resources``, ``anthropic.tools``): a restricting rule (block,
@@ -31,55 +34,33 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .classify.paths import canonical_path, path_rules
 from .globs import GlobSet, match as glob_match, quote as _q
 from .model import Action, ApprovalRequirement, Approvers, Identity, MaskSpec, RateLimit, RuleRef
 
 RANK = {"allow": 1, "require_approval": 2, "block": 3}  # decision strength; 0 = not a decision
 _CACHE_LIMIT = 4096
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
-def _decode_unreserved(m: re.Match) -> str:
-    ch = chr(int(m.group(1), 16))
-    return ch if ch in _UNRESERVED else "%" + m.group(1).upper()
-
-
-def normalize_path(path: str) -> str:
-    """RFC 3986 normalization of a URL path: decode unreserved %XX, remove dot segments.
-
-    ``%2F`` stays encoded (decoding it would change the segment structure the server sees).
-    """
-    if "%" not in path and "/." not in path:  # the common case costs two scans
-        return path
-    path = _PERCENT.sub(_decode_unreserved, path)
-    if "/." not in path or not path.startswith("/"):
-        return path
-    segments = path.split("/")
-    out: list[str] = []
-    for seg in segments[1:]:
-        if seg == "..":
-            if out:
-                out.pop()
-        elif seg != ".":
-            out.append(seg)
-    result = "/" + "/".join(out)
-    if segments[-1] in (".", "..") and not result.endswith("/"):
-        result += "/"
-    return result
+def normalize_path(path: str, connection_type: str = "http") -> str:
+    """The canonical path rules match (the path unchanged when it is ambiguous: the sidecar
+    refuses such requests before they are judged, see addons/route.py)."""
+    canonical, problem = canonical_path(path, path_rules(connection_type))
+    return path if problem else canonical
 
 
 class MatchContext:
     """Per-request values derived once and shared by every rule test."""
 
-    __slots__ = ("action", "identity", "body", "host", "path", "target", "_texts")
+    __slots__ = ("action", "identity", "body", "host", "path", "target", "fold", "_texts")
 
     def __init__(self, action: Action, identity: Identity, body: bytes = b""):
         self.action = action
         self.identity = identity
         self.body = body
         self.host = action.host.rstrip(".").lower()
-        self.path = normalize_path(action.path)
+        self.path = normalize_path(action.path, action.connection_type)
+        self.fold = action.path_case_insensitive
         self.target = f"{self.path}?{action.query}" if action.query else self.path  # for pathRegex
         self._texts: dict[int, str] | None = None
 
@@ -282,6 +263,13 @@ def _single_test(globs: GlobSet, get) -> Callable[[MatchContext], bool]:
     return test
 
 
+def _path_test(exact: Callable[[MatchContext], bool],
+               folded: Callable[[MatchContext], bool]) -> Callable[[MatchContext], bool]:
+    def test(ctx: MatchContext) -> bool:
+        return folded(ctx) if ctx.fold else exact(ctx)
+    return test
+
+
 def _multi_test(globs: GlobSet, get, every: bool) -> Callable[[MatchContext], bool]:
     match = globs.match
 
@@ -307,15 +295,20 @@ def _conditions(match: dict, effect: str, namespace: str, body_limit: int) -> li
     for name, (get, kind, fold) in _SINGLE.items():  # dict order = cheap and selective first
         if flat.get(name):
             globs = GlobSet(flat[name], kind, fold)
-            out.append(Condition(name, globs.patterns, _single_test(globs, get), get))
+            test = _single_test(globs, get)
+            if name == "match.paths":  # case-insensitive connections match folded
+                test = _path_test(test, _single_test(GlobSet(flat[name], kind, True), get))
+            out.append(Condition(name, globs.patterns, test, get))
     for name, get in _MULTI.items():
         if flat.get(name):
             globs = GlobSet(flat[name])
             out.append(Condition(name, globs.patterns, _multi_test(globs, get, effect == "allow"), get))
     if match.get("pathRegex"):
         search = re.compile(match["pathRegex"]).search
+        isearch = re.compile(match["pathRegex"], re.IGNORECASE).search
         out.append(Condition("match.pathRegex", (match["pathRegex"],),
-                             lambda c: search(c.target) is not None, lambda c: c.target))
+                             lambda c: (isearch if c.fold else search)(c.target) is not None,
+                             lambda c: c.target))
     if match.get("bodyRegex"):
         body_search = re.compile(match["bodyRegex"]).search
         out.append(Condition("match.bodyRegex", (match["bodyRegex"],),
@@ -363,7 +356,8 @@ def _build_rule(index: int, rule: dict, key: str, namespace: str, spec: dict, bo
         message=message,
         approval=_approval(body, spec) if effect == "require_approval" else None,
         mask=MaskSpec(tuple(body.get("detectors") or ()), tuple(body.get("fields") or ()), body["target"],
-                      masking.get("maxBodyBytes", 64 * 1024 * 1024), ref) if effect == "mask" else None,
+                      masking.get("maxBodyBytes", 64 * 1024 * 1024), ref,
+                      body.get("kubernetesSecrets") or "") if effect == "mask" else None,
         rate_limit=RateLimit(body["requests"], body["periodSeconds"], body["per"], ref) if effect == "rate_limit" else None,
         tests=tuple(c.test for c in conditions if not c.indexed), rank=RANK.get(effect, 0))
 

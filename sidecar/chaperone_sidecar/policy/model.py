@@ -142,6 +142,9 @@ class MaskSpec:
     target: Literal["response", "request", "both"] = "response"
     max_body_bytes: int = 64 * 1024 * 1024
     source: RuleRef | None = None  # None for policy-wide masking
+    # Kubernetes Secret data/stringData: "mask" (the sidecar's default on kubernetes
+    # connections, see addons/mask.py), "reveal" (a rule's explicit opt-out), "" (not said).
+    kubernetes_secrets: Literal["", "mask", "reveal"] = ""
 
 
 @dataclass(frozen=True)

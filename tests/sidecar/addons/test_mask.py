@@ -482,3 +482,80 @@ def test_binary_body_printable_runs_are_masked_in_place(mask):
     assert f.response.headers["content-length"] == str(len(blob))
     assert flowctx.get(f).masked == {"aws-access-key-id": 1}
     assert not captured(f, "response").recordable  # binary bodies are still not recorded
+
+
+# ---------------------------------------------------------------------------- issue 11: Kubernetes Secrets
+
+SECRET_VALUE = base64.b64encode(b"db-password-hunter2").decode()
+
+
+def kube_flow(verb="get", resource="secrets", masks=(), group=""):
+    from chaperone_sidecar.policy.model import KubernetesAction
+
+    f = make_flow(masks=masks)
+    ctx = flowctx.get(f)
+    ctx.connection, ctx.connection_type = "cluster", "kubernetes"
+    ctx.action = Action("kubernetes", "GET", "https", "api.example.com", 443, "/api/v1/namespaces/a/secrets",
+                        name=f"kubernetes:{verb}/{resource}",
+                        kubernetes=KubernetesAction(verb, group, "v1", resource, namespace="a"))
+    return f
+
+
+def secret_doc(name="db"):
+    return {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": name},
+            "data": {"password": SECRET_VALUE}, "type": "Opaque"}
+
+
+def test_kubernetes_secret_get_and_list_are_masked_without_any_policy_mask(mask):
+    for doc in (secret_doc(), {"kind": "SecretList", "items": [secret_doc("a"), secret_doc("b")]}):
+        body = json.dumps(doc).encode()
+        f = kube_flow("get" if doc["kind"] == "Secret" else "list")
+        respond(f, body, content_type="application/json", content_length=str(len(body)))
+        mask.responseheaders(f)
+        mask.response(f)
+        sent = f.response.raw_content
+        assert SECRET_VALUE.encode() not in sent and b"kubernetes-secret" not in sent  # base64 token
+        assert SECRET_VALUE.encode() not in bytes(captured(f, "response").data)
+        assert flowctx.get(f).masked["kubernetes-secret"] == (1 if doc["kind"] == "Secret" else 2)
+
+
+def test_kubernetes_secret_watch_streams_masked_event_by_event(mask):
+    f = kube_flow("watch")
+    respond(f, content_type="application/json", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    stream = f.response.stream
+    event = json.dumps({"type": "ADDED", "object": secret_doc()}).encode() + b"\n"
+    first = stream(event)  # out at once: the watch never ends, nothing waits for it
+    assert len(first) == 1 and SECRET_VALUE.encode() not in first[0]
+    assert json.loads(first[0])["object"]["data"]["password"] != SECRET_VALUE
+    assert stream(event[:40]) == [] and SECRET_VALUE.encode() not in b"".join(stream(event[40:]) + stream(b""))
+
+
+def test_kubernetes_secret_as_protobuf_is_refused_not_passed(mask):
+    body = b"k8s\x00\n\x0c\n\x02v1\x12\x06Secret" + SECRET_VALUE.encode()
+    f = kube_flow()
+    respond(f, body, content_type="application/vnd.kubernetes.protobuf", content_length=str(len(body)))
+    mask.responseheaders(f)
+    mask.response(f)
+    assert f.response.status_code == 502 and SECRET_VALUE.encode() not in f.response.content
+    assert "application/json" in json.loads(f.response.content)["message"]
+
+
+def test_a_rule_can_reveal_secret_data_and_other_resources_are_untouched(mask):
+    reveal = MaskSpec(kubernetes_secrets="reveal", source=RuleRef("team-a/p", "reveal-db"))
+    body = json.dumps(secret_doc()).encode()
+    for f in (kube_flow(masks=(reveal,)), kube_flow(resource="configmaps"),
+              kube_flow(group="example.com")):
+        respond(f, body, content_type="application/json", content_length=str(len(body)))
+        mask.responseheaders(f)
+        mask.response(f)
+        assert SECRET_VALUE.encode() in f.response.raw_content
+
+
+def test_recorded_secret_create_request_is_masked(mask):
+    body = json.dumps(secret_doc()).encode()
+    f = kube_flow("create")
+    f.request.method, f.request.content = "POST", body
+    mask.request(f)
+    assert f.request.content == body  # upstream unchanged
+    assert SECRET_VALUE.encode() not in bytes(captured(f, "request").data)

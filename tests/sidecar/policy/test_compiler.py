@@ -78,7 +78,7 @@ INVALID = [
     ("bad JSON path", policy([rule(mask={"fields": ["$.SecretString", "$.a["]})]),
      ["spec.rules[0].mask.fields[1]: JSON path '$.a[': unclosed '[' at position 3"]),
     ("mask that masks nothing", policy([rule(mask={"target": "both"})]),
-     ["spec.rules[0].mask: masks nothing: set detectors or fields"]),
+     ["spec.rules[0].mask: masks nothing: set detectors, fields or kubernetesSecrets"]),
     ("empty mask", policy([rule(mask={})]), ["spec.rules[0].mask: must not be empty"]),
     ("rate limit of zero", policy([rule(rateLimit={"requests": 0, "periodSeconds": 60})]),
      ["spec.rules[0].rateLimit.requests: must be greater than or equal to 1, got 0"]),

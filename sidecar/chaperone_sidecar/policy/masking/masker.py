@@ -35,6 +35,9 @@ from ..model import MaskSpec
 from .detectors import ALL, DETECTOR_NAMES, Rule, resolve_rules, validate_detectors
 from .encoding import BodyTooLarge, StreamDecoder, decode, encode, parse_content_encoding
 from .fields import FIELD_KIND, CompiledPath, apply_paths, compile_path
+from .kubernetes import KIND as SECRET_KIND
+from .kubernetes import mask_secrets
+from .lines import LineMasker
 from .decoded import mask_base64, mask_binary, mask_decoded
 from .spans import mask_text
 from .stream import StreamMasker
@@ -123,6 +126,8 @@ class Masker:
             n for n in DETECTOR_NAMES if ALL in names or n in names)
         self.paths: tuple[CompiledPath, ...] = tuple(paths.values())
         self.max_body_bytes = min((s.max_body_bytes for s in chosen), default=DEFAULT_MAX_BODY_BYTES)
+        # Kubernetes Secret data (policy/masking/kubernetes.py): every body must be JSON.
+        self.kubernetes_secrets = any(s.kubernetes_secrets == "mask" for s in chosen)
         self.hash_key = hash_key
         self.errors: tuple[str, ...] = tuple(errors)
         # Short strings the detectors found nothing in (see ``mask_values``). Only clean values
@@ -132,7 +137,7 @@ class Masker:
     @property
     def active(self) -> bool:
         """False when there is nothing to mask (no detectors, no field rules)."""
-        return bool(self.rules or self.paths)
+        return bool(self.rules or self.paths or self.kubernetes_secrets)
 
     def mask_bytes(self, body: bytes, content_type: str | None = None,
                    content_encoding: str | None = None) -> MaskResult:
@@ -149,6 +154,10 @@ class Masker:
         else:
             plain = body
         counts: dict[str, int] = {}
+        if self.kubernetes_secrets:  # raises NotJSON (refused) for protobuf, CBOR, YAML ...
+            plain, n = mask_secrets(plain)
+            if n:
+                counts[SECRET_KIND] = n
         if not is_text_type(content_type) and not _looks_utf8(plain):
             masked = mask_binary(plain, self.rules, self.hash_key, counts)
             if not counts:
@@ -231,7 +240,16 @@ class Masker:
         Any label but an event stream may carry JSON (upstreams mislabel), so with field rules
         only SSE is streamed; its events are masked by the detectors as they pass.
         """
+        if self.kubernetes_secrets:
+            return False
         return not self.paths or _mime(content_type) == "text/event-stream"
+
+    def lines(self, content_type: str | None = None, content_encoding: str | None = None) -> LineMasker:
+        """Whole-body masking line by line, for JSON-lines streams that never end (a
+        Kubernetes watch, NDJSON) when ``can_stream`` says no (see ``lines.py``)."""
+        codings = parse_content_encoding(content_encoding)
+        decoder = StreamDecoder(codings, self.max_body_bytes) if codings else None
+        return LineMasker(self, content_type, decoder)
 
     def stream(self, content_type: str | None = None, content_encoding: str | None = None,
                *, max_decoded_bytes: int | None = None) -> StreamMasker:

@@ -565,3 +565,29 @@ def test_held_flow_is_released_after_an_admin_patches_the_approval_request(kube_
     assert obj["spec"]["rule"] == {"policy": "team-a/github", "name": "deletes-need-approval"}
     assert retry.response is None and retry_ctx.grant == "exact"  # the retry rides the grant
     assert names() == [name]
+
+
+def test_a_forged_grant_is_refused_counted_logged_and_recorded(store, caplog):
+    from chaperone_sidecar.addons.record import Record
+    from chaperone_sidecar.approvals.digest import action_key
+    from chaperone_sidecar.approvals.grants import Grant, grant_key
+    from chaperone_sidecar.approvals.objects import subject_key
+
+    svc = services(store)
+    f = make_flow(requirement(mode="defer", grant_scope="action"))
+    ctx = flowctx.get(f)
+    key = grant_key("action", subject_key(ctx.identity, ctx.connection),
+                    action_key(ctx.connection, ctx.action))
+    asyncio.run(svc.grants.put(key, Grant("action", "no-such-request", ("alice",), time.time() + 900)))
+    with caplog.at_level("WARNING", logger="chaperone.approve"):
+        asyncio.run(approve(Approve(svc), f))
+    body = body_of(f)
+    assert body["error"] == "chaperone_approval_pending"  # the normal path: a real request
+    assert len(store.list()) == 1 and ctx.grant == "" and not ctx.approved_by
+    assert ctx.refused_grants == ("action grant: it names ApprovalRequest 'no-such-request', "
+                                  "which does not exist",)
+    assert svc.approvals.refused_grants == 1
+    assert any("forged or invalid grant" in r.getMessage() for r in caplog.records)
+    event = Record(svc)._approval_event(f, ctx)
+    assert event["data"]["refusedGrants"] == list(ctx.refused_grants)
+    assert asyncio.run(svc.grants.get(key)) is None  # dropped: not tried again and again

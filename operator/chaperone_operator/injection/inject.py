@@ -27,14 +27,16 @@ from .patch import make_patch
 from .settings import MAX_REVERSE_PORTS, InjectionSettings
 from .sidecar import init_container, pod_volumes, sidecar_container
 
-# Capabilities that let a process rewrite the pod's iptables rules (transparent mode bypass).
-# Compared after `_cap_name`: runtimes accept "net_admin" and "CAP_NET_ADMIN" alike.
-_NET_BYPASS_CAPS = {"NET_ADMIN", "SYS_ADMIN", "ALL"}
-# Transparent mode exempts exactly the sidecar UID, so no agent may be able to *become* it:
-# without CAP_SETUID a (root) agent cannot setuid()/setfsuid() to it, and with
-# allowPrivilegeEscalation false (no_new_privs) no setuid binary - which a root agent could
-# chown to the sidecar UID and chmod u+s - changes its UID on exec.
-_TRANSPARENT_AGENT_DROP = "SETUID"
+# Capabilities that defeat transparent mode; an agent asking for one is refused. Compared
+# after `_cap_name`: runtimes accept "net_admin" and "CAP_NET_ADMIN" alike.
+# NET_ADMIN/SYS_ADMIN/ALL: rewrite the pod's netfilter rules. NET_RAW: packet sockets
+# (AF_PACKET) send frames below netfilter - a whole TCP/IP stack around the rules. SETUID:
+# become the sidecar UID, the one UID the rules exempt.
+_NET_BYPASS_CAPS = {"NET_ADMIN", "SYS_ADMIN", "ALL", "NET_RAW", "SETUID"}
+# What runtimes grant by default and transparent mode takes away from every agent: NET_RAW and
+# SETUID (above). With allowPrivilegeEscalation false (no_new_privs) no setuid binary - which
+# a root agent could chown to the sidecar UID and chmod u+s - changes its UID on exec either.
+_TRANSPARENT_AGENT_DROP = ("NET_RAW", "SETUID")
 
 
 def _cap_name(cap: Any) -> str:
@@ -119,8 +121,9 @@ def _check(spec: Mapping[str, Any], agents: Sequence[Mapping[str, Any]], mode: s
         if mode == "transparent":
             caps = {_cap_name(cap) for cap in (sc.get("capabilities") or {}).get("add") or []}
             if sc.get("privileged") or caps & _NET_BYPASS_CAPS:
-                return (f"{where}: privileged or NET_ADMIN/SYS_ADMIN agents could remove the "
-                        "transparent-mode redirection")
+                return (f"{where}: privileged agents and agents adding NET_ADMIN, SYS_ADMIN, "
+                        "NET_RAW or SETUID could remove or go around the transparent-mode "
+                        "netfilter rules")
         for port in agent.get("ports") or []:
             if port.get("containerPort") in own_ports:
                 return (f"{where}: port {port['containerPort']} is used by the Chaperone "
@@ -141,9 +144,10 @@ def _check(spec: Mapping[str, Any], agents: Sequence[Mapping[str, Any]], mode: s
 
 
 def _confine_transparent_agent(agent: dict[str, Any]) -> dict[str, Any]:
-    """Keep a transparent-mode agent from becoming the sidecar UID (the one UID its netfilter
-    rules exempt): `allowPrivilegeEscalation: false` and `SETUID` dropped, set in place.
-    Returns the user's previous values that changed, keyed like the status' `overridden`."""
+    """Keep a transparent-mode agent from going around its netfilter rules by privilege:
+    `allowPrivilegeEscalation: false` and NET_RAW and SETUID dropped (set in place; an agent
+    *adding* them was refused before). Returns the user's previous values that changed,
+    keyed like the status' `overridden`."""
     sc = dict(agent.get("securityContext") or {})
     changed: dict[str, Any] = {}
     if sc.get("allowPrivilegeEscalation") is not False:
@@ -152,15 +156,11 @@ def _confine_transparent_agent(agent: dict[str, Any]) -> dict[str, Any]:
         sc["allowPrivilegeEscalation"] = False
     caps = dict(sc.get("capabilities") or {})
     drop = list(caps.get("drop") or [])
-    if not {_cap_name(cap) for cap in drop} & {_TRANSPARENT_AGENT_DROP, "ALL"}:
-        caps["drop"] = drop + [_TRANSPARENT_AGENT_DROP]
-    add = list(caps.get("add") or [])
-    kept = [cap for cap in add if _cap_name(cap) != _TRANSPARENT_AGENT_DROP]
-    if kept != add:  # an explicit add would win over the drop in some runtimes
-        changed["securityContext.capabilities.add"] = add
-        caps["add"] = kept
-        if not kept:
-            del caps["add"]
+    dropped = {_cap_name(cap) for cap in drop}
+    if "ALL" not in dropped:
+        missing = [cap for cap in _TRANSPARENT_AGENT_DROP if cap not in dropped]
+        if missing:
+            caps["drop"] = drop + missing
     sc["capabilities"] = caps
     agent["securityContext"] = sc
     return changed

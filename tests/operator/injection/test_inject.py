@@ -247,9 +247,10 @@ def test_transparent():
     assert {"name": "HTTPS_PROXY"} in container(pod, "claude")["env"]
     assert "NO_PROXY" not in agent
     assert status_of(pod)["overridden"] == {"claude": {"HTTPS_PROXY": "http://corp-proxy:3128"}}
-    # The agent cannot become the sidecar UID, the one UID the rules exempt.
+    # The agent can neither become the sidecar UID (the one UID the rules exempt) nor send
+    # frames below netfilter.
     assert container(pod, "claude")["securityContext"] == {
-        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["SETUID"]}}
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["NET_RAW", "SETUID"]}}
     upca = json.loads(env_of(sidecar)["CHAPERONE_CONNECTIONS"])[0]["upstreamCAFile"]
     assert upca == "/etc/chaperone/upstream-ca/cluster-api/ca.crt"
 
@@ -491,36 +492,41 @@ def test_iptables_rules_exact():
     assert "if_inet6" not in script  # IPv6 has rules; no need to insist it is off
 
 
-def test_transparent_agents_cannot_become_the_sidecar_uid():
-    """Root agents hold CAP_SETUID by default: `setpriv --reuid=1337` would take them past
-    the netfilter rules. The webhook drops it and sets no_new_privs (no setuid binaries)."""
+def test_transparent_agents_cannot_go_around_the_rules_by_privilege():
+    """Root agents hold CAP_SETUID and CAP_NET_RAW by default: `setpriv --reuid=1337` would
+    take them past the netfilter rules (the sidecar UID is exempt), and a packet socket sends
+    frames below netfilter. The webhook drops both and sets no_new_privs (no setuid binaries);
+    an agent asking for them (or for rule-editing capabilities) is refused."""
     transparent = InjectionSettings(default_mode="transparent")
     pod = _pod(containers=[
         {"name": "root", "image": "x"},
-        {"name": "gosu", "image": "x", "securityContext": {
+        {"name": "partial", "image": "x", "securityContext": {
             "allowPrivilegeEscalation": True, "runAsUser": 0,
-            "capabilities": {"add": ["cap_setuid", "NET_BIND_SERVICE"], "drop": ["MKNOD"]}}},
+            "capabilities": {"add": ["NET_BIND_SERVICE"], "drop": ["MKNOD", "net_raw"]}}},
         {"name": "hardened", "image": "x", "securityContext": {
             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}])
     result = inject(pod, transparent, [])
     assert result.allowed, result.refused
     sc = {ct["name"]: ct["securityContext"] for ct in result.pod["spec"]["containers"]}
-    assert sc["root"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["SETUID"]}}
-    assert sc["gosu"] == {"allowPrivilegeEscalation": False, "runAsUser": 0, "capabilities": {
-        "add": ["NET_BIND_SERVICE"], "drop": ["MKNOD", "SETUID"]}}
+    assert sc["root"] == {"allowPrivilegeEscalation": False,
+                          "capabilities": {"drop": ["NET_RAW", "SETUID"]}}
+    assert sc["partial"] == {"allowPrivilegeEscalation": False, "runAsUser": 0, "capabilities": {
+        "add": ["NET_BIND_SERVICE"], "drop": ["MKNOD", "net_raw", "SETUID"]}}
     assert sc["hardened"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-    assert result.status["overridden"]["gosu"] == {
-        "securityContext.allowPrivilegeEscalation": True,
-        "securityContext.capabilities.add": ["cap_setuid", "NET_BIND_SERVICE"]}
+    assert result.status["overridden"]["partial"] == {
+        "securityContext.allowPrivilegeEscalation": True}
     assert inject(result.pod, transparent, []).patch == []  # idempotent
     # Explicit mode leaves the security context alone (no UID is exempt there).
     explicit = inject(pod, InjectionSettings(), []).pod
     assert "securityContext" not in explicit["spec"]["containers"][0]
-    # Rule-editing capabilities, however spelled, are refused.
-    for cap in ("NET_ADMIN", "net_admin", "CAP_NET_ADMIN", "cap_sys_admin", " all "):
+    # Capabilities that defeat the rules, however spelled, are refused.
+    for cap in ("NET_ADMIN", "net_admin", "CAP_NET_ADMIN", "cap_sys_admin", " all ", "NET_RAW",
+                "cap_net_raw", "SETUID", "CAP_SETUID"):
         bad = _pod(containers=[{"name": "a", "image": "x", "securityContext": {
             "capabilities": {"add": [cap]}}}])
-        assert "NET_ADMIN" in inject(bad, transparent, []).refused, cap
+        refused = inject(bad, transparent, []).refused
+        assert refused and "NET_ADMIN" in refused and "NET_RAW" in refused, cap
+        assert inject(bad, InjectionSettings(), []).allowed  # explicit: nothing to go around
 
 
 def test_no_proxy_reach():

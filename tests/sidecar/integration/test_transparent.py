@@ -311,6 +311,31 @@ UDP_CLIENT = textwrap.dedent("""
             print(f"error {exc.errno}")
 """)
 
+PACKET_CLIENT = textwrap.dedent("""
+    # Below netfilter: an Ethernet frame carrying IPv4/UDP, written by hand to a packet socket
+    # (CAP_NET_RAW, which a root container has by default). Prints "sent" or the error.
+    import socket, struct, sys
+    dev, dst_mac, src_ip, dst_ip, port = sys.argv[1:6]
+    payload = b"exfiltrate below netfilter"
+    udp = struct.pack("!HHHH", 40000, int(port), 8 + len(payload), 0) + payload
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0,
+                         socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+    total = sum(struct.unpack("!10H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    header = header[:10] + struct.pack("!H", ~total & 0xFFFF) + header[12:]
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    except OSError as exc:
+        print(f"error {exc.errno}")
+        sys.exit(0)
+    sock.bind((dev, 0))
+    src_mac = open(f"/sys/class/net/{dev}/address").read().strip()
+    frame = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + b"\\x08\\x00"
+    sock.send(frame + header + udp)
+    print("sent")
+""")
+
 TCP_CONNECT = textwrap.dedent("""
     import socket, sys
     with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10):
@@ -514,6 +539,17 @@ def test_transparent_mode_captures_other_uids_and_lets_the_sidecar_uid_out(
         assert out.returncode != 0 and "Operation not permitted" in out.stderr, out.stderr
         assert not upstream.requests(path_prefix="/escape-confined")
         assert sh(*confined, "sh", "-c", become, check=False).stdout.strip() == "0"
+        # ... nor below netfilter: a packet socket (CAP_NET_RAW) would carry any protocol out
+        veth_pod = sh("ip", "-n", pod_ns, "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+        veth_up = sh("ip", "-n", up_ns, "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+        up_mac = sh("ip", "netns", "exec", up_ns, "cat", f"/sys/class/net/{veth_up}/address").stdout.strip()
+        frame = [sys.executable, "-c", PACKET_CLIENT, veth_pod, up_mac, POD_IP, UP_IP, "6000"]
+        packet_trap = traps["raw:6000"] = Trap(up_ns, UP_IP, 6000, udp=True)
+        assert sh(*unconfined, *frame, check=False).stdout.strip() == "sent"  # control
+        wait_for(lambda: packet_trap.hits, 10, "the control frame")
+        assert packet_trap.hits[0][0] == b"exfiltrate below netfilter"
+        out = sh(*confined, *frame, check=False)
+        assert out.stdout.strip() == "error 1", out.stdout + out.stderr  # EPERM
         body, code = sh(*confined, "curl", "-sS", "--noproxy", "*", "-w", "\n%{http_code}",
                         f"{url}/as-root-agent", env=agent_env).stdout.rsplit("\n", 1)
         assert code == "200" and json.loads(body)["path"] == "/as-root-agent"  # captured, as UID 0

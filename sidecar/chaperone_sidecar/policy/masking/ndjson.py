@@ -131,41 +131,56 @@ class NDJSONMasker:
         if not body.strip():
             return line
         looks_json = body.lstrip()[:1] in (b"{", b"[")
+        if looks_json:
+            streamed = self._streamed(body)
+            if streamed is not None:
+                return streamed + end
+        return self._mask(body, looks_json) + end
+
+    def _mask(self, body: bytes, looks_json: bool) -> bytes:
         result = self.masker.mask_bytes(body, "application/json" if looks_json else "text/plain")
         for kind, n in result.counts.items():
             self._counts[kind] = self._counts.get(kind, 0) + n
-        body = result.body
-        if looks_json:
-            body = self._streamed(body)
-        return body + end
+        return result.body
 
-    def _streamed(self, body: bytes) -> bytes:
-        """Feed the record's concatenated text fields through their streams."""
+    def _streamed(self, body: bytes) -> bytes | None:
+        """A record with concatenated text fields: those go through their streams (unmasked
+        before, as a token in place would move where later matches start), the rest of the
+        record is masked whole. None when the record has no such field."""
         if not any(f'"{p[-1]}"'.encode() in body for p in TEXT_PATHS):
-            return body
+            return None
         try:
             obj = json.loads(body)
         except ValueError:
-            return body
+            return None
         if not isinstance(obj, dict):
-            return body
+            return None
         done = obj.get("done") is True
-        changed = False
+        texts: dict[tuple[str, ...], str | None] = {}
         for path in TEXT_PATHS:
             value = _get(obj, path)
-            if not isinstance(value, str) and not (done and path in self._texts):
-                continue
+            if isinstance(value, str):
+                texts[path] = value
+                _set(obj, path, "")
+            elif done and path in self._texts:
+                texts[path] = None
+        if not texts:
+            return None
+        try:
+            obj = json.loads(self._mask(compact_json(obj), True))
+        except ValueError:
+            return None
+        for path, value in texts.items():
             stream = self._texts.get(path)
             if stream is None:
                 stream = self._texts[path] = TextStream(self.masker, json_mode=False)
-            text = stream.feed(value) if isinstance(value, str) else ""
+            text = stream.feed(value) if value is not None else ""
             if done:
                 text += stream.finish()
                 self._finished(self._texts.pop(path))
-            if (text != value) if isinstance(value, str) else bool(text):
+            if value is not None or text:
                 _set(obj, path, text)
-                changed = True
-        return compact_json(obj) if changed else body
+        return compact_json(obj)
 
     def _finished(self, stream: TextStream) -> None:
         for kind, n in stream.masker.counts.items():

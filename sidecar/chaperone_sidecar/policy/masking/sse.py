@@ -10,8 +10,9 @@ what the client will concatenate is masked as one text.
 **Framing** (``SSEParser``, the WHATWG "event stream interpretation"): UTF-8; lines end with
 CRLF, LF or a lone CR (a CR at the end of a chunk waits for the next byte); a blank line
 dispatches the event; ``:`` starts a comment; ``field: value`` loses one space after the colon;
-several ``data`` lines join with LF. A leading BOM is dropped. What goes out is re-framed with
-LF line ends - every SSE client accepts them - with the same fields in the same order.
+several ``data`` lines join with LF. A leading BOM is dropped, and so is an event cut off by the
+end of the stream (clients discard it too). What goes out is re-framed with LF line ends -
+every SSE client accepts them - with the same fields in the same order.
 
 **Anthropic Messages** (``event: content_block_delta``): the text of ``text_delta``
 (``delta.text``), ``thinking_delta`` (``delta.thinking``) and ``input_json_delta``
@@ -36,6 +37,10 @@ document), and the values of the other fields and comments with ``Masker.mask_st
 ``MAX_EVENT_BYTES`` (1 MiB; no real event comes near) switches the rest of the stream to the
 byte-level streaming masker in JSON mode (the old behaviour, bounded memory), after the held
 text of every block has been released.
+
+The end of the stream (mitmproxy's final ``b""``) releases what the blocks hold. An empty
+HTTP/2 DATA frame mid-stream is reported the same way (see ``StreamMasker``): it releases held
+text early but cannot cut an event in two (the parser keeps an unterminated event).
 
 **Not covered**: a secret split across the text of two *different* content blocks (they are
 different texts for the client too); JSON escapes inside ``partial_json`` (``\\u0041KIA...``)
@@ -75,7 +80,10 @@ class SSEParser:
     """Bytes in, complete events out: each event is its fields in order (comments included).
 
     ``pending`` is the size of the event being read (bytes of its complete lines plus the
-    unterminated line), for the caller's memory bound.
+    unterminated line), for the caller's memory bound. An event without its blank line is never
+    dispatched, also not at the end (``final``): the spec has clients discard it. So an empty
+    chunk that mitmproxy reports in the middle of a stream (an empty HTTP/2 DATA frame) cannot
+    cut an event in two.
     """
 
     def __init__(self) -> None:
@@ -120,13 +128,8 @@ class SSEParser:
             if event is not None:
                 events.append(event)
         self._line = buf[pos:]
-        if final:
-            if self._line:
-                self._take(self._line)
-                self._line = b""
-            if self._fields:  # an unterminated last event: clients drop it, it passes masked
-                events.append(self._fields)
-                self._fields, self._size = [], 0
+        if final and self._cr:  # a CR at the very end ends its line; the event stays open
+            self._cr = False
         return events
 
     def _take(self, line: bytes) -> list[Field] | None:
@@ -297,10 +300,9 @@ class SSEMasker:
             prefix = self._release(obj.get("index"))
         elif name.decode("utf-8", "replace") in _BLOCKS_END:
             prefix = self._release_all()
-        masked = self._mask_whole(fields)
-        if kind == "content_block_start":
-            masked = self._start(masked, name)
-        return prefix + serialize(masked)
+        if kind == "content_block_start" and isinstance(obj, dict):
+            return prefix + serialize(self._start(fields, obj))
+        return prefix + serialize(self._mask_whole(fields))
 
     def _delta(self, fields: list[Field], name: bytes, obj: dict[str, Any]) -> bytes | None:
         delta = obj.get("delta")
@@ -324,36 +326,44 @@ class SSEMasker:
                                                name or b"content_block_delta")
         return block
 
-    def _start(self, fields: list[Field], name: bytes) -> list[Field]:
-        """``content_block_start`` with initial text: the text starts its block's stream."""
-        data = b"\n".join(v for n, v in fields if n == b"data")
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return fields
-        block = obj.get("content_block") if isinstance(obj, dict) else None
+    def _start(self, fields: list[Field], obj: dict[str, Any]) -> list[Field]:
+        """``content_block_start``: initial text starts its block's stream (unmasked, as the
+        deltas are - a token already in place would change where later matches can start);
+        the rest of the event is masked whole."""
+        block = obj.get("content_block")
         if not isinstance(block, dict) or block.get("type") not in BLOCK_FIELDS:
-            return fields
+            return self._mask_whole(fields)
         field, delta_type = BLOCK_FIELDS[block["type"]]
         text = block.get(field)
         if not isinstance(text, str) or not text:
-            return fields
+            return self._mask_whole(fields)
+        block[field] = ""
+        rest = self._mask_whole(self._replace_data(fields, compact_json(obj)))
+        try:
+            masked = json.loads(b"\n".join(v for n, v in rest if n == b"data"))
+            masked["content_block"][field] = ""
+        except (ValueError, KeyError, TypeError):  # masking made it something else: keep it
+            return rest
         stream = self._block(obj.get("index"), delta_type, field, False, b"content_block_delta")
-        block[field] = stream.text.feed(text)
-        return [(n, compact_json(obj) if n == b"data" else v) for n, v in fields]  # one data (masked)
+        masked["content_block"][field] = stream.text.feed(text)
+        return self._replace_data(rest, compact_json(masked))
+
+    @staticmethod
+    def _replace_data(fields: list[Field], data: bytes) -> list[Field]:
+        """``fields`` with their ``data`` lines replaced by one ``data`` (where the first was)."""
+        out: list[Field] = []
+        for n, v in fields:
+            if n != b"data":
+                out.append((n, v))
+            elif data is not None:
+                out.append((n, data))
+                data = None  # type: ignore[assignment]
+        return out
 
     def _with_text(self, fields: list[Field], obj: dict[str, Any], field: str, text: str) -> list[Field]:
         obj["delta"][field] = text
-        data = compact_json(obj)
-        out: list[Field] = []
-        for n, v in fields:
-            if n == b"data":
-                if data is not None:
-                    out.append((n, data))
-                    data = None
-            else:
-                out.append((n, self._mask_value(v)))
-        return out
+        masked = [(n, v if n == b"data" else self._mask_value(v)) for n, v in fields]
+        return self._replace_data(masked, compact_json(obj))
 
     def _release(self, index: Any) -> bytes:
         """Emit what the blocks of ``index`` hold (their stream is over), as delta events."""

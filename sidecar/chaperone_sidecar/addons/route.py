@@ -26,6 +26,28 @@ the other addons judge such flows there), otherwise at ``request`` with the body
 actions live in the body (AWS query and JSON protocols, Anthropic models and tools). An early
 flow whose body was read after all is classified again with it.
 
+**One canonical request** (issue 11, items 6-8). Once the connection is known, and before
+anything is classified or forwarded:
+
+* the path is canonicalised with the connection's rules (:mod:`..policy.classify.paths`:
+  ``//admin``, ``/x/../admin`` and ``/%61dmin`` become ``/admin``) and **the canonical path is
+  what is forwarded**, so the upstream serves what the policy judged - whatever it would have
+  made of the original. A path that stays ambiguous (``%2F``, ``\\``, ``%25XX``, ``;``, a
+  trailing dot or space, control characters) is refused with 400 ``invalid_request`` naming
+  the ``spec.pathNormalization`` field that would allow it;
+* method overrides (``X-HTTP-Method-Override``, ``X-HTTP-Method``, ``X-Method-Override``,
+  ``_method=``) are removed (``spec.methodOverride: strip``, the default), so the upstream
+  executes the method the policy judged; with ``methodOverride: honor`` they are forwarded and
+  the request is judged as the overridden method (conflicting overrides: 400);
+* a kubernetes ``exec``/``attach``/``portforward`` request is judged - and digested for
+  approvals - as ``POST`` whatever its method: kubectl opens these with a WebSocket ``GET`` and
+  falls back to an SPDY ``POST`` when that fails, and both are the one action ``create``; so the
+  fallback finds the ApprovalRequest the first attempt opened instead of opening a second.
+
+The method the policy judges, when it is not the request line's, is kept in
+``flow.metadata[METHOD_KEY]``; :func:`request_of` (the policy's and the approvals' view of the
+request) uses it. The request line itself is not changed.
+
 Only HTTP is proxied: raw TCP, UDP and DNS flows (a CONNECT tunnel carrying something that is
 not TLS/HTTP) are closed, since no hook could judge them. ``Alt-Svc`` response headers are
 removed so clients do not learn a QUIC route around the proxy.
@@ -34,25 +56,30 @@ removed so clients do not learn a QUIC route around the proxy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 from mitmproxy import http, tcp, udp
 from mitmproxy.proxy import mode_specs
 
 from .. import flowctx
 from ..logging import flow_fields
-from ..policy.classify import classify
+from ..policy.classify import PathRules, canonical_path, classify, path_rules
+from ..policy.classify.http import OVERRIDE_HEADERS, OVERRIDE_PARAMS, override_method
+from ..policy.classify.kubernetes import is_connect_request
 from ..policy.model import HTTPRequest
 from ..routing import Connection, base_url_parts, normalize_host, split_host
 from ..sources import Snapshot
 from . import refusal
 from .streaming import body_leaves_early
 
-__all__ = ["Route", "SNAPSHOT_KEY", "snapshot_of", "request_of"]
+__all__ = ["Route", "SNAPSHOT_KEY", "METHOD_KEY", "snapshot_of", "request_of"]
 
 log = logging.getLogger("chaperone.route")
 
 SNAPSHOT_KEY = "chaperone.snapshot"
+METHOD_KEY = "chaperone.method"  # the method the policy judges, when not the request line's
 _MISMATCH = "the request is addressed to"
 
 
@@ -66,13 +93,14 @@ def request_of(flow: http.HTTPFlow, *, body: bool = True) -> HTTPRequest:
     """The policy engine's view of ``flow.request`` (body decoded when ``body`` and available)."""
     req = flow.request
     path, _, query = req.path.partition("?")
+    method = flow.metadata.get(METHOD_KEY) or req.method
     content = b""
     if body and not req.stream and req.raw_content:
         try:
             content = req.get_content(strict=False) or b""
         except ValueError:
             content = req.raw_content or b""
-    return HTTPRequest(method=req.method, scheme=req.scheme, host=normalize_host(req.host),
+    return HTTPRequest(method=method, scheme=req.scheme, host=normalize_host(req.host),
                        port=req.port, path=path, query=query,
                        headers=tuple(req.headers.items(multi=True)), body=content)
 
@@ -98,8 +126,16 @@ class Route:
             return
         assert conn is not None
         ctx.connection, ctx.connection_type = conn.name, conn.type
+        rules = path_rules(conn.type, conn.spec)
+        problem = self._canonical(flow, conn.type, conn.spec, rules)
+        if problem:
+            refusal.refuse(flow, "invalid_request", problem, rule=None,
+                           how_to_get_access="Send the request with a plain path (and one method, "
+                                             "in the request line), then retry.")
+            log.info("refused: %s", problem, extra=flow_fields(flow, host=host, port=port))
+            return
         if body_leaves_early(flow):  # the others judge it now, on the headers
-            ctx.action = classify(request_of(flow, body=False), conn.type)
+            ctx.action = classify(request_of(flow, body=False), conn.type, rules)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -109,7 +145,38 @@ class Route:
             return
         if ctx.action is not None and (flow.request.stream or not flow.request.raw_content):
             return  # classified on the headers and there is no read body to add
-        ctx.action = classify(request_of(flow), ctx.connection_type)
+        conn = snapshot_of(flow, self.services).connection(ctx.connection)
+        rules = path_rules(conn.type, conn.spec) if conn is not None else None
+        ctx.action = classify(request_of(flow), ctx.connection_type, rules)
+
+    # ------------------------------------------------------------------ canonical request
+    @staticmethod
+    def _canonical(flow: http.HTTPFlow, ctype: str, spec: Any, rules: PathRules) -> str:
+        """Rewrite the request into its canonical form; a refusal message when it is ambiguous."""
+        req = flow.request
+        path, sep, query = req.path.partition("?")
+        canonical, problem = canonical_path(path, rules)
+        if problem:
+            return problem
+        honor = isinstance(spec, Mapping) and spec.get("methodOverride") == "honor"
+        if not honor:
+            for name in OVERRIDE_HEADERS:
+                req.headers.pop(name, None)
+            if query:
+                query = _without_params(query, OVERRIDE_PARAMS)
+                sep = "?" if query else ""
+        rewritten = canonical + (sep + query if sep else "")
+        if rewritten != req.path:
+            req.path = rewritten  # forward what the policy judges
+        if honor:
+            method, problem = override_method(request_of(flow, body=False))
+            if problem:
+                return problem
+            if method != req.method.upper():
+                flow.metadata[METHOD_KEY] = method
+        if ctype == "kubernetes" and is_connect_request(request_of(flow, body=False)):
+            flow.metadata[METHOD_KEY] = "POST"  # WebSocket GET and SPDY POST: one action
+        return ""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Alt-Svc would tell the client it may reach the origin over QUIC/another port directly,
@@ -185,6 +252,17 @@ class Route:
             return (f"no ClaudeConnection covers {where}: this pod has no connections at all, so "
                     "every request is refused")
         return f"no ClaudeConnection covers {where}; the connections of this pod are: {names}"
+
+
+def _without_params(query: str, names: tuple[str, ...]) -> str:
+    """``query`` without the parameters named ``names`` (others kept byte for byte).
+
+    Some servers (Rack before 3) also split on ``;``: a part that hides one behind a ``;`` goes.
+    """
+    kept = [part for part in query.split("&")
+            if not any(unquote_plus(sub.partition("=")[0]).strip() in names
+                       for sub in part.split(";"))]
+    return "&".join(kept)
 
 
 def _address(address: Any) -> str:

@@ -134,7 +134,7 @@ def test_the_body_refines_the_classification_unless_it_streams(monkeypatch):
 
     calls = []
     real = route_module.classify
-    monkeypatch.setattr(route_module, "classify", lambda req, t: calls.append(req) or real(req, t))
+    monkeypatch.setattr(route_module, "classify", lambda req, t, rules=None: calls.append(req) or real(req, t, rules))
     body = b'{"model": "claude-opus", "messages": [{"role": "user", "content": "hi"}]}'
     f = make_flow("api.anthropic.com", path="/v1/messages", content=body)
     f.request.method = "POST"

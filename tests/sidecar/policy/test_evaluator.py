@@ -312,8 +312,10 @@ def test_body_regex_searches_the_first_max_body_bytes():
 
 @pytest.mark.parametrize("raw,normalized", [
     ("/a/b", "/a/b"), ("/a/./b", "/a/b"), ("/a/../b", "/b"), ("/../a", "/a"), ("/a/..", "/"),
-    ("/a/.", "/a/"), ("/%7Euser/%41", "/~user/A"), ("/a%2fb", "/a%2Fb"), ("/a%2e%2e/b", "/a../b"),
+    ("/a/.", "/a/"), ("/%7Euser/%41", "/~user/A"), ("//a///b", "/a/b"),
     ("/%2e%2e/admin", "/admin"), ("/v1/file.txt", "/v1/file.txt"),
+    # ambiguous: left as sent (the sidecar refuses these before they are judged)
+    ("/a%2fb", "/a%2fb"), ("/a%2e%2e/b", "/a%2e%2e/b"),
 ])
 def test_normalize_path(raw, normalized):
     assert normalize_path(raw) == normalized

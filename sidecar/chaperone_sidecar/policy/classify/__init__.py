@@ -1,6 +1,6 @@
 """Request classifiers: turn one proxied HTTP request into an ``Action`` for the policy engine.
 
-``classify(request, connection_type)`` is the only entry point the sidecar needs. The
+``classify(request, connection_type, rules)`` is the only entry point the sidecar needs. The
 connection's type (from its ClaudeConnection) picks the typed classifier:
 
 * ``aws``        -> ``aws``: service/region from the SigV4 scope, operation from botocore models
@@ -11,6 +11,12 @@ connection's type (from its ClaudeConnection) picks the typed classifier:
 Every Action carries the generic HTTP fields, a canonical ``name`` (``s3:DeleteBucket``,
 ``kubernetes:delete/namespaces``, ``http:GET``, ``anthropic:messages``) and a one-line
 ``summary`` for approvals and recordings.
+
+Every type classifies the **canonical path** (:func:`.paths.canonical_path` with the
+connection's :class:`.paths.PathRules`): ``//admin``, ``/x/../admin`` and ``/%61dmin`` are all
+``/admin``. A path that stays ambiguous (``%2F``, ``\\``, ``%25`` double encoding, ``;``...) is
+classified as sent, with the reason in ``Action.errors``; the sidecar refuses such a request
+before it is classified (addons/route.py), so this only shows in ``chaperone policy test``.
 
 ``classify`` is total: it is called on every flow, with whatever an agent chose to send, and an
 exception there would break the flow or, worse, the policy decision. Any failure inside a typed
@@ -28,8 +34,9 @@ from .aws import classify_aws
 from .aws_models import warm_up
 from .http import base_action, sanitize, shorten
 from .kubernetes import classify_kubernetes, kubernetes_name, kubernetes_summary
+from .paths import PathRules, canonical_path, path_rules
 
-__all__ = ["classify", "warm_up", "CONNECTION_TYPES"]
+__all__ = ["classify", "warm_up", "CONNECTION_TYPES", "PathRules", "canonical_path", "path_rules"]
 
 CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic")
 _MAX_ERROR = 300
@@ -62,15 +69,27 @@ def _fallback(request, connection_type: str, errors: list[str]) -> Action:
     )
 
 
-def classify(request: HTTPRequest, connection_type: str) -> Action:
-    """Classify one request for policy evaluation. Never raises."""
+def classify(request: HTTPRequest, connection_type: str, rules: PathRules | None = None) -> Action:
+    """Classify one request for policy evaluation. Never raises.
+
+    ``rules``: the connection's path rules (``path_rules(type, spec)``); the type's defaults
+    when not given.
+    """
     errors: list[str] = []
     if connection_type not in CONNECTION_TYPES:
         errors.append(f"unknown connection type {str(connection_type)[:50]!r}; classified as http")
         connection_type = "http"
+    rules = rules or path_rules(connection_type)
     try:
         request = sanitize(request, errors)
+        canonical, problem = canonical_path(request.path, rules)
+        if problem:
+            errors.append(problem)
+        elif canonical != request.path:
+            request = replace(request, path=canonical)
         base = base_action(request, connection_type, errors)
+        if rules.case_insensitive:
+            base = replace(base, path_case_insensitive=True)
     except Exception as exc:  # noqa: BLE001 - totality is the contract
         errors.append(_error_text("http", exc))
         return _fallback(request, connection_type, errors)

@@ -3,18 +3,32 @@
 Every typed classifier starts from ``sanitize`` so it can rely on plain ``str``/``int``/``bytes``
 fields, and on a host written one way only: policies compare host names, so ``API.Example.com.``
 must not slip past a rule about ``api.example.com`` (DNS names are case-insensitive and the
-trailing dot is the same name). Methods are upper-cased for the same reason. Paths and queries
-are kept exactly as sent (percent-encoding preserved, as ``HTTPRequest`` documents); the
-summary is for people, so it is shortened.
+trailing dot is the same name). Methods are upper-cased for the same reason. Paths are
+canonicalised by :mod:`.paths` (``classify`` does it for every type); queries are kept exactly
+as sent; the summary is for people, so it is shortened.
+
+**Method override.** ``X-HTTP-Method-Override``, ``X-HTTP-Method``, ``X-Method-Override`` and a
+``_method`` query parameter make many frameworks (Rails, Laravel, Express' method-override,
+ASP.NET, Google APIs) execute another method than the request line's: a ``POST`` the policy
+allows becomes a ``DELETE`` it blocks. **Decision**: by default the sidecar strips them
+(``spec.methodOverride: strip``; addons/route.py), so the upstream executes the method the
+policy judged. A connection whose upstream needs them sets ``methodOverride: honor``: they are
+forwarded and the request is judged as the overridden method (:func:`override_method`);
+conflicting override values are refused (400).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from urllib.parse import parse_qsl
 
 from ..model import Action, HTTPRequest
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+OVERRIDE_PARAMS = ("_method",)
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # an HTTP method is a token
 SUMMARY_LIMIT = 300
 _QUERY_IN_SUMMARY = 80
 
@@ -62,6 +76,32 @@ def sanitize(request: HTTPRequest, errors: list[str]) -> HTTPRequest:
     if method != request.method or host != request.host:
         request = replace(request, method=method, host=host)
     return request
+
+
+def override_values(request: HTTPRequest) -> list[str]:
+    """Every method-override value the request carries (headers and ``_method`` parameters)."""
+    values = [v for k, v in request.headers if k.lower() in OVERRIDE_HEADERS]
+    if "_method" in request.query:
+        values += [v for k, v in parse_qsl(request.query, keep_blank_values=True, errors="replace")
+                   if k in OVERRIDE_PARAMS]
+    return values
+
+
+def override_method(request: HTTPRequest) -> tuple[str, str]:
+    """``(method the request asks the upstream to execute, "")`` or ``("", refusal)``.
+
+    The request line's method when there is no override; the override's (upper-cased) when all
+    of them agree; a refusal when they disagree or one is not an HTTP method.
+    """
+    values = {v.strip().upper() for v in override_values(request)}
+    if not values:
+        return request.method.upper(), ""
+    bad = sorted(v for v in values if not _TOKEN.match(v))
+    if bad or len(values) > 1:
+        shown = ", ".join(repr(v[:40]) for v in sorted(values))
+        return "", (f"the request carries conflicting or invalid method overrides ({shown}); "
+                    "send one method, in the request line")
+    return values.pop(), ""
 
 
 def authority(request: HTTPRequest) -> str:

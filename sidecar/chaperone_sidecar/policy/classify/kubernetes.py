@@ -18,6 +18,21 @@ so a policy about ``delete namespaces`` means exactly what RBAC means by it:
 * a list/watch with ``fieldSelector=metadata.name=X`` is about the object X (as since 1.18),
   which is how ``kubectl get pod X --watch`` asks.
 
+One deliberate difference, the **connect subresources**. ``exec``, ``attach`` and
+``portforward`` open an interactive stream into a container. Over SPDY (``POST`` +
+``Upgrade: SPDY/3.1``) RequestInfo calls that ``create``; over WebSocket - kubectl's default
+since 1.30 - the handshake is a ``GET``, which RequestInfo calls ``get``, so a policy about
+``create pods/exec`` would not see it. Kubernetes closed the same gap with a second, synthetic
+authorization of ``create`` on these three subresources (feature gate
+``AuthorizePodWebsocketUpgradeCreatePermission``, KEP-4006, kubernetes/kubernetes#134577: on
+by default since 1.35). Here every request to them is ``create``, whatever its method and
+whether or not it carries upgrade headers (an agent may leave them out, or use another
+method). The ``proxy`` subresource (``pods/proxy``, ``services/proxy``, ``nodes/proxy``) keeps
+its method's verb - a plain proxied ``GET`` is a read - except when it asks for a protocol
+upgrade (``Upgrade``/``Connection: upgrade`` headers or ``CONNECT``): the upgraded stream is
+opaque to the sidecar, and through ``nodes/proxy`` it reaches the kubelet's own ``/exec``, so
+it is ``create`` as well.
+
 Go's ``URL.Path`` is percent-decoded before splitting, so the path is decoded here as well.
 """
 
@@ -32,6 +47,7 @@ _GROUPLESS_PREFIXES = ("api",)
 _SPECIAL_VERBS = ("proxy", "watch")
 _SPECIAL_VERBS_NO_SUBRESOURCES = ("proxy",)
 _NAMESPACE_SUBRESOURCES = ("status", "finalize")
+CONNECT_SUBRESOURCES = frozenset({"exec", "attach", "portforward"})
 _METHOD_VERBS = {
     "POST": "create",
     "GET": "get",
@@ -45,6 +61,24 @@ _METHOD_VERBS = {
 def _split_path(path: str) -> list[str]:
     path = unquote(path, errors="replace").strip("/")
     return path.split("/") if path else []
+
+
+def is_upgrade(request: HTTPRequest) -> bool:
+    """Whether the request asks to switch protocols (WebSocket, SPDY, h2c, extended CONNECT).
+
+    Any ``Upgrade`` header, or ``upgrade`` among the ``Connection`` tokens: Go's
+    ``httpstream.IsUpgradeRequest`` looks at ``Connection`` only, other servers at ``Upgrade``,
+    so either counts.
+    """
+    if request.method.upper() == "CONNECT":
+        return True
+    for key, value in request.headers:
+        name = key.lower()
+        if name == "upgrade" and value.strip():
+            return True
+        if name == "connection" and any(t.strip().lower() == "upgrade" for t in value.split(",")):
+            return True
+    return False
 
 
 def _query(query: str) -> dict[str, list[str]]:
@@ -112,6 +146,8 @@ def classify_kubernetes(request: HTTPRequest, errors: list[str]) -> KubernetesAc
             name = _name_from_field_selector(selector)
     if not name and verb == "delete":
         verb = "deletecollection"
+    if subresource in CONNECT_SUBRESOURCES or (subresource == "proxy" and is_upgrade(request)):
+        verb = "create"  # see the module docstring: what the WebSocket handshake really does
 
     return KubernetesAction(
         verb=verb,
@@ -123,6 +159,12 @@ def classify_kubernetes(request: HTTPRequest, errors: list[str]) -> KubernetesAc
         name=name,
         is_resource_request=True,
     )
+
+
+def is_connect_request(request: HTTPRequest) -> bool:
+    """A request to ``exec``/``attach``/``portforward``: one action, ``create``, whether it
+    comes as the WebSocket ``GET`` or the SPDY ``POST`` kubectl falls back to."""
+    return classify_kubernetes(request, []).subresource in CONNECT_SUBRESOURCES
 
 
 def kubernetes_name(action: KubernetesAction, path: str) -> str:

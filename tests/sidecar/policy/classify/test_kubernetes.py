@@ -38,8 +38,9 @@ CASES = [
     ("exec-post", "POST", "/api/v1/namespaces/ns/pods/p/exec?command=sh&command=-c&command=id"
      "&container=c&stdin=true&stdout=true&tty=true",
      K("create", "", "v1", "pods", "exec", "ns", "p")),
+    # The WebSocket handshake is a GET; Kubernetes authorizes it as create too (1.35+).
     ("exec-get-websocket", "GET", "/api/v1/namespaces/ns/pods/p/exec?command=sh&stdin=true",
-     K("get", "", "v1", "pods", "exec", "ns", "p")),
+     K("create", "", "v1", "pods", "exec", "ns", "p")),
     ("attach", "POST", "/api/v1/namespaces/ns/pods/p/attach?stdin=true",
      K("create", "", "v1", "pods", "attach", "ns", "p")),
     ("portforward", "POST", "/api/v1/namespaces/ns/pods/p/portforward",
@@ -93,7 +94,7 @@ CASES = [
      "/apis/chaperone.dev/v1alpha1/namespaces/team/approvalrequests/ar-1",
      K("patch", "chaperone.dev", "v1alpha1", "approvalrequests", "", "team", "ar-1")),
     ("encoded-path", "GET", "/api/v1/namespaces/ns/pods/p%2Fexec",
-     K("get", "", "v1", "pods", "exec", "ns", "p")),
+     K("create", "", "v1", "pods", "exec", "ns", "p")),
     ("trailing-slash", "GET", "/api/v1/namespaces/ns/pods/",
      K("list", "", "v1", "pods", "", "ns", "")),
     ("options-method", "OPTIONS", "/api/v1/namespaces/ns/pods/p",

@@ -90,6 +90,9 @@ class Action:
     kubernetes: KubernetesAction | None = None
     anthropic: AnthropicAction | None = None
     errors: tuple[str, ...] = ()  # what could not be classified (the classifier never raises)
+    # The connection declared a case-insensitive upstream (spec.pathNormalization.caseInsensitive):
+    # path rules then match ignoring case.
+    path_case_insensitive: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from mitmproxy.test import taddons, tflow, tutils
 from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.mask import Mask, captured
 from chaperone_sidecar.config import SidecarConfig
-from chaperone_sidecar.policy.masking.sse import SSEParser
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
@@ -91,8 +90,9 @@ def test_anthropic_stream_split_secret_is_masked_for_agent_and_recording(mask):
     agent = b"".join(got)
     for half in HALVES:
         assert half.encode() not in agent
-    parsed = SSEParser().feed(agent, final=True)
-    objs = [json.loads(b"\n".join(v for n, v in e if n == b"data")) for e in parsed]
+    blocks = agent.replace(b"\r\n", b"\n").strip().split(b"\n\n")
+    objs = [json.loads(b"\n".join(line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:")))
+            for block in blocks]
     assert [o["type"] for o in objs] == ["message_start", "content_block_start", "content_block_delta",
                                          "content_block_delta", "content_block_stop", "message_stop"]
     text = "".join(o["delta"]["text"] for o in objs if o["type"] == "content_block_delta")

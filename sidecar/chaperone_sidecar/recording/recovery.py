@@ -30,6 +30,12 @@ def adopt(config: SpoolConfig, name: str, metrics: RecorderMetrics, clock: Calla
     session never ended, appends an ``error`` event describing the crash plus a
     ``session-end`` (reason ``recovered``) that continue the chain. ``cls`` is the class to
     build (``SessionSpool.adopt`` passes its own, so a subclass adopts as itself).
+
+    Nothing here needs free space to succeed (it only cuts, renames and deletes) except those
+    two closing events and ``ended.json``: when the disk is full they wait in
+    ``spool.pending_close`` and the shipper writes them once it has freed space.
+    ``meta.json`` is only written if missing (a crash before the first segment: then the
+    session is empty and removed).
     """
     path = config.directory / name
     if not _NAME.match(name) or not path.is_dir():
@@ -79,8 +85,9 @@ def adopt(config: SpoolConfig, name: str, metrics: RecorderMetrics, clock: Calla
     spool.ended = read_json(path / "ended.json")
     spool.recovered = report
     if spool.ended is None and last_event and last_event.get("type") == "session-end":
-        spool.finish(str(last_event.get("data", {}).get("reason", "closed")))  # crash in finish()
-    if spool.ended is None:
+        spool.pending_close = []  # crash inside finish(): only ended.json is missing
+        spool.pending_reason = str(last_event.get("data", {}).get("reason", "closed"))
+    elif spool.ended is None:
         if not shipped and not checker.events:
             spool.remove()
             return None
@@ -92,11 +99,12 @@ def adopt(config: SpoolConfig, name: str, metrics: RecorderMetrics, clock: Calla
             "message": "recorder stopped without closing the session; spool recovered"})
         end = new_event("session-end", identity=identity, data={"reason": "recovered"})
         error["time"] = end["time"] = now
-        for result in spool.write([error, end]):
-            if isinstance(result, Exception):
-                spool.release()
-                raise result
-        spool.finish("recovered")
+        spool.pending_close = [error, end]
+    # On a full disk these writes fail: the session is adopted all the same, so the shipper
+    # ships (and frees) its segments, then retries them (SessionSpool.complete_recovery).
+    # Failing here instead would leave the leftover unshipped, its space never freed.
+    spool.complete_recovery()
+    return spool
     return spool
 
 

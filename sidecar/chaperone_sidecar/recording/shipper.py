@@ -11,6 +11,14 @@ a HEAD afterwards must show the same length, metadata digest and the PUT's ETag.
 confirmation is fsynced to ``shipped.jsonl`` before the segment is unlinked, so a crash
 between the two re-confirms (HEAD) instead of re-uploading.
 
+Disk full: confirming must never need free space, or a full spool could never be emptied
+(issue 11/10). When ``shipped.jsonl`` cannot grow, the confirmation becomes the segment's new
+*name* and the file is emptied (``SessionSpool.record_shipped``): space is freed with no block
+written. Re-uploads are idempotent: object keys are deterministic (the segment's first seq), a
+key whose PUT outcome is unknown - a crash or a failure between upload and bookkeeping - is
+HEADed first and not PUT again when the identical object is there, and an identical re-PUT
+(the HEAD failed too) stores the same bytes under the same key, which ``verify`` accepts.
+
 Object layout (store-relative keys; an S3 prefix, if configured, goes in front)::
 
     sessions/{namespace}/{pod}/{session}/chunk-{firstSeq:08d}.jsonl
@@ -301,6 +309,12 @@ class Shipper:
         for spool in list(self._spools):
             for segment in spool.closed_segments():
                 await self._thread(self._ship_segment, spool, segment)
+            # an adopted session whose closing events waited for space (disk full): the
+            # segments just shipped freed it
+            if getattr(spool, "pending_close", None) is not None:
+                if await self._thread(spool.complete_recovery):
+                    for segment in spool.closed_segments():
+                        await self._thread(self._ship_segment, spool, segment)
             if spool.finished():
                 await self._thread(self._ship_manifest, spool)
                 self._spools.remove(spool)
@@ -364,7 +378,12 @@ class Shipper:
             spool.discard(segment)
             return
         self._upload(entry["key"], data, "application/x-ndjson")
-        spool.record_shipped(entry, segment)
+        try:
+            spool.record_shipped(entry, segment)
+        except Exception:
+            # uploaded but not recorded: the next attempt HEADs before it PUTs again
+            self._unsure.add(entry["key"])
+            raise
 
     def _ship_manifest(self, spool: Any) -> None:
         manifest = sign_manifest(build_manifest(spool.meta, spool.ended, spool.shipped()), self.key)

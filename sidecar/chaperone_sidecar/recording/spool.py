@@ -12,6 +12,8 @@ Layout of one session (``{spool}/{session}/``)::
     seg-00000000.open     the segment being appended (name = seq of its first event)
     seg-00000000.jsonl    a closed segment, ready to ship (rotated by size, age, or session end)
     shipped.jsonl         one line per chunk S3 confirmed (key, sha256, seqs, last hash)
+    shipped-{first}-...   a chunk S3 confirmed while shipped.jsonl could not grow (disk full):
+                          an empty file whose name is the entry (:func:`marker_name`)
     ended.json            written after the session-end event: the session is complete
 
 Threading: :class:`SessionSpool` is synchronous and is driven from the recorder's single
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from .events import Chain, format_time, new_event, split_lines
+from .shipper import chunk_key
 
 OPEN, CLOSED = ".open", ".jsonl"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
@@ -111,10 +114,14 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a small file so a crash leaves either the old or the new content."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a half-written tmp would hold space a full disk needs
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -128,6 +135,40 @@ def read_json(path: Path) -> Any:
 
 def segment_seq(path: Path) -> int:
     return int(path.name.split("-", 1)[1].split(".", 1)[0])
+
+
+SHIPPED_LOG, MARKER_PREFIX = "shipped.jsonl", "shipped-"
+_MARKER = re.compile(r"^shipped-(\d{8,})-(\d{8,})-(\d+)-([0-9a-f]{64})-([0-9a-f]{64})-([0-9a-f]{64})$")
+
+
+def marker_name(entry: dict[str, Any]) -> str | None:
+    """The file name that records a confirmed chunk without a data block (disk full).
+
+    ``shipped-{firstSeq}-{lastSeq}-{bytes}-{sha256}-{firstHash}-{lastHash}`` (about 230 of the
+    255 bytes a name may have): everything the manifest and recovery need; the object key
+    and the event count follow from the session and the seqs. None when the entry does not fit
+    that shape (a corrupt line's hash is not hex): the caller keeps the segment and retries.
+    """
+    try:
+        name = (f"{MARKER_PREFIX}{int(entry['firstSeq']):08d}-{int(entry['lastSeq']):08d}-"
+                f"{int(entry['bytes'])}-{entry['sha256']}-{entry['firstHash']}-{entry['lastHash']}")
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not _MARKER.match(name) or entry.get("events") != entry["lastSeq"] - entry["firstSeq"] + 1:
+        return None
+    return name
+
+
+def parse_marker(name: str, meta: dict[str, Any], session: str) -> dict[str, Any] | None:
+    """The ``shipped.jsonl`` entry a :func:`marker_name` stands for (None: not a marker)."""
+    m = _MARKER.match(name)
+    if m is None:
+        return None
+    first, last = int(m[1]), int(m[2])
+    return {"key": chunk_key(meta.get("namespace", "unknown"), meta.get("pod", "unknown"), session,
+                             first),
+            "sha256": m[4], "bytes": int(m[3]), "events": last - first + 1, "firstSeq": first,
+            "lastSeq": last, "firstHash": m[5], "lastHash": m[6]}
 
 
 class SessionSpool:
@@ -144,6 +185,10 @@ class SessionSpool:
         self.chain = Chain(session)
         self.ended: dict[str, Any] | None = None
         self.recovered: dict[str, Any] | None = None  # what recovery found, if adopted
+        # recovery's closing events (error + session-end) it could not write yet (disk full);
+        # [] = written, only ended.json missing. None: nothing pending.
+        self.pending_close: list[dict[str, Any]] | None = None
+        self.pending_reason = "recovered"  # the session-end reason finish() will record
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._seg_path: Path | None = None
@@ -357,6 +402,33 @@ class SessionSpool:
                       "unrecorded": self._gap["dropped"] if self._gap else 0}
         write_atomic(self.dir / "ended.json", json.dumps(self.ended, sort_keys=True).encode())
 
+    def complete_recovery(self) -> bool:
+        """Write what adoption could not (see ``pending_close``); True once the session ended.
+
+        Runs in the shipper's thread after it shipped (and so freed) the closed segments, as
+        often as needed: a failed attempt is not a gap - the events are kept and retried -
+        so it leaves neither an ``error`` event nor a drop count behind.
+        """
+        if self.pending_close is None:
+            return True
+        if self.pending_close:
+            results = self.write(self.pending_close)
+            failed = [e for e, r in zip(self.pending_close, results) if isinstance(r, Exception)]
+            if failed:
+                if self._gap is not None:
+                    self.metrics.add("events_dropped", -self._gap["dropped"])
+                    self._gap = None
+                self.pending_close = failed
+                return False
+            self.pending_close = []
+        try:
+            self.finish(self.pending_reason)
+        except OSError as exc:
+            self.report("finish-failed", f"{self.dir / 'ended.json'}: {exc} (retried)")
+            return False
+        self.pending_close = None
+        return True
+
     # ---- shipper side --------------------------------------------------------------------------
 
     def closed_segments(self) -> list[Path]:
@@ -366,24 +438,110 @@ class SessionSpool:
             return []
 
     def shipped(self) -> list[dict[str, Any]]:
-        """Chunks S3 confirmed, in order (a torn last line of this log is ignored)."""
-        try:
-            data = (self.dir / "shipped.jsonl").read_bytes()
-        except OSError:
-            return []
-        return [json.loads(line) for line in split_lines(data)[0]]
+        """Chunks the store confirmed, in seq order: ``shipped.jsonl`` plus the disk-full
+        markers not yet folded into it (a torn last line of the log is ignored; a chunk listed
+        twice - a crash between folding a marker and deleting it - counts once)."""
+        entries = self._logged()
+        seen = {e.get("firstSeq") for e in entries}
+        for _, entry in self._markers():
+            if entry["firstSeq"] not in seen:
+                seen.add(entry["firstSeq"])
+                entries.append(entry)
+        return sorted(entries, key=lambda e: e.get("firstSeq", -1))
 
     def record_shipped(self, entry: dict[str, Any], segment: Path) -> None:
-        """Remember a confirmed chunk (fsynced) and only then delete its segment."""
-        with open(self.dir / "shipped.jsonl", "ab") as f:
-            f.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        segment.unlink(missing_ok=True)
+        """Remember a confirmed chunk durably, then delete its segment.
+
+        Normally a line in ``shipped.jsonl`` (fsynced) and only then the unlink, so a crash
+        between the two re-confirms the chunk (HEAD) instead of losing it from the manifest.
+        That append may need a new block: on a full disk it fails, and if it were allowed to
+        block the unlink nothing would ever be freed (issue 11/10). Then the confirmation goes
+        into the segment's *name* instead - a rename needs no data block - and the renamed
+        file is emptied, which frees the space: see :func:`marker_name`.
+        """
+        self.fold_markers()
+        try:
+            self._append_shipped([entry])
+        except OSError as exc:
+            marker = marker_name(entry)
+            if marker is None:  # cannot be encoded in a name (corrupt hashes): retry later
+                raise
+            self.report("shipped-log-unwritable",
+                        f"{segment.name}: confirmed in the store, recorded as {marker[:24]}... "
+                        f"because shipped.jsonl cannot grow: {exc}")
+            path = self.dir / marker
+            os.replace(segment, path)
+            fsync_dir(self.dir)
+            os.truncate(path, 0)  # frees the space; the name is the record
+        else:
+            segment.unlink(missing_ok=True)
         with self._bytes_lock:
             self.unshipped_bytes = max(0, self.unshipped_bytes - entry["bytes"])
         self.metrics.add("backlog_segments", -1)
         self.metrics.add("backlog_bytes", -entry["bytes"])
+
+    def _append_shipped(self, entries: list[dict[str, Any]]) -> None:
+        """Append lines to ``shipped.jsonl`` and fsync; on failure cut the file back, so a
+        short write never glues the next line onto half of this one. A torn tail a crash
+        left behind is cut first for the same reason."""
+        data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries)
+        fd = os.open(self.dir / SHIPPED_LOG, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            start = os.fstat(fd).st_size
+            if start and os.pread(fd, 1, start - 1) != b"\n":
+                with open(fd, "rb", closefd=False) as f:
+                    start = f.read().rfind(b"\n") + 1
+                os.ftruncate(fd, start)
+            written = 0
+            try:
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError:
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(fd)
+
+    def _markers(self) -> list[tuple[Path, dict[str, Any]]]:
+        try:
+            names = [p for p in self.dir.glob(f"{MARKER_PREFIX}*") if p.name != SHIPPED_LOG]
+        except OSError:
+            return []
+        out = []
+        for path in names:
+            entry = parse_marker(path.name, self.meta, self.session)
+            if entry is not None:
+                out.append((path, entry))
+        return sorted(out, key=lambda item: item[1]["firstSeq"])
+
+    def fold_markers(self) -> None:
+        """Move disk-full markers into ``shipped.jsonl`` once it can grow again (log first,
+        then delete the markers: a crash in between lists a chunk twice, which ``shipped``
+        reads once). Silently leaves them while the disk is still full."""
+        markers = self._markers()
+        if not markers:
+            return
+        logged = {e.get("firstSeq") for e in self._logged()}
+        todo = [entry for _, entry in markers if entry["firstSeq"] not in logged]
+        try:
+            if todo:
+                self._append_shipped(todo)
+            for path, _ in markers:
+                path.unlink(missing_ok=True)
+            fsync_dir(self.dir)
+        except OSError:
+            pass
+
+    def _logged(self) -> list[dict[str, Any]]:
+        try:
+            data = (self.dir / SHIPPED_LOG).read_bytes()
+        except OSError:
+            return []
+        return [json.loads(line) for line in split_lines(data)[0]]
 
     def discard(self, segment: Path) -> None:
         """Drop a closed segment without a single complete line (nothing to ship)."""

@@ -195,3 +195,88 @@ def test_request_of_and_snapshot_of():
     assert snapshot_of(f, svc) is svc.snapshot()
     route(f, svc)
     assert snapshot_of(f, svc) is svc.snapshot()
+
+
+# ---------------------------------------------------------------------------- the canonical request
+
+CANON_CONNECTIONS = [
+    {"metadata": {"name": "api"}, "spec": {"type": "http", "hosts": ["api.example.com"]}},
+    {"metadata": {"name": "legacy"}, "spec": {"type": "http", "hosts": ["legacy.example.com"],
+                                              "methodOverride": "honor",
+                                              "pathNormalization": {"allowSemicolon": True}}},
+    {"metadata": {"name": "k8s"}, "spec": {"type": "kubernetes", "hosts": ["10.0.0.1"]}},
+]
+
+
+def test_the_canonical_path_is_judged_and_forwarded():
+    for path in ("//admin?x=1", "/x/../admin?x=1", "/%2e%2e/%61dmin?x=1"):
+        f = make_flow("api.example.com", path=path)
+        ctx = route(f, services(CANON_CONNECTIONS))
+        assert f.response is None, path
+        assert ctx.action.path == "/admin" and f.request.path == "/admin?x=1", path
+
+
+def test_ambiguous_paths_are_refused_before_anything_is_forwarded():
+    for path, field in (("/admin;x=1", "allowSemicolon"), ("/%2Fadmin", "allowEncodedSlash"),
+                        ("/%252Fadmin", "allowDoubleEncoding"), ("/admin%5C", "allowBackslash"),
+                        ("/admin.", "allowTrailingDotOrSpace"), ("/admin%00", "")):
+        f = make_flow("api.example.com", path=path)
+        ctx = route(f, services(CANON_CONNECTIONS))
+        assert f.response is not None and f.response.status_code == 400, path
+        body = json.loads(f.response.content)
+        assert body["error"] == "chaperone_invalid_request" and "ambiguous" in body["message"]
+        assert field in body["message"], body
+        assert ctx.action is None
+    opted_in = make_flow("legacy.example.com", path="/admin;x=1")
+    assert route(opted_in, services(CANON_CONNECTIONS)).action.path == "/admin;x=1"
+    assert opted_in.response is None
+
+
+def test_method_overrides_are_stripped_by_default():
+    f = make_flow("api.example.com", path="/tickets/7?_method=DELETE&a=1&b=2;_method=PUT&%5Fmethod=X",
+                  headers=[(b"host", b"api.example.com"), (b"X-HTTP-Method-Override", b"DELETE"),
+                           (b"X-HTTP-Method", b"DELETE"), (b"x-method-override", b"DELETE")])
+    f.request.method = "POST"
+    ctx = route(f, services(CANON_CONNECTIONS))
+    assert f.request.path == "/tickets/7?a=1"
+    for name in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
+        assert name not in f.request.headers
+    assert ctx.action.method == "POST" and f.request.method == "POST"
+
+
+def test_honoured_method_overrides_are_judged_as_the_overridden_method():
+    f = make_flow("legacy.example.com", path="/tickets/7",
+                  headers=[(b"host", b"legacy.example.com"), (b"X-HTTP-Method-Override", b"delete")])
+    f.request.method = "POST"
+    ctx = route(f, services(CANON_CONNECTIONS))
+    assert ctx.action.method == "DELETE" and ctx.action.name == "http:DELETE"
+    assert f.request.headers["X-HTTP-Method-Override"] == "delete"  # forwarded: the upstream needs it
+    assert request_of(f).method == "DELETE"
+    clash = make_flow("legacy.example.com", path="/tickets/7?_method=GET",
+                      headers=[(b"host", b"legacy.example.com"), (b"X-HTTP-Method", b"DELETE")])
+    clash.request.method = "POST"
+    route(clash, services(CANON_CONNECTIONS))
+    assert clash.response.status_code == 400
+    assert "conflicting" in json.loads(clash.response.content)["message"]
+
+
+def test_kubectl_websocket_and_spdy_attempts_are_one_action_with_one_digest():
+    from chaperone_sidecar.approvals.digest import request_digest
+
+    target = "/api/v1/namespaces/ns/pods/p/portforward"
+    ws = make_flow("10.0.0.1", port=6443, path=target,
+                   headers=[(b"host", b"10.0.0.1:6443"), (b"Connection", b"Upgrade"),
+                            (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", b"a2V5"),
+                            (b"Sec-WebSocket-Protocol", b"SPDY/3.1+portforward.k8s.io")])
+    spdy = make_flow("10.0.0.1", port=6443, path=target,
+                     headers=[(b"host", b"10.0.0.1:6443"), (b"Connection", b"Upgrade"),
+                              (b"Upgrade", b"SPDY/3.1"),
+                              (b"X-Stream-Protocol-Version", b"portforward.k8s.io")])
+    spdy.request.method = "POST"
+    a, b = route(ws, services(CANON_CONNECTIONS)), route(spdy, services(CANON_CONNECTIONS))
+    assert a.action.name == b.action.name == "kubernetes:create/pods/portforward"
+    assert request_digest(request_of(ws)) == request_digest(request_of(spdy))
+    assert ws.request.method == "GET"  # the request line is untouched: the handshake stays valid
+    pod = make_flow("10.0.0.1", port=6443, path="/api/v1/namespaces/ns/pods/p")
+    assert route(pod, services(CANON_CONNECTIONS)).action.name == "kubernetes:get/pods"
+    assert request_of(pod).method == "GET"

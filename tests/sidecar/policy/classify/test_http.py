@@ -75,3 +75,22 @@ def test_badly_typed_fields_are_coerced_and_noted(field, value):
     for connection_type in ("http", "aws", "kubernetes", "anthropic"):
         action = classify(request, connection_type)
         assert action.name and action.summary
+
+
+# ---------------------------------------------------------------------------- method override
+
+def test_override_method_reads_every_override_spelling():
+    from chaperone_sidecar.policy.classify.http import override_method
+
+    def req(method="POST", headers=(), query=""):
+        return HTTPRequest(method, "https", "api.example.com", 443, "/x", query, tuple(headers))
+
+    assert override_method(req()) == ("POST", "")
+    for name in ("X-HTTP-Method-Override", "x-http-method", "X-Method-Override"):
+        assert override_method(req(headers=((name, " delete "),))) == ("DELETE", "")
+    assert override_method(req(query="a=1&_method=DELETE")) == ("DELETE", "")
+    assert override_method(req(headers=(("X-HTTP-Method", "DELETE"),), query="_method=delete")) == ("DELETE", "")
+    method, problem = override_method(req(headers=(("X-HTTP-Method", "GET"),), query="_method=DELETE"))
+    assert method == "" and "conflicting" in problem
+    method, problem = override_method(req(headers=(("X-HTTP-Method", "DEL ETE"),)))
+    assert method == "" and "invalid" in problem

@@ -150,3 +150,65 @@ def test_names_and_summaries(method, url, name, summary):
     assert (action.name, action.summary) == (name, summary)
     assert action.connection_type == "kubernetes"
     assert action.aws is None and action.anthropic is None
+
+
+# ---------------------------------------------------------------------------- connect subresources
+
+WEBSOCKET = (("Connection", "Upgrade"), ("Upgrade", "websocket"),
+             ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"), ("Sec-WebSocket-Version", "13"))
+SPDY = (("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
+        ("X-Stream-Protocol-Version", "v5.channel.k8s.io"))
+
+
+def _with(method: str, target: str, headers=()) -> HTTPRequest:
+    path, _, query = target.partition("?")
+    return HTTPRequest(method, "https", "10.0.0.1", 6443, path, query, tuple(headers))
+
+
+@pytest.mark.parametrize("sub", ["exec?command=sh&stdin=true&stdout=true", "attach?stdin=true",
+                                 "portforward"])
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS",
+                                    "CONNECT"])
+@pytest.mark.parametrize("headers", [WEBSOCKET, SPDY, ()], ids=["websocket", "spdy", "no-upgrade"])
+def test_connect_subresources_are_create_whatever_the_method(sub, method, headers):
+    action = classify(_with(method, f"/api/v1/namespaces/ns/pods/p/{sub}", headers), "kubernetes")
+    name = sub.partition("?")[0]
+    assert action.kubernetes.verb == "create", action
+    assert action.name == f"kubernetes:create/pods/{name}"
+
+
+@pytest.mark.parametrize("resource", ["pods/p", "services/s:8080", "nodes/n"])
+def test_proxy_upgrades_are_create_plain_proxied_reads_stay_get(resource):
+    where = "" if resource.startswith("nodes") else "namespaces/ns/"
+    url = f"/api/v1/{where}{resource}/proxy/exec/ns/p/c?command=id"
+    kind = resource.partition("/")[0]
+    for headers in (WEBSOCKET, SPDY, (("Upgrade", "h2c"),), (("Connection", "keep-alive, Upgrade"),)):
+        action = classify(_with("GET", url, headers), "kubernetes")
+        assert action.name == f"kubernetes:create/{kind}/proxy", (headers, action)
+    assert classify(_with("CONNECT", url), "kubernetes").kubernetes.verb == "create"
+    assert classify(_with("GET", url), "kubernetes").name == f"kubernetes:get/{kind}/proxy"
+    assert classify(_with("POST", url), "kubernetes").name == f"kubernetes:create/{kind}/proxy"
+
+
+def test_websocket_watch_keeps_its_verb():
+    action = classify(_with("GET", "/api/v1/namespaces/ns/pods?watch=1", WEBSOCKET), "kubernetes")
+    assert action.kubernetes.verb == "watch"
+
+
+def test_a_policy_on_create_pods_exec_sees_the_websocket_handshake():
+    from chaperone_sidecar.policy.compiler import compile_policy
+    from chaperone_sidecar.policy.evaluator import evaluate
+    from chaperone_sidecar.policy.matching import CompiledPolicySet
+    from chaperone_sidecar.policy.model import Identity
+
+    pols = CompiledPolicySet([compile_policy({
+        "apiVersion": "chaperone.dev/v1alpha1", "kind": "AccessPolicy",
+        "metadata": {"name": "p", "namespace": "ns"},
+        "spec": {"defaultEffect": "allow", "rules": [
+            {"name": "no-shells", "match": {"kubernetes": {"verbs": ["create"],
+                                                           "resources": ["pods/exec", "pods/attach",
+                                                                         "pods/portforward"]}},
+             "block": {}}]}}, "ns")])
+    for sub in ("exec?command=sh", "attach", "portforward"):
+        req = _with("GET", f"/api/v1/namespaces/ns/pods/p/{sub}", WEBSOCKET)
+        assert evaluate(pols, classify(req, "kubernetes"), Identity(), "k8s").effect == "block", sub

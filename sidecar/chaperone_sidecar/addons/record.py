@@ -30,8 +30,10 @@ in them redacted).
 
 **Recording modes** (the connection's ``recording.mode``; the recorder's own mode for flows
 without a connection). ``strict``: an event that cannot be written refuses the flow *before it
-is forwarded* with 503 ``chaperone_recording_unavailable``; a buffered response whose event
-cannot be written is withheld the same way (the agent learns the request was sent). A streamed
+is forwarded* with 503 ``chaperone_recording_unavailable`` and ``Retry-After: 5`` (nothing was
+sent, so retrying is safe; a full spool heals by itself once S3 drains it, see
+docs/recording.md); a buffered response whose event cannot be written is withheld the same way,
+without ``Retry-After`` (the agent learns the request was sent and must not blindly repeat it). A streamed
 request cannot be answered with a response by mitmproxy once its body streams (setting
 ``flow.response`` then breaks the HTTP layer), so it is killed instead; one of unknown length
 that is not streaming yet is refused (its body is read and dropped). ``best-effort``: the flow
@@ -65,6 +67,7 @@ __all__ = ["Record", "RecordingSettings", "recording_settings", "FULL_BODY_CAP",
 log = logging.getLogger("chaperone.record")
 
 _STATE = "chaperone.record"
+RECORDING_RETRY_AFTER = "5"  # seconds; Retry-After of a request refused by strict recording
 
 
 def _ms(seconds: float | None) -> int | None:
@@ -166,7 +169,11 @@ class Record:
             return
         from .refusal import refuse
 
-        refuse(flow, "recording_unavailable")
+        # Nothing left, so a retry is safe: Retry-After lets SDKs that honour it (anthropic,
+        # openai) wait and retry by themselves. The recorder retries every write, so the
+        # first retry after space frees (or S3 drains the spool) goes through - no restart.
+        refuse(flow, "recording_unavailable", headers={"Retry-After": RECORDING_RETRY_AFTER},
+               retry_after_seconds=int(RECORDING_RETRY_AFTER))
         log.error("recording unavailable (strict): request refused", extra=flow_fields(flow))
 
     async def _rejudged(self, flow: http.HTTPFlow) -> None:

@@ -213,6 +213,26 @@ def test_a_torn_shipped_log_does_not_swallow_the_next_confirmation(tmp_path):
     assert spool.shipped() == entries
 
 
+def test_a_chunk_in_both_the_log_and_a_marker_counts_once(tmp_path):
+    """A crash after folding a marker into the log and before deleting the marker: the chunk
+    is listed twice on disk, once in ``shipped()`` and in the manifest."""
+    from chaperone_sidecar.recording.spool import marker_name
+
+    spool = spool_with_segments(tmp_path / "spool", 20)
+    segments = spool.closed_segments()
+    entries = [ship_entry(s) for s in segments[:2]]
+    spool.record_shipped(entries[0], segments[0])
+    spool.record_shipped(entries[1], segments[1])
+    marker = tmp_path / "spool" / "s1" / marker_name(entries[1])
+    marker.touch()
+    assert spool.shipped() == entries
+    bad = dict(entries[1], firstHash="not-hex")  # a name cannot carry it: no marker
+    assert marker_name(bad) is None and len(marker.name) <= 255
+    spool.record_shipped(ship_entry(segments[2]), segments[2])  # folds: the marker goes
+    assert not marker.exists() and len(spool.shipped()) == 3
+    spool.release()
+
+
 # ---- SIGKILL at the worst moments ----------------------------------------------------------------
 
 KILLED_SHIPPER = textwrap.dedent('''

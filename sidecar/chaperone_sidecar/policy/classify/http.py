@@ -81,9 +81,11 @@ def sanitize(request: HTTPRequest, errors: list[str]) -> HTTPRequest:
 def override_values(request: HTTPRequest) -> list[str]:
     """Every method-override value the request carries (headers and ``_method`` parameters)."""
     values = [v for k, v in request.headers if k.lower() in OVERRIDE_HEADERS]
-    if "_method" in request.query:
-        values += [v for k, v in parse_qsl(request.query, keep_blank_values=True, errors="replace")
-                   if k in OVERRIDE_PARAMS]
+    if request.query:  # "&" and ";" separators (Rack before 3 split on both), encoded names
+        for part in request.query.replace(";", "&").split("&"):
+            for key, value in parse_qsl(part, keep_blank_values=True, errors="replace"):
+                if key.strip() in OVERRIDE_PARAMS:
+                    values.append(value)
     return values
 
 

@@ -54,6 +54,7 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _SLASHES = re.compile(r"/{2,}")
+_DOUBLE = re.compile(r"%25[0-9A-Fa-f]{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Anything that could make the canonical form differ from the path, or make it ambiguous; a
 # path without any of these (nearly every request) is canonical as it is.
@@ -136,14 +137,16 @@ def _decode(path: str, rules: PathRules) -> tuple[str, str]:
             return "", _refusal(path, "an encoded slash %2F", "allowEncodedSlash")
         if value == 0x5C and not rules.allow_backslash:
             return "", _refusal(path, "an encoded backslash %5C", "allowBackslash")
-        if value == 0x25 and not rules.allow_double_encoding and len(path) >= i + 5 \
-                and path[i + 3] in _HEX and path[i + 4] in _HEX:
-            return "", _refusal(path, f"a double encoding %25{path[i + 3:i + 5]}",
-                                "allowDoubleEncoding")
         char = chr(value)
         out.append(char if char in _UNRESERVED else "%" + pair.upper())
         i += 3
-    return "".join(out), ""
+    decoded = "".join(out)
+    if not rules.allow_double_encoding:
+        # Checked after decoding: "%25%36%31" is "%2561" once the hex digits are decoded.
+        double = _DOUBLE.search(decoded)
+        if double:
+            return "", _refusal(path, f"a double encoding {double.group()}", "allowDoubleEncoding")
+    return decoded, ""
 
 
 def _raw_problem(path: str, rules: PathRules) -> str:

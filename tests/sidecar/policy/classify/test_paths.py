@@ -171,3 +171,9 @@ def test_case_insensitive_connections_match_paths_ignoring_case():
     allow = _policies([{"name": "public", "match": {"paths": ["/public/*"]}, "allow": {}}], "block")
     assert _decide(allow, "/PUBLIC/x") == "block"
     assert _decide(allow, "/PUBLIC/x", folded) == "allow"
+
+
+def test_double_encoding_hidden_behind_encoded_hex_digits_is_still_refused():
+    # "%25%36%31" decodes (unreserved digits) to "%2561": a server decoding twice sees "a".
+    for path in ("/%25%36%31dmin", "/%25%3261dmin", "/%2525%36%31dmin"):
+        assert "double encoding" in canonical_path(path)[1], path

@@ -508,7 +508,7 @@ class SessionSpool:
 
     def _markers(self) -> list[tuple[Path, dict[str, Any]]]:
         try:
-            names = [p for p in self.dir.glob(f"{MARKER_PREFIX}*") if p.name != SHIPPED_LOG]
+            names = list(self.dir.glob(f"{MARKER_PREFIX}*"))  # "shipped-": not shipped.jsonl
         except OSError:
             return []
         out = []

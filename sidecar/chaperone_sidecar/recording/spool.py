@@ -225,6 +225,13 @@ class SessionSpool:
                 os.close(fd)
                 raise SpoolUnavailable(f"session {self.session} is locked by another recorder")
             self._lock_fd = fd
+            # Created now, empty, while inodes are available: confirming a shipped chunk then
+            # never needs a new file - on a device out of inodes it could not get one, and the
+            # shipped segments would keep theirs (as disk-full markers) for good.
+            try:
+                os.close(os.open(self.dir / SHIPPED_LOG, os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError:
+                pass  # created by the first confirmation instead
         if not (self.dir / "meta.json").exists():
             write_atomic(self.dir / "meta.json", json.dumps(self.meta, sort_keys=True).encode())
 

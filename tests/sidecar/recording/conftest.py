@@ -17,9 +17,9 @@ from typing import Callable, Iterator
 import pytest
 
 
-def mount_tmpfs(path: Path, size: str) -> None:
+def mount_tmpfs(path: Path, size: str, options: str = "") -> None:
     path.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755{options}", "tmpfs",
                           str(path)], capture_output=True, text=True, timeout=30)
     if out.returncode != 0:
         pytest.fail(f"cannot mount a {size} tmpfs on {path} (the disk-full tests need root or "
@@ -32,13 +32,14 @@ def umount(path: Path) -> None:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path) -> Iterator[Callable[[str], Path]]:
-    """``small_tmpfs("256k")`` -> a directory on a fresh tmpfs of that size (unmounted after)."""
+def small_tmpfs(tmp_path) -> Iterator[Callable[..., Path]]:
+    """``small_tmpfs("256k")`` -> a directory on a fresh tmpfs of that size (unmounted after);
+    ``inodes=N`` also limits the number of files (``nr_inodes``)."""
     mounted: list[Path] = []
 
-    def make(size: str) -> Path:
+    def make(size: str, inodes: int | None = None) -> Path:
         path = tmp_path / f"tmpfs-{len(mounted)}"
-        mount_tmpfs(path, size)
+        mount_tmpfs(path, size, f",nr_inodes={inodes}" if inodes else "")
         mounted.append(path)
         return path
 

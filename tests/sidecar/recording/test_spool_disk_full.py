@@ -143,6 +143,50 @@ def test_full_spool_recovers_by_itself_once_the_store_is_back(small_tmpfs, tmp_p
     assert rec.metrics.backlog_segments == 0 and rec.metrics.backlog_bytes == 0
 
 
+def test_out_of_inodes_heals_too(small_tmpfs, tmp_path):
+    """The other way a device is full: no inode left (``nr_inodes``), plenty of blocks. New
+    segment files cannot be created; confirming a chunk must not need a new file either
+    (``shipped.jsonl`` is created with the session, while inodes are there), or the shipped
+    segments' inodes are never given back."""
+    spool_dir = small_tmpfs("4m", inodes=12)
+    store = FlakyStore(tmp_path / "store")
+    store.down = True
+
+    async def main():
+        rec = Recorder(SpoolConfig(spool_dir, segment_bytes=1500, segment_max_age=0.2),
+                       namespace="ns", pod="pod-1", session="s1", store=store, shipping=FAST,
+                       key=KEY)
+        await rec.start()
+        accepted, refused = [], 0
+        for i in range(400):
+            try:
+                await rec.record("request", data={"i": i, "pad": "x" * 400})
+                accepted.append(i)
+            except SpoolUnavailable:
+                refused += 1
+        errors = list(rec.errors)
+        store.down = False
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await rec.record("request", data={"i": "back"})
+                break
+            except SpoolUnavailable:
+                if time.monotonic() > deadline:
+                    return rec, accepted, refused, errors, None
+                await asyncio.sleep(0.05)
+        return rec, accepted, refused, errors, await rec.close(timeout=30)
+
+    rec, accepted, refused, errors, shipped = asyncio.run(main())
+    assert refused and any("No space left" in e["message"] for e in errors), errors
+    assert shipped is not None, f"never healed: {rec.errors[-3:]}"
+    assert shipped and not any(spool_dir.iterdir())
+    ref = SessionRef("ns", "pod-1", "s1")
+    assert verify_session(store, ref, KEY).ok
+    recorded = [e["data"]["i"] for e in load_session(store, ref).events if e["type"] == "request"]
+    assert recorded == accepted + ["back"]
+
+
 def spool_with_segments(directory: Path, n: int) -> SessionSpool:
     spool = SessionSpool(SpoolConfig(directory, segment_bytes=3000), "s1",
                          {"session": "s1", "namespace": "ns", "pod": "pod-1"}, RecorderMetrics(),

@@ -13,20 +13,30 @@ Root is required (containerd, runc, iptables).
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
-from chaperone_testbed import ControlPlane, TestbedError
+from chaperone_testbed import ControlPlane, ManagedProcess, TestbedError, free_port
+from chaperone_testbed.image import AGENT_IMAGE, IMAGE_NAME, ImageBuilder
 from chaperone_testbed.node import Node, node_address
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 # The cleanup tests start and stop nodes of their own: they must run before the session's node
 # exists (one node per machine: one bridge, one node name).
-ORDER = ("test_node_cleanup.py", "test_node_runs.py")
+ORDER = ("test_node_cleanup.py", "test_node_runs.py", "test_node_story.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -103,3 +113,308 @@ def leftovers(node_workdir: Path | None) -> dict[str, list[str]]:
             shims.append(pid.name)
     return {"iptables": chains, "mounts": mounts, "bridge": ["chaperone0"] if bridge == 0 else [],
             "cgroups": cgroups, "shims": shims}
+
+
+# ============================================================================ the node story
+
+NODE_STORY = "test_node_story.py"
+RELEASE, RELEASE_NS = "chaperone", "chaperone-system"
+API = "chaperone.dev/v1alpha1"
+POD, AGENT_SA, AGENT_CONTAINER, SIDECAR = "claude-1", "claude-agent", "claude", "chaperone-sidecar"
+SIDECAR_SECRET = "chaperone-sidecar"
+RECORDING_BUCKET, RECORDING_PREFIX, REGION = "chaperone-recordings", "node-e2e", "us-east-1"
+KUBERNETES_SERVICE = "10.0.0.1"  # the `kubernetes` Service's ClusterIP (first of 10.0.0.0/24)
+
+
+@pytest.fixture(scope="session")
+def images(node):
+    """The chaperone image (the Dockerfile, built here) and the agent image, in containerd."""
+    builder = ImageBuilder(REPO_ROOT)
+    t0 = time.monotonic()
+    try:
+        archives = {"chaperone": builder.chaperone(), "agent": builder.agent()}
+    except TestbedError as exc:
+        pytest.fail(f"test bed: images could not be built:\n{exc}", pytrace=False)
+    node.timings["images-built"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    for archive in archives.values():
+        node.import_image(archive)
+    node.timings["images-imported"] = time.monotonic() - t0
+    return {"chaperone": IMAGE_NAME, "agent": AGENT_IMAGE}
+
+
+@pytest.fixture(scope="session")
+def node_s3(node, tmp_path_factory):
+    """moto's S3 server on the node address: the sidecars in pods ship recordings there (the
+    session's S3Server listens on loopback, which pods cannot reach)."""
+    workdir = tmp_path_factory.mktemp("node-s3")
+    port = free_port()
+    proc = ManagedProcess("moto-node", [sys.executable, "-m", "moto.server", "-H", node.address,
+                                        "-p", str(port)], workdir / "moto.log")
+    proc.start()
+    url = f"http://{node.address}:{port}"
+
+    def serving() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/", timeout=2) as resp:
+                return resp.status < 500
+        except urllib.error.HTTPError as exc:
+            return exc.code < 500
+    try:
+        proc.wait_ready(serving, 60, "serving")
+    except TestbedError as exc:
+        pytest.fail(f"test bed: moto on the node address could not start:\n{exc}", pytrace=False)
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=url, region_name=REGION, aws_access_key_id="testing",
+                      aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=RECORDING_BUCKET)
+    yield url
+    proc.stop()
+
+
+@dataclass
+class Release:
+    cp: ControlPlane
+    node: Node
+    helm: str
+    s3_url: str
+    install_seconds: float = 0.0
+
+    def helm_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {**os.environ, "KUBECONFIG": str(self.cp.kubeconfig_path),
+               "HELM_CACHE_HOME": str(self.cp.workdir / "helm-cache"),
+               "HELM_CONFIG_HOME": str(self.cp.workdir / "helm-config"),
+               "HELM_DATA_HOME": str(self.cp.workdir / "helm-data")}
+        res = subprocess.run([self.helm, *args], capture_output=True, text=True, env=env,
+                             timeout=600)
+        if check and res.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed: {res.stderr}\n{res.stdout}")
+        return res
+
+    def operator_log(self) -> str:
+        res = self.cp.kubectl("logs", "-n", RELEASE_NS, "deployment/chaperone-operator",
+                              "--tail", "60", check=False)
+        return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="session")
+def release(node_cp, node, images, helm_bin, node_s3):
+    """`helm install` of the chart as README says, with the recording bucket on node_s3.
+
+    redis.enabled=false: the chart's Redis is the official redis image, which cannot be pulled
+    here; sidecars then keep grants in memory (a supported configuration, docs/redis.md).
+    """
+    rel = Release(node_cp, node, helm_bin, node_s3)
+    t0 = time.monotonic()
+    rel.helm_run("install", RELEASE, str(REPO_ROOT / "charts" / "chaperone"),
+                 "-n", RELEASE_NS, "--create-namespace",
+                 "--set", "redis.enabled=false",
+                 "--set-string", f"recording.s3.bucket={RECORDING_BUCKET}",
+                 "--set-string", f"recording.s3.endpoint={node_s3}",
+                 "--set-string", f"recording.s3.region={REGION}",
+                 "--set-string", f"recording.s3.prefix={RECORDING_PREFIX}",
+                 "--set-string", f"sidecar.secretName={SIDECAR_SECRET}",
+                 "--set", "sidecar.approvalTimeoutSeconds=120")
+    try:
+        res = node_cp.kubectl("-n", RELEASE_NS, "rollout", "status",
+                              "deployment/chaperone-operator", "--timeout=180s", check=False,
+                              timeout=200)
+        assert res.returncode == 0, (f"operator rollout: {res.stderr}\n{rel.operator_log()}\n"
+                                     f"{node_cp.kubectl('get', 'pods', '-A', '-o', 'wide').stdout}"
+                                     f"\n{node.logs(20)}")
+        rel.install_seconds = time.monotonic() - t0
+        node.timings["helm-install-to-rollout"] = rel.install_seconds
+        yield rel
+    finally:
+        rel.helm_run("uninstall", RELEASE, "-n", RELEASE_NS, "--wait", "--timeout", "120s",
+                     check=False)
+
+
+@dataclass
+class NodeStory:
+    """The story namespace on the node, the Claude pod dave created, and how to act in it."""
+
+    cp: ControlPlane
+    node: Node
+    release: Release
+    ns: str
+    victim_ns: str
+    manifest_public_key: Path
+    workdir: Path
+    steps: dict = field(default_factory=dict)
+
+    def pod(self) -> dict:
+        return json.loads(self.cp.kubectl("get", "pod", POD, "-n", self.ns, "-o", "json").stdout)
+
+    def exec(self, *argv: str, timeout: float = 120, check: bool = False
+             ) -> subprocess.CompletedProcess:
+        """Run a command in the agent container through the real kubelet (`kubectl exec`)."""
+        return self.cp.kubectl("exec", "-n", self.ns, POD, "-c", AGENT_CONTAINER, "--", *argv,
+                               check=check, timeout=timeout)
+
+    def exec_background(self, *argv: str) -> subprocess.Popen:
+        ref = self.cp.user_kubeconfig("admin")
+        return subprocess.Popen(
+            [self.cp.kubectl_binary, *ref.kubectl_args(), "exec", "-n", self.ns, POD, "-c",
+             AGENT_CONTAINER, "--", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def agent_kubectl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The agent's kubectl: the in-cluster API address, a placeholder token, no CA of its
+        own (it trusts the injected SSL_CERT_FILE: the interception CA). HTTPS_PROXY is the
+        injected one; 10.0.0.1 is not loopback, so Go sends it through the sidecar."""
+        return self.exec("kubectl", "--server", f"https://{KUBERNETES_SERVICE}:443",
+                         "--token", "placeholder", "-n", self.ns, *args, timeout=timeout)
+
+    def sidecar_log(self, tail: int = 60) -> str:
+        res = self.cp.kubectl("logs", "-n", self.ns, POD, "-c", SIDECAR, "--tail", str(tail),
+                              check=False)
+        return res.stdout + res.stderr
+
+    def sidecar_status(self) -> dict:
+        return next(s for s in self.pod()["status"].get("initContainerStatuses", [])
+                    if s["name"] == SIDECAR)
+
+    def approval_requests(self) -> list[dict]:
+        return json.loads(self.cp.kubectl("get", "approvalrequests", "-n", self.ns, "-o",
+                                          "json").stdout)["items"]
+
+    def sessions(self, *args: str) -> subprocess.CompletedProcess:
+        """`chaperone sessions ...` on this machine, reading the chart's bucket on node_s3."""
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": REGION}
+        argv = [sys.executable, "-m", "chaperone_sidecar.cli", "sessions", *args[:1],
+                "--s3-bucket", RECORDING_BUCKET, "--s3-endpoint", self.release.s3_url,
+                "--s3-prefix", RECORDING_PREFIX, *args[1:]]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+
+def _b64(value: str | bytes) -> str:
+    return base64.b64encode(value.encode() if isinstance(value, str) else value).decode()
+
+
+def _ed25519_keys(directory: Path) -> tuple[bytes, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = directory / "manifest-key.pub"
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def _platform_objects(ns: str, victim: str, token: str, manifest_key: bytes) -> list[dict]:
+    """What the platform team applies (as admin): dave's RBAC, the sidecar Secret, the
+    connection to this cluster's API (the in-cluster address) and its policy."""
+    rbac = "rbac.authorization.k8s.io/v1"
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": AGENT_SA, "namespace": ns}},
+        {"apiVersion": rbac, "kind": "Role", "metadata": {"name": "developer", "namespace": ns},
+         "rules": [{"apiGroups": [""], "resources": ["pods"],
+                    "verbs": ["create", "get", "list", "watch", "delete"]},
+                   {"apiGroups": ["chaperone.dev"], "resources": ["approvalrequests"],
+                    "verbs": ["get", "list", "watch", "patch"]}]},
+        {"apiVersion": rbac, "kind": "RoleBinding", "metadata": {"name": "developer-dave", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "developer"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "dave"}]},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SIDECAR_SECRET, "namespace": ns},
+         "type": "Opaque", "data": {"AWS_ACCESS_KEY_ID": _b64("testing"),
+                                    "AWS_SECRET_ACCESS_KEY": _b64("testing"),
+                                    "MANIFEST_KEY": _b64(manifest_key)}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "agent-kube-token", "namespace": ns},
+         "type": "Opaque", "data": {"token": _b64(token)}},
+        {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "cluster-api", "namespace": ns},
+         "spec": {"type": "kubernetes", "hosts": [f"{KUBERNETES_SERVICE}:443"],
+                  "credentials": {"source": "secret", "secretRef": {"name": "agent-kube-token"}},
+                  "upstreamCA": {"kind": "ConfigMap", "name": "kube-root-ca.crt", "key": "ca.crt"},
+                  "recording": {"bodies": "full"}}},
+        {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "cluster-guardrails", "namespace": ns},
+         "spec": {"connections": ["cluster-api"], "defaultEffect": "block",
+                  "approvers": {"groups": ["platform-approvers"]},
+                  "rules": [
+                      {"name": "reads", "match": {"kubernetes": {"verbs": ["get", "list", "watch"]}},
+                       "allow": {}},
+                      {"name": "never-delete-namespaces",
+                       "match": {"kubernetes": {"verbs": ["delete", "deletecollection"],
+                                                "resources": ["namespaces"]}},
+                       "block": {"message": "Agents may not delete namespaces."}},
+                      {"name": "configmaps-need-approval",
+                       "match": {"kubernetes": {"verbs": ["create"], "resources": ["configmaps"]}},
+                       "requireApproval": {"minApprovals": 1, "timeoutSeconds": 600,
+                                           "mode": "hold", "holdSeconds": 120}}]}},
+    ]
+
+
+def _reader_rbac(ns: str, victim: str, reader: str) -> list[dict]:
+    """The connection's identity: read pods and create configmaps here, and RBAC that WOULD let
+    it delete the victim namespace (so "still exists" proves the policy, not RBAC)."""
+    rbac = "rbac.authorization.k8s.io/v1"
+    cluster_name = f"node-e2e-{ns}-reader"
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": reader, "namespace": ns}},
+        {"apiVersion": rbac, "kind": "Role", "metadata": {"name": "reader", "namespace": ns},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                   {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]}]},
+        {"apiVersion": rbac, "kind": "RoleBinding", "metadata": {"name": "reader", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": reader, "namespace": ns}]},
+        {"apiVersion": rbac, "kind": "ClusterRole", "metadata": {"name": cluster_name},
+         "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "delete"],
+                    "resourceNames": [victim]}]},
+        {"apiVersion": rbac, "kind": "ClusterRoleBinding", "metadata": {"name": cluster_name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name},
+         "subjects": [{"kind": "ServiceAccount", "name": reader, "namespace": ns}]},
+    ]
+
+
+def claude_pod(ns: str, image: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": POD, "namespace": ns,
+                         "labels": {"app": "claude", "chaperone.dev/inject": "true"}},
+            "spec": {"serviceAccountName": AGENT_SA, "terminationGracePeriodSeconds": 30,
+                     "containers": [{"name": AGENT_CONTAINER, "image": image,
+                                     "imagePullPolicy": "IfNotPresent",
+                                     "command": ["sleep", "infinity"]}]}}
+
+
+@pytest.fixture(scope="session")
+def node_story(release, node_cp, node, images, tmp_path_factory):
+    cp = node_cp
+    workdir = tmp_path_factory.mktemp("node-story")
+    tag = uuid.uuid4().hex[:6]
+    ns, victim = f"story-{tag}", f"victim-{tag}"
+    for name in (ns, victim):
+        cp.create_namespace(name)
+    manifest_key, public = _ed25519_keys(workdir)
+    reader = "agent-reader"
+    cluster_objects = _reader_rbac(ns, victim, reader)
+    s = NodeStory(cp, node, release, ns, victim, public, workdir)
+    try:
+        cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(cluster_objects))
+        token = cp.kubectl("create", "token", reader, "-n", ns, "--duration", "2h").stdout.strip()
+        cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(
+            _platform_objects(ns, victim, token, manifest_key)))
+        t0 = time.monotonic()
+        created = cp.kubectl("create", "-f", "-", "-o", "json", user="developer",
+                             input=json.dumps(claude_pod(ns, images["agent"])))
+        s.steps["created-as-dave"] = json.loads(created.stdout)
+
+        def started():
+            status = s.pod()["status"]
+            conds = {c["type"]: c["status"] for c in status.get("conditions", [])}
+            return conds.get("Ready") == "True"
+        wait_for(started, 180, "the Claude pod Ready (sidecar and agent started)",
+                 detail=lambda: json.dumps(s.pod()["status"], indent=1)[-3000:]
+                 + "\n" + s.sidecar_log() + "\n" + release.operator_log())
+        node.timings["claude-pod-ready"] = time.monotonic() - t0
+        yield s
+    finally:
+        cp.kubectl("delete", "pod", POD, "-n", ns, "--ignore-not-found", "--wait=false",
+                   check=False)
+        cp.kubectl("delete", "-f", "-", "--ignore-not-found", "--wait=false", check=False,
+                   input=yaml.safe_dump_all([o for o in cluster_objects
+                                             if o["kind"].startswith("Cluster")]))

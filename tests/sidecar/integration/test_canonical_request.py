@@ -40,7 +40,7 @@ SAME_AS_ADMIN = ["/admin", "//admin", "///admin", "/./admin", "/x/../admin", "/%
 # Ambiguous between servers: the sidecar refuses them whatever this upstream would do.
 AMBIGUOUS = ["/admin;x=1", "/x/..;/admin", "/%252Fadmin", "/admin.", "/admin%20", "/admin%2e",
              "/admin\\", "/x\\..\\admin", "/x%5C..%5Cadmin", "/admin%00", "/admin%0d%0aX:%20y",
-             "/adm%in", "/%25%36%31dmin"]
+             "/adm%in", "/%25%36%31dmin", "/admin#/../public"]
 CASE = ["/ADMIN", "/Admin", "/aDmIn"]
 
 

@@ -24,7 +24,8 @@ original.
    * a double encoding ``%25`` followed by two hex digits (``%252F``: decoded twice, a slash),
    * ``;`` (path parameters, dropped by servlet containers: ``/admin;x=1``, ``/..;/admin``),
    * a segment ending in ``.`` or a space (``/admin.``, ``/admin%20``: stripped by Windows),
-   * a control character or NUL, raw or encoded, and a ``%`` without two hex digits.
+   * a control character or NUL, raw or encoded, a raw ``#`` (a fragment is never sent:
+     ``/admin#/../public`` is ``/admin`` to some servers) and a ``%`` without two hex digits.
 
 A connection whose upstream needs one of those declares it in ``spec.pathNormalization``
 (:class:`PathRules`, ``allowEncodedSlash`` ...); the character is then passed through as data
@@ -58,7 +59,7 @@ _DOUBLE = re.compile(r"%25[0-9A-Fa-f]{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Anything that could make the canonical form differ from the path, or make it ambiguous; a
 # path without any of these (nearly every request) is canonical as it is.
-_SUSPECT = re.compile(r"[\x00-\x1f\x7f\\;%]|//|/\.|\.(?:/|$)")
+_SUSPECT = re.compile(r"[\x00-\x1f\x7f\\;%#]|//|/\.|\.(?:/|$)")
 
 # pathNormalization field -> PathRules attribute (the refusal message names the field).
 AMBIGUOUS_FIELDS = {
@@ -153,6 +154,8 @@ def _raw_problem(path: str, rules: PathRules) -> str:
     control = _CONTROL.search(path)
     if control:
         return _refusal(path, f"a control character {control.group()!r}", None)
+    if "#" in path:  # a fragment is never sent; servers cut the path there, or do not
+        return _refusal(path, "a '#' (fragment)", None)
     if "\\" in path and not rules.allow_backslash:
         return _refusal(path, "a backslash", "allowBackslash")
     if ";" in path and not rules.allow_semicolon:

@@ -30,7 +30,7 @@ AMBIGUOUS = [
     ("/admin%2e", "allowTrailingDotOrSpace"), ("/admin../x", "allowTrailingDotOrSpace"),
     ("/admin\\", "allowBackslash"), ("/x\\..\\admin", "allowBackslash"), ("/x%5c..%5cadmin", "allowBackslash"),
     ("/admin%00", None), ("/admin%0a", None), ("/admin\x00", None), ("/adm\tin", None),
-    ("/admin%7f", None), ("/adm%in", None), ("/admin%", None),
+    ("/admin%7f", None), ("/adm%in", None), ("/admin%", None), ("/admin#/../public", None),
 ]
 
 

@@ -11,6 +11,8 @@ sync handlers in its thread pool.
 
 from __future__ import annotations
 
+import base64
+
 import json
 from typing import Any, Iterable
 
@@ -122,6 +124,31 @@ def ensure_role_binding(api: client.ApiClient, namespace: str, name: str, cluste
         return "unchanged"
     body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
     rbac.replace_namespaced_role_binding(name, namespace, body)
+    return "updated"
+
+
+def ensure_secret(api: client.ApiClient, namespace: str, name: str, data: dict[str, str],
+                  labels: dict[str, str]) -> str:
+    """Make Secret NAME hold exactly ``data`` (string values). Returns created/updated/unchanged.
+
+    A Secret of that name that the operator did not create (no ``labels``) is left alone and
+    reported as "foreign": the operator never overwrites someone else's Secret.
+    """
+    core = client.CoreV1Api(api)
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    current = _none_if_missing(core.read_namespaced_secret, name, namespace)
+    body: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                            "data": encoded}
+    if current is None:
+        core.create_namespaced_secret(namespace, body)
+        return "created"
+    if any((current["metadata"].get("labels") or {}).get(k) != v for k, v in labels.items()):
+        return "foreign"
+    if current.get("data") == encoded:
+        return "unchanged"
+    body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+    core.replace_namespaced_secret(name, namespace, body)
     return "updated"
 
 

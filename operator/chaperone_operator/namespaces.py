@@ -1,4 +1,5 @@
-"""Per-namespace plumbing the sidecars need: the interception CA and the sidecar RoleBinding.
+"""Per-namespace plumbing the sidecars need: the interception CA, the sidecar RoleBinding and
+the Redis password Secret.
 
 Why the operator manages the RoleBinding: a sidecar authenticates with its pod's service
 account, and needs exactly the ``chaperone-sidecar`` ClusterRole (create/get/list/watch
@@ -19,7 +20,8 @@ from kubernetes.client.exceptions import ApiException
 
 from . import kube
 
-__all__ = ["ROLE_BINDING", "sidecar_service_accounts", "upstream_ca_found", "ensure"]
+__all__ = ["ROLE_BINDING", "sidecar_service_accounts", "upstream_ca_found", "ensure",
+           "redis_secret_data"]
 
 ROLE_BINDING = "chaperone-sidecar"
 MANAGED_LABELS = {"app.kubernetes.io/managed-by": "chaperone-operator",
@@ -63,9 +65,31 @@ def ensure(runtime, namespace: str, pods: list[Mapping], logger) -> None:
         raise
 
 
+def redis_secret_data(settings, injection) -> dict[str, str] | None:
+    """What the per-namespace Redis Secret holds (password, and ca.crt for rediss://); None
+    when the sidecars get no password."""
+    if not (settings.redis_password and injection.redis_secret):
+        return None
+    data = {"password": settings.redis_password}
+    if injection.redis_tls_ca and settings.redis_ca_cert:
+        data["ca.crt"] = settings.redis_ca_cert
+    return data
+
+
 def _ensure(runtime, namespace: str, pods: list[Mapping], logger) -> None:
     if runtime.ensure_ca is not None:
         runtime.ensure_ca(runtime.api, namespace, runtime.now())
+    # The Redis password, where the sidecars' secretKeyRef finds it (docs/redis.md): readable by
+    # whoever may read Secrets here, never by agent containers (the webhook refuses that).
+    redis = redis_secret_data(runtime.settings, runtime.injection)
+    if redis is not None:
+        done = kube.ensure_secret(runtime.api, namespace, runtime.injection.redis_secret, redis,
+                                  MANAGED_LABELS)
+        if done == "foreign":
+            logger.warning(f"Secret {namespace}/{runtime.injection.redis_secret} exists and is "
+                           "not the operator's: sidecars here read their Redis password from it")
+        elif done != "unchanged":
+            logger.info(f"Secret {namespace}/{runtime.injection.redis_secret} {done}")
     if runtime.settings.manage_sidecar_rbac:
         done = kube.ensure_role_binding(runtime.api, namespace, ROLE_BINDING,
                                         runtime.settings.sidecar_cluster_role,

@@ -11,7 +11,7 @@ resources, S3/Redis/OTel values for the sidecar) are read by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from .approvals import SidecarIdentityRule
@@ -33,6 +33,8 @@ ENV = {
     "sidecar_cluster_role": "CHAPERONE_SIDECAR_CLUSTER_ROLE",
     "require_pod_bound_token": "CHAPERONE_APPROVALS_REQUIRE_POD_BOUND_TOKEN",
     "require_injected_pod": "CHAPERONE_APPROVALS_REQUIRE_INJECTED_POD",
+    "redis_password": "CHAPERONE_REDIS_PASSWORD",
+    "redis_ca_cert": "CHAPERONE_REDIS_CA_CERT",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -58,6 +60,10 @@ class OperatorSettings:
     sidecar_cluster_role: str = "chaperone-sidecar"
     require_pod_bound_token: bool = True  # see approvals.SidecarIdentityRule
     require_injected_pod: bool = True
+    # The sidecars' Redis password (from the chart's Secret) and, for rediss://, its CA (PEM):
+    # copied into the Secret CHAPERONE_REDIS_SECRET of each agent namespace (namespaces.ensure).
+    redis_password: str = field(default="", repr=False)
+    redis_ca_cert: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "OperatorSettings":

@@ -34,7 +34,8 @@ from .contract import (  # noqa: F401 - re-exported
     ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_UID, ENV_SERVICE_ACCOUNT, ENV_NODE_NAME, ENV_CREATOR,
     ENV_CONNECTIONS, ENV_CA_DIR, ENV_TOKEN_DIR, ENV_PODINFO_DIR, ENV_SPOOL_DIR, ENV_SPOOL_LIMIT,
     ENV_APPROVAL_MODE, ENV_APPROVAL_TIMEOUT, ENV_OPERATOR_NAMESPACE, ENV_LOG_LEVEL, ENV_S3_BUCKET,
-    ENV_S3_ENDPOINT, ENV_S3_REGION, ENV_S3_PREFIX, ENV_REDIS_URL, ENV_SIDECAR_SECRET_DIR,
+    ENV_S3_ENDPOINT, ENV_S3_REGION, ENV_S3_PREFIX, ENV_REDIS_URL, ENV_REDIS_PASSWORD,
+    ENV_REDIS_CA_CERT, ENV_SIDECAR_SECRET_DIR,
     ENV_OTEL_ENDPOINT, ENV_OTEL_SERVICE, ENV_HOME, ENV_KUBE_HOST, ENV_KUBE_PORT, ENV_OIDC_ISSUER,
     ENV_OIDC_AUDIENCE, ENV_OIDC_USERNAME_CLAIM, ENV_OIDC_GROUPS_CLAIM, ENV_OIDC_CA_FILE, CA_DIR,
     TOKEN_DIR, PODINFO_DIR, SPOOL_DIR, TMP_DIR, MODES, APPROVAL_MODES, DEFAULT_PROXY_PORT,
@@ -114,6 +115,9 @@ class SidecarConfig:
     s3_region: str = ""
     s3_prefix: str = ""
     redis_url: str = ""
+    # AUTH password and rediss:// CA (PEM) of that Redis; kept out of repr (config is logged).
+    redis_password: str = field(default="", repr=False)
+    redis_ca_cert: str = field(default="", repr=False)
     otel_endpoint: str = ""
     otel_service_name: str = SERVICE_NAME
     log_level: str = "info"
@@ -240,6 +244,8 @@ class SidecarConfig:
             s3_region=get(ENV_S3_REGION),
             s3_prefix=get(ENV_S3_PREFIX),
             redis_url=get(ENV_REDIS_URL),
+            redis_password=env.get(ENV_REDIS_PASSWORD) or "",  # verbatim: spaces may be part of it
+            redis_ca_cert=get(ENV_REDIS_CA_CERT),
             otel_endpoint=get(ENV_OTEL_ENDPOINT),
             otel_service_name=get(ENV_OTEL_SERVICE, SERVICE_NAME),
             log_level=get(ENV_LOG_LEVEL, "info"),

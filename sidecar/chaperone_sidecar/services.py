@@ -220,7 +220,13 @@ async def _make_backends(config: SidecarConfig, services: SidecarServices) -> No
     if config.redis_url:
         import redis.asyncio as aioredis
 
-        services.redis = aioredis.from_url(config.redis_url, password=_secret(config, "REDIS_PASSWORD"))
+        # The password: the injected secretKeyRef variable, else (older installs) the
+        # sidecar Secret's REDIS_PASSWORD file. A password in the URL itself wins (redis-py).
+        options: dict[str, Any] = {
+            "password": config.redis_password or _secret(config, "REDIS_PASSWORD")}
+        if config.redis_ca_cert and config.redis_url.startswith("rediss://"):
+            options["ssl_ca_data"] = config.redis_ca_cert
+        services.redis = aioredis.from_url(config.redis_url, **options)
         services.closers.append(services.redis.aclose)
         services.grants = approvals.RedisGrants(services.redis)
         services.rate_limiter = approvals.RedisRateLimiter(services.redis)

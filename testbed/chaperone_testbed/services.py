@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -246,18 +247,29 @@ class _Service:
 
 
 class RedisServer(_Service):
-    """`redis-server` without persistence; `url` is redis://127.0.0.1:PORT/0."""
+    """`redis-server` without persistence, with AUTH like the chart's Redis.
+
+    `url` (redis://:PASSWORD@127.0.0.1:PORT/0) is what every client of the test bed uses, so
+    they all pass the password; `address_url` is the same without it - what an agent knows (the
+    pod's network reaches the port, the password is only in the sidecar) - and `password` is
+    what the sidecar gets from its Secret. A fresh random password per server.
+    """
 
     name = "redis"
 
     def __init__(self, *, port: int | None = None, binary: str | None = None,
-                 startup_timeout: float = 30.0) -> None:
+                 startup_timeout: float = 30.0, password: str | None = None) -> None:
         super().__init__(port=port, startup_timeout=startup_timeout)
         self.binary = binary
+        self.password = password if password is not None else secrets.token_hex(16)
+
+    @property
+    def address_url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        return f"redis://:{self.password}@{LOOPBACK}:{self.port}/0"
 
     def _check_installed(self) -> None:
         if self.binary is None:
@@ -272,13 +284,22 @@ class RedisServer(_Service):
             # In-memory only: tests must not depend on (or leak) state across runs.
             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
             "--daemonize", "no", "--protected-mode", "no", "--loglevel", "notice",
+            "--requirepass", self.password,
         ]
 
     def _probe(self) -> bool:
         # Raw RESP, so the readiness check itself does not depend on the redis client package.
+        password = self.password.encode()
         with socket.create_connection((LOOPBACK, self.port), timeout=1) as s:
-            s.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n*1\r\n$4\r\nPING\r\n"
+                      % (len(password), password))
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply == b"+OK\r\n+PONG\r\n"
 
 
 class S3Server(_Service):

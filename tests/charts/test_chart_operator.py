@@ -115,8 +115,8 @@ def test_provided_certificate_and_out_of_cluster_url(helm, repo_root):
     bundle = base64.b64encode(b"-----BEGIN CERTIFICATE-----\n").decode()
     docs = render(helm, repo_root, "--set", f"webhook.caBundle={bundle}", "--set", "webhook.certSecret=mine",
                   "--set", "webhook.url=https://127.0.0.1:9443/")
-    assert not [d for d in docs if d["kind"] == "Secret"]
-    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["chaperone-redis"]
+    volumes = one(docs, "Deployment", "chaperone-operator")["spec"]["template"]["spec"]["volumes"]
     assert {"name": "webhook-tls", "secret": {"secretName": "mine"}} in volumes
     for name, (_, hook) in webhooks(docs).items():
         assert hook["clientConfig"] == {"url": f"https://127.0.0.1:9443/{name.removesuffix('.chaperone.dev')}",
@@ -133,12 +133,13 @@ def test_excluded_namespaces(helm, repo_root):
 
 
 def deployment_env(docs) -> dict[str, str]:
-    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = one(docs, "Deployment", "chaperone-operator")["spec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e.get("value") for e in container["env"]}
 
 
 def test_deployment_env_is_exactly_what_the_operator_reads(helm, repo_root):
-    docs = render(helm, repo_root, "--set", "sidecar.mode=transparent", "--set", "redis.url=redis://r:6379/0",
+    docs = render(helm, repo_root, "--set", "sidecar.mode=transparent", "--set", "redis.enabled=false",
+                  "--set", "redis.url=redis://r:6379/0",
                   "--set", "recording.s3.bucket=recs", "--set", "otel.endpoint=http://otel:4317",
                   "--set", "oidc.issuer=https://dex.example.com", "--set", "oidc.audience=chaperone",
                   "--set", "oidc.caFile=/var/run/secrets/chaperone/sidecar/oidc-ca.crt")
@@ -159,7 +160,7 @@ def test_deployment_env_is_exactly_what_the_operator_reads(helm, repo_root):
     ).oidc_issuer == ""  # the defaults configure no issuer (and are valid settings)
     op = OperatorSettings.from_env(literal)
     assert op.standalone and op.webhook_cert_file == "/etc/chaperone/webhook/tls.crt"
-    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = one(docs, "Deployment", "chaperone-operator")["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["chaperone"] and container["args"][0] == "operator"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
@@ -193,7 +194,7 @@ def test_replicas_need_peering(helm, repo_root):
     docs = render(helm, repo_root, "--set", "operator.replicas=2", "--set", "operator.peering.enabled=true")
     assert one(docs, "CustomResourceDefinition", "clusterkopfpeerings.kopf.dev")
     assert deployment_env(docs)["CHAPERONE_STANDALONE"] == "false"
-    assert one(docs, "Deployment")["spec"]["replicas"] == 2
+    assert one(docs, "Deployment", "chaperone-operator")["spec"]["replicas"] == 2
 
 
 @pytest.mark.parametrize("setting, complaint", [

@@ -18,8 +18,9 @@ nothing else:
 - deployment controller: once the process serves, the Deployment's status says so, which is what
   the README's `kubectl rollout status` waits for.
 
-Then the README's objects must exist as it promises: the connection and policy Valid, the agent
-pod created with the sidecar. `examples/approvalrequest.yaml` must behave as its comment says.
+Then the README's objects must exist as it promises: the connection Ready and the policy Valid,
+the agent pod created with the sidecar, which (alone) gets the chart's Redis password from the
+Secret the operator copied into the namespace. `examples/approvalrequest.yaml` must behave as its comment says.
 Plain `helm template` and `helm lint` (helm's default Kubernetes version) must pass.
 """
 
@@ -201,6 +202,21 @@ def test_readme_on_a_cluster_runs_verbatim(control_plane, helm, repo_root, tmp_p
         pod = json.loads(cp.kubectl("get", "pod", "claude-coder-0", "-n", AGENTS, "-o", "json").stdout)
         assert [c["name"] for c in pod["spec"]["initContainers"]] == ["chaperone-sidecar"]
         assert "chaperone.dev/status" in pod["metadata"]["annotations"]
+        # The chart's Redis has a password; the operator copied it into the agents' namespace
+        # and the sidecar - only the sidecar - reads it from there.
+        def password(ns: str) -> str:
+            secret = json.loads(cp.kubectl("get", "secret", "chaperone-redis", "-n", ns, "-o", "json").stdout)
+            return base64.b64decode(secret["data"]["password"]).decode()
+        chart_password = password(NS)
+        assert len(chart_password) == 40
+        assert _wait(lambda: cp.kubectl("get", "secret", "chaperone-redis", "-n", AGENTS,
+                                        check=False).returncode == 0)
+        assert password(AGENTS) == chart_password
+        sidecar_env = {e["name"]: e for e in pod["spec"]["initContainers"][0]["env"]}
+        assert sidecar_env["CHAPERONE_REDIS_URL"]["value"] == "redis://chaperone-redis.chaperone-system.svc:6379/0"
+        assert sidecar_env["CHAPERONE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "chaperone-redis", "key": "password"}
+        assert "chaperone-redis" not in json.dumps(pod["spec"]["containers"])
 
         # examples/approvalrequest.yaml: schema-valid, and refused when a person applies it.
         ar = "examples/approvalrequest.yaml"

@@ -12,7 +12,9 @@ from chaperone_testbed import ComponentUnavailable, RedisServer, StartupError
 
 
 def test_redis_ping_set_get(redis_server):
-    assert redis_server.url.startswith("redis://127.0.0.1:")
+    assert redis_server.address_url.startswith("redis://127.0.0.1:")
+    assert redis_server.url == redis_server.address_url.replace(
+        "redis://", f"redis://:{redis_server.password}@")
     r = redis.Redis.from_url(redis_server.url)
     assert r.ping()
     r.set("chaperone:testbed", "ok")

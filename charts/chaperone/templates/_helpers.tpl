@@ -45,3 +45,38 @@ service:
 {{- end }}
 caBundle: {{ .caBundle }}
 {{- end -}}
+
+{{/* Labels selecting the chart's Redis pod. */}}
+{{- define "chaperone.redisSelectorLabels" -}}
+app.kubernetes.io/name: chaperone
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end -}}
+
+{{/*
+The Redis URL the operator hands to every sidecar (without the password): the chart's Redis
+(redis:// or, with TLS, rediss://) or redis.url. Empty: no Redis.
+*/}}
+{{- define "chaperone.redisURL" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "%s://chaperone-redis.%s.svc:6379/0" (ternary "rediss" "redis" .Values.redis.tls.enabled) .Release.Namespace -}}
+{{- else -}}
+{{- .Values.redis.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret (release namespace) and key holding the Redis password; empty when none. */}}
+{{- define "chaperone.redisPasswordSecret" -}}
+{{- if .Values.redis.auth.existingSecret -}}
+{{- .Values.redis.auth.existingSecret -}}
+{{- else if .Values.redis.enabled -}}
+chaperone-redis
+{{- end -}}
+{{- end -}}
+{{- define "chaperone.redisPasswordKey" -}}
+{{- if .Values.redis.auth.existingSecret -}}
+{{- .Values.redis.auth.existingSecretKey -}}
+{{- else -}}
+password
+{{- end -}}
+{{- end -}}

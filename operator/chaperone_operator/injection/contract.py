@@ -99,6 +99,12 @@ ENV_S3_ENDPOINT = "CHAPERONE_S3_ENDPOINT"
 ENV_S3_REGION = "CHAPERONE_S3_REGION"
 ENV_S3_PREFIX = "CHAPERONE_S3_PREFIX"
 ENV_REDIS_URL = "CHAPERONE_REDIS_URL"
+# The Redis password and (rediss://) CA: secretKeyRef variables of the sidecar container only,
+# from the per-namespace Secret the operator keeps (CHAPERONE_REDIS_SECRET); agents never get them.
+ENV_REDIS_PASSWORD = "CHAPERONE_REDIS_PASSWORD"
+ENV_REDIS_CA_CERT = "CHAPERONE_REDIS_CA_CERT"
+REDIS_PASSWORD_KEY = "password"   # keys of that Secret
+REDIS_CA_KEY = "ca.crt"
 ENV_SIDECAR_SECRET_DIR = "CHAPERONE_SIDECAR_SECRET_DIR"
 # On-behalf-of tokens (X-Chaperone-On-Behalf-Of) are verified against this OIDC issuer; written
 # only when CHAPERONE_OIDC_ISSUER is configured (without it the sidecar refuses such tokens).

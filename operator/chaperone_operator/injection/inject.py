@@ -110,6 +110,8 @@ def _check(spec: Mapping[str, Any], agents: Sequence[Mapping[str, Any]], mode: s
         return (f"spec.securityContext.runAsUser {settings.sidecar_uid} is the Chaperone sidecar "
                 "UID, reserved for the sidecar")
     volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+    if reason := _sidecar_secret_use(spec, agents, settings):
+        return reason
     own_ports = {settings.proxy_port, settings.health_port}
     own_ports |= set(range(settings.reverse_port_base,
                            settings.reverse_port_base + MAX_REVERSE_PORTS))
@@ -140,6 +142,39 @@ def _check(spec: Mapping[str, Any], agents: Sequence[Mapping[str, Any]], mode: s
             if vname in volumes and _is_api_token_volume(volumes[vname], settings):
                 return (f"{where}: volume {vname!r} holds a Kubernetes API token; agent "
                         "containers reach the API only through a kubernetes connection")
+    return None
+
+
+def _secret_names(volume: Mapping[str, Any]) -> set[str]:
+    names = {(volume.get("secret") or {}).get("secretName")}
+    names |= {(source.get("secret") or {}).get("name")
+              for source in (volume.get("projected") or {}).get("sources") or []}
+    return {n for n in names if n}
+
+
+def _sidecar_secret_use(spec: Mapping[str, Any], agents: Sequence[Mapping[str, Any]],
+                        settings: InjectionSettings) -> str | None:
+    """An agent container reading a Secret that belongs to the sidecar: the Redis password (the
+    agent could then write grants into Redis), the interception CA's key, the sidecar's
+    credentials. The webhook never gives them to agents; a pod spec must not either."""
+    owned = {settings.redis_secret, settings.ca_secret_name, settings.sidecar_secret} - {""}
+    if not owned:
+        return None
+    volumes = {v.get("name"): _secret_names(v) & owned for v in spec.get("volumes") or []
+               if not str(v.get("name", "")).startswith(c.RESERVED_PREFIX)}
+    for agent in agents:
+        where = f"container {agent.get('name')!r}"
+        used = set()
+        for env in agent.get("env") or []:
+            used.add(((env.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name"))
+        for source in agent.get("envFrom") or []:
+            used.add((source.get("secretRef") or {}).get("name"))
+        for mount in agent.get("volumeMounts") or []:
+            used |= volumes.get(mount.get("name"), set())
+        if hit := sorted(n for n in used & owned if n):
+            return (f"{where}: Secret {hit[0]!r} belongs to the Chaperone sidecar (Redis "
+                    "password, interception CA or sidecar credentials); agent containers must "
+                    "not read it")
     return None
 
 

@@ -42,6 +42,8 @@ ENV_VARS: dict[str, str] = {
     "CHAPERONE_S3_REGION": "s3_region",
     "CHAPERONE_S3_PREFIX": "s3_prefix",
     "CHAPERONE_REDIS_URL": "redis_url",
+    "CHAPERONE_REDIS_SECRET": "redis_secret",
+    "CHAPERONE_REDIS_TLS_CA": "redis_tls_ca",
     "CHAPERONE_OTEL_ENDPOINT": "otel_endpoint",
     "CHAPERONE_OIDC_ISSUER": "oidc_issuer",
     "CHAPERONE_OIDC_AUDIENCE": "oidc_audience",
@@ -84,6 +86,9 @@ class InjectionSettings:
     s3_region: str = ""
     s3_prefix: str = ""
     redis_url: str = ""
+    # Secret (in each pod namespace, kept by the operator) with the Redis password; empty: none.
+    redis_secret: str = ""
+    redis_tls_ca: bool = False          # that Secret also holds the rediss:// server's CA (ca.crt)
     otel_endpoint: str = ""
     # On-behalf-of OIDC issuer the sidecars verify X-Chaperone-On-Behalf-Of tokens against;
     # empty: not configured (the sidecars then refuse such tokens).
@@ -146,6 +151,11 @@ class InjectionSettings:
         quantity_bytes(self.spool_size_limit)  # raises ValueError when malformed
         if not self.ca_secret_name or not self.trust_bundle_name:
             raise ValueError("CHAPERONE_CA_SECRET and CHAPERONE_TRUST_BUNDLE must be set")
+        if self.redis_secret and not self.redis_url:
+            raise ValueError("CHAPERONE_REDIS_SECRET needs CHAPERONE_REDIS_URL")
+        if self.redis_tls_ca and not (self.redis_secret and self.redis_url.startswith("rediss://")):
+            raise ValueError("CHAPERONE_REDIS_TLS_CA needs a rediss:// CHAPERONE_REDIS_URL and "
+                             "CHAPERONE_REDIS_SECRET")
         self._validate_oidc()
 
     def _validate_oidc(self) -> None:

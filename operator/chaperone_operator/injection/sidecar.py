@@ -27,6 +27,10 @@ def _field_env(name: str, field_path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}}}
 
 
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
 def _mount(volume: str, path: str, read_only: bool = True) -> dict[str, Any]:
     mount: dict[str, Any] = {"name": volume, "mountPath": path}
     if read_only:
@@ -69,6 +73,13 @@ def sidecar_container(settings: InjectionSettings, mode: str, approval_mode: str
                         (c.ENV_REDIS_URL, settings.redis_url)):
         if value:
             env.append({"name": name, "value": value})
+    if settings.redis_url and settings.redis_secret:
+        # From the Secret, in this container only: the agent shares the pod's network and can
+        # reach the Redis port, so the password is what keeps it out (docs/redis.md). Not
+        # optional: a sidecar must not start against Redis without it.
+        env.append(_secret_env(c.ENV_REDIS_PASSWORD, settings.redis_secret, c.REDIS_PASSWORD_KEY))
+        if settings.redis_tls_ca:
+            env.append(_secret_env(c.ENV_REDIS_CA_CERT, settings.redis_secret, c.REDIS_CA_KEY))
     if settings.sidecar_secret:
         env.append({"name": c.ENV_SIDECAR_SECRET_DIR, "value": c.SIDECAR_SECRET_DIR})
     if settings.otel_endpoint:

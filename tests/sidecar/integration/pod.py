@@ -347,8 +347,14 @@ class InjectedPod:
         mounts = self._mount_map(container)
         env: dict[str, str] = {}
         for item in container.get("env") or []:
-            if "valueFrom" in item:
-                value = self._field(item["valueFrom"]["fieldRef"]["fieldPath"])
+            source = item.get("valueFrom")
+            if source is not None and "secretKeyRef" in source:
+                # As the kubelet: the key of a Secret the namespace holds (missing: no start).
+                ref = source["secretKeyRef"]
+                raw = self.secrets[ref["name"]][ref["key"]]
+                value = raw.decode() if isinstance(raw, bytes) else str(raw)
+            elif source is not None:
+                value = self._field(source["fieldRef"]["fieldPath"])
             else:
                 value = item.get("value", "")
             if item["name"] == c.ENV_CONNECTIONS and value:

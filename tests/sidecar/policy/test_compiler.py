@@ -170,6 +170,7 @@ def test_defaults_are_filled_as_the_crd_declares():
     assert spec["masking"] == {"detectors": ["jwt"], "target": "response", "maxBodyBytes": 67108864}
     assert spec["rules"][0]["requireApproval"] == {
         "minApprovals": 1, "timeoutSeconds": 300, "mode": "hold", "holdSeconds": 120,
+        "rememberOutcomeSeconds": 3600,
         "grant": {"ttlSeconds": 900, "scope": "exact"}}
     assert spec["rules"][1]["mask"] == {"fields": ["$.a"], "target": "response"}
     assert spec["rules"][2]["rateLimit"]["per"] == "identity"

@@ -13,7 +13,8 @@ Verification, all of it required:
   ``jwks_ttl_seconds``. A token whose ``kid`` is not in the cache triggers one refresh (keys
   rotate), rate-limited so random ``kid`` values cannot make the sidecar hammer the issuer.
 * Algorithms RS256 and ES256 only (``none`` and HMAC are refused: a JWKS holds public keys), and
-  the key's ``kty``/``crv``/``alg``/``use`` must fit the algorithm.
+  the key's ``kty``/``crv``/``alg``/``use`` must fit the algorithm. A header with ``crit`` is
+  refused: no JWS extension is supported.
 * Claims: ``iss`` equals the issuer, ``aud`` (string or list) contains the audience, ``exp`` is
   required and in the future, ``nbf`` and ``iat`` (if present) are not in the future - each
   with ``leeway_seconds`` of clock skew.
@@ -22,12 +23,22 @@ Verification, all of it required:
 
 Issuer URLs must be ``https``; plain ``http`` is accepted only for a loopback issuer (tests,
 a local IdP in standalone mode).
+
+The JOSE work (JWK import, JWS parsing and signature verification, the registered claims) is
+joserfc's, not ours: it is maintained (by the Authlib authors), typed, built on
+``cryptography`` (already a dependency) and strict where it matters here - an algorithm is
+used only with a key of its own type (an RSA key can never verify an ``HS256`` MAC), each
+verification is given an explicit allowlist of one algorithm, ``crit`` is checked, and its
+claims registry takes an injectable clock (``clock`` below) and a leeway. PyJWT would do as
+well; joserfc won because it is already in the dependency tree (moto's server) and takes the
+clock. This module keeps what is ours: the async discovery/JWKS fetch with its cache and
+rate-limited refresh, which keys of a JWKS are usable, and the refusals in words an agent can
+act on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import json
 import ssl
@@ -36,10 +47,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+import aiohttp
+from joserfc import errors as jose_errors
+from joserfc import jws, jwt
+from joserfc.jwk import ECKey, RSAKey, import_key
 
 from .config import OIDCConfig
 
@@ -49,6 +60,8 @@ MAX_TOKEN_BYTES = 16 * 1024
 ALGORITHMS = ("RS256", "ES256")
 _REFRESH_MIN_INTERVAL = 10.0  # seconds between unknown-kid refreshes
 _FETCH_TIMEOUT = 10.0
+
+PublicKey = RSAKey | ECKey
 
 
 class TokenInvalid(Exception):
@@ -62,33 +75,38 @@ class VerifiedToken:
     claims: Mapping[str, Any]
 
 
-def _b64decode(part: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (ValueError, TypeError) as exc:
-        raise TokenInvalid(f"malformed token: bad base64url ({exc})") from None
+def _registry(alg: str) -> jws.JWSRegistry:
+    """joserfc's JWS registry allowing exactly ``alg``. Its default size limits (8000-byte
+    payload, 512-byte header) are lifted to the token limit checked before: an ID token with
+    many groups is legitimate. Header parameters outside the registered ones are allowed, as
+    before (IdPs add their own); ``crit`` naming one is still refused (by us and by joserfc)."""
+    registry = jws.JWSRegistry(algorithms=[alg], strict_check_header=False)
+    registry.max_header_length = MAX_TOKEN_BYTES
+    registry.max_payload_length = MAX_TOKEN_BYTES
+    return registry
 
 
-def _b64int(value: Any) -> int:
-    if not isinstance(value, str):
-        raise ValueError("key parameter is not a string")
-    return int.from_bytes(_b64decode(value), "big")
+_REGISTRIES = {alg: _registry(alg) for alg in ALGORITHMS}
 
 
-def _public_key(jwk: Mapping[str, Any]) -> tuple[str, Any] | None:
+def _public_key(jwk: Mapping[str, Any]) -> tuple[str, PublicKey] | None:
     """(algorithm, key) for a usable JWK, or None for keys we cannot or must not use."""
     if jwk.get("use") not in (None, "sig"):
         return None
     kty, alg = jwk.get("kty"), jwk.get("alg")
+    if kty == "RSA" and alg in (None, "RS256"):
+        usable = "RS256"
+    elif kty == "EC" and jwk.get("crv") == "P-256" and alg in (None, "ES256"):
+        usable = "ES256"
+    else:
+        return None  # oct (a shared secret has no place in a JWKS), OKP, other curves/algs
     try:
-        if kty == "RSA" and alg in (None, "RS256"):
-            return "RS256", rsa.RSAPublicNumbers(_b64int(jwk["e"]), _b64int(jwk["n"])).public_key()
-        if kty == "EC" and jwk.get("crv") == "P-256" and alg in (None, "ES256"):
-            x, y = _b64int(jwk["x"]), _b64int(jwk["y"])
-            return "ES256", ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
-    except (KeyError, ValueError, TokenInvalid):
+        key = import_key(dict(jwk))
+    except (jose_errors.JoseError, ValueError, TypeError, KeyError):
         return None
-    return None
+    if not isinstance(key, (RSAKey, ECKey)):
+        return None
+    return usable, key
 
 
 def _loopback(host: str) -> bool:
@@ -98,6 +116,10 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class OIDCVerifier:
@@ -111,11 +133,11 @@ class OIDCVerifier:
         self.config = config
         self.clock = clock
         self._ssl = ssl_context
-        self._keys: dict[str, tuple[str, Any]] = {}  # kid -> (alg, key); "" for keys without kid
+        self._keys: dict[str, tuple[str, PublicKey]] = {}  # kid -> (alg, key); "#i" for keys without kid
         self._fetched_at = 0.0
         self._last_refresh = 0.0
         self._lock = asyncio.Lock()
-        self._session: Any = None
+        self._session: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------ public
     async def verify(self, token: str) -> VerifiedToken:
@@ -127,21 +149,28 @@ class OIDCVerifier:
             raise TokenInvalid("empty token")
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenInvalid(f"token longer than {MAX_TOKEN_BYTES} bytes")
-        parts = token.split(".")
-        if len(parts) != 3:
+        if token.count(".") != 2:
             raise TokenInvalid("malformed token: expected a signed JWT (three dot-separated parts)")
-        header = self._json(parts[0], "header")
-        claims = self._json(parts[1], "payload")
+        header = self._header(token)
+        # The header is judged before any key is looked up: a token we would refuse anyway
+        # (alg none, HMAC, extensions) never makes the sidecar contact the issuer.
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in ALGORITHMS:
             raise TokenInvalid(f"token algorithm {alg!r} is not accepted (use {' or '.join(ALGORITHMS)})")
         if kid is not None and not isinstance(kid, str):
             raise TokenInvalid("token header kid must be a string")
-        if header.get("crit"):
+        if "crit" in header:
             raise TokenInvalid("token has critical header extensions, which are not supported")
         key = await self._key(kid or "", alg)
-        self._check_signature(alg, key, f"{parts[0]}.{parts[1]}".encode("ascii"), _b64decode(parts[2]))
-        return self._check_claims(claims)
+        try:
+            decoded = jwt.decode(token, key, algorithms=[alg], registry=_REGISTRIES[alg])
+        except jose_errors.BadSignatureError:
+            raise TokenInvalid("token signature does not verify") from None
+        except jose_errors.JoseError as exc:
+            raise TokenInvalid(f"malformed token: {exc}") from None
+        if not isinstance(decoded.claims, dict):
+            raise TokenInvalid("malformed token: the payload is not a JSON object")
+        return self._check_claims(decoded.claims)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -149,7 +178,7 @@ class OIDCVerifier:
             self._session = None
 
     # ------------------------------------------------------------------ keys
-    async def _key(self, kid: str, alg: str) -> Any:
+    async def _key(self, kid: str, alg: str) -> PublicKey:
         now = time.monotonic()
         fresh = self._keys and now - self._fetched_at < self.config.jwks_ttl_seconds
         if not fresh:
@@ -163,7 +192,7 @@ class OIDCVerifier:
                                else f"no single {alg} key in the issuer's JWKS and the token names no kid")
         return found
 
-    def _find(self, kid: str, alg: str) -> Any:
+    def _find(self, kid: str, alg: str) -> PublicKey | None:
         if kid:
             entry = self._keys.get(kid)
             return entry[1] if entry and entry[0] == alg else None
@@ -191,7 +220,7 @@ class OIDCVerifier:
             self._keys = keys
             self._fetched_at = time.monotonic()
 
-    async def _fetch_keys(self) -> dict[str, tuple[str, Any]]:
+    async def _fetch_keys(self) -> dict[str, tuple[str, PublicKey]]:
         discovery_url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
         discovery = await self._get_json(discovery_url)
         if discovery.get("issuer") != self.config.issuer:
@@ -201,7 +230,7 @@ class OIDCVerifier:
         if not isinstance(jwks_uri, str) or not jwks_uri:
             raise TokenInvalid("the issuer's discovery document has no jwks_uri")
         jwks = await self._get_json(jwks_uri)
-        keys: dict[str, tuple[str, Any]] = {}
+        keys: dict[str, tuple[str, PublicKey]] = {}
         for i, jwk in enumerate(jwks.get("keys") or []):
             if not isinstance(jwk, dict):
                 continue
@@ -211,8 +240,6 @@ class OIDCVerifier:
         return keys
 
     async def _get_json(self, url: str) -> dict[str, Any]:
-        import aiohttp
-
         if self._session is None:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context(cafile=None)
@@ -232,50 +259,43 @@ class OIDCVerifier:
 
     # ------------------------------------------------------------------ checks
     @staticmethod
-    def _json(part: str, what: str) -> dict[str, Any]:
+    def _header(token: str) -> dict[str, Any]:
+        """The protected header, parsed by joserfc (unverified: only to pick the key)."""
         try:
-            value = json.loads(_b64decode(part))
-        except ValueError:
-            raise TokenInvalid(f"malformed token: the {what} is not JSON") from None
-        if not isinstance(value, dict):
-            raise TokenInvalid(f"malformed token: the {what} is not a JSON object")
-        return value
-
-    @staticmethod
-    def _check_signature(alg: str, key: Any, signed: bytes, signature: bytes) -> None:
-        try:
-            if alg == "RS256":
-                key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
-            else:  # ES256: JWS carries r || s, 32 bytes each
-                if len(signature) != 64:
-                    raise InvalidSignature()
-                der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
-                                           int.from_bytes(signature[32:], "big"))
-                key.verify(der, signed, ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            raise TokenInvalid("token signature does not verify") from None
+            header = jws.extract_compact(token.encode("ascii"), registry=_REGISTRIES[ALGORITHMS[0]]).headers()
+        except jose_errors.MissingAlgorithmError:
+            return {}  # refused with the algorithm's message
+        except (jose_errors.JoseError, ValueError, TypeError, UnicodeError) as exc:
+            raise TokenInvalid(f"malformed token: {exc or type(exc).__name__}") from None
+        if not isinstance(header, dict):
+            raise TokenInvalid("malformed token: the header is not a JSON object")
+        return header
 
     def _check_claims(self, claims: Mapping[str, Any]) -> VerifiedToken:
-        cfg, now, leeway = self.config, self.clock(), self.config.leeway_seconds
-        if claims.get("iss") != cfg.issuer:
+        """joserfc's claims registry judges iss/aud/exp/nbf/iat; the messages are ours."""
+        cfg, leeway = self.config, int(self.config.leeway_seconds)
+        # RFC 7519: iss is one StringOrURI. joserfc would accept a list containing the issuer.
+        if not isinstance(claims.get("iss"), str):
             raise TokenInvalid(f"token issuer {claims.get('iss')!r} is not {cfg.issuer!r}")
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if cfg.audience not in audiences:
-            raise TokenInvalid(f"token audience {aud!r} does not include {cfg.audience!r}")
-        exp = claims.get("exp")
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
-            raise TokenInvalid("token has no numeric exp (expiry) claim")
-        if now > exp + leeway:
-            raise TokenInvalid(f"token expired {int(now - exp)} seconds ago")
-        for name in ("nbf", "iat"):
-            value = claims.get(name)
-            if value is None:
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise TokenInvalid(f"token claim {name} is not a number")
-            if value > now + leeway:
-                raise TokenInvalid(f"token is not valid yet ({name} is {int(value - now)} seconds ahead)")
+        for name in ("exp", "nbf", "iat"):  # joserfc takes a JSON true for 1
+            if isinstance(claims.get(name), bool):
+                raise TokenInvalid(self._claim_reason(name, claims))
+        registry = jwt.JWTClaimsRegistry(
+            now=lambda: int(self.clock()), leeway=leeway,
+            iss={"essential": True, "value": cfg.issuer},
+            aud={"essential": True, "value": cfg.audience},
+            exp={"essential": True})
+        try:
+            registry.validate(dict(claims))
+        except jose_errors.ExpiredTokenError:
+            raise TokenInvalid(f"token expired {int(self.clock() - claims['exp'])} seconds ago") from None
+        except jose_errors.InvalidTokenError:  # nbf or iat ahead of now + leeway
+            name = next((n for n in ("nbf", "iat") if _number(claims.get(n))
+                         and claims[n] > int(self.clock()) + leeway), "nbf")
+            ahead = int(claims.get(name, 0) - self.clock()) if _number(claims.get(name)) else 0
+            raise TokenInvalid(f"token is not valid yet ({name} is {ahead} seconds ahead)") from None
+        except jose_errors.ClaimError as exc:
+            raise TokenInvalid(self._claim_reason(exc.claim, claims)) from None
         username = claims.get(cfg.username_claim)
         if not isinstance(username, str) or not username:
             raise TokenInvalid(f"token has no {cfg.username_claim!r} claim naming the user")
@@ -289,3 +309,16 @@ class OIDCVerifier:
         else:
             raise TokenInvalid(f"token claim {cfg.groups_claim!r} must be a string or a list of strings")
         return VerifiedToken(username=username, groups=groups, claims=dict(claims))
+
+    def _claim_reason(self, claim: str, claims: Mapping[str, Any]) -> str:
+        cfg = self.config
+        names = set(claim.split(","))  # MissingClaimError lists every missing one
+        if "iss" in names:
+            return f"token issuer {claims.get('iss')!r} is not {cfg.issuer!r}"
+        if "aud" in names:
+            return f"token audience {claims.get('aud')!r} does not include {cfg.audience!r}"
+        if "exp" in names:
+            return "token has no numeric exp (expiry) claim"
+        if names & {"nbf", "iat"}:
+            return f"token claim {claim} is not a number"
+        return f"token claim {claim} is not valid"

@@ -222,3 +222,197 @@ def test_unreachable_issuer_and_plain_http_issuers():
     asyncio.run(go())
     with pytest.raises(ValueError, match="must be an https URL"):
         OIDCVerifier(OIDCConfig(issuer="http://idp.example.com", audience="a"))
+
+
+# ---------------------------------------------------------------- adversarial tokens
+def _forge(header: dict, claims_: dict, signature: bytes = b"") -> str:
+    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims_).encode())}.{b64(signature)}"
+
+
+def test_alg_none_is_refused_before_any_key_fetch(idp):
+    """An unsigned token (alg none, any case, with or without a signature part) never verifies
+    and never makes the sidecar contact the issuer."""
+    for alg in ("none", "None", "NONE", ""):
+        with pytest.raises(TokenInvalid, match="is not accepted"):
+            verify(idp, _forge({"alg": alg, "kid": "rsa-1"}, claims(idp)))
+    with pytest.raises(TokenInvalid, match="algorithm None is not accepted"):
+        verify(idp, _forge({"kid": "rsa-1"}, claims(idp), b"x"))  # no alg at all
+    assert idp.fetches == {"discovery": 0, "jwks": 0}
+
+
+def test_hs256_signed_with_the_rsa_public_key_is_refused(idp):
+    """Algorithm confusion: the attacker MACs the token with the issuer's public key (which
+    anyone can fetch from the JWKS) and names the RSA key's kid. A verifier that feeds the key
+    material to HMAC would accept it."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives import serialization
+
+    rsa_key = idp.keys[0]
+    pem = rsa_key.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for alg, digest in (("HS256", hashlib.sha256), ("HS384", hashlib.sha384), ("HS512", hashlib.sha512)):
+        head = b64(json.dumps({"alg": alg, "kid": "rsa-1", "typ": "JWT"}).encode())
+        body = b64(json.dumps(claims(idp, sub="mallory")).encode())
+        for secret in (pem, json.dumps(rsa_key.jwk()).encode(), rsa_key.jwk()["n"].encode()):
+            mac = hmac.new(secret, f"{head}.{body}".encode(), digest).digest()
+            with pytest.raises(TokenInvalid, match=f"{alg}' is not accepted"):
+                verify(idp, f"{head}.{body}.{b64(mac)}")
+
+
+def test_the_jwks_oct_key_is_never_used(idp):
+    """The JWKS the IdP serves also holds an oct (shared secret) key without kid; a token MAC'd
+    with it must not verify whatever the header says."""
+    import hashlib
+    import hmac
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims(idp, sub="mallory")).encode())
+    mac = hmac.new(b"secret", f"{head}.{body}".encode(), hashlib.sha256).digest()
+    with pytest.raises(TokenInvalid, match="not accepted"):
+        verify(idp, f"{head}.{body}.{b64(mac)}")
+
+
+def test_unknown_kid_refetches_once_then_is_rate_limited(idp):
+    """A kid not in the cache: exactly one refetch (the issuer may have rotated); a key that
+    appears after that refetch is picked up only once the rate limit allows another one."""
+    late = Key("rsa-late", "RS256")
+
+    async def go():
+        verifier = OIDCVerifier(OIDCConfig(issuer=idp.issuer, audience="chaperone"))
+        try:
+            assert idp.fetches["jwks"] == 0
+            with pytest.raises(TokenInvalid, match="no key 'rsa-late' for RS256"):
+                await verifier.verify(late.sign(claims(idp)))
+            assert idp.fetches["jwks"] == 1  # first fetch; the unknown kid's refresh is held back
+            idp.keys.append(late)
+            for _ in range(5):
+                with pytest.raises(TokenInvalid, match="no key 'rsa-late'"):
+                    await verifier.verify(late.sign(claims(idp)))
+            assert idp.fetches["jwks"] == 1
+        finally:
+            await verifier.aclose()
+    asyncio.run(go())
+
+
+def test_unknown_kid_refetch_picks_up_a_rotated_key(idp, monkeypatch):
+    monkeypatch.setattr("chaperone_sidecar.oidc._REFRESH_MIN_INTERVAL", 0.05)
+    late = Key("rsa-late", "RS256")
+
+    async def go():
+        verifier = OIDCVerifier(OIDCConfig(issuer=idp.issuer, audience="chaperone"))
+        try:
+            await verifier.verify(idp.keys[0].sign(claims(idp)))
+            idp.keys.append(late)
+            await asyncio.sleep(0.1)
+            assert (await verifier.verify(late.sign(claims(idp, sub="carol")))).username == "carol"
+            assert idp.fetches["jwks"] == 2  # exactly one refetch for the unknown kid
+            await verifier.verify(late.sign(claims(idp)))
+            assert idp.fetches["jwks"] == 2  # now cached
+        finally:
+            await verifier.aclose()
+    asyncio.run(go())
+
+
+def test_expired_and_future_tokens_with_an_injected_clock(idp):
+    """exp/nbf/iat are judged against the verifier's clock, with the leeway on each side."""
+    token = idp.keys[0].sign(claims(idp, exp=1_000_000, iat=999_000, nbf=999_000))
+
+    async def at(now, leeway=60):
+        verifier = OIDCVerifier(OIDCConfig(issuer=idp.issuer, audience="chaperone", leeway_seconds=leeway),
+                                clock=lambda: now)
+        try:
+            return await verifier.verify(token)
+        finally:
+            await verifier.aclose()
+
+    assert asyncio.run(at(999_500)).username
+    assert asyncio.run(at(1_000_059)).username  # within the leeway after exp
+    with pytest.raises(TokenInvalid, match="token expired 61 seconds ago"):
+        asyncio.run(at(1_000_061, leeway=0))
+    with pytest.raises(TokenInvalid, match="expired"):
+        asyncio.run(at(1_000_100))
+    with pytest.raises(TokenInvalid, match=r"not valid yet \(nbf is 100 seconds ahead\)"):
+        asyncio.run(at(998_900, leeway=0))
+    assert asyncio.run(at(998_950)).username  # nbf 50 s ahead, leeway 60
+    only_iat = idp.keys[0].sign({k: v for k, v in claims(idp, exp=1_000_000, iat=999_000).items() if k != "nbf"})
+
+    async def iat_at(now):
+        verifier = OIDCVerifier(OIDCConfig(issuer=idp.issuer, audience="chaperone", leeway_seconds=0),
+                                clock=lambda: now)
+        try:
+            return await verifier.verify(only_iat)
+        finally:
+            await verifier.aclose()
+    with pytest.raises(TokenInvalid, match=r"not valid yet \(iat is"):
+        asyncio.run(iat_at(998_000))
+
+
+@pytest.mark.parametrize("over, reason", [
+    ({"aud": ["someone-else", "chaperone-x"]}, "audience"),
+    ({"aud": "Chaperone"}, "audience"),
+    ({"aud": None}, "audience"),
+    ({"aud": {"chaperone": True}}, "audience"),
+    ({"iss": None}, "issuer"),
+    ({"iss": "http://127.0.0.1"}, "issuer"),
+    ({"exp": "9999999999"}, "no numeric exp"),
+    ({"exp": True}, "no numeric exp"),
+    ({"iat": True}, "iat is not a number"),
+    ({"nbf": "0"}, "nbf is not a number"),
+])
+def test_wrong_audience_issuer_and_claim_types(idp, over, reason):
+    with pytest.raises(TokenInvalid, match=reason):
+        verify(idp, idp.keys[0].sign(claims(idp, **over)))
+
+
+def test_issuer_as_a_list_is_refused(idp):
+    """RFC 7519 iss is one string; a list that contains the issuer is not the issuer."""
+    with pytest.raises(TokenInvalid, match="issuer"):
+        verify(idp, idp.keys[0].sign(claims(idp, iss=[idp.issuer])))
+
+
+def test_token_with_crit_header_is_refused(idp):
+    """crit names extensions the verifier must understand; none is supported, so any crit -
+    even one naming a registered parameter, or RFC 7797's unencoded payload - is refused,
+    with a valid signature and before any key fetch."""
+    # An empty crit list is invalid JWS (RFC 7515 4.1.11); it used to pass as "no crit".
+    for extra in ({"crit": ["exp"], "exp": 1}, {"crit": ["b64"], "b64": False}, {"crit": []},
+                  {"crit": ["kid"]}, {"crit": "b64"}):
+        with pytest.raises(TokenInvalid, match="critical header"):
+            verify(idp, idp.keys[0].sign(claims(idp), header=extra))
+    assert idp.fetches["jwks"] == 0
+
+
+def test_key_use_and_alg_of_the_jwk_are_honoured(idp):
+    """A JWK marked for encryption, or for another algorithm, never verifies a signature."""
+    enc, other = Key("rsa-enc", "RS256"), Key("rsa-384", "RS256")
+    base_jwk = Key.jwk
+    idp.keys = [enc, other]
+    Key.jwk = lambda self: {**base_jwk(self), **({"use": "enc"} if self is enc else {"alg": "RS384"})}
+    try:
+        for key in (enc, other):
+            with pytest.raises(TokenInvalid, match=f"no key '{key.kid}' for RS256"):
+                verify(idp, key.sign(claims(idp)))
+    finally:
+        Key.jwk = base_jwk
+
+
+def test_large_token_within_the_limit_verifies(idp):
+    """An ID token with many groups (payload above joserfc's default 8000-byte limit, under
+    the sidecar's 16 KiB) is legitimate."""
+    groups = [f"team-{i:04d}-with-a-long-name" for i in range(300)]
+    token = idp.keys[1].sign(claims(idp, groups=groups))
+    assert 8000 < len(token) < 16 * 1024
+    assert verify(idp, token).groups == tuple(groups)
+
+
+def test_signature_of_another_key_or_truncated_is_refused(idp):
+    rsa_key, ec_key = idp.keys
+    impostor = Key("ec-1", "ES256")  # same kid, different key
+    with pytest.raises(TokenInvalid, match="signature does not verify"):
+        verify(idp, impostor.sign(claims(idp)))
+    head, body, sig = ec_key.sign(claims(idp)).split(".")
+    for bad in (sig[:-4], sig + "AAAA", ""):
+        with pytest.raises(TokenInvalid, match="signature does not verify|malformed"):
+            verify(idp, f"{head}.{body}.{bad}")

@@ -31,11 +31,13 @@ import functools
 import logging
 import os
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import aiohttp.web
 import kopf
+from chaperone_sidecar.policy import aws_catalog
 
 from . import handlers, kube  # noqa: F401  (importing handlers registers them)
 from .handlers import WEBHOOKS
@@ -114,6 +116,9 @@ def on_operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger
     ensure_ca = functools.partial(ensure_namespace_ca, secret_name=injection.ca_secret_name,
                                   bundle_name=injection.trust_bundle_name)
     memo.runtime = Runtime(op, injection, api, ensure_ca)
+    # Policy admission checks AWS action names against botocore's models; build the service
+    # index now, in the background, so the first AccessPolicy admission does not pay for it.
+    threading.Thread(target=aws_catalog.warm_up, name="aws-catalog-warm-up", daemon=True).start()
     configure_kopf(settings, op)
     if not settings.peering.standalone and not kube.ensure_cluster_peering(api, op.peering_name):
         logger.warning("kopf.dev peering CRD not installed: running standalone (one replica only)")

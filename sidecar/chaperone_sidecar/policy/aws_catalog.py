@@ -164,6 +164,7 @@ def _iam_only_error(pattern: str) -> str | None:
             f"never match; Chaperone matches the operations it covers: {names}")
 
 
+@lru_cache(maxsize=4096)  # pure for a given botocore; policies repeat the same names
 def action_error(pattern: str) -> str | None:
     """Why ``pattern`` (a ``service:Operation`` glob, already schema-checked) can never match a
     classified AWS call, with the nearest valid name; ``None`` when it can match."""
@@ -215,7 +216,10 @@ def _unknown_service(pattern: str, service: str, operation: str) -> str:
     return reason
 
 
-def warm_up() -> None:
-    """Build the service index ahead of the first admission (call off the event loop)."""
+def warm_up(common: tuple[str, ...] = ("s3", "iam", "sts", "ec2", "lambda")) -> None:
+    """Build the service index and the most-named services' operation lists ahead of the first
+    admission (the operator starts it in a thread at startup; never on the event loop)."""
     _by_signing_name()
     _signing_of_other_names()
+    for service in common:
+        operations(service)

@@ -3,7 +3,8 @@
 Start-up, in order (``ProxyRuntime.run``):
 
 1. JSON logging at ``CHAPERONE_LOG_LEVEL``; the health server on ``--health-port`` answers
-   ``GET /ready`` with 503 from the first moment (the kubelet's startup probe is waiting).
+   ``GET /ready`` with 503 from the first moment (the kubelet's startup probe is waiting), and
+   ``GET /metrics`` with the Prometheus exposition (:mod:`.telemetry_setup`).
 2. Services (:func:`~.services.build_services`): sources are started and the first snapshot
    awaited - listeners come up only once the connections and policies are known, otherwise the
    first agent requests would be refused as "no connection". (The Record addon starts the
@@ -70,6 +71,7 @@ from .logging import configure_logging
 from .routing import base_url_parts
 from .services import SidecarServices, build_services
 from .sources import Snapshot
+from .telemetry_setup import prometheus_exposition
 
 __all__ = ["ProxyRuntime", "lean_core_addons", "listen_modes", "build_trust_bundle", "run",
            "event_loop_factory"]
@@ -77,6 +79,7 @@ __all__ = ["ProxyRuntime", "lean_core_addons", "listen_modes", "build_trust_bund
 log = logging.getLogger("chaperone.proxy")
 
 READY_PATH = "/ready"
+METRICS_PATH = "/metrics"
 
 
 def lean_core_addons() -> list[Any]:
@@ -374,8 +377,15 @@ class ProxyRuntime:
                 return web.json_response({"ready": True, "generation": snap.generation if snap else 0})
             return web.json_response({"ready": False}, status=503)
 
+        async def metrics(request: web.Request) -> web.Response:
+            # Collecting runs instrument callbacks and reads /proc: off the event loop.
+            body, content_type = await asyncio.to_thread(prometheus_exposition,
+                                                         request.headers.get("Accept", ""))
+            return web.Response(body=body, headers={"Content-Type": content_type})
+
         app = web.Application()
         app.router.add_get(READY_PATH, ready)
+        app.router.add_get(METRICS_PATH, metrics)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.health_host or None, self.config.health_port)

@@ -31,10 +31,20 @@ killed, so the client sees a broken transfer rather than a silently shortened or
 what is *buffered* and what a compressed stream may *decompress to*; an identity-encoded stream
 is masked to its end whatever its size (a 1 GiB download is masked, not refused).
 
-**Binary** bodies (not a text type and not UTF-8) pass through to the agent unmasked -
-rewriting bytes in an image or protobuf would corrupt it. **Decision**: when masks apply, a
-binary body is not kept for the recording (it cannot be shown to be masked); the recording says
-``binary`` with its size. Without masks it is kept as is, like any body.
+**Binary** bodies (not a text type and not UTF-8): buffered ones have their printable ASCII
+runs masked in place, length preserving (``policy/masking/decoded.py``); streamed ones pass
+through unscanned. **Decision**: when masks apply, a binary body is not kept for the recording
+(it cannot be shown to be masked); the recording says ``binary`` with its size. Without masks
+it is kept as is, like any body.
+
+**Headers.** Response header values (all but Content-Length and Transfer-Encoding) are masked
+in ``responseheaders``, before they go out, for every response; Record then stores the same
+masked values. Request headers go upstream unchanged (see Requests).
+
+**Kubernetes Secrets.** On a kubernetes connection a request on core ``secrets`` gets the
+``SECRET_DATA`` mask unless a matching rule says ``mask: {kubernetesSecrets: reveal}``
+(:func:`effective_masks`); a watch is masked line by line (``Masker.lines``). What is masked
+and what is not, in one table: docs/masking.md.
 
 **Requests**. **Decision**: what goes upstream is never modified - the request may be signed
 (SigV4 covers the body hash), and the policy has no "rewrite upstream" option. Masks whose

@@ -19,9 +19,9 @@ detectors over it and masks the wire text where the view had a secret:
   inside a Secret). **Decision**: a secret in the decoded bytes masks the *whole encoded run*
   with the token of the first detector that fired (``[MASKED:aws-access-key-id]``): masking
   part of an encoding would leave the rest decodable. All runs of a body are decoded and
-  scanned in one joined scan (a scan has a fixed cost per detector). Runs broken by line
-  wraps (MIME's 76-column base64) are decoded line by line: a secret that straddles a wrap in
-  the *decoded* bytes is missed (documented in docs/masking.md).
+  scanned in one joined scan (a scan has a fixed cost per detector). Wrapped base64 (lines
+  of a multiple of 4 characters joined by a raw or JSON-escaped line break: GitHub's contents
+  API, MIME) is decoded as one run and masked whole.
 * :func:`mask_binary` scans a binary body's printable ASCII runs (``RUN_MIN`` = 8 bytes or
   more: every detector needs more than that) and masks findings **in place, length
   preserving**: the token padded with ``*``, or with its kind cut short (``[MASKED:aws-acc]``);
@@ -91,11 +91,14 @@ def canonical_json_strings(text: bytes) -> bytes:
 # A run of either alphabet (a mixed run decodes as garbage and finds nothing), optional padding.
 _B64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{%d,}={0,2}(?![A-Za-z0-9+/_=-])" % B64_MIN)
 _HEX_LOWER, _HEX_UPPER = b"0123456789abcdef", b"0123456789ABCDEF"  # hex digests are not base64
+_WRAPPED = re.compile(rb"(?:\\r\\n|\\n|\r?\n)([A-Za-z0-9+/_-]+={0,2})(?![A-Za-z0-9+/_=-])")
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _SEPARATOR = b"\n\x00\n"  # between decoded runs in the joined scan: no detector crosses it
 
 
 def _b64decode(run: bytes) -> bytes | None:
+    if b"\n" in run or b"\\" in run:  # a wrapped run (see _runs): drop the line breaks
+        run = run.replace(b"\\r", b"").replace(b"\\n", b"").replace(b"\r", b"").replace(b"\n", b"")
     data = run.rstrip(b"=").translate(_TO_STANDARD)
     if len(data) % 4 == 1:
         data = data[:-1]  # one stray character (a run glued to a word): decode the rest
@@ -109,11 +112,18 @@ def _runs(text: bytes) -> list[tuple[int, int]]:
     """Spans of the base64 runs worth decoding (not inside a mask token)."""
     tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text)] if b"[MASKED:" in text else []
     ends = [b for _, b in tokens]
-    out = []
+    out: list[tuple[int, int]] = []
     for m in _B64_RUN.finditer(text):
         a, b = m.span()
+        if out and a < out[-1][1]:
+            continue  # already part of a wrapped run
         if a > 0 and text[a - 1] == 0x5C:  # "\n" + base64 in a JSON string: the "n" is not data
             a += 1
+        # Wrapped base64 (GitHub's contents API, MIME, PEM-like bodies): lines of a multiple
+        # of 4 characters joined by a line break, raw or JSON-escaped, are one run.
+        line = b - a
+        while line % 4 == 0 and text[b - 1] != 0x3D and (c := _WRAPPED.match(text, b)):
+            line, b = c.end() - c.start(1), c.end()
         k = bisect.bisect_right(ends, a)  # the first token ending after the run starts
         if b - a >= B64_MIN and (k == len(tokens) or tokens[k][0] >= b) and \
                 text[a:b].strip(_HEX_LOWER) and text[a:b].strip(_HEX_UPPER):
@@ -224,9 +234,9 @@ def mask_binary(body: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = N
         return body
     view = body.translate(_PRINTABLE)
     findings = [c.finding for c in scan(view, rules) if c.finding is not None]
-    runs = _runs(view)
+    runs = _runs(body)  # not the view: its line feeds stand for binary bytes, not line wraps
     if runs:
-        kinds = _secret_kinds([_b64decode(view[a:b]) or b"" for a, b in runs], rules, NESTING)
+        kinds = _secret_kinds([_b64decode(body[a:b]) or b"" for a, b in runs], rules, NESTING)
         findings += [Finding(a, b, k) for (a, b), k in zip(runs, kinds) if k]
     if not findings:
         return body

@@ -160,3 +160,18 @@ def test_binary_without_secrets_is_returned_as_is():
     assert mask_binary(blob, ALL_RULES) is blob
     r = M.mask_bytes(blob, "application/octet-stream")
     assert r.body is blob and r.binary and not r.changed
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_wrapped_base64_is_one_run_in_json_and_text(newline):
+    """GitHub's contents API wraps base64 at 60 columns: a key straddling a wrap is found."""
+    import textwrap
+
+    encoded = base64.b64encode(b"x" * 50 + CREDENTIALS).decode()  # the key spans bytes 80-100
+    lines = textwrap.wrap(encoded, 60)  # 45 bytes a line: the key straddles the second wrap
+    assert not any(KEY in base64.b64decode(line).decode("latin-1") for line in lines)
+    wrapped = newline.join(lines) + newline
+    body = json.dumps({"type": "file", "encoding": "base64", "content": wrapped}).encode()
+    assert json.loads(M.mask_bytes(body, "application/json").body)["content"] == \
+        "[MASKED:aws-access-key-id]" + newline
+    assert M.mask_bytes(wrapped.encode(), "text/plain").body == b"[MASKED:aws-access-key-id]" + newline.encode()

@@ -26,7 +26,8 @@ FEATURES = ("recording", "masking", "telemetry")  # what the full profile adds t
 
 API = "chaperone.dev/v1alpha1"
 CONNECTION = "bench-upstream"
-SERVICES = ["s3", "ec2", "iam", "lambda", "dynamodb", "sqs", "sns", "kms", "rds", "sts"]
+# Services with Delete* operations: the compiler refuses patterns no AWS call can match.
+SERVICES = ["s3", "ec2", "iam", "lambda", "dynamodb", "sqs", "sns", "kms", "rds", "logs"]
 
 
 def _rules_full() -> list[dict]:

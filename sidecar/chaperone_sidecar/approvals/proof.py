@@ -12,7 +12,8 @@ the CRD's CEL rules keep the requester, digest, action, grant and deadline immut
 
 What is bound, each checked against the stored object (:func:`check`):
 
-* the request exists and ``spec.decision`` is ``Approved`` with ``decidedBy`` (stamped);
+* the request exists and is approved: ``spec.decision: Approved`` with ``decidedBy`` (stamped by
+  admission; the CEL rules require it), or ``status.phase: Approved`` (the operator's);
 * the subject: ``requester.serviceAccount``, ``requester.creator``, ``requester.onBehalfOf`` and
   ``spec.connection`` are this flow's (a grant copied to another subject's key is refused);
 * the scope: the request's ``spec.grant.scope`` is the key's scope, and the key's digest is the
@@ -73,8 +74,10 @@ def check(obj: Mapping | None, grant: Grant, *, scope: str, key: str, identity: 
     if grant.scope != scope:
         return None, f"it claims scope {grant.scope!r} but is stored under an {scope!r} key"
     spec = obj.get("spec") or {}
-    if spec.get("decision") != "Approved" or not spec.get("decidedBy"):
-        state = read_state(obj, now)[0]
+    # spec.decision carries decidedBy (CEL) stamped by admission; status.phase is written by
+    # the operator only (the sidecar's role has no status access).
+    state, approvers, _ = read_state(obj, now)
+    if state != "approved":
         return None, f"ApprovalRequest {name} is {state}, not approved"
     if problem := binding_problem(obj, identity, connection):
         return None, f"ApprovalRequest {name} was asked by someone else: {problem}"
@@ -95,7 +98,7 @@ def check(obj: Mapping | None, grant: Grant, *, scope: str, key: str, identity: 
                       f"{name} grants until {rfc3339(end)}")
     if now >= end:
         return None, f"ApprovalRequest {name}'s grant ended at {rfc3339(end)}"
-    return Proof(min(end, grant.expires_at), read_state(obj, now)[1]), ""
+    return Proof(min(end, grant.expires_at), approvers), ""
 
 
 class ProofCache:
@@ -120,7 +123,7 @@ class ProofCache:
     def put(self, obj: Mapping[str, Any]) -> None:
         """Remember ``obj`` if it is approved (only a final approval is worth remembering)."""
         name = (obj.get("metadata") or {}).get("name")
-        if not name or (obj.get("spec") or {}).get("decision") != "Approved":
+        if not name or read_state(obj, time.time())[0] != "approved":
             return
         self._items[name] = (self.clock(), dict(obj))
         self._items.move_to_end(name)

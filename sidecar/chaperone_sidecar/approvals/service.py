@@ -199,6 +199,9 @@ class ApprovalService:
         scope = grant.get("scope") or requirement.grant_scope
         ttl = grant.get("ttlSeconds", requirement.grant_ttl_seconds)
         end = since + max(0, int(ttl))
+        # Never claim more than the request proves (see proof.window_end), or the grant
+        # would later be refused as altered.
+        end = min(end, window_end(obj) or end)
         if end <= self.clock():
             return end
         key = grant_key("exact", subject, digest) if scope != "action" else grant_key(
@@ -275,9 +278,10 @@ class ApprovalService:
                     self.proofs.put(obj)
                     since = (parse_rfc3339(spec.get("decidedAt"))
                              or parse_rfc3339(spec.get("requestedAt")) or 0.0)
-                    end = min(await self._store_grant(obj, approvers, subject, digest, akey,
-                                                      requirement, since),
-                              window_end(obj) or 0.0)
+                    if window_end(obj) is None:
+                        continue
+                    end = await self._store_grant(obj, approvers, subject, digest, akey,
+                                                  requirement, since)
                     if end > now:
                         return Outcome("approved", obj["metadata"]["name"], approvers,
                                        "approved", rfc3339(end))

@@ -7,12 +7,14 @@ across two JSON documents with framing in between, so no detector sees it in the
 the client's SDK joins the halves into the whole secret. The stream is therefore parsed, and
 what the client will concatenate is masked as one text.
 
-**Framing** (``SSEParser``, the WHATWG "event stream interpretation"): UTF-8; lines end with
+**Framing** (the WHATWG "event stream interpretation"): a stream framed with LF only takes a
+fast path - complete events are what ends with a blank line (``\\n\\n``). Once a CR (or a
+BOM) is seen, ``SSEParser`` takes over, exactly per the spec: UTF-8; lines end with
 CRLF, LF or a lone CR (a CR at the end of a chunk waits for the next byte); a blank line
 dispatches the event; ``:`` starts a comment; ``field: value`` loses one space after the colon;
 several ``data`` lines join with LF. A leading BOM is dropped, and so is an event cut off by the
-end of the stream (clients discard it too). What goes out is re-framed with LF line ends -
-every SSE client accepts them - with the same fields in the same order.
+end of the stream (clients discard it too). An event that is rewritten goes out framed with LF
+line ends - every SSE client accepts them - with the same fields in the same order.
 
 **Anthropic Messages** (``event: content_block_delta``): the text of ``text_delta``
 (``delta.text``), ``thinking_delta`` (``delta.thinking``) and ``input_json_delta``
@@ -29,9 +31,12 @@ block first. The SDKs (Python ``anthropic``, TypeScript ``@anthropic-ai/sdk``) c
 deltas, so the text they assemble is exactly the masked text (tested with both).
 
 **Every other event** (other APIs, ``message_start``, ``signature_delta``, ``citations_delta``,
-pings, errors ...) is masked whole, as a small body: its ``data`` with the whole-body
-:class:`~.masker.Masker` (as JSON when it parses as JSON, so field rules apply to each event's
-document), and the values of the other fields and comments with ``Masker.mask_str``.
+pings, errors ...) passes byte for byte, masked with the whole-body :class:`~.masker.Masker` as
+a small ``text/event-stream`` body - consecutive events of one read together, so a bulk SSE
+stream costs one Masker call per read, not per event (``_flush``). Only events that may need
+the per-block treatment are parsed (``_MARKERS``: the three delta types, block start/stop, and
+any ``\\u`` escape, which could hide a type). Field rules do not apply to streams
+(``Masker.can_stream`` sends a body with field rules elsewhere).
 
 **Memory stays flat**: an event is held only until its blank line, and an event larger than
 ``MAX_EVENT_BYTES`` (1 MiB; no real event comes near) switches the rest of the stream to the
@@ -72,6 +77,10 @@ BLOCK_FIELDS: dict[str, tuple[str, str]] = {
 }
 # Events after which no block continues: release what is held before passing them on.
 _BLOCKS_END = frozenset({"message_delta", "message_stop", "error"})
+# Bytes without which no event needs handling one by one (escapes: a type could hide in one).
+_MARKERS = (b'"text_delta"', b'"thinking_delta"', b'"input_json_delta"', b"content_block_start",
+            b"content_block_stop", b"\\u")
+_END_MARKERS = tuple(name.encode() for name in _BLOCKS_END)
 
 Field = tuple[bytes | None, bytes]  # (name, value); name None: a comment
 
@@ -212,7 +221,11 @@ class SSEMasker:
         self.max_event_bytes = max_event_bytes
         self.errors: list[str] = []
         self._counts: dict[str, int] = {}
-        self._parser = SSEParser()
+        self._parser = SSEParser()  # once a CR (or a BOM) is seen: exact line parsing
+        self._lines = False
+        self._seen = False
+        self._buf = b""  # LF-framed fast path: the event not complete yet
+        self._batch: list[bytes] = []  # other events, masked together when a call ends
         self._blocks: dict[tuple[Any, str], _Block] = {}
         self._raw: StreamMasker | None = None  # after an over-long event: byte-level masking
 
@@ -232,7 +245,7 @@ class SSEMasker:
     @property
     def held(self) -> int:
         """Bytes received but not yet emitted (the event being read and held block text)."""
-        held = self._parser.pending + sum(b.text.masker.held for b in self._blocks.values())
+        held = self._pending + sum(b.text.masker.held for b in self._blocks.values())
         return held + (self._raw.held if self._raw is not None else 0)
 
     def feed(self, data: bytes) -> bytes:
@@ -257,34 +270,101 @@ class SSEMasker:
 
     def _push(self, data: bytes, final: bool) -> bytes:
         if self._raw is not None:
-            return self._raw.finish() if final and not data else (
-                self._raw.feed(data) + (self._raw.finish() if final else b""))
+            out = self._raw.feed(data)
+            return out + self._raw.finish() if final else out
         out: list[bytes] = []
-        for event in self._parser.feed(data, final):
-            out.append(self._event(event))
+        if not self._lines and (b"\r" in data or (not self._seen and data[:1] == b"\xef")):
+            # CR line ends (or a BOM): from here on, the line parser (exact, slower).
+            self._lines, data, self._buf = True, self._buf + data, b""
+        self._seen = self._seen or bool(data)
+        if self._lines:
+            for fields in self._parser.feed(data, final):
+                self._fields_event(fields, out)
+        else:
+            self._buf += data
+            end = self._buf.rfind(b"\n\n")
+            if end >= 0:
+                region, self._buf = self._buf[: end + 2], self._buf[end + 2 :]
+                self._region(region, out)
+        self._flush(out)
         if final:
             out.append(self._release_all())
-        elif self._parser.pending > self.max_event_bytes:
+        elif self._pending > min(self.max_event_bytes, self.masker.max_body_bytes):
             out.append(self._go_raw())
         return b"".join(out)
+
+    @property
+    def _pending(self) -> int:
+        return self._parser.pending if self._lines else len(self._buf)
+
+    def _interesting(self, raw: bytes) -> bool:
+        """Whether ``raw`` (whole events) may hold an event handled one by one."""
+        return any(m in raw for m in _MARKERS) or (bool(self._blocks) and any(m in raw for m in _END_MARKERS))
+
+    def _region(self, region: bytes, out: list[bytes]) -> None:
+        """Complete LF-framed events: passed on byte for byte (masked in a batch) unless one of
+        them is Anthropic content-block traffic, which is taken event by event."""
+        if not self._interesting(region) and len(region) <= self.masker.max_body_bytes:
+            self._batch.append(region)
+            return
+        for piece in region.split(b"\n\n"):
+            piece = piece.lstrip(b"\n")
+            if not piece:
+                continue
+            if not self._interesting(piece):
+                self._batch.append(piece + b"\n\n")
+                continue
+            fields: list[Field] = []
+            for line in piece.split(b"\n"):
+                if line.startswith(b":"):
+                    fields.append((None, line[1:]))
+                else:
+                    name, colon, value = line.partition(b":")
+                    fields.append((name, value[1:] if colon and value.startswith(b" ") else value))
+            self._fields_event(fields, out)
+
+    def _fields_event(self, fields: list[Field], out: list[bytes]) -> None:
+        result = self._event(fields)
+        if result is None:
+            self._batch.append(serialize(fields))
+        else:
+            self._flush(out)  # what came before goes first
+            if result:
+                out.append(result)
+
+    def _flush(self, out: list[bytes]) -> None:
+        """Mask the batch of other events as one small SSE body with the whole-body Masker."""
+        if not self._batch:
+            return
+        body, self._batch = b"".join(self._batch), []
+        if self.masker.active:
+            result = self.masker.mask_bytes(body, "text/event-stream")
+            for kind, n in result.counts.items():
+                self._counts[kind] = self._counts.get(kind, 0) + n
+            body = result.body
+        out.append(body)
 
     def _go_raw(self) -> bytes:
         """An event too large to hold: release the blocks, then mask bytes from here on."""
         released = self._release_all()
         self._raw = StreamMasker(self.masker.rules, self.masker.hash_key, json_mode=True)
-        parser, self._parser = self._parser, SSEParser()
-        rest = serialize(parser._fields)[:-1] + parser._line  # the event so far, unterminated
-        self.errors.append(f"an event exceeded {self.max_event_bytes} bytes: the rest of the "
-                           "stream was masked as bytes, not per event")
+        if self._lines:
+            parser, self._parser = self._parser, SSEParser()
+            rest = (serialize(parser._fields)[:-1] if parser._fields else b"") + parser._line
+        else:
+            rest, self._buf = self._buf, b""
+        self.errors.append(f"an event exceeded {min(self.max_event_bytes, self.masker.max_body_bytes)} "
+                           "bytes: the rest of the stream was masked as bytes, not per event")
         return released + self._raw.feed(rest)
 
-    def _event(self, fields: list[Field]) -> bytes:
+    def _event(self, fields: list[Field]) -> bytes | None:
+        """Bytes to send for an event handled here (b"": nothing now), None: one of the others."""
         data_parts = [v for n, v in fields if n == b"data"]
         name = next((v for n, v in reversed(fields) if n == b"event"), b"")
         kind, obj = None, None
         if data_parts:
             data = b"\n".join(data_parts)
-            if b'"content_block_' in data or name.startswith(b"content_block_"):
+            if self._interesting(data) or name.startswith(b"content_block_"):
                 try:
                     obj = json.loads(data)
                 except ValueError:
@@ -295,13 +375,14 @@ class SSEMasker:
             out = self._delta(fields, name, obj)
             if out is not None:
                 return out
-        prefix = b""
+        if kind == "content_block_start" and isinstance(obj, dict):
+            return serialize(self._start(fields, obj))
         if kind == "content_block_stop" and isinstance(obj, dict):
             prefix = self._release(obj.get("index"))
-        elif name.decode("utf-8", "replace") in _BLOCKS_END:
+        elif self._blocks and (name.decode("utf-8", "replace") in _BLOCKS_END or kind in _BLOCKS_END):
             prefix = self._release_all()
-        if kind == "content_block_start" and isinstance(obj, dict):
-            return prefix + serialize(self._start(fields, obj))
+        else:
+            return None
         return prefix + serialize(self._mask_whole(fields))
 
     def _delta(self, fields: list[Field], name: bytes, obj: dict[str, Any]) -> bytes | None:

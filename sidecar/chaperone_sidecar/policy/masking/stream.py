@@ -61,6 +61,9 @@ WINDOW = 32 * 1024
 CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
 SLACK = 4  # bytes the lookahead assertions read past a match end (at most 2 today)
 SNIFF_BYTES = 512
+RUN_BACKOFF = 2048  # a cut is moved back to the start of a word at most this far
+# Bytes of the tokens detectors match (spans.adjacent): a cut between two of them splits a word.
+_TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-/=~@")
 
 
 _REGEX_FLAGS = ((re.IGNORECASE, regex.IGNORECASE), (re.MULTILINE, regex.MULTILINE),
@@ -283,7 +286,18 @@ class StreamMasker:
                 elif cont is not None and f.start <= cont[0] < f.end:
                     cont_f = f
                     held = min(held, f.start)
-            cut = _safe_cut(min(base, held), held, spans + [(f.start, f.end) for f in findings])
+            # ``base`` bounds the cut like ``held``: an open match may start right there, so a
+            # finding crossing it may still be overlapped (and merged) - never move past it.
+            limit = min(base, held)
+            cut = _safe_cut(limit, limit, spans + [(f.start, f.end) for f in findings])
+            if not final and 0 < cut < n and buf[cut - 1] in _TOKEN_BYTES and buf[cut] in _TOKEN_BYTES:
+                # Never cut a word: a replacement right after it (a key glued to an address)
+                # makes a boundary that a later scan of the whole text would match against.
+                start = cut - 1
+                while start > max(0, cut - RUN_BACKOFF) and buf[start - 1] in _TOKEN_BYTES:
+                    start -= 1
+                if start == 0 or buf[start - 1] not in _TOKEN_BYTES:  # runs longer are cut
+                    cut = _safe_cut(start, start, spans + [(f.start, f.end) for f in findings])
             # Only findings before the cut are final: one after it could still be overlapped
             # by a match that has not fully arrived (and the union must be masked).
             settled = [f for f in findings if f.end <= cut and f is not cont_f]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 
 import pytest
@@ -16,7 +17,8 @@ import redis.asyncio as aioredis
 
 from chaperone_sidecar.approvals import ApprovalUnavailable
 from chaperone_sidecar.approvals.digest import request_digest
-from chaperone_sidecar.approvals.grants import MemoryGrants, RedisGrants
+from chaperone_sidecar.approvals.grants import Grant, MemoryGrants, RedisGrants, grant_key
+from chaperone_sidecar.approvals.objects import subject_key
 from chaperone_sidecar.approvals.local import LocalApprovalStore
 from chaperone_sidecar.approvals.service import (
     ApprovalService, Outcome, approve_command, approvers_text,
@@ -206,10 +208,21 @@ def test_deleted_request_releases_the_hold_as_expired(kube_env, redis_server):
             task = asyncio.create_task(admin_deletes())
             outcome = await ask(svc, who, hold_seconds=60)
             await task
-            return outcome
+            # The deletion erased nothing the agent could use: a retry opens a new request
+            # (approvers see it again), and a grant naming the deleted request proves nothing.
+            retry = await ask(svc, who, mode="defer")
+            await svc.grants.put(grant_key("exact", subject_key(who, "example-api"),
+                                           request_digest(http_request())),
+                                 Grant("exact", outcome.name, ("alice",), time.time() + 900))
+            forged = await ask(svc, who, mode="defer")
+            return outcome, retry, forged
 
-    outcome = asyncio.run(scenario())
-    assert outcome.state == "expired" and "deleted" in outcome.reason
+    outcome, retry, forged = asyncio.run(scenario())
+    assert outcome.state == "expired" and outcome.reason.startswith("request deleted: ")
+    assert retry.state == "pending" and retry.name != outcome.name
+    assert kube_env.names() == [retry.name]
+    assert forged.state == "pending" and forged.name == retry.name
+    assert f"names ApprovalRequest '{outcome.name}', which does not exist" in forged.refused_grants[0]
 
 
 # ---------------------------------------------------------------------------- reuse and grants

@@ -10,6 +10,7 @@ The approval addon calls one façade (``service.ApprovalService``)::
 Modules: ``digest`` (canonical request digest, action key, request names), ``kube``
 (ApprovalRequests through the apiserver with aiohttp + watch), ``local`` (standalone mode:
 one JSON file per request), ``grants`` (grant cache + decision fan-out, Redis or memory),
+``proof`` (a cached grant is honoured only when the ApprovalRequest it names proves it),
 ``ratelimit`` (policy rate limits, Redis or memory), ``objects`` (ApprovalRequest objects built
 and read, pure), ``service`` (the façade).
 

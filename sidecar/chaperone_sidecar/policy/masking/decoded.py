@@ -88,8 +88,12 @@ def canonical_json_strings(text: bytes) -> bytes:
 
 # --- base64 ---------------------------------------------------------------------------------
 
-# A run of either alphabet (a mixed run decodes as garbage and finds nothing), optional padding.
-_B64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{%d,}={0,2}(?![A-Za-z0-9+/_=-])" % B64_MIN)
+# A run of either alphabet (a mixed run decodes as garbage and finds nothing), optional padding,
+# with at least one upper-case letter: snake_case words ("content_block_delta") and lower-case
+# hex digests are not base64 of anything (16 base64 characters of real data without an upper-
+# case letter: p < 2e-6), and skipping them keeps per-event masking of SSE and JSON cheap.
+_B64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_=-])(?=[a-z0-9+/_-]*[A-Z])[A-Za-z0-9+/_-]{%d,}={0,2}"
+                      rb"(?![A-Za-z0-9+/_=-])" % B64_MIN)
 _HEX_LOWER, _HEX_UPPER = b"0123456789abcdef", b"0123456789ABCDEF"  # hex digests are not base64
 _WRAPPED = re.compile(rb"(?:\\r\\n|\\n|\r?\n)([A-Za-z0-9+/_-]+={0,2})(?![A-Za-z0-9+/_=-])")
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
@@ -166,8 +170,8 @@ def _secret_kinds(blobs: list[bytes], rules: tuple[Rule, ...], depth: int) -> li
 def mask_base64(text: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = None,
                 counts: dict[str, int] | None = None) -> bytes:
     """Mask every base64 run of ``text`` whose decoded bytes hold a secret (whole run)."""
-    if not rules or len(text) < B64_MIN:
-        return text
+    if not rules or len(text) < B64_MIN or _B64_RUN.search(text) is None:
+        return text  # the common case, at C speed: no run worth decoding
     runs = _runs(text)
     if not runs:
         return text

@@ -67,6 +67,7 @@ repo_root = _tests.repo_root
 control_plane = _tests.control_plane
 crds_installed = _tests.crds_installed
 s3_server = _tests.s3_server
+redis_server = _tests.redis_server
 helm_bin = _operator.helm_bin
 moto_auth = _sidecar.moto_auth
 
@@ -78,6 +79,7 @@ RECORDING_BUCKET = "chaperone-recordings"
 RECORDING_PREFIX = "e2e"
 SIDECAR_SECRET = "chaperone-sidecar"
 WEBHOOK_SECRET = "chaperone-e2e-webhook-tls"
+REDIS_SECRET = "chaperone-e2e-redis"  # redis.auth.existingSecret: the test bed Redis's password
 POD, AGENT_SA, AGENT_CONTAINER = "claude-1", "claude-agent", "claude"
 SIDECAR = "chaperone-sidecar"
 STORY_ORDER = ("test_story_aws.py", "test_story_kubernetes.py", "test_recording.py")
@@ -128,12 +130,14 @@ class Installation:
 def _chart_sets(values: dict[str, str]) -> list[str]:
     out = []
     for key, value in values.items():
-        out += ["--set" if value.isdigit() else "--set-string", f"{key}={value}"]
+        out += ["--set" if value.isdigit() or value in ("true", "false") else "--set-string",
+                f"{key}={value}"]
     return out
 
 
 @pytest.fixture(scope="session")
-def installation(control_plane, crds_installed, helm_bin, repo_root, s3_server, tmp_path_factory):
+def installation(control_plane, crds_installed, helm_bin, repo_root, s3_server, redis_server,
+                 tmp_path_factory):
     cp = control_plane
     workdir = tmp_path_factory.mktemp("installation")
     import boto3
@@ -159,6 +163,11 @@ def installation(control_plane, crds_installed, helm_bin, repo_root, s3_server, 
         "recording.s3.endpoint": s3_server.endpoint_url,
         "recording.s3.region": REGION,
         "recording.s3.prefix": RECORDING_PREFIX,
+        # The test bed's real redis-server (AUTH on) as "your own Redis": the URL without the
+        # password, the password in a Secret the operator copies to agent namespaces.
+        "redis.enabled": "false",
+        "redis.url": redis_server.address_url,
+        "redis.auth.existingSecret": REDIS_SECRET,
     }
     docs = _operator.render_chart(helm_bin, repo_root, *_chart_sets(values))
     webhooks = [d for d in docs if d["kind"].endswith("WebhookConfiguration")]
@@ -166,6 +175,10 @@ def installation(control_plane, crds_installed, helm_bin, repo_root, s3_server, 
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     cp.create_namespace(OPERATOR_NS)
     cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rest))
+    cp.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": REDIS_SECRET, "namespace": OPERATOR_NS},
+        "stringData": {"password": redis_server.password}}))
     # The serving certificate an admin provides with webhook.certSecret + webhook.caBundle.
     cp.kubectl("apply", "-f", "-", input=json.dumps({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",

@@ -149,7 +149,11 @@ class StreamMasker:
         self.errors: list[str] = []  # e.g. a truncated compressed stream at finish
         self.binary: bool | None = None if sniff else False  # None: not decided yet
         self._buf = b""  # received, not yet emitted (settled findings may be masked already)
-        self._ctx = b""  # tail of the emitted output, for lookbehinds and validator context
+        self._ctx = b""  # tail of the emitted output (masked), for the adjacency rule
+        # The same tail as received (unmasked): lookbehinds and validator context (an SSN label,
+        # a token_type) read the text as a whole-body scan's first round does - also a label
+        # that ended up inside a masked finding.
+        self._raw_ctx = b""
         self._cont: Rule | None = None
         # Partial matching (see the module docstring); rules it cannot handle use _line_base.
         self._eager = tuple(r for r in rules if _open_pattern(r.pattern) is not None)
@@ -219,7 +223,6 @@ class StreamMasker:
     def _emit(self, out: list[bytes], data: bytes) -> None:
         if data:
             out.append(data)
-            # Lookbehinds see what was emitted (masked), like a second scan of a masked body.
             self._ctx = (self._ctx + data)[-CONTEXT:]
 
     def _base(self, window: bytes, off: int) -> int:
@@ -258,7 +261,7 @@ class StreamMasker:
             buf, n = self._buf, len(self._buf)
             if not n:
                 return
-            window, off = self._ctx + buf, len(self._ctx)
+            window, off = self._raw_ctx + buf, len(self._raw_ctx)
             if final:
                 base = n
             else:
@@ -308,6 +311,7 @@ class StreamMasker:
                 self._frontier = 0  # the text changed: search it again
                 continue
             self._emit(out, apply(buf, settled, self.hash_key, self.counts, 0, cut, strings))
+            self._raw_ctx = (self._raw_ctx + buf[:cut])[-CONTEXT:]
             self._buf = buf[cut:]
             self._frontier = max(0, self._frontier - cut)
             if self.json_mode:
@@ -315,6 +319,7 @@ class StreamMasker:
             if cont_f is not None and cut == cont_f.start:
                 # Mask from the block's start to what has arrived; keep dropping key material.
                 self._emit(out, mask_token(cont_f.kind, buf[cut : cont_f.end], self.hash_key))
+                self._raw_ctx = (self._raw_ctx + buf[cut : cont_f.end])[-CONTEXT:]
                 self.counts[cont_f.kind] = self.counts.get(cont_f.kind, 0) + 1
                 if self.json_mode:
                     self._in_string = ends_in_string(buf[cut : cont_f.end], self._in_string)

@@ -212,3 +212,16 @@ def test_any_chunking_and_any_split_into_deltas_gives_the_masked_text(text, data
     chunks = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)]) if b > a]
     out = drive(SSEMasker(MASKER), chunks)
     assert assembled(out) == mask_text(text.encode(), ALL_RULES).decode()
+
+
+def test_json_escapes_in_deltas_are_decoded_before_masking():
+    """The SDK decodes JSON escapes: ``\\u0041KIA...`` split across deltas (even an escaped
+    delta type) is the key once decoded, so it is masked."""
+    raw = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+           b'"delta":{"type":"text\\u005fdelta","text":"id \\u0041KIAIOSF"}}\n\n'
+           b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+           b'"delta":{"type":"text_delta","text":"\\u004fDNN7EXAMPLE."}}\n\n'
+           b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n')
+    out = drive(SSEMasker(MASKER), [raw])
+    assert assembled(out) == "id [MASKED:aws-access-key-id]."
+    assert b"IOSF" not in out

@@ -95,7 +95,9 @@ def canonical_json_strings(text: bytes) -> bytes:
 _B64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_=-])(?=[a-z0-9+/_-]*[A-Z])[A-Za-z0-9+/_-]{%d,}={0,2}"
                       rb"(?![A-Za-z0-9+/_=-])" % B64_MIN)
 _HEX_LOWER, _HEX_UPPER = b"0123456789abcdef", b"0123456789ABCDEF"  # hex digests are not base64
-_WRAPPED = re.compile(rb"(?:\\r\\n|\\n|\r?\n)([A-Za-z0-9+/_-]+={0,2})(?![A-Za-z0-9+/_=-])")
+# The next line of wrapped base64: a whole line (a line break, a closing quote or the end after
+# it), so "data: QUJD\nname: x" in YAML or prose after a run never joins it.
+_WRAPPED = re.compile(rb"(?:\\r\\n|\\n|\r?\n)([A-Za-z0-9+/_-]+={0,2})(?=\\[rn]|[\r\n\"]|\Z)")
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _SEPARATOR = b"\n\x00\n"  # between decoded runs in the joined scan: no detector crosses it
 

@@ -175,3 +175,10 @@ def test_wrapped_base64_is_one_run_in_json_and_text(newline):
     assert json.loads(M.mask_bytes(body, "application/json").body)["content"] == \
         "[MASKED:aws-access-key-id]" + newline
     assert M.mask_bytes(wrapped.encode(), "text/plain").body == b"[MASKED:aws-access-key-id]" + newline.encode()
+
+
+def test_a_run_at_the_end_of_a_line_never_swallows_the_next_line():
+    encoded = base64.b64encode(b"id: " + AWS_KEY_ID).decode()  # 32 chars, no padding
+    assert len(encoded) % 4 == 0 and not encoded.endswith("=")
+    yaml = f"creds: {encoded}\nname: keep-me\n".encode()
+    assert M.mask_bytes(yaml, "application/yaml").body == b"creds: [MASKED:aws-access-key-id]\nname: keep-me\n"

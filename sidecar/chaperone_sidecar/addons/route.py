@@ -36,9 +36,11 @@ anything is classified or forwarded:
   trailing dot or space, control characters) is refused with 400 ``invalid_request`` naming
   the ``spec.pathNormalization`` field that would allow it;
 * method overrides (``X-HTTP-Method-Override``, ``X-HTTP-Method``, ``X-Method-Override``,
-  ``_method=``) are removed (``spec.methodOverride: strip``, the default), so the upstream
-  executes the method the policy judged; with ``methodOverride: honor`` they are forwarded and
-  the request is judged as the overridden method (conflicting overrides: 400);
+  ``_method=`` in the query or in a form body) are removed (``spec.methodOverride: strip``, the
+  default; a ``_method`` field in a multipart body is refused, since rewriting it would lose
+  the parts' headers), so the upstream executes the method the policy judged; with
+  ``methodOverride: honor`` they are forwarded and the request is judged as the overridden
+  method (conflicting overrides: 400);
 * a kubernetes ``exec``/``attach``/``portforward`` request is judged - and digested for
   approvals - as ``POST`` whatever its method: kubectl opens these with a WebSocket ``GET`` and
   falls back to an SPDY ``POST`` when that fails, and both are the one action ``create``; so the
@@ -147,6 +149,14 @@ class Route:
             return  # classified on the headers and there is no read body to add
         conn = snapshot_of(flow, self.services).connection(ctx.connection)
         rules = path_rules(conn.type, conn.spec) if conn is not None else None
+        problem = self._body_override(flow, conn.spec if conn is not None else {})
+        if problem:
+            ctx.action = None
+            refusal.refuse(flow, "invalid_request", problem, rule=None,
+                           how_to_get_access="Send the method in the request line, without a "
+                                             "_method form field, then retry.")
+            log.info("refused: %s", problem, extra=flow_fields(flow))
+            return
         ctx.action = classify(request_of(flow), ctx.connection_type, rules)
 
     # ------------------------------------------------------------------ canonical request
@@ -176,6 +186,40 @@ class Route:
                 flow.metadata[METHOD_KEY] = method
         if ctype == "kubernetes" and is_connect_request(request_of(flow, body=False)):
             flow.metadata[METHOD_KEY] = "POST"  # WebSocket GET and SPDY POST: one action
+        return ""
+
+    @staticmethod
+    def _body_override(flow: http.HTTPFlow, spec: Any) -> str:
+        """``_method`` in a form body (what Rails, Laravel and Symfony read first): removed from
+        a urlencoded body, refused in a multipart one (re-encoding it would lose the parts'
+        headers); judged as the method with ``methodOverride: honor``. A refusal or ""."""
+        req = flow.request
+        if req.stream or not req.raw_content:
+            return ""
+        ctype = req.headers.get("content-type", "").lower()
+        if "application/x-www-form-urlencoded" in ctype:
+            fields = [(k, v) for k, v in req.urlencoded_form.items(multi=True)]
+        elif "multipart/form-data" in ctype:
+            fields = [(k.decode("utf-8", "replace"), v.decode("utf-8", "replace"))
+                      for k, v in req.multipart_form.items(multi=True)]
+        else:
+            return ""
+        values = [v for k, v in fields if k.strip() in OVERRIDE_PARAMS]
+        if not values:
+            return ""
+        if isinstance(spec, Mapping) and spec.get("methodOverride") == "honor":
+            method, problem = override_method(request_of(flow, body=False))
+            wanted = {v.strip().upper() for v in values} | ({method} if method != req.method.upper() else set())
+            if problem or len(wanted) != 1:
+                return problem or ("the request carries conflicting method overrides "
+                                   f"({', '.join(sorted(wanted))}); send one method, in the request line")
+            flow.metadata[METHOD_KEY] = wanted.pop()
+            return ""
+        if "multipart/form-data" in ctype:
+            return ("the multipart body carries a _method form field, which would make the "
+                    "upstream execute another method than the one judged; this connection does "
+                    "not honour method overrides (spec.methodOverride: strip)")
+        req.urlencoded_form = [(k, v) for k, v in fields if k.strip() not in OVERRIDE_PARAMS]
         return ""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

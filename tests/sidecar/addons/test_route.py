@@ -280,3 +280,22 @@ def test_kubectl_websocket_and_spdy_attempts_are_one_action_with_one_digest():
     pod = make_flow("10.0.0.1", port=6443, path="/api/v1/namespaces/ns/pods/p")
     assert route(pod, services(CANON_CONNECTIONS)).action.name == "kubernetes:get/pods"
     assert request_of(pod).method == "GET"
+
+
+def test_a_method_field_in_a_form_body_is_stripped_or_refused_or_judged():
+    form = [(b"host", b"api.example.com"), (b"content-type", b"application/x-www-form-urlencoded")]
+    f = make_flow("api.example.com", path="/tickets/7", headers=form, content=b"a=1&_method=DELETE&b=2")
+    f.request.method = "POST"
+    ctx = route(f, services(CANON_CONNECTIONS))
+    assert f.response is None and f.request.content == b"a=1&b=2" and ctx.action.method == "POST"
+    multipart = [(b"host", b"api.example.com"), (b"content-type", b"multipart/form-data; boundary=xx")]
+    body = b'--xx\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--xx--\r\n'
+    m = make_flow("api.example.com", path="/tickets/7", headers=multipart, content=body)
+    m.request.method = "POST"
+    route(m, services(CANON_CONNECTIONS))
+    assert m.response.status_code == 400 and "_method" in json.loads(m.response.content)["message"]
+    honor = make_flow("legacy.example.com", path="/tickets/7",
+                      headers=[(b"host", b"legacy.example.com"), *form[1:]], content=b"_method=delete")
+    honor.request.method = "POST"
+    ctx = route(honor, services(CANON_CONNECTIONS))
+    assert ctx.action.method == "DELETE" and honor.request.content == b"_method=delete"

@@ -66,12 +66,13 @@ class Upstream:
             def do_POST(self):
                 # What method-override middleware does: the override decides the method.
                 query = dict(parse_qsl(urlsplit(self.path).query))
-                override = (self.headers.get("X-HTTP-Method-Override") or self.headers.get("X-HTTP-Method")
-                            or self.headers.get("X-Method-Override") or query.get("_method") or "POST")
+                length = int(self.headers.get("Content-Length") or 0)
+                form = dict(parse_qsl(self.rfile.read(length).decode()))  # Rails reads the form first
+                override = (form.get("_method") or self.headers.get("X-HTTP-Method-Override")
+                            or self.headers.get("X-HTTP-Method") or self.headers.get("X-Method-Override")
+                            or query.get("_method") or "POST")
                 self.command = override.upper()
                 upstream.served.append((self.command, self.path, self.translate_path(self.path)))
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
                 body = json.dumps({"method": self.command}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -236,20 +237,26 @@ def test_case_insensitive_connection_judges_every_case_as_admin(proxy):
     {"query": "?_method=DELETE"},
     {"query": "?a=1&%5Fmethod=DELETE"},
     {"headers": (("x-http-method-override", "DELETE"), ("X-HTTP-Method-Override", "DELETE"))},
+    {"query": "?a=1;_method=DELETE"},
+    {"form": b"a=1&_method=DELETE"},
 ], ids=["x-http-method-override", "x-http-method", "x-method-override", "_method", "encoded-_method",
-        "repeated"])
+        "repeated", "semicolon-_method", "form-_method"])
 def test_no_override_turns_an_allowed_post_into_a_delete(proxy, override):
     port, upstream = proxy
     path = "/public" + override.get("query", "")
     headers = override.get("headers", ())
+    body = override.get("form", b"{}")
+    if "form" in override:
+        headers = (("Content-Type", "application/x-www-form-urlencoded"),)
     # Control: the upstream honours the override.
-    status, content = raw_request(upstream.port, path, "POST", f"127.0.0.1:{upstream.port}", headers, b"{}")
-    assert status == 200 and json.loads(content) == {"method": "DELETE"}
+    status, content = raw_request(upstream.port, path, "POST", f"127.0.0.1:{upstream.port}", headers, body)
+    if ";" not in override.get("query", ""):  # this server splits on "&" only (Rack 2 also on ";")
+        assert status == 200 and json.loads(content) == {"method": "DELETE"}
     before = len(upstream.served)
     # Default connection: the overrides are stripped, the upstream executes the judged POST.
-    status, content = raw_request(port, f"http://127.0.0.1:{upstream.port}{path}", "POST", "", headers, b"{}")
+    status, content = raw_request(port, f"http://127.0.0.1:{upstream.port}{path}", "POST", "", headers, body)
     assert status == 200 and json.loads(content) == {"method": "POST"}, content
     # Honouring connection: judged as the DELETE it is, and blocked.
-    status, content = raw_request(port, f"http://localhost:{upstream.port}{path}", "POST", "", headers, b"{}")
+    status, content = raw_request(port, f"http://localhost:{upstream.port}{path}", "POST", "", headers, body)
     assert status == 403 and _refusal(status, content)["rule"]["name"] == "no-deletes", content
     assert [s[0] for s in upstream.served[before:]] == ["POST"]

@@ -10,9 +10,10 @@ as sent; the summary is for people, so it is shortened.
 **Method override.** ``X-HTTP-Method-Override``, ``X-HTTP-Method``, ``X-Method-Override`` and a
 ``_method`` query parameter make many frameworks (Rails, Laravel, Express' method-override,
 ASP.NET, Google APIs) execute another method than the request line's: a ``POST`` the policy
-allows becomes a ``DELETE`` it blocks. **Decision**: by default the sidecar strips them
-(``spec.methodOverride: strip``; addons/route.py), so the upstream executes the method the
-policy judged. A connection whose upstream needs them sets ``methodOverride: honor``: they are
+allows becomes a ``DELETE`` it blocks (Rails, Laravel and Symfony also read ``_method`` from a
+form body). **Decision**: by default the sidecar strips them (``spec.methodOverride: strip``;
+addons/route.py; a multipart body's field is refused instead), so the upstream executes the
+method the policy judged. A connection whose upstream needs them sets ``methodOverride: honor``: they are
 forwarded and the request is judged as the overridden method (:func:`override_method`);
 conflicting override values are refused (400).
 """

@@ -30,6 +30,12 @@ otherwise split a secret). A ``content_block_start`` carrying initial text feeds
 block first. The SDKs (Python ``anthropic``, TypeScript ``@anthropic-ai/sdk``) concatenate the
 deltas, so the text they assemble is exactly the masked text (tested with both).
 
+**OpenAI chat completions** (``data: {"object": "chat.completion.chunk", ...}``, also what
+OpenAI-compatible servers stream): each choice's ``delta.content`` and ``reasoning_content``,
+and each tool call's ``function.arguments`` (JSON mode), are masked the same way across chunks;
+a choice's held text goes out in the chunk with its ``finish_reason``, or in one extra chunk
+(same ``id``/``model``) before ``data: [DONE]`` and at the end.
+
 **Every other event** (other APIs, ``message_start``, ``signature_delta``, ``citations_delta``,
 pings, errors ...) passes byte for byte, masked with the whole-body :class:`~.masker.Masker` as
 a small ``text/event-stream`` body - consecutive events of one read together, so a bulk SSE
@@ -79,7 +85,7 @@ BLOCK_FIELDS: dict[str, tuple[str, str]] = {
 _BLOCKS_END = frozenset({"message_delta", "message_stop", "error"})
 # Bytes without which no event needs handling one by one (escapes: a type could hide in one).
 _MARKERS = (b'"text_delta"', b'"thinking_delta"', b'"input_json_delta"', b"content_block_start",
-            b"content_block_stop", b"\\u")
+            b"content_block_stop", b"chat.completion.chunk", b"\\u")
 _END_MARKERS = tuple(name.encode() for name in _BLOCKS_END)
 
 Field = tuple[bytes | None, bytes]  # (name, value); name None: a comment
@@ -227,6 +233,9 @@ class SSEMasker:
         self._buf = b""  # LF-framed fast path: the event not complete yet
         self._batch: list[bytes] = []  # other events, masked together when a call ends
         self._blocks: dict[tuple[Any, str], _Block] = {}
+        # OpenAI chat completions: (choice index, field[, tool call index]) -> its text
+        self._chat: dict[tuple[Any, ...], TextStream] = {}
+        self._chat_meta: dict[str, Any] = {}
         self._raw: StreamMasker | None = None  # after an over-long event: byte-level masking
 
     # --- public API -------------------------------------------------------------------------
@@ -234,7 +243,7 @@ class SSEMasker:
     @property
     def counts(self) -> dict[str, int]:
         out = dict(self._counts)
-        streams = [b.text.masker for b in self._blocks.values()]
+        streams = [b.text.masker for b in self._blocks.values()] + [t.masker for t in self._chat.values()]
         if self._raw is not None:
             streams.append(self._raw)
         for s in streams:
@@ -245,7 +254,8 @@ class SSEMasker:
     @property
     def held(self) -> int:
         """Bytes received but not yet emitted (the event being read and held block text)."""
-        held = self._pending + sum(b.text.masker.held for b in self._blocks.values())
+        held = self._pending + sum(b.text.masker.held for b in self._blocks.values()) + sum(
+            t.masker.held for t in self._chat.values())
         return held + (self._raw.held if self._raw is not None else 0)
 
     def feed(self, data: bytes) -> bytes:
@@ -299,7 +309,8 @@ class SSEMasker:
 
     def _interesting(self, raw: bytes) -> bool:
         """Whether ``raw`` (whole events) may hold an event handled one by one."""
-        return any(m in raw for m in _MARKERS) or (bool(self._blocks) and any(m in raw for m in _END_MARKERS))
+        return (any(m in raw for m in _MARKERS) or (bool(self._blocks) and any(m in raw for m in _END_MARKERS))
+                or (bool(self._chat) and b"[DONE]" in raw))
 
     def _region(self, region: bytes, out: list[bytes]) -> None:
         """Complete LF-framed events: passed on byte for byte (masked in a batch) unless one of
@@ -371,6 +382,11 @@ class SSEMasker:
                     obj = None
                 if isinstance(obj, dict) and isinstance(obj.get("type"), str):
                     kind = obj["type"]
+        if isinstance(obj, dict) and obj.get("object") == "chat.completion.chunk" \
+                and isinstance(obj.get("choices"), list):
+            return self._chat_chunk(fields, obj)
+        if self._chat and data_parts and data.strip() == b"[DONE]":
+            return self._release_chat() + serialize(fields)
         if kind == "content_block_delta" and isinstance(obj, dict):
             out = self._delta(fields, name, obj)
             if out is not None:
@@ -455,7 +471,73 @@ class SSEMasker:
         return b"".join(out)
 
     def _release_all(self) -> bytes:
-        return b"".join(self._release_block(k) for k in list(self._blocks))
+        return b"".join(self._release_block(k) for k in list(self._blocks)) + self._release_chat()
+
+    # --- OpenAI chat completions (``data: {"object": "chat.completion.chunk", ...}``) --------
+
+    def _chat_chunk(self, fields: list[Field], obj: dict[str, Any]) -> bytes:
+        """Each choice's ``delta.content`` / ``delta.reasoning_content`` and each tool call's
+        ``function.arguments`` (JSON mode) as one text across chunks; a choice's held text is
+        released into the chunk that carries its ``finish_reason``."""
+        self._chat_meta = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        for choice in obj["choices"]:
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                for field in ("content", "reasoning_content"):
+                    if isinstance(delta.get(field), str):
+                        delta[field] = self._chat_text((index, field), False).feed(delta[field])
+                for call in delta.get("tool_calls") or []:
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                        key = (index, "tool", call.get("index", 0))
+                        fn["arguments"] = self._chat_text(key, True).feed(fn["arguments"])
+            if choice.get("finish_reason") is not None:
+                self._chat_finish(choice, index)
+        masked = [(n, v if n == b"data" else self._mask_value(v)) for n, v in fields]
+        return serialize(self._replace_data(masked, compact_json(obj)))
+
+    def _chat_text(self, key: tuple[Any, ...], json_mode: bool) -> TextStream:
+        stream = self._chat.get(key)
+        if stream is None:
+            stream = self._chat[key] = TextStream(self.masker, json_mode)
+        return stream
+
+    def _chat_finish(self, choice: dict[str, Any], index: Any) -> None:
+        """Release what the choice's texts hold into ``choice`` (its ``delta``)."""
+        for key in [k for k in self._chat if k[0] == index]:
+            stream = self._chat.pop(key)
+            text = stream.finish()
+            for kind, n in stream.masker.counts.items():
+                self._counts[kind] = self._counts.get(kind, 0) + n
+            if not text:
+                continue
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice["delta"] = {}
+            if key[1] == "tool":
+                calls = delta.get("tool_calls")
+                if not isinstance(calls, list):
+                    calls = delta["tool_calls"] = []
+                calls.append({"index": key[2], "function": {"arguments": text}})
+            else:
+                delta[key[1]] = (delta.get(key[1]) or "") + text
+
+    def _release_chat(self) -> bytes:
+        """One extra chunk with what every choice still holds (before ``[DONE]``, at the end)."""
+        if not self._chat:
+            return b""
+        choices: dict[Any, dict[str, Any]] = {}
+        for index in dict.fromkeys(k[0] for k in self._chat):
+            choice = choices[index] = {"index": index, "delta": {}, "finish_reason": None}
+            self._chat_finish(choice, index)
+        kept = [c for c in choices.values() if c["delta"]]
+        if not kept:
+            return b""
+        chunk = {**self._chat_meta, "object": "chat.completion.chunk", "choices": kept}
+        return serialize([(b"data", compact_json(chunk))])
 
     def _release_block(self, key: tuple[Any, str]) -> bytes:
         block = self._blocks.pop(key)

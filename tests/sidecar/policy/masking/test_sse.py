@@ -225,3 +225,38 @@ def test_json_escapes_in_deltas_are_decoded_before_masking():
     out = drive(SSEMasker(MASKER), [raw])
     assert assembled(out) == "id [MASKED:aws-access-key-id]."
     assert b"IOSF" not in out
+
+
+def chat_chunk(content=None, finish=None, args=None) -> bytes:
+    delta = {}
+    if content is not None:
+        delta["content"] = content
+    if args is not None:
+        delta["tool_calls"] = [{"index": 0, "function": {"arguments": args}}]
+    return ("data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt",
+                                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n").encode()
+
+
+def chat_text(raw: bytes) -> tuple[str, str]:
+    text, args = "", ""
+    for fields in SSEParser().feed(raw, final=True):
+        data = b"\n".join(v for n, v in fields if n == b"data")
+        if data == b"[DONE]":
+            continue
+        for choice in json.loads(data)["choices"]:
+            text += choice["delta"].get("content") or ""
+            for call in choice["delta"].get("tool_calls") or []:
+                args += call["function"]["arguments"]
+    return text, args
+
+
+@pytest.mark.parametrize("finish_chunk", [True, False])
+def test_openai_chat_chunks_are_masked_across_events(finish_chunk):
+    raw = b"".join([chat_chunk("key " + KEY_ID[:9]), chat_chunk(KEY_ID[9:] + " end"),
+                    chat_chunk(args='{"k": "' + KEY_ID[:4]), chat_chunk(args=KEY_ID[4:] + '"}'),
+                    chat_chunk(finish="stop") if finish_chunk else b"", b"data: [DONE]\n\n"])
+    out = drive(SSEMasker(MASKER), [raw])
+    text, args = chat_text(out)
+    assert text == "key [MASKED:aws-access-key-id] end"
+    assert json.loads(args) == {"k": "[MASKED:aws-access-key-id]"}
+    assert KEY_ID[:9].encode() not in out and out.endswith(b"data: [DONE]\n\n")

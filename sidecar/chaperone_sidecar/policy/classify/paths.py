@@ -25,7 +25,8 @@ original.
    * ``;`` (path parameters, dropped by servlet containers: ``/admin;x=1``, ``/..;/admin``),
    * a segment ending in ``.`` or a space (``/admin.``, ``/admin%20``: stripped by Windows),
    * a control character or NUL, raw or encoded, a raw ``#`` (a fragment is never sent:
-     ``/admin#/../public`` is ``/admin`` to some servers) and a ``%`` without two hex digits.
+     ``/admin#/../public`` is ``/admin`` to some servers), a ``%`` without two hex digits, and
+     escapes that are not UTF-8 (the overlong ``%C0%AE`` is ``.`` to some old decoders).
 
 A connection whose upstream needs one of those declares it in ``spec.pathNormalization``
 (:class:`PathRules`, ``allowEncodedSlash`` ...); the character is then passed through as data
@@ -48,6 +49,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
+from urllib.parse import unquote_to_bytes
 
 __all__ = ["PathRules", "path_rules", "canonical_path", "AMBIGUOUS_FIELDS"]
 
@@ -142,6 +144,11 @@ def _decode(path: str, rules: PathRules) -> tuple[str, str]:
         out.append(char if char in _UNRESERVED else "%" + pair.upper())
         i += 3
     decoded = "".join(out)
+    try:
+        unquote_to_bytes(decoded).decode("utf-8")
+    except UnicodeDecodeError:
+        return "", _refusal(path, "percent-encoded bytes that are not UTF-8 (an overlong %C0%AE "
+                                  "is '.' to some servers)", None)
     if not rules.allow_double_encoding:
         # Checked after decoding: "%25%36%31" is "%2561" once the hex digits are decoded.
         double = _DOUBLE.search(decoded)

@@ -31,6 +31,7 @@ AMBIGUOUS = [
     ("/admin\\", "allowBackslash"), ("/x\\..\\admin", "allowBackslash"), ("/x%5c..%5cadmin", "allowBackslash"),
     ("/admin%00", None), ("/admin%0a", None), ("/admin\x00", None), ("/adm\tin", None),
     ("/admin%7f", None), ("/adm%in", None), ("/admin%", None), ("/admin#/../public", None),
+    ("/x/%c0%ae%c0%ae/admin", None), ("/x/%e0%80%ae/admin", None), ("/%ff", None),
 ]
 
 

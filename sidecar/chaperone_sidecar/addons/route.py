@@ -209,10 +209,14 @@ class Route:
             return ""
         if isinstance(spec, Mapping) and spec.get("methodOverride") == "honor":
             method, problem = override_method(request_of(flow, body=False))
-            wanted = {v.strip().upper() for v in values} | ({method} if method != req.method.upper() else set())
-            if problem or len(wanted) != 1:
-                return problem or ("the request carries conflicting method overrides "
-                                   f"({', '.join(sorted(wanted))}); send one method, in the request line")
+            if problem:
+                return problem
+            wanted = {v.strip().upper() for v in values}
+            if method != req.method.upper():  # a header or query override as well
+                wanted.add(method)
+            if len(wanted) != 1:
+                return (f"the request carries conflicting method overrides "
+                        f"({', '.join(sorted(wanted))}); send one method, in the request line")
             flow.metadata[METHOD_KEY] = wanted.pop()
             return ""
         if "multipart/form-data" in ctype:

@@ -68,7 +68,7 @@ from mitmproxy.proxy import mode_specs
 from .. import flowctx
 from ..logging import flow_fields
 from ..policy.classify import PathRules, canonical_path, classify, path_rules
-from ..policy.classify.http import OVERRIDE_HEADERS, OVERRIDE_PARAMS, override_method
+from ..policy.classify.http import OVERRIDE_HEADERS, OVERRIDE_PARAMS, is_method, override_method
 from ..policy.classify.kubernetes import is_connect_request
 from ..policy.model import HTTPRequest
 from ..routing import Connection, base_url_parts, normalize_host, split_host
@@ -214,8 +214,8 @@ class Route:
             wanted = {v.strip().upper() for v in values}
             if method != req.method.upper():  # a header or query override as well
                 wanted.add(method)
-            if len(wanted) != 1:
-                return (f"the request carries conflicting method overrides "
+            if len(wanted) != 1 or not all(map(is_method, wanted)):
+                return (f"the request carries conflicting or invalid method overrides "
                         f"({', '.join(sorted(wanted))}); send one method, in the request line")
             flow.metadata[METHOD_KEY] = wanted.pop()
             return ""

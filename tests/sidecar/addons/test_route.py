@@ -299,3 +299,8 @@ def test_a_method_field_in_a_form_body_is_stripped_or_refused_or_judged():
     honor.request.method = "POST"
     ctx = route(honor, services(CANON_CONNECTIONS))
     assert ctx.action.method == "DELETE" and honor.request.content == b"_method=delete"
+    bad = make_flow("legacy.example.com", path="/tickets/7",
+                    headers=[(b"host", b"legacy.example.com"), *form[1:]], content=b"_method=DEL+ETE")
+    bad.request.method = "POST"
+    route(bad, services(CANON_CONNECTIONS))
+    assert bad.response.status_code == 400

@@ -90,6 +90,11 @@ def override_values(request: HTTPRequest) -> list[str]:
     return values
 
 
+def is_method(value: str) -> bool:
+    """Whether ``value`` can be an HTTP method (a token of at most 32 characters)."""
+    return bool(_TOKEN.match(value))
+
+
 def override_method(request: HTTPRequest) -> tuple[str, str]:
     """``(method the request asks the upstream to execute, "")`` or ``("", refusal)``.
 
@@ -99,7 +104,7 @@ def override_method(request: HTTPRequest) -> tuple[str, str]:
     values = {v.strip().upper() for v in override_values(request)}
     if not values:
         return request.method.upper(), ""
-    bad = sorted(v for v in values if not _TOKEN.match(v))
+    bad = sorted(v for v in values if not is_method(v))
     if bad or len(values) > 1:
         shown = ", ".join(repr(v[:40]) for v in sorted(values))
         return "", (f"the request carries conflicting or invalid method overrides ({shown}); "

@@ -49,6 +49,15 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = others + ours
 
 
+TIMINGS: dict[str, float] = {}  # seconds, reported at the end of the run (docs/e2e.md figures)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_line("node story timings: " + ", ".join(
+            f"{k} {v:.1f}s" for k, v in TIMINGS.items()))
+
+
 def start_or_fail(component, what: str):
     try:
         return component.start()
@@ -68,6 +77,7 @@ def node_cp():
 @pytest.fixture(scope="session")
 def node(node_cp):
     n = Node(node_cp)
+    n.timings = TIMINGS  # the node's own figures (ready) and the story's land in one place
     yield start_or_fail(n, "node (containerd + kubelet)")
     n.stop()
 

@@ -75,17 +75,14 @@ class ImageBuilder:
         self.storage = self.cache / "storage"
 
     # ------------------------------------------------------------------ plumbing
-    def _buildah(self, *args: str | Path, capture: bool = True, timeout: float = 1800
-                 ) -> subprocess.CompletedProcess:
+    def _buildah(self, *args: str | Path, timeout: float = 1800) -> subprocess.CompletedProcess:
         argv = ["buildah", "--root", str(self.storage / "root"),
                 "--runroot", str(self.storage / "run"), "--storage-driver", "overlay",
                 *map(str, args)]
-        res = subprocess.run(argv, text=True, timeout=timeout,
-                             stdout=subprocess.PIPE if capture else sys.stderr,
-                             stderr=subprocess.PIPE if capture else sys.stderr)
+        res = subprocess.run(argv, text=True, timeout=timeout, capture_output=True)
         if res.returncode != 0:
             raise StartupError(f"{' '.join(argv)} failed (exit {res.returncode}):\n"
-                               f"{(res.stderr or '')[-3000:]}")
+                               f"{(res.stdout or '')[-3000:]}\n{(res.stderr or '')[-3000:]}")
         return res
 
     def _has_image(self, name: str) -> bool:
@@ -176,26 +173,39 @@ class ImageBuilder:
                         if not f.endswith(CONTEXT_EXCLUDED_SUFFIXES)]
         return out
 
-    def chaperone_key(self) -> str:
+    def _snapshot(self, dest: Path) -> str:
+        """Copy the Dockerfile and its build context to `dest`; return their content key.
+
+        The build reads the copy, so the key names exactly what was built even when the
+        working tree changes during the build (several people edit it at once).
+        """
         parts = [self.base_key().encode()]
         for f in [self.repo / "Dockerfile", self.repo / ".dockerignore", *self.context_files()]:
-            parts.append(str(f.relative_to(self.repo)).encode() + b"\0" + f.read_bytes())
+            rel = f.relative_to(self.repo)
+            data = f.read_bytes()
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            parts.append(str(rel).encode() + b"\0" + data)
         return _sha(*parts)
 
     def chaperone(self) -> Path:
         """A Docker archive of the Dockerfile's image, named IMAGE_NAME."""
-        key = self.chaperone_key()
-        out = self.cache / f"chaperone-{key}.tar"
-        if out.is_file():
-            return out
-        self._check_tools()
-        base = self.base()
-        tag = f"localhost/chaperone:{key}"
-        _log(f"buildah bud Dockerfile (PYTHON_IMAGE={base})")
-        self._buildah("bud", "--isolation", "chroot", "--network", "host", "--pull-never",
-                      "--layers", "--build-arg", f"PYTHON_IMAGE={base}", "-t", tag,
-                      "-f", self.repo / "Dockerfile", self.repo, capture=False)
-        self._export(tag, IMAGE_NAME, out)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="chaperone-context-", dir=self.cache) as tmp:
+            context = Path(tmp)
+            key = self._snapshot(context)
+            out = self.cache / f"chaperone-{key}.tar"
+            if out.is_file():
+                return out
+            self._check_tools()
+            base = self.base()
+            tag = f"localhost/chaperone:{key}"
+            _log(f"buildah bud Dockerfile (PYTHON_IMAGE={base})")
+            self._buildah("bud", "--isolation", "chroot", "--network", "host", "--pull-never",
+                          "--layers", "--build-arg", f"PYTHON_IMAGE={base}", "-t", tag,
+                          "-f", context / "Dockerfile", context)
+            self._export(tag, IMAGE_NAME, out)
         return out
 
     # ------------------------------------------------------------------ agent image
@@ -234,6 +244,14 @@ class ImageBuilder:
         tmp.unlink(missing_ok=True)
         self._buildah("push", "-q", tag, f"docker-archive:{tmp}:{name}")
         os.replace(tmp, out)
+        # Older builds in buildah's storage too: other tags of this repository, then whatever
+        # no tag holds any more (the base stays: it is tagged).
+        repo = tag.rsplit(":", 1)[0]
+        listing = self._buildah("images", "--format", "{{.Name}}:{{.Tag}}").stdout.split()
+        for other in listing:
+            if other.rsplit(":", 1)[0] == repo and other != tag:
+                self._buildah("rmi", other)
+        self._buildah("rmi", "--prune")
         # Older archives of the same image are dead weight (hundreds of MB each).
         prefix = out.name.split("-", 1)[0] + "-"
         for old in self.cache.glob(f"{prefix}*.tar"):

@@ -71,10 +71,17 @@ node-deps:
 kube-node:
 	hack/build-node.sh >/dev/null
 
-# The CRDs have one source (crds/); the chart carries a copy, checked by tests/test_chart.py.
+# The CRDs have one source (crds/). The chart carries a byte copy in files/crds/, which
+# templates/crds.yaml renders (so `helm upgrade` upgrades them); tests/crds/test_crd_schema.py
+# and check-crds fail when the copy drifts.
+CHART_CRDS := charts/chaperone/files/crds
 sync-crds:
-	rm -f charts/chaperone/crds/*.yaml
-	cp crds/*.yaml charts/chaperone/crds/
+	mkdir -p $(CHART_CRDS)
+	rm -f $(CHART_CRDS)/*.yaml
+	cp crds/*.yaml $(CHART_CRDS)/
+
+check-crds:
+	@diff -r crds $(CHART_CRDS) || { echo "$(CHART_CRDS) drifted from crds/: run make sync-crds" >&2; exit 1; }
 
 # Benchmarks: the policy engine micro-benchmark, then the proxy comparison (bench-proxy).
 bench: deps

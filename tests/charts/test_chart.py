@@ -1,5 +1,6 @@
 """The Helm chart renders with a real helm (built from Go modules) and what it renders is
-accepted by the real apiserver (`kubectl apply --dry-run=server`), CRDs included."""
+accepted by the real apiserver (`kubectl apply --dry-run=server`), CRDs included (they are
+templates: tests/charts/test_chart_crds.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def helm(repo_root):
 
 def render(helm, repo_root, *args: str) -> str:
     res = subprocess.run([helm, "template", "chaperone", str(repo_root / "charts" / "chaperone"),
-                          "--namespace", "chaperone-system", "--include-crds",
+                          "--namespace", "chaperone-system",
                           "--kube-version", "1.33.0", *args],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -21,6 +21,7 @@ nothing else:
 Then the README's objects must exist as it promises: the connection Ready and the policy Valid,
 the agent pod created with the sidecar, which (alone) gets the chart's Redis password from the
 Secret the operator copied into the namespace. `examples/approvalrequest.yaml` must behave as its comment says.
+The chart's CRDs (templates, kept on uninstall) take over the test bed's kubectl-applied ones.
 Plain `helm template` and `helm lint` (helm's default Kubernetes version) must pass.
 """
 
@@ -186,6 +187,11 @@ def test_readme_on_a_cluster_runs_verbatim(control_plane, helm, repo_root, tmp_p
     stand_ins = Stand_ins(cp, repo_root, tmp_path)
     # A fresh cluster, as the README assumes: no namespace "agents" left by other tests.
     cp.kubectl("delete", "namespace", AGENTS, "--ignore-not-found", "--wait=true", "--timeout=60s")
+    # Nor CRDs: the test bed's were applied with kubectl (crds_installed) and belong to no
+    # release, so `helm install` would refuse them. Deleting them would delete other tests'
+    # objects; they are handed to the release instead, with the ownership metadata helm checks
+    # (what `--take-ownership` does for an install upgrading from kubectl-applied CRDs).
+    _hand_crds_to_release(cp, repo_root)
     try:
         for i, line in enumerate(lines):
             res = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=repo_root, env=env,
@@ -236,6 +242,16 @@ def test_readme_on_a_cluster_runs_verbatim(control_plane, helm, repo_root, tmp_p
         subprocess.run([helm, "uninstall", RELEASE, "-n", NS], env=env, capture_output=True)
         stand_ins.stop()
         shutil.rmtree(tmp_path / "webhook-tls", ignore_errors=True)
+
+
+def _hand_crds_to_release(cp, repo_root: Path) -> None:
+    for path in sorted((repo_root / "crds").glob("*.yaml")):
+        name = f"crd/{path.name.removesuffix('.yaml')}"
+        if cp.kubectl("get", name, check=False).returncode != 0:
+            continue
+        cp.kubectl("label", name, "--overwrite", "app.kubernetes.io/managed-by=Helm")
+        cp.kubectl("annotate", name, "--overwrite", f"meta.helm.sh/release-name={RELEASE}",
+                   f"meta.helm.sh/release-namespace={NS}")
 
 
 def _wait(check, timeout: float = 60, fail: bool = True):

@@ -1,7 +1,8 @@
 """Static checks on the hand-written CRDs (no apiserver): one source, complete documentation.
 
 `kubectl explain` is how a platform team learns the product, so every field must say what it
-means; and the chart ships a copy of crds/ that must never drift from it.
+means; and the chart ships a copy of crds/ (charts/chaperone/files/crds/, rendered by
+templates/crds.yaml) that must never drift from it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
+CHART_COPY = REPO / "charts" / "chaperone" / "files" / "crds"
 KINDS = {"ClaudeConnection": "cc", "AccessPolicy": "ap", "ApprovalRequest": "ar"}
 
 
@@ -54,13 +56,13 @@ def test_every_field_has_a_description(path):
 
 @pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
 def test_chart_copy_matches_the_single_source(path):
-    copy = REPO / "charts" / "chaperone" / "crds" / path.name
+    copy = CHART_COPY / path.name
     assert copy.exists(), f"{copy} missing: run `make sync-crds`"
     assert copy.read_bytes() == path.read_bytes(), f"{copy} drifted from crds/: run `make sync-crds`"
 
 
 def test_chart_has_no_crd_that_crds_lacks():
-    copies = {p.name for p in (REPO / "charts" / "chaperone" / "crds").glob("*.yaml")}
+    copies = {p.name for p in CHART_COPY.iterdir()}
     assert copies == {p.name for p in CRD_FILES}
 
 

@@ -40,7 +40,9 @@ from chaperone_testbed.services import keep_artifacts
 
 OPERATOR_NS = "chaperone-system"
 OPERATOR_SA = "chaperone-operator"
-NOT_APPLIED = {"Deployment", "Service", "Secret"}
+# CRDs too: the test bed's come from crds/ (crds_installed, session-wide); applying the chart's
+# and deleting them at teardown would delete every chaperone object of every other test.
+NOT_APPLIED = {"Deployment", "Service", "Secret", "CustomResourceDefinition"}
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import uuid
 from chaperone_testbed import ControlPlane
 from chaperone_testbed.node import Node, node_address
 
-from conftest import REPO_ROOT, leftovers, pod_status, start_or_fail, wait_for
+from nodebed import REPO_ROOT, leftovers, pod_status, start_or_fail, wait_for
 
 
 def _running_pod(cp, node) -> None:

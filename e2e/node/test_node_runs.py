@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from conftest import pod_status, wait_for
+from nodebed import pod_status, wait_for
 
 
 def test_the_node_registers_its_interface_address_and_is_ready(node, node_cp):

@@ -12,13 +12,11 @@ last in e2e/node).
 from __future__ import annotations
 
 import json
-import time
 
 from story import refusal_in  # e2e/story.py: finds the refusal JSON in kubectl's -v=9 log
 
-from conftest import (
-    AGENT_CONTAINER, IMAGE_NAME, KUBERNETES_SERVICE, POD, RELEASE_NS, SIDECAR, wait_for,
-)
+from chaperone_testbed.image import IMAGE_NAME
+from nodebed import AGENT_CONTAINER, KUBERNETES_SERVICE, POD, RELEASE_NS, SIDECAR, wait_for
 
 
 def test_the_operator_runs_as_the_charts_deployment_from_the_image(release, node_cp, node):

@@ -33,7 +33,8 @@ from chaperone_testbed.image import AGENT_IMAGE, IMAGE_NAME, ImageBuilder
 from chaperone_testbed.node import Node, node_address
 from nodebed import (  # e2e/node/nodebed.py: names and helpers shared with the test files
     AGENT_CONTAINER, AGENT_SA, API, KUBERNETES_SERVICE, POD, RECORDING_BUCKET, RECORDING_PREFIX,
-    REGION, RELEASE, RELEASE_NS, REPO_ROOT, SIDECAR, SIDECAR_SECRET, start_or_fail, wait_for,
+    REGION, RELEASE, RELEASE_NS, REPO_ROOT, SIDECAR, SIDECAR_SECRET, claude_pod, start_or_fail,
+    wait_for,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -197,13 +198,13 @@ class NodeStory:
     workdir: Path
     steps: dict = field(default_factory=dict)
 
-    def pod(self) -> dict:
-        return json.loads(self.cp.kubectl("get", "pod", POD, "-n", self.ns, "-o", "json").stdout)
+    def pod(self, name: str = POD) -> dict:
+        return json.loads(self.cp.kubectl("get", "pod", name, "-n", self.ns, "-o", "json").stdout)
 
-    def exec(self, *argv: str, timeout: float = 120, check: bool = False
+    def exec(self, *argv: str, timeout: float = 120, check: bool = False, pod: str = POD
              ) -> subprocess.CompletedProcess:
         """Run a command in the agent container through the real kubelet (`kubectl exec`)."""
-        return self.cp.kubectl("exec", "-n", self.ns, POD, "-c", AGENT_CONTAINER, "--", *argv,
+        return self.cp.kubectl("exec", "-n", self.ns, pod, "-c", AGENT_CONTAINER, "--", *argv,
                                check=check, timeout=timeout)
 
     def exec_background(self, *argv: str) -> subprocess.Popen:
@@ -322,16 +323,6 @@ def _reader_rbac(ns: str, victim: str, reader: str) -> list[dict]:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name},
          "subjects": [{"kind": "ServiceAccount", "name": reader, "namespace": ns}]},
     ]
-
-
-def claude_pod(ns: str, image: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": POD, "namespace": ns,
-                         "labels": {"app": "claude", "chaperone.dev/inject": "true"}},
-            "spec": {"serviceAccountName": AGENT_SA, "terminationGracePeriodSeconds": 30,
-                     "containers": [{"name": AGENT_CONTAINER, "image": image,
-                                     "imagePullPolicy": "IfNotPresent",
-                                     "command": ["sleep", "infinity"]}]}}
 
 
 @pytest.fixture(scope="session")

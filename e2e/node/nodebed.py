@@ -72,3 +72,14 @@ def leftovers(node_workdir: Path | None) -> dict[str, list[str]]:
             shims.append(pid.name)
     return {"iptables": chains, "mounts": mounts, "bridge": ["chaperone0"] if bridge == 0 else [],
             "cgroups": cgroups, "shims": shims}
+
+
+def claude_pod(ns: str, image: str, name: str = POD, mode: str | None = None) -> dict:
+    annotations = {"chaperone.dev/mode": mode} if mode else {}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "annotations": annotations,
+                         "labels": {"app": "claude", "chaperone.dev/inject": "true"}},
+            "spec": {"serviceAccountName": AGENT_SA, "terminationGracePeriodSeconds": 30,
+                     "containers": [{"name": AGENT_CONTAINER, "image": image,
+                                     "imagePullPolicy": "IfNotPresent",
+                                     "command": ["sleep", "infinity"]}]}}

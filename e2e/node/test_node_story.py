@@ -16,7 +16,9 @@ import json
 from story import refusal_in  # e2e/story.py: finds the refusal JSON in kubectl's -v=9 log
 
 from chaperone_testbed.image import IMAGE_NAME
-from nodebed import AGENT_CONTAINER, KUBERNETES_SERVICE, POD, RELEASE_NS, SIDECAR, wait_for
+from nodebed import (
+    AGENT_CONTAINER, KUBERNETES_SERVICE, POD, RELEASE_NS, SIDECAR, claude_pod, wait_for,
+)
 
 
 def test_the_operator_runs_as_the_charts_deployment_from_the_image(release, node_cp, node):
@@ -121,6 +123,38 @@ def test_a_held_create_is_released_by_an_approvers_kubectl_patch(node_story):
                                       "json").stdout)
     assert "alice" in json.dumps(decided["status"]), decided["status"]
     s.steps["approved"] = name
+
+
+def test_transparent_mode_the_init_containers_rules_send_the_agent_through_the_sidecar(
+        node_story, images):
+    """A second pod, annotated transparent: the kubelet runs `chaperone-init` (iptables, root,
+    NET_ADMIN) before the sidecar; the agent has no proxy settings at all, and its plain curl
+    to the API is still redirected to the sidecar, which injects the connection's token."""
+    s, name = node_story, "claude-transparent"
+    s.cp.kubectl("create", "-f", "-", user="developer",
+                 input=json.dumps(claude_pod(s.ns, images["agent"], name, "transparent")))
+    try:
+        wait_for(lambda: {c["type"]: c["status"] for c in
+                          s.pod(name)["status"].get("conditions", [])}.get("Ready") == "True",
+                 120, "the transparent pod Ready",
+                 detail=lambda: json.dumps(s.pod(name)["status"], indent=1)[-3000:])
+        pod = s.pod(name)
+        init = next(st for st in pod["status"]["initContainerStatuses"]
+                    if st["name"] == "chaperone-init")
+        assert init["state"]["terminated"]["exitCode"] == 0, init
+        env = s.exec("sh", "-c", "echo \"[$HTTPS_PROXY][$https_proxy]\"", pod=name)
+        assert env.stdout.strip() == "[][]", env.stdout
+        url = f"https://{KUBERNETES_SERVICE}/api/v1/namespaces/{s.ns}/pods"
+        res = s.exec("curl", "-sS", "--fail-with-body", "-H", "Authorization: Bearer placeholder",
+                     url, pod=name)
+        assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
+        assert name in [p["metadata"]["name"] for p in json.loads(res.stdout)["items"]]
+        # The rules cannot be undone from the agent container (no NET_ADMIN).
+        flush = s.exec("sh", "-c", "iptables -t nat -F OUTPUT 2>&1 || echo refused", pod=name)
+        assert "refused" in flush.stdout or flush.returncode != 0, flush
+    finally:
+        s.cp.kubectl("delete", "pod", name, "-n", s.ns, "--wait=true", "--timeout=120s",
+                     check=False, timeout=150)
 
 
 def test_the_sidecar_killed_is_restarted_by_the_kubelet_and_serves_again(node_story):

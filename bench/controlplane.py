@@ -85,6 +85,7 @@ def approval_round_trip(cp: Any, workdir: Path, *, n: int, kubectl_n: int) -> di
     from chaperone_sidecar.approvals.digest import request_digest
     from chaperone_sidecar.approvals.grants import MemoryGrants
     from chaperone_sidecar.approvals.kube import KubeApprovalBackend
+    from chaperone_sidecar.kubeclient import KubeClient
     from chaperone_sidecar.approvals.service import LABEL_DIGEST, ApprovalService
     from chaperone_sidecar.policy.model import (
         Action, ApprovalRequirement, Approvers, HTTPRequest, Identity, RuleRef,
@@ -111,7 +112,7 @@ def approval_round_trip(cp: Any, workdir: Path, *, n: int, kubectl_n: int) -> di
     failures: list[str] = []
 
     async def scenario() -> None:
-        backend = KubeApprovalBackend(cp.url, ns, token_file=token_file, ca_file=cp.ca_path)
+        backend = KubeApprovalBackend(KubeClient(cp.url, token_file, cp.ca_path), ns)
         svc = ApprovalService(backend, MemoryGrants())
         connector = aiohttp.TCPConnector(ssl=_tls(cp, "approver"), limit=1)
         async with aiohttp.ClientSession(connector=connector) as approver:

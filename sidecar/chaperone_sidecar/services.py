@@ -10,7 +10,7 @@ field              what / who uses it
 config             the frozen :class:`~.config.SidecarConfig` (all addons)
 sources            :class:`~.sources.Sources`; ``services.snapshot()`` is the current
                    :class:`~.sources.Snapshot` (connections, routes, compiled policies)
-kube               :class:`~.sources.KubeClient` with the sidecar's token (None standalone)
+kube               the process's one :class:`~.kubeclient.KubeClient` (sources and approvals; None standalone)
 oidc               :class:`~.oidc.OIDCVerifier` when an issuer is configured (Identify)
 injectors          :class:`InjectorRegistry`: a ``CredentialInjector`` per connection
                    (InjectCredentials), rebuilt when a connection's spec changes
@@ -40,7 +40,8 @@ from typing import Any, Awaitable, Callable
 
 from .config import SidecarConfig
 from .routing import Connection
-from .sources import FileSources, KubeClient, KubeSources, Snapshot, Sources
+from .kubeclient import KubeClient
+from .sources import FileSources, KubeSources, Snapshot, Sources
 
 __all__ = ["SidecarServices", "InjectorRegistry", "build_services"]
 
@@ -240,9 +241,10 @@ async def _make_backends(config: SidecarConfig, services: SidecarServices) -> No
         assert config.approvals_dir is not None
         backend: Any = approvals.LocalApprovalStore(config.approvals_dir, namespace=config.pod_namespace)
     else:
-        backend = approvals.KubeApprovalBackend(
-            config.api_server, config.pod_namespace, token_file=config.token_file,
-            ca_file=config.api_ca_file)
+        if services.kube is None:  # sources brought by a test: still one client for the rest
+            services.kube = KubeClient(config.api_server, config.token_file, config.api_ca_file)
+            services.closers.append(services.kube.aclose)
+        backend = approvals.KubeApprovalBackend(services.kube, config.pod_namespace)
     services.approval_backend = backend
     services.closers.append(backend.close)
     try:

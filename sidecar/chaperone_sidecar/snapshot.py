@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .api import API_VERSION, KIND_ACCESS_POLICY
 from .config import ConnectionMount
 from .policy.compiler import PolicyErrors, compile_policy
 from .policy.globs import glob_error
@@ -34,10 +35,8 @@ from .routing import Connection, RouteTable, effective_hosts
 from .selectors import selector_matches
 
 __all__ = ["Snapshot", "empty_snapshot", "build_snapshot", "read_labels", "parse_downward_api",
-           "INVALID_POLICY_RULE", "GROUP", "VERSION"]
+           "INVALID_POLICY_RULE"]
 
-GROUP = "chaperone.dev"
-VERSION = "v1alpha1"
 INVALID_POLICY_RULE = "invalid-policy"
 _MAX_MESSAGE = 1024
 
@@ -122,7 +121,7 @@ def _blocking_stand_in(name: str, namespace: str, connections: Any, errors: Iter
             isinstance(c, str) and c and len(c) <= 253 and glob_error(c, "name") is None
             for c in connections):
         spec["connections"] = list(connections)
-    return compile_policy({"apiVersion": f"{GROUP}/{VERSION}", "kind": "AccessPolicy",
+    return compile_policy({"apiVersion": API_VERSION, "kind": KIND_ACCESS_POLICY,
                            "metadata": {"name": name, "namespace": namespace}, "spec": spec},
                           namespace)
 

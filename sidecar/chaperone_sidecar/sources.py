@@ -8,7 +8,8 @@ Where the objects come from:
 
 * :class:`KubeSources` (the injected sidecar): the connections named in
   ``CHAPERONE_CONNECTIONS`` (fixed at admission: their credentials are mounted) as they are now
-  in the Kubernetes API, followed by list+watch (:mod:`.kubewatch`). Connections are filtered
+  in the Kubernetes API, followed by list+watch (:class:`Reflector` over
+  :class:`~.kubeclient.ListWatch`). Connections are filtered
   by ``spec.podSelector`` against the pod's labels, read from the downward-API file
   ``<podinfo>/labels`` (re-read when it changes: labels are mutable); policies are all
   AccessPolicies of the namespace (their own ``connections``/``subjects`` decide applicability
@@ -18,8 +19,9 @@ Where the objects come from:
   any of them changes (polled; no inotify dependency).
 
 This module holds the feeders; the model and its pure builder (including how invalid policies
-fail closed) are in :mod:`.snapshot`, the API client and reflector in :mod:`.kubewatch`. The
-names they define are re-exported here, where most callers have always imported them from.
+fail closed) are in :mod:`.snapshot`, the API client and its list+watch loop in
+:mod:`.kubeclient`, the API's names in :mod:`.api`. The snapshot names are re-exported here,
+where most callers have always imported them from.
 """
 
 from __future__ import annotations
@@ -29,17 +31,17 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from .api import ACCESS_POLICIES, CLAUDE_CONNECTIONS, collection_path
 from .config import ConnectionMount, SidecarConfig, standalone_layout
-from .kubewatch import KubeClient, KubeError, Reflector
+from .kubeclient import KubeClient, KubeError, ListWatch, WatchEvent
 from .selectors import selector_matches
 from .snapshot import (
-    GROUP, INVALID_POLICY_RULE, VERSION, Snapshot, build_snapshot, empty_snapshot,
-    parse_downward_api, read_labels,
+    INVALID_POLICY_RULE, Snapshot, build_snapshot, empty_snapshot, parse_downward_api, read_labels,
 )
 
-__all__ = ["Snapshot", "Sources", "KubeSources", "FileSources", "KubeClient", "KubeError",
+__all__ = ["Snapshot", "Sources", "KubeSources", "FileSources", "Reflector",
            "build_snapshot", "read_labels", "parse_downward_api", "selector_matches",
-           "INVALID_POLICY_RULE", "GROUP", "VERSION"]
+           "INVALID_POLICY_RULE"]
 
 log = logging.getLogger("chaperone.sources")
 
@@ -124,6 +126,61 @@ class Sources:
 
 # ---------------------------------------------------------------------------- Kubernetes API
 
+class Reflector:
+    """One collection kept in memory (``items``: name -> object) from a :class:`ListWatch`.
+
+    A permanent failure (403 without RBAC, 404 before the CRD exists) is logged and retried
+    with exponential backoff: RBAC or the CRD may arrive later, and the sidecar keeps serving
+    its last snapshot meanwhile.
+    """
+
+    def __init__(self, client: KubeClient, path: str, on_change: Callable[[], None], what: str, *,
+                 watch_timeout: int = 290, backoff_max: float = 30.0):
+        self.stream = ListWatch(client, path, watch_timeout=watch_timeout, backoff_max=backoff_max,
+                                what=what)
+        self.on_change = on_change
+        self.what = what
+        self.backoff_max = backoff_max
+        self.items: dict[str, dict[str, Any]] = {}
+        self.synced = asyncio.Event()
+
+    @property
+    def lists(self) -> int:
+        """How many times the collection was listed (a 410 Gone re-lists)."""
+        return self.stream.lists
+
+    @property
+    def last_error(self) -> str:
+        return self.stream.last_error
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                async for event in self.stream:
+                    backoff = 0.2
+                    self._apply(event)
+            except KubeError as exc:
+                log.warning("list/watch of %s failed (%s); retrying in %.1fs", self.what, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+
+    def _apply(self, event: WatchEvent) -> None:
+        if event.type == "LISTED":
+            self.items = {name: obj for obj in event.items
+                          if (name := (obj.get("metadata") or {}).get("name"))}
+            self.synced.set()
+        else:
+            name = (event.object.get("metadata") or {}).get("name")
+            if not name:
+                return
+            if event.type == "DELETED":
+                self.items.pop(name, None)
+            else:
+                self.items[name] = event.object
+        self.on_change()
+
+
 class KubeSources(Sources):
     """Connections and policies of the pod's namespace from the API, followed by watch."""
 
@@ -132,11 +189,11 @@ class KubeSources(Sources):
         super().__init__(config.pod_namespace)
         self.config = config
         self.client = client or KubeClient(config.api_server, config.token_file, config.api_ca_file)
-        base = f"/apis/{GROUP}/{VERSION}/namespaces/{config.pod_namespace}"
-        self.connections = Reflector(self.client, f"{base}/claudeconnections", self._changed,
-                                     "claudeconnections", watch_timeout=watch_timeout)
-        self.policies = Reflector(self.client, f"{base}/accesspolicies", self._changed,
-                                  "accesspolicies", watch_timeout=watch_timeout)
+        namespace = config.pod_namespace
+        self.connections = Reflector(self.client, collection_path(CLAUDE_CONNECTIONS, namespace),
+                                     self._changed, CLAUDE_CONNECTIONS, watch_timeout=watch_timeout)
+        self.policies = Reflector(self.client, collection_path(ACCESS_POLICIES, namespace),
+                                  self._changed, ACCESS_POLICIES, watch_timeout=watch_timeout)
         self.debounce = debounce
         self.labels_interval = labels_interval
         self._dirty = asyncio.Event()

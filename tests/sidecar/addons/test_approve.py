@@ -25,6 +25,7 @@ from chaperone_sidecar.approvals.kube import KubeApprovalBackend
 from chaperone_sidecar.approvals.local import LocalApprovalStore
 from chaperone_sidecar.approvals.service import ApprovalService
 from chaperone_sidecar.config import SidecarConfig
+from chaperone_sidecar.kubeclient import KubeClient
 from chaperone_sidecar.policy.model import (
     Action, ApprovalRequirement, Approvers, Decision, HTTPRequest, Identity, RuleRef,
 )
@@ -531,7 +532,7 @@ def test_held_flow_is_released_after_an_admin_patches_the_approval_request(kube_
                    "-p", json.dumps({"spec": {"decision": "Approved", "decidedBy": "admin"}}))
 
     async def scenario():
-        backend = KubeApprovalBackend(cp.url, ns, token_file=token_file, ca_file=cp.ca_path)
+        backend = KubeApprovalBackend(KubeClient(cp.url, token_file, cp.ca_path), ns)
         svc = services(backend)
         addon = Approve(svc)
         try:

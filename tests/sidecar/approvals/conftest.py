@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from chaperone_sidecar.approvals.kube import KubeApprovalBackend
+from chaperone_sidecar.kubeclient import KubeClient
 from chaperone_sidecar.policy.model import (
     Action, ApprovalRequirement, Approvers, HTTPRequest, Identity, RuleRef,
 )
@@ -38,9 +39,12 @@ class KubeEnv:
     ns: str
     token_file: Path
 
-    def backend(self, **kwargs) -> KubeApprovalBackend:
-        return KubeApprovalBackend(self.cp.url, self.ns, token_file=self.token_file,
-                                   ca_file=self.cp.ca_path, **kwargs)
+    def backend(self, *, watch_timeout_seconds: int = 240, retry_delay: float = 0.5,
+                **client_options) -> KubeApprovalBackend:
+        client = KubeClient(self.cp.url, self.token_file, self.cp.ca_path, retry_delay=retry_delay,
+                            **client_options)
+        return KubeApprovalBackend(client, self.ns, watch_timeout_seconds=watch_timeout_seconds,
+                                   retry_delay=retry_delay)
 
     def names(self) -> list[str]:
         out = self.cp.kubectl("get", "approvalrequests", "-n", self.ns, "-o", "name").stdout

@@ -10,8 +10,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from chaperone_sidecar.approvals import BackendError, Conflict
+from chaperone_sidecar.approvals.kube import KubeApprovalBackend
 from chaperone_sidecar.approvals.digest import request_digest, request_name
 from chaperone_sidecar.approvals.service import build_request, read_state
+from chaperone_sidecar.kubeclient import KubeClient, retry_after
 
 from .conftest import RULE, Ticker, http_action, http_request, identity, requirement
 
@@ -192,7 +194,7 @@ def test_wait_resumes_after_the_connection_drops(kube_env):
         proxy = DroppingProxy(url.hostname, url.port)
         port = await proxy.start()
         backend = kube_env.backend(retry_delay=0.1)
-        backend.server = f"https://127.0.0.1:{port}"
+        backend.client.server = f"https://127.0.0.1:{port}"
         try:
             name = (await backend.create(body_for(kube_env)))["metadata"]["name"]
 
@@ -337,11 +339,10 @@ class FlakyApiserver:
 
 
 def flaky_backend(url: str, tmp_path, **kwargs):
-    from chaperone_sidecar.approvals.kube import KubeApprovalBackend
-
     token = tmp_path / "token"
     token.write_text("t")
-    return KubeApprovalBackend(url, "ns", token_file=token, retry_delay=0.05, **kwargs)
+    client = KubeClient(url, token, retry_delay=0.05, **kwargs)
+    return KubeApprovalBackend(client, "ns", retry_delay=0.05)
 
 
 def test_storage_initializing_429_is_retried_honouring_retry_after(tmp_path):
@@ -396,7 +397,6 @@ def test_transient_retries_are_bounded_and_503_backs_off_without_retry_after(tmp
 def test_retry_after_header_forms():
     from email.utils import formatdate
 
-    from chaperone_sidecar.approvals.kube import retry_after
 
     assert retry_after("1") == 1.0 and retry_after(" 2.5 ") == 2.5 and retry_after("-3") == 0.0
     assert retry_after(None) is None and retry_after("soon") is None

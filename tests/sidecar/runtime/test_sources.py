@@ -15,11 +15,12 @@ import pytest
 import yaml
 
 from chaperone_sidecar.config import ConnectionMount, SidecarConfig
+from chaperone_sidecar.kubeclient import KubeClient
 from chaperone_sidecar.policy.classify import classify
 from chaperone_sidecar.policy.evaluator import evaluate
 from chaperone_sidecar.policy.model import HTTPRequest, Identity
 from chaperone_sidecar.sources import (
-    INVALID_POLICY_RULE, FileSources, KubeClient, KubeSources, build_snapshot, parse_downward_api,
+    INVALID_POLICY_RULE, FileSources, KubeSources, build_snapshot, parse_downward_api,
     selector_matches,
 )
 
@@ -313,7 +314,8 @@ def test_watch_resumes_after_a_disconnect_and_relists_on_410(tmp_path):
         config = SidecarConfig(api_server=f"http://127.0.0.1:{port}", pod_namespace="ns",
                                token_dir=tmp_path, podinfo_dir=None,
                                connection_mounts=(ConnectionMount("a", "http"), ConnectionMount("b", "http")))
-        client = KubeClient(config.api_server, config.token_file, None)
+        # token_refresh_seconds=0: the token file is re-read before every request
+        client = KubeClient(config.api_server, config.token_file, None, token_refresh_seconds=0)
         sources = KubeSources(config, client, debounce=0.01)
         await sources.start()
         try:
@@ -323,9 +325,9 @@ def test_watch_resumes_after_a_disconnect_and_relists_on_410(tmp_path):
             assert fake.watch_rvs[:2] == ["10", "16"]
             assert fake.watch_rvs[2] == "16" and sources.connections.lists == 2
             await eventually(lambda: set(sources.current.connections) == {"a", "b"}, 5, "both connections")
-            # The token file is re-read on every request: a rotated token is used next time.
+            # A rotated token is used next time.
             (tmp_path / "token").write_text("token-2")
-            await sources.connections._list()
+            await client.request("GET", sources.connections.stream.path)
             assert fake.tokens[0] == "Bearer token-1" and fake.tokens[-1] == "Bearer token-2"
         finally:
             await sources.aclose()

@@ -111,7 +111,7 @@ def test_pdb_only_when_the_operator_runs_more_than_one_replica(helm, repo_root):
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     assert pdb["metadata"]["name"] == "chaperone-operator"
     assert pdb["metadata"]["namespace"] == CHART_NS
-    assert pdb["spec"] == {"minAvailable": 1,
+    assert pdb["spec"] == {"minAvailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
                            "selector": deployment["spec"]["selector"]}
     assert pdbs(render(helm, repo_root, *TWO, "--set", "operator.podDisruptionBudget.enabled=false")) == []
 
@@ -251,11 +251,16 @@ def test_crds_adopt_upgrade_and_keep_through_the_release_lifecycle(helm, repo_ro
         assert all(crd(n) for n in names)
         assert cp.kubectl("get", connections, "probe", "-n", ns, check=False).returncode == 0
 
-        # Reinstalling the same release adopts its kept CRDs; after an upgrade to
-        # crds.keep=false, the uninstall deletes them (and every object of their kinds).
+        # Reinstalling the same release adopts its kept CRDs, and an upgrade to
+        # crds.enabled=false leaves them (helm skips deleting what carries the keep annotation).
         helm_run("install", release, str(v2))
+        helm_run("upgrade", release, str(v2), "--set", "crds.enabled=false")
+        assert all(crd(n) for n in names)
         assert stored["metadata"]["uid"] == json.loads(cp.kubectl(
             "get", connections, "probe", "-n", ns, "-o", "json").stdout)["metadata"]["uid"]
+        # Back in the release, then an upgrade to crds.keep=false drops the annotation and the
+        # uninstall deletes them (and every object of their kinds).
+        helm_run("upgrade", release, str(v2), "--set", "crds.enabled=true")
         helm_run("upgrade", release, str(v2), "--set", "crds.keep=false")
         assert all(KEEP not in (crd(n)["metadata"].get("annotations") or {}) for n in names)
         helm_run("uninstall", release)
@@ -263,6 +268,7 @@ def test_crds_adopt_upgrade_and_keep_through_the_release_lifecycle(helm, repo_ro
         while any(crd(n) for n in names) and time.monotonic() < deadline:
             time.sleep(0.3)
         assert not [n for n in names if crd(n)]
+        assert cp.kubectl("get", "crd", connections, check=False).returncode != 0
     finally:
         subprocess.run([helm, "uninstall", release, "-n", ns], env=env, capture_output=True)
         cp.kubectl("delete", "crd", *names, "--ignore-not-found", "--wait=false", check=False)

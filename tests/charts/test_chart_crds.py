@@ -273,3 +273,20 @@ def test_crds_adopt_upgrade_and_keep_through_the_release_lifecycle(helm, repo_ro
         subprocess.run([helm, "uninstall", release, "-n", ns], env=env, capture_output=True)
         cp.kubectl("delete", "crd", *names, "--ignore-not-found", "--wait=false", check=False)
         cp.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False)
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("crds.keep=true", "upgraded with the release, kept when it is uninstalled"),
+    ("crds.keep=false", "DELETED with it (crds.keep=false)"),
+    ("crds.enabled=false", "not managed by this release (crds.enabled=false)"),
+])
+def test_notes_say_what_happens_to_the_crds(helm, repo_root, control_plane, tmp_path, setting, says):
+    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig_path),
+           "HELM_CACHE_HOME": str(tmp_path / "c"), "HELM_CONFIG_HOME": str(tmp_path / "f"),
+           "HELM_DATA_HOME": str(tmp_path / "d")}
+    res = subprocess.run([helm, "install", "chaperone", str(repo_root / "charts" / "chaperone"),
+                          "-n", CHART_NS, "--dry-run=client", "--set", setting],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    notes = " ".join(res.stdout.split("NOTES:", 1)[1].split())
+    assert says in notes, notes

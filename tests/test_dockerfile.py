@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from chaperone_operator.injection import contract
 from chaperone_operator.injection.iptables import iptables_rules
 from chaperone_operator.injection.settings import InjectionSettings
+from chaperone_sidecar import contract
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "chaperone"

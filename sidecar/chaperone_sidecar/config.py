@@ -3,8 +3,9 @@
 Two constructors, one per way the sidecar runs:
 
 * :meth:`SidecarConfig.from_env` - the injected pod. Reads exactly what the injection webhook
-  writes into the ``chaperone-sidecar`` container (docs/injection.md; the names and the parsers
-  of the JSON values live in :mod:`.contract`, re-exported here): the args ``--mode --port
+  writes into the ``chaperone-sidecar`` container (docs/injection.md; the names are those of
+  :mod:`.contract`, which the webhook writes from; the parsers of the JSON values
+  ``CHAPERONE_CREATOR`` and ``CHAPERONE_CONNECTIONS`` are here): the args ``--mode --port
   --health-port``, the ``CHAPERONE_*`` variables, and the standard
   ``KUBERNETES_SERVICE_HOST``/``_PORT`` the kubelet sets in every container. Paths come from
   variables, so the test bed runs the sidecar as a plain process with the same configuration and
@@ -23,37 +24,44 @@ request. On-behalf-of tokens are verified against the optional issuer of :class:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-# The contract is imported name by name: everything here stays importable from this module,
-# which the rest of the sidecar and the tests use.
-from .contract import (  # noqa: F401 - re-exported
-    ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_UID, ENV_SERVICE_ACCOUNT, ENV_NODE_NAME, ENV_CREATOR,
-    ENV_CONNECTIONS, ENV_CA_DIR, ENV_TOKEN_DIR, ENV_PODINFO_DIR, ENV_SPOOL_DIR, ENV_SPOOL_LIMIT,
-    ENV_APPROVAL_MODE, ENV_APPROVAL_TIMEOUT, ENV_OPERATOR_NAMESPACE, ENV_LOG_LEVEL, ENV_S3_BUCKET,
-    ENV_S3_ENDPOINT, ENV_S3_REGION, ENV_S3_PREFIX, ENV_REDIS_URL, ENV_REDIS_PASSWORD,
-    ENV_REDIS_CA_CERT, ENV_SIDECAR_SECRET_DIR,
-    ENV_OTEL_ENDPOINT, ENV_OTEL_SERVICE, ENV_HOME, ENV_KUBE_HOST, ENV_KUBE_PORT, ENV_OIDC_ISSUER,
-    ENV_OIDC_AUDIENCE, ENV_OIDC_USERNAME_CLAIM, ENV_OIDC_GROUPS_CLAIM, ENV_OIDC_CA_FILE, CA_DIR,
-    TOKEN_DIR, PODINFO_DIR, SPOOL_DIR, TMP_DIR, MODES, APPROVAL_MODES, DEFAULT_PROXY_PORT,
-    DEFAULT_HEALTH_PORT, ConfigError, ConnectionMount, _api_server, _int, _read, _parse_creator,
-    parse_creator_annotation, _parse_connections,
-)
+from . import contract as c
 
 __all__ = ["ConfigError", "ConnectionMount", "OIDCConfig", "SidecarConfig", "add_sidecar_arguments",
-           "add_proxy_arguments", "standalone_layout", "MODES", "APPROVAL_MODES"]
+           "add_proxy_arguments", "standalone_layout", "parse_creator_annotation"]
 
 # Not part of the contract: the webhook passes its own reverse ports, standalone picks these.
 DEFAULT_REVERSE_PORT_BASE = 15100
 DEFAULT_STANDALONE_PORT = 8080
 DEFAULT_STANDALONE_HEALTH_PORT = 8081
-SERVICE_NAME = "chaperone-sidecar"
 # Not part of the injection contract (the webhook never sets it): a knob on the sidecar itself.
 ENV_EVENT_LOOP = "CHAPERONE_EVENT_LOOP"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+class ConfigError(ValueError):
+    """The sidecar's configuration is unusable; the message names the variable or argument."""
+
+
+@dataclass(frozen=True)
+class ConnectionMount:
+    """One entry of ``CHAPERONE_CONNECTIONS``: what the webhook mounted for a connection.
+
+    The set is fixed when the pod is admitted; the connection's spec itself is read from the
+    API (it may change while the pod runs).
+    """
+
+    name: str
+    type: str
+    credentials_dir: str | None = None
+    web_identity_token_file: str | None = None
+    upstream_ca_file: str | None = None
+    reverse_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,8 @@ class OIDCConfig:
 
     issuer: str
     audience: str
-    username_claim: str = "sub"
-    groups_claim: str = "groups"
+    username_claim: str = c.DEFAULT_OIDC_USERNAME_CLAIM
+    groups_claim: str = c.DEFAULT_OIDC_GROUPS_CLAIM
     ca_file: str | None = None  # extra CA for the issuer's HTTPS endpoints (system CAs always)
     leeway_seconds: int = 60
     jwks_ttl_seconds: int = 600
@@ -74,8 +82,8 @@ class SidecarConfig:
     """The whole startup configuration. Build with ``from_env`` or ``from_files``."""
 
     mode: str = "explicit"  # explicit | transparent
-    proxy_port: int = DEFAULT_PROXY_PORT
-    health_port: int = DEFAULT_HEALTH_PORT
+    proxy_port: int = c.DEFAULT_PROXY_PORT
+    health_port: int = c.DEFAULT_HEALTH_PORT
     listen_host: str = "127.0.0.1"  # agents reach the proxy on loopback only
     health_host: str = ""  # "": every address, IPv4 and IPv6 (the kubelet probes the pod IP)
     standalone: bool = False
@@ -93,21 +101,21 @@ class SidecarConfig:
     connection_mounts: tuple[ConnectionMount, ...] = ()
 
     # files and directories
-    ca_dir: Path = Path(CA_DIR)
-    token_dir: Path | None = Path(TOKEN_DIR)
-    podinfo_dir: Path | None = Path(PODINFO_DIR)
-    spool_dir: Path = Path(SPOOL_DIR)
+    ca_dir: Path = Path(c.CA_DIR)
+    token_dir: Path | None = Path(c.TOKEN_DIR)
+    podinfo_dir: Path | None = Path(c.PODINFO_DIR)
+    spool_dir: Path = Path(c.SPOOL_DIR)
     spool_limit_bytes: int | None = None
-    work_dir: Path = Path(TMP_DIR)  # writable scratch (upstream trust bundle)
+    work_dir: Path = Path(c.TMP_DIR)  # writable scratch (upstream trust bundle)
     sidecar_secret_dir: Path | None = None
 
     # Kubernetes API (injected mode)
     api_server: str = ""  # https://host:port, "" in standalone mode
 
     # approvals
-    approval_mode: str = "hold"
-    approval_timeout_seconds: int = 300
-    operator_namespace: str = "chaperone-system"
+    approval_mode: str = c.DEFAULT_APPROVAL_MODE
+    approval_timeout_seconds: int = c.DEFAULT_APPROVAL_TIMEOUT_SECONDS
+    operator_namespace: str = c.DEFAULT_OPERATOR_NAMESPACE
 
     # recording and backends
     s3_bucket: str = ""
@@ -119,7 +127,7 @@ class SidecarConfig:
     redis_password: str = field(default="", repr=False)
     redis_ca_cert: str = field(default="", repr=False)
     otel_endpoint: str = ""
-    otel_service_name: str = SERVICE_NAME
+    otel_service_name: str = c.OTEL_SERVICE_NAME
     log_level: str = "info"
 
     oidc: OIDCConfig | None = None
@@ -136,16 +144,16 @@ class SidecarConfig:
     approvals_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode not in c.MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(c.MODES)}, not {self.mode!r}")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"{ENV_EVENT_LOOP} must be one of {', '.join(EVENT_LOOPS)}, "
                               f"not {self.event_loop!r}")
-        if self.approval_mode not in APPROVAL_MODES:
-            raise ConfigError(f"{ENV_APPROVAL_MODE} must be one of {', '.join(APPROVAL_MODES)}, "
+        if self.approval_mode not in c.APPROVAL_MODES:
+            raise ConfigError(f"{c.ENV_APPROVAL_MODE} must be one of {', '.join(c.APPROVAL_MODES)}, "
                               f"not {self.approval_mode!r}")
         ports = [("--port", self.proxy_port), ("--health-port", self.health_port)]
-        ports += [(f"{ENV_CONNECTIONS}[{m.name}].reversePort", m.reverse_port)
+        ports += [(f"{c.ENV_CONNECTIONS}[{m.name}].reversePort", m.reverse_port)
                   for m in self.connection_mounts if m.reverse_port is not None]
         seen: dict[int, str] = {}
         for name, port in ports:
@@ -155,9 +163,9 @@ class SidecarConfig:
                 raise ConfigError(f"{name} and {seen[port]} are the same port {port}")
             seen[port] = name
         if self.approval_timeout_seconds <= 0:
-            raise ConfigError(f"{ENV_APPROVAL_TIMEOUT} must be positive")
+            raise ConfigError(f"{c.ENV_APPROVAL_TIMEOUT} must be positive")
         if not self.standalone and not self.api_server:
-            raise ConfigError(f"{ENV_KUBE_HOST}/{ENV_KUBE_PORT} are not set: the sidecar needs "
+            raise ConfigError(f"{c.ENV_KUBE_HOST}/{c.ENV_KUBE_PORT} are not set: the sidecar needs "
                               "the Kubernetes API to read its connections and policies")
 
     # ------------------------------------------------------------------ derived values
@@ -203,52 +211,53 @@ class SidecarConfig:
             value = get(name, default or "")
             return Path(value) if value else None
 
-        creator_raw, creator, groups = _parse_creator(get(ENV_CREATOR))
+        creator_raw, creator, groups = _parse_creator(get(c.ENV_CREATOR))
         oidc = None
-        if get(ENV_OIDC_ISSUER):
-            if not get(ENV_OIDC_AUDIENCE):
-                raise ConfigError(f"{ENV_OIDC_AUDIENCE} is required with {ENV_OIDC_ISSUER}")
-            oidc = OIDCConfig(issuer=get(ENV_OIDC_ISSUER), audience=get(ENV_OIDC_AUDIENCE),
-                              username_claim=get(ENV_OIDC_USERNAME_CLAIM, "sub"),
-                              groups_claim=get(ENV_OIDC_GROUPS_CLAIM, "groups"),
-                              ca_file=get(ENV_OIDC_CA_FILE) or None)
+        if get(c.ENV_OIDC_ISSUER):
+            if not get(c.ENV_OIDC_AUDIENCE):
+                raise ConfigError(f"{c.ENV_OIDC_AUDIENCE} is required with {c.ENV_OIDC_ISSUER}")
+            oidc = OIDCConfig(issuer=get(c.ENV_OIDC_ISSUER), audience=get(c.ENV_OIDC_AUDIENCE),
+                              username_claim=get(c.ENV_OIDC_USERNAME_CLAIM, c.DEFAULT_OIDC_USERNAME_CLAIM),
+                              groups_claim=get(c.ENV_OIDC_GROUPS_CLAIM, c.DEFAULT_OIDC_GROUPS_CLAIM),
+                              ca_file=get(c.ENV_OIDC_CA_FILE) or None)
         return cls(
             mode=args.mode,
             proxy_port=args.port,
             health_port=args.health_port,
             listen_host=args.listen_host,
             standalone=False,
-            pod_name=get(ENV_POD_NAME),
-            pod_namespace=get(ENV_POD_NAMESPACE) or _read(path(ENV_TOKEN_DIR, TOKEN_DIR), "namespace")
+            pod_name=get(c.ENV_POD_NAME),
+            pod_namespace=get(c.ENV_POD_NAMESPACE) or _read(path(c.ENV_TOKEN_DIR, c.TOKEN_DIR), "namespace")
             or "default",
-            pod_uid=get(ENV_POD_UID),
-            service_account=get(ENV_SERVICE_ACCOUNT),
-            node_name=get(ENV_NODE_NAME),
+            pod_uid=get(c.ENV_POD_UID),
+            service_account=get(c.ENV_SERVICE_ACCOUNT),
+            node_name=get(c.ENV_NODE_NAME),
             creator=creator,
             creator_groups=groups,
             creator_raw=creator_raw,
-            connection_mounts=_parse_connections(get(ENV_CONNECTIONS)),
-            ca_dir=path(ENV_CA_DIR, CA_DIR) or Path(CA_DIR),
-            token_dir=path(ENV_TOKEN_DIR, TOKEN_DIR),
-            podinfo_dir=path(ENV_PODINFO_DIR, PODINFO_DIR),
-            spool_dir=path(ENV_SPOOL_DIR, SPOOL_DIR) or Path(SPOOL_DIR),
-            spool_limit_bytes=_int(env, ENV_SPOOL_LIMIT, None),
-            work_dir=path(ENV_HOME, TMP_DIR) or Path(TMP_DIR),
-            sidecar_secret_dir=path(ENV_SIDECAR_SECRET_DIR, None),
+            connection_mounts=_parse_connections(get(c.ENV_CONNECTIONS)),
+            ca_dir=path(c.ENV_CA_DIR, c.CA_DIR) or Path(c.CA_DIR),
+            token_dir=path(c.ENV_TOKEN_DIR, c.TOKEN_DIR),
+            podinfo_dir=path(c.ENV_PODINFO_DIR, c.PODINFO_DIR),
+            spool_dir=path(c.ENV_SPOOL_DIR, c.SPOOL_DIR) or Path(c.SPOOL_DIR),
+            spool_limit_bytes=_int(env, c.ENV_SPOOL_LIMIT, None),
+            work_dir=path(c.ENV_HOME, c.TMP_DIR) or Path(c.TMP_DIR),
+            sidecar_secret_dir=path(c.ENV_SIDECAR_SECRET_DIR, None),
             api_server=_api_server(env),
-            approval_mode=get(ENV_APPROVAL_MODE, "hold"),
-            approval_timeout_seconds=_int(env, ENV_APPROVAL_TIMEOUT, 300) or 300,
-            operator_namespace=get(ENV_OPERATOR_NAMESPACE, "chaperone-system"),
-            s3_bucket=get(ENV_S3_BUCKET),
-            s3_endpoint=get(ENV_S3_ENDPOINT),
-            s3_region=get(ENV_S3_REGION),
-            s3_prefix=get(ENV_S3_PREFIX),
-            redis_url=get(ENV_REDIS_URL),
-            redis_password=env.get(ENV_REDIS_PASSWORD) or "",  # verbatim: spaces may be part of it
-            redis_ca_cert=get(ENV_REDIS_CA_CERT),
-            otel_endpoint=get(ENV_OTEL_ENDPOINT),
-            otel_service_name=get(ENV_OTEL_SERVICE, SERVICE_NAME),
-            log_level=get(ENV_LOG_LEVEL, "info"),
+            approval_mode=get(c.ENV_APPROVAL_MODE, c.DEFAULT_APPROVAL_MODE),
+            approval_timeout_seconds=(_int(env, c.ENV_APPROVAL_TIMEOUT, c.DEFAULT_APPROVAL_TIMEOUT_SECONDS)
+                                      or c.DEFAULT_APPROVAL_TIMEOUT_SECONDS),
+            operator_namespace=get(c.ENV_OPERATOR_NAMESPACE, c.DEFAULT_OPERATOR_NAMESPACE),
+            s3_bucket=get(c.ENV_S3_BUCKET),
+            s3_endpoint=get(c.ENV_S3_ENDPOINT),
+            s3_region=get(c.ENV_S3_REGION),
+            s3_prefix=get(c.ENV_S3_PREFIX),
+            redis_url=get(c.ENV_REDIS_URL),
+            redis_password=env.get(c.ENV_REDIS_PASSWORD) or "",  # verbatim: spaces may be part of it
+            redis_ca_cert=get(c.ENV_REDIS_CA_CERT),
+            otel_endpoint=get(c.ENV_OTEL_ENDPOINT),
+            otel_service_name=get(c.ENV_OTEL_SERVICE, c.OTEL_SERVICE_NAME),
+            log_level=get(c.ENV_LOG_LEVEL, "info"),
             event_loop=get(ENV_EVENT_LOOP, "auto").lower(),
             oidc=oidc,
         )
@@ -275,15 +284,15 @@ class SidecarConfig:
             if not o.get("audience"):
                 raise ConfigError(f"{layout['settings']}: oidc.audience is required with oidc.issuer")
             oidc = OIDCConfig(issuer=str(o["issuer"]), audience=str(o["audience"]),
-                              username_claim=str(o.get("usernameClaim") or "sub"),
-                              groups_claim=str(o.get("groupsClaim") or "groups"),
+                              username_claim=str(o.get("usernameClaim") or c.DEFAULT_OIDC_USERNAME_CLAIM),
+                              groups_claim=str(o.get("groupsClaim") or c.DEFAULT_OIDC_GROUPS_CLAIM),
                               ca_file=str(o["caFile"]) if o.get("caFile") else None)
         username = user or settings.get("user") or env.get("USER") or env.get("LOGNAME") or "local"
         groups = settings.get("groups") or []
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise ConfigError(f"{layout['settings']}: groups must be a list of strings")
         try:
-            timeout = int(settings.get("approvalTimeoutSeconds", 300))
+            timeout = int(settings.get("approvalTimeoutSeconds", c.DEFAULT_APPROVAL_TIMEOUT_SECONDS))
             base = int(settings.get("reversePortBase", DEFAULT_REVERSE_PORT_BASE))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{layout['settings']}: {exc}") from None
@@ -306,10 +315,10 @@ class SidecarConfig:
             spool_dir=layout["spool"],
             work_dir=layout["work"],
             api_server="",
-            approval_mode=str(settings.get("approvalMode") or "hold"),
+            approval_mode=str(settings.get("approvalMode") or c.DEFAULT_APPROVAL_MODE),
             approval_timeout_seconds=timeout,
             redis_url=str(settings.get("redisURL") or ""),
-            log_level=str(settings.get("logLevel") or env.get(ENV_LOG_LEVEL) or "info"),
+            log_level=str(settings.get("logLevel") or env.get(c.ENV_LOG_LEVEL) or "info"),
             event_loop=str(settings.get("eventLoop") or env.get(ENV_EVENT_LOOP) or "auto").lower(),
             oidc=oidc,
             reverse_port_base=base,
@@ -319,14 +328,103 @@ class SidecarConfig:
         )
 
 
+# ---------------------------------------------------------------------------- the contract's values
+
+def _api_server(env: Mapping[str, str]) -> str:
+    host = (env.get(c.ENV_KUBE_HOST) or "").strip()
+    port = (env.get(c.ENV_KUBE_PORT) or "443").strip()
+    if not host:
+        return ""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    if not port.isdigit():
+        raise ConfigError(f"{c.ENV_KUBE_PORT} must be a port number, not {port!r}")
+    return f"https://{host}:{port}"
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+
+
+def _read(directory: Path | None, name: str) -> str:
+    if directory is None:
+        return ""
+    try:
+        return (directory / name).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _parse_creator(raw: str) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    """CHAPERONE_CREATOR: the admission userInfo JSON (``username``, ``uid``, ``groups``...)."""
+    if not raw:
+        return {}, "", ()
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{c.ENV_CREATOR} is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{c.ENV_CREATOR} must be a JSON object")
+    groups = obj.get("groups") or []
+    if not isinstance(groups, list):
+        raise ConfigError(f"{c.ENV_CREATOR}.groups must be a list")
+    return obj, str(obj.get("username") or ""), tuple(str(g) for g in groups)
+
+
+def parse_creator_annotation(value: str) -> tuple[str, tuple[str, ...]]:
+    """The creator annotation (same JSON as CHAPERONE_CREATOR) -> (username, groups); lenient."""
+    try:
+        _, name, groups = _parse_creator(value)
+    except ConfigError:
+        return "", ()
+    return name, groups
+
+
+def _parse_connections(raw: str) -> tuple[ConnectionMount, ...]:
+    """CHAPERONE_CONNECTIONS: JSON list of {name, type, credentialsDir?, webIdentityTokenFile?,
+    upstreamCAFile?, reversePort?}."""
+    if not raw:
+        return ()
+    try:
+        items = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{c.ENV_CONNECTIONS} is not JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise ConfigError(f"{c.ENV_CONNECTIONS} must be a JSON list")
+    mounts, names = [], set()
+    for i, item in enumerate(items):
+        where = f"{c.ENV_CONNECTIONS}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise ConfigError(f"{where} must be an object with a name")
+        if item["name"] in names:
+            raise ConfigError(f"{where}: duplicate connection {item['name']!r}")
+        names.add(item["name"])
+        port = item.get("reversePort")
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
+            raise ConfigError(f"{where}.reversePort must be an integer")
+        mounts.append(ConnectionMount(
+            name=item["name"], type=str(item.get("type") or ""),
+            credentials_dir=item.get("credentialsDir") or None,
+            web_identity_token_file=item.get("webIdentityTokenFile") or None,
+            upstream_ca_file=item.get("upstreamCAFile") or None,
+            reverse_port=port))
+    return tuple(mounts)
+
+
 # ---------------------------------------------------------------------------- arguments
 
 def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     """The args the webhook passes: ``--mode MODE --port PROXY_PORT --health-port HEALTH_PORT``."""
-    parser.add_argument("--mode", choices=MODES, default="explicit",
+    parser.add_argument("--mode", choices=c.MODES, default="explicit",
                         help="explicit: agents use HTTP(S)_PROXY; transparent: iptables REDIRECT")
-    parser.add_argument("--port", type=int, default=DEFAULT_PROXY_PORT, help="proxy listen port")
-    parser.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT,
+    parser.add_argument("--port", type=int, default=c.DEFAULT_PROXY_PORT, help="proxy listen port")
+    parser.add_argument("--health-port", type=int, default=c.DEFAULT_HEALTH_PORT,
                         help="port of /ready and /metrics")
     parser.add_argument("--listen-host", default="127.0.0.1",
                         help="proxy listen address (default loopback: only this pod's containers)")

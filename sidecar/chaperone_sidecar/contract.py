@@ -1,12 +1,14 @@
-"""The sidecar's side of the injection contract: names, mount paths and the JSON values.
+"""The injection contract: every name, path and variable the webhook writes into a pod.
 
-The injection webhook writes a fixed set of args, variables and mounts into the
-``chaperone-sidecar`` container (docs/injection.md). The names are the ``ENV_*`` constants of
-``chaperone_operator/injection/contract.py``, repeated here because the sidecar never imports
-the operator (a test pins the two sets together). This module holds that contract and the
-parsers of its structured values (``CHAPERONE_CREATOR``, ``CHAPERONE_CONNECTIONS``, the API
-server address); :mod:`.config` turns them into a :class:`~.config.SidecarConfig` and
-re-exports every name here, so callers keep importing from ``chaperone_sidecar.config``.
+One module, imported by both sides: the operator's injection (``chaperone_operator.injection``)
+writes these names into the pod, the sidecar's :mod:`.config` reads them back. The sidecar
+package never imports the operator, the operator may import the sidecar package, so the contract
+lives here. It holds constants only (names, mount paths, defaults); the parsers of the JSON
+values (``CHAPERONE_CREATOR``, ``CHAPERONE_CONNECTIONS``) are in :mod:`.config`.
+
+``docs/injection.md`` documents exactly this module (tests/operator/injection/test_inject.py
+asserts every string constant below appears there). The API group, version, plurals and labels
+are in :mod:`.api`.
 
 Written by the webhook only when the operator is configured with an issuer:
 ``CHAPERONE_OIDC_ISSUER``, ``CHAPERONE_OIDC_AUDIENCE``, ``CHAPERONE_OIDC_USERNAME_CLAIM``
@@ -17,12 +19,75 @@ are verified against. Without an issuer such a token is refused (401) - never si
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
+# --- annotations (pod metadata; the opt-in label is api.LABEL_INJECT) ---------------------------------------------------
+STATUS_ANNOTATION = "chaperone.dev/status"         # JSON: what was injected (written by webhook)
+CREATOR_ANNOTATION = "chaperone.dev/creator"       # JSON: admission userInfo (written by webhook)
+MODE_ANNOTATION = "chaperone.dev/mode"             # input: explicit | transparent
+APPROVAL_MODE_ANNOTATION = "chaperone.dev/approval-mode"  # input: hold | defer
 
-# --- the webhook/sidecar contract (docs/injection.md) -------------------------------------------
+MODES = ("explicit", "transparent")
+APPROVAL_MODES = ("hold", "defer")
+
+# Names starting with this prefix (containers, volumes) belong to the webhook: whatever a client
+# sent under such a name is replaced or removed, so nobody can pre-seed a fake sidecar.
+RESERVED_PREFIX = "chaperone-"
+
+# --- containers ------------------------------------------------------------------------------
+SIDECAR_NAME = "chaperone-sidecar"   # native sidecar (initContainer, restartPolicy Always)
+INIT_NAME = "chaperone-init"         # transparent mode only: installs iptables rules
+SIDECAR_COMMAND = ["chaperone"]
+SIDECAR_SUBCOMMAND = "sidecar"
+
+# --- volumes (pod) ---------------------------------------------------------------------------
+VOL_CA = "chaperone-ca"                 # Secret <ca secret>: interception CA key + cert (sidecar)
+VOL_TRUST = "chaperone-trust"           # ConfigMap <trust bundle>: CA certs (agents)
+VOL_TOKEN = "chaperone-token"           # projected SA token, kube-root-ca.crt, namespace (sidecar)
+VOL_WEBIDENTITY = "chaperone-webidentity"  # projected tokens of aws webIdentity connections
+VOL_SPOOL = "chaperone-spool"           # emptyDir: recording write-ahead spool (sidecar)
+VOL_TMP = "chaperone-tmp"               # emptyDir: /tmp and HOME (read-only root filesystem)
+VOL_PODINFO = "chaperone-podinfo"       # downwardAPI: labels, annotations, creator (sidecar)
+VOL_SIDECAR_SECRET = "chaperone-sidecar-secret"  # optional Secret: S3/Redis credentials (sidecar)
+VOL_CONN_PREFIX = "chaperone-conn-"     # + hash(connection name): connection credentials Secret
+VOL_UPSTREAM_CA_PREFIX = "chaperone-upca-"  # + hash(connection name): connection upstreamCA
+
+# --- mount paths -----------------------------------------------------------------------------
+TRUST_DIR = "/etc/chaperone/trust"               # agents: trust bundle directory (whole ConfigMap)
+TRUST_KEY = "ca.crt"                              # key in the trust-bundle ConfigMap
+TRUST_FILE = f"{TRUST_DIR}/{TRUST_KEY}"          # what SSL_CERT_FILE & co. point at
+CA_DIR = "/etc/chaperone/ca"                     # sidecar: mitmproxy confdir (read-only)
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # sidecar only: the standard path
+WEBIDENTITY_DIR = "/var/run/secrets/chaperone/webidentity"   # + /<connection>/token
+CONNECTIONS_DIR = "/var/run/secrets/chaperone/connections"   # + /<connection>/<secret keys>
+SIDECAR_SECRET_DIR = "/var/run/secrets/chaperone/sidecar"
+UPSTREAM_CA_DIR = "/etc/chaperone/upstream-ca"               # + /<connection>/ca.crt
+PODINFO_DIR = "/etc/chaperone/podinfo"                       # labels, annotations, creator
+SPOOL_DIR = "/var/lib/chaperone/spool"
+TMP_DIR = "/tmp"
+# Where the ServiceAccount admission plugin mounts the API token into every container.
+SA_TOKEN_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+SA_PLUGIN_VOLUME_PREFIX = "kube-api-access-"
+
+# --- agent container environment -------------------------------------------------------------
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
+NO_PROXY_DEFAULTS = ("localhost", "127.0.0.1", "::1")
+CA_VARS = (
+    "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+    "AWS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
+)
+PLACEHOLDER = "chaperone-placeholder"
+AWS_PLACEHOLDER_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Any of these in a container's env means the user configured AWS credentials some other way.
+AWS_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
+AWS_REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+ANTHROPIC_BASE_URL_VAR = "ANTHROPIC_BASE_URL"
+ANTHROPIC_KEY_VAR = "ANTHROPIC_API_KEY"
+ANTHROPIC_CREDENTIAL_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+
+# --- sidecar container environment -----------------------------------------------------------
 ENV_POD_NAME = "CHAPERONE_POD_NAME"
 ENV_POD_NAMESPACE = "CHAPERONE_POD_NAMESPACE"
 ENV_POD_UID = "CHAPERONE_POD_UID"
@@ -34,7 +99,7 @@ ENV_CA_DIR = "CHAPERONE_CA_DIR"
 ENV_TOKEN_DIR = "CHAPERONE_TOKEN_DIR"
 ENV_PODINFO_DIR = "CHAPERONE_PODINFO_DIR"
 ENV_SPOOL_DIR = "CHAPERONE_SPOOL_DIR"
-ENV_SPOOL_LIMIT = "CHAPERONE_SPOOL_LIMIT_BYTES"
+ENV_SPOOL_LIMIT = "CHAPERONE_SPOOL_LIMIT_BYTES"  # the emptyDir sizeLimit, in bytes
 ENV_APPROVAL_MODE = "CHAPERONE_APPROVAL_MODE"
 ENV_APPROVAL_TIMEOUT = "CHAPERONE_APPROVAL_TIMEOUT_SECONDS"
 ENV_OPERATOR_NAMESPACE = "CHAPERONE_OPERATOR_NAMESPACE"
@@ -44,141 +109,38 @@ ENV_S3_ENDPOINT = "CHAPERONE_S3_ENDPOINT"
 ENV_S3_REGION = "CHAPERONE_S3_REGION"
 ENV_S3_PREFIX = "CHAPERONE_S3_PREFIX"
 ENV_REDIS_URL = "CHAPERONE_REDIS_URL"
-ENV_REDIS_PASSWORD = "CHAPERONE_REDIS_PASSWORD"  # from a Secret, this container only
-ENV_REDIS_CA_CERT = "CHAPERONE_REDIS_CA_CERT"    # PEM: the rediss:// server's CA
+# The Redis password and (rediss://) CA: secretKeyRef variables of the sidecar container only,
+# from the per-namespace Secret the operator keeps (CHAPERONE_REDIS_SECRET); agents never get them.
+ENV_REDIS_PASSWORD = "CHAPERONE_REDIS_PASSWORD"
+ENV_REDIS_CA_CERT = "CHAPERONE_REDIS_CA_CERT"
+REDIS_PASSWORD_KEY = "password"   # keys of that Secret
+REDIS_CA_KEY = "ca.crt"
 ENV_SIDECAR_SECRET_DIR = "CHAPERONE_SIDECAR_SECRET_DIR"
-ENV_OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
-ENV_OTEL_SERVICE = "OTEL_SERVICE_NAME"
-ENV_HOME = "HOME"
-# Set by the kubelet in every container: where the API server is.
-ENV_KUBE_HOST = "KUBERNETES_SERVICE_HOST"
-ENV_KUBE_PORT = "KUBERNETES_SERVICE_PORT"
-# Optional: written only when the operator has an OIDC issuer (see module doc).
+# On-behalf-of tokens (X-Chaperone-On-Behalf-Of) are verified against this OIDC issuer; written
+# only when CHAPERONE_OIDC_ISSUER is configured (without it the sidecar refuses such tokens).
 ENV_OIDC_ISSUER = "CHAPERONE_OIDC_ISSUER"
 ENV_OIDC_AUDIENCE = "CHAPERONE_OIDC_AUDIENCE"
 ENV_OIDC_USERNAME_CLAIM = "CHAPERONE_OIDC_USERNAME_CLAIM"
 ENV_OIDC_GROUPS_CLAIM = "CHAPERONE_OIDC_GROUPS_CLAIM"
-ENV_OIDC_CA_FILE = "CHAPERONE_OIDC_CA_FILE"
+ENV_OIDC_CA_FILE = "CHAPERONE_OIDC_CA_FILE"       # a path inside the sidecar container
+ENV_OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"   # standard OpenTelemetry variable
+ENV_OTEL_SERVICE = "OTEL_SERVICE_NAME"
+OTEL_SERVICE_NAME = "chaperone-sidecar"
 
-# Paths the webhook mounts (used as defaults when a *_DIR variable is absent).
-CA_DIR = "/etc/chaperone/ca"
-TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-PODINFO_DIR = "/etc/chaperone/podinfo"
-SPOOL_DIR = "/var/lib/chaperone/spool"
-TMP_DIR = "/tmp"
+ENV_HOME = "HOME"
+# Set by the kubelet in every container (not by the webhook): where the API server is.
+ENV_KUBE_HOST = "KUBERNETES_SERVICE_HOST"
+ENV_KUBE_PORT = "KUBERNETES_SERVICE_PORT"
 
-# The args the webhook passes (``--mode --port --health-port``) and the values they may take.
-MODES = ("explicit", "transparent")
-APPROVAL_MODES = ("hold", "defer")
+# --- defaults (the operator's settings and the sidecar's config start from the same values) ----
+DEFAULT_APPROVAL_MODE = "hold"
+DEFAULT_APPROVAL_TIMEOUT_SECONDS = 300
+DEFAULT_OPERATOR_NAMESPACE = "chaperone-system"
+DEFAULT_OIDC_USERNAME_CLAIM = "sub"
+DEFAULT_OIDC_GROUPS_CLAIM = "groups"
+
+# --- sidecar command line and HTTP endpoints -------------------------------------------------
+# args: sidecar --mode MODE --port PROXY_PORT --health-port HEALTH_PORT
 DEFAULT_PROXY_PORT = 15001
 DEFAULT_HEALTH_PORT = 15021
-
-
-# Defined here, not in .config, because the parsers below raise it.
-class ConfigError(ValueError):
-    """The sidecar's configuration is unusable; the message names the variable or argument."""
-
-
-@dataclass(frozen=True)
-class ConnectionMount:
-    """One entry of ``CHAPERONE_CONNECTIONS``: what the webhook mounted for a connection.
-
-    The set is fixed when the pod is admitted; the connection's spec itself is read from the
-    API (it may change while the pod runs).
-    """
-
-    name: str
-    type: str
-    credentials_dir: str | None = None
-    web_identity_token_file: str | None = None
-    upstream_ca_file: str | None = None
-    reverse_port: int | None = None
-
-
-# ---------------------------------------------------------------------------- parsers
-
-def _api_server(env: Mapping[str, str]) -> str:
-    host = (env.get(ENV_KUBE_HOST) or "").strip()
-    port = (env.get(ENV_KUBE_PORT) or "443").strip()
-    if not host:
-        return ""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    if not port.isdigit():
-        raise ConfigError(f"{ENV_KUBE_PORT} must be a port number, not {port!r}")
-    return f"https://{host}:{port}"
-
-
-def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
-
-
-def _read(directory: Path | None, name: str) -> str:
-    if directory is None:
-        return ""
-    try:
-        return (directory / name).read_text().strip()
-    except OSError:
-        return ""
-
-
-def _parse_creator(raw: str) -> tuple[dict[str, Any], str, tuple[str, ...]]:
-    """CHAPERONE_CREATOR: the admission userInfo JSON (``username``, ``uid``, ``groups``...)."""
-    if not raw:
-        return {}, "", ()
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{ENV_CREATOR} is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{ENV_CREATOR} must be a JSON object")
-    groups = obj.get("groups") or []
-    if not isinstance(groups, list):
-        raise ConfigError(f"{ENV_CREATOR}.groups must be a list")
-    return obj, str(obj.get("username") or ""), tuple(str(g) for g in groups)
-
-
-def parse_creator_annotation(value: str) -> tuple[str, tuple[str, ...]]:
-    """The creator annotation (same JSON as CHAPERONE_CREATOR) -> (username, groups); lenient."""
-    try:
-        _, name, groups = _parse_creator(value)
-    except ConfigError:
-        return "", ()
-    return name, groups
-
-
-def _parse_connections(raw: str) -> tuple[ConnectionMount, ...]:
-    """CHAPERONE_CONNECTIONS: JSON list of {name, type, credentialsDir?, webIdentityTokenFile?,
-    upstreamCAFile?, reversePort?}."""
-    if not raw:
-        return ()
-    try:
-        items = json.loads(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{ENV_CONNECTIONS} is not JSON: {exc}") from None
-    if not isinstance(items, list):
-        raise ConfigError(f"{ENV_CONNECTIONS} must be a JSON list")
-    mounts, names = [], set()
-    for i, item in enumerate(items):
-        where = f"{ENV_CONNECTIONS}[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
-            raise ConfigError(f"{where} must be an object with a name")
-        if item["name"] in names:
-            raise ConfigError(f"{where}: duplicate connection {item['name']!r}")
-        names.add(item["name"])
-        port = item.get("reversePort")
-        if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
-            raise ConfigError(f"{where}.reversePort must be an integer")
-        mounts.append(ConnectionMount(
-            name=item["name"], type=str(item.get("type") or ""),
-            credentials_dir=item.get("credentialsDir") or None,
-            web_identity_token_file=item.get("webIdentityTokenFile") or None,
-            upstream_ca_file=item.get("upstreamCAFile") or None,
-            reverse_port=port))
-    return tuple(mounts)
+READY_PATH = "/ready"   # on the health port: 200 once every proxy listener accepts connections

@@ -2,7 +2,8 @@
 
 `inject(pod, settings, connections, user_info)` returns the RFC 6902 patch (and the mutated pod)
 that puts a labelled pod behind the Chaperone sidecar, or a refusal reason. Everything it writes
-is named in `contract` and documented in docs/injection.md, the contract the sidecar reads.
+is named in `chaperone_sidecar.contract` (one module both sides import) and documented in
+docs/injection.md.
 
 Modules: `settings` (operator-wide knobs from CHAPERONE_* variables), `connections` (which
 ClaudeConnections apply, NO_PROXY safety), `agent` (agent containers), `sidecar` (added

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from . import contract as c
+from chaperone_sidecar import contract as c
 from .connections import ConnectionPlan, no_proxy_entry_reaches
 from .sidecar import trust_mount
 

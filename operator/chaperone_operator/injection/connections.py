@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from chaperone_sidecar.selectors import selector_matches
 
-from .contract import (
+from chaperone_sidecar.contract import (
     CONNECTIONS_DIR, UPSTREAM_CA_DIR, VOL_CONN_PREFIX, VOL_UPSTREAM_CA_PREFIX, WEBIDENTITY_DIR,
 )
 

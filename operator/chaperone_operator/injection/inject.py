@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from . import contract as c
+from chaperone_sidecar import contract as c
 from .agent import agent_env_plan, mutate_agent
 from .connections import applicable_connections, plan_connections
 from .patch import make_patch

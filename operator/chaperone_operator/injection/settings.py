@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from .contract import APPROVAL_MODES, MODES
+from chaperone_sidecar import contract as c
 
 DEFAULT_VERSION = "0.1.0"
 MAX_REVERSE_PORTS = 64  # a pod uses at most this many reverse-mode (baseURL) connections
@@ -72,8 +72,8 @@ class InjectionSettings:
     sidecar_uid: int = 1337
     sidecar_gid: int = 1337
     default_mode: str = "explicit"
-    proxy_port: int = 15001
-    health_port: int = 15021
+    proxy_port: int = c.DEFAULT_PROXY_PORT
+    health_port: int = c.DEFAULT_HEALTH_PORT
     reverse_port_base: int = 15100
     redirect_ipv6: bool = True
     cpu_request: str = "100m"
@@ -94,15 +94,15 @@ class InjectionSettings:
     # empty: not configured (the sidecars then refuse such tokens).
     oidc_issuer: str = ""
     oidc_audience: str = ""
-    oidc_username_claim: str = "sub"
-    oidc_groups_claim: str = "groups"
+    oidc_username_claim: str = c.DEFAULT_OIDC_USERNAME_CLAIM
+    oidc_groups_claim: str = c.DEFAULT_OIDC_GROUPS_CLAIM
     oidc_ca_file: str = ""              # path inside the sidecar, e.g. in the sidecar Secret
     sidecar_secret: str = ""            # Secret (in each pod namespace) with S3/Redis credentials
     ca_secret_name: str = "chaperone-ca"
     trust_bundle_name: str = "chaperone-ca-bundle"
-    operator_namespace: str = "chaperone-system"
-    approval_mode: str = "hold"
-    approval_timeout_seconds: int = 300
+    operator_namespace: str = c.DEFAULT_OPERATOR_NAMESPACE
+    approval_mode: str = c.DEFAULT_APPROVAL_MODE
+    approval_timeout_seconds: int = c.DEFAULT_APPROVAL_TIMEOUT_SECONDS
     log_level: str = "info"
     token_expiration_seconds: int = 3607
     # Audiences the API server accepts; a projected token for one of them is an API credential.
@@ -115,11 +115,11 @@ class InjectionSettings:
         """Raise ValueError naming the offending setting; called on construction."""
         if not self.sidecar_image:
             raise ValueError("CHAPERONE_SIDECAR_IMAGE must not be empty")
-        if self.default_mode not in MODES:
-            raise ValueError(f"CHAPERONE_DEFAULT_MODE must be one of {MODES}, "
+        if self.default_mode not in c.MODES:
+            raise ValueError(f"CHAPERONE_DEFAULT_MODE must be one of {c.MODES}, "
                              f"not {self.default_mode!r}")
-        if self.approval_mode not in APPROVAL_MODES:
-            raise ValueError(f"CHAPERONE_APPROVAL_MODE must be one of {APPROVAL_MODES}, "
+        if self.approval_mode not in c.APPROVAL_MODES:
+            raise ValueError(f"CHAPERONE_APPROVAL_MODE must be one of {c.APPROVAL_MODES}, "
                              f"not {self.approval_mode!r}")
         if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
             raise ValueError("CHAPERONE_SIDECAR_IMAGE_PULL_POLICY must be Always, IfNotPresent "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from . import contract as c
+from chaperone_sidecar import contract as c
 from .connections import ConnectionPlan
 from .iptables import iptables_script
 from .settings import InjectionSettings, quantity_bytes

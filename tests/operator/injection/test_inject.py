@@ -27,12 +27,14 @@ import pytest
 import yaml
 
 from chaperone_operator.injection import (
-    InjectionSettings, applicable_connections, contract, escape, inject, iptables_rules,
+    InjectionSettings, applicable_connections, escape, inject, iptables_rules,
     iptables_script, make_patch, pointer, quantity_bytes, selector_matches,
 )
 from chaperone_operator.injection.agent import merge_no_proxy, redact
 from chaperone_operator.injection.connections import no_proxy_entry_reaches, split_host
 from chaperone_operator.injection.settings import ENV_VARS
+from chaperone_sidecar import contract
+from chaperone_sidecar.api import LABEL_INJECT
 
 TESTDATA = Path(__file__).parent / "testdata" / "inject"
 REPO = Path(__file__).resolve().parents[3]
@@ -644,7 +646,7 @@ def test_golden_pods_are_valid_for_the_apiserver(control_plane):
         pod = copy.deepcopy(run_case(name).pod)
         # Validity of the pod itself: without the opt-in label, so the chart's injection
         # webhook (registered while tests/operator/conftest.py's operator runs) stays out.
-        del pod["metadata"]["labels"][contract.INJECT_LABEL]
+        del pod["metadata"]["labels"][LABEL_INJECT]
         res = control_plane.kubectl("create", "--dry-run=server", "-n", "inject-golden",
                                     "-o", "json", "-f", "-", input=json.dumps(pod), check=False)
         assert res.returncode == 0, f"{name}: {res.stderr}"

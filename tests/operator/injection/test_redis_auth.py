@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chaperone_operator.injection import InjectionSettings, contract, inject
+from chaperone_operator.injection import InjectionSettings, inject
+from chaperone_sidecar import contract
 
 CASE = Path(__file__).parent / "testdata" / "inject" / "redis-auth.yaml"
 SETTINGS = InjectionSettings(redis_url="redis://chaperone-redis.chaperone-system.svc:6379/0",

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from chaperone_operator import ca as operator_ca
-from chaperone_operator.injection import contract as c
 from chaperone_operator.injection.inject import inject
 from chaperone_operator.injection.settings import InjectionSettings
+from chaperone_sidecar import contract as c
+from chaperone_sidecar.api import LABEL_INJECT
 from chaperone_testbed.pki import CertAuthority
 
 REPO = Path(__file__).resolve().parents[3]
@@ -234,7 +235,7 @@ class InjectedPod:
         self.pod_uid = str(uuid.uuid4())
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": pod_name, "namespace": namespace,
-                            "labels": {c.INJECT_LABEL: "true", "app": "claude", **(labels or {})},
+                            "labels": {LABEL_INJECT: "true", "app": "claude", **(labels or {})},
                             "annotations": {c.MODE_ANNOTATION: mode,
                                             c.APPROVAL_MODE_ANNOTATION: approval_mode}},
                "spec": {"serviceAccountName": service_account,

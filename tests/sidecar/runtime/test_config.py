@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from chaperone_operator.injection import contract
 from chaperone_operator.injection.connections import plan_connections
 from chaperone_operator.injection.settings import InjectionSettings
 from chaperone_operator.injection.sidecar import sidecar_container
+from chaperone_sidecar import contract
 from chaperone_sidecar import config as cfg
 from chaperone_sidecar.config import ConfigError, ConnectionMount, SidecarConfig
 
@@ -48,13 +48,55 @@ def env_of(container, extra=None):
     return env
 
 
-def test_contract_names_match_the_operator():
-    # The sidecar cannot import the operator; this test can, and pins the names together.
-    for name in dir(contract):
-        if name.startswith("ENV_"):
-            assert getattr(cfg, name) == getattr(contract, name), name
-    assert cfg.CA_DIR == contract.CA_DIR and cfg.TOKEN_DIR == contract.TOKEN_DIR
-    assert cfg.PODINFO_DIR == contract.PODINFO_DIR and cfg.SPOOL_DIR == contract.SPOOL_DIR
+class _ReadLog(dict):
+    """An environment that remembers which variables were looked up."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def test_every_variable_the_webhook_writes_is_a_contract_name_the_sidecar_reads():
+    """Both sides import chaperone_sidecar.contract; this pins what flows through it: each
+    variable in the injected sidecar container (every option on) is one of the contract's
+    ENV_* names, and SidecarConfig.from_env looks every one of them up."""
+    container = webhook_container(
+        s3_bucket="rec", s3_endpoint="http://s3", s3_region="eu", s3_prefix="p",
+        redis_url="rediss://r:6379/0", redis_secret="redis", redis_tls_ca=True,
+        sidecar_secret="sc", otel_endpoint="http://otel:4317", oidc_issuer="https://idp",
+        oidc_audience="chaperone", oidc_ca_file="/ca.crt")
+    written = {item["name"] for item in container["env"]}
+    names = {v for k, v in vars(contract).items() if k.startswith("ENV_")}
+    assert written - names == set()
+    from_secrets = {item["name"]: "from-a-secret" for item in container["env"]
+                    if "secretKeyRef" in item.get("valueFrom", {})}
+    assert from_secrets  # the Redis password and CA are secretKeyRefs
+    plain = {**container, "env": [e for e in container["env"] if e["name"] not in from_secrets]}
+    env = _ReadLog(env_of(plain, from_secrets))
+    SidecarConfig.from_env(env, container["args"][1:])
+    assert written - env.read == set()
+    assert config_defaults_are_the_contracts()
+
+
+def config_defaults_are_the_contracts() -> bool:
+    defaults = SidecarConfig(standalone=True)
+    settings = InjectionSettings()
+    assert (defaults.proxy_port, defaults.health_port) == (settings.proxy_port, settings.health_port) \
+        == (contract.DEFAULT_PROXY_PORT, contract.DEFAULT_HEALTH_PORT)
+    assert (defaults.approval_mode, defaults.approval_timeout_seconds, defaults.operator_namespace) \
+        == (settings.approval_mode, settings.approval_timeout_seconds, settings.operator_namespace)
+    assert (str(defaults.ca_dir), str(defaults.token_dir), str(defaults.podinfo_dir),
+            str(defaults.spool_dir)) == (contract.CA_DIR, contract.TOKEN_DIR, contract.PODINFO_DIR,
+                                         contract.SPOOL_DIR)
+    return True
 
 
 def test_from_env_reads_the_injected_container():

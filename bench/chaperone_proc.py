@@ -75,7 +75,7 @@ def run_full(args: argparse.Namespace) -> int:
 
     lean_imports.install()  # first, as chaperone_sidecar.proxy.run does
     from chaperone_sidecar.config import SidecarConfig
-    from chaperone_sidecar.logging import configure_logging
+    from chaperone_sidecar.log_setup import configure_logging
     from chaperone_sidecar.proxy import ProxyRuntime, event_loop_factory
     from chaperone_sidecar.services import build_services
 

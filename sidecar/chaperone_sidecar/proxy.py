@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import SidecarConfig
-from .logging import configure_logging
+from .log_setup import configure_logging
 from .routing import base_url_parts
 from .services import SidecarServices, build_services
 from .sources import Snapshot

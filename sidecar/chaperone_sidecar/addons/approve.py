@@ -69,7 +69,8 @@ from opentelemetry import metrics
 from .. import flowctx
 from ..approvals import ApprovalUnavailable, BackendError
 from ..approvals.digest import request_digest
-from ..logging import flow_fields
+from ..contract import APPROVAL_MODE_ANNOTATION
+from ..log_setup import flow_fields
 from ..policy.model import ApprovalRequirement, HTTPRequest
 from ..snapshot import parse_downward_api
 from .refusal import refuse
@@ -82,7 +83,6 @@ log = logging.getLogger("chaperone.approve")
 
 PREVIEW_BYTES = 2048
 RETRY_DELAYS = (0.2, 0.5, 1.0)  # transient backend failures: ~2 s in all, then refuse (503)
-APPROVAL_MODE_ANNOTATION = "chaperone.dev/approval-mode"  # the injection contract's input
 _TEXT_TYPES = ("json", "xml", "text/", "x-www-form-urlencoded", "yaml", "javascript")
 
 

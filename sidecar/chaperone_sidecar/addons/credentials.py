@@ -40,7 +40,7 @@ from mitmproxy import http
 
 from .. import flowctx
 from ..credentials import CredentialsUnavailable, InjectionError
-from ..logging import flow_fields
+from ..log_setup import flow_fields
 from .streaming import body_leaves_early
 from .refusal import refuse
 

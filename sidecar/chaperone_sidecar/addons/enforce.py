@@ -48,7 +48,7 @@ from typing import Any
 from mitmproxy import http
 
 from .. import flowctx
-from ..logging import flow_fields
+from ..log_setup import flow_fields
 from ..policy.evaluator import describe_action, describe_identity, evaluate
 from ..policy.model import Decision, RateLimit, RuleRef
 from .refusal import refuse

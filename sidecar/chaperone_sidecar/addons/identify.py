@@ -25,7 +25,8 @@ from mitmproxy import http
 
 from .. import flowctx
 from ..config import SidecarConfig, parse_creator_annotation
-from ..logging import flow_fields
+from ..contract import CREATOR_ANNOTATION
+from ..log_setup import flow_fields
 from ..policy.model import Identity
 from ..sources import parse_downward_api
 from . import refusal
@@ -36,7 +37,6 @@ log = logging.getLogger("chaperone.identify")
 
 HEADER_PREFIX = "x-chaperone-"
 ON_BEHALF_OF = "x-chaperone-on-behalf-of"
-CREATOR_ANNOTATION = "chaperone.dev/creator"
 
 
 def base_identity(config: SidecarConfig) -> Identity:

@@ -83,7 +83,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.utils import human
 
 from .. import flowctx
-from ..logging import flow_fields
+from ..log_setup import flow_fields
 from ..policy.masking import BodyTooLarge, MaskingError, UnsupportedEncoding, parse_content_encoding
 from ..policy.model import MaskSpec
 from . import refusal

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from mitmproxy import http
 
 from .. import flowctx
-from ..logging import flow_fields
+from ..log_setup import flow_fields
 from ..policy.masking import (
     BodyTooLarge,
     Masker,

@@ -51,7 +51,7 @@ from typing import Any, Mapping
 from mitmproxy import http
 
 from .. import flowctx
-from ..logging import flow_fields
+from ..log_setup import flow_fields
 from ..recording import SpoolUnavailable, new_event
 from .mask import BodyCapture, captured, masker_for
 # What goes into an event lives in record_events; re-exported so ``addons.record`` keeps

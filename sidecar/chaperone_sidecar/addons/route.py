@@ -66,7 +66,7 @@ from mitmproxy import http, tcp, udp
 from mitmproxy.proxy import mode_specs
 
 from .. import flowctx
-from ..logging import flow_fields
+from ..log_setup import flow_fields
 from ..policy.classify import PathRules, canonical_path, classify, path_rules
 from ..policy.classify.http import OVERRIDE_HEADERS, OVERRIDE_PARAMS, is_method, override_method
 from ..policy.classify.kubernetes import is_connect_request

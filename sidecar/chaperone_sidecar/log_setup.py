@@ -14,6 +14,9 @@ Why our own formatter and not mitmproxy's termlog: the sidecar runs in a pod who
 collected and searched by machines; one JSON object per line needs no parsing rules. The level
 comes from ``CHAPERONE_LOG_LEVEL`` (debug|info|warning|error). mitmproxy's own loggers are held
 at WARNING unless the level is debug: at INFO they log every client connect and disconnect.
+
+Named ``log_setup`` rather than ``logging``: a module called ``logging`` inside the package
+shadows the standard library's name for every reader of an ``from .. import`` line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import json
 import logging
 import sys
 from typing import Any, Mapping, TextIO
+
+from . import flowctx
 
 __all__ = ["JSONFormatter", "configure_logging", "flow_fields", "parse_level"]
 
@@ -94,8 +99,6 @@ def configure_logging(level: str | int | None = "info", stream: TextIO | None = 
 
 def flow_fields(flow: Any, **more: Any) -> dict[str, Any]:
     """``extra=`` for a log call about ``flow``: the standard flow fields from its FlowContext."""
-    from . import flowctx  # lazy: flowctx imports the policy model, logging must stay light
-
     fields: dict[str, Any] = {"flow": getattr(flow, "id", "")}
     ctx = flowctx.get(flow) if flow is not None else None
     if ctx is not None:

@@ -38,14 +38,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from chaperone_sidecar.api import API_VERSION, APPROVAL_REQUESTS, GROUP, LABEL_INJECT, collection_path
+
 from .load import percentile
 
 __all__ = ["run_controlplane", "approval_round_trip", "webhook_latency"]
 
 REPO = Path(__file__).resolve().parent.parent
-API = "chaperone.dev/v1alpha1"
-INJECT_LABEL = "chaperone.dev/inject"
-AR_RESOURCE = {"apiGroups": ["chaperone.dev"], "resources": ["approvalrequests"]}
+AR_RESOURCE = {"apiGroups": [GROUP], "resources": [APPROVAL_REQUESTS]}
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -86,7 +86,8 @@ def approval_round_trip(cp: Any, workdir: Path, *, n: int, kubectl_n: int) -> di
     from chaperone_sidecar.approvals.grants import MemoryGrants
     from chaperone_sidecar.approvals.kube import KubeApprovalBackend
     from chaperone_sidecar.kubeclient import KubeClient
-    from chaperone_sidecar.approvals.service import LABEL_DIGEST, ApprovalService
+    from chaperone_sidecar.api import LABEL_DIGEST
+    from chaperone_sidecar.approvals.service import ApprovalService
     from chaperone_sidecar.policy.model import (
         Action, ApprovalRequirement, Approvers, HTTPRequest, Identity, RuleRef,
     )
@@ -144,7 +145,7 @@ def approval_round_trip(cp: Any, workdir: Path, *, n: int, kubectl_n: int) -> di
                     name = found[0]["metadata"]["name"]
                     start = time.perf_counter()
                     if i < n:
-                        url = f"{cp.url}/apis/{API}/namespaces/{ns}/approvalrequests/{name}"
+                        url = f"{cp.url}{collection_path(APPROVAL_REQUESTS, ns)}/{name}"
                         async with approver.patch(url, data=json.dumps(decision),
                                                   headers={"Content-Type": "application/merge-patch+json"}) as resp:
                             if resp.status != 200:
@@ -232,7 +233,7 @@ def webhook_latency(cp: Any, workdir: Path, *, n: int, kubectl_n: int, cached_li
     ns = f"bench-inject-{uuid.uuid4().hex[:6]}"
     cp.create_namespace(ns)
     cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
-        "apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "tickets-api"},
+        "apiVersion": API_VERSION, "kind": "ClaudeConnection", "metadata": {"name": "tickets-api"},
         "spec": {"type": "http", "hosts": ["tickets.internal.example.com"]}}))
     ca = CertAuthority("chaperone-bench-webhook-ca")
     pair = ca.write_server_cert(workdir, "webhook", dns_names=("localhost",), ip_addresses=("127.0.0.1",))
@@ -253,7 +254,7 @@ def webhook_latency(cp: Any, workdir: Path, *, n: int, kubectl_n: int, cached_li
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
                        "resources": ["pods"], "scope": "Namespaced"}],
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "objectSelector": {"matchLabels": {INJECT_LABEL: "true"}}}]}))
+            "objectSelector": {"matchLabels": {LABEL_INJECT: "true"}}}]}))
     host, port = cp.url.removeprefix("https://").rsplit(":", 1)
     conn = http.client.HTTPSConnection(host, int(port), context=_tls(cp, "admin"), timeout=30)
     times: dict[str, list[float]] = {"labelled": [], "unlabelled": []}
@@ -261,7 +262,7 @@ def webhook_latency(cp: Any, workdir: Path, *, n: int, kubectl_n: int, cached_li
     failures: list[str] = []
 
     def pod(labelled: bool) -> dict:
-        labels = {INJECT_LABEL: "true", "app": "claude"} if labelled else {"app": "claude"}
+        labels = {LABEL_INJECT: "true", "app": "claude"} if labelled else {"app": "claude"}
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "claude-", "labels": labels},
                 "spec": {"containers": [{"name": "claude", "image": "claude-code"}]}}
 

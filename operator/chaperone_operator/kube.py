@@ -19,13 +19,13 @@ from typing import Any, Iterable
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from chaperone_sidecar.api import GROUP, VERSION
+
 __all__ = [
-    "GROUP", "VERSION", "load_api_client", "read_pod", "list_pods", "list_objects", "read_secret",
+    "load_api_client", "read_pod", "list_pods", "list_objects", "read_secret",
     "read_configmap",
     "patch_status", "ensure_role_binding", "ensure_cluster_peering",
 ]
-
-GROUP, VERSION = "chaperone.dev", "v1alpha1"
 
 
 def load_api_client() -> client.ApiClient:

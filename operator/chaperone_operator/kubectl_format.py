@@ -17,6 +17,8 @@ import datetime as dt
 import unicodedata
 from typing import Any, Iterable, Mapping
 
+from chaperone_sidecar.api import GROUP, KIND_APPROVAL_REQUEST
+
 from .approval_status import desired_status
 from .approvals import APPROVED, PENDING, describe_approvers, parse_time
 
@@ -27,7 +29,7 @@ __all__ = [
 
 TABLE_COLUMNS = ("NAME", "REQUESTER", "ACTION", "PHASE", "APPROVALS", "EXPIRES-IN")
 ACTION_WIDTH = 60  # the summary column is cut here; `show` prints it whole
-KIND = "approvalrequest.chaperone.dev"
+KIND = f"{KIND_APPROVAL_REQUEST.lower()}.{GROUP}"  # kubectl's TYPE/NAME form
 LABEL_WIDTH = 20  # `show`: values start in this column
 
 

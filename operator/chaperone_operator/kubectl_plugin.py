@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, TextIO
 
+from chaperone_sidecar.api import APPROVAL_REQUESTS, GROUP, VERSION
+
 from .approvals import APPROVED, DENIED, PENDING
 from .kubectl_format import (TABLE_COLUMNS, decision_result, describe, phase_of, sort_requests,
                              table, table_rows)
@@ -34,7 +36,6 @@ from .kubectl_format import (TABLE_COLUMNS, decision_result, describe, phase_of,
 __all__ = ["ApprovalRequests", "Connection", "build_parser", "connect", "decision_patch", "main",
            "run"]
 
-GROUP, VERSION, PLURAL = "chaperone.dev", "v1alpha1", "approvalrequests"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
@@ -56,18 +57,18 @@ class ApprovalRequests:
 
     def list(self, namespace: str | None) -> list[dict]:
         if namespace is None:
-            result = self._api.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+            result = self._api.list_cluster_custom_object(GROUP, VERSION, APPROVAL_REQUESTS)
         else:
-            result = self._api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+            result = self._api.list_namespaced_custom_object(GROUP, VERSION, namespace, APPROVAL_REQUESTS)
         return list(result.get("items") or [])
 
     def get(self, namespace: str, name: str) -> dict:
-        return self._api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return self._api.get_namespaced_custom_object(GROUP, VERSION, namespace, APPROVAL_REQUESTS, name)
 
     def patch(self, namespace: str, name: str, body: dict) -> dict:
         # The client sends custom-object patches as application/merge-patch+json: exactly
         # `kubectl patch --type=merge` (a test against the apiserver holds it to that).
-        return self._api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body)
+        return self._api.patch_namespaced_custom_object(GROUP, VERSION, namespace, APPROVAL_REQUESTS, name, body)
 
 
 @dataclass

@@ -37,11 +37,11 @@ from typing import Any, Callable
 
 import aiohttp.web
 import kopf
+from chaperone_sidecar.api import LABEL_INJECT
 from chaperone_sidecar.policy import aws_catalog
 
 from . import handlers, kube  # noqa: F401  (importing handlers registers them)
 from .handlers import WEBHOOKS
-from .handlers.pods import INJECT_LABEL
 from .settings import OperatorSettings
 
 __all__ = ["Runtime", "StrictWebhookServer", "on_operator_startup", "on_operator_cleanup",
@@ -92,7 +92,7 @@ def configure_kopf(settings: kopf.OperatorSettings, op: OperatorSettings) -> Non
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING
     # Only labelled pods are ever followed: filter server-side instead of streaming every pod.
-    settings.watching.label_selectors["v1", "pods"] = f"{INJECT_LABEL}=true"
+    settings.watching.label_selectors["v1", "pods"] = f"{LABEL_INJECT}=true"
     settings.peering.name = op.peering_name
     settings.peering.mandatory = False
     settings.peering.priority = op.peering_priority if op.peering_priority is not None \

@@ -9,14 +9,16 @@ agree; tests/charts/test_chart_operator.py and tests/operator/test_operator_cli.
 
 from __future__ import annotations
 
+from chaperone_sidecar.api import ACCESS_POLICIES, APPROVAL_REQUESTS, CLAUDE_CONNECTIONS
+
 from . import accesspolicies, approvalrequests, claudeconnections, pods  # noqa: F401
 
 # URL path (= handler id) -> (kind of webhook, plural). The chart renders the same table
 # (templates/webhooks.yaml); tests/charts/test_chart_operator.py checks that they agree.
 WEBHOOKS = {
     "pod-mutate": ("mutating", "pods"),
-    "approvalrequest-mutate": ("mutating", "approvalrequests"),
-    "approvalrequest-validate": ("validating", "approvalrequests"),
-    "accesspolicy-validate": ("validating", "accesspolicies"),
-    "claudeconnection-validate": ("validating", "claudeconnections"),
+    "approvalrequest-mutate": ("mutating", APPROVAL_REQUESTS),
+    "approvalrequest-validate": ("validating", APPROVAL_REQUESTS),
+    "accesspolicy-validate": ("validating", ACCESS_POLICIES),
+    "claudeconnection-validate": ("validating", CLAUDE_CONNECTIONS),
 }

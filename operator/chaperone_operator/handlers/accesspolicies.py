@@ -16,10 +16,10 @@ from typing import Mapping
 
 import kopf
 
+from chaperone_sidecar.api import ACCESS_POLICIES, GROUP, VERSION
 from chaperone_sidecar.policy.compiler import PolicyErrors, compile_policy
 
 from ..conditions import condition, merge_conditions, status_differs
-from ..kube import GROUP, VERSION
 
 __all__ = ["policy_errors", "policy_status", "on_accesspolicy_validate", "on_accesspolicy_event"]
 
@@ -49,7 +49,7 @@ def policy_status(obj: Mapping, current: Mapping | None, now) -> dict:
             "conditions": merge_conditions((current or {}).get("conditions"), [valid], now)}
 
 
-@kopf.on.validate(GROUP, VERSION, "accesspolicies", id="accesspolicy-validate",
+@kopf.on.validate(GROUP, VERSION, ACCESS_POLICIES, id="accesspolicy-validate",
                   operations=["CREATE", "UPDATE"])
 def on_accesspolicy_validate(body, **_):
     """Refuse policies that do not compile, with every error and its field path."""
@@ -61,7 +61,7 @@ def on_accesspolicy_validate(body, **_):
                                   + "\n".join(errors), code=422)
 
 
-@kopf.on.event(GROUP, VERSION, "accesspolicies", id="accesspolicy-status")
+@kopf.on.event(GROUP, VERSION, ACCESS_POLICIES, id="accesspolicy-status")
 def on_accesspolicy_event(type, body, status, patch, memo, **_):
     """Keep status (Valid, ruleCount, observedGeneration) in line with the stored spec."""
     if type == "DELETED":

@@ -28,16 +28,15 @@ import functools
 import jsonpatch
 import kopf
 
+from chaperone_sidecar.api import APPROVAL_REQUESTS, GROUP, VERSION
+
 from .. import kube
 from ..approval_status import decision_events, deletion_event, desired_status
 from ..approvals import EXPIRED, UserInfo, Verdict, admit_create, admit_update, parse_time, recheck
 from ..conditions import status_differs
-from ..kube import GROUP, VERSION
 
 __all__ = ["on_approvalrequest_mutate", "on_approvalrequest_validate", "on_approvalrequest_event",
            "on_approvalrequest_deadline"]
-
-PLURAL = "approvalrequests"
 
 
 def _apply(ops: list[dict], body: dict) -> None:
@@ -52,7 +51,7 @@ def apply_verdict(verdict: Verdict, patch: kopf.Patch) -> None:
         patch.fns.append(functools.partial(_apply, [copy.deepcopy(op) for op in verdict.patch]))
 
 
-@kopf.on.mutate(GROUP, VERSION, PLURAL, id="approvalrequest-mutate", operations=["CREATE", "UPDATE"])
+@kopf.on.mutate(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-mutate", operations=["CREATE", "UPDATE"])
 def on_approvalrequest_mutate(operation, body, old, new, userinfo, patch, memo, **_):
     """Only sidecars create; approvers' decisions are stamped from userInfo (N-of-M)."""
     runtime = memo.runtime
@@ -70,7 +69,7 @@ def on_approvalrequest_mutate(operation, body, old, new, userinfo, patch, memo, 
     apply_verdict(verdict, patch)
 
 
-@kopf.on.validate(GROUP, VERSION, PLURAL, id="approvalrequest-validate", operations=["CREATE", "UPDATE"])
+@kopf.on.validate(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-validate", operations=["CREATE", "UPDATE"])
 def on_approvalrequest_validate(operation, old, new, userinfo, memo, **_):
     """The stored object must carry exactly what the mutation stamped."""
     problem = recheck(operation, dict(old) if old is not None else None, dict(new),
@@ -79,7 +78,7 @@ def on_approvalrequest_validate(operation, old, new, userinfo, memo, **_):
         raise kopf.AdmissionError(problem, code=403)
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL, id="approvalrequest-status")
+@kopf.on.event(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-status")
 def on_approvalrequest_event(type, body, status, patch, memo, **_):
     """Mirror phase/approvals into status; one Event per review and per final phase."""
     if type == "DELETED":
@@ -98,7 +97,7 @@ def _pending(body, **_) -> bool:
         (body.get("status") or {}).get("phase") != EXPIRED
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="approvalrequest-deadline", when=_pending,
+@kopf.daemon(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-deadline", when=_pending,
              cancellation_timeout=5.0)
 async def on_approvalrequest_deadline(body, stopped, memo, logger, **_):
     """Sleep until expiresAt, then mark the request Expired (unless decided meanwhile)."""
@@ -118,5 +117,5 @@ async def on_approvalrequest_deadline(body, stopped, memo, logger, **_):
     for kind, reason, message in decision_events(current, current.get("status"), desired):
         kopf.event(body, type=kind, reason=reason, message=message)
     meta = current["metadata"]
-    await asyncio.to_thread(kube.patch_status, runtime.api, PLURAL, meta["namespace"], meta["name"], desired)
+    await asyncio.to_thread(kube.patch_status, runtime.api, APPROVAL_REQUESTS, meta["namespace"], meta["name"], desired)
     logger.info(f"ApprovalRequest expired at {current['spec']['expiresAt']}")

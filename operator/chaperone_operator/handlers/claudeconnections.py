@@ -21,10 +21,11 @@ from urllib.parse import urlsplit
 
 import kopf
 
+from chaperone_sidecar.api import CLAUDE_CONNECTIONS, GROUP, LABEL_INJECT, VERSION
 from chaperone_sidecar.policy.globs import glob_error
 
 from ..conditions import condition, merge_conditions, status_differs
-from ..kube import GROUP, VERSION, list_pods, read_secret
+from ..kube import list_pods, read_secret
 from .. import namespaces
 
 __all__ = ["connection_errors", "credentials_condition", "pod_connections", "injected_pod_count",
@@ -87,7 +88,7 @@ def connection_errors(obj: Mapping) -> list[str]:
     return errors
 
 
-@kopf.on.validate(GROUP, VERSION, "claudeconnections", id="claudeconnection-validate",
+@kopf.on.validate(GROUP, VERSION, CLAUDE_CONNECTIONS, id="claudeconnection-validate",
                   operations=["CREATE", "UPDATE"])
 def on_claudeconnection_validate(body, **_):
     """Refuse connections with unusable hosts, URLs, selectors or credentials settings."""
@@ -178,7 +179,7 @@ def _refresh(body, status, patch, memo, logger) -> None:
     secret = None
     if creds.get("source") == "secret" and (creds.get("secretRef") or {}).get("name"):
         secret = read_secret(runtime.api, ns, creds["secretRef"]["name"])
-    pods = list_pods(runtime.api, ns, "chaperone.dev/inject=true")
+    pods = list_pods(runtime.api, ns, f"{LABEL_INJECT}=true")
     desired = connection_status(body, status, secret, pods,
                                 namespaces.upstream_ca_found(runtime.api, ns, spec.get("upstreamCA")),
                                 runtime.now())
@@ -188,14 +189,14 @@ def _refresh(body, status, patch, memo, logger) -> None:
         namespaces.ensure(runtime, ns, pods, logger)
 
 
-@kopf.on.event(GROUP, VERSION, "claudeconnections", id="claudeconnection-status")
+@kopf.on.event(GROUP, VERSION, CLAUDE_CONNECTIONS, id="claudeconnection-status")
 def on_claudeconnection_event(type, body, status, patch, memo, logger, **_):
     """Refresh status (and the namespace's CA and sidecar RBAC) whenever the connection changes."""
     if type != "DELETED":
         _refresh(body, status, patch, memo, logger)
 
 
-@kopf.timer(GROUP, VERSION, "claudeconnections", id="claudeconnection-refresh",
+@kopf.timer(GROUP, VERSION, CLAUDE_CONNECTIONS, id="claudeconnection-refresh",
             interval=30.0, initial_delay=5.0)
 def on_claudeconnection_timer(body, status, patch, memo, logger, **_):
     """Periodic refresh: Secrets appear, pods come and go, the CA nears rotation."""

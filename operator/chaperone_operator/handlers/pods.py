@@ -20,20 +20,20 @@ import functools
 import jsonpatch
 import kopf
 
+from chaperone_sidecar.api import CLAUDE_CONNECTIONS, LABEL_INJECT
+
 from .. import kube, namespaces
 from ..conditions import status_differs
 from .claudeconnections import injected_pod_count
 
-__all__ = ["INJECT_LABEL", "on_pod_mutate", "on_pod_event"]
-
-INJECT_LABEL = "chaperone.dev/inject"
+__all__ = ["on_pod_mutate", "on_pod_event"]
 
 
 def _apply(ops: list[dict], body: dict) -> None:
     jsonpatch.apply_patch(body, ops, in_place=True)
 
 
-@kopf.on.mutate("v1", "pods", id="pod-mutate", operations=["CREATE"], labels={INJECT_LABEL: "true"})
+@kopf.on.mutate("v1", "pods", id="pod-mutate", operations=["CREATE"], labels={LABEL_INJECT: "true"})
 def on_pod_mutate(body, userinfo, patch, memo, **_):
     """Inject the sidecar (the pure ``inject`` decides everything)."""
     from ..injection import inject
@@ -41,7 +41,7 @@ def on_pod_mutate(body, userinfo, patch, memo, **_):
     runtime = memo.runtime
     pod = copy.deepcopy(dict(body))
     namespace = (pod.get("metadata") or {}).get("namespace")
-    connections = kube.list_objects(runtime.api, "claudeconnections", namespace, from_cache=True)
+    connections = kube.list_objects(runtime.api, CLAUDE_CONNECTIONS, namespace, from_cache=True)
     result = inject(pod, runtime.injection, connections, dict(userinfo or {}))
     if result.refused:
         raise kopf.AdmissionError(f"Chaperone cannot inject this pod: {result.refused}", code=403)
@@ -50,7 +50,7 @@ def on_pod_mutate(body, userinfo, patch, memo, **_):
         patch.fns.append(functools.partial(_apply, ops))
 
 
-@kopf.on.event("v1", "pods", id="pod-follow", labels={INJECT_LABEL: "true"})
+@kopf.on.event("v1", "pods", id="pod-follow", labels={LABEL_INJECT: "true"})
 def on_pod_event(type, body, memo, logger, **_):
     """Keep the sidecar RoleBinding and the connections' injectedPods in line with the pods.
 
@@ -62,10 +62,10 @@ def on_pod_event(type, body, memo, logger, **_):
         return
     runtime = memo.runtime
     namespace = body["metadata"]["namespace"]
-    pods = kube.list_pods(runtime.api, namespace, f"{INJECT_LABEL}=true")
+    pods = kube.list_pods(runtime.api, namespace, f"{LABEL_INJECT}=true")
     namespaces.ensure(runtime, namespace, pods, logger)
-    for conn in kube.list_objects(runtime.api, "claudeconnections", namespace):
+    for conn in kube.list_objects(runtime.api, CLAUDE_CONNECTIONS, namespace):
         name = conn["metadata"]["name"]
         count = injected_pod_count(name, pods)
         if status_differs(conn.get("status"), {"injectedPods": count}):
-            kube.patch_status(runtime.api, "claudeconnections", namespace, name, {"injectedPods": count})
+            kube.patch_status(runtime.api, CLAUDE_CONNECTIONS, namespace, name, {"injectedPods": count})

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+from ..api import API_VERSION, KIND_APPROVAL_REQUEST
 from . import ApprovalError, BackendError, Conflict
 
 __all__ = ["LocalApprovalStore"]
@@ -117,7 +118,7 @@ class LocalApprovalStore:
         meta = dict(obj.get("metadata") or {})
         meta.update(namespace=self.namespace, uid=str(uuid.uuid4()),
                     creationTimestamp=_rfc3339(_now()), resourceVersion="1")
-        obj = {"apiVersion": "chaperone.dev/v1alpha1", "kind": "ApprovalRequest",
+        obj = {"apiVersion": API_VERSION, "kind": KIND_APPROVAL_REQUEST,
                **obj, "metadata": meta}
         obj.setdefault("status", {"phase": "Pending"})
         self._write(self.path(meta.get("name", "")), obj, exclusive=True)

@@ -16,21 +16,15 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal, Mapping
 
+from ..api import LABEL_ACTION, LABEL_DIGEST, LABEL_REQUESTER, LABEL_SUBJECT
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef
 from .digest import action_key, action_resources, named_action_key, short_hash
 
-__all__ = ["State", "LABEL_DIGEST", "LABEL_REQUESTER", "LABEL_SUBJECT", "LABEL_ACTION",
-           "SA_PREFIX", "rfc3339", "parse_rfc3339", "subject_key", "requester_label",
+__all__ = ["State", "SA_PREFIX", "rfc3339", "parse_rfc3339", "subject_key", "requester_label",
            "read_state", "approvers_text", "approve_command", "build_request", "label_value",
            "request_action_key", "binding_problem"]
 
 State = Literal["approved", "denied", "expired", "pending"]
-LABEL_DIGEST = "chaperone.dev/request-digest"
-LABEL_REQUESTER = "chaperone.dev/requester"
-# Whose request (``subject_key``) and which classified action (``action_key``): how a retry
-# from any replica of the same agent finds an earlier decision (the outcome memory).
-LABEL_SUBJECT = "chaperone.dev/subject"
-LABEL_ACTION = "chaperone.dev/action-key"
 SA_PREFIX = "system:serviceaccount:"
 
 

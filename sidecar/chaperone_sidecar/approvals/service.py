@@ -45,19 +45,19 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Mapping, Protocol
 
+from ..api import LABEL_ACTION, LABEL_DIGEST, LABEL_SUBJECT
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef
 from . import ApprovalError, ApprovalUnavailable, BackendError, Conflict
 from .digest import action_key, request_name
 from .grants import Grant, InvalidGrant, MemoryGrants, grant_key
 from .objects import (
-    LABEL_ACTION, LABEL_DIGEST, LABEL_REQUESTER, LABEL_SUBJECT, State, approve_command,
-    approvers_text, binding_problem, build_request, label_value, parse_rfc3339, read_state,
+    State, approve_command, approvers_text, binding_problem, build_request, label_value, parse_rfc3339, read_state,
     request_action_key, rfc3339, subject_key,
 )
 from .proof import ProofCache, check as check_proof, window_end
 
 __all__ = ["ApprovalService", "Outcome", "read_state", "build_request", "subject_key",
-           "approvers_text", "approve_command", "LABEL_DIGEST", "LABEL_REQUESTER"]
+           "approvers_text", "approve_command"]
 
 log = logging.getLogger("chaperone.approvals")
 

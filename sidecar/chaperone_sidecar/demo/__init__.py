@@ -39,7 +39,7 @@ from .plumbing import (  # noqa: F401 - re-exported
     run_cli, say, show_response,
 )
 from .scenario import (  # noqa: F401 - re-exported
-    AGENT_USER, API, APPROVER, AWS_KEY_ID, AWS_SECRET, DB_PASSWORD, NAMESPACE, TOKEN, TicketsAPI,
+    AGENT_USER, APPROVER, AWS_KEY_ID, AWS_SECRET, DB_PASSWORD, NAMESPACE, TOKEN, TicketsAPI,
     write_config,
 )
 from .steps import run_demo, step_allowed, step_approval, step_blocked, step_masked, step_recording

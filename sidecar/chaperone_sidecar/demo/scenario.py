@@ -18,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-API = "chaperone.dev/v1alpha1"
+from ..api import API_VERSION
+
 NAMESPACE = "demo"
 AGENT_USER = "dana"  # whose agent this is (the proxy's identity)
 APPROVER = "alice"  # who approves
@@ -156,14 +157,14 @@ def write_config(conf: Path, api: TicketsAPI) -> None:
     (conf / "chaperone.yaml").write_text(yaml.safe_dump(
         {"namespace": NAMESPACE, "user": AGENT_USER, "approvalMode": "hold"}, sort_keys=False))
     (conf / "connections" / "tickets-api.yaml").write_text(yaml.safe_dump({
-        "apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "tickets-api"},
+        "apiVersion": API_VERSION, "kind": "ClaudeConnection", "metadata": {"name": "tickets-api"},
         "spec": {"type": "http", "hosts": ["localhost"],
                  "credentials": {"source": "secret", "secretRef": {"name": "tickets-token", "tokenKey": "token"},
                                  "header": "Authorization", "prefix": "Bearer "},
                  "upstreamCA": {"kind": "Secret", "name": "tickets-ca", "key": "ca.crt"},
                  "recording": {"bodies": "truncated", "mode": "strict"}}}, sort_keys=False))
     (conf / "policies" / "tickets.yaml").write_text(yaml.safe_dump({
-        "apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "tickets-guardrails"},
+        "apiVersion": API_VERSION, "kind": "AccessPolicy", "metadata": {"name": "tickets-guardrails"},
         "spec": {
             "connections": ["tickets-api"],
             "defaultEffect": "block",

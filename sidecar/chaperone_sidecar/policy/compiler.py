@@ -5,11 +5,12 @@ Two jobs, one pass:
 * **Validate** everything, reporting one :class:`PolicyError` per problem with the field path in
   Kubernetes notation (``spec.rules[2].match.pathRegex: invalid regular expression: ...``). The
   operator shows these verbatim at admission and in ``status``; ``chaperone policy test`` prints
-  them for local files. The schema part (types, enums, bounds, unknown fields, required fields)
-  repeats what the apiserver enforces from the CRD, because the standalone CLI has no apiserver;
-  :mod:`.schema` mirrors the CRD and a test fails when the two drift. The semantic part is what
-  no OpenAPI schema can say: regexes compile, globs are usable, one effect per rule, approvers
-  exist and can reach ``minApprovals``, masking detectors and JSON paths are known to the masker.
+  them for local files. The schema part (types, enums, bounds, unknown and required fields,
+  defaults) is the CRD itself, checked by :mod:`.schema` with jsonschema, because the standalone
+  CLI has no apiserver. This module holds only what no OpenAPI schema can say: regexes compile,
+  globs are usable, one effect per rule (the CRD's CEL rule, which jsonschema cannot run),
+  unique rule names, approvers exist and can reach ``minApprovals``, masking detectors and JSON
+  paths are known to the masker, names that can never match (:mod:`.vocabulary`).
 * **Compile** a valid policy into immutable matchers with the CRD's defaults filled in (built
   by :mod:`.matching`): globs become regexes once, each rule becomes a short tuple of match
   tests, and rules are bucketed by (connection type, method, AWS action, host) so an evaluation
@@ -20,30 +21,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
+from ..api import ACCESS_POLICIES
+from .errors import PolicyError
 from .globs import quote as _q, glob_error
+from .masking.detectors import validate_detectors
+from .masking.fields import compile_path
 from .matching import CompiledPolicy, CompiledPolicySet, CompiledRule, build_policy
-from .schema import API_VERSION, DETECTORS, KIND, KUBERNETES_VERBS, MAX_RATE_REQUESTS, SCHEMA, check_schema
+from .schema import crd, validate_object
 from .vocabulary import unknown_names
 
-__all__ = ["CompileResult", "CompiledPolicy", "CompiledPolicySet", "CompiledRule", "PolicyError",
+__all__ = ["CompileResult", "CompiledPolicy", "CompiledPolicySet", "CompiledRule",
            "PolicyErrors", "compile_policies", "compile_policy", "validate_policy"]
 
 EFFECTS = ("allow", "block", "requireApproval", "mask", "rateLimit")
 _TYPED = ("aws", "kubernetes", "anthropic")
-
-
-@dataclass(frozen=True)
-class PolicyError:
-    """One problem: ``path`` in Kubernetes field-path notation, ``reason`` in plain words."""
-
-    path: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}" if self.path else self.reason
+# RequestInfo verbs; exec/attach/portforward/log are subresources, not verbs.
+KUBERNETES_VERBS = frozenset("get list watch create update patch delete deletecollection proxy *".split())
+# Not in the CRD (no maximum there): beyond a million per window a limit limits nothing.
+MAX_RATE_REQUESTS = 1_000_000
 
 
 class PolicyErrors(Exception):
@@ -64,33 +61,6 @@ class PolicyErrors(Exception):
         return len(self.errors)
 
 
-# ---------------------------------------------------------------------------- masking hooks
-
-def _masking_hooks() -> tuple[Callable[[list[str]], list[str]], Callable[[str], Any]]:
-    """``validate_detectors`` and ``compile_path`` from the masker, or built-in fallbacks.
-
-    Imported lazily (the masker may import this package). The fallbacks only cover a masker
-    that is not there (no ``masking/__init__.py``): one that exists but fails to import is a
-    bug that must surface, not be papered over by a weaker check.
-    """
-    try:
-        from .masking import compile_path, validate_detectors
-    except ImportError:
-        if (Path(__file__).parent / "masking" / "__init__.py").exists():
-            raise
-
-        def validate_detectors(names: list[str]) -> list[str]:
-            known = [d for d in DETECTORS if d != "all"]
-            return [f"unknown detector {n!r} (known: {', '.join(known)}, all)" for n in names if n not in DETECTORS]
-
-        def compile_path(path: str) -> Any:
-            if not path.startswith("$"):
-                raise ValueError(f"JSON path {path!r} must start with '$'")
-            return path
-
-    return validate_detectors, compile_path
-
-
 # ---------------------------------------------------------------------------- semantic checks
 
 class _Checker:
@@ -102,7 +72,6 @@ class _Checker:
 
     def __init__(self, errors: list[PolicyError]):
         self.errors = errors
-        self.validate_detectors, self.compile_path = _masking_hooks()
 
     def err(self, path: str, reason: str) -> None:
         self.errors.append(PolicyError(path, reason))
@@ -134,12 +103,12 @@ class _Checker:
     def masking(self, masking: dict | None, path: str) -> None:
         for i, name in enumerate((masking or {}).get("detectors") or ()):
             if isinstance(name, str):
-                for reason in self.validate_detectors([name]):
+                for reason in validate_detectors([name]):
                     self.err(f"{path}.detectors[{i}]", reason)
         for i, json_path in enumerate((masking or {}).get("fields") or ()):
             if isinstance(json_path, str):
                 try:
-                    self.compile_path(json_path)
+                    compile_path(json_path)
                 except ValueError as exc:
                     self.err(f"{path}.fields[{i}]", str(exc))  # the masker's reason names the path
 
@@ -233,22 +202,9 @@ def _sort_key(error: PolicyError) -> list:
 
 def validate_policy(obj: Any) -> tuple[dict | None, list[PolicyError]]:
     """Check one AccessPolicy; returns (the object with defaults filled, errors sorted by path)."""
-    errors: list[PolicyError] = []
-    if not isinstance(obj, dict):
-        return None, [PolicyError("", f"an AccessPolicy must be a mapping, got {type(obj).__name__}")]
-    out = check_schema(obj, SCHEMA, "", errors)
-    for key, want in (("apiVersion", API_VERSION), ("kind", KIND)):
-        got = obj.get(key)
-        if got is None:
-            errors.append(PolicyError(key, "required field is missing"))
-        elif isinstance(got, str) and got != want:
-            errors.append(PolicyError(key, f'must be "{want}", got {_q(got)}'))
-    meta = out.get("metadata") if isinstance(out.get("metadata"), dict) else {}
-    for key in ("name", "namespace"):
-        if key in meta and not isinstance(meta[key], str):
-            errors.append(PolicyError(f"metadata.{key}", "must be of type string"))
-    if not meta.get("name") and "metadata" not in {e.path for e in errors}:
-        errors.append(PolicyError("metadata.name", "required field is missing"))
+    out, errors = validate_object(obj, crd(ACCESS_POLICIES))
+    if out is None:
+        return None, errors
     spec = out.get("spec")
     if isinstance(spec, dict):
         raw_spec = obj.get("spec") or {}

@@ -1,112 +1,168 @@
-"""The AccessPolicy CRD's structural schema, mirrored in Python, and a checker for it.
+"""Check chaperone.dev objects against the CRDs' own OpenAPI schemas, without an apiserver.
 
-Why a mirror: ``crds/accesspolicies.chaperone.dev.yaml`` is the single source, but it is not
-shipped inside the sidecar package, and the standalone ``chaperone policy test`` has no apiserver
-to enforce it. So the compiler checks local YAML against this copy (types, enums, bounds,
-patterns, required and unknown fields) and fills the CRD's defaults. A test compares this mirror
-with the CRD file (descriptions and ``x-kubernetes-*`` stripped) and fails on any drift, so the
-two cannot silently disagree.
+Why: ``chaperone policy test`` and the standalone sidecar read local YAML that no apiserver has
+checked, and the operator's admission words schema problems like the compiler's semantic ones,
+each with its field path (``spec.rules[2].match.methods[0]: ...``). The CRDs are the single
+source (``crds/*.yaml``). The package carries a byte copy of them (``chaperone_sidecar/crds/``,
+made by ``make sync-crds``; ``make check-crds`` and ``tests/crds/test_crd_schema.py`` fail on
+drift), because neither the wheel nor the image build can read files outside the package - the
+same reason the chart has its copy.
 
-The checker follows apiserver semantics where they matter to users: ``null`` counts as absent
-(the apiserver prunes it), defaults are filled only inside objects that are present, unknown
-fields are errors (the apiserver would drop them silently; locally we say so).
+How: each CRD's structural schema is translated once per kind (cached) into a JSON Schema and
+checked with :mod:`jsonschema` (Draft 2020-12; a structural schema's keywords mean the same
+there, apart from the differences below). The translation and the code around it reproduce
+the apiserver where users would notice:
+
+* ``x-kubernetes-int-or-string`` becomes ``anyOf: [integer, string]``; ``nullable`` adds
+  ``null`` to the type; ``x-kubernetes-list-type: set`` becomes ``uniqueItems``; OpenAPI v3.0's
+  boolean ``exclusiveMinimum``/``exclusiveMaximum`` become the numeric 2020-12 keywords.
+* An object with ``properties`` gets ``additionalProperties: false`` unless it has
+  ``x-kubernetes-preserve-unknown-fields``. The apiserver drops unknown fields silently; here they
+  are errors ("unknown field"), because a misspelt field is a rule that does not do what its
+  author thinks.
+* ``null`` counts as absent unless the field is nullable (the apiserver prunes it), and defaults
+  are filled only inside objects that are present (jsonschema does not default).
+* Integers are Python ints (JSON Schema's integer also admits ``2.0``, which Python code after
+  the check would then carry as a float); a pattern's ``$`` ends the text as in RE2/ECMA
+  (Python's ``$`` also matches before a final newline, which would let ``"name\\n"`` through).
+* ``status`` is free-form: the status subresource makes the apiserver ignore it on writes of the
+  object itself, and a ``kubectl get -o yaml`` copy carries one.
+
+Not checked here: CEL rules (``x-kubernetes-validations``; jsonschema has no CEL). The
+AccessPolicy's only rule, exactly one effect per rule, is repeated by the compiler in its own
+words (a test keeps the two in step); ClaudeConnection's and ApprovalRequest's rules (immutable
+type, hosts required for http/kubernetes, transition rules needing ``oldSelf``...) only the
+apiserver enforces. Nor are: unique keys of ``x-kubernetes-list-type: map`` lists (the compiler
+reports duplicate rule names itself), formats (``date-time``, ``int64``), and ObjectMeta beyond
+``metadata.name``/``namespace`` being strings.
+
+A value that fails a check is left out of the result (an object key is dropped, a list item
+becomes ``None``), so the compiler's semantic checks only see well-formed values and never
+report a second error for the same problem.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
-from typing import Any
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Iterator
 
+import yaml
+from jsonschema import Draft202012Validator, ValidationError, validators
+
+from ..api import GROUP, VERSION
+from .errors import PolicyError
 from .globs import quote as _q
 
-API_VERSION = "chaperone.dev/v1alpha1"
-KIND = "AccessPolicy"
-DETECTORS = ("aws-access-key-id", "aws-secret-key", "private-key", "jwt", "bearer-token",
-             "secret-json-key", "email", "credit-card", "us-ssn", "all")
-# RequestInfo verbs; exec/attach/portforward/log are subresources, not verbs.
-KUBERNETES_VERBS = frozenset("get list watch create update patch delete deletecollection proxy *".split())
-# Not in the CRD (no maximum there): beyond a million per window a limit limits nothing.
-MAX_RATE_REQUESTS = 1_000_000
+__all__ = ["Crd", "crd", "type_name", "validate_object"]
+
+# Keywords kept as they are, and keywords that document or steer the apiserver but constrain
+# no value the way jsonschema could check (see the module docstring for format and CEL).
+_KEPT = frozenset({"type", "enum", "maxLength", "minLength", "pattern", "minimum", "maximum", "multipleOf",
+                   "maxItems", "minItems", "uniqueItems", "maxProperties", "minProperties", "required",
+                   "default"})
+_IGNORED = frozenset({"description", "title", "example", "externalDocs", "format", "x-kubernetes-validations",
+                      "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-embedded-resource"})
+# Handled by _translate itself.
+_TRANSLATED = frozenset({"properties", "items", "additionalProperties", "allOf", "anyOf", "oneOf", "not",
+                         "nullable", "exclusiveMinimum", "exclusiveMaximum", "x-kubernetes-int-or-string",
+                         "x-kubernetes-preserve-unknown-fields", "x-kubernetes-list-type"})
+
+# Errors about a value itself, most telling first: one is reported per value, and the value is
+# left out of the result.
+_VALUE_KEYWORDS = ("type", "anyOf", "oneOf", "enum", "maxLength", "minLength", "pattern", "minimum", "maximum",
+                   "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "not")
 
 
-def _str(max_length: int | None = None, **kw: Any) -> dict:
-    return {"type": "string", **({"maxLength": max_length} if max_length else {}), **kw}
+def _translate(node: dict, where: str, structural: bool = True) -> dict:
+    """The JSON Schema for one structural-schema node.
+
+    ``structural`` is False inside allOf/anyOf/oneOf/not, whose branches only add value checks
+    to fields the enclosing node declares; closing them with additionalProperties would refuse
+    those fields.
+    """
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _KEPT:
+            out[key] = value
+        elif key == "properties":
+            out[key] = {name: _translate(sub, f"{where}.{name}", structural) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _translate(value, f"{where}[]", structural)
+        elif key == "additionalProperties":
+            out[key] = value if isinstance(value, bool) else _translate(value, f"{where}[*]", structural)
+        elif key in ("allOf", "anyOf", "oneOf"):
+            out[key] = [_translate(sub, where, False) for sub in value]
+        elif key == "not":
+            out[key] = _translate(value, where, False)
+        elif key not in _IGNORED and key not in _TRANSLATED:
+            raise ValueError(f"{where or '<root>'}: CRD schema keyword {key!r} has no JSON Schema translation")
+    for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if node.get(key) is True and bound in out:
+            out[key] = out.pop(bound)
+    if node.get("x-kubernetes-int-or-string"):
+        out.setdefault("anyOf", []).extend([{"type": "integer"}, {"type": "string"}])
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if node.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True
+    if (structural and "properties" in out and "additionalProperties" not in out
+            and not node.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
 
 
-def _int(**kw: Any) -> dict:
-    return {"type": "integer", **kw}
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
-def _arr(items: dict, max_items: int, **kw: Any) -> dict:
-    return {"type": "array", "maxItems": max_items, "items": items, **kw}
+@functools.lru_cache(maxsize=None)
+def _regex(source: str) -> re.Pattern[str]:
+    # OpenAPI patterns are RE2/ECMA: "$" ends the text. Python's "$" also matches before a final
+    # newline; "\Z" is the faithful translation.
+    if source.endswith("$") and not source.endswith("\\$"):
+        source = source[:-1] + "\\Z"
+    return re.compile(source)
 
 
-def _obj(properties: dict, **kw: Any) -> dict:
-    return {"type": "object", "properties": properties, **kw}
-
-
-_TARGET = _str(enum=["response", "request", "both"], default="response")
-_SUBJECTS = _arr(_obj({"serviceAccount": _str(317), "user": _str(253), "group": _str(253)},
-                      maxProperties=1, minProperties=1), 64)
-_APPROVERS = _obj({"users": _arr(_str(253), 64), "groups": _arr(_str(253), 64)})
-_GRANT = _obj({"ttlSeconds": _int(minimum=0, maximum=86400, default=900),
-               "scope": _str(enum=["exact", "action"], default="exact")})
-_JSON_PATHS = _arr(_str(512, pattern=r"^\$"), 64)
-_MASKING = _obj({"detectors": _arr(_str(enum=list(DETECTORS)), 32), "fields": _JSON_PATHS,
-                 "target": _TARGET, "maxBodyBytes": _int(minimum=1024, default=67108864)})
-_MATCH = _obj({
-    "subjects": _SUBJECTS,
-    "methods": _arr(_str(16, pattern="^[A-Z]+$"), 16),
-    "hosts": _arr(_str(253), 64),
-    "paths": _arr(_str(1024), 64),
-    "pathRegex": _str(1024),
-    "bodyRegex": _str(1024),
-    "aws": _obj({"actions": _arr(_str(128, pattern="^[a-z0-9*?-]+:[A-Za-z0-9*?]+$"), 128),
-                 "regions": _arr(_str(64), 32), "resources": _arr(_str(2048), 64)}),
-    "kubernetes": _obj({"verbs": _arr(_str(32), 16), "apiGroups": _arr(_str(253), 32),
-                        "resources": _arr(_str(253), 64), "namespaces": _arr(_str(63), 64),
-                        "names": _arr(_str(253), 64)}),
-    "anthropic": _obj({"models": _arr(_str(128), 32), "tools": _arr(_str(128), 64)}),
-})
-_RULE = _obj({
-    "name": _str(63, pattern="^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
-    "description": _str(1024),
-    "match": _MATCH,
-    "allow": _obj({}),
-    "block": _obj({"message": _str(1024)}),
-    "requireApproval": _obj({
-        "approvers": _APPROVERS,
-        "minApprovals": _int(minimum=1, maximum=10, default=1),
-        "timeoutSeconds": _int(minimum=10, maximum=86400, default=300),
-        "mode": _str(enum=["hold", "defer"], default="hold"),
-        "holdSeconds": _int(minimum=1, maximum=900, default=120),
-        "grant": _GRANT,
-        "rememberOutcomeSeconds": _int(minimum=0, maximum=86400, default=3600),
+_Validator = validators.extend(
+    Draft202012Validator,
+    validators={"pattern": _ecma_pattern},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many({
+        "integer": lambda _, value: isinstance(value, int) and not isinstance(value, bool),
+        "array": lambda _, value: isinstance(value, (list, tuple)),
     }),
-    "mask": _obj({"detectors": _arr(_str(64), 32), "fields": _JSON_PATHS, "target": _TARGET,
-                  "kubernetesSecrets": _str(enum=["mask", "reveal"])},
-                 minProperties=1),
-    "rateLimit": _obj({"requests": _int(minimum=1),
-                       "periodSeconds": _int(minimum=1, maximum=86400),
-                       "per": _str(enum=["identity", "pod", "connection"], default="identity")},
-                      required=["requests", "periodSeconds"]),
-}, required=["name"])
-SPEC = _obj({
-    "connections": _arr(_str(253, minLength=1), 64),
-    "subjects": _SUBJECTS,
-    "defaultEffect": _str(enum=["allow", "block"], default="block"),
-    "approvers": _APPROVERS,
-    "grant": _GRANT,
-    "masking": _MASKING,
-    "rules": _arr(_RULE, 500, minItems=1),
-}, required=["rules"])
-# metadata is free-form here as in the CRD (ObjectMeta is validated by the apiserver itself);
-# status is written by the operator, so a `kubectl get -o yaml` copy is accepted as is.
-SCHEMA = _obj({"apiVersion": _str(), "kind": _str(), "metadata": {"type": "object"},
-               "spec": SPEC, "status": {"type": "object"}}, required=["spec"])
+)
 
-_PY_TYPES = {"string": (str,), "integer": (int,), "array": (list, tuple), "object": (dict,)}
 
+@dataclass(frozen=True)
+class Crd:
+    """One kind's CRD as this module uses it: names and the translated, compiled schema."""
+
+    kind: str
+    api_version: str
+    schema: dict
+    validator: Any  # a jsonschema validator for ``schema``, built once
+
+
+@functools.cache
+def crd(plural: str) -> Crd:
+    """The packaged CRD of ``plural`` (``accesspolicies``...), translated and compiled once."""
+    text = (resources.files("chaperone_sidecar") / "crds" / f"{plural}.{GROUP}.yaml").read_text()
+    spec = yaml.safe_load(text)["spec"]
+    version = next(v for v in spec["versions"] if v["name"] == VERSION)
+    schema = _translate(version["schema"]["openAPIV3Schema"], "")
+    if "status" in schema.get("properties", {}):
+        schema["properties"]["status"] = {"type": "object"}
+    _Validator.check_schema(schema)
+    return Crd(spec["names"]["kind"], f"{spec['group']}/{version['name']}", schema, _Validator(schema))
+
+
+# ---------------------------------------------------------------------------- checking
 
 def type_name(value: Any) -> str:
     """The JSON type name of a Python value, for error messages."""
@@ -123,85 +179,177 @@ def type_name(value: Any) -> str:
     return "array" if isinstance(value, (list, tuple)) else "object" if isinstance(value, dict) else type(value).__name__
 
 
-def _pattern(source: str) -> re.Pattern[str]:
-    # OpenAPI patterns are RE2/ECMA: "$" ends the text. Python's "$" also matches before a final
-    # newline, which would let "name\n" through; "\Z" is the faithful translation.
-    if source.endswith("$") and not source.endswith("\\$"):
-        source = source[:-1] + "\\Z"
-    return re.compile(source)
+def _nullable(schema: dict) -> bool:
+    kind = schema.get("type")
+    return isinstance(kind, list) and "null" in kind
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+def _prune_nulls(value: Any, schema: dict) -> Any:
+    """A copy of ``value`` without the nulls the apiserver would prune (declared, non-nullable fields).
 
-
-def check_schema(value: Any, schema: dict, path: str, errors: list) -> Any:
-    """Check ``value`` against ``schema``; append errors; return it with defaults filled.
-
-    A value of the wrong type (or violating an enum/pattern) is left out of the result (an
-    object key is dropped, a list item becomes ``None``) so later semantic checks only ever see
-    well-formed values and never report a second error for the same problem.
+    A null under an unknown key stays, so that the key is reported.
     """
-    from .compiler import PolicyError  # one error type for schema and semantic problems
-
-    def bad(reason: str) -> None:
-        errors.append(PolicyError(path, reason))
-
-    kind = schema["type"]
-    if isinstance(value, bool) or not isinstance(value, _PY_TYPES[kind]):
-        bad(f"must be of type {kind}, got {type_name(value)}")
-        return None
-    if kind == "object":
-        props = schema.get("properties")
-        if props is None:
-            return value
-        out: dict = {}
+    if isinstance(value, dict):
+        props, extra = schema.get("properties") or {}, schema.get("additionalProperties")
+        out = {}
         for key, item in value.items():
-            if not isinstance(key, str):
-                errors.append(PolicyError(_join(path, str(key)), "field names must be strings"))
-            elif key not in props:
-                errors.append(PolicyError(_join(path, key), "unknown field"))
-            elif item is not None:  # null means absent, as the apiserver prunes it
-                checked = check_schema(item, props[key], _join(path, key), errors)
-                if checked is not None:
-                    out[key] = checked
-        for key in schema.get("required", ()):
-            if value.get(key) is None:
-                errors.append(PolicyError(_join(path, key), "required field is missing"))
-        present = [k for k, v in value.items() if v is not None]
-        lo, hi = schema.get("minProperties"), schema.get("maxProperties")
-        if lo == hi == 1 and len(present) != 1:
-            bad(f"must set exactly one of {', '.join(props)}" + (f", got {', '.join(present)}" if present else ""))
-        elif lo and len(present) < lo:
-            bad("must not be empty")
-        for key, sub in props.items():
-            if key not in out and "default" in sub:
-                out[key] = sub["default"]
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if item is None and sub is not None and not _nullable(sub):
+                continue
+            out[key] = _prune_nulls(item, sub or {})
         return out
-    if kind == "array":
-        if len(value) > schema.get("maxItems", len(value)):
-            bad(f"must have at most {schema['maxItems']} items, got {len(value)}")
-        if len(value) < schema.get("minItems", 0):
-            bad(f"must have at least {schema['minItems']} item{'s' if schema['minItems'] > 1 else ''}")
-        return [check_schema(v, schema["items"], f"{path}[{i}]", errors) for i, v in enumerate(value)]
-    if kind == "string":
-        if "enum" in schema and value not in schema["enum"]:
-            bad(f"unsupported value {_q(value)}: supported values: {', '.join(map(_q, schema['enum']))}")
-            return None
-        if len(value) > schema.get("maxLength", len(value)):
-            bad(f"may not be longer than {schema['maxLength']} characters")
-            return None
-        if len(value) < schema.get("minLength", 0):
-            bad("must not be empty")
-            return None
-        if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
-            bad(f"invalid value {_q(value)}: must match the regular expression {schema['pattern']}")
-            return None
-        return value
-    if "minimum" in schema and value < schema["minimum"]:
-        bad(f"must be greater than or equal to {schema['minimum']}, got {value}")
-        return None
-    if "maximum" in schema and value > schema["maximum"]:
-        bad(f"must be less than or equal to {schema['maximum']}, got {value}")
-        return None
+    if isinstance(value, (list, tuple)):
+        return [_prune_nulls(item, schema.get("items") or {}) for item in value]
     return value
+
+
+def _fill_defaults(value: Any, schema: dict) -> None:
+    """Fill declared defaults into the objects present, depth first, as the apiserver does."""
+    if isinstance(value, dict):
+        props, extra = schema.get("properties") or {}, schema.get("additionalProperties")
+        for key, sub in props.items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                _fill_defaults(value[key], sub)
+        if isinstance(extra, dict):
+            for key, item in value.items():
+                if key not in props:
+                    _fill_defaults(item, extra)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            _fill_defaults(item, schema["items"])
+
+
+def _field_path(root: Any, elements: list) -> str:
+    """Kubernetes notation for a path into ``root``: ``spec.rules[2].match.methods[0]``."""
+    text, node = "", root
+    for element in elements:
+        if isinstance(node, list):
+            text += f"[{element}]"
+        else:
+            text = f"{text}.{element}" if text else str(element)
+        try:
+            node = node[element]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return text
+
+
+def _drop(root: Any, elements: list) -> None:
+    """Leave the value at ``elements`` out: an object key is removed, a list item becomes None."""
+    node = root
+    for element in elements[:-1]:
+        try:
+            node = node[element]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(node, dict):
+        node.pop(elements[-1], None)
+    elif isinstance(node, list) and isinstance(elements[-1], int) and elements[-1] < len(node):
+        node[elements[-1]] = None
+
+
+def _types(want: Any) -> str:
+    return " or ".join(want) if isinstance(want, list) else str(want)
+
+
+def _value_reason(error: ValidationError) -> str:
+    kw, want, value = error.validator, error.validator_value, error.instance
+    if kw == "type":
+        return f"must be of type {_types(want)}, got {type_name(value)}"
+    if kw == "enum":
+        return f"unsupported value {_q(value)}: supported values: {', '.join(map(_q, want))}"
+    if kw == "maxLength":
+        return f"may not be longer than {want} characters"
+    if kw == "minLength":
+        return "must not be empty" if want == 1 else f"must be at least {want} characters long"
+    if kw == "pattern":
+        return f"invalid value {_q(value)}: must match the regular expression {want}"
+    if kw == "minimum":
+        return f"must be greater than or equal to {want}, got {value}"
+    if kw == "maximum":
+        return f"must be less than or equal to {want}, got {value}"
+    if kw == "exclusiveMinimum":
+        return f"must be greater than {want}, got {value}"
+    if kw == "exclusiveMaximum":
+        return f"must be less than {want}, got {value}"
+    if kw == "multipleOf":
+        return f"must be a multiple of {want}, got {value}"
+    if kw == "anyOf" and {"integer", "string"} <= {b.get("type") for b in want}:
+        return f"must be an integer or a string, got {type_name(value)}"
+    return f"invalid value {_q(value)}: {error.message}"
+
+
+def _object_errors(error: ValidationError, path: str) -> list[tuple[str, str]]:
+    """(path, reason) for the errors jsonschema reports on an object about its fields."""
+    kw, want, value = error.validator, error.validator_value, error.instance
+    join = (lambda key: f"{path}.{key}" if path else str(key))
+    if kw == "additionalProperties":
+        props = error.schema.get("properties") or {}
+        return [(join(key), "unknown field" if isinstance(key, str) else "field names must be strings")
+                for key in value if key not in props]
+    if kw == "required":
+        return [(join(key), "required field is missing") for key in want if key not in value]
+    present = list(value)
+    lo, hi = error.schema.get("minProperties"), error.schema.get("maxProperties")
+    if lo == hi == 1:
+        names = ", ".join(error.schema.get("properties") or ())
+        return [(path, f"must set exactly one of {names}" + (f", got {', '.join(map(str, present))}" if present else ""))]
+    if kw == "minProperties":
+        return [(path, "must not be empty" if want == 1 else f"must set at least {want} fields, got {len(present)}")]
+    if kw == "maxProperties":
+        return [(path, f"must set at most {want} fields, got {len(present)}")]
+    if kw == "maxItems":
+        return [(path, f"must have at most {want} items, got {len(value)}")]
+    if kw == "minItems":
+        return [(path, f"must have at least {want} item{'s' if want > 1 else ''}")]
+    if kw == "uniqueItems":
+        return [(path, "must not contain duplicates")]
+    return [(path, error.message)]
+
+
+def validate_object(obj: Any, kind: Crd) -> tuple[dict | None, list[PolicyError]]:
+    """Check ``obj`` against ``kind``'s CRD.
+
+    Returns (a copy of ``obj`` with nulls pruned, values that failed left out and defaults
+    filled; the errors, unsorted). ``None`` when ``obj`` is not a mapping at all.
+    """
+    if not isinstance(obj, dict):
+        article = "an" if kind.kind[:1] in "AEIOU" else "a"
+        return None, [PolicyError("", f"{article} {kind.kind} must be a mapping, got {type(obj).__name__}")]
+    value = _prune_nulls(obj, kind.schema)
+    errors: list[PolicyError] = []
+    drops: list[list] = []
+    worst: dict[tuple, ValidationError] = {}  # per value: the most telling of its errors
+    for error in kind.validator.iter_errors(value):
+        where = list(error.absolute_path)
+        if error.validator in _VALUE_KEYWORDS:
+            key = tuple(where)
+            rank = _VALUE_KEYWORDS.index(error.validator)
+            if key not in worst or rank < _VALUE_KEYWORDS.index(worst[key].validator):
+                worst[key] = error
+            continue
+        path = _field_path(value, where)
+        errors += [PolicyError(p, reason) for p, reason in _object_errors(error, path)]
+        if error.validator == "additionalProperties":
+            drops += [where + [key] for key in error.instance if key not in (error.schema.get("properties") or {})]
+    for where, error in worst.items():
+        errors.append(PolicyError(_field_path(value, list(where)), _value_reason(error)))
+        drops.append(list(where))
+    for where in sorted(drops, key=len, reverse=True):
+        _drop(value, where)
+    for key, want in (("apiVersion", kind.api_version), ("kind", kind.kind)):
+        got = obj.get(key)
+        if got is None:
+            errors.append(PolicyError(key, "required field is missing"))
+        elif isinstance(got, str) and got != want:
+            errors.append(PolicyError(key, f'must be "{want}", got {_q(got)}'))
+    meta = value.get("metadata") if isinstance(value.get("metadata"), dict) else {}
+    for key in ("name", "namespace"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(PolicyError(f"metadata.{key}", f"must be of type string, got {type_name(meta[key])}"))
+    if not meta.get("name") and "metadata" not in {e.path for e in errors}:
+        errors.append(PolicyError("metadata.name", "required field is missing"))
+    _fill_defaults(value, kind.schema)
+    return value, errors

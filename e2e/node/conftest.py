@@ -152,6 +152,16 @@ class Release:
         return res.stdout + res.stderr
 
 
+def _admission_reaches_operator(cp: ControlPlane) -> bool:
+    """An invalid AccessPolicy (server-side dry run) is refused BY THE WEBHOOK, not for want
+    of it."""
+    bad = {"apiVersion": API, "kind": "AccessPolicy",
+           "metadata": {"name": "probe", "namespace": "default"},
+           "spec": {"rules": [{"name": "r", "block": {}, "match": {"pathRegex": "("}}]}}
+    res = cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(bad), check=False)
+    return "AccessPolicy default/probe is invalid" in res.stderr
+
+
 @pytest.fixture(scope="session")
 def release(node_cp, node, images, helm_bin, node_s3):
     """`helm install` of the chart as README says, with the recording bucket on node_s3.
@@ -177,6 +187,12 @@ def release(node_cp, node, images, helm_bin, node_s3):
         assert res.returncode == 0, (f"operator rollout: {res.stderr}\n{rel.operator_log()}\n"
                                      f"{node_cp.kubectl('get', 'pods', '-A', '-o', 'wide').stdout}"
                                      f"\n{node.logs(20)}")
+        # Ready is not yet reachable: the Service's endpoints reach kube-proxy's rules a sync
+        # later (meanwhile its REJECT rule answers "connection refused"), which is what a user
+        # running README's next command right after `rollout status` can meet too.
+        wait_for(lambda: _admission_reaches_operator(node_cp), 60,
+                 "admission reaching the operator through the Service",
+                 detail=rel.operator_log)
         rel.install_seconds = time.monotonic() - t0
         node.timings["helm-install-to-rollout"] = rel.install_seconds
         yield rel

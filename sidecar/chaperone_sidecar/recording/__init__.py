@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 
 from .events import EVENT_TYPES, Identity, encode_body, format_time, new_event, utc_now
 from .manifest import ManifestKey, key_from_bytes, load_key
+from .recovery import adopt, leftovers
 from .shipper import DirStore, S3Store, Shipper, ShipperConfig
 from .spool import RecorderMetrics, SessionSpool, SpoolConfig, SpoolUnavailable, check_name
 
@@ -108,7 +109,7 @@ class Recorder:
     def _adopt_leftovers(self) -> list[SessionSpool]:
         adopted = []
         try:
-            names = SessionSpool.leftovers(self.config)
+            names = leftovers(self.config)
         except OSError as exc:
             self._spool.report("recovery-failed", f"cannot list {self.config.directory}: {exc}")
             return []
@@ -116,7 +117,7 @@ class Recorder:
             if name == self.session_id:
                 continue
             try:
-                spool = SessionSpool.adopt(self.config, name, self.metrics, self.clock)
+                spool = adopt(self.config, name, self.metrics, self.clock)
             except Exception as exc:  # one bad leftover must not stop this session
                 self._spool.report("recovery-failed", f"{name}: {type(exc).__name__}: {exc}")
                 continue

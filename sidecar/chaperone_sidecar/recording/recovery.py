@@ -5,7 +5,7 @@ emptyDir - possibly a torn last line, an ``.open`` segment, no ``session-end`` a
 The next recorder's ``start()`` lists those directories (:func:`leftovers`) and takes each one
 whose lock is free over (:func:`adopt`), so the recording ends in a verified chain and is shipped
 like any other. Kept apart from :mod:`.spool` because it runs once per start, never on the
-write path. ``SessionSpool.adopt`` and ``SessionSpool.leftovers`` delegate here.
+write path. The recorder (:class:`chaperone_sidecar.recording.Recorder`) calls it directly.
 """
 
 from __future__ import annotations
@@ -15,21 +15,20 @@ import os
 from typing import Any, Callable
 
 from .events import Chain, ChainChecker, format_time, new_event, sha256_hex, split_lines
-from .spool import (_NAME, CLOSED, OPEN, RecorderMetrics, SessionSpool, SpoolConfig,
+from .spool import (CLOSED, OPEN, SESSION_NAME, RecorderMetrics, SessionSpool, SpoolConfig,
                     SpoolUnavailable, fsync_dir, read_json, segment_seq)
 
 __all__ = ["adopt", "leftovers"]
 
 
-def adopt(config: SpoolConfig, name: str, metrics: RecorderMetrics, clock: Callable[[], Any],
-          cls: type[SessionSpool] = SessionSpool) -> SessionSpool | None:
+def adopt(config: SpoolConfig, name: str, metrics: RecorderMetrics,
+          clock: Callable[[], Any]) -> SessionSpool | None:
     """Take over a crashed writer's session: None if it is live (locked) or empty.
 
     Re-validates the chain over the unshipped segments, cuts a torn last line (a write the
     crash interrupted: bytes after the last newline), closes the open segment and, if the
     session never ended, appends an ``error`` event describing the crash plus a
-    ``session-end`` (reason ``recovered``) that continue the chain. ``cls`` is the class to
-    build (``SessionSpool.adopt`` passes its own, so a subclass adopts as itself).
+    ``session-end`` (reason ``recovered``) that continue the chain.
 
     Nothing here needs free space to succeed (it only cuts, renames and deletes) except those
     two closing events and ``ended.json``: when the disk is full they wait in
@@ -38,10 +37,10 @@ def adopt(config: SpoolConfig, name: str, metrics: RecorderMetrics, clock: Calla
     session is empty and removed).
     """
     path = config.directory / name
-    if not _NAME.match(name) or not path.is_dir():
+    if not SESSION_NAME.match(name) or not path.is_dir():
         return None
     meta = read_json(path / "meta.json") or {"session": name}
-    spool = cls(config, name, meta, metrics, clock)
+    spool = SessionSpool(config, name, meta, metrics, clock)
     try:
         spool._ensure_dir()
     except SpoolUnavailable:
@@ -104,7 +103,6 @@ def adopt(config: SpoolConfig, name: str, metrics: RecorderMetrics, clock: Calla
     # ships (and frees) its segments, then retries them (SessionSpool.complete_recovery).
     # Failing here instead would leave the leftover unshipped, its space never freed.
     spool.complete_recovery()
-    return spool
     return spool
 
 

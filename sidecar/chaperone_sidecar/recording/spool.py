@@ -21,8 +21,8 @@ writer thread (write/sync/rotate) and the shipper's thread (segments it reads, c
 deletes). The two share only file renames (atomic) and counters under a lock. The asyncio
 front end, :class:`chaperone_sidecar.recording.Recorder`, is in the package ``__init__``.
 
-Crash recovery (adopting a crashed writer's session at the next start) is in :mod:`.recovery`;
-``SessionSpool.adopt``/``SessionSpool.leftovers`` delegate there.
+Crash recovery (adopting a crashed writer's session at the next start) is in :mod:`.recovery`,
+which builds on this module; the recorder calls it directly (this module never imports it).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ from .events import Chain, format_time, new_event, split_lines
 from .shipper import chunk_key
 
 OPEN, CLOSED = ".open", ".jsonl"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 
 
 def check_name(kind: str, value: str) -> str:
     """Session/namespace/pod names become path and key components: keep them boring."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not SESSION_NAME.match(value):
         raise ValueError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-'")
     return value
 
@@ -574,19 +574,3 @@ class SessionSpool:
         """Delete the session's spool directory (everything is confirmed in S3)."""
         shutil.rmtree(self.dir, ignore_errors=True)
         self.release()
-
-    # ---- recovery (in recovery.py: it runs once per start, never on the write path) ----------
-    # recovery imports this module, so it is imported lazily here.
-
-    @classmethod
-    def adopt(cls, config: SpoolConfig, name: str, metrics: RecorderMetrics,
-              clock: Callable[[], Any]) -> "SessionSpool | None":
-        """Take over a crashed writer's session (:func:`.recovery.adopt`)."""
-        from .recovery import adopt
-        return adopt(config, name, metrics, clock, cls)
-
-    @staticmethod
-    def leftovers(config: SpoolConfig) -> list[str]:
-        """Session directories in the spool (:func:`.recovery.leftovers`)."""
-        from .recovery import leftovers
-        return leftovers(config)

@@ -17,6 +17,7 @@ import pytest
 
 from chaperone_sidecar.recording import Recorder, SpoolConfig, SpoolUnavailable
 from chaperone_sidecar.recording.events import ChainChecker, new_event, split_lines
+from chaperone_sidecar.recording.recovery import adopt
 from chaperone_sidecar.recording.spool import RecorderMetrics, SessionSpool
 
 REPO = Path(__file__).resolve().parents[3]
@@ -292,7 +293,7 @@ def test_disk_full_mid_session_keeps_the_chain_and_records_the_gap(tmp_path, mod
     assert gap[0]["data"]["kind"] == "spool-unavailable"
 
 
-# ---- recovery of a crashed writer's spool (SessionSpool.adopt) ----------------------------------
+# ---- recovery of a crashed writer's spool (recovery.adopt) ----------------------------------
 
 def crashed_session(tmp_path: Path, events: int, **config) -> tuple[SpoolConfig, SessionSpool]:
     """A session written with the sync API and abandoned without finish() (a crash)."""
@@ -316,7 +317,7 @@ def test_adopt_cuts_a_torn_tail_and_closes_the_session(tmp_path):
     with open(segments[-1], "ab") as f:
         f.write(b'{"data":{"i":20},"hash":"ab')  # the write the crash interrupted
     metrics = RecorderMetrics()
-    adopted = SessionSpool.adopt(cfg, "crashed", metrics, FakeClock())
+    adopted = adopt(cfg, "crashed", metrics, FakeClock())
     assert adopted is not None and adopted.recovered["tornBytes"] == 27
     assert adopted.recovered["problems"] == []
     assert metrics.torn_tails == 1 and adopted.ended["reason"] == "recovered"
@@ -333,9 +334,9 @@ def test_adopt_skips_a_live_session(tmp_path):
     cfg = SpoolConfig(tmp_path / "spool")
     live = SessionSpool(cfg, "live", {"session": "live"}, RecorderMetrics(), FakeClock())
     live.write([new_event("request")])
-    assert SessionSpool.adopt(cfg, "live", RecorderMetrics(), FakeClock()) is None
+    assert adopt(cfg, "live", RecorderMetrics(), FakeClock()) is None
     live.release()
-    assert SessionSpool.adopt(cfg, "live", RecorderMetrics(), FakeClock()) is not None
+    assert adopt(cfg, "live", RecorderMetrics(), FakeClock()) is not None
 
 
 def test_adopt_after_a_crash_inside_finish_adds_nothing(tmp_path):
@@ -345,7 +346,7 @@ def test_adopt_after_a_crash_inside_finish_adds_nothing(tmp_path):
     end["time"] = "2025-01-01T00:00:01.000000Z"
     spool.write([end])
     spool.release()  # died after writing session-end, before ended.json
-    adopted = SessionSpool.adopt(cfg, "crashed", RecorderMetrics(), FakeClock())
+    adopted = adopt(cfg, "crashed", RecorderMetrics(), FakeClock())
     assert adopted.ended["reason"] == "closed"
     assert [e["type"] for e in spool_events(cfg.directory, "crashed")][-1] == "session-end"
     assert len(spool_events(cfg.directory, "crashed")) == 4
@@ -361,7 +362,7 @@ def test_adopt_removes_segments_confirmed_before_the_crash(tmp_path):
         f.write(json.dumps({"key": "k", "bytes": len(first.read_bytes()), "lastSeq": last["seq"],
                             "lastHash": last["hash"]}).encode() + b"\n")
     spool.release()
-    adopted = SessionSpool.adopt(cfg, "crashed", RecorderMetrics(), FakeClock())
+    adopted = adopt(cfg, "crashed", RecorderMetrics(), FakeClock())
     assert not first.exists() and adopted.recovered["problems"] == []
     adopted.release()
 
@@ -369,7 +370,7 @@ def test_adopt_removes_segments_confirmed_before_the_crash(tmp_path):
 def test_adopt_removes_an_empty_leftover(tmp_path):
     cfg = SpoolConfig(tmp_path / "spool")
     (cfg.directory / "empty").mkdir(parents=True)
-    assert SessionSpool.adopt(cfg, "empty", RecorderMetrics(), FakeClock()) is None
+    assert adopt(cfg, "empty", RecorderMetrics(), FakeClock()) is None
     assert not (cfg.directory / "empty").exists()
 
 

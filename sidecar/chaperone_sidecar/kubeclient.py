@@ -6,23 +6,23 @@ proofs of :mod:`.approvals.proof`) goes through one :class:`KubeClient` per proc
 session, one :class:`TokenFile`, one error type (:class:`KubeError`), one watch parser
 (:class:`ListWatch`).
 
-**Why our own module on aiohttp and not a library** - measured (Python 3.11, this venv, a
-process that already imports asyncio, ssl, aiohttp, aiohttp.web and PyYAML as the sidecar does;
-``bench/kubeclient_cost.py`` reproduces it):
+**Why our own module on aiohttp and not a library** - measured with ``python -m
+bench.kubeclient_cost --with DIR`` (Python 3.11; import cost in a process that already loaded
+asyncio, ssl, aiohttp, aiohttp.web and PyYAML as the sidecar has, median of 3; round trips as a
+ServiceAccount against the test bed's kube-apiserver 1.33 on loopback, median of 30)::
 
-=================================  ==============  ============  ==========================
-client                             extra idle RSS  import time   list+patch+watch event
-=================================  ==============  ============  ==========================
-this module (aiohttp, loaded)       +0.0 MB         ~1 ms         see ``bench/kubeclient_cost.py``
-lightkube 0.17 (httpx, anyio)      +11.9 MB        334-718 ms
-kubernetes_asyncio 36.1            +36.8 MB        258-547 ms
-kubernetes 33.1 (sync, operator)   +46.2 MB        1.1-1.6 s
-=================================  ==============  ============  ==========================
+    client                          idle RSS   import   list of 20   patch -> watch event
+    this module (aiohttp)           +1.2 MB     4 ms    2.4 ms       3.6 ms
+    lightkube 0.22 (httpx, anyio)   +11.9 MB  164 ms    2.8 ms       3.9 ms
+    kubernetes_asyncio 36.1         +36.8 MB  167 ms    (not run: its import alone rules it out)
+    kubernetes 33.1 (sync)          +46.2 MB  216 ms    (synchronous: would pin a thread per watch)
 
-The sidecar is a lean per-pod process (idle RSS ~80 MB, the benchmark's target 80 MB, see
-docs/benchmarks.md); a library would add 15-45 % to it for four verbs on three paths, and the
-round trip is the apiserver's either way. The choice is this module, on the aiohttp the sidecar
-already loads.
+The sidecar is a lean per-pod process (idle RSS ~80 MB against a target of 80 MB, see
+docs/benchmarks.md): lightkube would add 15 % to it, kubernetes_asyncio 46 %, for four verbs on
+three paths, and neither is faster on the wire (the round trip is the apiserver's). So: this
+module, on the aiohttp the sidecar already loads. (The operator, one process per cluster, keeps
+the official client for its few calls, made off the loop; it imports this package's names from
+:mod:`.api`.)
 
 What it does:
 
@@ -56,7 +56,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncGenerator, AsyncIterator, Mapping
 
 import aiohttp
 
@@ -312,10 +312,10 @@ class ListWatch:
         self.restarts = 0
         self.last_error = ""
 
-    def __aiter__(self) -> AsyncIterator[WatchEvent]:
+    def __aiter__(self) -> AsyncGenerator[WatchEvent, None]:
         return self._run()
 
-    async def _run(self) -> AsyncIterator[WatchEvent]:
+    async def _run(self) -> AsyncGenerator[WatchEvent, None]:
         attempt = 0
         while True:
             watching = False

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 from typing import Any, Callable, Mapping
 
@@ -30,8 +29,6 @@ from ..kubeclient import KubeClient, KubeError, ListWatch
 from . import BackendError, Conflict
 
 __all__ = ["KubeApprovalBackend"]
-
-log = logging.getLogger("chaperone.approvals.kube")
 
 
 class KubeApprovalBackend:

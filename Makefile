@@ -71,16 +71,18 @@ kube-node:
 	hack/build-node.sh >/dev/null
 
 # The CRDs have one source (crds/). The chart carries a byte copy in files/crds/, which
-# templates/crds.yaml renders (so `helm upgrade` upgrades them); tests/crds/test_crd_schema.py
-# and check-crds fail when the copy drifts.
+# templates/crds.yaml renders (so `helm upgrade` upgrades them), and so does the sidecar package
+# (chaperone_sidecar/crds/: the policy compiler validates against them without an apiserver;
+# the wheel and the image cannot reach files outside the package). tests/crds/test_crd_schema.py
+# and check-crds fail when a copy drifts.
 CHART_CRDS := charts/chaperone/files/crds
+PACKAGE_CRDS := sidecar/chaperone_sidecar/crds
 sync-crds:
-	mkdir -p $(CHART_CRDS)
-	rm -f $(CHART_CRDS)/*.yaml
-	cp crds/*.yaml $(CHART_CRDS)/
+	for d in $(CHART_CRDS) $(PACKAGE_CRDS); do mkdir -p $$d && rm -f $$d/*.yaml && cp crds/*.yaml $$d/ || exit 1; done
 
 check-crds:
-	@diff -r crds $(CHART_CRDS) || { echo "$(CHART_CRDS) drifted from crds/: run make sync-crds" >&2; exit 1; }
+	@for d in $(CHART_CRDS) $(PACKAGE_CRDS); do \
+	  diff -r crds $$d || { echo "$$d drifted from crds/: run make sync-crds" >&2; exit 1; }; done
 
 # Benchmarks: the policy engine micro-benchmark, then the proxy comparison (bench-proxy).
 bench: deps

@@ -57,7 +57,10 @@ from ..api import GROUP, VERSION
 from .errors import PolicyError
 from .globs import quote as _q
 
-__all__ = ["Crd", "crd", "type_name", "validate_object"]
+__all__ = ["Crd", "JSONSchemaValidator", "crd", "type_name", "validate_object"]
+
+# libyaml's loader when PyYAML was built with it: a tenth of the pure-Python loader's time.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Keywords kept as they are, and keywords that document or steer the apiserver but constrain
 # no value the way jsonschema could check (see the module docstring for format and CEL).
@@ -129,7 +132,8 @@ def _regex(source: str) -> re.Pattern[str]:
     return re.compile(source)
 
 
-_Validator = validators.extend(
+# Draft 2020-12 with the apiserver's integers and patterns (see the module docstring).
+JSONSchemaValidator = validators.extend(
     Draft202012Validator,
     validators={"pattern": _ecma_pattern},
     type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many({
@@ -148,18 +152,22 @@ class Crd:
     schema: dict
     validator: Any  # a jsonschema validator for ``schema``, built once
 
+    @classmethod
+    def from_definition(cls, definition: dict, version: str = VERSION) -> Crd:
+        """From a CustomResourceDefinition object (the parsed YAML of ``crds/*.yaml``)."""
+        spec = definition["spec"]
+        served = next(v for v in spec["versions"] if v["name"] == version)
+        schema = _translate(served["schema"]["openAPIV3Schema"], "")
+        if "status" in schema.get("properties", {}):
+            schema["properties"]["status"] = {"type": "object"}
+        return cls(spec["names"]["kind"], f"{spec['group']}/{version}", schema, JSONSchemaValidator(schema))
+
 
 @functools.cache
 def crd(plural: str) -> Crd:
-    """The packaged CRD of ``plural`` (``accesspolicies``...), translated and compiled once."""
+    """The packaged CRD of ``plural`` (``accesspolicies``...), read, translated and compiled once."""
     text = (resources.files("chaperone_sidecar") / "crds" / f"{plural}.{GROUP}.yaml").read_text()
-    spec = yaml.safe_load(text)["spec"]
-    version = next(v for v in spec["versions"] if v["name"] == VERSION)
-    schema = _translate(version["schema"]["openAPIV3Schema"], "")
-    if "status" in schema.get("properties", {}):
-        schema["properties"]["status"] = {"type": "object"}
-    _Validator.check_schema(schema)
-    return Crd(spec["names"]["kind"], f"{spec['group']}/{version['name']}", schema, _Validator(schema))
+    return Crd.from_definition(yaml.load(text, Loader=_YAML_LOADER))
 
 
 # ---------------------------------------------------------------------------- checking

@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Mapping
 
-from .approvals import APPROVED, DECISIONS, DENIED, EXPIRED, PENDING, describe_approvers, parse_time
+from chaperone_sidecar.timefmt import format_rfc3339, parse_rfc3339
+
+from .approvals import APPROVED, DECISIONS, DENIED, EXPIRED, PENDING, describe_approvers
 
 __all__ = ["desired_status", "decision_events", "deletion_event"]
 
@@ -31,7 +33,7 @@ def desired_status(obj: Mapping, now: dt.datetime) -> dict:
     reviews = [r for r in spec.get("reviews") or () if isinstance(r, dict)]
     given = len(_approvals(reviews))
     decision = spec.get("decision")
-    expires = parse_time(spec.get("expiresAt"))
+    expires = parse_rfc3339(spec.get("expiresAt"))
     if decision in DECISIONS:
         phase = decision
         message = f"{decision.lower()} by {spec.get('decidedBy')} at {spec.get('decidedAt')}"
@@ -94,7 +96,7 @@ def deletion_event(obj: Mapping, now: dt.datetime) -> tuple[str, str, str] | Non
     spec = _spec(obj)
     req = spec.get("requester") or {}
     action = (spec.get("action") or {}).get("summary") or (spec.get("action") or {}).get("name")
-    when = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    when = format_rfc3339(now)
     return ("Warning", "DeletedPending",
             f"deleted while pending at {when} (undecided request from {req.get('serviceAccount')}: "
             f"{action}); the held request is refused and a retry opens a new ApprovalRequest")

@@ -57,9 +57,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from chaperone_sidecar.contract import CREATOR_ANNOTATION, STATUS_ANNOTATION
+from chaperone_sidecar.timefmt import format_rfc3339, parse_rfc3339
+
 __all__ = [
     "APPROVED", "DENIED", "EXPIRED", "PENDING", "SidecarIdentityRule", "UserInfo", "Verdict",
-    "admit_create", "admit_update", "describe_approvers", "format_time", "parse_time", "recheck",
+    "admit_create", "admit_update", "describe_approvers", "recheck",
     "self_approval",
 ]
 
@@ -106,8 +109,8 @@ class SidecarIdentityRule:
 
     require_pod_bound_token: bool = True
     require_injected_pod: bool = True
-    injected_annotation: str = "chaperone.dev/status"
-    creator_annotation: str = "chaperone.dev/creator"  # JSON userInfo written at injection
+    injected_annotation: str = STATUS_ANNOTATION
+    creator_annotation: str = CREATOR_ANNOTATION  # JSON userInfo written at injection
 
 
 @dataclass(frozen=True)
@@ -128,21 +131,6 @@ class Verdict:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def parse_time(value: Any) -> dt.datetime | None:
-    """RFC 3339 as stored by the apiserver ("2025-01-02T03:04:05Z"); None when unparsable."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
-
-
-def format_time(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
 
 def _spec(obj: Mapping | None) -> dict:
     spec = (obj or {}).get("spec")
@@ -221,7 +209,7 @@ def admit_create(obj: Mapping, user: UserInfo, now: dt.datetime, *,
     if not (appr.get("users") or appr.get("groups")):
         return Verdict.refuse("spec.approvers must name at least one user or group: nobody could "
                               "decide this request")
-    expires = parse_time(spec.get("expiresAt"))
+    expires = parse_rfc3339(spec.get("expiresAt"))
     if expires is None or expires <= now:
         return Verdict.refuse(f"spec.expiresAt {spec.get('expiresAt')!r} is not in the future")
 
@@ -316,7 +304,7 @@ def admit_update(old: Mapping, new: Mapping, user: UserInfo, now: dt.datetime) -
     if others := changed - set(DECIDER_FIELDS) - set(STAMPED_FIELDS):
         return Verdict.refuse(f"a decision may only set spec.decision and spec.reason; {_fields(others)} "
                               "changed too")
-    expires = parse_time(old_spec.get("expiresAt"))
+    expires = parse_rfc3339(old_spec.get("expiresAt"))
     if (expires is not None and now >= expires) or (old.get("status") or {}).get("phase") == EXPIRED:
         return Verdict.refuse(f"this request expired at {old_spec.get('expiresAt')}; it can no longer be "
                               "decided (the agent has to ask again)")
@@ -331,7 +319,7 @@ def admit_update(old: Mapping, new: Mapping, user: UserInfo, now: dt.datetime) -
         return Verdict.refuse(f"{name} already reviewed this request ({mine.get('decision')} at "
                               f"{mine.get('time')}); each approver decides once")
 
-    stamp = format_time(now)
+    stamp = format_rfc3339(now)
     review = {"user": name, "groups": list(user.groups), "decision": decision, "time": stamp}
     reason = new_spec.get("reason")
     if reason:
@@ -370,7 +358,7 @@ def recheck(operation: str, old: Mapping | None, new: Mapping, user: UserInfo,
         return "only one review can be added per update"
     if added:
         review = added[0]
-        when = parse_time(review.get("time"))
+        when = parse_rfc3339(review.get("time"))
         if review.get("user") != user.username:
             return f"the new review must be stamped with the deciding user {user.username!r}"
         if when is None or abs(when - now) > STAMP_TOLERANCE:
@@ -379,7 +367,7 @@ def recheck(operation: str, old: Mapping | None, new: Mapping, user: UserInfo,
     if decision != old_decision:
         if old_decision or not added or added[0].get("decision") != decision:
             return "spec.decision changed without a matching stamped review"
-        if spec.get("decidedBy") != user.username or parse_time(spec.get("decidedAt")) is None:
+        if spec.get("decidedBy") != user.username or parse_rfc3339(spec.get("decidedAt")) is None:
             return "a final decision must be stamped with decidedBy/decidedAt of the deciding user"
     elif any(spec.get(f) != old_spec.get(f) for f in ("decidedBy", "decidedAt")):
         return "spec.decidedBy/decidedAt are stamped by admission and cannot be set by clients"

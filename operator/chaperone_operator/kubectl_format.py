@@ -18,9 +18,10 @@ import unicodedata
 from typing import Any, Iterable, Mapping
 
 from chaperone_sidecar.api import GROUP, KIND_APPROVAL_REQUEST
+from chaperone_sidecar.timefmt import parse_rfc3339
 
 from .approval_status import desired_status
-from .approvals import APPROVED, PENDING, describe_approvers, parse_time
+from .approvals import APPROVED, PENDING, describe_approvers
 
 __all__ = [
     "TABLE_COLUMNS", "clean", "decision_result", "describe", "human_duration", "phase_of",
@@ -102,9 +103,9 @@ def sort_requests(items: Iterable[Mapping], now: dt.datetime) -> list[Mapping]:
         spec = _spec(obj)
         pending = phase_of(obj, now)[0] == PENDING
         if pending:
-            expires = parse_time(spec.get("expiresAt")) or dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+            expires = parse_rfc3339(spec.get("expiresAt")) or dt.datetime.max.replace(tzinfo=dt.timezone.utc)
             return (0, expires.timestamp(), _meta(obj).get("name", ""))
-        requested = parse_time(spec.get("requestedAt"))
+        requested = parse_rfc3339(spec.get("requestedAt"))
         return (1, -(requested.timestamp() if requested else 0), _meta(obj).get("name", ""))
     return sorted(items, key=key)
 
@@ -120,7 +121,7 @@ def table_rows(items: Iterable[Mapping], now: dt.datetime, *,
     for obj in items:
         spec = _spec(obj)
         phase, approvals = phase_of(obj, now)
-        expires = parse_time(spec.get("expiresAt"))
+        expires = parse_rfc3339(spec.get("expiresAt"))
         if phase == PENDING and expires is not None:
             expires_in = human_duration((expires - now).total_seconds())
         else:
@@ -145,7 +146,7 @@ def table(headers: Iterable[str], rows: list[list[str]]) -> str:
 
 
 def _when(value: Any, now: dt.datetime) -> str:
-    when = parse_time(value)
+    when = parse_rfc3339(value)
     if when is None:
         return clean(value) if value else "-"
     delta = (when - now).total_seconds()

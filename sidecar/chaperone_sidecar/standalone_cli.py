@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import standalone_layout
+from .timefmt import parse_rfc3339
 
 __all__ = ["register", "main", "pending", "phase_of"]
 
@@ -79,16 +80,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _parse_time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
-
-
 def phase_of(obj: Mapping[str, Any], now: dt.datetime) -> str:
     """Pending, Approved, Denied or Expired, judged at ``now`` (expiry by the clock too)."""
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
@@ -97,7 +88,7 @@ def phase_of(obj: Mapping[str, Any], now: dt.datetime) -> str:
         return decision
     if status.get("phase") in ("Approved", "Denied", "Expired"):
         return status["phase"]
-    expires = _parse_time(spec.get("expiresAt"))
+    expires = parse_rfc3339(spec.get("expiresAt"))
     if expires is not None and now >= expires:
         return "Expired"
     return "Pending"
@@ -172,7 +163,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         spec = obj.get("spec") or {}
         action = spec.get("action") or {}
         rule = spec.get("rule") or {}
-        expires = _parse_time(spec.get("expiresAt"))
+        expires = parse_rfc3339(spec.get("expiresAt"))
         phase = phase_of(obj, now)
         if phase == "Pending" and expires is not None:
             phase = f"Pending ({_human((expires - now).total_seconds())} left)"

@@ -10,9 +10,10 @@ import jsonpatch
 import pytest
 
 from chaperone_operator.approvals import (
-    SidecarIdentityRule, UserInfo, Verdict, admit_create, admit_update, format_time, parse_time,
+    SidecarIdentityRule, UserInfo, Verdict, admit_create, admit_update,
     recheck, self_approval,
 )
+from chaperone_sidecar.timefmt import format_rfc3339, parse_rfc3339
 
 NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 SA = "system:serviceaccount:team:agent"
@@ -220,7 +221,7 @@ def test_final_decision_cannot_change_nor_the_request():
 
 
 def test_deciding_at_or_after_expiry_is_refused():
-    verdict = decide(request(), ALICE, now=parse_time("2030-01-01T12:10:00Z"))
+    verdict = decide(request(), ALICE, now=parse_rfc3339("2030-01-01T12:10:00Z"))
     assert verdict.message == ("this request expired at 2030-01-01T12:10:00Z; it can no longer be decided "
                                "(the agent has to ask again)")
     expired = request()
@@ -296,7 +297,7 @@ def test_recheck_catches_forgeries_slipped_in_after_mutation():
     forged["spec"]["decidedBy"] = "mallory"
     assert "decidedBy/decidedAt of the deciding user" in recheck("UPDATE", obj, forged, ALICE, NOW)
     no_review = copy.deepcopy(obj)
-    no_review["spec"].update(decision="Approved", decidedBy="alice", decidedAt=format_time(NOW))
+    no_review["spec"].update(decision="Approved", decidedBy="alice", decidedAt=format_rfc3339(NOW))
     assert "without a matching stamped review" in recheck("UPDATE", obj, no_review, ALICE, NOW)
     rewritten = copy.deepcopy(stamped)
     rewritten["spec"]["reviews"] = []
@@ -308,5 +309,5 @@ def test_userinfo_from_admission_and_time_helpers():
     info = UserInfo.from_admission({"username": SA, "groups": ["a"], "extra": {"k": ["v"]}})
     assert info.service_account() == ("team", "agent") and info.extra_value("k") == "v"
     assert UserInfo.from_admission(None).service_account() is None
-    assert parse_time("nonsense") is None and format_time(parse_time("2030-01-01T12:00:00Z")) == \
+    assert parse_rfc3339("nonsense") is None and format_rfc3339(parse_rfc3339("2030-01-01T12:00:00Z")) == \
         "2030-01-01T12:00:00Z"

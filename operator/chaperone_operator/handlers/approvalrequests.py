@@ -29,10 +29,11 @@ import jsonpatch
 import kopf
 
 from chaperone_sidecar.api import APPROVAL_REQUESTS, GROUP, VERSION
+from chaperone_sidecar.timefmt import parse_rfc3339
 
 from .. import kube
 from ..approval_status import decision_events, deletion_event, desired_status
-from ..approvals import EXPIRED, UserInfo, Verdict, admit_create, admit_update, parse_time, recheck
+from ..approvals import EXPIRED, UserInfo, Verdict, admit_create, admit_update, recheck
 from ..conditions import status_differs
 
 __all__ = ["on_approvalrequest_mutate", "on_approvalrequest_validate", "on_approvalrequest_event",
@@ -102,7 +103,7 @@ def _pending(body, **_) -> bool:
 async def on_approvalrequest_deadline(body, stopped, memo, logger, **_):
     """Sleep until expiresAt, then mark the request Expired (unless decided meanwhile)."""
     runtime = memo.runtime
-    deadline = parse_time((body.get("spec") or {}).get("expiresAt"))
+    deadline = parse_rfc3339((body.get("spec") or {}).get("expiresAt"))
     if deadline is None:
         return
     delay = (deadline - runtime.now()).total_seconds()

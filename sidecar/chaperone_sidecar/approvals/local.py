@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from ..api import API_VERSION, KIND_APPROVAL_REQUEST
+from ..timefmt import format_rfc3339, parse_rfc3339
 from . import ApprovalError, BackendError, Conflict
 
 __all__ = ["LocalApprovalStore"]
@@ -37,20 +38,6 @@ DECISIONS = ("Approved", "Denied")
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _rfc3339(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse(value: object) -> dt.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 class LocalApprovalStore:
@@ -117,7 +104,7 @@ class LocalApprovalStore:
     def _create(self, obj: dict) -> dict:
         meta = dict(obj.get("metadata") or {})
         meta.update(namespace=self.namespace, uid=str(uuid.uuid4()),
-                    creationTimestamp=_rfc3339(_now()), resourceVersion="1")
+                    creationTimestamp=format_rfc3339(_now()), resourceVersion="1")
         obj = {"apiVersion": API_VERSION, "kind": KIND_APPROVAL_REQUEST,
                **obj, "metadata": meta}
         obj.setdefault("status", {"phase": "Pending"})
@@ -196,13 +183,13 @@ class LocalApprovalStore:
             if spec.get("decision"):
                 raise ApprovalError(f"{name} is final: {spec['decision']} by {spec.get('decidedBy')} "
                                     f"at {spec.get('decidedAt')}")
-            expires = _parse(spec.get("expiresAt"))
+            expires = parse_rfc3339(spec.get("expiresAt"))
             if expires is not None and now >= expires:
                 raise ApprovalError(f"{name} expired at {spec.get('expiresAt')}; the agent has to ask again")
             reviews = [r for r in spec.get("reviews") or () if isinstance(r, dict)]
             if any(r.get("user") == user for r in reviews):
                 raise ApprovalError(f"{user} already reviewed {name}; each approver decides once")
-            review = {"user": user, "groups": list(groups), "decision": decision, "time": _rfc3339(now)}
+            review = {"user": user, "groups": list(groups), "decision": decision, "time": format_rfc3339(now)}
             if reason:
                 review["reason"] = reason
             reviews.append(review)
@@ -211,7 +198,7 @@ class LocalApprovalStore:
             approvals = sum(1 for r in reviews if r.get("decision") == "Approved")
             status = obj.setdefault("status", {})
             if decision == "Denied" or approvals >= needed:
-                spec.update(decision=decision, decidedBy=user, decidedAt=_rfc3339(now))
+                spec.update(decision=decision, decidedBy=user, decidedAt=format_rfc3339(now))
                 if reason:
                     spec["reason"] = reason
                 status["phase"] = decision

@@ -13,35 +13,19 @@ one callers use).
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any, Literal, Mapping
 
 from ..api import LABEL_ACTION, LABEL_DIGEST, LABEL_REQUESTER, LABEL_SUBJECT
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef
+from ..timefmt import epoch_to_rfc3339, rfc3339_to_epoch
 from .digest import action_key, action_resources, named_action_key, short_hash
 
-__all__ = ["State", "SA_PREFIX", "rfc3339", "parse_rfc3339", "subject_key", "requester_label",
+__all__ = ["State", "SA_PREFIX", "subject_key", "requester_label",
            "read_state", "approvers_text", "approve_command", "build_request", "label_value",
            "request_action_key", "binding_problem"]
 
 State = Literal["approved", "denied", "expired", "pending"]
 SA_PREFIX = "system:serviceaccount:"
-
-
-def rfc3339(epoch: float) -> str:
-    """Epoch seconds as the CRD's timestamps (UTC, to the second)."""
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(value: Any) -> float | None:
-    """A timestamp field as epoch seconds; None when absent or unreadable (naive means UTC)."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
 def _service_account(identity: Identity) -> str:
@@ -91,7 +75,7 @@ def read_state(obj: Mapping, now: float) -> tuple[State, tuple[str, ...], str]:
         by = spec.get("decidedBy") or ""
         why = f"denied by {by}" if by else "denied"
         return "denied", ((by,) if by else ()), (f"{why}: {reason}" if reason else why)
-    expires = parse_rfc3339(spec.get("expiresAt"))
+    expires = rfc3339_to_epoch(spec.get("expiresAt"))
     if status.get("phase") == "Expired" or (expires is not None and now >= expires):
         return "expired", (), f"expired undecided at {spec.get('expiresAt')}; ask again"
     return "pending", (), ""
@@ -150,8 +134,8 @@ def build_request(*, name: str, identity: Identity, connection: str, action: Act
         "approvers": approvers, "minApprovals": max(1, min(10, requirement.min_approvals)),
         "grant": {"scope": requirement.grant_scope,
                   "ttlSeconds": max(0, min(86400, requirement.grant_ttl_seconds))},
-        "requestedAt": rfc3339(requested),
-        "expiresAt": rfc3339(requested + max(1, requirement.timeout_seconds)),
+        "requestedAt": epoch_to_rfc3339(requested),
+        "expiresAt": epoch_to_rfc3339(requested + max(1, requirement.timeout_seconds)),
     }
     if session_id:
         spec["sessionID"] = session_id[:128]

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..policy.model import Identity
+from ..timefmt import epoch_to_rfc3339, rfc3339_to_epoch
 from .grants import Grant
-from .objects import binding_problem, parse_rfc3339, read_state, request_action_key, rfc3339
+from .objects import binding_problem, read_state, request_action_key
 
 __all__ = ["Proof", "check", "ProofCache"]
 
@@ -58,7 +59,7 @@ def window_end(obj: Mapping) -> float | None:
     spec = obj.get("spec") or {}
     grant = spec.get("grant") or {}
     ttl = grant.get("ttlSeconds", 900)
-    since = parse_rfc3339(spec.get("decidedAt")) or parse_rfc3339(spec.get("expiresAt"))
+    since = rfc3339_to_epoch(spec.get("decidedAt")) or rfc3339_to_epoch(spec.get("expiresAt"))
     if since is None or not isinstance(ttl, int):
         return None
     return since + max(0, ttl)
@@ -94,10 +95,10 @@ def check(obj: Mapping | None, grant: Grant, *, scope: str, key: str, identity: 
     if end is None:
         return None, f"ApprovalRequest {name} has no readable decision time"
     if grant.expires_at > end + _SLACK:
-        return None, (f"it claims to last until {rfc3339(grant.expires_at)}, ApprovalRequest "
-                      f"{name} grants until {rfc3339(end)}")
+        return None, (f"it claims to last until {epoch_to_rfc3339(grant.expires_at)}, ApprovalRequest "
+                      f"{name} grants until {epoch_to_rfc3339(end)}")
     if now >= end:
-        return None, f"ApprovalRequest {name}'s grant ended at {rfc3339(end)}"
+        return None, f"ApprovalRequest {name}'s grant ended at {epoch_to_rfc3339(end)}"
     return Proof(min(end, grant.expires_at), approvers), ""
 
 

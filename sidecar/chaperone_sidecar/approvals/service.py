@@ -47,12 +47,13 @@ from typing import Any, Callable, Mapping, Protocol
 
 from ..api import LABEL_ACTION, LABEL_DIGEST, LABEL_SUBJECT
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef
+from ..timefmt import epoch_to_rfc3339, rfc3339_to_epoch
 from . import ApprovalError, ApprovalUnavailable, BackendError, Conflict
 from .digest import action_key, request_name
 from .grants import Grant, InvalidGrant, MemoryGrants, grant_key
 from .objects import (
-    State, approve_command, approvers_text, binding_problem, build_request, label_value, parse_rfc3339, read_state,
-    request_action_key, rfc3339, subject_key,
+    State, approve_command, approvers_text, binding_problem, build_request, label_value, read_state,
+    request_action_key, subject_key,
 )
 from .proof import ProofCache, check as check_proof, window_end
 
@@ -100,8 +101,8 @@ def _remembered_until(obj: Mapping, state: State, requirement: ApprovalRequireme
     keep = max(0, requirement.remember_outcome_seconds)
     if not keep or state not in ("denied", "expired"):
         return 0.0
-    anchor = (parse_rfc3339(spec.get("decidedAt")) if state == "denied" else None) \
-        or parse_rfc3339(spec.get("expiresAt")) or 0.0
+    anchor = (rfc3339_to_epoch(spec.get("decidedAt")) if state == "denied" else None) \
+        or rfc3339_to_epoch(spec.get("expiresAt")) or 0.0
     return anchor + keep if anchor else 0.0
 
 
@@ -176,7 +177,7 @@ class ApprovalService:
                 continue
             self.refused_grants += len(refused)
             return Outcome("approved", grant.request, proof.approvers,
-                           f"{scope} grant from {grant.request}", rfc3339(proof.end),
+                           f"{scope} grant from {grant.request}", epoch_to_rfc3339(proof.end),
                            grant=scope, refused_grants=tuple(refused)), tuple(refused)
         # Counted here; the addon logs and records each attempt with the flow's fields.
         self.refused_grants += len(refused)
@@ -276,15 +277,15 @@ class ApprovalService:
                     if not exact and (spec.get("grant") or {}).get("scope") != "action":
                         continue
                     self.proofs.put(obj)
-                    since = (parse_rfc3339(spec.get("decidedAt"))
-                             or parse_rfc3339(spec.get("requestedAt")) or 0.0)
+                    since = (rfc3339_to_epoch(spec.get("decidedAt"))
+                             or rfc3339_to_epoch(spec.get("requestedAt")) or 0.0)
                     if window_end(obj) is None:
                         continue
                     end = await self._store_grant(obj, approvers, subject, digest, akey,
                                                   requirement, since)
                     if end > now:
                         return Outcome("approved", obj["metadata"]["name"], approvers,
-                                       "approved", rfc3339(end))
+                                       "approved", epoch_to_rfc3339(end))
                 elif state == "pending":
                     if exact:
                         pending.append(obj)
@@ -295,9 +296,9 @@ class ApprovalService:
                 until, obj, state, approvers, reason = max(remembered, key=lambda r: r[0])
                 return Outcome(state, obj["metadata"]["name"], approvers, reason,
                                (obj.get("spec") or {}).get("expiresAt", ""),
-                               remembered_until=rfc3339(until))
+                               remembered_until=epoch_to_rfc3339(until))
             if pending:
-                obj = max(pending, key=lambda o: parse_rfc3339(o["spec"].get("expiresAt")) or 0.0)
+                obj = max(pending, key=lambda o: rfc3339_to_epoch(o["spec"].get("expiresAt")) or 0.0)
             else:
                 obj = await self._create(identity=identity, connection=connection, action=action,
                                          digest=digest, rule=rule, requirement=requirement,
@@ -324,7 +325,7 @@ class ApprovalService:
     async def _hold(self, obj: dict, waiting: Outcome, subject: str, digest: str, akey: str,
                     requirement: ApprovalRequirement) -> Outcome:
         name = waiting.name
-        expires = parse_rfc3339((obj.get("spec") or {}).get("expiresAt"))
+        expires = rfc3339_to_epoch((obj.get("spec") or {}).get("expiresAt"))
         budget = float(requirement.hold_seconds)
         if expires is not None and expires - self.clock() <= budget:
             budget = max(0.0, expires - self.clock()) + _EXPIRY_GRACE
@@ -342,16 +343,16 @@ class ApprovalService:
         state, approvers, reason = read_state(found, now)
         if state == "approved":
             self.proofs.put(found)
-            since = parse_rfc3339((found.get("spec") or {}).get("decidedAt")) or now
+            since = rfc3339_to_epoch((found.get("spec") or {}).get("decidedAt")) or now
             end = await self._store_grant(found, approvers, subject, digest, akey, requirement,
                                           min(since, now))
             return Outcome("approved", name, approvers, reason or "approved",
-                           rfc3339(end) if end > now else "")
+                           epoch_to_rfc3339(end) if end > now else "")
         if state == "pending":
             return waiting
         until = _remembered_until(found, state, requirement)
         return Outcome(state, name, approvers, reason,
-                       remembered_until=rfc3339(until) if until > now else "")
+                       remembered_until=epoch_to_rfc3339(until) if until > now else "")
 
     async def _await_final(self, name: str, timeout: float) -> tuple[dict | None, bool]:
         """(latest object, deleted): races the backend's watch against the decision fan-out."""

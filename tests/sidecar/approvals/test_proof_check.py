@@ -6,8 +6,9 @@ import dataclasses
 
 from chaperone_sidecar.approvals.digest import action_key, request_digest
 from chaperone_sidecar.approvals.grants import Grant
-from chaperone_sidecar.approvals.objects import build_request, parse_rfc3339
+from chaperone_sidecar.approvals.objects import build_request
 from chaperone_sidecar.approvals.proof import ProofCache, check
+from chaperone_sidecar.timefmt import rfc3339_to_epoch
 
 from .conftest import RULE, http_action, http_request, identity, requirement
 
@@ -26,7 +27,7 @@ def approved(scope: str = "exact", ttl: int = 900, **spec) -> dict:
     return obj
 
 
-DECIDED = parse_rfc3339("2030-03-17T17:45:00Z")
+DECIDED = rfc3339_to_epoch("2030-03-17T17:45:00Z")
 
 
 def grant(scope="exact", request="http-delete-1", expires=None) -> Grant:

@@ -203,7 +203,8 @@ class ImageBuilder:
             tag = f"localhost/chaperone:{key}"
             _log(f"buildah bud Dockerfile (PYTHON_IMAGE={base})")
             self._buildah("bud", "--isolation", "chroot", "--network", "host", "--pull-never",
-                          "--layers", "--build-arg", f"PYTHON_IMAGE={base}", "-t", tag,
+                          "--layers", "--force-rm", "--build-arg", f"PYTHON_IMAGE={base}",
+                          "-t", tag,
                           "-f", context / "Dockerfile", context)
             self._export(tag, IMAGE_NAME, out)
         return out
@@ -245,13 +246,17 @@ class ImageBuilder:
         self._buildah("push", "-q", tag, f"docker-archive:{tmp}:{name}")
         os.replace(tmp, out)
         # Older builds in buildah's storage too: other tags of this repository, then whatever
-        # no tag holds any more (the base stays: it is tagged).
+        # no tag holds any more (the base stays: it is tagged). Best effort: the archive is
+        # what counts, and a leftover only costs disk.
         repo = tag.rsplit(":", 1)[0]
-        listing = self._buildah("images", "--format", "{{.Name}}:{{.Tag}}").stdout.split()
-        for other in listing:
-            if other.rsplit(":", 1)[0] == repo and other != tag:
-                self._buildah("rmi", other)
-        self._buildah("rmi", "--prune")
+        try:
+            listing = self._buildah("images", "--format", "{{.Name}}:{{.Tag}}").stdout.split()
+            for other in listing:
+                if other.rsplit(":", 1)[0] == repo and other != tag:
+                    self._buildah("rmi", "--force", other)
+            self._buildah("rmi", "--prune", "--force")
+        except StartupError as exc:
+            _log(f"pruning old builds failed (ignored): {str(exc)[-500:]}")
         # Older archives of the same image are dead weight (hundreds of MB each).
         prefix = out.name.split("-", 1)[0] + "-"
         for old in self.cache.glob(f"{prefix}*.tar"):

@@ -57,14 +57,14 @@ def _telemetry() -> list:
 def _s3_recorder(config):
     """The session recorder shipping to the S3 server named by BENCH_S3_* (as injected)."""
     from chaperone_sidecar.recording import Recorder, S3Store, SpoolConfig
-    from chaperone_sidecar.recording.events import Identity
+    from chaperone_sidecar.recording.events import SessionIdentity
 
     env = os.environ
     store = S3Store(env["BENCH_S3_BUCKET"], prefix=env.get("BENCH_S3_PREFIX", ""),
                     endpoint_url=env["BENCH_S3_ENDPOINT"], region_name=env.get("BENCH_S3_REGION", "us-east-1"),
                     aws_access_key_id=env["BENCH_S3_ACCESS_KEY"],
                     aws_secret_access_key=env["BENCH_S3_SECRET_KEY"])
-    identity = Identity(namespace=config.pod_namespace, pod="bench", pod_uid="", service_account="",
+    identity = SessionIdentity(namespace=config.pod_namespace, pod="bench", pod_uid="", service_account="",
                         creator=config.creator)
     return Recorder(SpoolConfig(Path(config.spool_dir)), namespace=config.pod_namespace, pod="bench",
                     identity=identity, store=store)

@@ -279,7 +279,7 @@ def _make_recorder(config: SidecarConfig) -> Any:
     configured) or to ``recordings_dir`` (standalone). Manifest key: the sidecar Secret's
     ``MANIFEST_KEY`` (injected) or ``<config>/manifest.key`` (standalone), when present."""
     from .recording import DirStore, Recorder, S3Store, SpoolConfig, load_key
-    from .recording.events import Identity as RecIdentity
+    from .recording.events import SessionIdentity
 
     store: Any = None
     key = None
@@ -302,7 +302,7 @@ def _make_recorder(config: SidecarConfig) -> Any:
     if key_file is not None and Path(key_file).is_file():
         key = load_key(key_file)
     limit = int(config.spool_limit_bytes * 0.9) if config.spool_limit_bytes else None
-    identity = RecIdentity(namespace=config.pod_namespace, pod=config.pod_name or "local",
+    identity = SessionIdentity(namespace=config.pod_namespace, pod=config.pod_name or "local",
                            pod_uid=config.pod_uid, service_account=config.service_account,
                            creator=config.creator)
     return Recorder(SpoolConfig(Path(config.spool_dir), max_spool_bytes=limit),

@@ -3,7 +3,7 @@
 ``Recorder`` is the front door the proxy addons use::
 
     recorder = Recorder(SpoolConfig("/var/run/chaperone/spool"), namespace=ns, pod=pod,
-                        identity=Identity(...), store=S3Store(bucket), key=load_key(path))
+                        identity=SessionIdentity(...), store=S3Store(bucket), key=load_key(path))
     await recorder.start()                       # ships leftovers of a crashed predecessor
     await recorder.record("request", flow=flow.id, data={...masked...})
     await recorder.close()                       # session-end, last chunk, signed manifest
@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
-from .events import EVENT_TYPES, Identity, encode_body, format_time, new_event, utc_now
+from .events import EVENT_TYPES, SessionIdentity, encode_body, format_time, new_event, utc_now
 from .manifest import ManifestKey, key_from_bytes, load_key
 from .recovery import adopt, leftovers
 from .shipper import DirStore, S3Store, Shipper, ShipperConfig
@@ -40,7 +40,7 @@ from .spool import RecorderMetrics, SessionSpool, SpoolConfig, SpoolUnavailable,
 
 __all__ = [
     "Recorder", "SpoolConfig", "SpoolUnavailable", "RecorderMetrics", "ShipperConfig",
-    "S3Store", "DirStore", "Identity", "ManifestKey", "load_key", "key_from_bytes",
+    "S3Store", "DirStore", "SessionIdentity", "ManifestKey", "load_key", "key_from_bytes",
     "new_event", "encode_body", "new_session_id",
 ]
 
@@ -54,13 +54,13 @@ class Recorder:
     """Records one session: async append to the spool, background shipping to a store."""
 
     def __init__(self, spool: SpoolConfig, *, namespace: str, pod: str,
-                 identity: Identity | Mapping[str, Any] | None = None, session: str | None = None,
+                 identity: SessionIdentity | Mapping[str, Any] | None = None, session: str | None = None,
                  store: Any = None, shipping: ShipperConfig | None = None,
                  key: ManifestKey | None = None, clock: Callable[[], Any] | None = None) -> None:
         self.config = spool
         self.clock = clock or utc_now
         self.metrics = RecorderMetrics()
-        if isinstance(identity, Identity):
+        if isinstance(identity, SessionIdentity):
             identity = identity.to_dict()
         self.identity = dict(identity or {"namespace": namespace, "pod": pod})
         self.session_id = session or new_session_id(self.clock)

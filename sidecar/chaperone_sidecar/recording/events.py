@@ -94,8 +94,10 @@ def decode_body(stored: Mapping[str, Any] | None) -> bytes:
 
 
 @dataclass(frozen=True)
-class Identity:
-    """Who acted: the pod (downward API), its creator (admission) and an optional end user."""
+class SessionIdentity:
+    """Who a recording speaks for: the pod (downward API), its creator (admission) and an
+    optional end user. Not :class:`chaperone_sidecar.policy.model.Identity` (what policies
+    match on): this is the recorded, serialisable form (:meth:`to_dict`)."""
 
     namespace: str = ""
     pod: str = ""

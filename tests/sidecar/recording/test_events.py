@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from chaperone_sidecar.recording.events import (
-    Chain, ChainChecker, Identity, canonical_json, decode_body, encode_body, event_hash,
+    Chain, ChainChecker, SessionIdentity, canonical_json, decode_body, encode_body, event_hash,
     genesis_hash, new_event, split_lines, who,
 )
 
@@ -138,7 +138,7 @@ def test_split_lines_separates_a_torn_tail():
 
 
 def test_identity_and_who():
-    ident = Identity(namespace="ns", pod="p", service_account="agent", creator="alice")
+    ident = SessionIdentity(namespace="ns", pod="p", service_account="agent", creator="alice")
     assert ident.to_dict() == {"namespace": "ns", "pod": "p", "serviceAccount": "agent", "creator": "alice"}
     assert who(ident.to_dict()) == "alice"
     assert who({"namespace": "ns", "serviceAccount": "agent"}) == "system:serviceaccount:ns:agent"

@@ -38,8 +38,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from .aws_chunked import AwsChunkedDecoder
 from .aws_sigv4 import AWSResigner
-from .headers import HeaderInjector, anthropic_injector, http_injector, kubernetes_injector
-from .sources import (
+from .credential_sources import (
     AWSCredentials,
     CredentialError,
     CredentialsUnavailable,
@@ -51,6 +50,7 @@ from .sources import (
     WebIdentitySource,
     utcnow,
 )
+from .headers import HeaderInjector, anthropic_injector, http_injector, kubernetes_injector
 
 __all__ = [
     "AWSCredentials", "AWSResigner", "AwsChunkedDecoder", "CredentialError",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .sources import InjectionError
+from .credential_sources import InjectionError
 
 if TYPE_CHECKING:
     from . import HTTPLike

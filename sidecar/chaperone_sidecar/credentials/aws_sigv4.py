@@ -47,7 +47,7 @@ from botocore.auth import EMPTY_SHA256_HASH, SIGNED_HEADERS_BLACKLIST, S3SigV4Au
 from botocore.awsrequest import AWSRequest
 
 from . import aws_chunked
-from .sources import AWSCredentialSource, InjectionError, utcnow
+from .credential_sources import AWSCredentialSource, InjectionError, utcnow
 
 if TYPE_CHECKING:
     from . import HTTPLike

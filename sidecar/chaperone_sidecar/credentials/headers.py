@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
-from .sources import CredentialsUnavailable, TokenSource
+from .credential_sources import CredentialsUnavailable, TokenSource
 
 if TYPE_CHECKING:
     from . import HTTPLike

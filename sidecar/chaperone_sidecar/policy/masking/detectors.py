@@ -51,15 +51,18 @@ def _not_token(value: bytes) -> bool:
     return MASK_TOKEN_RE.fullmatch(value) is None
 
 
-def _jwt_ok(text: bytes, m: re.Match[bytes]) -> bool:
+def _header_ok(header: bytes) -> bool:
     # A real JWT header is a JSON object naming its algorithm; this is what separates a token
     # from any dotted base64-ish identifier.
-    header = m.group("h")
     try:
         decoded = json.loads(base64.urlsafe_b64decode(header + b"=" * (-len(header) % 4)))
     except (ValueError, binascii.Error):
         return False
     return isinstance(decoded, dict) and isinstance(decoded.get("alg"), str)
+
+
+def _jwt_ok(text: bytes, m: re.Match[bytes]) -> bool:
+    return _header_ok(m.group("h"))
 
 
 def _bare_bearer_ok(text: bytes, m: re.Match[bytes]) -> bool:
@@ -139,11 +142,15 @@ def _card_layout(groups: list[int]) -> bool:
 
 
 def _card_find(text: bytes, lowered: bytes, pos: int) -> Iterator[SpanMatch]:
-    """For each run of digit groups, the leftmost-longest grouping that is a card.
+    """For each run of digit groups, every grouping of whole groups that is a card.
 
     A greedy regex would take "4111 1111 1111 1111 12" (card + expiry) as one 18-digit
-    number, fail Luhn and let the card through; trying every window of groups does not.
-    The match spans the whole run (so a stream waits for the run to end), ``s`` the card.
+    number, fail Luhn and let the card through; trying the windows of groups does not. Each
+    group that can start a card is tried on its own (the longest valid window from it wins),
+    so the result depends only on the card's own groups and their neighbours - never on how
+    long the run before it is: an agent-chosen prefix ("0" * 30 + " 4111 1111 1111 1111")
+    cannot push a card out of view. Windows hold at most 19 digits, so the work per group is
+    bounded. Overlapping cards are merged by the caller. The match spans the window.
     """
     for run in _CARD_RUN_RE.finditer(text, pos):
         a, b = run.span()
@@ -151,18 +158,21 @@ def _card_find(text: bytes, lowered: bytes, pos: int) -> Iterator[SpanMatch]:
         after = text[b : b + 2]
         glued = after[:1].isalnum() or (after[:1] in (b".", b",") and after[1:].isdigit())
         groups = [m.span() for m in _DIGITS_RE.finditer(text, a, b)]
-        i = 0
-        while i < len(groups):
-            for j in range(len(groups) - 1 - glued, i - 1, -1):
+        n = len(groups)
+        last = n - 1 - glued
+        for i in range(n):
+            total, j = 0, i
+            while j < n and total + groups[j][1] - groups[j][0] <= 19:
+                total += groups[j][1] - groups[j][0]
+                j += 1
+            for j in range(min(j - 1, last), i - 1, -1):
                 seps = {text[groups[k][1]] for k in range(i, j)}
                 sizes = [e - s for s, e in groups[i : j + 1]]
-                if len(seps) <= 1 and 13 <= sum(sizes) <= 19 and _card_layout(sizes):
-                    m = SpanMatch(text, a, b, (groups[i][0], groups[j][1]))
+                if len(seps) <= 1 and 13 <= sum(sizes) and _card_layout(sizes):
+                    m = SpanMatch(text, groups[i][0], groups[j][1], (groups[i][0], groups[j][1]))
                     if _card_ok(text, m):
                         yield m
-                        i = j
                         break
-            i += 1
 
 
 _SSN_CONTEXT_RE = re.compile(
@@ -255,17 +265,60 @@ _JSON_KEY_RE = re.compile(rb'"(?P<key>[A-Za-z0-9_.$-]{1,100})\\?"' + _SP + b":" 
 _EMAIL_RE = re.compile(_lb(rb"A-Za-z0-9._%+-") + rb"(?P<s>[A-Za-z0-9._%+-]{1,64}@"
                        rb"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24})"
                        rb"(?![A-Za-z0-9-])", _F)
-_CARD_RUN_RE = re.compile(rb"(?P<s>\d" + _lb1(rb"\d", rb"0-9A-Za-z.-") + rb"(?:[ -]?\d){12,44})", _F)
+# A run of digit groups, as long as it goes (the finder's work per group is bounded). It may
+# also start at a group boundary inside a longer run (after "<digit><separator>"): where a
+# stream resumes scanning after a cut it made between groups of a long run.
+_CARD_RUN_RE = re.compile(rb"(?P<s>\d(?:" + _lb1(rb"\d", rb"0-9A-Za-z.-") + rb"|(?<=\d[ -]\d))(?:[ -]?\d)*)", _F)
 _SECRET_KEY_ANCHORS = (b"pass", b"pwd", b"secret", b"token", b"key", b"credential", b"auth",
                        b"cookie", b"session", b"connection")
+
+_AWS_ID_RE = re.compile(rb"(?P<s>A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9])[A-Z0-9]{16})", _F)
+_AWS_ID_ANCHORS = (b"akia", b"asia", b"abia", b"acca", b"a3t")
+_JWT_RE = re.compile(rb"(?P<s>(?P<h>e[yw][A-Za-z0-9_-]{8,1024})\.[A-Za-z0-9_-]{2,8192}\.[A-Za-z0-9_-]{0,2048})", _F)
+
+
+def _jwt_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+    """JWTs, also glued to a prefix of token characters.
+
+    No left boundary: "AAAAeyJhbGci..." is a JWT to anyone who looks for "eyJ". A prefix
+    that itself starts like a header ("eyXXXXeyJhbGci...") makes the leftmost match fail
+    validation; the real header is then a suffix of that header run, so every later "ey"/"ew"
+    inside it is tried (at most the header's 1024 characters; the header is checked before
+    the whole token is matched again).
+    """
+    at = pos
+    while (m := _JWT_RE.search(text, at)) is not None:
+        if _jwt_ok(text, m):
+            yield m
+            at = m.end()
+            continue
+        h_end = m.end("h")
+        q = m.start() + 1
+        found = None
+        while found is None:
+            q = min((i for i in (text.find(b"ey", q, h_end - 9), text.find(b"ew", q, h_end - 9)) if i >= 0),
+                    default=-1)
+            if q < 0:
+                break
+            if _header_ok(text[q:h_end]):
+                found = _JWT_RE.match(text, q)
+            q += 1
+        if found is not None and _jwt_ok(text, found):
+            yield found
+            at = found.end()
+        else:
+            at = h_end
+
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "aws-access-key-id": (
         # Access key ids only: AKIA long-term, ASIA STS, ABIA/ACCA service keys, A3T legacy.
-        # (AIDA/AROA... are public unique ids, not credentials.)
-        Rule("aws-access-key-id", re.compile(
-            rb"(?P<s>A(?<![A-Z0-9]A)(?:KIA|SIA|BIA|CCA|3T[A-Z0-9])[A-Z0-9]{16})(?![A-Z0-9])", _F),
-            max_len=20, needles=(b"akia", b"asia", b"abia", b"acca", b"a3t")),
+        # (AIDA/AROA... are public unique ids, not credentials.) No word boundaries: an id is
+        # always 20 characters, so one glued into a longer run ("AAAAAKIA...", "...EXAMPLEZZ")
+        # is still readable to anyone who knows the prefix. Every occurrence is tried (the
+        # anchored finder), so a decoy "AKIA" just before the real one cannot shift the match.
+        Rule("aws-access-key-id", _AWS_ID_RE, max_len=20, needles=_AWS_ID_ANCHORS,
+             find=anchored(_AWS_ID_RE, _AWS_ID_ANCHORS, _at(0))),
     ),
     "aws-secret-key": (
         # Context required (see module docstring): a credential label (...secret...key), a
@@ -285,11 +338,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
     ),
     "jwt": (
         # header.payload.signature in base64url; the header must start like a JSON object
-        # ("ey" for '{"', "ew" for '{\n') and decode to one with "alg".
-        Rule("jwt", re.compile(
-            rb"(?P<s>(?P<h>e" + _lb1(rb"e", rb"A-Za-z0-9_-") + rb"[yw][A-Za-z0-9_-]{8,1024})"
-            rb"\.[A-Za-z0-9_-]{2,8192}\.[A-Za-z0-9_-]{0,2048})", _F),
-            max_len=11300, validate=_jwt_ok),
+        # ("ey" for '{"', "ew" for '{\n') and decode to one with "alg". A JWT glued to other
+        # token characters is still one (see _jwt_find).
+        Rule("jwt", _JWT_RE, max_len=11300, validate=_jwt_ok, find=_jwt_find),
     ),
     "bearer-token": (
         # "Authorization: Bearer x" (header dumps, JSON, curl lines): anything after Bearer.
@@ -315,8 +366,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
     ),
     "credit-card": (
         # 13-19 digits, bare or grouped 4-4-4-x / 4-6-5 with one consistent separator; the
-        # best grouping inside a run of digit groups is chosen by _card_find.
-        Rule("credit-card", _CARD_RUN_RE, max_len=90, validate=_card_ok, find=_card_find),
+        # groupings inside a run of digit groups are tried by _card_find (a window is at most
+        # 19 digits and 4 separators: max_len bounds what a stream holds for a run's end).
+        Rule("credit-card", _CARD_RUN_RE, max_len=90, validate=_card_ok, find=_card_find, runs=True),
     ),
     "us-ssn": (
         Rule("us-ssn", re.compile(

@@ -43,6 +43,9 @@ class Rule:
     # Open-ended tail (unterminated PEM only): used when the match's "body" group is absent.
     continuation: re.Pattern[bytes] | None = None
     find: Finder | None = None  # custom candidate search (anchored); default pattern.finditer
+    # The finder splits runs of ``pattern`` into candidates (credit-card digit groups): what it
+    # finds depends on a run's neighbourhood, so a stream never cuts a run carelessly.
+    runs: bool = False
 
 
 @dataclass(frozen=True, slots=True)

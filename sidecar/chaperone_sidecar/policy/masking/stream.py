@@ -53,6 +53,7 @@ from collections.abc import Iterable
 
 import regex
 
+from .decoded import mask_base64
 from .detectors import Rule
 from .encoding import MaskingError, StreamDecoder
 from .spans import MAX_ROUNDS, Finding, adjacent, apply, ends_in_string, mask_token, merge, scan, string_spans
@@ -61,9 +62,49 @@ WINDOW = 32 * 1024
 CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
 SLACK = 4  # bytes the lookahead assertions read past a match end (at most 2 today)
 SNIFF_BYTES = 512
+RUN_HOLD = 4096  # a digit-group run up to this long is held whole when it crosses a cut
+RUN_MARGIN = 64  # a longer one is cut this far (or more) before the cut, between groups
 RUN_BACKOFF = 2048  # a cut is moved back to the start of a word at most this far
 # Bytes of the tokens detectors match (spans.adjacent): a cut between two of them splits a word.
 _TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-/=~@")
+
+
+B64_HOLD = 32 * 1024  # a base64 run held longer than this is scanned in steps (see _base64)
+B64_KEEP = 16 * 1024  # ... keeping this much of it for the next step
+# What a held base64 run may consist of: its alphabets, padding, raw and escaped line breaks.
+_RUN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-=\r\n\\"
+_ESCAPES = re.compile(rb"\\\\|\\(?:u00[2-7][0-9A-Fa-f]|/)")
+_PARTIAL_ESCAPE = re.compile(rb"(?:u[0-9A-Fa-f]{0,3})?")
+
+
+_BREAKS = (b"\\r\\n", b"\\n", b"\r\n", b"\n", b"\\r", b"\r", b"\\")  # at the end; cut ones too
+_LINE_BREAK = re.compile(rb"\\r\\n|\\n|\r\n|\n")
+
+
+def _run_hold(buf: bytes) -> int:
+    """Where a base64 run that may still continue starts at the end of ``buf`` (``len(buf)``:
+    none). A run touching the end may grow; one followed by a line break only continues as
+    wrapped base64 (``decoded._runs``), i.e. when its last line has a multiple of 4 characters
+    and no padding."""
+    start = len(buf.rstrip(_RUN_BYTES))
+    if start == len(buf):
+        return start
+    tail = buf[start:]
+    brk = next((b for b in _BREAKS if tail.endswith(b)), None)
+    if brk is None:
+        return start
+    last = _LINE_BREAK.split(tail[: len(tail) - len(brk)])[-1]
+    return start if last and len(last) % 4 == 0 and not last.endswith(b"=") else len(buf)
+
+
+def _canonical_escape(m: re.Match[bytes]) -> bytes:
+    esc = m.group()
+    if esc == b"\\\\":
+        return esc  # an escaped backslash: what follows it is not an escape
+    if esc == b"\\/":
+        return b"/"
+    c = int(esc[2:], 16)
+    return b'\\"' if c == 0x22 else b"\\\\" if c == 0x5C else bytes((c,))
 
 
 _REGEX_FLAGS = ((re.IGNORECASE, regex.IGNORECASE), (re.MULTILINE, regex.MULTILINE),
@@ -158,13 +199,14 @@ class StreamMasker:
         # Partial matching (see the module docstring); rules it cannot handle use _line_base.
         self._eager = tuple(r for r in rules if _open_pattern(r.pattern) is not None)
         self._lazy = len(self._eager) < len(rules)
-        # Custom finders that tokenise (credit-card digit runs, at most 45 digits each): where a
-        # run ends depends on where it started, so a cut must never fall inside a raw run.
-        self._runs = tuple(r for r in rules if r.find is not None
-                           and not getattr(r.find, "__qualname__", "").startswith("anchored."))
+        # Finders that split runs (credit-card digit groups): a cut falls between the groups of
+        # a run only where no card window can cross it (see ``_run_cut``).
+        self._runs = tuple(r for r in rules if r.runs)
         self._frontier = 0  # in _buf: no open match of any rule starts before it
         self.json_mode = json_mode
         self._in_string = False  # JSON mode: the held data starts inside a string
+        self._esc = b""  # JSON mode: an escape cut by the chunk's end (at most "\\u00X")
+        self._b64 = b""  # masked output held while a base64 run at its end may continue
 
     # --- public API -------------------------------------------------------------------------
 
@@ -189,11 +231,13 @@ class StreamMasker:
     @property
     def held(self) -> int:
         """Bytes received but not yet emitted."""
-        return len(self._buf)
+        return len(self._esc) + len(self._buf) + len(self._b64)
 
     # --- internals --------------------------------------------------------------------------
 
     def _push(self, data: bytes, final: bool) -> bytes:
+        if self.json_mode and self.rules and self.binary is not True:
+            data = self._unescape(data, final)
         self._buf += data
         if self.binary is None:
             if len(self._buf) < SNIFF_BYTES and not final:
@@ -202,11 +246,57 @@ class StreamMasker:
         if self.binary or not self.rules:
             out, self._buf = self._buf, b""
             return out
-        if self._cont is not None and not self._continue(final):
-            return b""
         out: list[bytes] = []
-        self._drain(final, out)
-        return b"".join(out)
+        if self._cont is None or self._continue(final):
+            self._drain(final, out)
+        return self._base64(b"".join(out), final)
+
+    def _unescape(self, data: bytes, final: bool) -> bytes:
+        """JSON mode: escapes of printable ASCII (``\\u0041``) and ``\\/`` decoded, so the
+        detectors see what a JSON parser returns (the canonical form ``decoded.py`` gives a
+        buffered body: ``\\u0022`` becomes ``\\"``, ``\\u005c`` ``\\\\``). An escape cut by
+        the chunk's end waits for the next chunk. Outside strings valid JSON has no
+        backslash, so escapes are recognised by backslash parity alone, in C."""
+        data = self._esc + data
+        self._esc = b""
+        if b"\\" not in data:
+            return data
+        if not final:
+            j = data.rfind(b"\\", max(0, len(data) - 6))
+            if j >= 0 and _PARTIAL_ESCAPE.fullmatch(data, j + 1):
+                b = j
+                while b > 0 and data[b - 1] == 0x5C:
+                    b -= 1
+                if (j - b) % 2 == 0:  # the backslash at j starts an escape (is not escaped)
+                    data, self._esc = data[:j], data[j:]
+        if b"\\u00" in data or b"\\/" in data:
+            data = _ESCAPES.sub(_canonical_escape, data)
+        return data
+
+    def _base64(self, data: bytes, final: bool) -> bytes:
+        """Base64 runs of the masked output decoded and scanned (``decoded.mask_base64``: a
+        secret inside masks the whole run). A run that may still continue at the end (base64
+        characters, line breaks raw or escaped) is held until it ends; one longer than
+        ``B64_HOLD`` is scanned as it is and released but for its last ``B64_KEEP`` bytes
+        (a whole line or four characters at a time, so the rest still decodes in step): a
+        secret (at most ``jwt``'s ~11 KiB, ~15 KiB encoded) never straddles what was
+        released unseen."""
+        buf = self._b64 + data
+        if not buf:
+            return b""
+        cut = len(buf) if final else _run_hold(buf)
+        if cut >= len(buf) - B64_HOLD:
+            block, self._b64 = buf[:cut], buf[cut:]
+            return mask_base64(block, self.rules, self.hash_key, self.counts)
+        masked = mask_base64(buf, self.rules, self.hash_key, self.counts)
+        if masked is not buf:  # a secret in what is held: the run goes out masked whole
+            self._b64 = b""
+            return masked
+        keep = len(buf) - B64_KEEP
+        line = max(buf.rfind(b"\n", cut, keep) + 1, buf.rfind(b"\\n", cut, keep) + 2)
+        release = line if line > cut + 1 else cut + (keep - cut) // 4 * 4
+        self._b64 = buf[release:]
+        return buf[:release]
 
     def _continue(self, final: bool) -> bool:
         """Drop key material of an over-long PEM block; True when the block has ended."""
@@ -249,8 +339,8 @@ class StreamMasker:
             for m in rule.pattern.finditer(window, off):
                 if m.start() - off >= base:
                     break
-                if m.end() - off > base:  # the run crosses the cut: hold it whole
-                    base = m.start() - off
+                if m.end() - off > base:  # the run crosses the cut: hold it (or its end)
+                    base = _run_cut(window, m.start(), off + base) - off
                     break
         self._frontier = base
         return base
@@ -327,6 +417,25 @@ class StreamMasker:
                 self._frontier = 0
                 self._cont = cont[2] if cont else None
             return
+
+
+def _run_cut(window: bytes, start: int, cut: int) -> int:
+    """Where to cut a run of digit groups that starts at ``start`` and crosses ``cut``.
+
+    A run up to ``RUN_HOLD`` bytes is held whole. Cards are windows of whole groups (at most
+    19 digits and 4 separators, judged on their own groups and the run's end), so a longer run
+    may be cut at a group boundary ``RUN_MARGIN`` bytes before ``cut``: every window starting
+    before it has arrived whole and is decided (one crossing the cut is a finding, which the
+    cut steps back over), and the scan resumes at that group. Inside a group already longer
+    than a card the cut may fall anywhere: no card starts or ends there.
+    """
+    if cut - start <= RUN_HOLD:
+        return start
+    p = cut - RUN_MARGIN
+    sep = max(window.rfind(b" ", start, p), window.rfind(b"-", start, p))
+    if sep >= 0 and p - sep - 1 <= 19:
+        return sep + 1
+    return p
 
 
 def _undecided(window: bytes, end: int, lookahead: int) -> bool:

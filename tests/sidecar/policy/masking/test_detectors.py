@@ -79,8 +79,6 @@ POSITIVE = [
 
 NEGATIVE = [
     ("aws-access-key-id", b"AKIAIOSFODNN7EXAMPL"),  # 19 characters
-    ("aws-access-key-id", b"AKIAIOSFODNN7EXAMPLE1"),  # 21
-    ("aws-access-key-id", b"XAKIAIOSFODNN7EXAMPLE"),  # inside a longer id
     ("aws-access-key-id", b"AIDAJQABLZS4A3QDU576"),  # a user id, not a credential
     ("aws-access-key-id", b"akiaiosfodnn7example"),
     ("aws-secret-key", AWS_SECRET),  # no credential label
@@ -226,6 +224,9 @@ def test_rules_are_bounded():
                 assert _max_width(run) == float("inf")  # continuation mode handles this one
                 items = items[:-1] + list(closed)
             width = _max_width(items)
+            if rule.runs:  # a run of digit groups is open-ended; each card window is bounded
+                assert width == float("inf")
+                continue
             assert width <= rule.max_len, (rule.name, width, rule.max_len)
             assert rule.max_len <= 12 * 1024
 
@@ -290,3 +291,30 @@ def test_ssn_with_label_flags_exactly_the_valid_ones(fmt):
     valid = sum(ssn_valid(n // 10**6, n // 10**4 % 100, n % 10**4) for n in numbers) / len(numbers)
     assert rate == pytest.approx(valid, abs=1e-9)
     assert 0.85 < rate < 0.90  # 898/1000 * 99/100 * 9999/10000 of random numbers pass the SSA rules
+
+
+# A long run glued before (or after) a secret must not hide it: an agent that knows the
+# secret's shape cuts it out of the run (issue 11, "long run swallows the real match").
+_JWT = make_jwt()
+GLUED = [
+    ("credit-card", b"0" * 30 + b" 4111 1111 1111 1111", [b"4111 1111 1111 1111"]),
+    ("credit-card", b"0" * 300 + b" 4111 1111 1111 1111 9", [b"4111 1111 1111 1111"]),
+    ("credit-card", b"1234 " * 40 + b"4111 1111 1111 1111", [b"4111 1111 1111 1111"]),
+    ("credit-card", b"12-" * 40 + b"5555-5555-5555-4444", [b"5555-5555-5555-4444"]),
+    ("credit-card", b"1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 4111 1111 1111 1111", [b"4111 1111 1111 1111"]),
+    ("aws-access-key-id", b"AAAA" + AWS_KEY_ID, [AWS_KEY_ID]),
+    ("aws-access-key-id", b"XAKIAIOSFODNN7EXAMPLE", [AWS_KEY_ID]),
+    ("aws-access-key-id", AWS_KEY_ID + b"1", [AWS_KEY_ID]),
+    ("aws-access-key-id", b"AKIA" + AWS_KEY_ID, [AWS_KEY_ID[4:]]),  # a decoy "AKIA" first
+    ("jwt", b"AAAA" + _JWT, [_JWT.split(b".")[0], _JWT.split(b".")[2]]),
+    ("jwt", b"eyAAAAAAAAAAAAAA" + _JWT, [_JWT.split(b".")[0], _JWT.split(b".")[2]]),
+    ("jwt", b"ey" + b"A" * 2000 + _JWT, [_JWT.split(b".")[0], _JWT.split(b".")[2]]),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "gone"), GLUED, ids=[f"{g[0]}-{i}" for i, g in enumerate(GLUED)])
+def test_a_glued_prefix_does_not_hide_a_secret(name, text, gone):
+    out = mask(text, name)
+    assert f"[MASKED:{name}".encode() in out
+    for fragment in gone:
+        assert fragment not in out, out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from chaperone_sidecar.cli import command_parser, dispatch
+
 __all__ = ["register", "run", "main"]
 
 
@@ -48,11 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chaperone")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return dispatch(command_parser(register), argv)
 
 
 if __name__ == "__main__":

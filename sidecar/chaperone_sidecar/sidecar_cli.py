@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Any
 
+from .cli import command_parser, dispatch
 from .config import ConfigError, SidecarConfig, add_proxy_arguments, add_sidecar_arguments
 
 __all__ = ["register", "register_proxy", "main"]
@@ -66,13 +67,7 @@ def run_proxy(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chaperone")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    register(subparsers)
-    register_proxy(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return dispatch(command_parser(register, register_proxy), argv)
 
 
 if __name__ == "__main__":

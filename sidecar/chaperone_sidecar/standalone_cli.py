@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .cli import command_parser, dispatch
 from .config import standalone_layout
 from .timefmt import parse_rfc3339
 
@@ -210,12 +211,7 @@ def _cmd_decide(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``chaperone`` with only these commands (tests, and use without installed entry points)."""
-    parser = argparse.ArgumentParser(prog="chaperone")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return dispatch(command_parser(register), argv)
 
 
 if __name__ == "__main__":

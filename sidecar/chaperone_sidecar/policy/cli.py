@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..cli import dispatch
+
 # Everything but argument parsing and printing lives in .cases; the names stay importable here.
 from .cases import (  # noqa: F401 - re-exported
     CONNECTION_TYPES, EXIT_INVALID, EXIT_MISMATCH, EXIT_OK, _DECISIONS, Case, CaseResult, Classifier,
@@ -48,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``policy`` subcommand tree on its own: ``main(["test", ...])``."""
     parser = argparse.ArgumentParser(prog="chaperone policy", description="Test AccessPolicies locally.")
     add_commands(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return dispatch(parser, argv)
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:

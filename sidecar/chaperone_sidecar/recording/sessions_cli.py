@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from typing import Any, Iterable
 
+from ..cli import command_parser, dispatch
 from .events import who
 from .manifest import KeyFileError, load_key
 from .reader import (SessionNotFound, find_session, list_sessions, load_session, open_store,
@@ -271,12 +272,7 @@ def cmd_verify(store: Any, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``chaperone`` with only the ``sessions`` command (for tests and direct use)."""
-    parser = argparse.ArgumentParser(prog="chaperone")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return dispatch(command_parser(register), argv)
 
 
 if __name__ == "__main__":

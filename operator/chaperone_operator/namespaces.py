@@ -18,6 +18,8 @@ from typing import Iterable, Mapping
 
 from kubernetes.client.exceptions import ApiException
 
+from chaperone_sidecar.contract import STATUS_ANNOTATION
+
 from . import kube
 
 __all__ = ["ROLE_BINDING", "sidecar_service_accounts", "upstream_ca_found", "ensure",
@@ -28,7 +30,7 @@ MANAGED_LABELS = {"app.kubernetes.io/managed-by": "chaperone-operator",
                   "app.kubernetes.io/name": "chaperone"}
 
 
-def sidecar_service_accounts(pods: Iterable[Mapping], annotation: str = "chaperone.dev/status") -> set[str]:
+def sidecar_service_accounts(pods: Iterable[Mapping], annotation: str = STATUS_ANNOTATION) -> set[str]:
     """Service accounts of live pods that were actually injected (annotation present)."""
     out = set()
     for pod in pods:

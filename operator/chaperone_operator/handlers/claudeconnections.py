@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import kopf
 
 from chaperone_sidecar.api import CLAUDE_CONNECTIONS, GROUP, LABEL_INJECT, VERSION
+from chaperone_sidecar.contract import STATUS_ANNOTATION
 from chaperone_sidecar.policy.globs import glob_error
 
 from ..conditions import condition, merge_conditions, status_differs
@@ -130,7 +131,7 @@ def credentials_condition(spec: Mapping, secret: Mapping | None, generation: int
                      f"Secret {name!r} holds {', '.join(required_keys(spec))}", generation)
 
 
-def pod_connections(pod: Mapping, annotation: str = "chaperone.dev/status") -> set[str]:
+def pod_connections(pod: Mapping, annotation: str = STATUS_ANNOTATION) -> set[str]:
     """Names of the connections an injected pod's sidecar got (from the status annotation)."""
     raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(annotation)
     try:

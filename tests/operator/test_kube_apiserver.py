@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 
 import pytest
@@ -36,12 +37,14 @@ def test_role_binding_is_created_updated_and_deleted(control_plane, api):
     control_plane.kubectl("delete", "namespace", ns, "--wait=false")
 
 
-def test_cluster_peering_object_needs_its_crd(control_plane, api, repo_root):
+def test_cluster_peering_object_needs_its_crd(control_plane, api, helm_bin, repo_root):
     assert control_plane.kubectl("get", "crd", PEERING_CRD, check=False).returncode != 0
     assert kube.ensure_cluster_peering(api, "chaperone-test") is False
-    template = (repo_root / "charts" / "chaperone" / "templates" / "peering.yaml").read_text()
-    crd = yaml.safe_load(template[template.index("apiVersion:"):template.index("{{- end }}")]
-                         .replace("{{- include \"chaperone.labels\" . | nindent 4 }}", "test: peering"))
+    # The peering CRD exactly as the chart renders it for several replicas (operator.peering).
+    rendered = subprocess.run([helm_bin, "template", "chaperone", str(repo_root / "charts" / "chaperone"),
+                               "--set", "operator.peering.enabled=true", "--show-only", "templates/peering.yaml"],
+                              capture_output=True, text=True, check=True).stdout
+    crd = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "CustomResourceDefinition")
     control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(crd))
     try:
         control_plane.kubectl("wait", "--for=condition=Established", f"crd/{PEERING_CRD}", "--timeout=30s")

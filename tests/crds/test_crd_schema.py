@@ -79,7 +79,8 @@ def test_package_copy_matches_the_single_source(path):
     """What the installed package reads (importlib.resources, as policy/schema.py does) is crds/."""
     packaged = resources.files("chaperone_sidecar") / "crds" / path.name
     assert packaged.is_file(), f"{PACKAGE_COPY / path.name} missing: run `make sync-crds`"
-    assert packaged.read_bytes() == path.read_bytes(), f"{PACKAGE_COPY} drifted from crds/: run `make sync-crds`"
+    assert packaged.read_bytes() == path.read_bytes(), \
+        f"{PACKAGE_COPY} drifted from crds/: run `make sync-crds`"
 
 
 def test_package_has_no_crd_that_crds_lacks():

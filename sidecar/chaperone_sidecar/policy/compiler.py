@@ -20,12 +20,14 @@ Two jobs, one pass:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Literal
 
 from ..api import ACCESS_POLICIES
 from .errors import PolicyError
-from .globs import quote as _q, glob_error
+from .globs import glob_error
+from .globs import quote as _q
 from .masking.detectors import validate_detectors
 from .masking.fields import compile_path
 from .matching import CompiledPolicy, CompiledPolicySet, CompiledRule, build_policy
@@ -76,7 +78,8 @@ class _Checker:
     def err(self, path: str, reason: str) -> None:
         self.errors.append(PolicyError(path, reason))
 
-    def globs(self, values: list | None, path: str, kind: str = "name", allow_empty=False) -> None:
+    def globs(self, values: list | None, path: str, kind: Literal["name", "path", "host"] = "name",
+              allow_empty: bool = False) -> None:
         for i, value in enumerate(values or ()):
             if isinstance(value, str) and (why := glob_error(value, kind, allow_empty=allow_empty)):
                 self.err(f"{path}[{i}]", why)
@@ -169,7 +172,8 @@ class _Checker:
             name = rule.get("name")
             if isinstance(name, str):
                 if name in seen:
-                    self.err(f"{path}.name", f"duplicate rule name {_q(name)} (also spec.rules[{seen[name]}])")
+                    self.err(f"{path}.name",
+                             f"duplicate rule name {_q(name)} (also spec.rules[{seen[name]}])")
                 seen.setdefault(name, i)
             effects = [e for e in EFFECTS if e in rule]
             if len(effects) != 1:
@@ -212,7 +216,7 @@ def validate_policy(obj: Any) -> tuple[dict | None, list[PolicyError]]:
         checker.globs(spec.get("connections"), "spec.connections")
         checker.subjects(spec.get("subjects"), "spec.subjects")
         checker.masking(spec.get("masking"), "spec.masking")
-        raw_rules = raw_spec.get("rules") if isinstance(raw_spec.get("rules"), list) else []
+        raw_rules: list = raw_spec["rules"] if isinstance(raw_spec.get("rules"), list) else []
         checker.rules(spec.get("rules") or [], raw_rules, spec.get("approvers"))
     unique = list(dict.fromkeys(errors))  # one error per problem, even if two checks found it
     unique.sort(key=_sort_key)
@@ -258,7 +262,8 @@ def compile_policies(objs: Iterable[Any], default_namespace: str = "default") ->
             errors.append(exc if exc.policy else PolicyErrors(exc.errors, f"objs[{i}]"))
             continue
         if policy.key in seen:
-            errors.append(PolicyErrors([PolicyError("metadata.name", f"duplicate AccessPolicy {_q(policy.key)}")], policy.key))
+            duplicate = PolicyError("metadata.name", f"duplicate AccessPolicy {_q(policy.key)}")
+            errors.append(PolicyErrors([duplicate], policy.key))
             continue
         seen.add(policy.key)
         compiled.append(policy)

@@ -46,9 +46,10 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
@@ -67,8 +68,9 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _KEPT = frozenset({"type", "enum", "maxLength", "minLength", "pattern", "minimum", "maximum", "multipleOf",
                    "maxItems", "minItems", "uniqueItems", "maxProperties", "minProperties", "required",
                    "default"})
-_IGNORED = frozenset({"description", "title", "example", "externalDocs", "format", "x-kubernetes-validations",
-                      "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-embedded-resource"})
+_IGNORED = frozenset({"description", "title", "example", "externalDocs", "format",
+                      "x-kubernetes-validations", "x-kubernetes-list-map-keys", "x-kubernetes-map-type",
+                      "x-kubernetes-embedded-resource"})
 # Handled by _translate itself.
 _TRANSLATED = frozenset({"properties", "items", "additionalProperties", "allOf", "anyOf", "oneOf", "not",
                          "nullable", "exclusiveMinimum", "exclusiveMaximum", "x-kubernetes-int-or-string",
@@ -76,8 +78,8 @@ _TRANSLATED = frozenset({"properties", "items", "additionalProperties", "allOf",
 
 # Errors about a value itself, most telling first: one is reported per value, and the value is
 # left out of the result.
-_VALUE_KEYWORDS = ("type", "anyOf", "oneOf", "enum", "maxLength", "minLength", "pattern", "minimum", "maximum",
-                   "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "not")
+_VALUE_KEYWORDS = ("type", "anyOf", "oneOf", "enum", "maxLength", "minLength", "pattern", "minimum",
+                   "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "not")
 
 
 def _translate(node: dict, where: str, structural: bool = True) -> dict:
@@ -102,7 +104,8 @@ def _translate(node: dict, where: str, structural: bool = True) -> dict:
         elif key == "not":
             out[key] = _translate(value, where, False)
         elif key not in _IGNORED and key not in _TRANSLATED:
-            raise ValueError(f"{where or '<root>'}: CRD schema keyword {key!r} has no JSON Schema translation")
+            raise ValueError(f"{where or '<root>'}: CRD schema keyword {key!r} "
+                             "has no JSON Schema translation")
     for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if node.get(key) is True and bound in out:
             out[key] = out.pop(bound)
@@ -123,7 +126,7 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> 
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _regex(source: str) -> re.Pattern[str]:
     # OpenAPI patterns are RE2/ECMA: "$" ends the text. Python's "$" also matches before a final
     # newline; "\Z" is the faithful translation.
@@ -184,7 +187,9 @@ def type_name(value: Any) -> str:
         return "number"
     if isinstance(value, str):
         return "string"
-    return "array" if isinstance(value, (list, tuple)) else "object" if isinstance(value, dict) else type(value).__name__
+    if isinstance(value, (list, tuple)):
+        return "array"
+    return "object" if isinstance(value, dict) else type(value).__name__
 
 
 def _nullable(schema: dict) -> bool:
@@ -292,7 +297,10 @@ def _value_reason(error: ValidationError) -> str:
 def _object_errors(error: ValidationError, path: str) -> list[tuple[str, str]]:
     """(path, reason) for the errors jsonschema reports on an object about its fields."""
     kw, want, value = error.validator, error.validator_value, error.instance
-    join = (lambda key: f"{path}.{key}" if path else str(key))
+
+    def join(key: Any) -> str:
+        return f"{path}.{key}" if path else str(key)
+
     if kw == "additionalProperties":
         props = error.schema.get("properties") or {}
         return [(join(key), "unknown field" if isinstance(key, str) else "field names must be strings")
@@ -303,9 +311,12 @@ def _object_errors(error: ValidationError, path: str) -> list[tuple[str, str]]:
     lo, hi = error.schema.get("minProperties"), error.schema.get("maxProperties")
     if lo == hi == 1:
         names = ", ".join(error.schema.get("properties") or ())
-        return [(path, f"must set exactly one of {names}" + (f", got {', '.join(map(str, present))}" if present else ""))]
+        got = f", got {', '.join(map(str, present))}" if present else ""
+        return [(path, f"must set exactly one of {names}{got}")]
     if kw == "minProperties":
-        return [(path, "must not be empty" if want == 1 else f"must set at least {want} fields, got {len(present)}")]
+        if want == 1:
+            return [(path, "must not be empty")]
+        return [(path, f"must set at least {want} fields, got {len(present)}")]
     if kw == "maxProperties":
         return [(path, f"must set at most {want} fields, got {len(present)}")]
     if kw == "maxItems":
@@ -333,18 +344,19 @@ def validate_object(obj: Any, kind: Crd) -> tuple[dict | None, list[PolicyError]
     for error in kind.validator.iter_errors(value):
         where = list(error.absolute_path)
         if error.validator in _VALUE_KEYWORDS:
-            key = tuple(where)
+            at = tuple(where)
             rank = _VALUE_KEYWORDS.index(error.validator)
-            if key not in worst or rank < _VALUE_KEYWORDS.index(worst[key].validator):
-                worst[key] = error
+            if at not in worst or rank < _VALUE_KEYWORDS.index(worst[at].validator):
+                worst[at] = error
             continue
         path = _field_path(value, where)
         errors += [PolicyError(p, reason) for p, reason in _object_errors(error, path)]
         if error.validator == "additionalProperties":
-            drops += [where + [key] for key in error.instance if key not in (error.schema.get("properties") or {})]
-    for where, error in worst.items():
-        errors.append(PolicyError(_field_path(value, list(where)), _value_reason(error)))
-        drops.append(list(where))
+            known = error.schema.get("properties") or {}
+            drops += [where + [key] for key in error.instance if key not in known]
+    for at, error in worst.items():
+        errors.append(PolicyError(_field_path(value, list(at)), _value_reason(error)))
+        drops.append(list(at))
     for where in sorted(drops, key=len, reverse=True):
         _drop(value, where)
     for key, want in (("apiVersion", kind.api_version), ("kind", kind.kind)):
@@ -356,7 +368,8 @@ def validate_object(obj: Any, kind: Crd) -> tuple[dict | None, list[PolicyError]
     meta = value.get("metadata") if isinstance(value.get("metadata"), dict) else {}
     for key in ("name", "namespace"):
         if key in meta and not isinstance(meta[key], str):
-            errors.append(PolicyError(f"metadata.{key}", f"must be of type string, got {type_name(meta[key])}"))
+            errors.append(PolicyError(f"metadata.{key}",
+                                      f"must be of type string, got {type_name(meta[key])}"))
     if not meta.get("name") and "metadata" not in {e.path for e in errors}:
         errors.append(PolicyError("metadata.name", "required field is missing"))
     _fill_defaults(value, kind.schema)

@@ -110,7 +110,13 @@ def _translate(node: dict, where: str, structural: bool = True) -> dict:
         if node.get(key) is True and bound in out:
             out[key] = out.pop(bound)
     if node.get("x-kubernetes-int-or-string"):
-        out.setdefault("anyOf", []).extend([{"type": "integer"}, {"type": "string"}])
+        # Beside a node's own anyOf (controller-gen writes the same two branches; others hold
+        # value checks), so that one cannot widen the other.
+        either = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
+        if "anyOf" in out:
+            out.setdefault("allOf", []).append(either)
+        else:
+            out.update(either)
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     if node.get("x-kubernetes-list-type") == "set":

@@ -144,6 +144,14 @@ def test_int_or_string():
     kind = _crd({"port": {"x-kubernetes-int-or-string": True, "description": "a port"}})
     assert errors_of(thing(port=8080), kind) == errors_of(thing(port="http"), kind) == []
     assert errors_of(thing(port=[1]), kind) == ["spec.port: must be an integer or a string, got array"]
+    # controller-gen's shape (the two branches written out too), and value checks in an anyOf
+    generated = _crd({"port": {"x-kubernetes-int-or-string": True,
+                               "anyOf": [{"type": "integer"}, {"type": "string"}]},
+                      "size": {"x-kubernetes-int-or-string": True,
+                               "anyOf": [{"maximum": 10}, {"pattern": "^[0-9]+Mi$"}]}})
+    assert errors_of(thing(port="http", size="5Mi"), generated) == errors_of(thing(size=3), generated) == []
+    assert errors_of(thing(port=1.5), generated) == ["spec.port: must be an integer or a string, got number"]
+    assert errors_of(thing(size=[1]), generated) == ["spec.size: must be an integer or a string, got array"]
 
 
 def test_preserve_unknown_fields_and_maps():

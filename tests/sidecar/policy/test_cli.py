@@ -155,7 +155,8 @@ def test_invalid_input_exits_2(policy_file, argv, message):
 def test_policy_errors_are_printed_with_field_paths(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(POLICY.replace("paths: [\"/admin/**\"]", "paths: [\"admin/**\"], pathRegex: \"[\"")
-                   .replace("name: reads", "name: Reads"))
+                   .replace("name: reads", "name: Reads")
+                   .replace("methods: [POST, PUT]}", "methods: [POST, put], hostz: [h]}"))
     code, out, err = run(["test", "-f", str(bad), "--connection", "github", "--type", "http", "--url", "https://h/"])
     assert code == 2 and out == ""
     assert err.splitlines() == [
@@ -165,6 +166,9 @@ def test_policy_errors_are_printed_with_field_paths(tmp_path):
         f'  {bad}: AccessPolicy team-a/web: spec.rules[0].match.paths[0]: invalid path glob "admin/**": must start with "/"',
         f'  {bad}: AccessPolicy team-a/web: spec.rules[1].name: invalid value "Reads": must match the regular '
         "expression ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        f"  {bad}: AccessPolicy team-a/web: spec.rules[2].match.hostz: unknown field",
+        f'  {bad}: AccessPolicy team-a/web: spec.rules[2].match.methods[1]: invalid value "put": must match the '
+        "regular expression ^[A-Z]+$",
     ]
 
 

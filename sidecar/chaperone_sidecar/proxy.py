@@ -194,10 +194,9 @@ class ProxyRuntime:
     """One sidecar (or standalone proxy) process: services, master, health server."""
 
     def __init__(self, config: SidecarConfig, services: SidecarServices | None = None, *,
-                 allow_missing_addons: bool = False, startup_timeout: float | None = None):
+                 startup_timeout: float | None = None):
         self.config = config
         self.services = services
-        self.allow_missing_addons = allow_missing_addons
         self.startup_timeout = startup_timeout
         self.master: Any = None
         self.ready = asyncio.Event()
@@ -275,6 +274,8 @@ class ProxyRuntime:
         return True
 
     def _build_master(self, services: SidecarServices) -> None:
+        # Imported here, not at the top: mitmproxy's modules load only after run() called
+        # lean_imports.install() (see that module).
         from mitmproxy import master, options
 
         from .addons import build_addons
@@ -285,8 +286,7 @@ class ProxyRuntime:
         opts = options.Options()
         self.master = master.Master(opts, event_loop=asyncio.get_running_loop())
         self.master.addons.add(*lean_core_addons())
-        self.master.addons.add(Pipeline(build_addons(self.config, services,
-                                                     allow_missing=self.allow_missing_addons)))
+        self.master.addons.add(Pipeline(build_addons(services)))
         if self.config.mode == "transparent":
             # Every agent TCP connection arrives here; those that never carry an HTTP
             # request are recorded as refused attempts (addons/egress.py).
@@ -412,7 +412,7 @@ def event_loop_factory(choice: str) -> tuple[Any, str]:
     return uvloop.new_event_loop, "uvloop"
 
 
-def run(config: SidecarConfig, *, allow_missing_addons: bool = False) -> int:
+def run(config: SidecarConfig) -> int:
     """Blocking entry point for the CLI: configure logging and run until SIGTERM."""
     configure_logging(config.log_level)
     from . import lean_imports
@@ -420,7 +420,7 @@ def run(config: SidecarConfig, *, allow_missing_addons: bool = False) -> int:
     lean_imports.install()  # before mitmproxy.master is imported (docs in the module)
 
     async def main() -> int:
-        return await ProxyRuntime(config, allow_missing_addons=allow_missing_addons).run()
+        return await ProxyRuntime(config).run()
 
     try:
         factory, name = event_loop_factory(config.event_loop)

@@ -1,9 +1,10 @@
 """Chaperone's mitmproxy addons and their documented order.
 
 mitmproxy calls every addon's hook in list order, so the order *is* the pipeline. Each addon is
-one concern, constructed as ``Addon(services)`` (:class:`~chaperone_sidecar.services.SidecarServices`),
-and they share per-flow state only through the :class:`~chaperone_sidecar.flowctx.FlowContext`
-in ``flow.metadata["chaperone"]``.
+one concern, constructed as ``Addon(services)`` (the typed
+:class:`~chaperone_sidecar.services.SidecarServices`), and they share per-flow state only through
+the :class:`~chaperone_sidecar.flowctx.FlowContext` in ``flow.metadata["chaperone"]`` - no other
+``flow.metadata`` key.
 
 Rules every addon follows:
 
@@ -12,8 +13,15 @@ Rules every addon follows:
   request alone - only Record and Telemetry still look at it.
 * Refusals go through :func:`chaperone_sidecar.addons.refusal.refuse` (one JSON shape).
 * The snapshot (connections, routes, compiled policies) is read once per flow by Route and kept
-  in ``flow.metadata["chaperone.snapshot"]`` (:func:`chaperone_sidecar.addons.route.snapshot_of`),
-  so every addon of a flow sees the same configuration generation.
+  in ``FlowContext.snapshot``, so every addon of a flow sees the same configuration generation.
+* Addons never import each other (``tests/sidecar/addons/test_structure.py`` enforces it): an
+  addon module imports, of this package, only the shared helpers :mod:`.refusal` and
+  :mod:`.streaming`. What two addons share lives outside the package: the per-flow types in
+  :mod:`chaperone_sidecar.flowctx` (``BodyCapture``, ``RecordingSettings``, ``request_of``),
+  the recorded form of a flow in :mod:`chaperone_sidecar.recording.flow_events`. This module
+  (the composition root) and :mod:`.pipeline` (which dispatches to them) are not addons.
+* Egress (:mod:`.egress`) is an addon outside this list: the proxy runtime registers it in
+  transparent mode only, next to the pipeline (its hooks are connection hooks).
 
 =====================  ====================================================================
 addon (module)         responsibility; FlowContext fields read -> written
@@ -30,10 +38,11 @@ addon (module)         responsibility; FlowContext fields read -> written
                        headers at ``requestheaders``, refined with the body at ``request``
                        unless the body streams. No connection -> 403 ``no_connection`` naming
                        the host and the connections that exist. Raw TCP/UDP flows are closed.
-                       -> ``connection``, ``connection_type``, ``action``
+                       -> ``snapshot``, ``connection``, ``connection_type``, ``method``,
+                       ``recording``, ``action``
 3. Enforce             Evaluates the compiled policies (``evaluate``) and the policy rate
    (enforce)           limits. block -> 403 ``blocked``; over a limit -> 429.
-                       identity, connection, action -> ``decision``
+                       snapshot, identity, connection, action -> ``decision``, ``early``
 4. Approve             For ``require_approval``: a cached grant passes; otherwise opens (or
    (approve)           reuses) an ApprovalRequest and holds the flow (bounded, async) or
                        answers 403 with its name (defer). decision -> ``approval_request``,
@@ -45,10 +54,11 @@ addon (module)         responsibility; FlowContext fields read -> written
 6. Mask                Masks responses, streaming-safe. Never changes the request: captures a
    (mask)              masked copy of its body for the recording (as sent upstream), for a
                        streamed body with a tee that *wraps* the stream function in place (the
-                       aws-chunked decoder), never replaces it. decision.masks -> ``masked``
+                       aws-chunked decoder), never replaces it. decision.masks, recording ->
+                       ``masked``, ``bodies``
 7. Record              Appends request/response/decision/approval events (masked) to the
-   (record)            session recording, before the request leaves. everything ->
-                       (recording); may refuse (strict mode)
+   (record)            session recording, before the request leaves. everything (bodies:
+                       only Mask's captures) -> (recording); may refuse (strict mode)
 8. Telemetry           OpenTelemetry span and metrics per flow. everything -> (spans,
    (telemetry)         metrics); ``upstream_started``, ``upstream_latency``
 =====================  ====================================================================
@@ -71,45 +81,33 @@ chunk-framed. Mask and Telemetry do so.
 
 from __future__ import annotations
 
-import importlib
-import logging
 from typing import Any
+
+from ..services import SidecarServices
+from .approve import Approve
+from .credentials import InjectCredentials
+from .enforce import Enforce
+from .identify import Identify
+from .mask import Mask
+from .record import Record
+from .route import Route
+from .telemetry import Telemetry
 
 __all__ = ["ADDON_ORDER", "build_addons"]
 
-log = logging.getLogger("chaperone.addons")
-
-# (module, class) in pipeline order - the single place the order is defined.
-ADDON_ORDER: tuple[tuple[str, str], ...] = (
-    ("identify", "Identify"),
-    ("route", "Route"),
-    ("enforce", "Enforce"),
-    ("approve", "Approve"),
-    ("credentials", "InjectCredentials"),
-    ("mask", "Mask"),
-    ("record", "Record"),
-    ("telemetry", "Telemetry"),
+# The addon classes in pipeline order - the single place the order is defined.
+ADDON_ORDER: tuple[type[Any], ...] = (
+    Identify,
+    Route,
+    Enforce,
+    Approve,
+    InjectCredentials,
+    Mask,
+    Record,
+    Telemetry,
 )
 
 
-def build_addons(config: Any, services: Any, *, allow_missing: bool = False) -> list[Any]:
-    """The Chaperone addons in order, each constructed with ``services``.
-
-    ``allow_missing`` is for tests of a partial pipeline only: an addon module that does not
-    exist is then skipped with a warning. In production it must stay False - a missing Enforce
-    would forward every request unchecked.
-    """
-    del config  # part of the signature for symmetry; addons read services.config
-    addons = []
-    for module_name, class_name in ADDON_ORDER:
-        qualified = f"{__name__}.{module_name}"
-        try:
-            module = importlib.import_module(qualified)
-        except ModuleNotFoundError as exc:
-            if allow_missing and exc.name == qualified:
-                log.warning("addon %s.%s is missing; skipped (test-only allow_missing)",
-                            module_name, class_name)
-                continue
-            raise
-        addons.append(getattr(module, class_name)(services))
-    return addons
+def build_addons(services: SidecarServices) -> list[Any]:
+    """The Chaperone addons in order, each constructed with ``services``."""
+    return [addon(services) for addon in ADDON_ORDER]

@@ -70,12 +70,13 @@ from .. import flowctx
 from ..approvals import ApprovalUnavailable, BackendError
 from ..approvals.digest import request_digest
 from ..contract import APPROVAL_MODE_ANNOTATION
+from ..flowctx import request_of
 from ..log_setup import flow_fields
 from ..policy.model import ApprovalRequirement, HTTPRequest
+from ..services import SidecarServices
 from ..snapshot import parse_downward_api
 from .refusal import refuse
 from .streaming import body_leaves_early
-from .route import request_of
 
 __all__ = ["Approve", "approve_command", "body_preview", "PREVIEW_BYTES"]
 
@@ -113,10 +114,10 @@ def body_preview(request: HTTPRequest, limit: int = PREVIEW_BYTES) -> str:
 class Approve:
     """Releases, holds or refuses ``require_approval`` flows through the approvals façade."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
         self._pod_says_mode: bool | None = None
-        meter = getattr(services, "meter", None) or metrics.get_meter("chaperone.sidecar")
+        meter = services.meter or metrics.get_meter("chaperone.sidecar")
         self.refused_grants = meter.create_counter(
             "chaperone.approvals.refused_grants", unit="{grant}",
             description="Cached grants refused because their ApprovalRequest does not prove them "
@@ -141,7 +142,7 @@ class Approve:
 
     def _explicit_pod_mode(self) -> bool:
         """Whether the pod itself chose its approval mode (see the module docstring)."""
-        podinfo = getattr(self.services.config, "podinfo_dir", None)
+        podinfo = self.services.config.podinfo_dir
         if podinfo is None or not podinfo.is_dir():
             return True  # not in a pod: the option is what the user set
         try:
@@ -204,7 +205,7 @@ class Approve:
         assert decision is not None
         request = request_of(flow, body=not early)
         ctx.request_digest = request_digest(request)
-        service = getattr(self.services, "approvals", None)
+        service = self.services.approvals
         if decision.approval is None or decision.rule is None or ctx.action is None:
             self._unavailable(flow, "the decision requires approval but names no approval "
                                     "requirement; refusing (fail closed)")
@@ -215,7 +216,7 @@ class Approve:
             return
         # A body known to stream is never held (it would pile up in memory while held).
         requirement = self._requirement(decision.approval, bool(flow.request.stream))
-        recorder = getattr(self.services, "recorder", None)
+        recorder = self.services.recorder
         try:
             outcome = await self._request(
                 service, identity=ctx.identity, connection=ctx.connection, action=ctx.action,
@@ -264,7 +265,7 @@ class Approve:
     # ------------------------------------------------------------------ refusals
     @property
     def _namespace(self) -> str:
-        backend = getattr(self.services, "approval_backend", None)
+        backend = self.services.approval_backend
         return getattr(backend, "namespace", "") or self.services.config.pod_namespace
 
     def _refuse(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, outcome: Any,
@@ -274,7 +275,7 @@ class Approve:
         decision = ctx.decision
         assert decision is not None
         name, namespace = outcome.name, self._namespace
-        standalone = bool(getattr(self.services.config, "standalone", False))
+        standalone = self.services.config.standalone
         command = approve_command(name, namespace, standalone=standalone)
         who = approvers_text(requirement)
         ar = {"name": name, "namespace": namespace, "expires_at": outcome.expires_at}

@@ -41,15 +41,14 @@ from mitmproxy import http
 from .. import flowctx
 from ..credentials import CredentialsUnavailable, InjectionError
 from ..log_setup import flow_fields
-from .streaming import body_leaves_early
+from ..services import SidecarServices
 from .refusal import refuse
+from .streaming import body_leaves_early
 
 __all__ = ["InjectCredentials", "ChainedStream", "order_problems"]
 
 log = logging.getLogger("chaperone.credentials")
 
-_DONE = "chaperone.credentials.done"  # flow.metadata: injected (or refused) already
-_DECODER = "chaperone.credentials.decoder"  # flow.metadata: the ChainedStream installed
 _FORWARDED = ("allow", "require_approval")  # a require_approval flow gets here only approved
 
 
@@ -95,7 +94,7 @@ class ChainedStream:
 class InjectCredentials:
     """Applies the connection's ``CredentialInjector`` to every forwarded request."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
 
     def running(self) -> None:
@@ -113,8 +112,9 @@ class InjectCredentials:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
-        if flow.metadata.get(_DONE):  # done in requestheaders (a streamed body, already sent)
-            chained = flow.metadata.get(_DECODER)
+        ctx = flowctx.get(flow)
+        if ctx is not None and ctx.injected:  # done in requestheaders (a streamed body, sent)
+            chained = ctx.decoder
             if chained is not None and not chained.called:
                 log.error("the aws-chunked decoder was replaced by a later addon's stream "
                           "function: the upload went out undecoded", extra=flow_fields(flow))
@@ -123,9 +123,9 @@ class InjectCredentials:
 
     # ------------------------------------------------------------------ injecting
     def _inject(self, flow: http.HTTPFlow, *, streamed: bool) -> None:
-        flow.metadata[_DONE] = True
-        ctx = flowctx.get(flow)
-        if ctx is None or not ctx.connection:
+        ctx = flowctx.ensure(flow)
+        ctx.injected = True
+        if not ctx.connection:
             refuse(flow, "no_connection", "no ClaudeConnection was determined for this request, "
                                           "so it cannot carry credentials; refusing", rule=None)
             log.error("refused: a flow without a connection reached credential injection",
@@ -138,7 +138,7 @@ class InjectCredentials:
                       extra=flow_fields(flow))
             return
         try:
-            registry = getattr(self.services, "injectors", None)
+            registry = self.services.injectors
             if registry is None:
                 raise CredentialsUnavailable("this gateway holds no credentials")
             injector = registry.get(ctx.connection)
@@ -160,8 +160,7 @@ class InjectCredentials:
             if not streamed:  # the injector decodes buffered bodies itself; cannot happen
                 self._refuse(flow, "invalid_request", "an aws-chunked body could not be decoded")
                 return
-            flow.request.stream = flow.metadata[_DECODER] = ChainedStream(decoder,
-                                                                          flow.request.stream)
+            flow.request.stream = ctx.decoder = ChainedStream(decoder, flow.request.stream)
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow, kind: str, message: str) -> None:

@@ -30,7 +30,8 @@ from mitmproxy.proxy import mode_specs
 
 from ..policy.model import Identity
 from ..recording import new_event
-from .record_events import identity_of
+from ..recording.flow_events import identity_of
+from ..services import SidecarServices
 
 __all__ = ["Egress"]
 
@@ -47,7 +48,7 @@ def _address(address: Any) -> str:
 class Egress:
     """Records transparent-mode connections closed without any HTTP request."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
         config = services.config
         self.identity = identity_of(Identity(
@@ -101,7 +102,7 @@ class Egress:
         log.info("transparent connection to %s closed without a request; nothing was "
                  "forwarded", destination, extra={"fields": {"destination": destination,
                                                              "sni": client.sni}})
-        recorder = getattr(self.services, "recorder", None)
+        recorder = self.services.recorder
         if recorder is None:
             return
         try:

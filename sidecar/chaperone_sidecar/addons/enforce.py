@@ -48,20 +48,22 @@ from typing import Any
 from mitmproxy import http
 
 from .. import flowctx
+from ..approvals.ratelimit import MemoryRateLimiter, check_limits
+from ..flowctx import request_of
 from ..log_setup import flow_fields
 from ..policy.evaluator import describe_action, describe_identity, evaluate
 from ..policy.model import Decision, RateLimit, RuleRef
+from ..services import SidecarServices
+from ..snapshot import Snapshot
 from .refusal import refuse
-from .route import request_of, snapshot_of
 from .streaming import body_leaves_early
 
-__all__ = ["Enforce", "DEFAULT_BODY_LIMIT", "EARLY_KEY", "blocked_guidance", "body_leaves_early"]
+__all__ = ["Enforce", "DEFAULT_BODY_LIMIT", "blocked_guidance"]
 
 log = logging.getLogger("chaperone.enforce")
 
 DEFAULT_BODY_LIMIT = 64 * 1024 * 1024  # the CRD's default masking.maxBodyBytes
 RATE_LIMITER_RETRY = "5"  # Retry-After when the limiter itself is unavailable
-EARLY_KEY = "chaperone.early"  # flow.metadata: judged in requestheaders on the headers alone
 _RANK = {"allow": 1, "require_approval": 2, "rate_limited": 3, "block": 3}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -118,9 +120,13 @@ def blocked_guidance(decision: Decision, snapshot: Any, ctx: flowctx.FlowContext
 class Enforce:
     """Stores the policy ``Decision`` in the FlowContext; refuses blocked and rate-limited flows."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
         self._own_limiter: Any = None  # only when the services have none
+
+    def _snapshot(self, ctx: flowctx.FlowContext) -> Snapshot:
+        """The snapshot the flow was routed with (the current one if Route did not run)."""
+        return ctx.snapshot if ctx.snapshot is not None else self.services.snapshot()
 
     # ------------------------------------------------------------------ hooks
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -129,8 +135,8 @@ class Enforce:
         ctx = flowctx.ensure(flow)
         if ctx.decision is not None:
             return
-        snapshot = snapshot_of(flow, self.services)
-        flow.metadata[EARLY_KEY] = True
+        snapshot = self._snapshot(ctx)
+        ctx.early = True
         if ctx.action is not None and self._body_rule_applies(flow, ctx, snapshot):
             return
         await self._enforce(flow, ctx, snapshot, b"")
@@ -142,7 +148,7 @@ class Enforce:
         if ctx.decision is not None:
             # Judged on the headers because the length was unknown, but the body was buffered
             # after all: judge again with it (a body rule may be stricter).
-            if flow.metadata.get(EARLY_KEY) and not flow.request.stream and flow.request.raw_content:
+            if ctx.early and not flow.request.stream and flow.request.raw_content:
                 await self._rejudge(flow, ctx, request_of(flow).body)
             return
         if flow.request.stream:
@@ -150,7 +156,7 @@ class Enforce:
             log.error("a streamed request reached the request hook unjudged",
                       extra=flow_fields(flow))
         body = request_of(flow).body if not flow.request.stream else b""
-        await self._enforce(flow, ctx, snapshot_of(flow, self.services), body)
+        await self._enforce(flow, ctx, self._snapshot(ctx), body)
 
     # ------------------------------------------------------------------ judging
     async def _enforce(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, snapshot: Any,
@@ -177,7 +183,7 @@ class Enforce:
     async def _rejudge(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, body: bytes) -> None:
         old = ctx.decision
         assert old is not None and ctx.action is not None
-        new = evaluate(snapshot_of(flow, self.services).policies, ctx.action, ctx.identity,
+        new = evaluate(self._snapshot(ctx).policies, ctx.action, ctx.identity,
                        ctx.connection, body)
         if _RANK.get(new.effect, 0) <= _RANK.get(old.effect, 0):
             return  # not stricter: the decision (and its rate-limit count) stands
@@ -186,7 +192,7 @@ class Enforce:
                  extra=flow_fields(flow))
         if new.effect == "block":
             refuse(flow, "blocked", new.message, rule=new.rule,
-                   how_to_get_access=blocked_guidance(new, snapshot_of(flow, self.services), ctx))
+                   how_to_get_access=blocked_guidance(new, self._snapshot(ctx), ctx))
 
     def _body_rule_applies(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
                            snapshot: Any) -> bool:
@@ -198,7 +204,7 @@ class Enforce:
         length = flow.request.headers.get("content-length", "").strip()
         if length.isdigit() and int(length) <= limit:
             flow.request.stream = False  # read the body; judged (with it) in `request`
-            flow.metadata.pop(EARLY_KEY, None)
+            ctx.early = False
             return True
         if length.isdigit():
             why, status = f"this body is larger than {limit} bytes", 413
@@ -241,19 +247,15 @@ class Enforce:
     # ------------------------------------------------------------------ rate limits
     @property
     def limiter(self) -> Any:
-        limiter = getattr(self.services, "rate_limiter", None)
+        limiter = self.services.rate_limiter
         if limiter is None:
             if self._own_limiter is None:
-                from ..approvals.ratelimit import MemoryRateLimiter
-
                 self._own_limiter = MemoryRateLimiter()
             limiter = self._own_limiter
         return limiter
 
     async def _within_limits(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
                              decision: Decision) -> bool:
-        from ..approvals.ratelimit import check_limits
-
         try:
             verdict, limit = await check_limits(self.limiter, decision.rate_limits, ctx.identity,
                                                 ctx.connection)

@@ -28,7 +28,8 @@ from ..config import SidecarConfig, parse_creator_annotation
 from ..contract import CREATOR_ANNOTATION
 from ..log_setup import flow_fields
 from ..policy.model import Identity
-from ..sources import parse_downward_api
+from ..services import SidecarServices
+from ..snapshot import parse_downward_api
 from . import refusal
 
 __all__ = ["Identify", "HEADER_PREFIX", "ON_BEHALF_OF", "base_identity"]
@@ -69,7 +70,7 @@ def strip_chaperone_headers(headers: http.Headers) -> list[tuple[str, str]]:
 class Identify:
     """Fills ``FlowContext.identity``; strips ``X-Chaperone-*``; verifies on-behalf-of tokens."""
 
-    def __init__(self, services):
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
         self.base = base_identity(services.config)
 

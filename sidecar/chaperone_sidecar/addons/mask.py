@@ -62,59 +62,59 @@ recorded request match):
   ``stream_large_bodies`` and mitmproxy streams it on by itself - then it has gone before
   anything could mask it, and the recording says so instead of holding it.
 
-**Hand-off to Record.** For each direction Mask leaves a :class:`BodyCapture` (the masked
-body as sent, truncated to the connection's ``recording.maxBodyBytes``, plus size, counts and
-notes) in ``flow.metadata["chaperone.bodies"]`` (read with :func:`captured`), the way Route
-shares the snapshot. Record stores only what is in a capture, so a body that was not masked
-never reaches the recording. Without masks the capture holds the body as is.
+**Hand-off to Record.** For each direction Mask leaves a
+:class:`~chaperone_sidecar.flowctx.BodyCapture` (the masked body as sent, truncated to the
+connection's ``recording.maxBodyBytes`` - ``FlowContext.recording``, set by Route - plus size,
+counts and notes) in ``FlowContext.bodies``. Record stores only what is in a capture, so a body
+that was not masked never reaches the recording. Without masks the capture holds the body as is.
 
-**Layout.** This module is the addon: it picks a body's path and decides when to refuse. The
-mechanics each path runs - captures, whole-body masking, the stream callables, the request
-tee - are in :mod:`.mask_bodies`, whose public names are re-exported here.
+**Layout.** The addon first (which path a body takes, when to refuse), then the mechanics each
+path runs: whole-body masking (:func:`mask_whole`), the ``flow.response.stream`` callables
+mitmproxy calls chunk by chunk (pass through, stream-mask, collect-then-mask, discard in favour
+of a refusal) and the tee that captures a streamed request body as it goes upstream. They are
+one concern - masking a body - so they live in one module.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 from mitmproxy import ctx as mctx
 from mitmproxy import exceptions, http
 from mitmproxy.utils import human
 
 from .. import flowctx
+from ..flowctx import BodyCapture
 from ..log_setup import flow_fields
-from ..policy.masking import BodyTooLarge, MaskingError, UnsupportedEncoding, parse_content_encoding
-from ..policy.model import MaskSpec
-from . import refusal
-# The body machinery lives in .mask_bodies; the public names are re-exported (the very same
-# objects - masker_for's lru_cache is one cache) so importers keep using this module.
-from .mask_bodies import (
-    BINARY_NOTE,
-    BODIES_KEY,
-    BodyCapture,
-    _Discard,
-    _keep_unmasked,
-    _length,
-    _MaskedStream,
-    _mime,
-    _new_capture,
-    _Passthrough,
-    _publish,
-    _RequestTee,
-    _WholeBody,
-    captured,
-    mask_whole,
-    masker_for,
-    stream_masker,
+from ..policy.masking import (
+    BodyTooLarge,
+    Masker,
+    MaskingError,
+    MaskResult,
+    StreamDecoder,
+    StreamMasker,
+    UnsupportedEncoding,
+    decode,
+    encode,
+    parse_content_encoding,
 )
+from ..policy.masking.ndjson import NDJSONMasker
+from ..policy.masking.sse import SSEMasker
+from ..policy.model import MaskSpec
+from ..services import SidecarServices
+from . import refusal
 from .streaming import body_leaves_early
 
-__all__ = ["Mask", "BodyCapture", "BODIES_KEY", "captured", "masker_for", "UNMASKABLE"]
+__all__ = ["Mask", "UNMASKABLE", "SECRET_DATA", "effective_masks", "masker_for", "mask_whole",
+           "stream_masker"]
 
 log = logging.getLogger("chaperone.mask")
 
 UNMASKABLE = "response_unmaskable"  # refusal kind (502, refusal.KINDS)
+BINARY_NOTE = "binary body: passed through unmasked, not recorded (it cannot be masked)"
+_STEP = 64 * 1024
 DEFAULT_BUFFER = "1m"
 _NO_BODY_STATUS = (204, 304)
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))  # never rewritten
@@ -158,15 +158,14 @@ def _json_lines(flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> bool:
 class Mask:
     """Masks response bodies for the agent and both bodies for the recording."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
         self.buffer_limit = human.parse_size(DEFAULT_BUFFER) or 0
 
     def load(self, loader) -> None:
-        config = getattr(self.services, "config", None)
         loader.add_option(
             "chaperone_mask_buffer", str,
-            getattr(config, "stream_large_bodies", "") or DEFAULT_BUFFER,
+            self.services.config.stream_large_bodies or DEFAULT_BUFFER,
             "Largest response body (Content-Length on the wire) that is buffered and masked "
             "whole; larger, chunked and SSE bodies are masked as they stream.",
         )
@@ -202,7 +201,7 @@ class Mask:
         ctx = flowctx.get(flow)
         if ctx is None:
             return
-        capture = _new_capture(flow, "request", self._record_limit(flow, ctx))
+        capture = self._capture(ctx, "request")
         if ctx.decision is None:
             capture.withhold("not recorded: the body streamed before a policy decision")
             return
@@ -227,16 +226,16 @@ class Mask:
         if ctx is None:
             return
         if flow.request.stream:
-            if captured(flow, "request") is None:
+            if ctx.bodies.get("request") is None:
                 # A body of unknown length that mitmproxy switched to streaming by itself once
                 # it grew past stream_large_bodies: it went upstream without passing a tee.
-                capture = _new_capture(flow, "request", self._record_limit(flow, ctx))
+                capture = self._capture(ctx, "request")
                 capture.streamed = True
                 capture.withhold("not recorded: the body had no Content-Length and grew past "
                                  "stream_large_bodies, so it streamed upstream before it could "
                                  "be masked")
             return  # streamed: captured by the tee
-        capture = _new_capture(flow, "request", self._record_limit(flow, ctx))
+        capture = self._capture(ctx, "request")
         raw = flow.request.raw_content or b""
         capture.complete = True
         if not raw:
@@ -283,7 +282,7 @@ class Mask:
         if flow.request.method.upper() == "HEAD" or resp.status_code < 200 or \
                 resp.status_code in _NO_BODY_STATUS or _length(resp) == 0:
             return  # no body
-        capture = _new_capture(flow, "response", self._record_limit(flow, ctx))
+        capture = self._capture(ctx, "response")
         mime, length = _mime(resp.headers), _length(resp)
         stream = bool(resp.stream) or mime == "text/event-stream" or length is None or \
             length > self.buffer_limit
@@ -331,9 +330,9 @@ class Mask:
         resp = flow.response
         if ctx is None or resp is None or ctx.refused is not None or resp.stream:
             return  # refusals are Chaperone's own text; streams were handled chunk by chunk
-        capture = captured(flow, "response")
+        capture = ctx.bodies.get("response")
         if capture is None:  # no body expected at responseheaders
-            capture = _new_capture(flow, "response", self._record_limit(flow, ctx))
+            capture = self._capture(ctx, "response")
         raw = resp.raw_content or b""
         capture.complete = True
         if not raw:
@@ -367,7 +366,7 @@ class Mask:
         clean values cached); the counts go to ``FlowContext.masked`` like the body's.
         Framing headers (Content-Length, Transfer-Encoding) are never rewritten.
 
-        The recording masked header values before (``record_events.redact_headers``), but
+        The recording masked header values before (``recording.flow_events.redact_headers``), but
         nothing masked the headers sent to the agent: ``X-Debug-Key: AKIA...`` reached it.
         Masking them here, before they go out, fixes both: Record reads the same headers."""
         if not masker.active:
@@ -392,10 +391,12 @@ class Mask:
             i += 1
         resp.headers.fields = tuple(out)
 
-    def _record_limit(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> int:
-        from .record import recording_settings  # Record owns the recording settings
-
-        return recording_settings(flow, self.services, ctx).body_limit
+    @staticmethod
+    def _capture(ctx: flowctx.FlowContext, direction: str) -> BodyCapture:
+        """A new capture for ``direction``, kept for Record in ``FlowContext.bodies``, bounded
+        by the connection's recording settings (what Record would keep of it)."""
+        capture = ctx.bodies[direction] = BodyCapture(ctx.recording.body_limit)
+        return capture
 
     @staticmethod
     def _unframe(flow: http.HTTPFlow) -> None:
@@ -420,3 +421,277 @@ class Mask:
                     "a page size, or Accept-Encoding: identity); the masking limit is the "
                     "policy's masking.maxBodyBytes.")
         refusal.refuse(flow, UNMASKABLE, message, how_to_get_access=guidance)
+
+
+# ============================================================================ body machinery
+
+@functools.lru_cache(maxsize=256)
+def masker_for(masks: tuple[MaskSpec, ...], direction: str | None) -> Masker:
+    """The compiled ``Masker`` for a decision's masks in one direction (``None``: every spec,
+    whatever its target); cached, since specs are frozen."""
+    return Masker(masks, direction=direction)  # type: ignore[arg-type]
+
+
+def _mime(headers: http.Headers) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _length(message: http.Message) -> int | None:
+    """Content-Length when it frames the body (not with Transfer-Encoding), else None."""
+    if "transfer-encoding" in message.headers:
+        return None
+    value = message.headers.get("content-length", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _keep_unmasked(capture: BodyCapture, raw: bytes, codings: tuple[str, ...]) -> None:
+    """No masks apply: keep the body (decoded when compressed, for a readable recording).
+
+    Decoding stops once ``capture.limit`` bytes are there, so a bomb costs nothing here.
+    """
+    capture.complete = True
+    if not codings:
+        capture.set(raw)
+        return
+    decoder = StreamDecoder(codings, None)
+    out = bytearray()
+    try:
+        for i in range(0, len(raw), _STEP):
+            out += decoder.feed(raw[i : i + _STEP])
+            if len(out) > capture.limit:
+                capture.set(bytes(out[: capture.limit]))
+                capture.cut = True
+                return
+        out += decoder.finish()
+    except MaskingError as exc:
+        capture.set(raw)
+        capture.notes.append(f"kept as sent (compressed): it could not be decoded ({exc})")
+        return
+    capture.set(bytes(out))
+
+
+def mask_whole(masker: Masker, raw: bytes, content_type: str,
+               codings: tuple[str, ...]) -> tuple[bytes, bytes, MaskResult]:
+    """Decode (capped), mask, re-encode one whole body: (wire bytes, masked plain, result).
+
+    Raises ``MaskingError`` (``BodyTooLarge`` for bombs) when the body cannot be masked.
+    """
+    plain = decode(raw, codings, masker.max_body_bytes)
+    if not codings and len(plain) > masker.max_body_bytes:
+        raise BodyTooLarge(masker.max_body_bytes)
+    result = masker.mask_bytes(plain, content_type or None, None)
+    if not result.changed:
+        return raw, plain, result
+    return (encode(result.body, codings) if codings else result.body), result.body, result
+
+
+# ============================================================================ stream callables
+
+_NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
+                           "application/x-jsonlines", "application/jsonlines"})
+
+
+def stream_masker(masker: Masker, content_type: str | None, content_encoding: str | None, *,
+                  max_decoded_bytes: int | None = None) -> StreamMasker | SSEMasker | NDJSONMasker:
+    """The streaming masker for a body of this type: what its client reassembles is masked.
+
+    * ``text/event-stream``: :class:`~..policy.masking.sse.SSEMasker` - events parsed, the
+      streamed text of each Anthropic content block masked as one text across events, every
+      other event masked whole, re-framed as valid SSE.
+    * NDJSON / JSON Lines: :class:`~..policy.masking.ndjson.NDJSONMasker` - each record masked
+      as a JSON document, the text fields a client concatenates (Ollama) across records.
+    * anything else (chunked ``text/*``, JSON, unknown): the byte-level
+      :class:`~..policy.masking.stream.StreamMasker`, which holds only a tail that could still
+      become a secret.
+
+    Raises ``UnsupportedEncoding`` for a Content-Encoding it cannot decode.
+    """
+    mime = _mime_of(content_type)
+    if mime == "text/event-stream" or mime in _NDJSON_TYPES:
+        codings = parse_content_encoding(content_encoding)
+        decoder = StreamDecoder(codings, max_decoded_bytes or masker.max_body_bytes) if codings else None
+        if mime == "text/event-stream":
+            return SSEMasker(masker, decoder=decoder)
+        return NDJSONMasker(masker, decoder=decoder)
+    return masker.stream(content_type, content_encoding, max_decoded_bytes=max_decoded_bytes)
+
+
+def _mime_of(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+class _Stream:
+    """Base of the ``flow.response.stream`` callables: capture what goes out, fail closed."""
+
+    def __init__(self, flow: http.HTTPFlow, capture: BodyCapture) -> None:
+        self.flow = flow
+        self.capture = capture
+        self.failed = False
+        capture.streamed = True
+
+    def _out(self, chunks: Iterable[bytes]) -> list[bytes]:
+        out = [c for c in chunks if c]  # b"" would end an HTTP/1 chunked body
+        for chunk in out:
+            self.capture.add(chunk)
+        return out
+
+    def fail(self, reason: str) -> list[bytes]:
+        """Withhold the rest and kill the flow: the client sees a broken transfer."""
+        self.failed = True
+        self.capture.notes.append(f"stream aborted: {reason}")
+        log.warning("response stream aborted, rest withheld: %s", reason,
+                    extra=flow_fields(self.flow))
+        if self.flow.killable:
+            self.flow.kill()
+        return []
+
+
+class _Passthrough(_Stream):
+    """No masks apply: stream unchanged (SSE and large bodies must not be buffered)."""
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if not data:
+            self.capture.complete = True
+            return []
+        return self._out((data,))
+
+
+class _MaskedStream(_Stream):
+    """The streaming masker (detectors; decoding a compressed stream under the cap)."""
+
+    def __init__(self, flow: http.HTTPFlow, capture: BodyCapture,
+                 masker: StreamMasker | SSEMasker | NDJSONMasker, ctx: flowctx.FlowContext) -> None:
+        super().__init__(flow, capture)
+        self.masker = masker
+        self.ctx = ctx
+        self.base = dict(ctx.masked)
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if self.failed:
+            return []
+        try:
+            out = self._out(self.masker(data))
+        except MaskingError as exc:
+            return self.fail(str(exc))
+        if self.masker.binary and self.capture.recordable:
+            self.capture.binary = True
+            self.capture.withhold(BINARY_NOTE)
+        if not data:  # end of the body (or an empty HTTP/2 frame): publish counts and notes
+            self.capture.complete = True
+            self.capture.counts = dict(self.masker.counts)
+            merged = dict(self.base)
+            for kind, n in self.masker.counts.items():
+                merged[kind] = merged.get(kind, 0) + n
+            self.ctx.masked = merged
+            for error in self.masker.errors:
+                if error not in self.capture.notes:
+                    self.capture.notes.append(error)
+        return out
+
+
+class _WholeBody(_Stream):
+    """Field rules need the whole JSON document: collect (capped), mask at the end."""
+
+    def __init__(self, flow: http.HTTPFlow, capture: BodyCapture, masker: Masker,
+                 ctx: flowctx.FlowContext, content_type: str, codings: tuple[str, ...]) -> None:
+        super().__init__(flow, capture)
+        self.masker = masker
+        self.ctx = ctx
+        self.content_type = content_type
+        self.codings = codings
+        self.buf = bytearray()
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if self.failed:
+            return []
+        if data:
+            self.buf += data
+            if len(self.buf) > self.masker.max_body_bytes:
+                self.buf = bytearray()
+                return self.fail(str(BodyTooLarge(self.masker.max_body_bytes)))
+            return []
+        raw, self.buf = bytes(self.buf), bytearray()
+        try:
+            wire, plain, result = mask_whole(self.masker, raw, self.content_type, self.codings)
+        except MaskingError as exc:
+            return self.fail(str(exc))
+        _publish(self.ctx, self.capture, plain, result)
+        return [wire] if wire else []
+
+
+def _publish(ctx: flowctx.FlowContext, capture: BodyCapture, plain: bytes, result: MaskResult) -> None:
+    capture.set(plain)
+    capture.counts = dict(result.counts)
+    capture.binary = result.binary
+    capture.notes += list(result.notes)
+    if result.binary:
+        capture.withhold(BINARY_NOTE)
+    for kind, n in result.counts.items():
+        ctx.masked[kind] = ctx.masked.get(kind, 0) + n
+
+
+class _Discard:
+    """Replaces an upstream body by a refusal sent in its place (the refusal's headers went
+    out instead of the upstream's; its body goes out at the end, the upstream's is dropped)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if data or not self.body:
+            return []
+        body, self.body = self.body, b""
+        return [body]
+
+
+class _RequestTee:
+    """A streamed request body goes upstream unchanged; a masked copy is captured.
+
+    ``then`` is the stream function that was installed before (InjectCredentials' aws-chunked
+    decoder, or mitmproxy's plain ``True``): it is wrapped, never replaced - it runs first and
+    the tee captures what it lets through, i.e. the body as it goes upstream.
+    """
+
+    def __init__(self, capture: BodyCapture, masker: StreamMasker | SSEMasker | NDJSONMasker | None,
+                 then: Any = None) -> None:
+        self.capture = capture
+        self.masker = masker
+        self.then = then if callable(then) else None
+        capture.streamed = True
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if self.then is None:
+            out = [data] if data else []
+        else:
+            out = [c for c in _chunks(self.then(data)) if c]  # b"" would end a chunked body
+        for chunk in out:
+            self._capture(chunk)
+        if not data:
+            self._capture(b"")  # end of the body: flush the masker
+            self.capture.complete = True
+        return out
+
+    def _capture(self, data: bytes) -> None:
+        if self.masker is None:
+            self.capture.add(data)
+        elif self.capture.recordable:
+            try:
+                for chunk in self.masker(data):
+                    self.capture.add(chunk)
+            except MaskingError as exc:
+                self.capture.withhold(f"not recorded: the body could not be masked ({exc})")
+            if self.masker.binary and self.capture.recordable:
+                self.capture.binary = True
+                self.capture.withhold(BINARY_NOTE)
+            self.capture.counts = dict(self.masker.counts)
+        else:
+            self.capture.size += len(data)
+
+
+def _chunks(out: Any) -> list[bytes]:
+    """What a stream function returned (bytes or an iterable of chunks) as a list of bytes."""
+    if out is None:
+        return []
+    if isinstance(out, (bytes, bytearray)):
+        return [bytes(out)]
+    return [bytes(c) for c in out]

@@ -15,10 +15,11 @@ disk). Per flow, in the recording's hash chain:
    decision before the request leaves.
 2. ``response`` (status, headers, masked body, what was masked, timings) or ``error``.
 
-**What is stored** (built by :mod:`.record_events`). Bodies come only from what Mask captured
-(:func:`.mask.captured`): the masked form, decoded when compressed, cut to the connection's
-``recording.maxBodyBytes`` (``bodies: truncated``, the default), whole up to
-:data:`FULL_BODY_CAP` (``full``) or not at all (``none``).
+**What is stored** (built by :mod:`chaperone_sidecar.recording.flow_events`). Bodies come only
+from what Mask captured (``FlowContext.bodies``): the masked form, decoded when compressed,
+cut to the connection's ``recording.maxBodyBytes`` (``bodies: truncated``, the default;
+``FlowContext.recording``, set by Route), whole up to
+:data:`~chaperone_sidecar.flowctx.FULL_BODY_CAP` (``full``) or not at all (``none``).
 A body without a capture (Mask did not run) or one Mask could not mask is recorded as
 ``{"size": n, "omitted": reason}`` - never unmasked. Credentials are never recorded: header
 values whose name looks like a credential (``Authorization``, ``X-Api-Key``, cookies, tokens,
@@ -44,6 +45,7 @@ continues, ``unrecorded`` counts the lost events and the recorder reports the ga
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any, Mapping
@@ -51,22 +53,20 @@ from typing import Any, Mapping
 from mitmproxy import http
 
 from .. import flowctx
+from ..flowctx import FULL_BODY_CAP, BodyCapture, RecordingSettings
 from ..log_setup import flow_fields
+from ..policy.masking import Masker
+from ..policy.model import MaskSpec
 from ..recording import SpoolUnavailable, new_event
-from .mask import BodyCapture, captured, masker_for
-# What goes into an event lives in record_events; re-exported so ``addons.record`` keeps
-# offering every name it always did (Mask, tests and docs import them from here).
-from .record_events import (FULL_BODY_CAP, REDACTED, RecordingSettings, _injected_header,
-                            body_of, identity_of, recording_settings, redact_headers,
-                            redact_text, redact_url)
+from ..recording.flow_events import body_of, identity_of, redact_headers, redact_text, redact_url
+from ..services import SidecarServices
+from .refusal import refuse
 from .streaming import body_leaves_early
 
-__all__ = ["Record", "RecordingSettings", "recording_settings", "FULL_BODY_CAP", "REDACTED",
-           "redact_headers", "redact_url", "redact_text", "identity_of", "body_of"]
+__all__ = ["Record"]
 
 log = logging.getLogger("chaperone.record")
 
-_STATE = "chaperone.record"
 RECORDING_RETRY_AFTER = "5"  # seconds; Retry-After of a request refused by strict recording
 
 
@@ -74,30 +74,44 @@ def _ms(seconds: float | None) -> int | None:
     return int(round(seconds * 1000)) if seconds is not None and seconds >= 0 else None
 
 
+@functools.lru_cache(maxsize=256)
+def _detectors(masks: tuple[MaskSpec, ...]) -> Masker:
+    """Every mask of a decision, whatever its target, compiled once (specs are frozen)."""
+    return Masker(masks, direction=None)  # type: ignore[arg-type]
+
+
+def _injected_header(ctx: flowctx.FlowContext) -> str:
+    """The header an http connection injects its token into (spec.credentials.header)."""
+    if not ctx.connection or ctx.snapshot is None:
+        return ""
+    conn = ctx.snapshot.connection(ctx.connection)
+    creds = (conn.spec.get("credentials") or {}) if conn is not None else {}
+    header = creds.get("header") if isinstance(creds, Mapping) else None
+    return header.lower() if isinstance(header, str) else ""
+
+
 # ============================================================================ addon
 
 class Record:
     """Appends each flow's events to the session recording (``services.recorder``)."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
         self.unrecorded = 0  # events lost (best-effort flows)
         self.refused = 0  # flows refused or withheld because recording failed (strict)
 
     @property
     def recorder(self) -> Any:
-        return getattr(self.services, "recorder", None)
+        return self.services.recorder
 
     # ------------------------------------------------------------------ session lifecycle
     async def running(self) -> None:
         rec = self.recorder
         if rec is None:
             return
-        config = getattr(self.services, "config", None)
-        data: dict[str, Any] = {}
-        if config is not None:
-            data = {"mode": config.mode, "standalone": config.standalone,
-                    "connections": [m.name for m in config.connection_mounts]}
+        config = self.services.config
+        data: dict[str, Any] = {"mode": config.mode, "standalone": config.standalone,
+                                "connections": [m.name for m in config.connection_mounts]}
         try:
             await rec.start(data=data)
         except SpoolUnavailable as exc:
@@ -133,21 +147,18 @@ class Record:
         await self._end(flow, "error")
 
     # ------------------------------------------------------------------ recording
-    def _state(self, flow: http.HTTPFlow) -> dict[str, Any]:
-        return flow.metadata.setdefault(_STATE, {})
-
     async def _before_forward(self, flow: http.HTTPFlow, *, streamed: bool) -> None:
-        state = self._state(flow)
-        if state.get("request") or self.recorder is None:
-            return
-        state["request"] = True
         ctx = flowctx.ensure(flow)
-        settings = recording_settings(flow, self.services, ctx)
-        if not settings.enabled:
-            state["off"] = True
+        state = ctx.record
+        if state.request or self.recorder is None:
             return
-        state["streamed_request"] = streamed
-        state["decided"] = (ctx.decision, ctx.refused)
+        state.request = True
+        settings = ctx.recording
+        if not settings.enabled:
+            state.off = True
+            return
+        state.streamed_request = streamed
+        state.decided = (ctx.decision, ctx.refused)
         events = [self._request_event(flow, ctx, settings, streamed)]
         if ctx.decision is not None or ctx.refused is not None:
             events.append(self._decision_event(flow, ctx))
@@ -167,8 +178,6 @@ class Record:
                       "forwarded", extra=flow_fields(flow))
             flow.kill()
             return
-        from .refusal import refuse
-
         # Nothing left, so a retry is safe: Retry-After lets SDKs that honour it (anthropic,
         # openai) wait and retry by themselves. The recorder retries every write, so the
         # first retry after space frees (or S3 drains the spool) goes through - no restart.
@@ -180,32 +189,32 @@ class Record:
         """Recorded in ``requestheaders`` but the body was read after all: a decision that
         changed since (Enforce judged again with the body) is recorded before the request
         leaves."""
-        state = self._state(flow)
-        if not state.get("streamed_request") or state.get("off") or flow.request.stream \
+        ctx = flowctx.ensure(flow)
+        state = ctx.record
+        if not state.streamed_request or state.off or flow.request.stream \
                 or self.recorder is None:
             return
-        ctx = flowctx.ensure(flow)
-        decision, refused = state.get("decided", (None, None))
+        decision, refused = state.decided
         if ctx.decision is decision and ctx.refused is refused:
             return
-        state["decided"] = (ctx.decision, ctx.refused)
+        state.decided = (ctx.decision, ctx.refused)
         lost = await self._append(flow, [self._decision_event(flow, ctx)])
-        settings = recording_settings(flow, self.services, ctx)
+        settings = ctx.recording
         if lost and self._strict(settings) and flow.response is None:
             self._refuse_request(flow)
 
     async def _end(self, flow: http.HTTPFlow, kind: str) -> None:
-        state = self._state(flow)
-        if state.get("end") or state.get("off") or self.recorder is None:
-            return
-        state["end"] = True
         ctx = flowctx.ensure(flow)
-        settings = recording_settings(flow, self.services, ctx)
+        state = ctx.record
+        if state.end or state.off or self.recorder is None:
+            return
+        state.end = True
+        settings = ctx.recording
         if not settings.enabled:
             return
         events = []
-        if not state.get("request"):  # the request hook never ran (e.g. a client error)
-            state["request"] = True
+        if not state.request:  # the request hook never ran (e.g. a client error)
+            state.request = True
             events.append(self._request_event(flow, ctx, settings, False))
         if kind == "response" and flow.response is not None:
             events.append(self._response_event(flow, ctx, settings, state))
@@ -217,8 +226,6 @@ class Record:
         if flow.response.stream or ctx.refused is not None:
             return  # already sent (streamed), or Chaperone's own refusal
         self.refused += 1
-        from .refusal import refuse
-
         refuse(flow, "recording_unavailable",
                "The request was forwarded, but its response cannot be recorded, so Chaperone "
                "withheld it (strict recording). Check whether the request took effect before "
@@ -259,7 +266,7 @@ class Record:
         """Detectors for header values and URLs: every mask of the decision, whatever its
         target (these are recorded, not forwarded, so a response-only mask applies too)."""
         masks = ctx.decision.masks if ctx.decision is not None else ()
-        return masker_for(masks, None) if masks else None
+        return _detectors(masks) if masks else None
 
     def _request_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
                        settings: RecordingSettings, streamed: bool) -> dict[str, Any]:
@@ -269,8 +276,7 @@ class Record:
             "method": req.method,
             "url": redact_url(req.pretty_url, masker),
             "httpVersion": req.http_version,
-            "headers": redact_headers(req.headers, _injected_header(flow, self.services, ctx),
-                                      masker),
+            "headers": redact_headers(req.headers, _injected_header(ctx), masker),
             "connection": ctx.connection or None,
             "connectionType": ctx.connection_type or None,
             "action": ({"name": ctx.action.name, "summary": redact_text(ctx.action.summary)}
@@ -279,7 +285,7 @@ class Record:
         if streamed:
             data["body"] = {"streamed": True, "recordedIn": "response"}
         else:
-            data["body"] = body_of(captured(flow, "request"), len(req.raw_content or b""),
+            data["body"] = body_of(ctx.bodies.get("request"), len(req.raw_content or b""),
                                    settings, "request")
         return self._event("request", flow, ctx, data)
 
@@ -315,7 +321,7 @@ class Record:
         return self._event("approval", flow, ctx, data)
 
     def _response_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
-                        settings: RecordingSettings, state: Mapping[str, Any]) -> dict[str, Any]:
+                        settings: RecordingSettings, state: flowctx.RecordProgress) -> dict[str, Any]:
         resp = flow.response
         assert resp is not None
         masker = self._masker(ctx)
@@ -324,7 +330,7 @@ class Record:
             text = (resp.raw_content or b"").decode("utf-8", "replace")
             capture.set(redact_text(text).encode("utf-8"))
         else:
-            capture = captured(flow, "response")
+            capture = ctx.bodies.get("response")
         streamed = bool(resp.stream)
         data: dict[str, Any] = {
             "status": resp.status_code,
@@ -341,12 +347,12 @@ class Record:
         }
         if flow.error is not None:
             data["error"] = flow.error.msg
-        if state.get("streamed_request"):
-            data["requestBody"] = body_of(captured(flow, "request"), 0, settings, "request")
+        if state.streamed_request:
+            data["requestBody"] = body_of(ctx.bodies.get("request"), 0, settings, "request")
         return self._event("response", flow, ctx, data)
 
     def _error_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
-                     settings: RecordingSettings, state: Mapping[str, Any]) -> dict[str, Any]:
+                     settings: RecordingSettings, state: flowctx.RecordProgress) -> dict[str, Any]:
         data: dict[str, Any] = {
             "message": flow.error.msg if flow.error is not None else "flow ended without a response",
             "phase": "response" if flow.response is not None else "request",
@@ -354,6 +360,6 @@ class Record:
         }
         if flow.response is not None:
             data["status"] = flow.response.status_code
-        if state.get("streamed_request"):
-            data["requestBody"] = body_of(captured(flow, "request"), 0, settings, "request")
+        if state.streamed_request:
+            data["requestBody"] = body_of(ctx.bodies.get("request"), 0, settings, "request")
         return self._event("error", flow, ctx, data)

@@ -47,8 +47,13 @@ anything is classified or forwarded:
   fallback finds the ApprovalRequest the first attempt opened instead of opening a second.
 
 The method the policy judges, when it is not the request line's, is kept in
-``flow.metadata[METHOD_KEY]``; :func:`request_of` (the policy's and the approvals' view of the
-request) uses it. The request line itself is not changed.
+``FlowContext.method``; :func:`~chaperone_sidecar.flowctx.request_of` (the policy's and the
+approvals' view of the request) uses it. The request line itself is not changed.
+
+What Route hands the later addons, all through the :class:`~chaperone_sidecar.flowctx.FlowContext`:
+the snapshot it routed with (``snapshot``: read once per flow, so every addon of the flow sees
+the same configuration generation), the connection and its type, the judged method, the
+classified ``action`` and the connection's ``recording`` settings (Mask and Record read them).
 
 Only HTTP is proxied: raw TCP, UDP and DNS flows (a CONNECT tunnel carrying something that is
 not TLS/HTTP) are closed, since no hook could judge them. ``Alt-Svc`` response headers are
@@ -66,51 +71,29 @@ from mitmproxy import http, tcp, udp
 from mitmproxy.proxy import mode_specs
 
 from .. import flowctx
+from ..flowctx import RecordingSettings, request_of
 from ..log_setup import flow_fields
 from ..policy.classify import PathRules, canonical_path, classify, path_rules
 from ..policy.classify.http import OVERRIDE_HEADERS, OVERRIDE_PARAMS, is_method, override_method
 from ..policy.classify.kubernetes import is_connect_request
-from ..policy.model import HTTPRequest
 from ..routing import Connection, base_url_parts, normalize_host, split_host
-from ..sources import Snapshot
+from ..services import SidecarServices
+from ..snapshot import Snapshot
 from . import refusal
 from .streaming import body_leaves_early
 
-__all__ = ["Route", "SNAPSHOT_KEY", "METHOD_KEY", "snapshot_of", "request_of"]
+__all__ = ["Route"]
 
 log = logging.getLogger("chaperone.route")
 
-SNAPSHOT_KEY = "chaperone.snapshot"
-METHOD_KEY = "chaperone.method"  # the method the policy judges, when not the request line's
 _MISMATCH = "the request is addressed to"
 
 
-def snapshot_of(flow: Any, services: Any) -> Snapshot:
-    """The snapshot this flow was routed with (the current one if Route did not run)."""
-    snap = flow.metadata.get(SNAPSHOT_KEY)
-    return snap if snap is not None else services.snapshot()
-
-
-def request_of(flow: http.HTTPFlow, *, body: bool = True) -> HTTPRequest:
-    """The policy engine's view of ``flow.request`` (body decoded when ``body`` and available)."""
-    req = flow.request
-    path, _, query = req.path.partition("?")
-    method = flow.metadata.get(METHOD_KEY) or req.method
-    content = b""
-    if body and not req.stream and req.raw_content:
-        try:
-            content = req.get_content(strict=False) or b""
-        except ValueError:
-            content = req.raw_content or b""
-    return HTTPRequest(method=method, scheme=req.scheme, host=normalize_host(req.host),
-                       port=req.port, path=path, query=query,
-                       headers=tuple(req.headers.items(multi=True)), body=content)
-
-
 class Route:
-    """Sets ``FlowContext.connection``/``connection_type``/``action``; refuses unknown hosts."""
+    """Sets ``FlowContext.snapshot``/``connection``/``connection_type``/``method``/``recording``/
+    ``action``; refuses unknown hosts."""
 
-    def __init__(self, services):
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
 
     # ------------------------------------------------------------------ hooks
@@ -118,7 +101,7 @@ class Route:
         if flow.response is not None:
             return
         ctx = flowctx.ensure(flow)
-        snap = flow.metadata[SNAPSHOT_KEY] = self.services.snapshot()
+        snap = ctx.snapshot = self.services.snapshot()
         conn, host, port, problem = self._resolve(flow, snap)
         if problem:
             kind = "invalid_request" if problem.startswith(_MISMATCH) else "no_connection"
@@ -128,8 +111,10 @@ class Route:
             return
         assert conn is not None
         ctx.connection, ctx.connection_type = conn.name, conn.type
+        recording = conn.spec.get("recording") if isinstance(conn.spec, Mapping) else None
+        ctx.recording = RecordingSettings.from_spec(recording)
         rules = path_rules(conn.type, conn.spec)
-        problem = self._canonical(flow, conn.type, conn.spec, rules)
+        problem = self._canonical(flow, ctx, conn.type, conn.spec, rules)
         if problem:
             refusal.refuse(flow, "invalid_request", problem, rule=None,
                            how_to_get_access="Send the request with a plain path (and one method, "
@@ -147,9 +132,10 @@ class Route:
             return
         if ctx.action is not None and (flow.request.stream or not flow.request.raw_content):
             return  # classified on the headers and there is no read body to add
-        conn = snapshot_of(flow, self.services).connection(ctx.connection)
+        snap = ctx.snapshot if ctx.snapshot is not None else self.services.snapshot()
+        conn = snap.connection(ctx.connection)
         rules = path_rules(conn.type, conn.spec) if conn is not None else None
-        problem = self._body_override(flow, conn.spec if conn is not None else {})
+        problem = self._body_override(flow, ctx, conn.spec if conn is not None else {})
         if problem:
             ctx.action = None
             refusal.refuse(flow, "invalid_request", problem, rule=None,
@@ -161,7 +147,8 @@ class Route:
 
     # ------------------------------------------------------------------ canonical request
     @staticmethod
-    def _canonical(flow: http.HTTPFlow, ctype: str, spec: Any, rules: PathRules) -> str:
+    def _canonical(flow: http.HTTPFlow, ctx: flowctx.FlowContext, ctype: str, spec: Any,
+                   rules: PathRules) -> str:
         """Rewrite the request into its canonical form; a refusal message when it is ambiguous."""
         req = flow.request
         path, sep, query = req.path.partition("?")
@@ -183,13 +170,13 @@ class Route:
             if problem:
                 return problem
             if method != req.method.upper():
-                flow.metadata[METHOD_KEY] = method
+                ctx.method = method
         if ctype == "kubernetes" and is_connect_request(request_of(flow, body=False)):
-            flow.metadata[METHOD_KEY] = "POST"  # WebSocket GET and SPDY POST: one action
+            ctx.method = "POST"  # WebSocket GET and SPDY POST: one action
         return ""
 
     @staticmethod
-    def _body_override(flow: http.HTTPFlow, spec: Any) -> str:
+    def _body_override(flow: http.HTTPFlow, ctx: flowctx.FlowContext, spec: Any) -> str:
         """``_method`` in a form body (what Rails, Laravel and Symfony read first): removed from
         a urlencoded body, refused in a multipart one (re-encoding it would lose the parts'
         headers); judged as the method with ``methodOverride: honor``. A refusal or ""."""
@@ -217,7 +204,7 @@ class Route:
             if len(wanted) != 1 or not all(map(is_method, wanted)):
                 return (f"the request carries conflicting or invalid method overrides "
                         f"({', '.join(sorted(wanted))}); send one method, in the request line")
-            flow.metadata[METHOD_KEY] = wanted.pop()
+            ctx.method = wanted.pop()
             return ""
         if "multipart/form-data" in ctype:
             return ("the multipart body carries a _method form field, which would make the "

@@ -40,13 +40,13 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import flowctx
+from ..services import SidecarServices
 
 __all__ = ["Telemetry", "METER_NAME", "TRACER_NAME"]
 
 log = logging.getLogger("chaperone.telemetry")
 
 TRACER_NAME = METER_NAME = "chaperone.sidecar"
-_STATE = "chaperone.telemetry"
 
 
 class _Counting:
@@ -70,10 +70,10 @@ class _Counting:
 class Telemetry:
     """Spans and metrics per flow (see the module docstring for names and attributes)."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: SidecarServices) -> None:
         self.services = services
-        self.tracer = getattr(services, "tracer", None) or trace.get_tracer(TRACER_NAME)
-        meter = getattr(services, "meter", None) or metrics.get_meter(METER_NAME)
+        self.tracer = services.tracer or trace.get_tracer(TRACER_NAME)
+        meter = services.meter or metrics.get_meter(METER_NAME)
         self.requests = meter.create_counter(
             "chaperone.requests", unit="{request}",
             description="Requests through the sidecar, by decision and outcome")
@@ -98,12 +98,12 @@ class Telemetry:
 
     # ------------------------------------------------------------------ observable callbacks
     def _recorder_metric(self, name: str) -> int | None:
-        recorder = getattr(self.services, "recorder", None)
+        recorder = self.services.recorder
         snapshot = getattr(getattr(recorder, "metrics", None), "snapshot", None)
         return snapshot().get(name) if snapshot is not None else None
 
     def _pending(self, options: Any) -> Iterable[metrics.Observation]:
-        held = getattr(getattr(self.services, "approvals", None), "held", None)
+        held = getattr(self.services.approvals, "held", None)
         return [metrics.Observation(held)] if isinstance(held, int) else []
 
     def _backlog_bytes(self, options: Any) -> Iterable[metrics.Observation]:
@@ -122,7 +122,8 @@ class Telemetry:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not flow.request.stream:
             return
-        self._state(flow)["request"] = flow.request.stream = _Counting(flow.request.stream)
+        progress = flowctx.ensure(flow).telemetry
+        progress.request = flow.request.stream = _Counting(flow.request.stream)
         self._forwarded(flow)  # a streamed body leaves now
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -134,7 +135,8 @@ class Telemetry:
         if ctx is not None and ctx.upstream_started and not ctx.upstream_latency:
             ctx.upstream_latency = time.monotonic() - ctx.upstream_started
         if flow.response is not None and flow.response.stream:
-            self._state(flow)["response"] = flow.response.stream = _Counting(flow.response.stream)
+            progress = flowctx.ensure(flow).telemetry
+            progress.response = flow.response.stream = _Counting(flow.response.stream)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -144,21 +146,17 @@ class Telemetry:
 
     # ------------------------------------------------------------------ internals
     @staticmethod
-    def _state(flow: http.HTTPFlow) -> dict[str, Any]:
-        return flow.metadata.setdefault(_STATE, {})
-
-    @staticmethod
     def _forwarded(flow: http.HTTPFlow) -> None:
         ctx = flowctx.ensure(flow)
         if not ctx.upstream_started:
             ctx.upstream_started = time.monotonic()
 
     def _finish(self, flow: http.HTTPFlow) -> None:
-        state = self._state(flow)
-        if state.get("done"):
+        ctx = flowctx.ensure(flow)
+        state = ctx.telemetry
+        if state.done:
             return
-        state["done"] = True
-        ctx = flowctx.get(flow) or flowctx.FlowContext()
+        state.done = True
         req, resp = flow.request, flow.response
         decision = ctx.decision.effect if ctx.decision is not None else "none"
         refused = str(ctx.refused.get("error", "refused")) if ctx.refused is not None else ""
@@ -178,7 +176,7 @@ class Telemetry:
             log.exception("recording a span failed")
 
     def _span(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, labels: dict[str, str],
-              start: float, end: float, state: dict[str, Any]) -> None:
+              start: float, end: float, state: flowctx.TelemetryProgress) -> None:
         req, resp = flow.request, flow.response
         ident = ctx.identity
         attrs: dict[str, Any] = dict(labels)
@@ -200,7 +198,7 @@ class Telemetry:
             "server.port": req.port,
             "url.path": req.path.partition("?")[0],
             "network.protocol.version": req.http_version.removeprefix("HTTP/"),
-            "http.request.body.size": self._size(req, state.get("request")),
+            "http.request.body.size": self._size(req, state.request),
         })
         if ctx.approved_by:
             attrs["chaperone.approval.approved_by"] = list(ctx.approved_by)
@@ -210,7 +208,7 @@ class Telemetry:
             attrs["chaperone.upstream.latency_ms"] = round(ctx.upstream_latency * 1000, 3)
         if resp is not None:
             attrs["http.response.status_code"] = resp.status_code
-            attrs["http.response.body.size"] = self._size(resp, state.get("response"))
+            attrs["http.response.body.size"] = self._size(resp, state.response)
         attrs = {k: v for k, v in attrs.items() if v is not None and v != ""}
         name = (ctx.action.name if ctx.action is not None and ctx.action.name else req.method)
         span = self.tracer.start_span(name, kind=SpanKind.SERVER, attributes=attrs,

@@ -454,7 +454,7 @@ def test_streamed_aws_chunked_upload_survives_mask_in_pipeline_order(aws_service
     (after InjectCredentials) captures the upload for the recording by wrapping the decoder,
     so the upload still leaves decoded and moto accepts the re-signed PUT."""
     from chaperone_sidecar.addons import ADDON_ORDER
-    from chaperone_sidecar.addons.mask import Mask, captured
+    from chaperone_sidecar.addons.mask import Mask
 
     moto_auth.client("s3").create_bucket(Bucket="chaperone-addon-masked")
     payload = b"line of text\n" * 800
@@ -474,7 +474,7 @@ def test_streamed_aws_chunked_upload_survives_mask_in_pipeline_order(aws_service
     ctx.connection, ctx.connection_type, ctx.decision = "aws-prod", "aws", ALLOW
     f.request.raw_content, f.request.stream = None, True  # mitmproxy: above stream_large_bodies
     built = {"InjectCredentials": InjectCredentials(aws_services), "Mask": Mask(aws_services)}
-    chain = [built[cls] for _, cls in ADDON_ORDER if cls in built]
+    chain = [built[cls.__name__] for cls in ADDON_ORDER if cls.__name__ in built]
     assert [type(a).__name__ for a in chain] == ["InjectCredentials", "Mask"]
     with caplog.at_level(logging.ERROR, logger="chaperone.credentials"), taddons.context(*chain):
         for addon in chain:
@@ -485,7 +485,7 @@ def test_streamed_aws_chunked_upload_survives_mask_in_pipeline_order(aws_service
             addon.request(f)
     assert "decoder was replaced" not in caplog.text
     assert out == payload  # decoded, not chunk-framed
-    capture = captured(f, "request")
+    capture = flowctx.get(f).bodies.get("request")
     assert capture.complete and capture.size == len(payload)
     assert bytes(capture.data) == payload[:len(capture.data)] and capture.data
     f.request.raw_content = out

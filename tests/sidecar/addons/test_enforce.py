@@ -13,8 +13,8 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from chaperone_sidecar import flowctx
-from chaperone_sidecar.addons.enforce import Enforce, body_leaves_early
-from chaperone_sidecar.addons.route import SNAPSHOT_KEY
+from chaperone_sidecar.addons.enforce import Enforce
+from chaperone_sidecar.addons.streaming import body_leaves_early
 from chaperone_sidecar.approvals.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.policy.model import Action, AWSAction, Identity, RuleRef
@@ -171,7 +171,7 @@ def test_refused_flows_are_left_alone():
 
 def test_uses_the_snapshot_the_flow_was_routed_with():
     f = aws_flow()
-    f.metadata[SNAPSHOT_KEY] = services(policies=()).snapshot()  # routed before policies loaded
+    flowctx.ensure(f).snapshot = services(policies=()).snapshot()  # routed before policies loaded
     enforce(f)
     assert "no AccessPolicy governs" in body_of(f)["message"]
 

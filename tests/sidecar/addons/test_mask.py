@@ -18,7 +18,8 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from chaperone_sidecar import flowctx
-from chaperone_sidecar.addons.mask import BODIES_KEY, BodyCapture, Mask, captured
+from chaperone_sidecar.addons.mask import Mask
+from chaperone_sidecar.flowctx import BodyCapture, RecordingSettings
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec, RuleRef
 from chaperone_sidecar.services import SidecarServices
@@ -60,6 +61,8 @@ def make_flow(masks=(ALL,), *, method=b"GET", content=b"", req_headers=None) -> 
     ctx = flowctx.ensure(f)
     ctx.identity = Identity(service_account="team-a/claude", pod_namespace="team-a", pod_name="agent-0")
     ctx.connection, ctx.connection_type = "api", "http"
+    ctx.snapshot = services().snapshot()  # what Route fills: the snapshot, the recording settings
+    ctx.recording = RecordingSettings.from_spec(ctx.snapshot.connection("api").spec["recording"])
     ctx.action = Action("http", method.decode(), "https", "api.example.com", 443, "/v1/things",
                         name=f"http:{method.decode()}")
     ctx.decision = Decision("allow", masks=tuple(masks))
@@ -113,7 +116,7 @@ def test_sse_stream_split_mid_secret_is_still_masked(mask, secret):
         mask.response(f)
         ctx = flowctx.get(f)
         assert sum(ctx.masked.values()) == 1
-        capture = captured(f, "response")
+        capture = flowctx.get(f).bodies.get("response")
         assert capture.streamed and capture.complete and secret not in bytes(capture.data)
 
 
@@ -166,7 +169,7 @@ def test_streamed_gzip_bomb_is_cut_off_and_the_flow_killed(mask):
     out = stream_through(f, [bomb[i:i + 4096] for i in range(0, len(bomb), 4096)])
     assert len(out) <= cap  # never more than the cap decoded and sent
     assert f.error is not None and f.error.msg == "Connection killed."  # the client sees a broken transfer
-    assert any("exceeds the masking limit" in n for n in captured(f, "response").notes)
+    assert any("exceeds the masking limit" in n for n in flowctx.get(f).bodies.get("response").notes)
 
 
 # ---------------------------------------------------------------------------- buffered
@@ -199,7 +202,7 @@ def test_gzip_body_is_masked_and_re_encoded(mask):
     decoded = gzip.decompress(sent)  # still gzip on the wire, as the client asked
     assert AWS_SECRET not in decoded and AWS_KEY_ID not in decoded
     assert json.loads(decoded)["pad"] == "x" * 2000
-    capture = captured(f, "response")  # the recording gets the decoded, masked text
+    capture = flowctx.get(f).bodies.get("response")  # the recording gets the decoded, masked text
     assert AWS_KEY_ID not in bytes(capture.data) and bytes(capture.data).startswith(b"{")
 
 
@@ -218,7 +221,7 @@ def test_gzip_bomb_is_refused_with_a_502_never_passed_unmasked(mask):
     assert "exceeds the masking limit of 1048576 bytes" in body["message"]
     assert body["action"]["connection"] == "api"
     assert flowctx.get(f).refused == body
-    capture = captured(f, "response")
+    capture = flowctx.get(f).bodies.get("response")
     assert not capture.recordable and not capture.data
 
 
@@ -260,7 +263,7 @@ def test_binary_body_passes_through_unmasked_and_says_so(mask):
     mask.responseheaders(f)
     mask.response(f)
     assert f.response.raw_content == png
-    capture = captured(f, "response")  # masks applied: a body they cannot cover is not kept
+    capture = flowctx.get(f).bodies.get("response")  # masks applied: a body they cannot cover is not kept
     assert capture.binary and not capture.recordable and not capture.data
     assert any("binary" in n for n in capture.notes) and capture.size == len(png)
     assert flowctx.get(f).masked == {}
@@ -272,7 +275,7 @@ def test_binary_stream_passes_through_unmasked(mask):
     respond(f, content_type="application/octet-stream", transfer_encoding="chunked")
     mask.responseheaders(f)
     assert stream_through(f, [blob[i:i + 10000] for i in range(0, len(blob), 10000)]) == blob
-    capture = captured(f, "response")
+    capture = flowctx.get(f).bodies.get("response")
     assert capture.binary and not capture.data and capture.size == len(blob)
 
 
@@ -282,7 +285,7 @@ def test_binary_without_masks_is_kept_as_is(mask):
     respond(f, png, content_type="image/png", content_length=str(len(png)))
     mask.responseheaders(f)
     mask.response(f)
-    assert bytes(captured(f, "response").data) == png  # no masks: recorded like any body
+    assert bytes(flowctx.get(f).bodies.get("response").data) == png  # no masks: recorded like any body
 
 
 # ---------------------------------------------------------------------------- guards
@@ -293,7 +296,7 @@ def test_refusals_and_bodiless_responses_are_left_alone(mask):
     respond(f, b'{"error":"chaperone_blocked"}', content_type="application/json")
     mask.responseheaders(f)
     mask.response(f)
-    assert f.response.stream is False and BODIES_KEY not in f.metadata
+    assert f.response.stream is False and not flowctx.get(f).bodies
     head = make_flow(method=b"HEAD")
     respond(head, content_type="text/plain", content_length="123")
     mask.responseheaders(head)
@@ -318,7 +321,7 @@ def test_request_body_is_masked_for_the_recording_only(mask):
                   content=body, req_headers={"content-type": "application/json"})
     mask.request(f)
     assert f.request.raw_content == body  # upstream gets the request as the agent sent it
-    capture = captured(f, "request")
+    capture = flowctx.get(f).bodies.get("request")
     assert AWS_KEY_ID not in bytes(capture.data) and b'"x"' not in bytes(capture.data)
     assert capture.counts == {"aws-access-key-id": 1, "secret-json-key": 1}
 
@@ -326,7 +329,7 @@ def test_request_body_is_masked_for_the_recording_only(mask):
 def test_response_only_masks_leave_the_recorded_request_as_sent(mask):
     f = make_flow(method=b"POST", content=b"hello " + AWS_KEY_ID)  # ALL targets responses
     mask.request(f)
-    assert bytes(captured(f, "request").data) == b"hello " + AWS_KEY_ID
+    assert bytes(flowctx.get(f).bodies.get("request").data) == b"hello " + AWS_KEY_ID
 
 
 def test_streamed_request_goes_upstream_unchanged_with_a_masked_copy(mask):
@@ -338,19 +341,19 @@ def test_streamed_request_goes_upstream_unchanged_with_a_masked_copy(mask):
     body = b"x" * 5000 + b" " + AWS_KEY_ID + b" " + b"y" * 5000
     sent = [c for part in (body[:5003], body[5003:], b"") for c in tee(part)]
     assert b"".join(sent) == body
-    capture = captured(f, "request")
+    capture = flowctx.get(f).bodies.get("request")
     assert capture.streamed and capture.complete and capture.counts == {"aws-access-key-id": 1}
     assert capture.size == len(body) - len(AWS_KEY_ID) + len(b"[MASKED:aws-access-key-id]")
     assert len(capture.data) == 4096 and capture.truncated  # recording.maxBodyBytes of "api"
     mask.request(f)  # fires after the stream: nothing more to do
-    assert captured(f, "request") is capture
+    assert flowctx.get(f).bodies.get("request") is capture
 
 
 def test_body_without_a_decision_is_never_kept(mask):
     f = make_flow(method=b"POST", content=b"secret " + AWS_KEY_ID)
     flowctx.get(f).decision = None
     mask.request(f)
-    capture = captured(f, "request")
+    capture = flowctx.get(f).bodies.get("request")
     assert not capture.recordable and not capture.data
 
 
@@ -372,7 +375,7 @@ def test_streamed_request_tee_wraps_the_stream_function_in_place(mask):
     framed = b"##up#load " + AWS_KEY_ID + b" done##"
     sent = [c for part in (framed[:13], framed[13:], b"") for c in f.request.stream(part)]
     assert b"".join(sent) == b"upload " + AWS_KEY_ID + b" done" and all(sent)
-    capture = captured(f, "request")
+    capture = flowctx.get(f).bodies.get("request")
     assert bytes(capture.data) == b"upload [MASKED:aws-access-key-id] done"
     assert capture.complete and capture.counts == {"aws-access-key-id": 1}
 
@@ -393,14 +396,14 @@ def test_body_of_unknown_length_is_captured_whether_read_or_streamed_by_mitmprox
     mask.requestheaders(read)
     assert not read.request.stream  # not forced to stream: Route and Enforce read the body
     mask.request(read)  # it stayed small: read whole
-    assert bytes(captured(read, "request").data) == b"token [MASKED:aws-access-key-id]"
+    assert bytes(flowctx.get(read).bodies.get("request").data) == b"token [MASKED:aws-access-key-id]"
 
     late = make_flow(masks=masks, method=b"POST", req_headers=headers)
     late.request.http_version = version
     mask.requestheaders(late)
     late.request.stream, late.request.raw_content = True, None  # mitmproxy switched to streaming
     mask.request(late)
-    capture = captured(late, "request")
+    capture = flowctx.get(late).bodies.get("request")
     assert capture is not None and capture.streamed and not capture.recordable
     assert "stream_large_bodies" in capture.notes[0] and not capture.data
 
@@ -468,7 +471,7 @@ def test_buffered_json_with_escaped_and_base64_secrets_is_masked_for_agent_and_r
     sent = f.response.raw_content
     assert json.loads(sent) == {"k": "[MASKED:aws-access-key-id]", "blob": "[MASKED:aws-access-key-id]"}
     assert int(f.response.headers["content-length"]) == len(sent)
-    assert json.loads(bytes(captured(f, "response").data)) == json.loads(sent)
+    assert json.loads(bytes(flowctx.get(f).bodies.get("response").data)) == json.loads(sent)
 
 
 def test_binary_body_printable_runs_are_masked_in_place(mask):
@@ -481,7 +484,7 @@ def test_binary_body_printable_runs_are_masked_in_place(mask):
     assert AWS_KEY_ID not in sent and len(sent) == len(blob)
     assert f.response.headers["content-length"] == str(len(blob))
     assert flowctx.get(f).masked == {"aws-access-key-id": 1}
-    assert not captured(f, "response").recordable  # binary bodies are still not recorded
+    assert not flowctx.get(f).bodies.get("response").recordable  # binary bodies are still not recorded
 
 
 # ---------------------------------------------------------------------------- issue 11: Kubernetes Secrets
@@ -515,7 +518,7 @@ def test_kubernetes_secret_get_and_list_are_masked_without_any_policy_mask(mask)
         mask.response(f)
         sent = f.response.raw_content
         assert SECRET_VALUE.encode() not in sent and b"kubernetes-secret" not in sent  # base64 token
-        assert SECRET_VALUE.encode() not in bytes(captured(f, "response").data)
+        assert SECRET_VALUE.encode() not in bytes(flowctx.get(f).bodies.get("response").data)
         assert flowctx.get(f).masked["kubernetes-secret"] == (1 if doc["kind"] == "Secret" else 2)
 
 
@@ -558,4 +561,4 @@ def test_recorded_secret_create_request_is_masked(mask):
     f.request.method, f.request.content = "POST", body
     mask.request(f)
     assert f.request.content == body  # upstream unchanged
-    assert SECRET_VALUE.encode() not in bytes(captured(f, "request").data)
+    assert SECRET_VALUE.encode() not in bytes(flowctx.get(f).bodies.get("request").data)

@@ -11,7 +11,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from chaperone_sidecar import flowctx
-from chaperone_sidecar.addons.mask import Mask, captured
+from chaperone_sidecar.addons.mask import Mask
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec
 from chaperone_sidecar.services import SidecarServices
@@ -98,7 +98,7 @@ def test_anthropic_stream_split_secret_is_masked_for_agent_and_recording(mask):
     text = "".join(o["delta"]["text"] for o in objs if o["type"] == "content_block_delta")
     assert text == "Hello. aws_secret_access_key = [MASKED:aws-secret-key] bye"
     mask.response(f)
-    capture = captured(f, "response")
+    capture = flowctx.get(f).bodies.get("response")
     assert capture.streamed and capture.complete and capture.counts == {"aws-secret-key": 1}
     assert bytes(capture.data) == agent  # the recording holds exactly what the agent got
     assert flowctx.get(f).masked == {"aws-secret-key": 1}
@@ -116,4 +116,4 @@ def test_ndjson_records_are_masked_for_agent_and_recording(mask):
     assert "".join(r["response"] for r in out) == "aws_secret_access_key = [MASKED:aws-secret-key] ok"
     assert out[-1]["done"] is True
     mask.response(f)
-    assert bytes(captured(f, "response").data) == agent
+    assert bytes(flowctx.get(f).bodies.get("response").data) == agent

@@ -92,9 +92,9 @@ def test_the_real_addons_in_order_and_get():
     from chaperone_sidecar.sources import Sources
 
     services = SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("ns"))
-    children = build_addons(services.config, services)
+    children = build_addons(services)
     pipeline = Pipeline(children)
-    assert [type(c).__name__ for c in pipeline.children] == [cls for _, cls in ADDON_ORDER]
+    assert [type(c) for c in pipeline.children] == list(ADDON_ORDER)
     assert pipeline.get("mask") is children[5] and pipeline.get("nope") is None
     for hook in ("requestheaders", "request", "responseheaders", "response", "error", "running", "done"):
         assert callable(getattr(pipeline, hook)), hook

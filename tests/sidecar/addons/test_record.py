@@ -17,7 +17,9 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.mask import Mask
-from chaperone_sidecar.addons.record import REDACTED, Record, RecordingSettings
+from chaperone_sidecar.addons.record import Record
+from chaperone_sidecar.flowctx import RecordingSettings
+from chaperone_sidecar.recording.flow_events import REDACTED
 from chaperone_sidecar.addons.refusal import refuse
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec, RuleRef
@@ -80,7 +82,15 @@ def make_flow(conn="api", *, method=b"POST", content=b"", decision=None, **heade
     ctx.action = Action("http", method.decode(), "https", f"{conn}.example.com", 443, "/v1/items",
                         name=f"http:{method.decode()}", summary=f"{method.decode()} /v1/items")
     ctx.decision = decision or Decision("allow", rule=RuleRef(f"{NS}/api", "writes"), masks=MASKS)
+    routed(ctx)
     return f
+
+
+def routed(ctx: flowctx.FlowContext) -> None:
+    """What Route fills for Mask and Record: the snapshot and the connection's recording."""
+    ctx.snapshot = services(None).snapshot()
+    conn = ctx.snapshot.connection(ctx.connection)
+    ctx.recording = RecordingSettings.from_spec(conn.spec.get("recording") if conn else None)
 
 
 def upstream(f: http.HTTPFlow, content: bytes = b"", **headers: str) -> None:
@@ -506,7 +516,7 @@ def test_a_decision_changed_after_the_early_record_is_recorded_again(tmp_path):
 
 def test_redact_headers_masks_value_by_value_after_one_joined_scan():
     from chaperone_sidecar.addons.mask import masker_for
-    from chaperone_sidecar.addons.record import redact_headers
+    from chaperone_sidecar.recording.flow_events import redact_headers
 
     masker = masker_for(MASKS, None)
     clean = http.Headers(accept="*/*", x_note="nothing secret here", authorization="Bearer abc")

@@ -9,7 +9,8 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from chaperone_sidecar import flowctx
-from chaperone_sidecar.addons.route import SNAPSHOT_KEY, Route, request_of, snapshot_of
+from chaperone_sidecar.addons.route import Route
+from chaperone_sidecar.flowctx import request_of
 from chaperone_sidecar.config import ConnectionMount, SidecarConfig
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
@@ -52,7 +53,7 @@ def test_explicit_mode_routes_by_host_and_classifies():
     ctx = route(f)
     assert (ctx.connection, ctx.connection_type) == ("github", "http")
     assert ctx.action.name == "http:GET" and ctx.action.host == "api.github.com"
-    assert f.response is None and f.metadata[SNAPSHOT_KEY].generation == 1
+    assert f.response is None and ctx.snapshot.generation == 1
 
 
 def test_unknown_host_gets_a_403_an_agent_can_act_on():
@@ -184,7 +185,7 @@ def test_raw_tcp_udp_and_dns_flows_are_closed():
             assert flow.error is not None and flow.error.msg == "Connection killed."
 
 
-def test_request_of_and_snapshot_of():
+def test_request_of_and_the_routed_snapshot():
     svc = services()
     f = make_flow("API.GitHub.com", path="/a%2Fb?x=1&y=2", headers=[(b"host", b"api.github.com"), (b"a", b"1"), (b"a", b"2")],
                   content=b"body")
@@ -192,9 +193,8 @@ def test_request_of_and_snapshot_of():
     assert (req.host, req.path, req.query, req.body) == ("api.github.com", "/a%2Fb", "x=1&y=2", b"body")
     assert req.headers.count(("a", "1")) == 1 and ("a", "2") in req.headers
     assert request_of(f, body=False).body == b""
-    assert snapshot_of(f, svc) is svc.snapshot()
-    route(f, svc)
-    assert snapshot_of(f, svc) is svc.snapshot()
+    ctx = route(f, svc)
+    assert ctx.snapshot is svc.snapshot()
 
 
 # ---------------------------------------------------------------------------- the canonical request

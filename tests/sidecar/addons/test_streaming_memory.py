@@ -15,8 +15,11 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from chaperone_sidecar import flowctx
-from chaperone_sidecar.addons.mask import Mask, captured
+from chaperone_sidecar.addons.mask import Mask
+from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.policy.model import Decision, MaskSpec
+from chaperone_sidecar.services import SidecarServices
+from chaperone_sidecar.sources import Sources
 
 GIB = 1 << 30
 CHUNK = 64 * 1024
@@ -43,7 +46,7 @@ def test_one_gib_stream_through_the_mask_callable_keeps_memory_flat(record_prope
     # A secret split across two chunks: the end of one, the start of the next.
     head = plain[: CHUNK - 10] + SECRET[:10]
     tail = SECRET[10:] + plain[10:]
-    addon = Mask(None)
+    addon = Mask(SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("ns")))
     with taddons.context(addon) as tctx:
         tctx.configure(addon, chaperone_mask_buffer="1m")
         f = tflow.tflow(req=tutils.treq(host="api.anthropic.com", port=443, scheme=b"https",
@@ -100,6 +103,6 @@ def test_one_gib_stream_through_the_mask_callable_keeps_memory_flat(record_prope
     assert masked_tokens == planted and planted == (chunks - 64) // PLANT_EVERY
     assert sent > GIB - chunks * 64  # everything else came through (tokens change lengths)
     assert flowctx.get(f).masked == {"aws-access-key-id": planted}
-    capture = captured(f, "response")
+    capture = flowctx.get(f).bodies.get("response")
     assert capture.size == sent and len(capture.data) <= 65536  # the recording copy is bounded
     assert growth < MAX_GROWTH, f"RSS grew by {growth / 1e6:.1f} MB while streaming 1 GiB"

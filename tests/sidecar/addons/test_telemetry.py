@@ -19,8 +19,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.refusal import refuse
 from chaperone_sidecar.addons.telemetry import Telemetry
+from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.policy.model import Action, Decision, Identity, RuleRef
 from chaperone_sidecar.recording import RecorderMetrics
+from chaperone_sidecar.services import SidecarServices
+from chaperone_sidecar.sources import Sources
 from chaperone_sidecar.telemetry_setup import DEFAULT_SERVICE_NAME, setup_telemetry
 
 AGENT = Identity(service_account="team-a/claude", pod_namespace="team-a", pod_name="agent-0",
@@ -36,7 +39,8 @@ def otel():
     meter_provider = MeterProvider(metric_readers=[reader])
     recorder = SimpleNamespace(metrics=RecorderMetrics(backlog_bytes=4096, backlog_segments=2,
                                                        events_dropped=1))
-    services = SimpleNamespace(tracer=tracer_provider.get_tracer("test"),
+    services = SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("team-a"),
+                               tracer=tracer_provider.get_tracer("test"),
                                meter=meter_provider.get_meter("test"),
                                approvals=SimpleNamespace(held=3), recorder=recorder)
     addon = Telemetry(services)
@@ -159,7 +163,7 @@ def test_metrics_requests_latency_pending_approvals_and_recording_backlog(otel):
 
 
 def test_without_services_telemetry_uses_the_api_no_ops():
-    addon = Telemetry(SimpleNamespace())
+    addon = Telemetry(SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("ns")))
     with taddons.context(addon):
         f = make_flow()
         addon.request(f)

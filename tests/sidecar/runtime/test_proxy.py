@@ -65,20 +65,12 @@ def test_lean_core_addons():
 
 def test_build_addons_in_the_documented_order():
     services = SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("ns"))
-    addons = build_addons(services.config, services)
-    assert [type(a).__name__ for a in addons] == [cls for _, cls in ADDON_ORDER]
-    assert [cls for _, cls in ADDON_ORDER] == ["Identify", "Route", "Enforce", "Approve",
-                                               "InjectCredentials", "Mask", "Record", "Telemetry"]
-
-
-def test_missing_addons_only_with_the_test_flag(monkeypatch):
-    import chaperone_sidecar.addons as addons_pkg
-
-    monkeypatch.setattr(addons_pkg, "ADDON_ORDER", (("identify", "Identify"), ("no_such_addon", "X")))
-    services = SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("ns"))
-    with pytest.raises(ModuleNotFoundError):
-        build_addons(services.config, services)
-    assert [type(a).__name__ for a in build_addons(services.config, services, allow_missing=True)] == ["Identify"]
+    addons = build_addons(services)
+    assert [type(a) for a in addons] == list(ADDON_ORDER)
+    assert [cls.__name__ for cls in ADDON_ORDER] == ["Identify", "Route", "Enforce", "Approve",
+                                                     "InjectCredentials", "Mask", "Record",
+                                                     "Telemetry"]
+    assert all(a.services is services for a in addons)
 
 
 def test_injector_registry_follows_the_snapshot(tmp_path):

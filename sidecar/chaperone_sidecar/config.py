@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import yaml
+
 from . import contract as c
 
 __all__ = ["ConfigError", "ConnectionMount", "OIDCConfig", "SidecarConfig", "add_sidecar_arguments",
@@ -464,8 +466,6 @@ def standalone_layout(root: Path) -> dict[str, Path]:
 def _read_settings(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:

@@ -154,6 +154,8 @@ def _card_find(text: bytes, lowered: bytes, pos: int) -> Iterator[SpanMatch]:
     """
     for run in _CARD_RUN_RE.finditer(text, pos):
         a, b = run.span()
+        if b - a > 19 and b" " not in text[a:b] and b"-" not in text[a:b]:
+            continue  # one group longer than any card (a digest's digits, a timestamp)
         # Glued to a word or the integer part of a decimal: the last group cannot end a card.
         after = text[b : b + 2]
         glued = after[:1].isalnum() or (after[:1] in (b".", b",") and after[1:].isdigit())
@@ -265,10 +267,11 @@ _JSON_KEY_RE = re.compile(rb'"(?P<key>[A-Za-z0-9_.$-]{1,100})\\?"' + _SP + b":" 
 _EMAIL_RE = re.compile(_lb(rb"A-Za-z0-9._%+-") + rb"(?P<s>[A-Za-z0-9._%+-]{1,64}@"
                        rb"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24})"
                        rb"(?![A-Za-z0-9-])", _F)
-# A run of digit groups, as long as it goes (the finder's work per group is bounded). It may
+# A run of digit groups (13 digits or more: a card's least), as long as it goes (the finder's
+# work per group is bounded). It may
 # also start at a group boundary inside a longer run (after "<digit><separator>"): where a
 # stream resumes scanning after a cut it made between groups of a long run.
-_CARD_RUN_RE = re.compile(rb"(?P<s>\d(?:" + _lb1(rb"\d", rb"0-9A-Za-z.-") + rb"|(?<=\d[ -]\d))(?:[ -]?\d)*)", _F)
+_CARD_RUN_RE = re.compile(rb"(?P<s>\d(?:" + _lb1(rb"\d", rb"0-9A-Za-z.-") + rb"|(?<=\d[ -]\d))(?:[ -]?\d){12,})", _F)
 _SECRET_KEY_ANCHORS = (b"pass", b"pwd", b"secret", b"token", b"key", b"credential", b"auth",
                        b"cookie", b"session", b"connection")
 

@@ -3,6 +3,7 @@ masked across records, any chunking giving the same records."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 from hypothesis import HealthCheck, given, settings
@@ -72,6 +73,19 @@ def test_an_over_long_record_falls_back_to_byte_masking():
     body = b'{"blob": "' + b"x" * 2000 + b" " + KEY_ID.encode() + b'"}\n'
     out = drive(m, [body[i:i + 300] for i in range(0, len(body), 300)])
     assert KEY_ID.encode() not in out and m.errors
+
+
+def test_an_over_long_record_still_decodes_escapes_and_base64():
+    """After the switch to byte masking, a ``\\u``-escaped key and a base64-wrapped one (escapes
+    cut by the chunking) are still masked: the byte masker decodes them too."""
+    m = NDJSONMasker(MASKER, max_record_bytes=1000)
+    wrapped = base64.b64encode(b"id=" + KEY_ID.encode()).decode()
+    body = (b'{"blob": "' + b"x" * 2000 + rb' \\u0041 \u0041KIAIOSFODNN7EXAMPLE", "f": "' + wrapped.encode()
+            + b'"}\n' + json.dumps({"next": "\\u0041KIAIOSFODNN7EXAMPLE"}).encode() + b"\n")
+    out = drive(m, [body[i:i + 7] for i in range(0, len(body), 7)])
+    docs = records(out)
+    assert docs[0]["blob"].endswith(" \\u0041 [MASKED:aws-access-key-id]") and docs[0]["f"] == "[MASKED:aws-access-key-id]"
+    assert docs[1] == {"next": "\\u0041KIAIOSFODNN7EXAMPLE"}  # an escaped backslash, not an escape
 
 
 RECORD = st.fixed_dictionaries({"response": st.sampled_from(["a ", KEY_ID[:9], KEY_ID[9:], " ok", "x@y.io", ""]),

@@ -4,6 +4,7 @@ split of the text into deltas) gives the same assembled, masked text."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -260,3 +261,23 @@ def test_openai_chat_chunks_are_masked_across_events(finish_chunk):
     assert text == "key [MASKED:aws-access-key-id] end"
     assert json.loads(args) == {"k": "[MASKED:aws-access-key-id]"}
     assert KEY_ID[:9].encode() not in out and out.endswith(b"data: [DONE]\n\n")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, 200), max_size=6), st.lists(st.integers(0, 4000), max_size=10))
+def test_json_escapes_inside_partial_json_are_decoded_across_deltas(points, cuts):
+    """``partial_json`` is JSON text: the tool input the SDK assembles and parses may spell a
+    key with ``\\u`` escapes (an escape itself cut between two deltas). Masked on the decoded
+    text, so the parsed input holds no key; the same for OpenAI tool-call arguments."""
+    tool_input = '{"command": "echo \\u0041KIAIOSF\\u004fDNN7EXAMPLE", "b64": "%s", "n": 1}' % (
+        base64.b64encode(b"aws_access_key_id=" + KEY_ID.encode()).decode())
+    points = sorted({min(p, len(tool_input)) for p in points})
+    parts = [tool_input[a:b] for a, b in zip([0, *points], [*points, len(tool_input)])]
+    raw = message(parts, kind="input_json_delta")
+    cuts = sorted({min(c, len(raw)) for c in cuts})
+    out = drive(SSEMasker(MASKER), [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)]) if b > a])
+    parsed = json.loads(assembled(out, "partial_json"))
+    assert parsed == {"command": "echo [MASKED:aws-access-key-id]", "b64": "[MASKED:aws-access-key-id]", "n": 1}
+    chat = b"".join([*(chat_chunk(args=p) for p in parts), chat_chunk(finish="tool_calls"), b"data: [DONE]\n\n"])
+    _, args = chat_text(drive(SSEMasker(MASKER), [chat]))
+    assert json.loads(args) == parsed

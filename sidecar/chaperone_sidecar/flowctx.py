@@ -20,8 +20,9 @@ they are kept here too, typed, rather than in ad-hoc ``flow.metadata`` keys.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .policy.model import Action, Decision, HTTPRequest, Identity
 from .routing import normalize_host
@@ -55,7 +56,7 @@ class RecordingSettings:
         return max(0, min(self.max_body_bytes, FULL_BODY_CAP))
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None) -> "RecordingSettings":
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> RecordingSettings:
         spec = spec if isinstance(spec, Mapping) else {}
         bodies = spec.get("bodies", "truncated")
         size = spec.get("maxBodyBytes", 65536)

@@ -33,7 +33,8 @@ when such an addon comes after this one, and a streamed upload whose decoder was
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mitmproxy import ctx as mctx
 from mitmproxy import http

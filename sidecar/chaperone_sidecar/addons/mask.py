@@ -79,7 +79,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from mitmproxy import ctx as mctx
 from mitmproxy import exceptions, http

@@ -48,7 +48,8 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mitmproxy import http
 

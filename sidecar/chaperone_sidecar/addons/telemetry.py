@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from mitmproxy import http
 from opentelemetry import metrics, trace

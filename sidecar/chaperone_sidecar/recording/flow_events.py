@@ -45,7 +45,7 @@ def redact_headers(headers: http.Headers, extra: str = "", masker: Any = None) -
         out.append([name, value])
     if masker is None or not masker.active or not kept:
         return out
-    for i, value in zip(kept, masker.mask_values([out[i][1] for i in kept])):
+    for i, value in zip(kept, masker.mask_values([out[i][1] for i in kept]), strict=True):
         out[i][1] = value
     return out
 

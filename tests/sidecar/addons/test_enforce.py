@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import pytest
-
 import redis.asyncio as aioredis
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils

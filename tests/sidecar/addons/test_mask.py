@@ -19,8 +19,8 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.mask import Mask
-from chaperone_sidecar.flowctx import BodyCapture, RecordingSettings
 from chaperone_sidecar.config import SidecarConfig
+from chaperone_sidecar.flowctx import BodyCapture, RecordingSettings
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec, RuleRef
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources

@@ -18,12 +18,12 @@ from mitmproxy.test import taddons, tflow, tutils
 from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.mask import Mask
 from chaperone_sidecar.addons.record import Record
-from chaperone_sidecar.flowctx import RecordingSettings
-from chaperone_sidecar.recording.flow_events import REDACTED
 from chaperone_sidecar.addons.refusal import refuse
 from chaperone_sidecar.config import SidecarConfig
+from chaperone_sidecar.flowctx import RecordingSettings
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec, RuleRef
 from chaperone_sidecar.recording import DirStore, Recorder, SpoolConfig, SpoolUnavailable, key_from_bytes
+from chaperone_sidecar.recording.flow_events import REDACTED
 from chaperone_sidecar.recording.reader import find_session, load_session, verify_session
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources

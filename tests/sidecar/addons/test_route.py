@@ -10,8 +10,8 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.route import Route
-from chaperone_sidecar.flowctx import request_of
 from chaperone_sidecar.config import ConnectionMount, SidecarConfig
+from chaperone_sidecar.flowctx import request_of
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
 

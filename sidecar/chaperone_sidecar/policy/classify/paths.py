@@ -61,7 +61,10 @@ _DOUBLE = re.compile(r"%25[0-9A-Fa-f]{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Anything that could make the canonical form differ from the path, or make it ambiguous; a
 # path without any of these (nearly every request) is canonical as it is.
-_SUSPECT = re.compile(r"[\x00-\x1f\x7f\\;%#]|//|/\.|\.(?:/|$)")
+# Lone surrogates are the bytes that were not UTF-8 on the wire (mitmproxy decodes the path
+# with surrogateescape): an overlong "\xc0\xae" is "." to some servers, so they are refused.
+_NOT_UTF8 = re.compile(r"[\udc80-\udcff]")
+_SUSPECT = re.compile(r"[\x00-\x1f\x7f\\;%#\udc80-\udcff]|//|/\.|\.(?:/|$)")
 
 # pathNormalization field -> PathRules attribute (the refusal message names the field).
 AMBIGUOUS_FIELDS = {
@@ -146,7 +149,7 @@ def _decode(path: str, rules: PathRules) -> tuple[str, str]:
     decoded = "".join(out)
     try:
         unquote_to_bytes(decoded).decode("utf-8")
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, UnicodeEncodeError):
         return "", _refusal(path, "percent-encoded bytes that are not UTF-8 (an overlong %C0%AE "
                                   "is '.' to some servers)", None)
     if not rules.allow_double_encoding:
@@ -161,6 +164,9 @@ def _raw_problem(path: str, rules: PathRules) -> str:
     control = _CONTROL.search(path)
     if control:
         return _refusal(path, f"a control character {control.group()!r}", None)
+    if _NOT_UTF8.search(path):
+        return _refusal(path, "raw bytes that are not UTF-8 (an overlong \\xc0\\xae is '.' to some "
+                              "servers)", None)
     if "#" in path:  # a fragment is never sent; servers cut the path there, or do not
         return _refusal(path, "a '#' (fragment)", None)
     if "\\" in path and not rules.allow_backslash:

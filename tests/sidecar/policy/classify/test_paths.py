@@ -178,3 +178,16 @@ def test_double_encoding_hidden_behind_encoded_hex_digits_is_still_refused():
     # "%25%36%31" decodes (unreserved digits) to "%2561": a server decoding twice sees "a".
     for path in ("/%25%36%31dmin", "/%25%3261dmin", "/%2525%36%31dmin"):
         assert "double encoding" in canonical_path(path)[1], path
+
+
+@pytest.mark.parametrize("connection_type", ["http", "aws", "kubernetes", "anthropic"])
+@pytest.mark.parametrize("path", ["/a\udcc0\udcae/admin", "/%2F\udc80", "/%41\udcff"])
+def test_raw_bytes_that_are_not_utf8_are_refused_not_crashed_on(connection_type, path):
+    # mitmproxy hands over a path's non-UTF-8 bytes as lone surrogates (surrogateescape); an
+    # overlong "\xc0\xae" is "." to some servers. Refused for every connection type, never a
+    # classifier crash (Hypothesis found "/%2F%2F\udc80" crashing the percent decoder).
+    canonical, problem = canonical_path(path, path_rules(connection_type))
+    assert canonical == path and "not UTF-8" in problem
+    action = classify(HTTPRequest(method="GET", scheme="https", host="h.example", port=443, path=path),
+                      connection_type)
+    assert not any("classifier failed" in e for e in action.errors), action.errors

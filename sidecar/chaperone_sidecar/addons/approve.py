@@ -69,9 +69,11 @@ from opentelemetry import metrics
 from .. import flowctx
 from ..approvals import ApprovalUnavailable, BackendError
 from ..approvals.digest import request_digest
+from ..approvals.service import approvers_text
 from ..contract import APPROVAL_MODE_ANNOTATION
 from ..flowctx import request_of
 from ..log_setup import flow_fields
+from ..policy.masking import DETECTOR_NAMES, mask_text, resolve_rules
 from ..policy.model import ApprovalRequirement, HTTPRequest
 from ..services import SidecarServices
 from ..snapshot import parse_downward_api
@@ -102,8 +104,6 @@ def body_preview(request: HTTPRequest, limit: int = PREVIEW_BYTES) -> str:
     ctype = (request.header("content-type") or "").lower()
     if ctype and not any(t in ctype for t in _TEXT_TYPES):
         return f"<{len(request.body)} bytes of {ctype}>"
-    from ..policy.masking import DETECTOR_NAMES, mask_text, resolve_rules
-
     head = request.body[:limit * 2]  # room for masks; the result is cut to `limit` characters
     text = mask_text(head, resolve_rules(DETECTOR_NAMES)).decode("utf-8", errors="replace")
     if len(text) > limit or len(request.body) > len(head):
@@ -270,8 +270,6 @@ class Approve:
 
     def _refuse(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, outcome: Any,
                 requirement: ApprovalRequirement) -> None:
-        from ..approvals.service import approvers_text
-
         decision = ctx.decision
         assert decision is not None
         name, namespace = outcome.name, self._namespace

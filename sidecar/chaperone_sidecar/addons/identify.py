@@ -27,6 +27,7 @@ from .. import flowctx
 from ..config import SidecarConfig, parse_creator_annotation
 from ..contract import CREATOR_ANNOTATION
 from ..log_setup import flow_fields
+from ..oidc import TokenInvalid
 from ..policy.model import Identity
 from ..services import SidecarServices
 from ..snapshot import parse_downward_api
@@ -91,8 +92,6 @@ class Identify:
             self._refuse(flow, "X-Chaperone-On-Behalf-Of was sent, but this gateway has no OIDC "
                                "issuer configured to verify it; send the request without it")
             return
-        from ..oidc import TokenInvalid
-
         try:
             verified = await verifier.verify(tokens[0])
         except TokenInvalid as exc:

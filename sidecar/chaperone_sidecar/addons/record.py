@@ -326,6 +326,7 @@ class Record:
         resp = flow.response
         assert resp is not None
         masker = self._masker(ctx)
+        capture: BodyCapture | None
         if ctx.refused is not None:  # Chaperone's own answer: stored as sent
             capture = BodyCapture(settings.body_limit or FULL_BODY_CAP)
             text = (resp.raw_content or b"").decode("utf-8", "replace")

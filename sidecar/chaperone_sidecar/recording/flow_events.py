@@ -35,7 +35,7 @@ def redact_headers(headers: http.Headers, extra: str = "", masker: Any = None) -
     """Headers as ``[[name, value], ...]``: credential-like values redacted, the others
     masked (``Masker.mask_values``: values seen clean before are not scanned again, the rest
     in one joined scan)."""
-    out = []
+    out: list[list[str]] = []
     kept: list[int] = []
     for name, value in headers.items(multi=True):
         if _SENSITIVE.search(name) or (extra and name.lower() == extra):

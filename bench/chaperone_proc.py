@@ -56,8 +56,10 @@ def _telemetry() -> list:
 
 def _s3_recorder(config):
     """The session recorder shipping to the S3 server named by BENCH_S3_* (as injected)."""
-    from chaperone_sidecar.recording import Recorder, S3Store, SpoolConfig
+    from chaperone_sidecar.recording import Recorder
     from chaperone_sidecar.recording.events import SessionIdentity
+    from chaperone_sidecar.recording.shipper import S3Store
+    from chaperone_sidecar.recording.spool import SpoolConfig
 
     env = os.environ
     store = S3Store(env["BENCH_S3_BUCKET"], prefix=env.get("BENCH_S3_PREFIX", ""),

@@ -82,14 +82,19 @@ def approval_round_trip(cp: Any, workdir: Path, *, n: int, kubectl_n: int) -> di
     """p50/p99 of patch -> released over ``n`` API patches and ``kubectl_n`` kubectl patches."""
     import aiohttp
 
+    from chaperone_sidecar.api import LABEL_DIGEST
     from chaperone_sidecar.approvals.digest import request_digest
     from chaperone_sidecar.approvals.grants import MemoryGrants
     from chaperone_sidecar.approvals.kube import KubeApprovalBackend
-    from chaperone_sidecar.kubeclient import KubeClient
-    from chaperone_sidecar.api import LABEL_DIGEST
     from chaperone_sidecar.approvals.service import ApprovalService
+    from chaperone_sidecar.kubeclient import KubeClient
     from chaperone_sidecar.policy.model import (
-        Action, ApprovalRequirement, Approvers, HTTPRequest, Identity, RuleRef,
+        Action,
+        ApprovalRequirement,
+        Approvers,
+        HTTPRequest,
+        Identity,
+        RuleRef,
     )
 
     ns = f"bench-approvals-{uuid.uuid4().hex[:6]}"
@@ -175,7 +180,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server API
         from chaperone_operator import kube
-        from chaperone_operator.injection import InjectionSettings, inject
+        from chaperone_operator.injection.inject import inject
+        from chaperone_operator.injection.settings import InjectionSettings
 
         start = time.perf_counter()
         review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -325,7 +331,7 @@ def run_controlplane(workdir: Path, *, approvals_n: int, webhook_n: int, kubectl
     to catch up with etcd, up to the 100 ms progress-notify period, whenever other objects
     were written meanwhile - which pod creation always does.
     """
-    from chaperone_testbed import ControlPlane
+    from chaperone_testbed.controlplane import ControlPlane
 
     workdir.mkdir(parents=True, exist_ok=True)
     cp = ControlPlane(build_script=REPO / "hack" / "build-control-plane.sh").start()

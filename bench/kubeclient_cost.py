@@ -26,7 +26,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from chaperone_sidecar.api import API_VERSION, CLAUDE_CONNECTIONS, GROUP, KIND_CLAUDE_CONNECTION, collection_path
+from chaperone_sidecar.api import (
+    API_VERSION,
+    CLAUDE_CONNECTIONS,
+    GROUP,
+    KIND_CLAUDE_CONNECTION,
+    collection_path,
+)
 from chaperone_sidecar.kubeclient import KubeClient, ListWatch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,9 +146,9 @@ async def _lightkube(kubeconfig: Path, ns: str, n: int) -> dict[str, float]:
 
 
 def round_trips(extra: str | None, n: int, workdir: Path) -> dict[str, dict[str, float]]:
-    import chaperone_testbed
+    from chaperone_testbed.controlplane import ControlPlane
 
-    cp = chaperone_testbed.ControlPlane(build_script=REPO / "hack" / "build-control-plane.sh").start()
+    cp = ControlPlane(build_script=REPO / "hack" / "build-control-plane.sh").start()
     try:
         cp.kubectl("apply", "-f", str(REPO / "crds"))
         cp.kubectl("wait", "--for=condition=Established", f"crd/{CLAUDE_CONNECTIONS}.{GROUP}", "--timeout=60s")

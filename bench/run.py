@@ -174,7 +174,8 @@ def setup_env(workdir: Path, names: list[str], harness_loop: str,
     env = paths.Env(workdir, upstream, paths.interception_ca(workdir / "ca"), proxy_cpus=proxy_cpus)
     if any(n.startswith("chaperone-full") for n in names):
         import boto3
-        from chaperone_testbed import S3Server
+
+        from chaperone_testbed.services import S3Server
 
         env.s3 = S3Server().start()
         closers.append(env.s3.close)

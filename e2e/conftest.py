@@ -47,7 +47,9 @@ for _src in ("testbed", "operator", "sidecar"):  # a bare source tree works like
         sys.path.insert(0, str(REPO_ROOT / _src))
 
 import story as st  # noqa: E402  (e2e/story.py; e2e/ is on sys.path as the conftest's dir)
-from chaperone_testbed import CertAuthority, ManagedProcess, free_port  # noqa: E402
+
+from chaperone_testbed.pki import CertAuthority  # noqa: E402
+from chaperone_testbed.services import ManagedProcess, free_port  # noqa: E402
 
 
 def _load(name: str, path: Path):

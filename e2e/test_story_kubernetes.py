@@ -23,9 +23,9 @@ import base64
 import json
 from pathlib import Path
 
-from chaperone_testbed import KubeconfigRef
-
 import story as st
+
+from chaperone_testbed.controlplane import KubeconfigRef
 
 
 def _kubeconfig(story, name: str, *, proxy: bool = True, token: str | None = None) -> Path:

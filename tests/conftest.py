@@ -7,6 +7,7 @@ requirement, and locally failing loudly is just as useful.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -15,11 +16,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-try:
-    import chaperone_testbed
-except ImportError:  # not pip-installed: run straight from the source tree
+if importlib.util.find_spec("chaperone_testbed") is None:  # not pip-installed: the source tree
     sys.path.insert(0, str(REPO_ROOT / "testbed"))
-    import chaperone_testbed
+
+from chaperone_testbed.controlplane import ControlPlane  # noqa: E402 - after the sys.path fallback
+from chaperone_testbed.services import RedisServer, S3Server, TestbedError  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -27,7 +28,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 def _start(component, what: str):
     try:
         return component.start()
-    except chaperone_testbed.TestbedError as exc:
+    except TestbedError as exc:
         error = exc  # fail outside the except block: no "during handling..." chain in reports
     getattr(component, "close", component.stop)()  # remove its temp dir (the log tail is in error)
     where = " (CI=true: missing infrastructure is a failure)" if IN_CI else ""
@@ -41,21 +42,21 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def control_plane(repo_root):
-    cp = chaperone_testbed.ControlPlane(build_script=repo_root / "hack" / "build-control-plane.sh")
+    cp = ControlPlane(build_script=repo_root / "hack" / "build-control-plane.sh")
     yield _start(cp, "control plane (etcd + kube-apiserver)")
     cp.stop()
 
 
 @pytest.fixture(scope="session")
 def redis_server():
-    server = chaperone_testbed.RedisServer()
+    server = RedisServer()
     yield _start(server, "redis-server")
     server.close()
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    server = chaperone_testbed.S3Server()
+    server = S3Server()
     yield _start(server, "S3 (moto) server")
     server.close()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chaperone_testbed import TestbedError
+from chaperone_testbed.services import TestbedError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RELEASE, RELEASE_NS = "chaperone", "chaperone-system"

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import uuid
 
-from chaperone_testbed import ControlPlane
-from chaperone_testbed.node import Node, node_address
-
 from nodebed import REPO_ROOT, leftovers, pod_status, start_or_fail, wait_for
+
+from chaperone_testbed.controlplane import ControlPlane
+from chaperone_testbed.node import Node, node_address
 
 
 def _running_pod(cp, node) -> None:

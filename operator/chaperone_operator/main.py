@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import aiohttp.web
 import kopf
+
 from chaperone_sidecar.api import LABEL_INJECT
 from chaperone_sidecar.policy import aws_catalog
 
@@ -105,7 +106,7 @@ def configure_kopf(settings: kopf.OperatorSettings, op: OperatorSettings) -> Non
 def on_operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_):
     """Build the Runtime once from the environment and configure kopf with it."""
     from .ca import ensure_namespace_ca
-    from .injection import InjectionSettings
+    from .injection.settings import InjectionSettings
 
     try:
         op = OperatorSettings.from_env(os.environ)

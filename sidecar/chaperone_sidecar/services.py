@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from .config import SidecarConfig
-from .routing import Connection
 from .kubeclient import KubeClient
-from .sources import FileSources, KubeSources, Snapshot, Sources
+from .routing import Connection
+from .snapshot import Snapshot
+from .sources import FileSources, KubeSources, Sources
 
 __all__ = ["SidecarServices", "InjectorRegistry", "build_services"]
 
@@ -95,7 +96,7 @@ class InjectorRegistry:
             self._entries[name] = (fp, injector)
 
     def get(self, name: str) -> Any:
-        from .credentials import CredentialsUnavailable
+        from .credentials.credential_sources import CredentialsUnavailable
 
         entry = self._entries.get(name)
         if entry is None:
@@ -216,7 +217,11 @@ async def build_services(config: SidecarConfig, *, sources: Sources | None = Non
 
 
 async def _make_backends(config: SidecarConfig, services: SidecarServices) -> None:
-    from . import approvals
+    from .approvals.grants import MemoryGrants, RedisGrants
+    from .approvals.kube import KubeApprovalBackend
+    from .approvals.local import LocalApprovalStore
+    from .approvals.ratelimit import MemoryRateLimiter, RedisRateLimiter
+    from .approvals.service import ApprovalService
 
     if config.redis_url:
         import redis.asyncio as aioredis
@@ -229,30 +234,25 @@ async def _make_backends(config: SidecarConfig, services: SidecarServices) -> No
             options["ssl_ca_data"] = config.redis_ca_cert
         services.redis = aioredis.from_url(config.redis_url, **options)
         services.closers.append(services.redis.aclose)
-        services.grants = approvals.RedisGrants(services.redis)
-        services.rate_limiter = approvals.RedisRateLimiter(services.redis)
+        services.grants = RedisGrants(services.redis)
+        services.rate_limiter = RedisRateLimiter(services.redis)
     else:
-        services.grants = approvals.MemoryGrants()
-        services.rate_limiter = approvals.MemoryRateLimiter()
+        services.grants = MemoryGrants()
+        services.rate_limiter = MemoryRateLimiter()
     services.closers.append(services.grants.close)
     services.closers.append(services.rate_limiter.close)
 
     if config.standalone:
         assert config.approvals_dir is not None
-        backend: Any = approvals.LocalApprovalStore(config.approvals_dir, namespace=config.pod_namespace)
+        backend: Any = LocalApprovalStore(config.approvals_dir, namespace=config.pod_namespace)
     else:
         if services.kube is None:  # sources brought by a test: still one client for the rest
             services.kube = KubeClient(config.api_server, config.token_file, config.api_ca_file)
             services.closers.append(services.kube.aclose)
-        backend = approvals.KubeApprovalBackend(services.kube, config.pod_namespace)
+        backend = KubeApprovalBackend(services.kube, config.pod_namespace)
     services.approval_backend = backend
     services.closers.append(backend.close)
-    try:
-        service_cls = approvals.ApprovalService
-    except (AttributeError, ImportError) as exc:
-        log.error("approvals service not available (%s): require-approval requests will be refused", exc)
-        return
-    services.approvals = service_cls(backend, services.grants)
+    services.approvals = ApprovalService(backend, services.grants)
     close = getattr(services.approvals, "close", None)
     if close is not None:
         services.closers.append(close)
@@ -278,8 +278,11 @@ def _make_recorder(config: SidecarConfig) -> Any:
     """The session recorder: spool in ``spool_dir``; shipped to S3 (injected, when a bucket is
     configured) or to ``recordings_dir`` (standalone). Manifest key: the sidecar Secret's
     ``MANIFEST_KEY`` (injected) or ``<config>/manifest.key`` (standalone), when present."""
-    from .recording import DirStore, Recorder, S3Store, SpoolConfig, load_key
+    from .recording import Recorder
     from .recording.events import SessionIdentity
+    from .recording.manifest import load_key
+    from .recording.shipper import DirStore, S3Store
+    from .recording.spool import SpoolConfig
 
     store: Any = None
     key = None

@@ -34,14 +34,9 @@ from typing import Any, Callable
 from .api import ACCESS_POLICIES, CLAUDE_CONNECTIONS, collection_path
 from .config import ConnectionMount, SidecarConfig, standalone_layout
 from .kubeclient import KubeClient, KubeError, ListWatch, WatchEvent
-from .selectors import selector_matches
-from .snapshot import (
-    INVALID_POLICY_RULE, Snapshot, build_snapshot, empty_snapshot, parse_downward_api, read_labels,
-)
+from .snapshot import Snapshot, build_snapshot, empty_snapshot, read_labels
 
-__all__ = ["Snapshot", "Sources", "KubeSources", "FileSources", "Reflector",
-           "build_snapshot", "read_labels", "parse_downward_api", "selector_matches",
-           "INVALID_POLICY_RULE"]
+__all__ = ["Sources", "KubeSources", "FileSources", "Reflector"]
 
 log = logging.getLogger("chaperone.sources")
 

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from chaperone_operator.handlers import WEBHOOKS
 from chaperone_operator.injection.settings import ENV_VARS as INJECTION_ENV
-from chaperone_operator.injection import InjectionSettings
-from chaperone_operator.settings import ENV as OPERATOR_ENV, OperatorSettings
+from chaperone_operator.injection.settings import InjectionSettings
+from chaperone_operator.settings import ENV as OPERATOR_ENV
+from chaperone_operator.settings import OperatorSettings
 
 CHART_NS = "chaperone-system"
 

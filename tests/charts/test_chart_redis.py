@@ -15,10 +15,9 @@ import uuid
 import pytest
 import redis
 import yaml
-
-from chaperone_testbed import free_port
-
 from test_chart_operator import helm, one, render, run_helm  # noqa: F401 - helm is a fixture
+
+from chaperone_testbed.services import free_port
 
 
 def redis_container(docs) -> dict:

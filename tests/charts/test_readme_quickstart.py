@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from chaperone_testbed import ManagedProcess, free_port
+from chaperone_testbed.services import ManagedProcess, free_port
 
 pytestmark = pytest.mark.controlplane
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chaperone_testbed import CertAuthority, KubeconfigRef, ManagedProcess, free_port
-from chaperone_testbed.controlplane import CLUSTER_NAME
-from chaperone_testbed.services import keep_artifacts
+from chaperone_testbed.controlplane import CLUSTER_NAME, KubeconfigRef
+from chaperone_testbed.pki import CertAuthority
+from chaperone_testbed.services import ManagedProcess, free_port, keep_artifacts
 
 OPERATOR_NS = "chaperone-system"
 OPERATOR_SA = "chaperone-operator"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from chaperone_operator import kube, namespaces
-from chaperone_operator.injection import InjectionSettings
+from chaperone_operator.injection.settings import InjectionSettings
 from chaperone_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.controlplane

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from chaperone_testbed import KubectlError
+from chaperone_testbed.controlplane import KubectlError
 
 pytestmark = pytest.mark.controlplane
 

@@ -8,7 +8,7 @@ import boto3
 import pytest
 import redis
 
-from chaperone_testbed import ComponentUnavailable, RedisServer, StartupError
+from chaperone_testbed.services import ComponentUnavailable, RedisServer, StartupError
 
 
 def test_redis_ping_set_get(redis_server):

@@ -36,7 +36,7 @@ def _apply(ops: list[dict], body: dict) -> None:
 @kopf.on.mutate("v1", "pods", id="pod-mutate", operations=["CREATE"], labels={LABEL_INJECT: "true"})
 def on_pod_mutate(body, userinfo, patch, memo, **_):
     """Inject the sidecar (the pure ``inject`` decides everything)."""
-    from ..injection import inject
+    from ..injection.inject import inject
 
     runtime = memo.runtime
     pod = copy.deepcopy(dict(body))

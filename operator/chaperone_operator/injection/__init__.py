@@ -8,17 +8,6 @@ docs/injection.md.
 Modules: `settings` (operator-wide knobs from CHAPERONE_* variables), `connections` (which
 ClaudeConnections apply, NO_PROXY safety), `agent` (agent containers), `sidecar` (added
 containers and volumes), `iptables` (transparent-mode rules), `patch` (JSONPatch diff),
-`inject` (the orchestration and refusals).
+`inject` (the orchestration and refusals). Import each name from its module; the package
+re-exports nothing.
 """
-
-from .connections import ConnectionPlan, applicable_connections, selector_matches
-from .inject import InjectionResult, creator_of, inject
-from .iptables import iptables_rules, iptables_script
-from .patch import escape, make_patch, pointer
-from .settings import InjectionSettings, quantity_bytes
-
-__all__ = [
-    "ConnectionPlan", "InjectionResult", "InjectionSettings", "applicable_connections",
-    "creator_of", "escape", "inject", "iptables_rules", "iptables_script", "make_patch",
-    "pointer", "quantity_bytes", "selector_matches",
-]

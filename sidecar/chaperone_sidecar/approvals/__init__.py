@@ -14,15 +14,11 @@ one JSON file per request), ``grants`` (grant cache + decision fan-out, Redis or
 ``ratelimit`` (policy rate limits, Redis or memory), ``objects`` (ApprovalRequest objects built
 and read, pure), ``service`` (the façade).
 
-The errors live here and everything else is imported lazily (PEP 562), so ``kube`` and
-``local`` can import the errors without an import cycle and the standalone proxy never has
-to import aiohttp or redis.
+The errors live here; everything else is imported from its module (the package re-exports
+nothing), so the standalone proxy imports neither aiohttp nor redis unless it uses them.
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 
 class ApprovalError(Exception):
@@ -49,23 +45,3 @@ class Conflict(BackendError):
 
 class ApprovalUnavailable(ApprovalError):
     """No ApprovalRequest could be opened; the caller must refuse the flow (fail closed)."""
-
-
-_LAZY = {
-    "ApprovalService": "service", "Outcome": "service", "approvers_text": "service",
-    "approve_command": "service", "subject_key": "service",
-    "KubeApprovalBackend": "kube", "LocalApprovalStore": "local",
-    "RedisGrants": "grants", "MemoryGrants": "grants", "Grant": "grants",
-    "RedisRateLimiter": "ratelimit", "MemoryRateLimiter": "ratelimit",
-    "RateVerdict": "ratelimit", "rate_key": "ratelimit",
-    "request_digest": "digest", "action_key": "digest", "request_name": "digest",
-}
-
-__all__ = ["ApprovalError", "BackendError", "Conflict", "ApprovalUnavailable", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

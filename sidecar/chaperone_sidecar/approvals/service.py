@@ -52,13 +52,19 @@ from . import ApprovalError, ApprovalUnavailable, BackendError, Conflict
 from .digest import action_key, request_name
 from .grants import Grant, InvalidGrant, MemoryGrants, grant_key
 from .objects import (
-    State, approve_command, approvers_text, binding_problem, build_request, label_value, read_state,
-    request_action_key, subject_key,
+    State,
+    approvers_text,
+    binding_problem,
+    build_request,
+    label_value,
+    read_state,
+    request_action_key,
+    subject_key,
 )
-from .proof import ProofCache, check as check_proof, window_end
+from .proof import ProofCache, window_end
+from .proof import check as check_proof
 
-__all__ = ["ApprovalService", "Outcome", "read_state", "build_request", "subject_key",
-           "approvers_text", "approve_command"]
+__all__ = ["ApprovalService", "Outcome"]
 
 log = logging.getLogger("chaperone.approvals")
 

@@ -39,12 +39,8 @@ from typing import Any, Callable, Iterable, Protocol
 from .aws_chunked import AwsChunkedDecoder
 from .aws_sigv4 import AWSResigner
 from .credential_sources import (
-    AWSCredentials,
-    CredentialError,
     CredentialsUnavailable,
     InjectionError,
-    SecretDir,
-    SecretValue,
     StaticAWSSource,
     TokenSource,
     WebIdentitySource,
@@ -52,12 +48,7 @@ from .credential_sources import (
 )
 from .headers import HeaderInjector, anthropic_injector, http_injector, kubernetes_injector
 
-__all__ = [
-    "AWSCredentials", "AWSResigner", "AwsChunkedDecoder", "CredentialError",
-    "CredentialInjector", "CredentialsUnavailable", "HTTPLike", "HeaderInjector",
-    "InjectionError", "SecretDir", "SecretValue", "StaticAWSSource", "TokenSource",
-    "WebIdentitySource",
-]
+__all__ = ["CredentialInjector", "HTTPLike"]
 
 
 class HeadersLike(Protocol):

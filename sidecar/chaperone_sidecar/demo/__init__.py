@@ -24,7 +24,7 @@ The whole run is bounded (``--timeout``, default 55 s).
 
 # Split by concern: scenario.py (the secrets, the tickets API, the config dir), plumbing.py
 # (output, subprocesses, the agent), steps.py (the steps and run_demo). main() stays here so
-# --help prints the text above; the public names stay importable from chaperone_sidecar.demo.
+# --help prints the text above; import the other names from their modules.
 
 from __future__ import annotations
 
@@ -34,17 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .plumbing import (  # noqa: F401 - re-exported
-    COMMANDS, PACKAGE_ROOT, Agent, DemoFailure, Proxy, chaperone, child_env, expect, header, indent,
-    run_cli, say, show_response,
-)
-from .scenario import (  # noqa: F401 - re-exported
-    AGENT_USER, APPROVER, AWS_KEY_ID, AWS_SECRET, DB_PASSWORD, NAMESPACE, TOKEN, TicketsAPI,
-    write_config,
-)
-from .steps import run_demo, step_allowed, step_approval, step_blocked, step_masked, step_recording
+from .plumbing import DemoFailure, header, say
+from .steps import run_demo
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,9 +45,11 @@ from typing import Iterable
 from botocore.loaders import Loader
 
 from .classify import aws_models
+
 # The classifier's own table of signing names no botocore model declares: the same names here.
-from .classify.aws import _SIGNING_ALIASES
-from .globs import GlobSet, is_literal, quote as _q
+from .classify.aws import SIGNING_ALIASES
+from .globs import GlobSet, is_literal
+from .globs import quote as _q
 
 __all__ = ["IAM_ONLY", "action_error", "services", "operations", "warm_up"]
 
@@ -86,7 +88,7 @@ def _by_signing_name() -> dict[str, tuple[str, ...]]:
     out: dict[str, list[str]] = {}
     for meta in aws_models.index().values():
         out.setdefault(meta.signing_name.lower(), []).append(meta.name)
-    for alias, target in _SIGNING_ALIASES.items():
+    for alias, target in SIGNING_ALIASES.items():
         out.setdefault(alias, []).extend(out.get(target, ()))
     for service in _SPECIAL_OPERATIONS:
         out.setdefault(service, [])

@@ -4,7 +4,7 @@ A case is a request, an identity, a connection and what the decision should be. 
 reads the inputs (AccessPolicy files, URLs or raw HTTP/1.1 requests, identities), runs a case
 through the same classifier and evaluator as the sidecar (:func:`run_case`) and reads and runs
 suite files (:func:`load_suite`, :func:`run_suite`; format in ``examples/policy-tests/``).
-Argument parsing and printing a single result stay in :mod:`.cli`, which re-exports these names.
+Argument parsing and printing a single result stay in :mod:`.cli`.
 Every problem with the input raises :class:`InputError` (exit code 2).
 """
 
@@ -26,7 +26,7 @@ from .model import Action, Decision, HTTPRequest, Identity
 Classifier = Callable[[HTTPRequest, str], Action]
 EXIT_OK, EXIT_MISMATCH, EXIT_INVALID = 0, 1, 2
 CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic")
-_DECISIONS = {"allow": "allow", "block": "block", "require_approval": "require_approval",
+DECISIONS = {"allow": "allow", "block": "block", "require_approval": "require_approval",
               "requireapproval": "require_approval", "require-approval": "require_approval"}
 
 
@@ -167,7 +167,7 @@ def run_case(case: Case, policies: CompiledPolicySet, classify: Classifier, expl
     action = classify(case.request, case.connection_type)
     decision = evaluate(policies, action, case.identity, case.connection, case.request.body, explain=explain)
     mismatches, expect = [], case.expect
-    if expect.get("decision") is not None and _DECISIONS.get(str(expect["decision"]).lower()) != decision.effect:
+    if expect.get("decision") is not None and DECISIONS.get(str(expect["decision"]).lower()) != decision.effect:
         mismatches.append(f"decision: expected {expect['decision']}, got {decision.effect}"
                           + (f" (rule {decision.rule})" if decision.rule else " (by default)"))
     if "rule" in expect:
@@ -266,7 +266,7 @@ def load_suite(path: Path, namespace: str = "default") -> tuple[list[Path], str,
             problems.append(f"{where}.connection: required (here or in defaults)")
         if ctype not in CONNECTION_TYPES:
             problems.append(f"{where}.type: must be one of {', '.join(CONNECTION_TYPES)} (here or in defaults), got {ctype!r}")
-        if "decision" in expect and str(expect["decision"]).lower() not in _DECISIONS:
+        if "decision" in expect and str(expect["decision"]).lower() not in DECISIONS:
             problems.append(f"{where}.expect.decision: must be allow, block or requireApproval, got {expect['decision']!r}")
         try:
             request = _suite_request(req, path.parent, _headers(defaults.get("headers"), "defaults.headers", problems)

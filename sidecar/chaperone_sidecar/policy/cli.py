@@ -15,7 +15,7 @@ the sidecar decides the same way. Exit codes: 0 ok, 1 an expectation did not hol
 or ``--expect``), 2 invalid input (policy errors are printed with their field paths).
 
 This module is the command line: arguments, the single request, printing its result. Reading
-inputs, running a case and suites are in :mod:`.cases` (its names are importable from here too).
+inputs, running a case and suites are in :mod:`.cases` (import them from there).
 """
 
 from __future__ import annotations
@@ -27,12 +27,22 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..cli import dispatch
-
-# Everything but argument parsing and printing lives in .cases; the names stay importable here.
-from .cases import (  # noqa: F401 - re-exported
-    CONNECTION_TYPES, EXIT_INVALID, EXIT_MISMATCH, EXIT_OK, _DECISIONS, Case, CaseResult, Classifier,
-    InputError, load_policies, load_suite, make_identity, parse_raw_request, request_from_url,
-    run_case, run_suite,
+from .cases import (
+    CONNECTION_TYPES,
+    DECISIONS,
+    EXIT_INVALID,
+    EXIT_MISMATCH,
+    EXIT_OK,
+    Case,
+    CaseResult,
+    Classifier,
+    InputError,
+    load_policies,
+    make_identity,
+    parse_raw_request,
+    request_from_url,
+    run_case,
+    run_suite,
 )
 from .evaluator import describe_action
 from .model import HTTPRequest
@@ -83,9 +93,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def _decision(value: str) -> str:
-    if value.lower() not in _DECISIONS:
+    if value.lower() not in DECISIONS:
         raise argparse.ArgumentTypeError(f"{value!r} is not allow, block or requireApproval")
-    return _DECISIONS[value.lower()]
+    return DECISIONS[value.lower()]
 
 
 def run_test(args: argparse.Namespace, classifier: Classifier | None = None,

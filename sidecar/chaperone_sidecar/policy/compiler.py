@@ -30,12 +30,11 @@ from .globs import glob_error
 from .globs import quote as _q
 from .masking.detectors import validate_detectors
 from .masking.fields import compile_path
-from .matching import CompiledPolicy, CompiledPolicySet, CompiledRule, build_policy
+from .matching import CompiledPolicy, CompiledPolicySet, build_policy
 from .schema import crd, validate_object
 from .vocabulary import unknown_names
 
-__all__ = ["CompileResult", "CompiledPolicy", "CompiledPolicySet", "CompiledRule",
-           "PolicyErrors", "compile_policies", "compile_policy", "validate_policy"]
+__all__ = ["CompileResult", "PolicyErrors", "compile_policies", "compile_policy", "validate_policy"]
 
 EFFECTS = ("allow", "block", "requireApproval", "mask", "rateLimit")
 _TYPED = ("aws", "kubernetes", "anthropic")

@@ -32,17 +32,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
-from .events import EVENT_TYPES, SessionIdentity, encode_body, format_time, new_event, utc_now
-from .manifest import ManifestKey, key_from_bytes, load_key
+from .events import EVENT_TYPES, SessionIdentity, format_time, new_event, utc_now
+from .manifest import ManifestKey, key_from_bytes
 from .recovery import adopt, leftovers
-from .shipper import DirStore, S3Store, Shipper, ShipperConfig
+from .shipper import DirStore, Shipper, ShipperConfig
 from .spool import RecorderMetrics, SessionSpool, SpoolConfig, SpoolUnavailable, check_name
 
-__all__ = [
-    "Recorder", "SpoolConfig", "SpoolUnavailable", "RecorderMetrics", "ShipperConfig",
-    "S3Store", "DirStore", "SessionIdentity", "ManifestKey", "load_key", "key_from_bytes",
-    "new_event", "encode_body", "new_session_id",
-]
+__all__ = ["Recorder", "new_session_id"]
 
 
 def new_session_id(clock: Callable[[], Any] = utc_now) -> str:

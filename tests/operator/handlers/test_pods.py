@@ -10,7 +10,7 @@ import kopf
 import pytest
 
 from chaperone_operator.handlers import pods as h
-from chaperone_operator.injection import InjectionSettings
+from chaperone_operator.injection.settings import InjectionSettings
 from chaperone_operator.main import Runtime
 from chaperone_operator.settings import OperatorSettings
 

@@ -26,15 +26,19 @@ from typing import Any
 import pytest
 import yaml
 
-from chaperone_operator.injection import (
-    InjectionSettings, applicable_connections, escape, inject, iptables_rules,
-    iptables_script, make_patch, pointer, quantity_bytes, selector_matches,
-)
 from chaperone_operator.injection.agent import merge_no_proxy, redact
-from chaperone_operator.injection.connections import no_proxy_entry_reaches, split_host
-from chaperone_operator.injection.settings import ENV_VARS
+from chaperone_operator.injection.connections import (
+    applicable_connections,
+    no_proxy_entry_reaches,
+    split_host,
+)
+from chaperone_operator.injection.inject import inject
+from chaperone_operator.injection.iptables import iptables_rules, iptables_script
+from chaperone_operator.injection.patch import escape, make_patch, pointer
+from chaperone_operator.injection.settings import ENV_VARS, InjectionSettings, quantity_bytes
 from chaperone_sidecar import contract
 from chaperone_sidecar.api import LABEL_INJECT
+from chaperone_sidecar.selectors import selector_matches
 
 TESTDATA = Path(__file__).parent / "testdata" / "inject"
 REPO = Path(__file__).resolve().parents[3]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chaperone_operator.injection import InjectionSettings, inject
+from chaperone_operator.injection.inject import inject
+from chaperone_operator.injection.settings import InjectionSettings
 from chaperone_sidecar import contract
 
 CASE = Path(__file__).parent / "testdata" / "inject" / "redis-auth.yaml"

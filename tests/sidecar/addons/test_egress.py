@@ -17,8 +17,11 @@ from mitmproxy.test import tflow
 
 from chaperone_sidecar.addons.egress import Egress
 from chaperone_sidecar.config import SidecarConfig
-from chaperone_sidecar.recording import DirStore, Recorder, SpoolConfig, key_from_bytes
+from chaperone_sidecar.recording import Recorder
+from chaperone_sidecar.recording.manifest import key_from_bytes
 from chaperone_sidecar.recording.reader import find_session, load_session
+from chaperone_sidecar.recording.shipper import DirStore
+from chaperone_sidecar.recording.spool import SpoolConfig
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
 

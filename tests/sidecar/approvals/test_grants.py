@@ -150,7 +150,7 @@ def test_redis_fanout_survives_a_dropped_subscription(redis_server):
 
 def test_redis_waiter_rides_out_a_redis_outage():
     """redis-server stopped while a flow waits, started again on the same port: still woken."""
-    from chaperone_testbed import RedisServer
+    from chaperone_testbed.services import RedisServer
 
     server = RedisServer().start()
     try:

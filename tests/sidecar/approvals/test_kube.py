@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from chaperone_sidecar.approvals import BackendError, Conflict
-from chaperone_sidecar.approvals.kube import KubeApprovalBackend
 from chaperone_sidecar.approvals.digest import request_digest, request_name
-from chaperone_sidecar.approvals.service import build_request, read_state
+from chaperone_sidecar.approvals.kube import KubeApprovalBackend
+from chaperone_sidecar.approvals.objects import build_request, read_state
 from chaperone_sidecar.kubeclient import KubeClient, retry_after
 
 from .conftest import RULE, Ticker, http_action, http_request, identity, requirement

@@ -13,7 +13,7 @@ import pytest
 from chaperone_sidecar.approvals import ApprovalError, Conflict
 from chaperone_sidecar.approvals.digest import request_digest, request_name
 from chaperone_sidecar.approvals.local import LocalApprovalStore
-from chaperone_sidecar.approvals.service import build_request, read_state
+from chaperone_sidecar.approvals.objects import build_request, read_state
 
 from .conftest import RULE, Ticker, http_action, http_request, identity, requirement
 

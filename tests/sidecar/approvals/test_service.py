@@ -18,11 +18,9 @@ import redis.asyncio as aioredis
 from chaperone_sidecar.approvals import ApprovalUnavailable
 from chaperone_sidecar.approvals.digest import request_digest
 from chaperone_sidecar.approvals.grants import Grant, MemoryGrants, RedisGrants, grant_key
-from chaperone_sidecar.approvals.objects import subject_key
 from chaperone_sidecar.approvals.local import LocalApprovalStore
-from chaperone_sidecar.approvals.service import (
-    ApprovalService, Outcome, approve_command, approvers_text,
-)
+from chaperone_sidecar.approvals.objects import approve_command, approvers_text, subject_key
+from chaperone_sidecar.approvals.service import ApprovalService, Outcome
 from chaperone_sidecar.policy.model import ApprovalRequirement, Approvers
 
 from .conftest import RULE, Ticker, http_action, http_request, identity, requirement

@@ -8,12 +8,13 @@ import pytest
 from botocore.httpchecksum import AwsChunkedWrapper, Crc32Checksum
 from mitmproxy import http
 
-from chaperone_sidecar.credentials import AwsChunkedDecoder, InjectionError
 from chaperone_sidecar.credentials.aws_chunked import (
+    AwsChunkedDecoder,
     decode_aws_chunked,
     is_aws_chunked,
     unwrap_request,
 )
+from chaperone_sidecar.credentials.credential_sources import InjectionError
 
 PAYLOAD = bytes(range(256)) * 9 + b"tail"
 

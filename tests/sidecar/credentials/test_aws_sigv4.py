@@ -16,14 +16,9 @@ import pytest
 from botocore.exceptions import ClientError
 from mitmproxy import http
 
-from chaperone_sidecar.credentials import (
-    AWSCredentials,
-    AWSResigner,
-    CredentialInjector,
-    InjectionError,
-    StaticAWSSource,
-)
-from chaperone_sidecar.credentials.aws_sigv4 import parse_agent_signature, split_query
+from chaperone_sidecar.credentials import CredentialInjector
+from chaperone_sidecar.credentials.aws_sigv4 import AWSResigner, parse_agent_signature, split_query
+from chaperone_sidecar.credentials.credential_sources import AWSCredentials, InjectionError, StaticAWSSource
 
 from .conftest import AGENT_KEY_ID, REGION, AgentHarness, aws_spec, send, to_mitmproxy
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from mitmproxy import http
 
-from chaperone_sidecar.credentials import CredentialsUnavailable, HeaderInjector, TokenSource
+from chaperone_sidecar.credentials.credential_sources import CredentialsUnavailable, TokenSource
 from chaperone_sidecar.credentials.headers import (
+    HeaderInjector,
     anthropic_injector,
     http_injector,
     kubernetes_injector,

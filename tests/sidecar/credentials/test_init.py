@@ -5,13 +5,10 @@ from __future__ import annotations
 import pytest
 from mitmproxy import http
 
-from chaperone_sidecar.credentials import (
-    AWSResigner,
-    CredentialInjector,
-    HeaderInjector,
-    StaticAWSSource,
-    WebIdentitySource,
-)
+from chaperone_sidecar.credentials import CredentialInjector
+from chaperone_sidecar.credentials.aws_sigv4 import AWSResigner
+from chaperone_sidecar.credentials.credential_sources import StaticAWSSource, WebIdentitySource
+from chaperone_sidecar.credentials.headers import HeaderInjector
 
 from .conftest import AgentHarness, aws_spec
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from chaperone_sidecar.credentials import (
+from chaperone_sidecar.credentials import CredentialInjector
+from chaperone_sidecar.credentials.aws_sigv4 import AWSResigner
+from chaperone_sidecar.credentials.credential_sources import (
     AWSCredentials,
-    AWSResigner,
-    CredentialInjector,
     CredentialsUnavailable,
     SecretDir,
     SecretValue,

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from chaperone_sidecar import demo
+from chaperone_sidecar.demo.scenario import AWS_KEY_ID, AWS_SECRET, DB_PASSWORD, TOKEN
 
 from .pod import PYTHONPATH, base_env
 
@@ -59,7 +59,7 @@ def test_the_demo_runs_every_step_and_cleans_up():
     assert "approved by alice" in steps["5"]
     assert "Demo complete" in text
     # no secret appears anywhere in what the user sees
-    for secret in (demo.AWS_SECRET, demo.DB_PASSWORD, demo.TOKEN, demo.AWS_KEY_ID):
+    for secret in (AWS_SECRET, DB_PASSWORD, TOKEN, AWS_KEY_ID):
         assert secret not in text
     # the temporary config directory is gone
     conf = re.search(r"config dir (/\S+):", text).group(1)

@@ -28,12 +28,20 @@ import pytest
 import requests
 
 from chaperone_operator.injection.settings import InjectionSettings
-from chaperone_sidecar.recording import S3Store
 from chaperone_sidecar.recording.reader import SessionRef, load_session
-from chaperone_testbed import S3Server, TestbedError
+from chaperone_sidecar.recording.shipper import S3Store
+from chaperone_testbed.services import S3Server, TestbedError
 
-from .pod import (HTTPSUpstream, InjectedPod, connection, free_port, policy, sessions_cli,
-                  setup_namespace, wait_for)
+from .pod import (
+    HTTPSUpstream,
+    InjectedPod,
+    connection,
+    free_port,
+    policy,
+    sessions_cli,
+    setup_namespace,
+    wait_for,
+)
 
 HOST = "127.0.0.3"
 TOKEN = "disk-full-token-31"

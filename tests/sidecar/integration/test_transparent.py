@@ -53,12 +53,21 @@ from pathlib import Path
 import boto3
 import pytest
 
-from chaperone_operator.injection import inject
+from chaperone_operator.injection.inject import inject
 from chaperone_operator.injection.iptables import iptables_rules, iptables_script
 from chaperone_operator.injection.settings import InjectionSettings
 
-from .pod import (HTTPSUpstream, InjectedPod, base_env, connection, policy, rmtree, sessions_cli,
-                  setup_namespace, wait_for)
+from .pod import (
+    HTTPSUpstream,
+    InjectedPod,
+    base_env,
+    connection,
+    policy,
+    rmtree,
+    sessions_cli,
+    setup_namespace,
+    wait_for,
+)
 
 SIDECAR_UID = 1337  # the injection default (InjectionSettings.sidecar_uid)
 AGENT_UID = 4242

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from chaperone_sidecar.policy import cli
+from chaperone_sidecar.policy.cases import InputError, parse_raw_request
 from chaperone_sidecar.policy.model import Action, AWSAction, HTTPRequest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -203,13 +204,13 @@ def test_kubectl_list_output_is_read(tmp_path, policy_file):
     (b"GET /only-head HTTP/1.1\r\nHost: h", ("GET", "https", "h", 443, "/only-head", "", b"")),
 ])
 def test_parse_raw_request(raw, expected):
-    r = cli.parse_raw_request(raw)
+    r = parse_raw_request(raw)
     assert (r.method, r.scheme, r.host, r.port, r.path, r.query, r.body) == expected
     assert r.header("host")
 
 
 def test_parse_raw_request_keeps_header_order_and_folding():
-    r = cli.parse_raw_request(b"GET / HTTP/1.1\nHost: h\nX-A: 1\nX-A: 2\nX-F: a\n\tb\n\n")
+    r = parse_raw_request(b"GET / HTTP/1.1\nHost: h\nX-A: 1\nX-A: 2\nX-F: a\n\tb\n\n")
     assert r.headers == (("Host", "h"), ("X-A", "1"), ("X-A", "2"), ("X-F", "a b"))
 
 
@@ -220,8 +221,8 @@ def test_parse_raw_request_keeps_header_order_and_folding():
     (b"GET / HTTP/1.1\r\nHost: h\r\nbroken header\r\n\r\n", "invalid header line 'broken header'"),
 ])
 def test_parse_raw_request_errors(raw, message):
-    with pytest.raises(cli.InputError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
-        cli.parse_raw_request(raw)
+    with pytest.raises(InputError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        parse_raw_request(raw)
 
 
 # ---------------------------------------------------------------------------- suites

@@ -5,16 +5,23 @@ Actions are built directly here: the evaluator must not depend on the classifier
 
 from __future__ import annotations
 
-
 import pytest
 
 from chaperone_sidecar.policy.aws_catalog import action_error, operations
-from chaperone_sidecar.policy.compiler import CompiledPolicySet, compile_policy
+from chaperone_sidecar.policy.compiler import compile_policy
 from chaperone_sidecar.policy.evaluator import evaluate
-from chaperone_sidecar.policy.matching import normalize_path
+from chaperone_sidecar.policy.matching import CompiledPolicySet, normalize_path
 from chaperone_sidecar.policy.model import (
-    Action, AnthropicAction, ApprovalRequirement, Approvers, AWSAction, Identity, KubernetesAction, MaskSpec,
-    RateLimit, RuleRef,
+    Action,
+    AnthropicAction,
+    ApprovalRequirement,
+    Approvers,
+    AWSAction,
+    Identity,
+    KubernetesAction,
+    MaskSpec,
+    RateLimit,
+    RuleRef,
 )
 
 AGENT = Identity(service_account="team-a/claude", pod_namespace="team-a", creator="alice",

@@ -6,14 +6,23 @@ import asyncio
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from chaperone_sidecar.recording import DirStore, Recorder, ShipperConfig, SpoolConfig, encode_body, key_from_bytes
-from chaperone_sidecar.recording.events import Chain, canonical_json, new_event, split_lines
-from chaperone_sidecar.recording.manifest import build_manifest, manifest_file, sign_manifest
+from chaperone_sidecar.recording import Recorder
+from chaperone_sidecar.recording.events import Chain, canonical_json, encode_body, new_event, split_lines
+from chaperone_sidecar.recording.manifest import build_manifest, key_from_bytes, manifest_file, sign_manifest
 from chaperone_sidecar.recording.reader import (
-    SessionNotFound, SessionRef, find_session, list_sessions, load_session, open_store, verify_session,
+    SessionNotFound,
+    SessionRef,
+    find_session,
+    list_sessions,
+    load_session,
+    open_store,
+    verify_session,
 )
+from chaperone_sidecar.recording.shipper import DirStore, ShipperConfig
+from chaperone_sidecar.recording.spool import SpoolConfig
 
 KEY = key_from_bytes(b"reader-test-hmac-secret-0123456789")
 REF = SessionRef("team-a", "agent-0", "s-1")

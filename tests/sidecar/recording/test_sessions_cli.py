@@ -10,10 +10,12 @@ import uuid
 import boto3
 import pytest
 
-from chaperone_sidecar.recording import (
-    DirStore, Recorder, S3Store, ShipperConfig, SpoolConfig, encode_body, key_from_bytes,
-)
+from chaperone_sidecar.recording import Recorder
+from chaperone_sidecar.recording.events import encode_body
+from chaperone_sidecar.recording.manifest import key_from_bytes
 from chaperone_sidecar.recording.sessions_cli import main, register
+from chaperone_sidecar.recording.shipper import DirStore, S3Store, ShipperConfig
+from chaperone_sidecar.recording.spool import SpoolConfig
 
 SECRET = b"cli-test-hmac-secret-0123456789"
 IDENTITY = {"namespace": "team-a", "pod": "claude-7", "serviceAccount": "agent", "creator": "alice"}

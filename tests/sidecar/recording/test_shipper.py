@@ -20,11 +20,12 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from chaperone_sidecar.recording import (
-    DirStore, Recorder, S3Store, ShipperConfig, SpoolConfig, SpoolUnavailable, key_from_bytes,
-)
+from chaperone_sidecar.recording import Recorder
+from chaperone_sidecar.recording.manifest import key_from_bytes
 from chaperone_sidecar.recording.reader import SessionRef, list_sessions, load_session, verify_session
-from chaperone_testbed import S3Server, TestbedError
+from chaperone_sidecar.recording.shipper import DirStore, S3Store, ShipperConfig
+from chaperone_sidecar.recording.spool import SpoolConfig, SpoolUnavailable
+from chaperone_testbed.services import S3Server, TestbedError
 
 REPO = Path(__file__).resolve().parents[3]
 KEY = key_from_bytes(b"recording-test-hmac-secret-0123456789")
@@ -274,8 +275,10 @@ def test_spool_cap_with_s3_down_refuses_then_recovers(tmp_path, durable_s3):
 
 CRASHING_WRITER = textwrap.dedent('''
     import asyncio, json, sys
-    from chaperone_sidecar.recording import (Recorder, S3Store, ShipperConfig, SpoolConfig,
-                                             key_from_bytes)
+    from chaperone_sidecar.recording import Recorder
+    from chaperone_sidecar.recording.manifest import key_from_bytes
+    from chaperone_sidecar.recording.shipper import S3Store, ShipperConfig
+    from chaperone_sidecar.recording.spool import SpoolConfig
     cfg = json.loads(sys.argv[1])
 
     async def main():

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from chaperone_sidecar.recording import Recorder, SpoolConfig, SpoolUnavailable
+from chaperone_sidecar.recording import Recorder
 from chaperone_sidecar.recording.events import ChainChecker, new_event, split_lines
 from chaperone_sidecar.recording.recovery import adopt
-from chaperone_sidecar.recording.spool import RecorderMetrics, SessionSpool
+from chaperone_sidecar.recording.spool import RecorderMetrics, SessionSpool, SpoolConfig, SpoolUnavailable
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -245,7 +245,8 @@ def test_size_cap_refuses_or_drops(tmp_path, mode):
 
 DISK_FULL_WRITER = textwrap.dedent('''
     import asyncio, json, resource, signal, sys
-    from chaperone_sidecar.recording import Recorder, SpoolConfig, SpoolUnavailable
+    from chaperone_sidecar.recording import Recorder
+    from chaperone_sidecar.recording.spool import SpoolConfig, SpoolUnavailable
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # make the kernel return EFBIG instead
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 
@@ -375,7 +376,7 @@ def test_adopt_removes_an_empty_leftover(tmp_path):
 
 
 def test_close_does_not_wait_for_a_session_that_cannot_finish(tmp_path):
-    from chaperone_sidecar.recording import DirStore
+    from chaperone_sidecar.recording.shipper import DirStore
 
     async def main():
         rec = Recorder(SpoolConfig(unwritable(tmp_path)), namespace="ns", pod="p", session="s1",

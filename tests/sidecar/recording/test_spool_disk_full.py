@@ -28,11 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from chaperone_sidecar.recording import (DirStore, Recorder, ShipperConfig, SpoolConfig,
-                                         SpoolUnavailable, key_from_bytes)
+from chaperone_sidecar.recording import Recorder
 from chaperone_sidecar.recording.events import new_event
+from chaperone_sidecar.recording.manifest import key_from_bytes
 from chaperone_sidecar.recording.reader import SessionRef, list_sessions, load_session, verify_session
-from chaperone_sidecar.recording.spool import RecorderMetrics, SessionSpool
+from chaperone_sidecar.recording.shipper import DirStore, ShipperConfig
+from chaperone_sidecar.recording.spool import RecorderMetrics, SessionSpool, SpoolConfig, SpoolUnavailable
 
 REPO = Path(__file__).resolve().parents[3]
 KEY = key_from_bytes(b"recording-test-hmac-secret-0123456789")
@@ -282,7 +283,10 @@ def test_a_chunk_in_both_the_log_and_a_marker_counts_once(tmp_path):
 KILLED_SHIPPER = textwrap.dedent('''
     import asyncio, errno, json, os, signal, sys
     from pathlib import Path
-    from chaperone_sidecar.recording import DirStore, Recorder, ShipperConfig, SpoolConfig, key_from_bytes
+    from chaperone_sidecar.recording import Recorder
+    from chaperone_sidecar.recording.manifest import key_from_bytes
+    from chaperone_sidecar.recording.shipper import DirStore, ShipperConfig
+    from chaperone_sidecar.recording.spool import SpoolConfig
     from chaperone_sidecar.recording import spool as spool_mod
 
     spool_dir, store_dir, where = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -19,7 +19,8 @@ from chaperone_operator.injection.settings import InjectionSettings
 from chaperone_operator.injection.sidecar import sidecar_container
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.services import build_services
-from chaperone_testbed import CertAuthority, free_port
+from chaperone_testbed.pki import CertAuthority
+from chaperone_testbed.services import free_port
 
 PASSWORD = "s3cret with spaces & $signs"
 

@@ -19,10 +19,9 @@ from chaperone_sidecar.kubeclient import KubeClient
 from chaperone_sidecar.policy.classify import classify
 from chaperone_sidecar.policy.evaluator import evaluate
 from chaperone_sidecar.policy.model import HTTPRequest, Identity
-from chaperone_sidecar.sources import (
-    INVALID_POLICY_RULE, FileSources, KubeSources, build_snapshot, parse_downward_api,
-    selector_matches,
-)
+from chaperone_sidecar.selectors import selector_matches
+from chaperone_sidecar.snapshot import INVALID_POLICY_RULE, build_snapshot, parse_downward_api
+from chaperone_sidecar.sources import FileSources, KubeSources
 
 API = "chaperone.dev/v1alpha1"
 IDENTITY = Identity(service_account="ns/agent", pod_namespace="ns", pod_name="p")

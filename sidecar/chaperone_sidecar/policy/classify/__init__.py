@@ -31,12 +31,11 @@ from dataclasses import replace
 from ..model import Action, HTTPRequest
 from .anthropic import anthropic_summary, classify_anthropic
 from .aws import classify_aws
-from .aws_models import warm_up
 from .http import base_action, sanitize, shorten
 from .kubernetes import classify_kubernetes, kubernetes_name, kubernetes_summary
 from .paths import PathRules, canonical_path, path_rules
 
-__all__ = ["classify", "warm_up", "CONNECTION_TYPES", "PathRules", "canonical_path", "path_rules"]
+__all__ = ["classify", "CONNECTION_TYPES"]
 
 CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic")
 _MAX_ERROR = 300

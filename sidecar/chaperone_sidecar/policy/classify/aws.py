@@ -39,7 +39,7 @@ _S3_VHOST_RE = re.compile(
 )
 _AWS_SUFFIXES = (".amazonaws.com.cn", ".amazonaws.com", ".api.aws")
 # Signing names used by AWS that no botocore model declares.
-_SIGNING_ALIASES = {"s3express": "s3", "s3-object-lambda": "s3"}
+SIGNING_ALIASES = {"s3express": "s3", "s3-object-lambda": "s3"}
 _MAX_FORM_BODY = 8 * 1024 * 1024
 
 
@@ -151,7 +151,7 @@ def _candidates(scope: Scope, host: HostInfo, errors: list[str]):
     """Botocore services that may have served this request, best first."""
     metas: tuple = ()
     if scope.service:
-        signing = _SIGNING_ALIASES.get(scope.service, scope.service)
+        signing = SIGNING_ALIASES.get(scope.service, scope.service)
         metas = aws_models.by_signing_name(signing) or aws_models.by_endpoint_prefix(signing)
         if not metas:
             errors.append(f"no botocore model is signed as {scope.service!r}")

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .detectors import MASK_TOKEN_RE
+from .spans import MASK_TOKEN_RE
 
 MAX_PATH_LENGTH = 512  # the CRD's maxLength
 MAX_SEGMENTS = 64

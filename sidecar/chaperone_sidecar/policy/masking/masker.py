@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..model import MaskSpec
-from .detectors import ALL, DETECTOR_NAMES, Rule, resolve_rules, validate_detectors
+from .decoded import mask_base64, mask_binary, mask_decoded
+from .detectors import ALL, DETECTOR_NAMES, resolve_rules, validate_detectors
 from .encoding import BodyTooLarge, StreamDecoder, decode, encode, parse_content_encoding
 from .fields import FIELD_KIND, CompiledPath, apply_paths, compile_path
 from .kubernetes import KIND as SECRET_KIND
 from .kubernetes import mask_secrets
 from .lines import LineMasker
-from .decoded import mask_base64, mask_binary, mask_decoded
-from .spans import mask_text
+from .spans import Rule, mask_text
 from .stream import StreamMasker
 
 DEFAULT_MAX_BODY_BYTES = MaskSpec().max_body_bytes

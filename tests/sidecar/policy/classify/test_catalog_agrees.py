@@ -10,8 +10,9 @@ import pytest
 
 from chaperone_sidecar.policy.aws_catalog import action_error
 from chaperone_sidecar.policy.classify import classify
-from chaperone_sidecar.policy.compiler import CompiledPolicySet, compile_policy
+from chaperone_sidecar.policy.compiler import compile_policy
 from chaperone_sidecar.policy.evaluator import evaluate
+from chaperone_sidecar.policy.matching import CompiledPolicySet
 from chaperone_sidecar.policy.model import Identity
 
 CALLS = [

@@ -11,7 +11,8 @@ import json
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from chaperone_sidecar.policy.masking import mask_text, resolve_rules
+from chaperone_sidecar.policy.masking.detectors import resolve_rules
+from chaperone_sidecar.policy.masking.spans import mask_text
 
 ALL_RULES = resolve_rules(["all"])
 

@@ -13,12 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chaperone_sidecar.policy.masking import Masker
-from chaperone_sidecar.policy.masking.decoded import (
-    canonical_json_strings,
-    mask_base64,
-    mask_binary,
-)
+from chaperone_sidecar.policy.masking.decoded import canonical_json_strings, mask_base64, mask_binary
+from chaperone_sidecar.policy.masking.masker import Masker
 from chaperone_sidecar.policy.model import MaskSpec
 
 from .samples import ALL_RULES, AWS_KEY_ID, AWS_SECRET

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chaperone_sidecar.policy.masking import DETECTOR_NAMES, resolve_rules, secret_key_name, validate_detectors
-from chaperone_sidecar.policy.masking.detectors import RULES, ssn_valid
+from chaperone_sidecar.policy.masking.detectors import (
+    DETECTOR_NAMES,
+    RULES,
+    resolve_rules,
+    secret_key_name,
+    ssn_valid,
+    validate_detectors,
+)
 from chaperone_sidecar.policy.masking.spans import mask_text
 
 from .samples import AWS_KEY_ID, AWS_SECRET, encrypted_ec_pem, key_material, make_jwt, mask, rsa_pem

@@ -10,7 +10,7 @@ import zlib
 import brotli
 import pytest
 
-from chaperone_sidecar.policy.masking import (
+from chaperone_sidecar.policy.masking.encoding import (
     BodyTooLarge,
     DecodeError,
     StreamDecoder,

@@ -6,8 +6,13 @@ import copy
 
 import pytest
 
-from chaperone_sidecar.policy.masking import apply_paths, compile_path, path_errors
-from chaperone_sidecar.policy.masking.fields import Segment, field_token
+from chaperone_sidecar.policy.masking.fields import (
+    Segment,
+    apply_paths,
+    compile_path,
+    field_token,
+    path_errors,
+)
 
 
 @pytest.mark.parametrize(("path", "canonical"), [

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from chaperone_sidecar.policy.masking import BodyTooLarge, Masker, MaskingError
+from chaperone_sidecar.policy.masking.encoding import BodyTooLarge, MaskingError
 from chaperone_sidecar.policy.masking.kubernetes import DATA_TOKEN, LAST_APPLIED, TOKEN, mask_secrets
+from chaperone_sidecar.policy.masking.masker import Masker
 from chaperone_sidecar.policy.model import MaskSpec
 
 from .samples import AWS_KEY_ID

@@ -12,16 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chaperone_sidecar.policy.masking import (
-    BodyTooLarge,
-    Masker,
-    MaskingError,
-    MaskResult,
-    StreamMasker,
-    UnsupportedEncoding,
-    is_json_type,
-    is_text_type,
-)
+from chaperone_sidecar.policy.masking.encoding import BodyTooLarge, MaskingError, UnsupportedEncoding
+from chaperone_sidecar.policy.masking.masker import Masker, MaskResult, is_json_type, is_text_type
+from chaperone_sidecar.policy.masking.stream import StreamMasker
 from chaperone_sidecar.policy.model import MaskSpec, RuleRef
 
 from .samples import AWS_KEY_ID, AWS_SECRET, planted

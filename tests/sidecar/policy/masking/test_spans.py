@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from chaperone_sidecar.policy.masking import MASK_TOKEN_RE
 from chaperone_sidecar.policy.masking.spans import (
+    MASK_TOKEN_RE,
     Finding,
     adjacent,
     anchored,

@@ -12,8 +12,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chaperone_sidecar.policy.masking import BodyTooLarge, Masker, StreamMasker, mask_text, resolve_rules
-from chaperone_sidecar.policy.masking.stream import B64_HOLD, WINDOW, required_window
+from chaperone_sidecar.policy.masking.detectors import resolve_rules
+from chaperone_sidecar.policy.masking.encoding import BodyTooLarge
+from chaperone_sidecar.policy.masking.masker import Masker
+from chaperone_sidecar.policy.masking.spans import mask_text
+from chaperone_sidecar.policy.masking.stream import B64_HOLD, WINDOW, StreamMasker, required_window
 from chaperone_sidecar.policy.model import MaskSpec
 
 from .samples import ALL_RULES, AWS_KEY_ID, key_material, planted, rsa_pem

@@ -128,6 +128,58 @@ def node_s3(node, tmp_path_factory):
 
 
 @dataclass
+class NodeAWS:
+    """moto with IAM signature checks on the node address: the AWS the agent's CLI reaches
+    through the sidecar. `key` is a real access key of its IAM (only the sidecar gets it)."""
+
+    url: str
+    key: dict
+    bucket: str
+
+    def client(self, service: str):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.url, region_name=REGION,
+                            aws_access_key_id=self.key["AccessKeyId"],
+                            aws_secret_access_key=self.key["SecretAccessKey"])
+
+
+@pytest.fixture(scope="session")
+def node_aws(node, tmp_path_factory):
+    import boto3
+
+    workdir = tmp_path_factory.mktemp("node-aws")
+    port = free_port()
+    url = f"http://{node.address}:{port}"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+    env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # CreateUser, PutUserPolicy, CreateAccessKey
+    proc = ManagedProcess("moto-aws", [sys.executable, "-m", "moto.server", "-H", node.address,
+                                       "-p", str(port)], workdir / "moto.log", env=env)
+    proc.start()
+
+    def serving() -> bool:
+        with urllib.request.urlopen(url + "/moto-api/", timeout=2) as resp:
+            return resp.status == 200
+    try:
+        proc.wait_ready(serving, 60, "serving")
+    except TestbedError as exc:
+        pytest.fail(f"test bed: moto with IAM auth could not start:\n{exc}", pytrace=False)
+    boot = dict(endpoint_url=url, region_name=REGION, aws_access_key_id="bootstrap",
+                aws_secret_access_key="bootstrap")
+    iam = boto3.client("iam", **boot)
+    iam.create_user(UserName="story-agent")
+    iam.put_user_policy(UserName="story-agent", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17",
+         "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    aws = NodeAWS(url, iam.create_access_key(UserName="story-agent")["AccessKey"],
+                  f"node-story-{uuid.uuid4().hex[:6]}")
+    aws.client("s3").create_bucket(Bucket=aws.bucket)
+    yield aws
+    proc.stop()
+
+
+@dataclass
 class Release:
     cp: ControlPlane
     node: Node
@@ -212,6 +264,7 @@ class NodeStory:
     victim_ns: str
     manifest_public_key: Path
     workdir: Path
+    aws: NodeAWS
     steps: dict = field(default_factory=dict)
 
     def pod(self, name: str = POD) -> dict:
@@ -277,9 +330,11 @@ def _ed25519_keys(directory: Path) -> tuple[bytes, Path]:
     return private, public
 
 
-def _platform_objects(ns: str, victim: str, token: str, manifest_key: bytes) -> list[dict]:
+def _platform_objects(ns: str, victim: str, token: str, manifest_key: bytes,
+                      aws: NodeAWS) -> list[dict]:
     """What the platform team applies (as admin): dave's RBAC, the sidecar Secret, the
-    connection to this cluster's API (the in-cluster address) and its policy."""
+    connections to AWS (moto) and to this cluster's API (the in-cluster address), their
+    policies."""
     rbac = "rbac.authorization.k8s.io/v1"
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": AGENT_SA, "namespace": ns}},
@@ -295,6 +350,18 @@ def _platform_objects(ns: str, victim: str, token: str, manifest_key: bytes) -> 
          "type": "Opaque", "data": {"AWS_ACCESS_KEY_ID": _b64("testing"),
                                     "AWS_SECRET_ACCESS_KEY": _b64("testing"),
                                     "MANIFEST_KEY": _b64(manifest_key)}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "aws-credentials", "namespace": ns},
+         "type": "Opaque", "data": {"AWS_ACCESS_KEY_ID": _b64(aws.key["AccessKeyId"]),
+                                    "AWS_SECRET_ACCESS_KEY": _b64(aws.key["SecretAccessKey"])}},
+        {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "aws-moto", "namespace": ns},
+         "spec": {"type": "aws", "aws": {"region": REGION, "endpointURL": aws.url},
+                  "credentials": {"source": "secret", "secretRef": {"name": "aws-credentials"}},
+                  "recording": {"bodies": "full"}}},
+        {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "aws-guardrails", "namespace": ns},
+         "spec": {"connections": ["aws-moto"], "defaultEffect": "allow",
+                  "rules": [{"name": "no-bucket-deletion",
+                             "match": {"aws": {"actions": ["s3:DeleteBucket"]}},
+                             "block": {"message": "Bucket deletion is not allowed for agents."}}]}},
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "agent-kube-token", "namespace": ns},
          "type": "Opaque", "data": {"token": _b64(token)}},
         {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "cluster-api", "namespace": ns},
@@ -342,7 +409,7 @@ def _reader_rbac(ns: str, victim: str, reader: str) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def node_story(release, node_cp, node, images, tmp_path_factory):
+def node_story(release, node_cp, node, images, node_aws, tmp_path_factory):
     cp = node_cp
     workdir = tmp_path_factory.mktemp("node-story")
     tag = uuid.uuid4().hex[:6]
@@ -352,12 +419,12 @@ def node_story(release, node_cp, node, images, tmp_path_factory):
     manifest_key, public = _ed25519_keys(workdir)
     reader = "agent-reader"
     cluster_objects = _reader_rbac(ns, victim, reader)
-    s = NodeStory(cp, node, release, ns, victim, public, workdir)
+    s = NodeStory(cp, node, release, ns, victim, public, workdir, node_aws)
     try:
         cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(cluster_objects))
         token = cp.kubectl("create", "token", reader, "-n", ns, "--duration", "2h").stdout.strip()
         cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(
-            _platform_objects(ns, victim, token, manifest_key)))
+            _platform_objects(ns, victim, token, manifest_key, node_aws)))
         t0 = time.monotonic()
         created = cp.kubectl("create", "-f", "-", "-o", "json", user="developer",
                              input=json.dumps(claude_pod(ns, images["agent"])))

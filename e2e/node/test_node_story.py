@@ -80,6 +80,27 @@ def test_curl_reads_pods_through_the_sidecar_with_the_connections_token(node_sto
     assert direct.returncode != 0 and "certificate" in direct.stderr.lower(), direct
 
 
+def test_the_agents_aws_cli_is_resigned_by_the_sidecar(node_story):
+    """Debian's AWS CLI in the agent container, with only the injected env (proxy, CA bundle,
+    placeholder credentials): `aws s3 ls` works against a server that checks signatures; the
+    same CLI straight to the server is refused; deleting the bucket is blocked."""
+    s = node_story
+    res = s.exec("aws", "s3", "ls")
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{s.sidecar_log()}"
+    assert s.aws.bucket in res.stdout
+    # Control: no proxy at all (HTTP_PROXY too: the endpoint is plain http), so the CLI's own
+    # placeholder credentials reach the server - which checks signatures and refuses them.
+    direct = s.exec("sh", "-c", "unset HTTPS_PROXY https_proxy HTTP_PROXY http_proxy ALL_PROXY "
+                                f"all_proxy; aws --endpoint-url {s.aws.url} s3 ls")
+    assert direct.returncode != 0 and "InvalidAccessKeyId" in direct.stderr, direct
+    blocked = s.exec("aws", "--debug", "s3api", "delete-bucket", "--bucket", s.aws.bucket)
+    assert blocked.returncode != 0
+    refusal = refusal_in(blocked.stderr)
+    assert refusal is not None, blocked.stderr[-3000:]
+    assert refusal["rule"]["name"] == "no-bucket-deletion", refusal
+    s.aws.client("s3").head_bucket(Bucket=s.aws.bucket)  # still there
+
+
 def test_the_agents_kubectl_goes_through_the_sidecar(node_story):
     s = node_story
     res = s.agent_kubectl("get", "pods", "-o", "name")

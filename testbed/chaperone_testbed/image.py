@@ -14,7 +14,7 @@ and nothing can be pulled on this machine class. So:
    `--build-arg PYTHON_IMAGE=<base>` (chroot isolation, host network for pip and apt), exported
    as a Docker archive named like the chart's default image (`IMAGE_NAME`);
 3. **the agent image** (the pod the developer creates; not a product image) is the same base
-   plus curl and the machine's kubectl: the real clients the agent runs.
+   plus curl, Debian's AWS CLI and the machine's kubectl: the real clients the agent runs.
 
 Everything is cached in `$CHAPERONE_CACHE/image`, keyed by content: the base by its recipe and
 the machine's CA/pip files, the chaperone image by the Dockerfile, .dockerignore and every file
@@ -43,7 +43,7 @@ AGENT_IMAGE = "chaperone.local/agent:e2e"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
-AGENT_PACKAGES = ("curl",)
+AGENT_PACKAGES = ("curl", "awscli")
 # The build context the Dockerfile sees (.dockerignore is an allowlist of exactly these).
 CONTEXT = ("pyproject.toml", "README.md", "constraints.txt", "operator", "sidecar")
 CONTEXT_EXCLUDED = ("__pycache__", ".pytest_cache")
@@ -216,7 +216,8 @@ class ImageBuilder:
                     kubectl.read_bytes() if kubectl.is_file() else b"")
 
     def agent(self) -> Path:
-        """A Docker archive of the agent's image: the base + curl + this machine's kubectl."""
+        """A Docker archive of the agent's image: the base + curl + AWS CLI + this machine's
+        kubectl."""
         key = self.agent_key()
         out = self.cache / f"agent-{key}.tar"
         if out.is_file():

@@ -70,7 +70,7 @@ from .config import SidecarConfig
 from .log_setup import configure_logging
 from .routing import base_url_parts
 from .services import SidecarServices, build_services
-from .sources import Snapshot
+from .snapshot import Snapshot
 from .telemetry_setup import prometheus_exposition
 
 __all__ = ["ProxyRuntime", "lean_core_addons", "listen_modes", "build_trust_bundle", "run",

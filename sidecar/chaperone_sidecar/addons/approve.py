@@ -69,11 +69,12 @@ from opentelemetry import metrics
 from .. import flowctx
 from ..approvals import ApprovalUnavailable, BackendError
 from ..approvals.digest import request_digest
-from ..approvals.service import approvers_text
+from ..approvals.objects import approvers_text
 from ..contract import APPROVAL_MODE_ANNOTATION
 from ..flowctx import request_of
 from ..log_setup import flow_fields
-from ..policy.masking import DETECTOR_NAMES, mask_text, resolve_rules
+from ..policy.masking.detectors import DETECTOR_NAMES, resolve_rules
+from ..policy.masking.spans import mask_text
 from ..policy.model import ApprovalRequirement, HTTPRequest
 from ..services import SidecarServices
 from ..snapshot import parse_downward_api

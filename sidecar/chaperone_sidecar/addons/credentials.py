@@ -40,7 +40,7 @@ from mitmproxy import ctx as mctx
 from mitmproxy import http
 
 from .. import flowctx
-from ..credentials import CredentialsUnavailable, InjectionError
+from ..credentials.credential_sources import CredentialsUnavailable, InjectionError
 from ..log_setup import flow_fields
 from ..services import SidecarServices
 from .refusal import refuse

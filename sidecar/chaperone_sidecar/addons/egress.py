@@ -29,7 +29,7 @@ from mitmproxy import connection, http, tls
 from mitmproxy.proxy import mode_specs
 
 from ..policy.model import Identity
-from ..recording import new_event
+from ..recording.events import new_event
 from ..recording.flow_events import identity_of
 from ..services import SidecarServices
 

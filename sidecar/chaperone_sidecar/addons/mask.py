@@ -89,20 +89,19 @@ from mitmproxy.utils import human
 from .. import flowctx
 from ..flowctx import BodyCapture
 from ..log_setup import flow_fields
-from ..policy.masking import (
+from ..policy.masking.encoding import (
     BodyTooLarge,
-    Masker,
     MaskingError,
-    MaskResult,
     StreamDecoder,
-    StreamMasker,
     UnsupportedEncoding,
     decode,
     encode,
     parse_content_encoding,
 )
+from ..policy.masking.masker import Masker, MaskResult
 from ..policy.masking.ndjson import NDJSONMasker
 from ..policy.masking.sse import SSEMasker
+from ..policy.masking.stream import StreamMasker
 from ..policy.model import MaskSpec
 from ..services import SidecarServices
 from . import refusal

@@ -56,10 +56,11 @@ from mitmproxy import http
 from .. import flowctx
 from ..flowctx import FULL_BODY_CAP, BodyCapture, RecordingSettings
 from ..log_setup import flow_fields
-from ..policy.masking import Masker
+from ..policy.masking.masker import Masker
 from ..policy.model import MaskSpec
-from ..recording import SpoolUnavailable, new_event
+from ..recording.events import new_event
 from ..recording.flow_events import body_of, identity_of, redact_headers, redact_text, redact_url
+from ..recording.spool import SpoolUnavailable
 from ..services import SidecarServices
 from .refusal import refuse
 from .streaming import body_leaves_early

@@ -73,9 +73,10 @@ from mitmproxy.proxy import mode_specs
 from .. import flowctx
 from ..flowctx import RecordingSettings, request_of
 from ..log_setup import flow_fields
-from ..policy.classify import PathRules, canonical_path, classify, path_rules
+from ..policy.classify import classify
 from ..policy.classify.http import OVERRIDE_HEADERS, OVERRIDE_PARAMS, is_method, override_method
 from ..policy.classify.kubernetes import is_connect_request
+from ..policy.classify.paths import PathRules, canonical_path, path_rules
 from ..routing import Connection, base_url_parts, normalize_host, split_host
 from ..services import SidecarServices
 from ..snapshot import Snapshot

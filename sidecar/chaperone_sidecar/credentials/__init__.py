@@ -38,14 +38,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from .aws_chunked import AwsChunkedDecoder
 from .aws_sigv4 import AWSResigner
-from .credential_sources import (
-    CredentialsUnavailable,
-    InjectionError,
-    StaticAWSSource,
-    TokenSource,
-    WebIdentitySource,
-    utcnow,
-)
+from .credential_sources import StaticAWSSource, TokenSource, WebIdentitySource, utcnow
 from .headers import HeaderInjector, anthropic_injector, http_injector, kubernetes_injector
 
 __all__ = ["CredentialInjector", "HTTPLike"]

@@ -33,9 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 from .events import EVENT_TYPES, SessionIdentity, format_time, new_event, utc_now
-from .manifest import ManifestKey, key_from_bytes
+from .manifest import ManifestKey
 from .recovery import adopt, leftovers
-from .shipper import DirStore, Shipper, ShipperConfig
+from .shipper import Shipper, ShipperConfig
 from .spool import RecorderMetrics, SessionSpool, SpoolConfig, SpoolUnavailable, check_name
 
 __all__ = ["Recorder", "new_session_id"]

@@ -22,9 +22,12 @@ from chaperone_sidecar.addons.refusal import refuse
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.flowctx import RecordingSettings
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec, RuleRef
-from chaperone_sidecar.recording import DirStore, Recorder, SpoolConfig, SpoolUnavailable, key_from_bytes
+from chaperone_sidecar.recording import Recorder
 from chaperone_sidecar.recording.flow_events import REDACTED
+from chaperone_sidecar.recording.manifest import key_from_bytes
 from chaperone_sidecar.recording.reader import find_session, load_session, verify_session
+from chaperone_sidecar.recording.shipper import DirStore
+from chaperone_sidecar.recording.spool import SpoolConfig, SpoolUnavailable
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
 

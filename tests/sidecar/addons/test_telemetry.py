@@ -21,7 +21,7 @@ from chaperone_sidecar.addons.refusal import refuse
 from chaperone_sidecar.addons.telemetry import Telemetry
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.policy.model import Action, Decision, Identity, RuleRef
-from chaperone_sidecar.recording import RecorderMetrics
+from chaperone_sidecar.recording.spool import RecorderMetrics
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
 from chaperone_sidecar.telemetry_setup import DEFAULT_SERVICE_NAME, setup_telemetry

@@ -11,7 +11,8 @@ from chaperone_sidecar.addons import ADDON_ORDER, build_addons
 from chaperone_sidecar.config import ConnectionMount, SidecarConfig
 from chaperone_sidecar.proxy import build_trust_bundle, lean_core_addons, listen_modes
 from chaperone_sidecar.services import InjectorRegistry, SidecarServices, build_services
-from chaperone_sidecar.sources import Sources, build_snapshot
+from chaperone_sidecar.snapshot import build_snapshot
+from chaperone_sidecar.sources import Sources
 from chaperone_testbed.pki import CertAuthority
 
 
@@ -74,7 +75,7 @@ def test_build_addons_in_the_documented_order():
 
 
 def test_injector_registry_follows_the_snapshot(tmp_path):
-    from chaperone_sidecar.credentials import CredentialsUnavailable
+    from chaperone_sidecar.credentials.credential_sources import CredentialsUnavailable
 
     creds = tmp_path / "creds"
     creds.mkdir()

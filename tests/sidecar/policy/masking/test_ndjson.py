@@ -9,8 +9,9 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chaperone_sidecar.policy.masking import Masker, mask_text
+from chaperone_sidecar.policy.masking.masker import Masker
 from chaperone_sidecar.policy.masking.ndjson import NDJSONMasker
+from chaperone_sidecar.policy.masking.spans import mask_text
 from chaperone_sidecar.policy.model import MaskSpec
 
 from .samples import ALL_RULES

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chaperone_sidecar.policy.masking import Masker, mask_text
+from chaperone_sidecar.policy.masking.masker import Masker
+from chaperone_sidecar.policy.masking.spans import mask_text
 from chaperone_sidecar.policy.masking.sse import SSEMasker, SSEParser, serialize
 from chaperone_sidecar.policy.model import MaskSpec
 

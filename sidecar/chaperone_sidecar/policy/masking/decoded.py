@@ -117,10 +117,11 @@ def _b64decode(run: bytes) -> bytes | None:
 
 def _first_run(text: bytes) -> int:
     """Where the first run with an upper-case letter starts, or -1 (the cheap common case)."""
-    m = _B64_RUN.search(text)
-    while m is not None and _UPPER.search(text, m.start(), m.end()) is None:
-        m = _B64_RUN.search(text, m.end())
-    return -1 if m is None else m.start()
+    for m in _B64_RUN.finditer(text):
+        # islower(): cased and no upper-case letter (hex digests, snake_case) - cheaper than a search
+        if not m.group().islower() and _UPPER.search(text, m.start(), m.end()) is not None:
+            return m.start()
+    return -1
 
 
 def _runs(text: bytes) -> list[tuple[int, int]]:

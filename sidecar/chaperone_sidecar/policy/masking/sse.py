@@ -53,9 +53,13 @@ The end of the stream (mitmproxy's final ``b""``) releases what the blocks hold.
 HTTP/2 DATA frame mid-stream is reported the same way (see ``StreamMasker``): it releases held
 text early but cannot cut an event in two (the parser keeps an unterminated event).
 
-**Not covered**: a secret split across the text of two *different* content blocks (they are
-different texts for the client too); JSON escapes inside ``partial_json`` (``\\u0041KIA...``)
-are masked only as far as the detectors see them in the JSON text.
+Tool input (``partial_json``, OpenAI ``arguments``) is JSON text the client parses: its
+stream masker runs in JSON mode, which decodes ``\\u0041``-style escapes (also one cut between
+two deltas) and base64 runs before deciding (see ``stream.py``), so the parsed input holds no
+secret. Such a text is re-emitted with those escapes decoded (same JSON meaning).
+
+**Not covered** (accepted): a secret split across the text of two *different* content blocks
+or choices (they are different texts for the client too, which would have to join them itself).
 """
 
 from __future__ import annotations

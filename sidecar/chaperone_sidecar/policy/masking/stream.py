@@ -38,6 +38,28 @@ glued to other token characters the window is scanned again (as ``spans.mask_tex
 In JSON mode (JSON, NDJSON, SSE) JSON string state is carried across chunks (strings never
 contain a raw LF, so it resets per line), and a bare number replaced by a token is quoted.
 
+**Decoded views** (what ``decoded.py`` gives a buffered body, issue 11):
+
+* *JSON escapes* (JSON mode): escapes of printable ASCII (``\\u0041``) and ``\\/`` are decoded
+  on the way in, before the detectors, so ``"\\u0041KIA..."`` is seen as the key it is - also
+  an escape cut between two chunks (at most ``\\u00X`` waits for the next one). **Decision**:
+  a stream goes out in that canonical form whether or not anything was masked (a buffered
+  body keeps its bytes unless masked): holding every string until it closes, to put its
+  original bytes back, would hold a long string whole. The JSON means the same; only
+  ``\\u0022`` / ``\\u005c`` stay escaped (as ``\\"`` / ``\\\\``).
+* *Base64 runs* (any text stream): the masked output passes a last stage that holds a run
+  which may still continue at its end (base64 characters, raw or JSON-escaped line breaks of
+  wrapped base64) and scans every complete run with ``decoded.mask_base64`` (a secret inside
+  masks the whole run, as in a buffered body). A run longer than ``B64_HOLD`` (32 KiB) is
+  scanned where it stands and released in steps that keep its last ``B64_KEEP`` (16 KiB, more
+  than any encoded secret) and stay aligned to 4 characters or whole lines, so memory stays
+  bounded and no secret straddles what went out unseen; of such a run only the part from
+  the secret on is masked.
+
+Credit-card runs of digit groups are held whole up to ``RUN_HOLD`` (4 KiB); a longer run (an
+agent-chosen prefix) is cut between groups well before the end - cards are windows of whole
+groups judged on their own, so the scan resumes there exactly as a whole-body scan.
+
 Field rules need a whole JSON document and are not applied here (``Masker.can_stream`` tells
 the caller when to buffer instead). A body with a Content-Encoding is decoded on the way in
 (capped against bombs) and emitted *identity-encoded*: the caller drops Content-Encoding and

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chaperone_testbed import ControlPlane, ManagedProcess, TestbedError, free_port
+from chaperone_testbed.controlplane import ControlPlane
+from chaperone_testbed.services import ManagedProcess, TestbedError, free_port
 from chaperone_testbed.image import AGENT_IMAGE, IMAGE_NAME, ImageBuilder
 from chaperone_testbed.node import Node, node_address
 from nodebed import (  # e2e/node/nodebed.py: names and helpers shared with the test files

@@ -76,9 +76,19 @@ from collections.abc import Iterable
 import regex
 
 from .decoded import mask_base64
-from .detectors import Rule
 from .encoding import MaskingError, StreamDecoder
-from .spans import MAX_ROUNDS, Finding, adjacent, apply, ends_in_string, mask_token, merge, scan, string_spans
+from .spans import (
+    MAX_ROUNDS,
+    Finding,
+    Rule,
+    adjacent,
+    apply,
+    ends_in_string,
+    mask_token,
+    merge,
+    scan,
+    string_spans,
+)
 
 WINDOW = 32 * 1024
 CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)

@@ -178,7 +178,7 @@ def _secret_kinds(blobs: list[bytes], rules: tuple[Rule, ...], depth: int) -> li
             if kinds[i] is None and (d := _b64decode(joined[a:b])):
                 owners.append(i)
                 nested.append(d)
-        for i, kind in zip(owners, _secret_kinds(nested, rules, depth - 1)):
+        for i, kind in zip(owners, _secret_kinds(nested, rules, depth - 1), strict=True):
             if kind is not None and kinds[i] is None:
                 kinds[i] = kind
     return kinds
@@ -198,7 +198,7 @@ def mask_base64(text: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = N
         return text
     parts: list[bytes] = []
     at = 0
-    for (a, b), kind in zip(runs, kinds):
+    for (a, b), kind in zip(runs, kinds, strict=True):
         if kind is None:
             continue
         parts += (text[at:a], mask_token(kind, text[a:b], hash_key))
@@ -242,8 +242,8 @@ def _fitted_token(kind: str, secret: bytes, hash_key: bytes | None) -> bytes:
     token = mask_token(kind, secret, hash_key)
     if len(token) <= n:
         return token.ljust(n, b"*")
-    if n >= 9:
-        return b"[MASKED:" + kind.encode()[: n - 9] + b"]"
+    if n >= 9:  # the kind cut short, or whole and padded (a keyed token too long, a short kind)
+        return (b"[MASKED:" + kind.encode()[: n - 9] + b"]").ljust(n, b"*")
     return b"*" * n
 
 
@@ -258,12 +258,11 @@ def mask_binary(body: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = N
     runs = _runs(body)  # not the view: its line feeds stand for binary bytes, not line wraps
     if runs:
         kinds = _secret_kinds([_b64decode(body[a:b]) or b"" for a, b in runs], rules, NESTING)
-        findings += [Finding(a, b, k) for (a, b), k in zip(runs, kinds) if k]
+        findings += [Finding(a, b, k) for (a, b), k in zip(runs, kinds, strict=True) if k]
     if not findings:
         return body
     out = bytearray(body)
     for f in merge(findings):
-        n = f.end - f.start
         out[f.start : f.end] = _fitted_token(f.kind, body[f.start : f.end], hash_key)
         if counts is not None:
             counts[f.kind] = counts.get(f.kind, 0) + 1

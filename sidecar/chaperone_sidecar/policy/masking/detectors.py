@@ -233,11 +233,34 @@ def _quote_before(text: bytes, i: int) -> Iterable[int]:
 _LOCAL_REV = re.compile(rb"[A-Za-z0-9._%+-]{1,65}")
 
 
-def _email_starts(text: bytes, at: int) -> Iterable[int]:
-    # Walk back over the local part; one byte later too, for a local part that follows an
-    # escape such as "\n" (the "n" is a local-part character but not part of the address).
-    m = _LOCAL_REV.match(text[max(0, at - 65) : at][::-1])
-    return (at - m.end(), at - m.end() + 1) if m else ()
+def _email_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+    """Addresses at each "@": the bounded pattern from where the local part starts (walking
+    back over it; one byte later too, for a local part that follows an escape such as "\\n":
+    the "n" is a local-part character but not part of the address); failing that, the last 64 local-part characters and the longest domain
+    without boundaries - a local part glued to a longer run, or a top-level domain glued to
+    more letters, no longer hides the address (the rest of the run stays)."""
+    i = lowered.find(b"@", pos)
+    while i >= 0:
+        found = None
+        local = _LOCAL_REV.match(text[max(0, i - 65) : i][::-1])
+        if local is not None:
+            starts = [i - local.end(), i - local.end() + 1]
+            for pattern in (_EMAIL_RE, _EMAIL_LEFT_RE):  # a glued top-level domain: no right boundary
+                for start in starts:
+                    if start >= pos and (found := pattern.match(text, start)) is not None:
+                        break
+                if found is not None:
+                    break
+            if found is None and local.end() > 64:  # a local part glued to a longer run
+                start = i - 64
+                esc = text.rfind(b"\\", max(0, start - 5), start)
+                if esc >= 0:  # never start inside an escape (\u0041): JSON must stay JSON
+                    start = max(start, esc + (6 if text[esc + 1 : esc + 2] == b"u" else 2))
+                if start >= pos:
+                    found = _EMAIL_GLUED_RE.match(text, start)
+        if found is not None:
+            yield found
+        i = lowered.find(b"@", i + 1)
 
 
 def _lb1(first: bytes, token_class: bytes) -> bytes:
@@ -264,9 +287,13 @@ _AWS_SECRET_RE = re.compile(rb"(?i:secret[_-]?(?:access[_-]?)?key)" + _KEYVAL
                             + rb"(?P<s>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])", _F)
 _JSON_KEY_RE = re.compile(rb'"(?P<key>[A-Za-z0-9_.$-]{1,100})\\?"' + _SP + b":" + _SP
                           + rb'"(?P<s>(?:[^"\\\r\n]|\\.){1,4096})', _F)
-_EMAIL_RE = re.compile(_lb(rb"A-Za-z0-9._%+-") + rb"(?P<s>[A-Za-z0-9._%+-]{1,64}@"
-                       rb"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24})"
-                       rb"(?![A-Za-z0-9-])", _F)
+_EMAIL_ADDRESS = (rb"(?P<s>[A-Za-z0-9._%+-]{1,64}@"
+                  rb"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24})")
+_EMAIL_RE = re.compile(_lb(rb"A-Za-z0-9._%+-") + _EMAIL_ADDRESS + rb"(?![A-Za-z0-9-])", _F)
+# Without the boundaries: an address glued into a longer run ("x" * 70 + "alice@example.com",
+# "alice@example.com" + "x" * 30) is still readable to anyone who looks for the "@".
+_EMAIL_GLUED_RE = re.compile(_EMAIL_ADDRESS, _F)
+_EMAIL_LEFT_RE = re.compile(_lb(rb"A-Za-z0-9._%+-") + _EMAIL_ADDRESS, _F)
 # A run of digit groups (13 digits or more: a card's least), as long as it goes (the finder's
 # work per group is bounded). It may
 # also start at a group boundary inside a longer run (after "<digit><separator>"): where a
@@ -364,8 +391,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
              find=anchored(_JSON_KEY_RE, _SECRET_KEY_ANCHORS, _quote_before)),
     ),
     "email": (
-        Rule("email", _EMAIL_RE, max_len=64 + 1 + 8 * 64 + 24, validate=_email_ok,
-             find=anchored(_EMAIL_RE, (b"@",), _email_starts)),
+        # The pattern without boundaries (a superset, what a stream's partial match holds);
+        # the finder prefers the bounded match and falls back to the glued one (_email_find).
+        Rule("email", _EMAIL_GLUED_RE, max_len=64 + 1 + 8 * 64 + 24, validate=_email_ok,
+             find=_email_find),
     ),
     "credit-card": (
         # 13-19 digits, bare or grouped 4-4-4-x / 4-6-5 with one consistent separator; the

@@ -77,18 +77,7 @@ import regex
 
 from .decoded import mask_base64
 from .encoding import MaskingError, StreamDecoder
-from .spans import (
-    MAX_ROUNDS,
-    Finding,
-    Rule,
-    adjacent,
-    apply,
-    ends_in_string,
-    mask_token,
-    merge,
-    scan,
-    string_spans,
-)
+from .spans import MAX_ROUNDS, Finding, Rule, adjacent, apply, ends_in_string, mask_token, merge, scan, string_spans
 
 WINDOW = 32 * 1024
 CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
@@ -397,7 +386,7 @@ class StreamMasker:
             unsettled: list[tuple[int, int]] = []  # may still change with more data
             cont: tuple[int, int, Rule] | None = None  # an over-long PEM block running at the end
             if not final:
-                for c, (s, e) in zip(cands, spans):
+                for c, (s, e) in zip(cands, spans, strict=True):
                     if c.open and c.match_start + c.rule.max_len + SLACK <= len(window):
                         if (e == n or (e == n - 1 and buf.endswith(b"\\"))) and (cont is None or s < cont[0]):
                             cont = (s, e, c.rule)
@@ -423,6 +412,16 @@ class StreamMasker:
                     start -= 1
                 if start == 0 or buf[start - 1] not in _TOKEN_BYTES:  # runs longer are cut
                     cut = _safe_cut(start, start, spans + [(f.start, f.end) for f in findings])
+            if not final and 0 < cut < n:
+                # Nor a run of digit groups: a card glued to a word may become one once the word
+                # is masked ("4111 ... 1111AKIA..." after the key id's token), as in a whole body.
+                for rule in self._runs:
+                    for m in rule.pattern.finditer(window, off):
+                        if m.start() - off >= cut:
+                            break
+                        if m.end() - off > cut:
+                            cut = _run_cut(window, m.start(), off + cut) - off
+                            break
             # Only findings before the cut are final: one after it could still be overlapped
             # by a match that has not fully arrived (and the union must be masked).
             settled = [f for f in findings if f.end <= cut and f is not cont_f]

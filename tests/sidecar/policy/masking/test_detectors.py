@@ -315,6 +315,9 @@ GLUED = [
     ("jwt", b"AAAA" + _JWT, [_JWT.split(b".")[0], _JWT.split(b".")[2]]),
     ("jwt", b"eyAAAAAAAAAAAAAA" + _JWT, [_JWT.split(b".")[0], _JWT.split(b".")[2]]),
     ("jwt", b"ey" + b"A" * 2000 + _JWT, [_JWT.split(b".")[0], _JWT.split(b".")[2]]),
+    ("email", b"x" * 70 + b"alice@example.com", [b"alice@example.com"]),
+    ("email", b"alice@example.com" + b"x" * 30, [b"alice@example.c"]),
+    ("email", b"\\\\bob@corp.io", [b"bob@corp.io"]),
 ]
 
 

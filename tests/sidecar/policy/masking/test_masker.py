@@ -9,7 +9,7 @@ import zlib
 
 import brotli
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chaperone_sidecar.policy.masking.encoding import BodyTooLarge, MaskingError, UnsupportedEncoding
@@ -197,6 +197,10 @@ def test_arbitrary_encoded_bytes_only_raise_masking_errors(body, coding):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bodies_with_secrets(), CONTENT_TYPES, st.sampled_from([None, b"k"]))
+# Found by Hypothesis: a keyed token too long for a 22-byte secret was cut to 21 bytes (the kind
+# is shorter than the room), shifting every later finding of the binary body by one.
+@example(body=b' {"access_token": "2YotnFZFEjr1zCsicMWpAA", "token_type": "Bearer"}  '
+              b'{"SecretAccessKey": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"} \x00', ctype=None, key=b"k")
 def test_idempotent(body, ctype, key):
     m = ALL if key is None else Masker([MaskSpec(detectors=("all",), fields=("$..password",))], hash_key=key)
     once = m.mask_bytes(body, ctype)

@@ -2,7 +2,9 @@
 
 Every addon is constructed with the one ``SidecarServices`` instance (``Addon(services)``) and
 finds everything it needs there - nothing is global, so tests build a services object with just
-the parts an addon touches (``SidecarServices(config=..., sources=...)``).
+the parts an addon touches (``SidecarServices(config=..., sources=...)``). The fields are
+typed, so an addon reads ``services.recorder`` and checks for None rather than probing an
+untyped object with ``getattr`` - mypy sees what each addon uses.
 
 =================  ===========================================================================
 field              what / who uses it
@@ -34,12 +36,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
+from opentelemetry.metrics import Meter
+from opentelemetry.trace import Tracer
+
+from .approvals.grants import MemoryGrants, RedisGrants
+from .approvals.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from .approvals.service import ApprovalService, Backend
 from .config import SidecarConfig
 from .kubeclient import KubeClient
+from .oidc import OIDCVerifier
+from .recording import Recorder
 from .routing import Connection
 from .snapshot import Snapshot
 from .sources import FileSources, KubeSources, Sources
@@ -143,16 +154,16 @@ class SidecarServices:
     config: SidecarConfig
     sources: Sources
     kube: KubeClient | None = None
-    oidc: Any = None
+    oidc: OIDCVerifier | None = None
     injectors: InjectorRegistry | None = None
-    recorder: Any = None
-    approvals: Any = None
-    approval_backend: Any = None
-    grants: Any = None
-    rate_limiter: Any = None
-    redis: Any = None
-    tracer: Any = None
-    meter: Any = None
+    recorder: Recorder | None = None
+    approvals: ApprovalService | None = None
+    approval_backend: Backend | None = None
+    grants: MemoryGrants | RedisGrants | None = None
+    rate_limiter: MemoryRateLimiter | RedisRateLimiter | None = None
+    redis: Any = None  # redis.asyncio.Redis (imported only when CHAPERONE_REDIS_URL is set)
+    tracer: Tracer | None = None
+    meter: Meter | None = None
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list, repr=False)
 
     def snapshot(self) -> Snapshot:
@@ -200,8 +211,6 @@ async def build_services(config: SidecarConfig, *, sources: Sources | None = Non
     services.closers.append(sources.aclose)
 
     if config.oidc is not None:
-        from .oidc import OIDCVerifier
-
         services.oidc = OIDCVerifier(config.oidc)
         services.closers.append(services.oidc.aclose)
 
@@ -217,11 +226,8 @@ async def build_services(config: SidecarConfig, *, sources: Sources | None = Non
 
 
 async def _make_backends(config: SidecarConfig, services: SidecarServices) -> None:
-    from .approvals.grants import MemoryGrants, RedisGrants
     from .approvals.kube import KubeApprovalBackend
     from .approvals.local import LocalApprovalStore
-    from .approvals.ratelimit import MemoryRateLimiter, RedisRateLimiter
-    from .approvals.service import ApprovalService
 
     if config.redis_url:
         import redis.asyncio as aioredis
@@ -274,11 +280,10 @@ def _make_telemetry(config: SidecarConfig, services: SidecarServices) -> None:
     services.closers.append(shutdown)
 
 
-def _make_recorder(config: SidecarConfig) -> Any:
+def _make_recorder(config: SidecarConfig) -> Recorder:
     """The session recorder: spool in ``spool_dir``; shipped to S3 (injected, when a bucket is
     configured) or to ``recordings_dir`` (standalone). Manifest key: the sidecar Secret's
     ``MANIFEST_KEY`` (injected) or ``<config>/manifest.key`` (standalone), when present."""
-    from .recording import Recorder
     from .recording.events import SessionIdentity
     from .recording.manifest import load_key
     from .recording.shipper import DirStore, S3Store
@@ -289,7 +294,7 @@ def _make_recorder(config: SidecarConfig) -> Any:
     if config.standalone:
         assert config.recordings_dir is not None and config.config_dir is not None
         store = DirStore(config.recordings_dir)
-        key_file = config.config_dir / "manifest.key"
+        key_file: Path | None = config.config_dir / "manifest.key"
     else:
         key_file = (config.sidecar_secret_dir / "MANIFEST_KEY") if config.sidecar_secret_dir else None
         if config.s3_bucket:

@@ -222,7 +222,7 @@ class Approve:
             outcome = await self._request(
                 service, identity=ctx.identity, connection=ctx.connection, action=ctx.action,
                 digest=ctx.request_digest, rule=decision.rule, requirement=requirement,
-                session_id=getattr(recorder, "session_id", "") or "",
+                session_id=recorder.session_id if recorder is not None else "",
                 body_preview=body_preview(request))
         except ApprovalUnavailable as exc:
             self._unavailable(flow, f"no ApprovalRequest could be opened: {exc}")

@@ -79,7 +79,7 @@ def _ms(seconds: float | None) -> int | None:
 @functools.lru_cache(maxsize=256)
 def _detectors(masks: tuple[MaskSpec, ...]) -> Masker:
     """Every mask of a decision, whatever its target, compiled once (specs are frozen)."""
-    return Masker(masks, direction=None)  # type: ignore[arg-type]
+    return Masker(masks, direction=None)
 
 
 def _injected_header(ctx: flowctx.FlowContext) -> str:

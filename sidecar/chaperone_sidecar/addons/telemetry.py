@@ -100,12 +100,11 @@ class Telemetry:
     # ------------------------------------------------------------------ observable callbacks
     def _recorder_metric(self, name: str) -> int | None:
         recorder = self.services.recorder
-        snapshot = getattr(getattr(recorder, "metrics", None), "snapshot", None)
-        return snapshot().get(name) if snapshot is not None else None
+        return recorder.metrics.snapshot().get(name) if recorder is not None else None
 
     def _pending(self, options: Any) -> Iterable[metrics.Observation]:
-        held = getattr(self.services.approvals, "held", None)
-        return [metrics.Observation(held)] if isinstance(held, int) else []
+        approvals = self.services.approvals
+        return [metrics.Observation(approvals.held)] if approvals is not None else []
 
     def _backlog_bytes(self, options: Any) -> Iterable[metrics.Observation]:
         value = self._recorder_metric("backlog_bytes")

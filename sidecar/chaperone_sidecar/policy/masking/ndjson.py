@@ -19,7 +19,9 @@ split across records of any other field or format is **not** reassembled (docume
 limitation: there is no general way to know which fields a client concatenates).
 
 A record longer than ``MAX_RECORD_BYTES`` (1 MiB) switches the rest of the stream to the
-byte-level streaming masker in JSON mode (bounded memory), after the held text is released.
+byte-level streaming masker in JSON mode (bounded memory), after the held text is released; it
+decodes JSON escapes and base64 runs too (see ``stream.py``), so nothing a record's decoded
+view would have shown escapes that way.
 """
 
 from __future__ import annotations

@@ -44,7 +44,6 @@ continues, ``unrecorded`` counts the lost events and the recorder reports the ga
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -235,17 +234,15 @@ class Record:
         log.error("recording unavailable (strict): response withheld", extra=flow_fields(flow))
 
     def _strict(self, settings: RecordingSettings) -> bool:
-        mode = settings.mode or getattr(getattr(self.recorder, "config", None), "mode", "strict")
+        recorder = self.recorder
+        mode = settings.mode or (recorder.config.mode if recorder is not None else "strict")
         return mode == "strict"
 
     async def _append(self, flow: http.HTTPFlow, events: list[dict[str, Any]]) -> int:
         """Append events in order; the number that could not be written."""
         recorder = self.recorder
-        if hasattr(recorder, "append_many"):  # one queueing for all, no task per event
-            results = await recorder.append_many(events)
-        else:
-            results = await asyncio.gather(*(recorder.append(e) for e in events),
-                                           return_exceptions=True)
+        assert recorder is not None  # every caller returned early without one
+        results = await recorder.append_many(events)  # one queueing for all, no task per event
         lost = 0
         for result in results:
             if isinstance(result, dict):

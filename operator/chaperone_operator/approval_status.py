@@ -8,7 +8,7 @@ and :func:`decision_events` to report each review and the final phase exactly on
 from __future__ import annotations
 
 import datetime as dt
-from typing import Mapping
+from collections.abc import Mapping
 
 from chaperone_sidecar.timefmt import format_rfc3339, parse_rfc3339
 

@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from chaperone_sidecar.contract import CREATOR_ANNOTATION, STATUS_ANNOTATION
 from chaperone_sidecar.timefmt import format_rfc3339, parse_rfc3339
@@ -86,7 +87,7 @@ class UserInfo:
     extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
-    def from_admission(cls, info: Mapping[str, Any] | None) -> "UserInfo":
+    def from_admission(cls, info: Mapping[str, Any] | None) -> UserInfo:
         info = info or {}
         extra = {k: tuple(v or ()) for k, v in (info.get("extra") or {}).items()}
         return cls(str(info.get("username") or ""), tuple(info.get("groups") or ()), extra)
@@ -122,11 +123,11 @@ class Verdict:
     patch: tuple[dict, ...] = ()
 
     @classmethod
-    def allow(cls, patch: list[dict] | tuple[dict, ...] = ()) -> "Verdict":
+    def allow(cls, patch: list[dict] | tuple[dict, ...] = ()) -> Verdict:
         return cls(True, "", tuple(patch))
 
     @classmethod
-    def refuse(cls, message: str) -> "Verdict":
+    def refuse(cls, message: str) -> Verdict:
         return cls(False, message)
 
 

@@ -157,7 +157,7 @@ def trust_bundle_configmap(namespace: str, name: str, bundle_pem: bytes) -> dict
 def _utc(now: dt.datetime) -> dt.datetime:
     if now.tzinfo is None:
         raise ValueError("`now` must be timezone-aware (UTC)")
-    return now.astimezone(dt.timezone.utc)
+    return now.astimezone(dt.UTC)
 
 
 def _load_all(pem: bytes) -> list[x509.Certificate]:

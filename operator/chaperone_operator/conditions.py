@@ -6,7 +6,7 @@ Shared by the AccessPolicy and ClaudeConnection status handlers; pure (the clock
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 __all__ = ["condition", "merge_conditions", "status_differs"]
 
@@ -14,7 +14,7 @@ __all__ = ["condition", "merge_conditions", "status_differs"]
 def condition(type_: str, ok: bool | None, reason: str, message: str,
               generation: int | None = None) -> dict:
     """A condition without its transition time (``ok`` None means Unknown)."""
-    cond = {"type": type_, "status": "Unknown" if ok is None else ("True" if ok else "False"),
+    cond: dict[str, str | int] = {"type": type_, "status": "Unknown" if ok is None else ("True" if ok else "False"),
             "reason": reason, "message": message}
     if generation is not None:
         cond["observedGeneration"] = generation
@@ -25,12 +25,12 @@ def merge_conditions(existing: Iterable[Mapping] | None, wanted: Iterable[dict],
                      now: dt.datetime) -> list[dict]:
     """``wanted`` conditions, keeping each one's lastTransitionTime while its status is unchanged."""
     old = {c.get("type"): c for c in existing or () if isinstance(c, Mapping)}
-    stamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     out = []
     for cond in wanted:
         prev = old.get(cond["type"])
         keep = prev is not None and prev.get("status") == cond["status"] and prev.get("lastTransitionTime")
-        out.append({**cond, "lastTransitionTime": prev["lastTransitionTime"] if keep else stamp})
+        out.append({**cond, "lastTransitionTime": prev["lastTransitionTime"] if prev is not None and keep else stamp})
     return out
 
 

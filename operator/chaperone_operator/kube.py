@@ -12,9 +12,9 @@ sync handlers in its thread pool.
 from __future__ import annotations
 
 import base64
-
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import unicodedata
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from chaperone_sidecar.api import GROUP, KIND_APPROVAL_REQUEST
 from chaperone_sidecar.timefmt import parse_rfc3339
@@ -103,7 +104,7 @@ def sort_requests(items: Iterable[Mapping], now: dt.datetime) -> list[Mapping]:
         spec = _spec(obj)
         pending = phase_of(obj, now)[0] == PENDING
         if pending:
-            expires = parse_rfc3339(spec.get("expiresAt")) or dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+            expires = parse_rfc3339(spec.get("expiresAt")) or dt.datetime.max.replace(tzinfo=dt.UTC)
             return (0, expires.timestamp(), _meta(obj).get("name", ""))
         requested = parse_rfc3339(spec.get("requestedAt"))
         return (1, -(requested.timestamp() if requested else 0), _meta(obj).get("name", ""))

@@ -24,14 +24,14 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from chaperone_sidecar.api import APPROVAL_REQUESTS, GROUP, VERSION
 
 from .approvals import APPROVED, DENIED, PENDING
-from .kubectl_format import (TABLE_COLUMNS, decision_result, describe, phase_of, sort_requests,
-                             table, table_rows)
+from .kubectl_format import TABLE_COLUMNS, decision_result, describe, phase_of, sort_requests, table, table_rows
 
 __all__ = ["ApprovalRequests", "Connection", "build_parser", "connect", "decision_patch", "main",
            "run"]
@@ -131,7 +131,7 @@ def _dump(obj: Any, fmt: str) -> str:
 
 def cmd_list(args, conn: Connection, now: dt.datetime, out: TextIO, err: TextIO) -> int:
     namespace = None if args.all_namespaces else conn.namespace
-    items = conn.api.list(namespace)
+    items: list[Mapping] = list(conn.api.list(namespace))
     if not args.all:
         items = [o for o in items if phase_of(o, now)[0] == PENDING]
     items = sort_requests(items, now)
@@ -212,7 +212,7 @@ def _api_error(exc: Any) -> str:
 
 def run(argv: list[str] | None = None, *,
         connector: Callable[[argparse.Namespace], Connection] = connect,
-        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Parse ``argv``, run the command, return the exit code (0 ok, 1 refused/error, 2 usage)."""
     from kubernetes.client.exceptions import ApiException

@@ -14,7 +14,7 @@ because a namespace with connections or injected pods is where sidecars terminat
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from kubernetes.client.exceptions import ApiException
 

@@ -11,8 +11,9 @@ resources, S3/Redis/OTel values for the sidecar) are read by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Mapping
+from typing import Any
 
 from .approvals import SidecarIdentityRule
 
@@ -66,9 +67,10 @@ class OperatorSettings:
     redis_ca_cert: str = field(default="", repr=False)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "OperatorSettings":
+    def from_env(cls, env: Mapping[str, str]) -> OperatorSettings:
         """Read every ``CHAPERONE_*`` variable of :data:`ENV`; unset ones keep the defaults."""
-        values, errors = {}, []
+        values: dict[str, Any] = {}  # each value parsed for its field's type
+        errors: list[str] = []
         types = {f.name: f.type for f in fields(cls)}
         for name, var in ENV.items():
             raw = env.get(var)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = ["build_parser", "command_parser", "dispatch", "main"]
 

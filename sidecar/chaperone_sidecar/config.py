@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -194,7 +195,7 @@ class SidecarConfig:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_env(cls, env: Mapping[str, str], argv: Sequence[str] | argparse.Namespace = ()) -> "SidecarConfig":
+    def from_env(cls, env: Mapping[str, str], argv: Sequence[str] | argparse.Namespace = ()) -> SidecarConfig:
         """The injected sidecar: webhook env + ``--mode --port --health-port`` args."""
         if isinstance(argv, argparse.Namespace):
             args = argv
@@ -268,7 +269,7 @@ class SidecarConfig:
     def from_files(cls, config_dir: Path | str, *, port: int = DEFAULT_STANDALONE_PORT,
                    health_port: int = DEFAULT_STANDALONE_HEALTH_PORT, listen_host: str = "127.0.0.1",
                    namespace: str | None = None, user: str | None = None,
-                   env: Mapping[str, str] | None = None) -> "SidecarConfig":
+                   env: Mapping[str, str] | None = None) -> SidecarConfig:
         """Standalone mode from a config directory (created if missing).
 
         ``chaperone.yaml`` in the directory may set ``namespace``, ``user``, ``groups``,

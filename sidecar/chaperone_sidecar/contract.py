@@ -19,7 +19,7 @@ are verified against. Without an issuer such a token is refused (401) - never si
 
 from __future__ import annotations
 
-# --- annotations (pod metadata; the opt-in label is api.LABEL_INJECT) ---------------------------------------------------
+# --- annotations (pod metadata; the opt-in label is api.LABEL_INJECT) ---------------------------
 STATUS_ANNOTATION = "chaperone.dev/status"         # JSON: what was injected (written by webhook)
 CREATOR_ANNOTATION = "chaperone.dev/creator"       # JSON: admission userInfo (written by webhook)
 MODE_ANNOTATION = "chaperone.dev/mode"             # input: explicit | transparent

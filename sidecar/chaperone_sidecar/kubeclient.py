@@ -54,9 +54,10 @@ import logging
 import math
 import ssl
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
 
 import aiohttp
 
@@ -202,7 +203,7 @@ class KubeClient:
                     status, reason = resp.status, resp.reason
                     wait = retry_after(resp.headers.get("Retry-After"))
                     raw = await resp.read()
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise KubeError(0, f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
             try:
                 decoded = json.loads(raw) if raw else None
@@ -260,7 +261,7 @@ class KubeClient:
                         raise KubeError(0, "watch event larger than 32 MiB")
                 if buffer.strip():
                     yield _event(bytes(buffer))
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise KubeError(0, f"watch {path}: {exc.__class__.__name__}: {exc}") from exc
 
     async def aclose(self) -> None:

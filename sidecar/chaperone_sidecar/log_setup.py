@@ -25,7 +25,8 @@ import datetime as _dt
 import json
 import logging
 import sys
-from typing import Any, Mapping, TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 from . import flowctx
 
@@ -50,7 +51,7 @@ class JSONFormatter(logging.Formatter):
     """Formats a LogRecord as one JSON object (no newlines inside)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        when = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
+        when = _dt.datetime.fromtimestamp(record.created, _dt.UTC)
         obj: dict[str, Any] = {
             "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),

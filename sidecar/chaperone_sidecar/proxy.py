@@ -63,8 +63,9 @@ import logging
 import signal
 import socket
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .config import SidecarConfig
 from .log_setup import configure_logging
@@ -183,7 +184,7 @@ def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict) -> None
 class _Lifecycle:
     """Internal addon: marks the runtime ready once every listener runs."""
 
-    def __init__(self, runtime: "ProxyRuntime"):
+    def __init__(self, runtime: ProxyRuntime):
         self.runtime = runtime
 
     def running(self) -> None:

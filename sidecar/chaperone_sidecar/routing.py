@@ -22,8 +22,9 @@ Matching (a :class:`RouteTable` is compiled once per snapshot, lookups are cache
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from .policy.globs import compile_glob, glob_error, is_literal
@@ -132,6 +133,7 @@ class RouteTable:
             for text in conn.hosts:
                 host, port = split_host(text)
                 host = normalize_host(host)
+                why: str | None
                 if "/" in text:
                     why = "give a host name (optionally with :port), not a URL"
                 elif ":" in text and port is None and not _is_ip(host):

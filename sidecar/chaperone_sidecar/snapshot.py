@@ -22,9 +22,10 @@ Pod labels (which connections a ``spec.podSelector`` selects) come from the down
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .api import API_VERSION, KIND_ACCESS_POLICY
 from .config import ConnectionMount
@@ -181,8 +182,10 @@ def build_snapshot(connection_objs: Iterable[Mapping[str, Any]], policy_objs: It
         try:
             policy = compile_policy(obj, namespace)
         except PolicyErrors as exc:
-            name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else f"unnamed-{i}"
-            spec = obj.get("spec") if isinstance(obj, dict) and isinstance(obj.get("spec"), dict) else {}
+            raw_name = meta.get("name")
+            name = raw_name if isinstance(raw_name, str) and raw_name else f"unnamed-{i}"
+            raw_spec = obj.get("spec") if isinstance(obj, dict) else None
+            spec = raw_spec if isinstance(raw_spec, dict) else {}
             broken.append((name, spec.get("connections"), [str(e) for e in exc.errors]))
             continue
         if policy.key in keys:

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .api import ACCESS_POLICIES, CLAUDE_CONNECTIONS, collection_path
 from .config import ConnectionMount, SidecarConfig, standalone_layout
@@ -73,7 +74,7 @@ class Sources:
     async def wait_ready(self, timeout: float | None = None) -> bool:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -254,7 +255,7 @@ class FileSources(Sources):
         return out
 
     def _current_signature(self) -> tuple:
-        sig = []
+        sig: list[tuple[object, ...]] = []
         for path in self.files():
             try:
                 st = path.stat()
@@ -298,8 +299,9 @@ class FileSources(Sources):
         """Reverse ports for connections with a baseURL: from ``reverse_port_base`` in name order,
         like the webhook, but a connection keeps its port across reloads (a running agent's base
         URL must not start pointing at another connection)."""
-        wanted = sorted({(c.get("metadata") or {}).get("name") for c in conns
-                         if isinstance(c, dict) and (c.get("spec") or {}).get("baseURL")} - {None})
+        wanted: list[str] = sorted({name for c in conns
+                                    if isinstance(c, dict) and (c.get("spec") or {}).get("baseURL")
+                                    and isinstance(name := (c.get("metadata") or {}).get("name"), str)})
         self.reverse_ports = {n: p for n, p in self.reverse_ports.items() if n in wanted}
         port = self.config.reverse_port_base
         for name in wanted:

@@ -26,8 +26,9 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .cli import command_parser, dispatch
 from .config import standalone_layout
@@ -78,7 +79,7 @@ def register(subparsers: Any) -> None:
 # ---------------------------------------------------------------------------- helpers
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def phase_of(obj: Mapping[str, Any], now: dt.datetime) -> str:
@@ -179,7 +180,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     header = ["NAME", "PHASE", "APPROVALS", "CONNECTION", "ACTION", "REQUESTER", "RULE", "APPROVERS"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return EXIT_OK
 
 

@@ -32,12 +32,12 @@ def parse_rfc3339(value: object) -> dt.datetime | None:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def format_rfc3339(when: dt.datetime) -> str:
     """An aware datetime as the apiserver writes it: UTC, to the second, ``Z``."""
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def rfc3339_to_epoch(value: object) -> float | None:
@@ -48,4 +48,4 @@ def rfc3339_to_epoch(value: object) -> float | None:
 
 def epoch_to_rfc3339(epoch: float) -> str:
     """Epoch seconds as :func:`format_rfc3339` writes them."""
-    return format_rfc3339(dt.datetime.fromtimestamp(epoch, dt.timezone.utc))
+    return format_rfc3339(dt.datetime.fromtimestamp(epoch, dt.UTC))

@@ -5,6 +5,6 @@ personas), `RedisServer` and `S3Server` (restartable on the same port for fault 
 PKI helpers they use. `python -m chaperone_testbed up` runs everything for manual work.
 
 Why a package rather than test fixtures: the same bed serves pytest (tests/conftest.py), the
-e2e suite, benchmarks and humans at a shell, so it lives in one importable place. Import each name from its module (`controlplane`,
-`services`, `pki`, ...); the package re-exports nothing.
+e2e suite, benchmarks and humans at a shell, so it lives in one importable place. Import each
+name from its module (`controlplane`, `services`, `pki`, ...); the package re-exports nothing.
 """

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["NamespaceController", "ensure_namespace_defaults"]
 
 
-def ensure_namespace_defaults(cp: "ControlPlane", ns: str) -> bool:
+def ensure_namespace_defaults(cp: ControlPlane, ns: str) -> bool:
     """What kube-controller-manager's serviceaccount and root-ca-cert-publisher controllers add."""
     ok = True
     for path, body in (
@@ -44,7 +44,7 @@ def ensure_namespace_defaults(cp: "ControlPlane", ns: str) -> bool:
 class NamespaceController(threading.Thread):
     """Polls namespaces: gives new ones their defaults, empties and finalizes deleted ones."""
 
-    def __init__(self, cp: "ControlPlane", interval: float = 0.3) -> None:
+    def __init__(self, cp: ControlPlane, interval: float = 0.3) -> None:
         super().__init__(name="chaperone-testbed-namespaces", daemon=True)
         self.cp, self.interval = cp, interval
         self._stop_event = threading.Event()

@@ -31,12 +31,17 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from .controllers import NamespaceController, ensure_namespace_defaults
 from .pki import CertAuthority, KeyPair
 from .services import (
-    LOOPBACK, ComponentUnavailable, ManagedProcess, StartupError, free_port, keep_artifacts,
+    LOOPBACK,
+    ComponentUnavailable,
+    ManagedProcess,
+    StartupError,
+    free_port,
+    keep_artifacts,
     require_binary,
 )
 
@@ -116,7 +121,7 @@ class KubectlError(subprocess.CalledProcessError):
         return f"{super().__str__()}\nstderr: {self.stderr}\nstdout: {self.stdout}"
 
 
-User = Union[str, KubeconfigRef]
+User = str | KubeconfigRef
 
 
 class ControlPlane:
@@ -153,7 +158,7 @@ class ControlPlane:
         self._ssl: ssl.SSLContext | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         if self._apiserver is not None:
             return self
         self.kubectl_binary = self.kubectl_binary or require_binary(
@@ -192,7 +197,7 @@ class ControlPlane:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

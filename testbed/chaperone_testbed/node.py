@@ -41,7 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .services import (
-    LOOPBACK, ComponentUnavailable, ManagedProcess, StartupError, free_port, keep_artifacts,
+    LOOPBACK,
+    ComponentUnavailable,
+    ManagedProcess,
+    StartupError,
+    free_port,
+    keep_artifacts,
     require_binary,
 )
 
@@ -127,7 +132,7 @@ class Node:
     containerd's k8s.io namespace (pods must use imagePullPolicy IfNotPresent or Never).
     """
 
-    def __init__(self, control_plane: "ControlPlane", *, assets_dir: Path | str | None = None,
+    def __init__(self, control_plane: ControlPlane, *, assets_dir: Path | str | None = None,
                  startup_timeout: float = 120.0) -> None:
         self.cp = control_plane
         self.assets_dir = Path(assets_dir) if assets_dir else None
@@ -151,7 +156,7 @@ class Node:
         return self.workdir / f"{component}.log"
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "Node":
+    def start(self) -> Node:
         if self._procs:
             return self
         t0 = time.monotonic()
@@ -179,7 +184,7 @@ class Node:
         self.timings["ready"] = time.monotonic() - t0
         return self
 
-    def __enter__(self) -> "Node":
+    def __enter__(self) -> Node:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -346,10 +351,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _start_kubelet(self) -> None:
         assert self.assets_dir is not None and self.workdir is not None and self.cp.ca
-        wd, cp = self.workdir, self.cp
+        wd, cp, ca = self.workdir, self.cp, self.cp.ca
         kubeconfig = cp.component_kubeconfig(
             "kubelet", f"system:node:{self.name}", ("system:nodes",))
-        serving = cp.ca.write_server_cert(cp.pki_dir, "kubelet-serving",
+        serving = ca.write_server_cert(cp.pki_dir, "kubelet-serving",
                                           dns_names=(self.name,), ip_addresses=(self.address,))
         self.kubelet_port = free_port()
         config = wd / "kubelet.json"

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -58,7 +58,7 @@ class KeyPair:
     public_key_path: Path
 
     @classmethod
-    def write(cls, directory: Path, name: str) -> "KeyPair":
+    def write(cls, directory: Path, name: str) -> KeyPair:
         key = generate_key()
         priv, pub = directory / f"{name}.key", directory / f"{name}.pub"
         _write_private(priv, key_pem(key))
@@ -190,7 +190,7 @@ class CertAuthority:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -26,8 +26,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 __all__ = [
     "TestbedError",
@@ -191,7 +191,7 @@ class _Service:
     def log_path(self) -> Path | None:
         return self._process.log_path if self._process else None
 
-    def start(self) -> "_Service":
+    def start(self) -> _Service:
         if self.running:
             return self
         self._check_installed()
@@ -224,7 +224,7 @@ class _Service:
         if self._process is not None:
             self._process.stop()
 
-    def restart(self) -> "_Service":
+    def restart(self) -> _Service:
         self.stop()
         return self.start()
 

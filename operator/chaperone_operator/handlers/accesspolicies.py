@@ -12,7 +12,7 @@ the same error list.
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from collections.abc import Mapping
 
 import kopf
 
@@ -26,12 +26,12 @@ __all__ = ["policy_errors", "policy_status", "on_accesspolicy_validate", "on_acc
 
 def policy_errors(obj: Mapping) -> tuple[int, list[str]]:
     """(rule count, every compile error as ``path: reason``) for one AccessPolicy object."""
-    obj = copy.deepcopy(dict(obj))
-    meta = obj.setdefault("metadata", {})
+    policy = copy.deepcopy(dict(obj))
+    meta = policy.setdefault("metadata", {})
     if not meta.get("name") and meta.get("generateName"):
         meta["name"] = meta["generateName"] + "x"  # admission sees generateName objects unnamed
     try:
-        compiled = compile_policy(obj, meta.get("namespace") or "default")
+        compiled = compile_policy(policy, meta.get("namespace") or "default")
     except PolicyErrors as exc:
         return 0, [str(e) for e in exc.errors]
     return len(compiled.rules), []

@@ -16,7 +16,8 @@ CA and the sidecar RoleBinding, since a namespace with a connection is where sid
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import kopf
@@ -25,9 +26,9 @@ from chaperone_sidecar.api import CLAUDE_CONNECTIONS, GROUP, LABEL_INJECT, VERSI
 from chaperone_sidecar.contract import STATUS_ANNOTATION
 from chaperone_sidecar.policy.globs import glob_error
 
+from .. import namespaces
 from ..conditions import condition, merge_conditions, status_differs
 from ..kube import list_pods, read_secret
-from .. import namespaces
 
 __all__ = ["connection_errors", "credentials_condition", "pod_connections", "injected_pod_count",
            "connection_status",

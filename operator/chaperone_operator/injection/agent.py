@@ -14,11 +14,13 @@ Every function here is pure; `mutate_agent` edits the dict it is given (a deep c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from chaperone_sidecar import contract as c
+
 from .connections import ConnectionPlan, no_proxy_entry_reaches
 from .sidecar import trust_mount
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
-from chaperone_sidecar.selectors import selector_matches
-
 from chaperone_sidecar.contract import (
-    CONNECTIONS_DIR, UPSTREAM_CA_DIR, VOL_CONN_PREFIX, VOL_UPSTREAM_CA_PREFIX, WEBIDENTITY_DIR,
+    CONNECTIONS_DIR,
+    UPSTREAM_CA_DIR,
+    VOL_CONN_PREFIX,
+    VOL_UPSTREAM_CA_PREFIX,
+    WEBIDENTITY_DIR,
 )
+from chaperone_sidecar.selectors import selector_matches
 
 # Hosts a connection covers when spec.hosts is absent (CRD documentation).
 DEFAULT_HOSTS: dict[str, tuple[str, ...]] = {

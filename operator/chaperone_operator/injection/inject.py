@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from chaperone_sidecar import contract as c
+
 from .agent import agent_env_plan, mutate_agent
 from .connections import applicable_connections, plan_connections
 from .patch import make_patch

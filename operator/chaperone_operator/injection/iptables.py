@@ -118,7 +118,7 @@ if [ -r /proc/net/if_inet6 ]; then
       exit 1
     fi
   done < /proc/net/if_inet6
-fi"""
+fi"""  # noqa: E501 - the message the pod logs, one line in the golden files
 
 
 def iptables_script(settings: InjectionSettings) -> str:

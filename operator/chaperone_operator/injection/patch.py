@@ -51,7 +51,7 @@ def _diff(old: Any, new: Any, path: str, ops: list[dict[str, Any]]) -> None:
                 _diff(old[key], new[key], sub, ops)
         return
     if isinstance(old, list) and isinstance(new, list) and len(new) >= len(old):
-        for i, (a, b) in enumerate(zip(old, new)):
+        for i, (a, b) in enumerate(zip(old, new, strict=False)):
             if _same(a, b):
                 continue
             if isinstance(a, dict) and isinstance(b, dict) and a.get("name") == b.get("name"):

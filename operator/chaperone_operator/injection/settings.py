@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 from urllib.parse import urlsplit
 
 from chaperone_sidecar import contract as c
@@ -182,7 +182,7 @@ class InjectionSettings:
                              f"container, not {self.oidc_ca_file!r}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "InjectionSettings":
+    def from_env(cls, env: Mapping[str, str]) -> InjectionSettings:
         """Build settings from CHAPERONE_* variables; unset or empty variables keep defaults.
 
         Exception: the optional endpoints (S3, Redis, OTel, OIDC issuer, sidecar Secret, CPU
@@ -197,7 +197,7 @@ class InjectionSettings:
             kwargs[name] = _parse(var, raw.strip(), fields[name].default)
         return cls(**kwargs)  # type: ignore[arg-type]
 
-    def replace(self, **changes: object) -> "InjectionSettings":
+    def replace(self, **changes: object) -> InjectionSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 

@@ -15,9 +15,11 @@ only the paths remapped. The contract is documented in docs/injection.md.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from chaperone_sidecar import contract as c
+
 from .connections import ConnectionPlan
 from .iptables import iptables_script
 from .settings import InjectionSettings, quantity_bytes

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mitmproxy import exceptions, hooks
 

@@ -44,7 +44,8 @@ says when and how to retry.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mitmproxy import http
 

@@ -29,8 +29,9 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["Grant", "InvalidGrant", "MemoryGrants", "RedisGrants", "grant_key"]
 
@@ -54,7 +55,7 @@ class Grant:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> "Grant":
+    def from_json(cls, raw: str | bytes) -> Grant:
         try:
             doc = json.loads(raw)
             return cls(str(doc["scope"]), str(doc["request"]),

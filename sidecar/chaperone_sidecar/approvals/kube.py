@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..api import API_VERSION, APPROVAL_REQUESTS, KIND_APPROVAL_REQUEST, collection_path
 from ..kubeclient import KubeClient, KubeError, ListWatch

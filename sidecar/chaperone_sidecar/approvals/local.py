@@ -15,6 +15,7 @@ self-approval check: standalone mode has one local user, who is also the approve
 from __future__ import annotations
 
 import asyncio
+import builtins
 import datetime as dt
 import fcntl
 import json
@@ -22,9 +23,9 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 from ..api import API_VERSION, KIND_APPROVAL_REQUEST
 from ..timefmt import format_rfc3339, parse_rfc3339
@@ -37,7 +38,7 @@ DECISIONS = ("Approved", "Denied")
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class LocalApprovalStore:
@@ -125,8 +126,9 @@ class LocalApprovalStore:
     async def get(self, name: str) -> dict | None:
         return await self._off_loop(self.load, name)
 
-    async def find(self, labels: Mapping[str, str]) -> list[dict]:
-        def scan() -> list[dict]:
+    # builtins.list: inside the class, ``list`` is the method above
+    async def find(self, labels: Mapping[str, str]) -> builtins.list[dict]:
+        def scan() -> builtins.list[dict]:
             return [o for o in self.list()
                     if all(((o.get("metadata") or {}).get("labels") or {}).get(k) == v
                            for k, v in labels.items())]

@@ -13,7 +13,8 @@ one callers use).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from ..api import LABEL_ACTION, LABEL_DIGEST, LABEL_REQUESTER, LABEL_SUBJECT
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ..policy.model import Identity
 from ..timefmt import epoch_to_rfc3339, rfc3339_to_epoch

@@ -22,8 +22,9 @@ import collections
 import math
 import secrets
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 from ..policy.model import Identity, RateLimit
 
@@ -175,7 +176,7 @@ async def check_limits(limiter, limits: Iterable[RateLimit], identity: Identity,
         limiter.hit(rate_key(lim, identity, connection), lim.requests, lim.period_seconds)
         for lim in limits))
     best: tuple[RateVerdict, RateLimit | None] = (RateVerdict(True, 2**31 - 1), None)
-    for lim, verdict in zip(limits, verdicts):
+    for lim, verdict in zip(limits, verdicts, strict=True):
         if not verdict.allowed:
             return verdict, lim
         if verdict.remaining < best[0].remaining:

@@ -42,8 +42,9 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from ..api import LABEL_ACTION, LABEL_DIGEST, LABEL_SUBJECT
 from ..policy.model import Action, ApprovalRequirement, Identity, RuleRef

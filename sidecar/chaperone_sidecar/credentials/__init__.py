@@ -32,9 +32,10 @@ requests unsigned (anonymous) after stripping the agent's signature.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 from .aws_chunked import AwsChunkedDecoder
 from .aws_sigv4 import AWSResigner
@@ -91,7 +92,7 @@ class CredentialInjector:
     @classmethod
     def for_connection(cls, connection_spec: dict, secret_dir: Path | str | None, *,
                        token_file: Path | str | None = None, pod_name: str | None = None,
-                       clock: Callable[[], datetime] = utcnow) -> "CredentialInjector":
+                       clock: Callable[[], datetime] = utcnow) -> CredentialInjector:
         """Build from a ClaudeConnection spec and the mount directory of its Secret.
 
         ``token_file``: a projected service-account token (kubernetes: used instead of the

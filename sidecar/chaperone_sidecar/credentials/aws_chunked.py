@@ -138,7 +138,7 @@ def decode_aws_chunked(body: bytes) -> tuple[bytes, list[tuple[str, str]]]:
     return payload, decoder.trailers
 
 
-def is_aws_chunked(request: "HTTPLike", content_sha256: str | None = None) -> bool:
+def is_aws_chunked(request: HTTPLike, content_sha256: str | None = None) -> bool:
     """Content-Encoding names aws-chunked, or the payload hash is a ``STREAMING-*`` marker
     (pass ``content_sha256`` when the header was already removed)."""
     encodings = [e.strip().lower() for e in request.headers.get("content-encoding", "").split(",")]
@@ -147,7 +147,7 @@ def is_aws_chunked(request: "HTTPLike", content_sha256: str | None = None) -> bo
     return "aws-chunked" in encodings or content_sha256.upper().startswith("STREAMING-")
 
 
-def unwrap_request(request: "HTTPLike") -> AwsChunkedDecoder | None:
+def unwrap_request(request: HTTPLike) -> AwsChunkedDecoder | None:
     """Turn an aws-chunked request into a plain one (headers and, if buffered, the body).
 
     Returns ``None`` when the body was decoded in place, or the decoder the proxy must run

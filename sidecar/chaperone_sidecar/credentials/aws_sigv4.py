@@ -38,9 +38,10 @@ The query string is re-encoded to SigV4's canonical form (decode, then percent-e
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from hashlib import sha256
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
 
 from botocore.auth import EMPTY_SHA256_HASH, SIGNED_HEADERS_BLACKLIST, S3SigV4Auth, SigV4Auth
@@ -124,7 +125,7 @@ def parse_agent_signature(authorization: str, query: list[tuple[str, str]]) -> A
             agent.signed_headers = tuple(h.strip().lower() for h in signed.split(";") if h)
         try:
             start = datetime.strptime(params["x-amz-date"], "%Y%m%dT%H%M%SZ")
-            agent.expires_at = (start.replace(tzinfo=timezone.utc)
+            agent.expires_at = (start.replace(tzinfo=UTC)
                                 + timedelta(seconds=int(params["x-amz-expires"])))
         except (KeyError, ValueError):
             pass  # no usable expiry: nothing to honour
@@ -133,7 +134,7 @@ def parse_agent_signature(authorization: str, query: list[tuple[str, str]]) -> A
         # decides the service; Expires is an absolute epoch second.
         agent.presigned = True
         try:
-            agent.expires_at = datetime.fromtimestamp(int(params["expires"]), timezone.utc)
+            agent.expires_at = datetime.fromtimestamp(int(params["expires"]), UTC)
         except (KeyError, ValueError, OverflowError):
             pass
     return agent
@@ -191,7 +192,7 @@ class AWSResigner:
     def __repr__(self) -> str:
         return f"AWSResigner(credentials={self.credentials!r}, region={self.region!r})"
 
-    def apply(self, request: "HTTPLike") -> aws_chunked.AwsChunkedDecoder | None:
+    def apply(self, request: HTTPLike) -> aws_chunked.AwsChunkedDecoder | None:
         """Strip, rewrite, re-sign. Returns a body decoder only for streamed aws-chunked uploads."""
         # Before touching the request: without credentials the proxy refuses it unchanged.
         creds = self.credentials.current() if self.credentials is not None else None
@@ -257,7 +258,7 @@ class AWSResigner:
                 headers[name] = value
         return decoder
 
-    def _retarget(self, request: "HTTPLike", path: str, is_s3: bool) -> str:
+    def _retarget(self, request: HTTPLike, path: str, is_s3: bool) -> str:
         assert self._endpoint is not None
         scheme, host, port, prefix = self._endpoint
         if is_s3:
@@ -271,7 +272,7 @@ class AWSResigner:
         request.host_header = _hostport(scheme, host, port)
         return prefix + path
 
-    def _payload_hash(self, request: "HTTPLike", agent_payload: str, is_s3: bool) -> str:
+    def _payload_hash(self, request: HTTPLike, agent_payload: str, is_s3: bool) -> str:
         if agent_payload in _UNSIGNED_AGENT_PAYLOADS:
             return UNSIGNED_PAYLOAD
         body = request.raw_content

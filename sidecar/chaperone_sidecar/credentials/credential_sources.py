@@ -24,10 +24,11 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable, Collection, Mapping, Protocol, Sequence
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ Clock = Callable[[], datetime]
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class CredentialError(Exception):
@@ -131,7 +132,7 @@ class SecretDir:
             return ("link", os.readlink(self._data_path))
         except OSError:  # not a kubelet-managed mount: compare each file's stat
             pass
-        sig = []
+        sig: list[tuple[int, int, int, int] | None] = []
         for path in self._key_paths:
             try:
                 st = os.stat(path)
@@ -192,7 +193,7 @@ class TokenSource:
         self.key = key
 
     @classmethod
-    def from_file(cls, path: Path | str) -> "TokenSource":
+    def from_file(cls, path: Path | str) -> TokenSource:
         path = Path(path)
         return cls(path.parent, path.name)
 
@@ -302,7 +303,7 @@ class WebIdentitySource:
         c = resp["Credentials"]
         expiration = c["Expiration"]
         if expiration.tzinfo is None:
-            expiration = expiration.replace(tzinfo=timezone.utc)
+            expiration = expiration.replace(tzinfo=UTC)
         return AWSCredentials(c["AccessKeyId"], c["SecretAccessKey"], c.get("SessionToken"),
                               expiration)
 

@@ -15,7 +15,8 @@ break could smuggle extra headers upstream.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .credential_sources import CredentialsUnavailable, TokenSource
 
@@ -44,7 +45,7 @@ class HeaderInjector:
     def __repr__(self) -> str:
         return f"HeaderInjector(header={self.header!r}, token={self.token!r})"
 
-    def apply(self, request: "HTTPLike") -> None:
+    def apply(self, request: HTTPLike) -> None:
         value = self.token.value().reveal()  # before touching the request: fail cleanly
         if "\r" in value or "\n" in value:
             raise CredentialsUnavailable(

@@ -33,13 +33,14 @@ DB_PASSWORD = "correct-horse-battery-staple"
 
 def _issue_ca_and_leaf(directory: Path) -> tuple[Path, Path, Path]:
     """A private CA and a server certificate for localhost/127.0.0.1 (ca.crt, cert, key)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tickets API demo CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

@@ -16,7 +16,6 @@ from typing import Any
 from .plumbing import Agent, DemoFailure, Proxy, expect, header, indent, run_cli, say, show_response
 from .scenario import APPROVER, AWS_KEY_ID, AWS_SECRET, DB_PASSWORD, TOKEN, TicketsAPI, write_config
 
-
 # ============================================================================ the steps
 
 def step_allowed(agent: Agent, api: TicketsAPI, base: str) -> None:
@@ -88,9 +87,10 @@ def step_approval(agent: Agent, api: TicketsAPI, base: str, conf: Path, deadline
     name = _wait_for_request(conf / "approvals", deadline)
     expect(not api.requests_to("POST", "/tickets/42/refund"), "the refund reached the upstream before approval")
     expect(thread.is_alive(), f"the held call returned before the approval: {result}")
-    say(f"  (meanwhile, a human looks at what is waiting)")
+    say("  (meanwhile, a human looks at what is waiting)")
     run_cli("approvals", "--config-dir", str(conf))
-    run_cli("approve", name, "--config-dir", str(conf), "--as", APPROVER, "--reason", "refund confirmed with the customer")
+    run_cli("approve", name, "--config-dir", str(conf), "--as", APPROVER,
+            "--reason", "refund confirmed with the customer")
     thread.join(max(0.0, deadline - time.monotonic()))
     expect(not thread.is_alive(), "the held call did not complete after the approval")
     expect("error" not in result, f"the held call failed: {result.get('error')}")

@@ -39,8 +39,8 @@ import difflib
 import gzip
 import json
 import threading
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable
 
 from botocore.loaders import Loader
 

@@ -11,16 +11,17 @@ Every problem with the input raises :class:`InputError` (exit code 2).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import yaml
 
 from .compiler import PolicyErrors, compile_policy
 from .evaluator import evaluate
-from .matching import CompiledPolicySet
+from .matching import CompiledPolicy, CompiledPolicySet
 from .model import Action, Decision, HTTPRequest, Identity
 
 Classifier = Callable[[HTTPRequest, str], Action]
@@ -38,10 +39,13 @@ class InputError(Exception):
 
 def load_policies(paths: list[Path], namespace: str = "default") -> CompiledPolicySet:
     """Compile every AccessPolicy in the files; any problem raises InputError listing all."""
-    compiled, problems, seen = [], [], {}
+    compiled: list[CompiledPolicy] = []
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
     for path in paths:
         for index, doc in enumerate(_read_yaml_docs(path)):
-            items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") in ("List", "AccessPolicyList") else [doc]
+            is_list = isinstance(doc, dict) and doc.get("kind") in ("List", "AccessPolicyList")
+            items = doc.get("items") if is_list else [doc]
             for obj in items or ():
                 try:
                     policy = compile_policy(obj, namespace)
@@ -79,7 +83,7 @@ def make_identity(service_account: str = "", user: str = "", groups=(), on_behal
                     on_behalf_of_groups=tuple(on_behalf_of_groups))
 
 
-def request_from_url(method: str, url: str, headers: list[tuple[str, str]] = (), body: bytes = b"") -> HTTPRequest:
+def request_from_url(method: str, url: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b"") -> HTTPRequest:
     """An HTTPRequest from a URL (scheme defaults to https); adds Host when missing."""
     parts = urlsplit(url if "://" in url else f"https://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -156,7 +160,7 @@ class CaseResult:
         decision = asdict(self.decision)
         decision["rule"] = str(self.decision.rule) if self.decision.rule else None
         for part, src in zip(decision["masks"] + decision["rate_limits"],
-                             self.decision.masks + self.decision.rate_limits):
+                             self.decision.masks + self.decision.rate_limits, strict=True):
             part["source"] = str(src.source) if src.source else None
         return {"name": self.case.name, "passed": not self.mismatches, "mismatches": self.mismatches,
                 "connection": self.case.connection, "action": asdict(self.action), "decision": decision}
@@ -265,9 +269,11 @@ def load_suite(path: Path, namespace: str = "default") -> tuple[list[Path], str,
         if not connection:
             problems.append(f"{where}.connection: required (here or in defaults)")
         if ctype not in CONNECTION_TYPES:
-            problems.append(f"{where}.type: must be one of {', '.join(CONNECTION_TYPES)} (here or in defaults), got {ctype!r}")
+            problems.append(f"{where}.type: must be one of {', '.join(CONNECTION_TYPES)} (here or in defaults), "
+                            f"got {ctype!r}")
         if "decision" in expect and str(expect["decision"]).lower() not in DECISIONS:
-            problems.append(f"{where}.expect.decision: must be allow, block or requireApproval, got {expect['decision']!r}")
+            problems.append(f"{where}.expect.decision: must be allow, block or requireApproval, "
+                            f"got {expect['decision']!r}")
         try:
             request = _suite_request(req, path.parent, _headers(defaults.get("headers"), "defaults.headers", problems)
                                      + _headers(req.get("headers"), f"{where}.request.headers", problems))
@@ -296,5 +302,8 @@ def _suite_request(req: dict, base: Path, headers: list[tuple[str, str]]) -> HTT
     if not req.get("url"):
         raise InputError("url (or raw, or file) is required")
     body = req.get("body")
-    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else str(body).encode() if body is not None else b""
+    if isinstance(body, (dict, list)):
+        data = json.dumps(body).encode()
+    else:
+        data = str(body).encode() if body is not None else b""
     return request_from_url(str(req.get("method") or ("POST" if data else "GET")), str(req["url"]), headers, data)

@@ -33,10 +33,11 @@ additionally walks every rule with every condition to report which matched and w
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import cast
 
 from .globs import quote as _q
 from .matching import CompiledPolicy, CompiledPolicySet, CompiledRule, MatchContext
-from .model import Action, Decision, Identity
+from .model import Action, Decision, Effect, Identity, MaskSpec, RateLimit
 
 __all__ = ["evaluate", "describe_identity", "describe_action"]
 
@@ -58,7 +59,8 @@ def evaluate(policies: CompiledPolicySet, action: Action, identity: Identity, co
     bucket = (action.connection_type, action.method, aws.action.lower() if aws is not None else "", ctx.host)
     best: CompiledRule | None = None
     best_rank = 0
-    masks, limits = [], []
+    masks: list[MaskSpec] = []
+    limits: list[RateLimit] = []
     for policy in applicable:
         decisive, side = policy.candidates(*bucket)
         if best_rank < _BLOCK:
@@ -75,11 +77,12 @@ def evaluate(policies: CompiledPolicySet, action: Action, identity: Identity, co
             if rule.matches(ctx):
                 if rule.mask is not None:
                     masks.append(rule.mask)
-                else:
+                elif rule.rate_limit is not None:
                     limits.append(rule.rate_limit)
 
     if best is not None:
-        decision = Decision(best.effect, rule=best.ref, message=best.message, approval=best.approval,
+        # a decisive rule's effect is allow, block or require_approval: a Decision effect
+        decision = Decision(cast(Effect, best.effect), rule=best.ref, message=best.message, approval=best.approval,
                             masks=tuple(masks), rate_limits=tuple(limits))
     else:
         strict = [p.key for p in applicable if p.default_effect == "block"]
@@ -109,7 +112,8 @@ def describe_identity(identity: Identity) -> str:
 
 def describe_action(action: Action) -> str:
     """One line naming the request, e.g. ``s3:DeleteBucket (DELETE https://b.s3.amazonaws.com/)``."""
-    port = "" if (action.scheme, action.port) in (("https", 443), ("http", 80)) or not action.port else f":{action.port}"
+    default_port = (action.scheme, action.port) in (("https", 443), ("http", 80))
+    port = "" if default_port or not action.port else f":{action.port}"
     query = f"?{action.query}" if action.query else ""
     url = f"{action.method} {action.scheme}://{action.host}{port}{action.path}{query}"
     return f"{action.name} ({url})" if action.name else url

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable, Literal
+from typing import Literal
 
 GlobKind = Literal["name", "path", "host"]
 

@@ -31,11 +31,13 @@ Matching semantics worth knowing:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .classify.paths import canonical_path, path_rules
-from .globs import GlobSet, match as glob_match, quote as _q
+from .globs import GlobSet
+from .globs import match as glob_match
+from .globs import quote as _q
 from .model import Action, ApprovalRequirement, Approvers, Identity, MaskSpec, RateLimit, RuleRef
 
 RANK = {"allow": 1, "require_approval": 2, "block": 3}  # decision strength; 0 = not a decision
@@ -159,7 +161,8 @@ class CompiledPolicy:
             return False
         return self.subjects is None or self.subjects.matches(identity)
 
-    def candidates(self, ctype: str, method: str, action: str, host: str) -> tuple[tuple[CompiledRule, ...], tuple[CompiledRule, ...]]:
+    def candidates(self, ctype: str, method: str, action: str,
+                   host: str) -> tuple[tuple[CompiledRule, ...], tuple[CompiledRule, ...]]:
         """(decision rules, mask/rateLimit rules) that can match this bucket, in rule order.
 
         ``action`` is the lower-cased AWS action ("" for other calls), ``host`` the lower-cased
@@ -242,7 +245,8 @@ _SINGLE: dict[str, tuple[Callable[[MatchContext], str | None], str, bool]] = {
     "match.aws.regions": (lambda c: c.action.aws.region if c.action.aws else None, "name", False),
     "match.kubernetes.apiGroups": (lambda c: k.api_group if (k := _kube(c)) else None, "name", False),
     "match.kubernetes.resources": (
-        lambda c: (f"{k.resource}/{k.subresource}" if k.subresource else k.resource) if (k := _kube(c)) and k.resource else None,
+        lambda c: ((f"{k.resource}/{k.subresource}" if k.subresource else k.resource)
+                   if (k := _kube(c)) and k.resource else None),
         "name", False),
     "match.kubernetes.namespaces": (lambda c: (k.namespace or None) if (k := _kube(c)) else None, "name", False),
     "match.kubernetes.names": (lambda c: (k.name or None) if (k := _kube(c)) else None, "name", False),
@@ -358,7 +362,8 @@ def _build_rule(index: int, rule: dict, key: str, namespace: str, spec: dict, bo
         mask=MaskSpec(tuple(body.get("detectors") or ()), tuple(body.get("fields") or ()), body["target"],
                       masking.get("maxBodyBytes", 64 * 1024 * 1024), ref,
                       body.get("kubernetesSecrets") or "") if effect == "mask" else None,
-        rate_limit=RateLimit(body["requests"], body["periodSeconds"], body["per"], ref) if effect == "rate_limit" else None,
+        rate_limit=(RateLimit(body["requests"], body["periodSeconds"], body["per"], ref)
+                    if effect == "rate_limit" else None),
         tests=tuple(c.test for c in conditions if not c.indexed), rank=RANK.get(effect, 0))
 
 

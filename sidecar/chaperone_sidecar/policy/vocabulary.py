@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import http
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from .aws_catalog import action_error
 from .globs import quote as _q

@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .events import EVENT_TYPES, SessionIdentity, format_time, new_event, utc_now
 from .manifest import ManifestKey
@@ -306,7 +307,7 @@ class Recorder:
 
     def _settle(self, items: list, results: list) -> None:
         strict = self.config.mode == "strict"
-        for (_, _, future), result in zip(items, results):
+        for (_, _, future), result in zip(items, results, strict=True):
             if future.done():  # the caller was cancelled; the event was still written
                 continue
             if isinstance(result, SpoolUnavailable) and not strict:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 EVENT_TYPES = (
     "session-start", "request", "response", "decision", "approval", "error", "session-end",
@@ -60,11 +61,11 @@ def format_time(moment: datetime) -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2025-01-02T03:04:05.123456Z``."""
     if moment.tzinfo is None:
         raise ValueError("event times must be timezone-aware")
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def encode_body(body: bytes | str | None, **extra: Any) -> dict[str, Any] | None:

@@ -12,11 +12,22 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .events import Chain, ChainChecker, format_time, new_event, sha256_hex, split_lines
-from .spool import (CLOSED, OPEN, SESSION_NAME, RecorderMetrics, SessionSpool, SpoolConfig,
-                    SpoolUnavailable, fsync_dir, read_json, segment_seq)
+from .spool import (
+    CLOSED,
+    OPEN,
+    SESSION_NAME,
+    RecorderMetrics,
+    SessionSpool,
+    SpoolConfig,
+    SpoolUnavailable,
+    fsync_dir,
+    read_json,
+    segment_seq,
+)
 
 __all__ = ["adopt", "leftovers"]
 

@@ -15,13 +15,13 @@ import json
 import os
 import sys
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..cli import command_parser, dispatch
 from .events import who
 from .manifest import KeyFileError, load_key
-from .reader import (SessionNotFound, find_session, list_sessions, load_session, open_store,
-                     verify_session)
+from .reader import SessionNotFound, find_session, list_sessions, load_session, open_store, verify_session
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
 
@@ -108,7 +108,7 @@ def _table(rows: Iterable[list[str]], header: list[str]) -> None:
     rows = [header, *rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_list(store: Any, args: argparse.Namespace) -> int:

@@ -38,10 +38,11 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from .events import sha256_hex, split_lines
 from .manifest import ManifestKey, build_manifest, manifest_file, sign_manifest
@@ -263,7 +264,7 @@ class Shipper:
         try:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in pending)), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -297,12 +298,12 @@ class Shipper:
                             self.store.description, attempt, delay, self.last_error)
                 try:  # a wake-up does not cut a backoff short: only stop() does
                     await asyncio.wait_for(self._stopping.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _ship_all(self) -> None:
@@ -336,7 +337,7 @@ class Shipper:
             self._lock_enabled = self.store.object_lock_enabled()
         if not self._lock_enabled:
             return None, None
-        until = datetime.now(timezone.utc) + timedelta(days=self.config.retention_days)
+        until = datetime.now(UTC) + timedelta(days=self.config.retention_days)
         return self.config.object_lock_mode, until.replace(microsecond=0)
 
     def _upload(self, key: str, data: bytes, content_type: str) -> None:

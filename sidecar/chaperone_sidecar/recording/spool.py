@@ -35,9 +35,10 @@ import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from .events import Chain, format_time, new_event, split_lines
 from .shipper import chunk_key
@@ -223,7 +224,7 @@ class SessionSpool:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
-                raise SpoolUnavailable(f"session {self.session} is locked by another recorder")
+                raise SpoolUnavailable(f"session {self.session} is locked by another recorder") from None
             self._lock_fd = fd
             # Created now, empty, while inodes are available: confirming a shipped chunk then
             # never needs a new file - on a device out of inodes it could not get one, and the
@@ -420,7 +421,7 @@ class SessionSpool:
             return True
         if self.pending_close:
             results = self.write(self.pending_close)
-            failed = [e for e, r in zip(self.pending_close, results) if isinstance(r, Exception)]
+            failed = [e for e, r in zip(self.pending_close, results, strict=True) if isinstance(r, Exception)]
             if failed:
                 if self._gap is not None:
                     self.metrics.add("events_dropped", -self._gap["dropped"])

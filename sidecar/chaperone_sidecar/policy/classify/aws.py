@@ -164,8 +164,8 @@ def _candidates(scope: Scope, host: HostInfo, errors: list[str]):
         narrowed = tuple(m for m in metas if m.endpoint_prefix == host.endpoint_prefix)
         metas = narrowed or metas
     if scope.service and host.is_aws and host.endpoint_prefix and metas:
-        signing = {m.signing_name for m in aws_models.by_endpoint_prefix(host.endpoint_prefix)}
-        if signing and scope.service not in signing:
+        signing_names = {m.signing_name for m in aws_models.by_endpoint_prefix(host.endpoint_prefix)}
+        if signing_names and scope.service not in signing_names:
             errors.append(f"signed for {scope.service!r} but sent to {host.endpoint_prefix!r}")
     return metas
 

@@ -98,7 +98,7 @@ def compile_template(
 
 
 def _match_fixed(template_segments, decoded, labels) -> bool:
-    for (kind, text), value in zip(template_segments, decoded):
+    for (kind, text), value in zip(template_segments, decoded, strict=True):
         if kind == "lit":
             if value != text:
                 return False

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from typing import Any
 from urllib.parse import parse_qsl
 
 from ..model import Action, HTTPRequest
@@ -44,7 +45,7 @@ def _text(value) -> str:
 
 def sanitize(request: HTTPRequest, errors: list[str]) -> HTTPRequest:
     """A copy with well-typed fields and the host/method normalised (never raises)."""
-    fixed = {}
+    fixed: dict[str, Any] = {}  # HTTPRequest fields, each of its own type
     for name in ("method", "scheme", "host", "path", "query"):
         value = getattr(request, name, "")
         if not isinstance(value, str):

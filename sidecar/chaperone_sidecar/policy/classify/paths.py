@@ -47,8 +47,9 @@ path is forwarded with its case unchanged (identifiers in paths keep their case)
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 __all__ = ["PathRules", "path_rules", "canonical_path", "AMBIGUOUS_FIELDS"]

@@ -356,13 +356,10 @@ class StreamMasker:
             if n >= 2 * self.window:  # rescan once per window of new data, not per chunk
                 line = max(line, n - self.window)
             base = min(base, line)
-        for rule in self._runs:
-            for m in rule.pattern.finditer(window, off):
-                if m.start() - off >= base:
-                    break
-                if m.end() - off > base:  # the run crosses the cut: hold it (or its end)
-                    base = _run_cut(window, m.start(), off + base) - off
-                    break
+        for rule in self._runs:  # a run crossing the cut: hold it (or its end)
+            start = _run_crossing(window, rule, off, off + base) if 0 < base < n else None
+            if start is not None:
+                base = _run_cut(window, start, off + base) - off
         self._frontier = base
         return base
 
@@ -416,12 +413,9 @@ class StreamMasker:
                 # Nor a run of digit groups: a card glued to a word may become one once the word
                 # is masked ("4111 ... 1111AKIA..." after the key id's token), as in a whole body.
                 for rule in self._runs:
-                    for m in rule.pattern.finditer(window, off):
-                        if m.start() - off >= cut:
-                            break
-                        if m.end() - off > cut:
-                            cut = _run_cut(window, m.start(), off + cut) - off
-                            break
+                    start = _run_crossing(window, rule, off, off + cut)
+                    if start is not None:
+                        cut = _run_cut(window, start, off + cut) - off
             # Only findings before the cut are final: one after it could still be overlapped
             # by a match that has not fully arrived (and the union must be masked).
             settled = [f for f in findings if f.end <= cut and f is not cont_f]
@@ -448,6 +442,21 @@ class StreamMasker:
                 self._frontier = 0
                 self._cont = cont[2] if cont else None
             return
+
+
+_RUN_CHARS = b"0123456789 -"
+
+
+def _run_crossing(window: bytes, rule: Rule, lo: int, cut: int) -> int | None:
+    """Where a run of ``rule`` that crosses ``cut`` starts (not before ``lo``), or None.
+    Only the stretch of digits and separators around the cut is searched: a run longer than
+    ``RUN_HOLD`` is cut between groups anyway, so a start found later than its real one (a
+    group boundary, where the pattern may start too) is as good."""
+    if window[cut - 1] not in _RUN_CHARS or window[cut] not in _RUN_CHARS:
+        return None
+    low = max(lo, cut - RUN_HOLD - 2 * RUN_MARGIN)
+    m = rule.pattern.search(window, low + len(window[low:cut].rstrip(_RUN_CHARS)))
+    return m.start() if m is not None and m.start() < cut < m.end() else None
 
 
 def _run_cut(window: bytes, start: int, cut: int) -> int:

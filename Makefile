@@ -10,13 +10,19 @@ APT_PACKAGES := redis-server iproute2 iptables curl squid-openssl wrk \
                 containerd runc containernetworking-plugins debootstrap buildah
 export CHAPERONE_CACHE ?= $(HOME)/.cache/chaperone
 
-.PHONY: demo test deps system-deps venv control-plane node-deps sync-crds check-crds bench clean
+.PHONY: demo test lint deps system-deps venv control-plane node-deps sync-crds check-crds bench clean
 
 demo: venv
 	$(PY) -m chaperone_sidecar.demo
 
-test: deps
+test: deps lint
 	KUBEBUILDER_ASSETS="$$(hack/build-control-plane.sh)" HELM_BIN="$$(hack/build-helm.sh)" $(PY) -m pytest $(PYTEST_ARGS)
+
+# Static checks before the tests (pyproject.toml [tool.ruff], [tool.mypy]): ruff over all the
+# Python in the repo's product packages, mypy over the three packages.
+lint: venv
+	$(VENV)/bin/ruff check operator sidecar testbed
+	$(VENV)/bin/mypy
 
 # The story on a real node alone (e2e/node, issue 14; docs/e2e.md): containerd + runc + a
 # kubelet, the image built from the Dockerfile, `helm install`. Root only. `make test` runs it too.

@@ -163,11 +163,11 @@ def _card_find(text: bytes, lowered: bytes, pos: int) -> Iterator[SpanMatch]:
         n = len(groups)
         last = n - 1 - glued
         for i in range(n):
-            total, j = 0, i
-            while j < n and total + groups[j][1] - groups[j][0] <= 19:
-                total += groups[j][1] - groups[j][0]
-                j += 1
-            for j in range(min(j - 1, last), i - 1, -1):
+            total, end = 0, i  # end: one past the last group that still fits in 19 digits
+            while end < n and total + groups[end][1] - groups[end][0] <= 19:
+                total += groups[end][1] - groups[end][0]
+                end += 1
+            for j in range(min(end - 1, last), i - 1, -1):
                 seps = {text[groups[k][1]] for k in range(i, j)}
                 sizes = [e - s for s, e in groups[i : j + 1]]
                 if len(seps) <= 1 and 13 <= sum(sizes) and _card_layout(sizes):
@@ -202,7 +202,7 @@ def _ssn_ok(text: bytes, m: re.Match[bytes]) -> bool:
         return False
     before = text[max(0, m.start() - SSN_CONTEXT_BYTES) : m.start()]
     label = None
-    for label in _SSN_CONTEXT_RE.finditer(before):
+    for label in _SSN_CONTEXT_RE.finditer(before):  # noqa: B007 - keeps the last label found
         pass
     return label is not None and _OTHER_KEY_RE.search(before, label.end()) is None
 
@@ -236,9 +236,10 @@ _LOCAL_REV = re.compile(rb"[A-Za-z0-9._%+-]{1,65}")
 def _email_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
     """Addresses at each "@": the bounded pattern from where the local part starts (walking
     back over it; one byte later too, for a local part that follows an escape such as "\\n":
-    the "n" is a local-part character but not part of the address); failing that, the last 64 local-part characters and the longest domain
-    without boundaries - a local part glued to a longer run, or a top-level domain glued to
-    more letters, no longer hides the address (the rest of the run stays)."""
+    the "n" is a local-part character but not part of the address); failing that, the last 64
+    local-part characters and the longest domain without boundaries - a local part glued to a
+    longer run, or a top-level domain glued to more letters, no longer hides the address (the
+    rest of the run stays)."""
     i = lowered.find(b"@", pos)
     while i >= 0:
         found = None

@@ -48,7 +48,7 @@ def agent_env_plan(mode: str, proxy_port: int, plans: Sequence[ConnectionPlan]) 
         # Several reverse-mode anthropic connections: the first by name wins (documented).
         forced.append((c.ANTHROPIC_BASE_URL_VAR,
                        f"http://127.0.0.1:{reverse_anthropic[0].reverse_port}"))
-    defaults = []
+    defaults: list[tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = []
     aws = [p for p in plans if p.type == "aws"]
     if aws:
         defaults.append((c.AWS_CREDENTIAL_VARS,

@@ -67,7 +67,7 @@ def read_state(obj: Mapping, now: float) -> tuple[State, tuple[str, ...], str]:
                                          ("Approved", "Denied") else None)
     reason = spec.get("reason") or ""
     if decision == "Approved":
-        users = tuple(r.get("user") for r in spec.get("reviews") or ()
+        users = tuple(r["user"] for r in spec.get("reviews") or ()
                       if isinstance(r, dict) and r.get("decision") == "Approved" and r.get("user"))
         if not users and spec.get("decidedBy"):
             users = (spec["decidedBy"],)

@@ -412,13 +412,13 @@ class ApprovalService:
                     if self._final(current):
                         return current, False
         finally:
-            for task in (watch, fan):
-                if task is not None:
-                    task.cancel()
-            for task in (watch, fan):
-                if task is not None:
+            for pending in (watch, fan):
+                if pending is not None:
+                    pending.cancel()
+            for pending in (watch, fan):
+                if pending is not None:
                     with contextlib.suppress(BaseException):
-                        await task
+                        await pending
         if watch_failed:  # one last look, the watch could not tell us
             with contextlib.suppress(BackendError):
                 current = await self.backend.get(name)

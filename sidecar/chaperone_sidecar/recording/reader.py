@@ -29,6 +29,7 @@ def open_store(*, bucket: str | None = None, endpoint: str | None = None, prefix
         raise ValueError("give exactly one source: an S3 bucket or a directory")
     if directory is not None:
         return DirStore(directory)
+    assert bucket is not None  # exactly one of them, checked above
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
     return S3Store(bucket, prefix=prefix, **client_kwargs)
@@ -186,7 +187,7 @@ def verify_session(store: ObjectStore, ref: SessionRef, key: ManifestKey | None)
         problems.append(ChainProblem(manifest_key, 0, None, kind, str(expected), str(found)))
 
     listed = {k: data for k, data in session.chunks}
-    by_key: dict[str, dict[str, Any]] = {}
+    by_key: dict[Any, dict[str, Any]] = {}  # the manifest's keys as written: checked, not trusted
     if manifest is None:
         manifest_problem(session.manifest_error or
                          "manifest missing (session not closed, or the manifest was removed)")

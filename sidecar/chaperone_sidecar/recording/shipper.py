@@ -346,7 +346,9 @@ class Shipper:
         mode, until = self._retention()
 
         def matches(head: dict[str, Any] | None, etag: str | None) -> bool:
-            return bool(head) and head["size"] == len(data) and head["sha256"] == digest \
+            if not head:
+                return False
+            return head["size"] == len(data) and head["sha256"] == digest \
                 and head.get("checksum") in (None, digest) and etag in (None, head["etag"])
 
         if key in self._unsure and matches(self.store.head(key), None):

@@ -256,7 +256,8 @@ class SessionSpool:
         if self._gap is not None:
             todo.insert(0, (-1, self._gap_event()))
         self._committed = (self.chain.seq, self.chain.last_hash)
-        buf, items = bytearray(), []  # items: (index, sealed, line length)
+        buf = bytearray()
+        items: list[tuple[int, dict[str, Any], int]] = []  # (index, sealed, line length)
         try:
             for index, event in todo:
                 try:
@@ -286,16 +287,18 @@ class SessionSpool:
             return
         if self._fd is None:
             self._open_segment(items[0][1]["seq"])
+        fd = self._fd
+        assert fd is not None  # _open_segment opened it or raised
         cap = self.config.max_spool_bytes
         if cap is not None and self.unshipped_bytes + len(buf) > cap:
             raise SpoolUnavailable(f"spool size cap of {cap} bytes reached (S3 backlog)")
         start, written, view = self._seg_size, 0, memoryview(buf)
         try:
             while written < len(buf):
-                written += os.write(self._fd, view[written:])
+                written += os.write(fd, view[written:])
         except OSError:
             try:
-                os.ftruncate(self._fd, start)
+                os.ftruncate(fd, start)
                 written = 0
             except OSError:  # cannot cut: keep the complete lines, close the segment on its
                 self._seg_size += written  # torn tail (cut when shipped or recovered)

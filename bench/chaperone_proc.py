@@ -5,17 +5,18 @@
 
 * **minimal** is exactly the product's ``chaperone proxy`` command
   (``chaperone_sidecar.sidecar_cli.main(["proxy", ...])``): the config directory holds one
-  connection with recording off and a one-rule allow-all policy; telemetry is the API's no-op.
+  connection with recording off and a one-rule allow-all policy; telemetry is what the product
+  does without an OTLP endpoint (metrics served on ``/metrics``, no span export).
 * **full** is the same runtime (:class:`chaperone_sidecar.proxy.ProxyRuntime` with the services
   of :func:`~chaperone_sidecar.services.build_services`) with two things standalone mode does
   not configure by itself, set up here the way the injected sidecar has them:
 
   - recording shipped to S3 (``S3Store`` on the test bed's moto server; bucket, endpoint and
     keys from ``BENCH_S3_*``) instead of a local directory, built like ``services._make_recorder``;
-  - the OpenTelemetry SDK as ``setup_telemetry`` builds it from ``OTEL_*`` (a
-    ``BatchSpanProcessor`` and a ``PeriodicExportingMetricReader``) with the OTLP/HTTP
-    exporters (the ``otlp`` extra) sending to the bench upstream's OTLP sink - the collector
-    stand-in (``BENCH_OTLP_ENDPOINT``).
+  - the OpenTelemetry SDK as the services build it from ``OTEL_*`` (a ``BatchSpanProcessor``,
+    a ``PeriodicExportingMetricReader`` and the ``/metrics`` Prometheus reader) with the
+    OTLP/HTTP exporters (the ``otlp`` extra) sending to the bench upstream's OTLP sink - the
+    collector stand-in (``BENCH_OTLP_ENDPOINT``).
 
 ``--without telemetry`` leaves the SDK out (the ablation that attributes the full profile's
 cost). ``--loop`` is the product's own setting (``CHAPERONE_EVENT_LOOP``: uvloop is what the
@@ -37,21 +38,24 @@ for _sub in ("sidecar", "operator", "testbed"):
         sys.path.insert(0, str(REPO / _sub))
 
 
-def _telemetry() -> list:
-    """The sidecar's own OpenTelemetry set-up (:func:`~chaperone_sidecar.telemetry_setup.
-    setup_telemetry`, as the injected sidecar runs it) exporting over OTLP/HTTP to the bench
-    upstream's sink (``BENCH_OTLP_ENDPOINT``); returns the providers for shutdown.
+def _telemetry_env(without: bool) -> None:
+    """Configure the sidecar's own OpenTelemetry set-up (``build_services`` runs
+    :func:`~chaperone_sidecar.telemetry_setup.setup_telemetry` from ``os.environ``, as the
+    injected sidecar does) to export over OTLP/HTTP to the bench upstream's sink
+    (``BENCH_OTLP_ENDPOINT``), or switch the SDK off (``--without telemetry``, which also turns
+    off the ``/metrics`` reader the product always has).
 
     A missing OTLP exporter package is an error, not a silent no-op: "full" would otherwise
-    measure the API's no-op tracer.
+    measure spans that go nowhere.
     """
-    from chaperone_sidecar.telemetry_setup import setup_telemetry
-
-    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": os.environ["BENCH_OTLP_ENDPOINT"]}
-    setup = setup_telemetry(env, attributes={"k8s.pod.name": "bench", "k8s.namespace.name": "bench"})
-    if setup.tracer_provider is None or setup.meter_provider is None:
-        raise SystemExit(f"chaperone-full needs OTLP export: {'; '.join(setup.notes)}")
-    return [setup.tracer_provider, setup.meter_provider]
+    if without:
+        os.environ["OTEL_SDK_DISABLED"] = "true"
+        return
+    try:
+        import opentelemetry.exporter.otlp.proto.http  # noqa: F401  (presence check only)
+    except ImportError as exc:
+        raise SystemExit(f"chaperone-full needs the otlp extra: {exc}") from exc
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = os.environ["BENCH_OTLP_ENDPOINT"]
 
 
 def _s3_recorder(config):
@@ -81,7 +85,7 @@ def run_full(args: argparse.Namespace) -> int:
     from chaperone_sidecar.proxy import ProxyRuntime, event_loop_factory
     from chaperone_sidecar.services import build_services
 
-    providers = [] if "telemetry" in args.without else _telemetry()
+    _telemetry_env("telemetry" in args.without)
     config = SidecarConfig.from_files(args.config_dir, port=args.port, health_port=args.health_port)
     configure_logging(config.log_level)
 
@@ -91,12 +95,8 @@ def run_full(args: argparse.Namespace) -> int:
         return await ProxyRuntime(config, services).run()
 
     factory, _ = event_loop_factory(config.event_loop)
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(main())
-    finally:
-        for provider in providers:
-            provider.shutdown()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())  # the services' closers flush and shut the providers down
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ because a namespace with connections or injected pods is where sidecars terminat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from kubernetes.client.exceptions import ApiException
 
@@ -52,7 +52,7 @@ def upstream_ca_found(api, namespace: str, ref: Mapping | None) -> bool:
     return obj is not None and ref.get("key") in (obj.get("data") or {})
 
 
-def ensure(runtime, namespace: str, pods: list[Mapping], logger) -> None:
+def ensure(runtime, namespace: str, pods: Sequence[Mapping], logger) -> None:
     """Ensure the namespace's CA and sidecar RoleBinding (both idempotent).
 
     A namespace being deleted refuses new objects (403 NamespaceTerminating); that is the end
@@ -78,7 +78,7 @@ def redis_secret_data(settings, injection) -> dict[str, str] | None:
     return data
 
 
-def _ensure(runtime, namespace: str, pods: list[Mapping], logger) -> None:
+def _ensure(runtime, namespace: str, pods: Sequence[Mapping], logger) -> None:
     if runtime.ensure_ca is not None:
         runtime.ensure_ca(runtime.api, namespace, runtime.now())
     # The Redis password, where the sidecars' secretKeyRef finds it (docs/redis.md): readable by

@@ -258,6 +258,7 @@ class ProxyRuntime:
             await services.aclose("shutdown")
 
     async def _wait_for_snapshot(self, stop: asyncio.Event) -> bool:
+        assert self.services is not None  # run() built them first
         sources = self.services.sources
         waited = 0.0
         while not sources.ready:
@@ -329,6 +330,7 @@ class ProxyRuntime:
             log.info("reverse listeners changed: %s", ", ".join(modes))
             self._modes = modes
             updates["mode"] = modes
+        trust: Path | None
         try:
             trust = self._trust_bundle(snap)
         except OSError as exc:
@@ -346,6 +348,7 @@ class ProxyRuntime:
     async def _refresh_trust(self, interval: float = 30.0) -> None:
         """upstreamCA files are ConfigMap/Secret mounts the kubelet updates in place: re-read
         them now and then, not only when a connection changes."""
+        assert self.services is not None  # run() built them first
         while True:
             await asyncio.sleep(interval)
             self._snapshot_changed(self.services.snapshot())

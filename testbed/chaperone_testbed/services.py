@@ -82,7 +82,7 @@ class ManagedProcess:
     def __init__(
         self,
         name: str,
-        argv: Sequence[str],
+        argv: Sequence[str | os.PathLike[str]],
         log_path: Path,
         *,
         env: Mapping[str, str] | None = None,

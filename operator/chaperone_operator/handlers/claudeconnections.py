@@ -16,7 +16,7 @@ CA and the sidecar RoleBinding, since a namespace with a connection is where sid
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -140,7 +140,8 @@ def pod_connections(pod: Mapping, annotation: str = STATUS_ANNOTATION) -> set[st
     except ValueError:
         return set()
     items = data.get("connections") if isinstance(data, dict) else None
-    return {c.get("name") if isinstance(c, dict) else c for c in items or ()} - {None}
+    return {name for c in items or ()
+            if isinstance(name := c.get("name") if isinstance(c, dict) else c, str)}
 
 
 def _live(pod: Mapping) -> bool:
@@ -148,13 +149,13 @@ def _live(pod: Mapping) -> bool:
         (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
 
 
-def injected_pod_count(connection: str, pods: list[Mapping]) -> int:
+def injected_pod_count(connection: str, pods: Sequence[Mapping]) -> int:
     """Live (not finished, not deleting) injected pods whose sidecar got this connection."""
     return sum(1 for p in pods if _live(p) and connection in pod_connections(p))
 
 
 def connection_status(obj: Mapping, current: Mapping | None, secret: Mapping | None,
-                      pods: list[Mapping], upstream_ca_found: bool, now) -> dict:
+                      pods: Sequence[Mapping], upstream_ca_found: bool, now) -> dict:
     """The status the operator wants for this connection."""
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     generation = meta.get("generation")
@@ -168,7 +169,7 @@ def connection_status(obj: Mapping, current: Mapping | None, secret: Mapping | N
                           f"{ca.get('key')!r} not found", generation)
     else:
         ready = condition("Ready", True, "Ready", "sidecars can use this connection", generation)
-    count = injected_pod_count(meta.get("name"), pods)
+    count = injected_pod_count(meta.get("name") or "", pods)
     return {"observedGeneration": generation, "injectedPods": count,
             "conditions": merge_conditions((current or {}).get("conditions"), [ready, creds], now)}
 
@@ -176,7 +177,7 @@ def connection_status(obj: Mapping, current: Mapping | None, secret: Mapping | N
 def _refresh(body, status, patch, memo, logger) -> None:
     runtime = memo.runtime
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
-    ns = meta.get("namespace")
+    ns: str = meta.get("namespace") or ""  # a ClaudeConnection is namespaced: always set
     creds = spec.get("credentials") or {}
     secret = None
     if creds.get("source") == "secret" and (creds.get("secretRef") or {}).get("name"):

@@ -46,6 +46,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from botocore.auth import EMPTY_SHA256_HASH, SIGNED_HEADERS_BLACKLIST, S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.credentials import ReadOnlyCredentials
 
 from . import aws_chunked
 from .credential_sources import AWSCredentialSource, InjectionError, utcnow
@@ -248,14 +249,15 @@ class AWSResigner:
             aws_request.headers["X-Amz-Content-SHA256"] = payload_hash
         aws_request.context["chaperone_payload_hash"] = payload_hash
 
-        signer = (_S3SigV4 if is_s3 else _SigV4)(creds, service, region)
+        frozen = ReadOnlyCredentials(creds.access_key, creds.secret_key, creds.token)
+        signer = (_S3SigV4 if is_s3 else _SigV4)(frozen, service, region)
         signer.add_auth(aws_request)
 
         for name in ("Authorization", "X-Amz-Date", "X-Amz-Security-Token",
                      "X-Amz-Content-SHA256"):
-            value = aws_request.headers.get(name)
-            if value is not None:
-                headers[name] = value
+            signed = aws_request.headers.get(name)
+            if signed is not None:
+                headers[name] = signed
         return decoder
 
     def _retarget(self, request: HTTPLike, path: str, is_s3: bool) -> str:

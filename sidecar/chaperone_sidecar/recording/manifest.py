@@ -22,7 +22,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def _ed25519(private: Ed25519PrivateKey | None, public: Ed25519PublicKey) -> Man
 def key_from_bytes(data: bytes) -> ManifestKey:
     """Detect the key type from its bytes (see the module docstring)."""
     text = data.strip()
-    loaders = []
+    loaders: list[Callable[[], Any]] = []  # each returns some cryptography key; checked below
     if text.startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
         loaders.append(lambda: serialization.load_ssh_private_key(text, password=None))
     elif text.startswith(b"ssh-ed25519 "):

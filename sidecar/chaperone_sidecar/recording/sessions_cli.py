@@ -130,9 +130,10 @@ def cmd_list(store: Any, args: argparse.Namespace) -> int:
 def cmd_show(store: Any, args: argparse.Namespace) -> int:
     session = load_session(store, find_session(store, args.session))
     events = session.events
+    by_type = dict(Counter(e.get("type") for e in events))
     info = {"session": str(session.ref), "status": "closed" if session.manifest else "open",
             "manifest": session.manifest, "chunks": [k for k, _ in session.chunks],
-            "eventsStored": len(events), "byType": dict(Counter(e.get("type") for e in events))}
+            "eventsStored": len(events), "byType": by_type}
     if args.json:
         _print_json(info)
         return 0
@@ -142,7 +143,7 @@ def cmd_show(store: Any, args: argparse.Namespace) -> int:
           f"  {json.dumps(m.get('identity', {}), sort_keys=True)}")
     print(f"time      {m.get('startTime', '?')} .. {m.get('endTime', '(open)')}"
           f"  end: {m.get('endReason', '-')}")
-    print(f"events    {len(events)}  " + ", ".join(f"{k} {v}" for k, v in sorted(info["byType"].items())))
+    print(f"events    {len(events)}  " + ", ".join(f"{k} {v}" for k, v in sorted(by_type.items())))
     signature = m.get("signature") or {}
     print(f"signature {signature.get('alg', 'none')} {signature.get('keyId', '')}")
     for key, data in session.chunks:

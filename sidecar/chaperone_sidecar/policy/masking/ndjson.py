@@ -29,10 +29,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .encoding import MaskingError, StreamDecoder
+from .encoding import StreamDecoder
 from .masker import Masker
 from .sse import TextStream, compact_json
-from .stream import StreamMasker
+from .stream import DecodedStream, StreamMasker
 
 MAX_RECORD_BYTES = 1024 * 1024
 # Paths of string fields whose values a client concatenates across records (Ollama).
@@ -54,7 +54,7 @@ def _set(obj: dict[str, Any], path: tuple[str, ...], value: str) -> None:
     obj[path[-1]] = value
 
 
-class NDJSONMasker:
+class NDJSONMasker(DecodedStream):
     """Feed raw NDJSON bytes, get masked records; the interface of ``StreamMasker``."""
 
     binary = False
@@ -84,23 +84,6 @@ class NDJSONMasker:
         return len(self._line) + sum(t.masker.held for t in self._texts.values()) + (
             self._raw.held if self._raw is not None else 0)
 
-    def feed(self, data: bytes) -> bytes:
-        if self.decoder is not None:
-            data = self.decoder.feed(data)
-        return self._push(data, final=False)
-
-    def finish(self) -> bytes:
-        tail = b""
-        if self.decoder is not None:
-            try:
-                tail = self.decoder.finish()
-            except MaskingError as exc:
-                self.errors.append(str(exc))
-        return self._push(tail, final=True)
-
-    def __call__(self, data: bytes) -> list[bytes]:
-        out = self.feed(data) if data else self.finish()
-        return [out] if out else []
 
     def _push(self, data: bytes, final: bool) -> bytes:
         if self._raw is not None:

@@ -68,9 +68,9 @@ import codecs
 import json
 from typing import Any
 
-from .encoding import MaskingError, StreamDecoder
+from .encoding import StreamDecoder
 from .masker import Masker
-from .stream import StreamMasker
+from .stream import DecodedStream, StreamMasker
 
 MAX_EVENT_BYTES = 1024 * 1024
 
@@ -214,7 +214,7 @@ class _Block:
         self.event_name = event_name  # the name its deltas came with, for the release event
 
 
-class SSEMasker:
+class SSEMasker(DecodedStream):
     """Feed raw SSE bytes, get masked, re-framed SSE bytes; ``finish()`` returns the rest.
 
     The same interface as :class:`~.stream.StreamMasker` (``feed``, ``finish``, ``__call__``
@@ -262,23 +262,6 @@ class SSEMasker:
             t.masker.held for t in self._chat.values())
         return held + (self._raw.held if self._raw is not None else 0)
 
-    def feed(self, data: bytes) -> bytes:
-        if self.decoder is not None:
-            data = self.decoder.feed(data)
-        return self._push(data, final=False)
-
-    def finish(self) -> bytes:
-        tail = b""
-        if self.decoder is not None:
-            try:
-                tail = self.decoder.finish()
-            except MaskingError as exc:  # what was received has been masked; note and end
-                self.errors.append(str(exc))
-        return self._push(tail, final=True)
-
-    def __call__(self, data: bytes) -> list[bytes]:
-        out = self.feed(data) if data else self.finish()
-        return [out] if out else []
 
     # --- internals --------------------------------------------------------------------------
 

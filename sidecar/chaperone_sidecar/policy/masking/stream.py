@@ -179,18 +179,50 @@ def required_window(rules: Iterable[Rule]) -> int:
     return 2 * max((r.max_len + r.lookahead for r in rules), default=0) + 64
 
 
-class StreamMasker:
+class DecodedStream:
+    """The stream-callable protocol every stream masker here shares (``StreamMasker``,
+    ``SSEMasker``, ``NDJSONMasker``): a Content-Encoding decoded on the way in, ``_push`` masks.
+
+    ``__call__`` is mitmproxy's ``flow.response.stream`` (or ``request.stream``): mitmproxy 11
+    calls it with each received chunk and once with ``b""`` at the end of the message
+    (``state_stream_response_body`` in ``mitmproxy/proxy/layers/http/__init__.py``). It returns
+    a *list* of chunks, empty when nothing is ready: returning ``b""`` would make the HTTP/1
+    layer frame an empty chunk, i.e. ``0\\r\\n\\r\\n``, which terminates a chunked body early.
+    """
+
+    decoder: StreamDecoder | None
+    errors: list[str]
+
+    def feed(self, data: bytes) -> bytes:
+        if self.decoder is not None:
+            data = self.decoder.feed(data)
+        return self._push(data, final=False)
+
+    def finish(self) -> bytes:
+        tail = b""
+        if self.decoder is not None:
+            try:
+                tail = self.decoder.finish()
+            except MaskingError as exc:  # what was received has been masked; note and end
+                self.errors.append(str(exc))
+        return self._push(tail, final=True)
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        out = self.feed(data) if data else self.finish()
+        return [out] if out else []
+
+    def _push(self, data: bytes, final: bool) -> bytes:
+        raise NotImplementedError
+
+
+class StreamMasker(DecodedStream):
     """Feed chunks, get masked chunks; ``finish()`` returns the rest.
 
-    Also usable directly as mitmproxy's ``flow.response.stream`` (or ``request.stream``):
-    mitmproxy 11 calls it with each received chunk and once with ``b""`` at the end of the
-    message (``state_stream_response_body`` in ``mitmproxy/proxy/layers/http/__init__.py``).
-    ``__call__`` returns a *list* of chunks, empty when nothing is ready: returning ``b""``
-    would make the HTTP/1 layer frame an empty chunk, i.e. ``0\\r\\n\\r\\n``, which terminates a
-    chunked body early. An HTTP/2 DATA frame with no payload also arrives as ``b""``; it is
-    treated as end of stream (everything held is flushed) and later chunks are still masked,
-    but a secret straddling such a frame may then escape (upstreams send empty frames only
-    with END_STREAM in practice).
+    Also usable directly as mitmproxy's stream callable (:class:`DecodedStream`). An HTTP/2
+    DATA frame with no payload also arrives as ``b""``; it is treated as end of stream
+    (everything held is flushed) and later chunks are still masked, but a secret straddling
+    such a frame may then escape (upstreams send empty frames only with END_STREAM in
+    practice).
     """
 
     def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
@@ -229,25 +261,6 @@ class StreamMasker:
         self._esc = b""  # JSON mode: an escape cut by the chunk's end (at most "\\u00X")
         self._b64 = b""  # masked output held while a base64 run at its end may continue
 
-    # --- public API -------------------------------------------------------------------------
-
-    def feed(self, data: bytes) -> bytes:
-        if self.decoder is not None:
-            data = self.decoder.feed(data)
-        return self._push(data, final=False)
-
-    def finish(self) -> bytes:
-        tail = b""
-        if self.decoder is not None:
-            try:
-                tail = self.decoder.finish()
-            except MaskingError as exc:  # what was received has been masked; note and end
-                self.errors.append(str(exc))
-        return self._push(tail, final=True)
-
-    def __call__(self, data: bytes) -> list[bytes]:
-        out = self.feed(data) if data else self.finish()
-        return [out] if out else []
 
     @property
     def held(self) -> int:

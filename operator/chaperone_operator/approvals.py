@@ -133,9 +133,13 @@ class Verdict:
 
 # ---------------------------------------------------------------------------- helpers
 
+def _dict(value: object) -> dict:
+    """``value`` if it is an object, else an empty one (fields of an agent-written object)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _spec(obj: Mapping | None) -> dict:
-    spec = (obj or {}).get("spec")
-    return spec if isinstance(spec, dict) else {}
+    return _dict((obj or {}).get("spec"))
 
 
 def _fields(names) -> str:
@@ -186,8 +190,8 @@ def admit_create(obj: Mapping, user: UserInfo, now: dt.datetime, *,
     """Only the sidecar of an injected pod opens requests, for itself, undecided."""
     ns = (obj.get("metadata") or {}).get("namespace") or ""
     spec = _spec(obj)
-    requester = spec.get("requester") if isinstance(spec.get("requester"), dict) else {}
-    pod_ref = requester.get("pod") if isinstance(requester.get("pod"), dict) else {}
+    requester = _dict(spec.get("requester"))
+    pod_ref = _dict(requester.get("pod"))
     sa = user.service_account()
     if sa is None:
         return Verdict.refuse(f"only Chaperone sidecars may create ApprovalRequests: {user.username!r} "

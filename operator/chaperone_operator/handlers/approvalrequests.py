@@ -52,7 +52,10 @@ def apply_verdict(verdict: Verdict, patch: kopf.Patch) -> None:
         patch.fns.append(functools.partial(_apply, [copy.deepcopy(op) for op in verdict.patch]))
 
 
-@kopf.on.mutate(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-mutate", operations=["CREATE", "UPDATE"])
+# The arg-type ignores below: kopf passes operation, old and new to admission handlers, but its
+# WebhookFn protocol does not list them.
+@kopf.on.mutate(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-mutate",  # type: ignore[arg-type]
+                operations=["CREATE", "UPDATE"])
 def on_approvalrequest_mutate(operation, body, old, new, userinfo, patch, memo, **_):
     """Only sidecars create; approvers' decisions are stamped from userInfo (N-of-M)."""
     runtime = memo.runtime
@@ -70,7 +73,8 @@ def on_approvalrequest_mutate(operation, body, old, new, userinfo, patch, memo, 
     apply_verdict(verdict, patch)
 
 
-@kopf.on.validate(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-validate", operations=["CREATE", "UPDATE"])
+@kopf.on.validate(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-validate",  # type: ignore[arg-type]
+                  operations=["CREATE", "UPDATE"])
 def on_approvalrequest_validate(operation, old, new, userinfo, memo, **_):
     """The stored object must carry exactly what the mutation stamped."""
     problem = recheck(operation, dict(old) if old is not None else None, dict(new),

@@ -60,7 +60,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from mitmproxy import ctx as mctx
 from mitmproxy import exceptions, http
@@ -196,7 +196,8 @@ class Approve:
         if not self._pod_says_mode:
             pod_mode = base.mode  # the operator's default, not the pod's word: the policy decides
         # hold is the stricter mode: either side saying hold holds (a streamed body never is)
-        mode = "defer" if streamed or (base.mode != "hold" and pod_mode != "hold") else "hold"
+        mode: Literal["hold", "defer"] = (
+            "defer" if streamed or (base.mode != "hold" and pod_mode != "hold") else "hold")
         hold_max = self._option("chaperone_approval_hold_max", config.approval_timeout_seconds)
         return replace(base, mode=mode, hold_seconds=max(0, min(base.hold_seconds, hold_max)))
 
@@ -319,7 +320,7 @@ class Approve:
             how = (f"Ask an approver ({who}) to be ready, then retry the same request "
                    f"({after}); it must be decided within {requirement.timeout_seconds}s.")
             kind = "approval_expired"
-        extra = {"remembered_until": until} if until else {}
+        extra: dict[str, Any] = {"remembered_until": until} if until else {}
         refuse(flow, kind, message, rule=decision.rule, how_to_get_access=how,
                approval_request=ar, reason=outcome.reason, decided_by=decided_by,
                approvers=approvers, **extra)

@@ -98,6 +98,7 @@ from ..policy.masking.encoding import (
     encode,
     parse_content_encoding,
 )
+from ..policy.masking.lines import LineMasker
 from ..policy.masking.masker import Masker, MaskResult
 from ..policy.masking.ndjson import NDJSONMasker
 from ..policy.masking.sse import SSEMasker
@@ -146,6 +147,7 @@ def effective_masks(ctx: flowctx.FlowContext) -> tuple[MaskSpec, ...]:
 def _json_lines(flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> bool:
     """A stream of one JSON document per line: NDJSON, or a Kubernetes watch (served as plain
     ``application/json``, so the classified verb tells)."""
+    assert flow.response is not None  # called at responseheaders
     content_type = flow.response.headers.get("content-type", "").lower()
     if _mime(flow.response.headers) in _JSON_LINES or "stream=watch" in content_type:
         return True
@@ -401,6 +403,7 @@ class Mask:
     @staticmethod
     def _unframe(flow: http.HTTPFlow) -> None:
         """Masking changes the length: drop Content-Length; HTTP/1.1 clients get chunks."""
+        assert flow.response is not None  # called once the response headers are in
         headers = flow.response.headers
         headers.pop("content-length", None)
         if flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in headers:
@@ -411,6 +414,7 @@ class Mask:
         upstream's, and the upstream body is drained and dropped (never buffered)."""
         capture.withhold(f"refused: {reason}")
         self._refuse(flow, reason)
+        assert flow.response is not None  # _refuse set the refusal as the response
         flow.response.stream = _Discard(flow.response.raw_content or b"")
 
     def _refuse(self, flow: http.HTTPFlow, reason: str) -> None:
@@ -560,7 +564,7 @@ class _MaskedStream(_Stream):
     """The streaming masker (detectors; decoding a compressed stream under the cap)."""
 
     def __init__(self, flow: http.HTTPFlow, capture: BodyCapture,
-                 masker: StreamMasker | SSEMasker | NDJSONMasker, ctx: flowctx.FlowContext) -> None:
+                 masker: StreamMasker | SSEMasker | NDJSONMasker | LineMasker, ctx: flowctx.FlowContext) -> None:
         super().__init__(flow, capture)
         self.masker = masker
         self.ctx = ctx

@@ -33,9 +33,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .classify.paths import canonical_path, path_rules
-from .globs import GlobSet
+from .globs import GlobKind, GlobSet
 from .globs import match as glob_match
 from .globs import quote as _q
 from .model import Action, ApprovalRequirement, Approvers, Identity, MaskSpec, RateLimit, RuleRef
@@ -144,6 +145,10 @@ class CompiledRule:
         return True
 
 
+# (decision rules, mask/rateLimit rules) of one (type, method, action, host) bucket
+_Hit = tuple[tuple[CompiledRule, ...], tuple[CompiledRule, ...]]
+
+
 @dataclass(eq=False)
 class CompiledPolicy:
     key: str  # "namespace/name": the RuleRef policy and the precedence tie-breaker
@@ -154,7 +159,8 @@ class CompiledPolicy:
     masking: MaskSpec | None
     rules: tuple[CompiledRule, ...]
     spec: dict  # the validated spec with CRD defaults filled (for status and display)
-    _buckets: dict = field(default_factory=dict, repr=False)
+    _buckets: dict[tuple[str, str, str], tuple[dict[str, _Hit], list[CompiledRule]]] = field(
+        default_factory=dict, repr=False)
 
     def applies(self, connection: str, identity: Identity) -> bool:
         if self.connections is not None and not self.connections.match(connection):
@@ -194,6 +200,7 @@ def _action_fits(rule: CompiledRule, action: str) -> bool:
     operation of that service, so every block or requireApproval rule naming the service
     applies to it, while an allow rule needs a pattern that covers the whole service.
     """
+    assert rule.actions is not None  # only rules with aws.actions get here
     if rule.actions.match(action):
         return True
     if not action.endswith(":*") or rule.effect not in ("block", "require_approval"):
@@ -236,7 +243,7 @@ def _kube(ctx: MatchContext):
 
 
 # field -> (value getter, glob kind, ignore case); getters return None when the request lacks it
-_SINGLE: dict[str, tuple[Callable[[MatchContext], str | None], str, bool]] = {
+_SINGLE: dict[str, tuple[Callable[[MatchContext], str | None], GlobKind, bool]] = {
     "match.methods": (lambda c: c.action.method, "name", False),
     "match.aws.actions": (lambda c: c.action.aws.action if c.action.aws else None, "name", True),
     "match.kubernetes.verbs": (lambda c: c.action.kubernetes.verb if c.action.kubernetes else None, "name", False),
@@ -286,7 +293,7 @@ def _multi_test(globs: GlobSet, get, every: bool) -> Callable[[MatchContext], bo
 
 
 def _conditions(match: dict, effect: str, namespace: str, body_limit: int) -> list[Condition]:
-    flat = {"match.subjects": match.get("subjects"), "match.methods": match.get("methods"),
+    flat: dict[str, Any] = {"match.subjects": match.get("subjects"), "match.methods": match.get("methods"),
             "match.hosts": match.get("hosts"), "match.paths": match.get("paths")}
     for section in ("aws", "kubernetes", "anthropic"):
         for key, value in (match.get(section) or {}).items():
@@ -303,10 +310,10 @@ def _conditions(match: dict, effect: str, namespace: str, body_limit: int) -> li
             if name == "match.paths":  # case-insensitive connections match folded
                 test = _path_test(test, _single_test(GlobSet(flat[name], kind, True), get))
             out.append(Condition(name, globs.patterns, test, get))
-    for name, get in _MULTI.items():
+    for name, get_all in _MULTI.items():
         if flat.get(name):
             globs = GlobSet(flat[name])
-            out.append(Condition(name, globs.patterns, _multi_test(globs, get, effect == "allow"), get))
+            out.append(Condition(name, globs.patterns, _multi_test(globs, get_all, effect == "allow"), get_all))
     if match.get("pathRegex"):
         search = re.compile(match["pathRegex"]).search
         isearch = re.compile(match["pathRegex"], re.IGNORECASE).search

@@ -273,8 +273,14 @@ def _types(want: Any) -> str:
     return " or ".join(want) if isinstance(want, list) else str(want)
 
 
+def _fields(error: ValidationError) -> tuple[Any, Any, Any, Any]:
+    """(keyword, its value in the schema, the instance, the schema) of an error the validator
+    reported: all set (the stubs type them "or Unset" for errors built by hand)."""
+    return error.validator, error.validator_value, error.instance, error.schema
+
+
 def _value_reason(error: ValidationError) -> str:
-    kw, want, value = error.validator, error.validator_value, error.instance
+    kw, want, value, _ = _fields(error)
     if kw == "type":
         return f"must be of type {_types(want)}, got {type_name(value)}"
     if kw == "enum":
@@ -302,21 +308,21 @@ def _value_reason(error: ValidationError) -> str:
 
 def _object_errors(error: ValidationError, path: str) -> list[tuple[str, str]]:
     """(path, reason) for the errors jsonschema reports on an object about its fields."""
-    kw, want, value = error.validator, error.validator_value, error.instance
+    kw, want, value, schema = _fields(error)
 
     def join(key: Any) -> str:
         return f"{path}.{key}" if path else str(key)
 
     if kw == "additionalProperties":
-        props = error.schema.get("properties") or {}
+        props = schema.get("properties") or {}
         return [(join(key), "unknown field" if isinstance(key, str) else "field names must be strings")
                 for key in value if key not in props]
     if kw == "required":
         return [(join(key), "required field is missing") for key in want if key not in value]
     present = list(value)
-    lo, hi = error.schema.get("minProperties"), error.schema.get("maxProperties")
+    lo, hi = schema.get("minProperties"), schema.get("maxProperties")
     if lo == hi == 1:
-        names = ", ".join(error.schema.get("properties") or ())
+        names = ", ".join(schema.get("properties") or ())
         got = f", got {', '.join(map(str, present))}" if present else ""
         return [(path, f"must set exactly one of {names}{got}")]
     if kw == "minProperties":

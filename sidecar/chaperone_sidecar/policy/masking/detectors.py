@@ -30,7 +30,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 
-from .spans import MASK_TOKEN_RE, Rule, SpanMatch, anchored
+from .spans import MASK_TOKEN_RE, MatchLike, Rule, SpanMatch, anchored
 
 PEM_BODY_MAX = 8 * 1024  # longest PEM body matched as a closed BEGIN..END block
 
@@ -61,11 +61,11 @@ def _header_ok(header: bytes) -> bool:
     return isinstance(decoded, dict) and isinstance(decoded.get("alg"), str)
 
 
-def _jwt_ok(text: bytes, m: re.Match[bytes]) -> bool:
+def _jwt_ok(text: bytes, m: MatchLike) -> bool:
     return _header_ok(m.group("h"))
 
 
-def _bare_bearer_ok(text: bytes, m: re.Match[bytes]) -> bool:
+def _bare_bearer_ok(text: bytes, m: MatchLike) -> bool:
     # Without an Authorization label, "Bearer <word>" is usually prose; a token has letters
     # and digits and some length.
     tok = m.group("s")
@@ -76,7 +76,7 @@ _TOKEN_TYPE_RE = re.compile(rb'(?i)\\?"token_type\\?"[ \t]*:[ \t]*\\?"bearer')
 _CTX = 512
 
 
-def _oauth_ok(text: bytes, m: re.Match[bytes]) -> bool:
+def _oauth_ok(text: bytes, m: MatchLike) -> bool:
     # access/refresh/id tokens count as bearer tokens when "token_type": "Bearer" is in the
     # same object; looking 512 bytes either way covers any realistic token response.
     window = text[max(0, m.start() - _CTX) : m.end() + _CTX]
@@ -104,7 +104,7 @@ def secret_key_name(key: str) -> bool:
     return norm not in _NOT_SECRET and norm.endswith(_SECRET_SUFFIXES)
 
 
-def _json_key_ok(text: bytes, m: re.Match[bytes]) -> bool:
+def _json_key_ok(text: bytes, m: MatchLike) -> bool:
     return secret_key_name(m.group("key").decode("ascii", "replace")) and _not_token(m.group("s"))
 
 
@@ -118,7 +118,7 @@ def _luhn(digits: bytes) -> bool:
     return total % 10 == 0
 
 
-def _card_ok(text: bytes, m: re.Match[bytes]) -> bool:
+def _card_ok(text: bytes, m: MatchLike) -> bool:
     digits = bytes(c for c in m.group("s") if 48 <= c <= 57)
     if not 13 <= len(digits) <= 19 or not _luhn(digits):
         return False
@@ -192,7 +192,7 @@ def ssn_valid(area: int, group: int, serial: int) -> bool:
 _OTHER_KEY_RE = re.compile(rb'"[^"]*"[ \t]*:')
 
 
-def _ssn_ok(text: bytes, m: re.Match[bytes]) -> bool:
+def _ssn_ok(text: bytes, m: MatchLike) -> bool:
     # Context rule: a 9-digit number is only an SSN right after an SSN label (within 32 bytes:
     # a JSON key like "ssn"/"socialSecurityNumber", "SSN:", "taxpayer id" ...) with no other
     # JSON key in between (so {"ssn": "...", "id": "..."} does not lend its label to "id").
@@ -210,7 +210,7 @@ def _ssn_ok(text: bytes, m: re.Match[bytes]) -> bool:
 _FILE_TLDS = frozenset(b"png jpg jpeg gif svg webp ico css js json map txt html".split())
 
 
-def _email_ok(text: bytes, m: re.Match[bytes]) -> bool:
+def _email_ok(text: bytes, m: MatchLike) -> bool:
     value = m.group("s")
     local, _, domain = value.rpartition(b"@")
     # "logo@2x.png" (retina assets) and "git@github.com" (clone URLs) are not personal data,

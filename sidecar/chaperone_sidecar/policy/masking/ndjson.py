@@ -87,8 +87,8 @@ class NDJSONMasker(DecodedStream):
 
     def _push(self, data: bytes, final: bool) -> bytes:
         if self._raw is not None:
-            out = self._raw.feed(data)
-            return out + self._raw.finish() if final else out
+            masked = self._raw.feed(data)
+            return masked + self._raw.finish() if final else masked
         buf = self._line + data
         out: list[bytes] = []
         start = 0

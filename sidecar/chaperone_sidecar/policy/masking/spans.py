@@ -19,13 +19,16 @@ import hmac
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeAlias
 
 # Trailing "*" and an empty or cut kind: the length-preserving tokens of binary bodies
 # (``decoded.mask_binary``) are tokens too, so masking them again changes nothing.
 MASK_TOKEN_RE = re.compile(rb"\[MASKED:[a-z-]{0,32}(?::[0-9a-f]{12})?\]\**")
 
-Validator = Callable[[bytes, "re.Match[bytes]"], bool]
-Finder = Callable[[bytes, bytes, int], "Iterator[re.Match[bytes]]"]  # (text, lowered, pos)
+# A match: re's, or a SpanMatch built by a custom finder (the same methods, duck-typed).
+MatchLike: TypeAlias = "re.Match[bytes] | SpanMatch"
+Validator = Callable[[bytes, MatchLike], bool]
+Finder = Callable[[bytes, bytes, int], "Iterator[MatchLike]"]  # (text, lowered, pos)
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,8 +267,8 @@ class SSEMasker(DecodedStream):
 
     def _push(self, data: bytes, final: bool) -> bytes:
         if self._raw is not None:
-            out = self._raw.feed(data)
-            return out + self._raw.finish() if final else out
+            masked = self._raw.feed(data)
+            return masked + self._raw.finish() if final else masked
         out: list[bytes] = []
         if not self._lines and (b"\r" in data or (not self._seen and data[:1] == b"\xef")):
             # CR line ends (or a BOM): from here on, the line parser (exact, slower).
@@ -337,8 +337,8 @@ class SSEMasker(DecodedStream):
         body, self._batch = b"".join(self._batch), []
         if self.masker.active:
             result = self.masker.mask_bytes(body, "text/event-stream")
-            for kind, n in result.counts.items():
-                self._counts[kind] = self._counts.get(kind, 0) + n
+            for kind, count in result.counts.items():
+                self._counts[kind] = self._counts.get(kind, 0) + count
             body = result.body
         out.append(body)
 
@@ -546,8 +546,8 @@ class SSEMasker(DecodedStream):
         if data_parts and self.masker.active:
             looks_json = data.lstrip()[:1] in (b"{", b"[")
             result = self.masker.mask_bytes(data, "application/json" if looks_json else "text/plain")
-            for kind, n in result.counts.items():
-                self._counts[kind] = self._counts.get(kind, 0) + n
+            for kind, count in result.counts.items():
+                self._counts[kind] = self._counts.get(kind, 0) + count
             masked_data = result.body
         emitted = False
         for n, v in fields:

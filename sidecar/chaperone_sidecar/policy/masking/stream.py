@@ -278,8 +278,8 @@ class StreamMasker(DecodedStream):
                 return b""
             self.binary = not _looks_text(self._buf[:SNIFF_BYTES], final)
         if self.binary or not self.rules:
-            out, self._buf = self._buf, b""
-            return out
+            passed, self._buf = self._buf, b""
+            return passed
         out: list[bytes] = []
         if self._cont is None or self._continue(final):
             self._drain(final, out)
@@ -336,7 +336,9 @@ class StreamMasker(DecodedStream):
         """Drop key material of an over-long PEM block; True when the block has ended."""
         assert self._cont is not None and self._cont.continuation is not None
         buf = self._buf
-        end = self._cont.continuation.match(buf).end()
+        run = self._cont.continuation.match(buf)
+        assert run is not None  # the continuation pattern matches the empty string too
+        end = run.end()
         if not final and (end == len(buf) or (end == len(buf) - 1 and buf.endswith(b"\\"))):
             self._buf = buf[end:]  # a lone trailing backslash may start an escape: keep it
             return False
@@ -426,9 +428,9 @@ class StreamMasker(DecodedStream):
                 # Nor a run of digit groups: a card glued to a word may become one once the word
                 # is masked ("4111 ... 1111AKIA..." after the key id's token), as in a whole body.
                 for rule in self._runs:
-                    start = _run_crossing(window, rule, off, off + cut)
-                    if start is not None:
-                        cut = _run_cut(window, start, off + cut) - off
+                    run_start = _run_crossing(window, rule, off, off + cut)
+                    if run_start is not None:
+                        cut = _run_cut(window, run_start, off + cut) - off
             # Only findings before the cut are final: one after it could still be overlapped
             # by a match that has not fully arrived (and the union must be masked).
             settled = [f for f in findings if f.end <= cut and f is not cont_f]

@@ -9,7 +9,7 @@ directory its Secret is mounted at::
     decoder = injector.apply(flow.request)  # in the addon's request hook
     await injector.aclose()
 
-``apply`` works on a mitmproxy ``http.Request`` (anything shaped like ``HTTPLike``), mutates it
+``apply`` works on a mitmproxy ``http.Request`` (anything shaped like ``request.HTTPLike``), mutates it
 in place, and is cheap and non-blocking: credentials come from a cache (a ``readlink``/``stat``
 decides whether mounted files changed; STS refreshes run in a worker thread in the
 background). It raises ``CredentialsUnavailable`` (answer 503) or ``InjectionError`` (answer
@@ -32,42 +32,18 @@ requests unsigned (anonymous) after stripping the agent's signature.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .aws_chunked import AwsChunkedDecoder
 from .aws_sigv4 import AWSResigner
 from .credential_sources import StaticAWSSource, TokenSource, WebIdentitySource, utcnow
 from .headers import HeaderInjector, anthropic_injector, http_injector, kubernetes_injector
+from .request import HTTPLike
 
-__all__ = ["CredentialInjector", "HTTPLike"]
-
-
-class HeadersLike(Protocol):
-    """The part of mitmproxy's ``Headers`` used here (case-insensitive, multi-valued)."""
-
-    def get(self, key: str, default: Any = None) -> Any: ...
-    def get_all(self, key: str) -> list[str]: ...
-    def keys(self) -> Iterable[str]: ...
-    def pop(self, key: str, default: Any = None) -> Any: ...
-    def __setitem__(self, key: str, value: str) -> None: ...
-    def __contains__(self, key: object) -> bool: ...
-
-
-class HTTPLike(Protocol):
-    """A request as mitmproxy's ``http.Request`` presents it. ``path`` includes the query;
-    ``raw_content`` is the body as on the wire (``None`` while it is being streamed)."""
-
-    method: str
-    scheme: str
-    host: str
-    port: int
-    path: str
-    host_header: str | None
-    headers: HeadersLike
-    raw_content: bytes | None
+__all__ = ["CredentialInjector"]
 
 
 def _spec_of(connection: dict) -> dict:

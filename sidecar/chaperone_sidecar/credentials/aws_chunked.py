@@ -22,12 +22,9 @@ arrives after the headers were sent and is dropped (with ``x-amz-sdk-checksum-al
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from .credential_sources import InjectionError
-
-if TYPE_CHECKING:
-    from . import HTTPLike
+from .request import HTTPLike
 
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")

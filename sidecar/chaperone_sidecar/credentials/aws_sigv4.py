@@ -41,7 +41,6 @@ import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from hashlib import sha256
-from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
 
 from botocore.auth import EMPTY_SHA256_HASH, SIGNED_HEADERS_BLACKLIST, S3SigV4Auth, SigV4Auth
@@ -50,9 +49,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from . import aws_chunked
 from .credential_sources import AWSCredentialSource, InjectionError, utcnow
-
-if TYPE_CHECKING:
-    from . import HTTPLike
+from .request import HTTPLike
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _UNSIGNED_AGENT_PAYLOADS = frozenset({UNSIGNED_PAYLOAD, "STREAMING-UNSIGNED-PAYLOAD-TRAILER"})

@@ -16,12 +16,9 @@ break could smuggle extra headers upstream.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from .credential_sources import CredentialsUnavailable, TokenSource
-
-if TYPE_CHECKING:
-    from . import HTTPLike
+from .request import HTTPLike
 
 KUBERNETES_STRIPPED_PREFIXES = ("impersonate-",)
 

@@ -92,10 +92,14 @@ def _module_name(path: Path) -> str:
 
 
 def _all_names(tree: ast.Module) -> list[str]:
+    """The names in ``__all__``; an element that is not a string literal (``*_LAZY``) is
+    reported as ``<computed>``, which no module defines."""
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
                                                 for t in node.targets):
-            return list(ast.literal_eval(node.value))
+            elements = node.value.elts if isinstance(node.value, (ast.List, ast.Tuple)) else [node.value]
+            return [e.value if isinstance(e, ast.Constant) and isinstance(e.value, str) else "<computed>"
+                    for e in elements]
     return []
 
 

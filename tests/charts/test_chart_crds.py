@@ -285,7 +285,10 @@ def test_notes_say_what_happens_to_the_crds(helm, repo_root, control_plane, tmp_
            "HELM_CACHE_HOME": str(tmp_path / "c"), "HELM_CONFIG_HOME": str(tmp_path / "f"),
            "HELM_DATA_HOME": str(tmp_path / "d")}
     res = subprocess.run([helm, "install", "chaperone", str(repo_root / "charts" / "chaperone"),
-                          "-n", CHART_NS, "--dry-run=client", "--set", setting],
+                          "-n", CHART_NS, "--dry-run=client", "--set", setting,
+                          # The test bed's CRDs (kubectl-applied by other tests) are not the
+                          # release's; a dry run must not depend on whether they exist yet.
+                          "--take-ownership"],
                          capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     notes = " ".join(res.stdout.split("NOTES:", 1)[1].split())

@@ -268,7 +268,7 @@ class Approve:
     @property
     def _namespace(self) -> str:
         backend = self.services.approval_backend
-        return getattr(backend, "namespace", "") or self.services.config.pod_namespace
+        return (backend.namespace if backend is not None else "") or self.services.config.pod_namespace
 
     def _refuse(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, outcome: Any,
                 requirement: ApprovalRequirement) -> None:

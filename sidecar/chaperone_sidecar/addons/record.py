@@ -128,7 +128,7 @@ class Record:
         except Exception:
             log.exception("closing the recording failed")
             return
-        if not shipped and getattr(rec, "_shipper", None) is not None:
+        if not shipped and rec.ships:
             log.warning("the recording was not fully shipped; the spool keeps the rest for the "
                         "next start")
 

@@ -83,6 +83,11 @@ class Recorder:
         return self._spool.healthy
 
     @property
+    def ships(self) -> bool:
+        """Whether recordings leave the spool (an S3 or directory store is configured)."""
+        return self._shipper is not None
+
+    @property
     def upload_error(self) -> str | None:
         return self._shipper.last_error if self._shipper else None
 

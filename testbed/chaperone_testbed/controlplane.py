@@ -35,15 +35,7 @@ from typing import Any
 
 from .controllers import NamespaceController, ensure_namespace_defaults
 from .pki import CertAuthority, KeyPair
-from .services import (
-    LOOPBACK,
-    ComponentUnavailable,
-    ManagedProcess,
-    StartupError,
-    free_port,
-    keep_artifacts,
-    require_binary,
-)
+from .services import LOOPBACK, ManagedProcess, StartupError, free_port, keep_artifacts, locate_built, require_binary
 
 __all__ = ["ControlPlane", "KubeconfigRef", "KubectlError", "USERS", "locate_assets"]
 
@@ -63,40 +55,14 @@ def _has_binaries(d: Path) -> bool:
     return all(os.access(d / b, os.X_OK) for b in ("kube-apiserver", "etcd"))
 
 
-def _find_build_script() -> Path | None:
-    # The package may run from the source tree (editable install / sys.path) or from
-    # site-packages with the repo as cwd; try both.
-    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
-        for d in (start, *start.parents):
-            if (d / BUILD_SCRIPT).is_file():
-                return d / BUILD_SCRIPT
-    return None
-
-
 def locate_assets(build_script: Path | str | None = None) -> Path:
     """The directory holding kube-apiserver and etcd, building them if necessary.
 
     KUBEBUILDER_ASSETS wins if it holds both binaries; otherwise the build script runs (it
     returns at once when its cache is warm) and the directory it prints is used.
     """
-    env_dir = os.environ.get("KUBEBUILDER_ASSETS")
-    if env_dir and _has_binaries(Path(env_dir)):
-        return Path(env_dir)
-    script = Path(build_script) if build_script else _find_build_script()
-    if script is None or not script.is_file():
-        raise ComponentUnavailable(
-            "kube-apiserver/etcd not found: set KUBEBUILDER_ASSETS to a directory holding both, "
-            f"or run from the repository so {BUILD_SCRIPT} can build them (needs Go)"
-        )
-    # stderr is inherited: a cold build takes minutes and its progress should be visible.
-    res = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True)
-    lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
-    if res.returncode != 0 or not lines or not _has_binaries(Path(lines[-1])):
-        raise ComponentUnavailable(
-            f"{script} failed (exit {res.returncode}) to provide kube-apiserver and etcd; "
-            f"stdout: {res.stdout[-2000:]!r}"
-        )
-    return Path(lines[-1])
+    return locate_built("KUBEBUILDER_ASSETS", BUILD_SCRIPT, _has_binaries, "kube-apiserver and etcd",
+                        build_script)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from .services import (
     StartupError,
     free_port,
     keep_artifacts,
+    locate_built,
     require_binary,
 )
 
@@ -94,30 +95,10 @@ def _has_assets(d: Path) -> bool:
     return all(os.access(d / b, os.X_OK) for b in NODE_BINARIES) and (d / PAUSE_ARCHIVE).is_file()
 
 
-def _find_build_script() -> Path | None:
-    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
-        for d in (start, *start.parents):
-            if (d / BUILD_SCRIPT).is_file():
-                return d / BUILD_SCRIPT
-    return None
-
-
 def locate_node_assets(build_script: Path | str | None = None) -> Path:
     """The directory of hack/build-node.sh's output, building it if necessary."""
-    env_dir = os.environ.get("CHAPERONE_NODE_ASSETS")
-    if env_dir and _has_assets(Path(env_dir)):
-        return Path(env_dir)
-    script = Path(build_script) if build_script else _find_build_script()
-    if script is None or not script.is_file():
-        raise ComponentUnavailable(
-            "kubelet & co. not found: set CHAPERONE_NODE_ASSETS or run from the repository so "
-            f"{BUILD_SCRIPT} can build them (needs Go)")
-    res = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True)
-    lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
-    if res.returncode != 0 or not lines or not _has_assets(Path(lines[-1])):
-        raise ComponentUnavailable(
-            f"{script} failed (exit {res.returncode}); stdout: {res.stdout[-2000:]!r}")
-    return Path(lines[-1])
+    return locate_built("CHAPERONE_NODE_ASSETS", BUILD_SCRIPT, _has_assets,
+                        "kubelet, scheduler, controller manager, kube-proxy and pause", build_script)
 
 
 def _run(*argv: str | Path, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -69,6 +69,41 @@ def keep_artifacts() -> bool:
     return os.environ.get("CHAPERONE_TESTBED_KEEP", "").lower() in ("1", "true", "yes")
 
 
+def locate_built(env_var: str, build_script: Path, complete: Callable[[Path], bool], what: str,
+                 script: Path | str | None = None) -> Path:
+    """A directory of binaries a ``hack/`` script builds and caches (control plane, node).
+
+    ``env_var`` wins when it names a directory that is ``complete``; otherwise the build script
+    runs (it returns at once when its cache is warm) and the last line it prints is the
+    directory. ``build_script`` is relative to the repository, found from this package (source
+    tree, editable install) or from the working directory (site-packages with the repo as cwd).
+    A missing script or a failed build is :class:`ComponentUnavailable`.
+    """
+    env_dir = os.environ.get(env_var)
+    if env_dir and complete(Path(env_dir)):
+        return Path(env_dir)
+    found = Path(script) if script else _find_in_repo(build_script)
+    if found is None or not found.is_file():
+        raise ComponentUnavailable(
+            f"{what} not found: set {env_var} to a directory holding them, or run from the "
+            f"repository so {build_script} can build them (needs Go)")
+    # stderr is inherited: a cold build takes minutes and its progress should be visible.
+    res = subprocess.run(["bash", str(found)], stdout=subprocess.PIPE, text=True)
+    lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
+    if res.returncode != 0 or not lines or not complete(Path(lines[-1])):
+        raise ComponentUnavailable(
+            f"{found} failed (exit {res.returncode}) to provide {what}; stdout: {res.stdout[-2000:]!r}")
+    return Path(lines[-1])
+
+
+def _find_in_repo(relative: Path) -> Path | None:
+    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
+        for d in (start, *start.parents):
+            if (d / relative).is_file():
+                return d / relative
+    return None
+
+
 def require_binary(name: str, hint: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from chaperone_sidecar.timefmt import format_rfc3339, parse_rfc3339
 
-from .approvals import APPROVED, DECISIONS, DENIED, EXPIRED, PENDING, describe_approvers
+from .approvals import APPROVED, DECISIONS, DENIED, EXPIRED, PENDING, UserInfo, describe_approvers
 
 __all__ = ["desired_status", "decision_events", "deletion_event"]
 
@@ -85,18 +85,26 @@ def decision_events(obj: Mapping, current: Mapping | None, desired: Mapping) -> 
     return events
 
 
-def deletion_event(obj: Mapping, now: dt.datetime) -> tuple[str, str, str] | None:
+def deletion_event(obj: Mapping, now: dt.datetime, deleter: UserInfo | None = None
+                   ) -> tuple[str, str, str] | None:
     """The Warning Event recording that a request was deleted before anyone decided it.
 
     A decided or expired request going away is housekeeping; a *pending* one going away is worth
     an audit trail: the agent's held flow is refused ("request deleted") and a retry opens a new
-    request. Who deleted it is in the apiserver's audit log (a watch event does not carry it)."""
+    request. ``deleter`` is the admission ``userInfo`` of the DELETE (the approvalrequest-delete
+    webhook sees it); a watch event does not carry it, so the watch fallback names nobody and
+    points at the apiserver's audit log."""
     if desired_status(obj, now).get("phase") != PENDING:
         return None
     spec = _spec(obj)
     req = spec.get("requester") or {}
     action = (spec.get("action") or {}).get("summary") or (spec.get("action") or {}).get("name")
     when = format_rfc3339(now)
+    if deleter is not None:
+        groups = ", ".join(deleter.groups) or "none"
+        who = f" by {deleter.username or '(unknown user)'} (groups: {groups})"
+    else:
+        who = " by an unknown user (not seen by admission; see the apiserver audit log)"
     return ("Warning", "DeletedPending",
-            f"deleted while pending at {when} (undecided request from {req.get('serviceAccount')}: "
+            f"deleted while pending at {when}{who} (undecided request from {req.get('serviceAccount')}: "
             f"{action}); the held request is refused and a retry opens a new ApprovalRequest")

@@ -44,10 +44,11 @@ CRD's CEL transition rules hold the same even if this webhook is bypassed; admis
 first, naming the fields and who tried.
 
 **Deletion** (decision): deleting a pending request is not an admission decision (RBAC says who
-may delete); the operator records it as a Warning Event ``DeletedPending`` on the request
-(:mod:`.approval_status`), the sidecar holding a flow for it refuses that flow with "request
-deleted", and a retry opens a new request that approvers see again - a deletion never lets
-anything through.
+may delete; the ``approvalrequest-delete`` webhook never refuses, it only remembers the deleter's
+``userInfo``); the operator records it as one Warning Event ``DeletedPending`` on the request
+naming who deleted it and when (:mod:`.approval_status`), the sidecar holding a flow for it
+refuses that flow with "request deleted", and a retry opens a new request that approvers see
+again - a deletion never lets anything through.
 """
 
 from __future__ import annotations

@@ -84,7 +84,11 @@ def test_webhooks_are_fail_closed_and_scoped(helm, repo_root):
         assert (kind, hook["rules"][0]["resources"][0]) == WEBHOOKS[path]
         assert hook["clientConfig"]["service"] == {"name": "chaperone-operator", "namespace": CHART_NS,
                                                    "path": f"/{path}", "port": 443}
-        assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+        if path == "approvalrequest-delete":  # audit only: an outage must never block deletes
+            assert hook["failurePolicy"] == "Ignore"
+        else:
+            assert hook["failurePolicy"] == "Fail"
+        assert hook["sideEffects"] == "None"
         assert 1 <= hook["timeoutSeconds"] <= 10
         assert hook["admissionReviewVersions"] == ["v1"]
     _, pods = hooks["pod-mutate.chaperone.dev"]
@@ -96,7 +100,8 @@ def test_webhooks_are_fail_closed_and_scoped(helm, repo_root):
     for name, (_, hook) in hooks.items():
         if name != "pod-mutate.chaperone.dev":  # chaperone kinds: guarded everywhere
             assert "namespaceSelector" not in hook and "objectSelector" not in hook
-            assert hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+            want = ["DELETE"] if name == "approvalrequest-delete.chaperone.dev" else ["CREATE", "UPDATE"]
+            assert hook["rules"][0]["operations"] == want
 
 
 def test_generated_serving_certificate_matches_the_ca_bundle(helm, repo_root):

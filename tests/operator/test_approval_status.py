@@ -64,10 +64,18 @@ def test_denied_and_expired():
 
 def test_deleting_a_pending_request_is_recorded_a_decided_one_is_housekeeping():
     from chaperone_operator.approval_status import deletion_event
+    from chaperone_operator.approvals import UserInfo
 
     kind, reason, message = deletion_event(obj(), NOW)
     assert (kind, reason) == ("Warning", "DeletedPending")
-    assert message.startswith("deleted while pending at 2030-01-01T12:00:00Z (undecided request "
+    assert message.startswith("deleted while pending at 2030-01-01T12:00:00Z by an unknown user "
+                              "(not seen by admission; see the apiserver audit log) (undecided request "
                               "from system:serviceaccount:team:agent: create role x)")
+    deleter = UserInfo("alice", ("platform-approvers", "system:authenticated"))
+    _, _, named = deletion_event(obj(), NOW, deleter)
+    assert named.startswith("deleted while pending at 2030-01-01T12:00:00Z by alice (groups: "
+                            "platform-approvers, system:authenticated) (undecided request from "
+                            "system:serviceaccount:team:agent: create role x)")
+    assert deletion_event(obj(decision="Denied", decidedBy="alice"), NOW, deleter) is None
     assert deletion_event(obj(decision="Denied", decidedBy="alice"), NOW) is None
     assert deletion_event(obj(), NOW + dt.timedelta(minutes=11)) is None  # expired already

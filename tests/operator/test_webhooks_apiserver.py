@@ -11,6 +11,7 @@ import copy
 import datetime as dt
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -312,21 +313,49 @@ def test_the_requesting_sidecar_cannot_widen_a_pending_grant(running_operator, a
         cp.kubectl("delete", "rolebinding", "sidecar-patches", "-n", ns, check=False)
 
 
-def test_deleting_a_pending_request_is_recorded(running_operator, agent):
+def _deletion_events(cp, ns: str, name: str) -> list[dict]:
+    events = json.loads(cp.kubectl("get", "events", "-n", ns, "-o", "json",
+                                   "--field-selector", f"involvedObject.name={name}").stdout)
+    return [e for e in events["items"] if e.get("reason") == "DeletedPending"]
+
+
+def test_deleting_a_pending_request_records_who_deleted_it_once(running_operator, agent):
     op, cp, ns = running_operator, running_operator.cp, agent["ns"]
+    # alice gets delete rights here (the chart's approver role has none): the webhook must not
+    # change who may delete, only record who did.
+    cp.kubectl("create", "role", "ar-deleter", "--verb=delete", f"--resource={AR}", "-n", ns)
+    cp.kubectl("create", "rolebinding", "alice-deletes", "--role=ar-deleter", "--user=alice", "-n", ns)
+    op.wait_for(lambda: cp.kubectl("auth", "can-i", "delete", AR, "-n", ns, user="approver",
+                                   check=False).stdout.strip() == "yes", what="alice's delete RoleBinding")
     open_request(op, agent, "doomed")
     op.wait_for(lambda: op.get(AR, "doomed", "-n", ns).get("status", {}).get("phase") == "Pending",
                 what="status Pending")
-    cp.kubectl("delete", AR, "doomed", "-n", ns, "--wait=true")
+    # a server-side dry run by someone else deletes nothing and must not be blamed
+    cp.kubectl("delete", AR, "doomed", "-n", ns, "--dry-run=server")
+    cp.kubectl("delete", AR, "doomed", "-n", ns, "--wait=true", user="approver")
 
-    def recorded():
-        events = json.loads(cp.kubectl("get", "events", "-n", ns, "-o", "json",
-                                       "--field-selector", "involvedObject.name=doomed").stdout)
-        return [e for e in events["items"] if e.get("reason") == "DeletedPending"]
-
-    event = op.wait_for(recorded, what="the DeletedPending Event")[0]
+    event = op.wait_for(lambda: _deletion_events(cp, ns, "doomed"), what="the DeletedPending Event")[0]
     assert event["type"] == "Warning" and event["message"].startswith("deleted while pending at ")
-    assert f"system:serviceaccount:{ns}:agent" in event["message"]
+    assert " by alice (groups: platform-approvers, system:authenticated) " in event["message"]
+    assert f"system:serviceaccount:{ns}:agent: iam:CreateRole role/deployer" in event["message"]
+    time.sleep(3)  # the watch's DELETED has arrived by now; it must not post a second Event
+    events = _deletion_events(cp, ns, "doomed")
+    assert len(events) == 1 and events[0].get("count", 1) == 1, [e["message"] for e in events]
+
+
+def test_admin_deleting_a_decided_request_is_housekeeping(running_operator, agent):
+    op, cp, ns = running_operator, running_operator.cp, agent["ns"]
+    open_request(op, agent, "decided")
+    assert patch(op, agent, "decided", {"decision": "Denied"}, user="approver").returncode == 0
+    op.wait_for(lambda: op.get(AR, "decided", "-n", ns).get("status", {}).get("phase") == "Denied",
+                what="status Denied")
+    cp.kubectl("delete", AR, "decided", "-n", ns, "--wait=true")
+    open_request(op, agent, "decided-2")  # a later pending deletion proves the watch caught up
+    cp.kubectl("delete", AR, "decided-2", "-n", ns, "--wait=true")
+    event = op.wait_for(lambda: _deletion_events(cp, ns, "decided-2"), what="DeletedPending")[0]
+    assert " by admin (groups: system:masters, system:authenticated) " in event["message"]
+    time.sleep(2)
+    assert _deletion_events(cp, ns, "decided") == []
 
 
 def test_request_expires_at_its_deadline_and_can_no_longer_be_decided(running_operator, agent):

@@ -19,6 +19,7 @@ WEBHOOKS = {
     "pod-mutate": ("mutating", "pods"),
     "approvalrequest-mutate": ("mutating", APPROVAL_REQUESTS),
     "approvalrequest-validate": ("validating", APPROVAL_REQUESTS),
+    "approvalrequest-delete": ("validating", APPROVAL_REQUESTS),
     "accesspolicy-validate": ("validating", ACCESS_POLICIES),
     "claudeconnection-validate": ("validating", CLAUDE_CONNECTIONS),
 }

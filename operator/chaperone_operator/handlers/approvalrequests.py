@@ -8,9 +8,19 @@ requesting pod, the clock) and apply outputs.
   because stamping must rewrite what the client sent.
 * ``approvalrequest-validate`` (CREATE, UPDATE): re-checks the final object after every
   mutating webhook ran (``approvals.recheck``), so nothing can be slipped in after the stamp.
+* ``approvalrequest-delete`` (DELETE, validating): never refuses (RBAC alone says who may
+  delete) and has no side effect outside the operator: it only remembers the deleter's
+  ``userInfo`` and the time in the object's kopf memo (one memo per uid, shared with the watch
+  handlers). Dry-run deletes are not remembered. The chart registers it with
+  ``failurePolicy: Ignore``: an operator outage must never block cleanup.
 * ``approvalrequest-status`` (event): mirrors phase/approvals/message into status and posts one
-  Kubernetes Event per review and per final phase, and a Warning ``DeletedPending`` when a
-  request is deleted before it was decided (the audit trail of a deletion).
+  Kubernetes Event per review and per final phase. When a *pending* request's DELETED arrives it
+  posts ONE Warning ``DeletedPending`` naming the deleter (username, groups) and the time of the
+  DELETE as admission saw them; without them (webhook down or bypassed, operator restarted in
+  between) the same Event says the deleter is unknown and points at the audit log. Design
+  choice: the Event is posted from the watch, not from admission, because only the watch knows
+  the object really went away (a DELETE that another webhook refuses deletes nothing), and
+  kopf's event poster is not available in the webhook's context.
 * ``approvalrequest-deadline`` (daemon, pending requests only): sleeps until ``expiresAt`` and
   then writes the Expired status. It stops by itself once the request is decided.
 
@@ -36,8 +46,13 @@ from ..approval_status import decision_events, deletion_event, desired_status
 from ..approvals import EXPIRED, UserInfo, Verdict, admit_create, admit_update, recheck
 from ..conditions import status_differs
 
-__all__ = ["on_approvalrequest_mutate", "on_approvalrequest_validate", "on_approvalrequest_event",
-           "on_approvalrequest_deadline"]
+__all__ = ["on_approvalrequest_mutate", "on_approvalrequest_validate", "on_approvalrequest_delete",
+           "on_approvalrequest_event", "on_approvalrequest_deadline"]
+
+
+# Key in the object's kopf memo (kopf keeps one memo per object uid, shared by admission and
+# watch handlers): (UserInfo, time) of the last admitted DELETE of that object.
+DELETED_BY = "chaperone_deleted_by"
 
 
 def _apply(ops: list[dict], body: dict) -> None:
@@ -83,11 +98,20 @@ def on_approvalrequest_validate(operation, old, new, userinfo, memo, **_):
         raise kopf.AdmissionError(problem, code=403)
 
 
+@kopf.on.validate(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-delete",
+                  operations=["DELETE"])
+def on_approvalrequest_delete(userinfo, dryrun, memo, **_):
+    """Never refuses; remembers who asked to delete (and when) for the DeletedPending Event."""
+    if not dryrun:  # a dry run deletes nothing, so it must not be blamed for a later deletion
+        memo[DELETED_BY] = (UserInfo.from_admission(userinfo), memo.runtime.now())
+
+
 @kopf.on.event(GROUP, VERSION, APPROVAL_REQUESTS, id="approvalrequest-status")
 def on_approvalrequest_event(type, body, status, patch, memo, **_):
     """Mirror phase/approvals into status; one Event per review and per final phase."""
     if type == "DELETED":
-        if (event := deletion_event(body, memo.runtime.now())) is not None:
+        deleter, when = memo.get(DELETED_BY) or (None, memo.runtime.now())
+        if (event := deletion_event(body, when, deleter)) is not None:
             kopf.event(body, type=event[0], reason=event[1], message=event[2])
         return
     desired = desired_status(body, memo.runtime.now())

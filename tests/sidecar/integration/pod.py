@@ -16,6 +16,7 @@ namespace setup (ServiceAccount + the sidecar's RBAC).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -29,9 +30,11 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from chaperone_operator import ca as operator_ca
 from chaperone_operator.injection.inject import inject
@@ -71,6 +74,45 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class StandaloneProxy:
+    port: int
+    health: int
+    proc: subprocess.Popen
+    log: Path
+
+
+@contextlib.contextmanager
+def standalone_proxy(conf: Path, log: Path) -> Iterator[StandaloneProxy]:
+    """``chaperone proxy`` (standalone mode, config directory ``conf``) on free ports, ready
+    (``/ready`` answers 200); stopped with SIGTERM at the end, and a clean exit asserted when
+    the block did not raise."""
+    port, health = free_port(), free_port()
+    env = base_env()
+    env["PYTHONPATH"] = PYTHONPATH
+    proc = subprocess.Popen([sys.executable, "-m", "chaperone_sidecar.sidecar_cli", "proxy", "--config-dir",
+                             str(conf), "--port", str(port), "--health-port", str(health)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(ready, 60, "the standalone proxy")
+        yield StandaloneProxy(port, health, proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()[-4000:]
+
 
 
 # ============================================================================ upstream
@@ -251,7 +293,7 @@ class InjectedPod:
         self.init = inits.get(c.INIT_NAME)
         self.agent = spec["containers"][0]
         self.volumes = {v["name"]: v for v in spec["volumes"]}
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         cert_pem, key_pem = operator_ca.new_ca(f"Chaperone interception CA {namespace}", now)
         self.interception_ca_pem = cert_pem
         ca_secret = operator_ca.ca_secret(namespace, settings.ca_secret_name, cert_pem, key_pem)

@@ -16,12 +16,8 @@ The controls show each spelling *does* reach ``/admin`` when sent to the upstrea
 from __future__ import annotations
 
 import json
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -29,7 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import yaml
 
-from .pod import API, PYTHONPATH, base_env, free_port, wait_for
+from .pod import API, standalone_proxy
 
 SECRET = b"the admin console: TOP SECRET"
 
@@ -139,30 +135,12 @@ def proxy(tmp_path_factory):
               "block": {"message": "the admin console is off limits"}},
              {"name": "no-deletes", "match": {"methods": ["DELETE"]},
               "block": {"message": "agents never delete"}}]}}))
-    port, health = free_port(), free_port()
-    env = base_env()
-    env["PYTHONPATH"] = PYTHONPATH
-    log = root / "proxy.log"
-    proc = subprocess.Popen([sys.executable, "-m", "chaperone_sidecar.sidecar_cli", "proxy", "--config-dir",
-                             str(conf), "--port", str(port), "--health-port", str(health)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-
-    def ready() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=1) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
     try:
-        wait_for(ready, 60, "the standalone proxy")
-        yield port, upstream
+        with standalone_proxy(conf, root / "proxy.log") as proxy:
+            port = proxy.port
+            yield port, upstream
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
         upstream.close()
-    assert code == 0, log.read_text()[-4000:]
 
 
 def _refusal(status: int, content: bytes) -> dict:

@@ -36,7 +36,7 @@ import pytest
 from chaperone_operator.injection.settings import InjectionSettings
 from chaperone_testbed.pki import CertAuthority
 
-from .pod import InjectedPod, base_env, connection, free_port, policy, setup_namespace
+from .pod import InjectedPod, connection, free_port, policy, setup_namespace
 
 HOST = "127.0.0.2"  # loopback, but not in the injected NO_PROXY
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"

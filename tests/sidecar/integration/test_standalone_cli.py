@@ -7,18 +7,16 @@ waits in ``<config-dir>/approvals/``; the commands run as processes, the way a p
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 import requests
 import yaml
 
-from .pod import API, PYTHONPATH, HTTPSUpstream, base_env, free_port, wait_for
+from .pod import API, PYTHONPATH, HTTPSUpstream, base_env, standalone_proxy, wait_for
 
 
 def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -48,34 +46,16 @@ def proxy(tmp_path_factory):
               "requireApproval": {"approvers": {"users": ["alice"]}, **hold}},
              {"name": "refunds-need-two", "match": {"methods": ["POST"], "paths": ["/refunds/*"]},
               "requireApproval": {"approvers": {"users": ["alice", "bob"]}, "minApprovals": 2, **hold}}]}}))
-    port, health = free_port(), free_port()
-    env = base_env()
-    env["PYTHONPATH"] = PYTHONPATH
-    log = root / "proxy.log"
-    proc = subprocess.Popen([sys.executable, "-m", "chaperone_sidecar.sidecar_cli", "proxy", "--config-dir",
-                             str(conf), "--port", str(port), "--health-port", str(health)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-
-    def ready() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=1) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
     try:
-        wait_for(ready, 60, "the standalone proxy")
-        session = requests.Session()
-        session.trust_env = False
-        session.proxies = {"https": f"http://127.0.0.1:{port}"}
-        session.verify = str(conf / "ca" / "mitmproxy-ca-cert.pem")
-        yield conf, session, upstream
+        with standalone_proxy(conf, root / "proxy.log") as proxy:
+            port = proxy.port
+            session = requests.Session()
+            session.trust_env = False
+            session.proxies = {"https": f"http://127.0.0.1:{port}"}
+            session.verify = str(conf / "ca" / "mitmproxy-ca-cert.pem")
+            yield conf, session, upstream
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
         upstream.close()
-    assert code == 0, log.read_text()[-4000:]
 
 
 class Held:

@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import textwrap

@@ -7,7 +7,8 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 APT_PACKAGES := redis-server iproute2 iptables curl squid-openssl wrk \
-                containerd runc containernetworking-plugins debootstrap buildah
+                containerd runc containernetworking-plugins debootstrap buildah \
+                postgresql postgresql-client
 export CHAPERONE_CACHE ?= $(HOME)/.cache/chaperone
 
 .PHONY: demo test lint deps system-deps venv control-plane node-deps sync-crds check-crds bench clean

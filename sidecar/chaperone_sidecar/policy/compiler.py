@@ -28,6 +28,7 @@ from ..api import ACCESS_POLICIES
 from .errors import PolicyError
 from .globs import glob_error
 from .globs import quote as _q
+from .classify.postgres import STATEMENT_NAMES
 from .masking.detectors import validate_detectors
 from .masking.fields import compile_path
 from .matching import CompiledPolicy, CompiledPolicySet, build_policy
@@ -37,7 +38,7 @@ from .vocabulary import unknown_names
 __all__ = ["CompileResult", "PolicyErrors", "compile_policies", "compile_policy", "validate_policy"]
 
 EFFECTS = ("allow", "block", "requireApproval", "mask", "rateLimit")
-_TYPED = ("aws", "kubernetes", "anthropic")
+_TYPED = ("aws", "kubernetes", "anthropic", "git")
 # RequestInfo verbs; exec/attach/portforward/log are subresources, not verbs.
 KUBERNETES_VERBS = frozenset("get list watch create update patch delete deletecollection proxy *".split())
 # Not in the CRD (no maximum there): beyond a million per window a limit limits nothing.
@@ -131,14 +132,52 @@ class _Checker:
                         if verb in ("exec", "attach", "portforward", "log") else "")
                 self.err(f"{path}.kubernetes.verbs[{i}]", f"unknown verb {_q(verb)}{hint}")
         self.globs(kube.get("apiGroups"), f"{path}.kubernetes.apiGroups", allow_empty=True)
-        for key in ("resources", "namespaces", "names"):
+        for key in ("resources", "namespaces", "names", "containers"):
             self.globs(kube.get(key), f"{path}.kubernetes.{key}")
+        for i, command in enumerate(kube.get("commands") or ()):  # spaces are part of them
+            if isinstance(command, str) and (not command.strip() or "***" in command):
+                self.err(f"{path}.kubernetes.commands[{i}]",
+                         f"invalid command glob {_q(command)}: give a command such as \"rm *\"")
+        for i, port in enumerate(kube.get("ports") or ()):
+            if isinstance(port, str) and not (port.replace("*", "").replace("?", "").isdigit()
+                                              or port == "*"):
+                self.err(f"{path}.kubernetes.ports[{i}]",
+                         f"invalid port {_q(port)}: a port number (1-65535) or a glob of one")
+            elif isinstance(port, str) and port.isdigit() and not 0 < int(port) < 65536:
+                self.err(f"{path}.kubernetes.ports[{i}]", f"invalid port {_q(port)}: not in 1-65535")
+        if (kube.get("commands") or kube.get("containers") or kube.get("ports")) \
+                and kube.get("verbs") and "create" not in kube["verbs"] and "*" not in kube["verbs"]:
+            self.err(f"{path}.kubernetes", "commands, containers and ports describe exec, attach "
+                                           "and portforward, whose verb is create: this rule can "
+                                           "never match")
         for key in ("models", "tools"):
             self.globs(claude.get(key), f"{path}.anthropic.{key}")
+        self.postgres(match.get("postgres") or {}, f"{path}.postgres")
+        self.git(match.get("git") or {}, f"{path}.git")
         typed = [k for k in _TYPED if k in match]
         if len(typed) > 1:
             self.err(path, f"conditions for {' and '.join(typed)} can never hold together: "
                            "a request has one connection type; split them into separate rules")
+
+    def git(self, git: dict, path: str) -> None:
+        self.globs(git.get("repositories"), f"{path}.repositories")
+        self.globs(git.get("refs"), f"{path}.refs")
+        for i, ref in enumerate(git.get("refs") or ()):
+            # A pattern that is neither a full ref nor starts with a wildcard matches no ref
+            # a push names ("main" for "refs/heads/main"): a block rule would fail open.
+            if isinstance(ref, str) and ref and not ref.startswith(("refs/", "*", "?")):
+                self.err(f"{path}.refs[{i}]", f"{_q(ref)} can never match: refs are full names; "
+                                               f"did you mean {_q('refs/heads/' + ref)}?")
+
+    def postgres(self, pg: dict, path: str) -> None:
+        for key in ("tables", "functions"):
+            self.globs(pg.get(key), f"{path}.{key}")
+        for i, name in enumerate(pg.get("statements") or ()):
+            # A misspelled command would match nothing: a block rule would fail open.
+            if isinstance(name, str) and "*" not in name and "?" not in name \
+                    and name.upper() not in STATEMENT_NAMES:
+                self.err(f"{path}.statements[{i}]", f"unknown SQL command {_q(name)}; one of "
+                                                    f"{', '.join(sorted(STATEMENT_NAMES))}")
 
     def approval(self, approval: dict, policy_approvers: dict | None, path: str) -> None:
         if "approvers" in approval:

@@ -26,6 +26,19 @@ Matching semantics worth knowing:
   requireApproval, mask, rateLimit) matches when ANY value matches; an ``allow`` rule only when
   EVERY value matches, so allowing ``bucket-a/*`` never lets a call that also touches
   ``bucket-b`` through.
+* ``match.git`` conditions (:mod:`.matching_git`) hold only on ``http`` connections' git
+  requests; refs, operations and forcePush are tested together on each ref update.
+* ``kubernetes.commands`` is tested on each simple command the exec runs
+  (:func:`.classify.kubernetes.command_units`: the argv, a shell's ``-c`` script split into
+  commands, wrappers such as ``env``/``timeout`` seen through); a unit matches when any of its
+  forms (joined argv, ``argv[0]``, their base-name variants) matches. Restricting rules: any
+  unit; allow: every unit - ``allow ["ls *"]`` never lets ``sh -c 'ls; rm -rf /'`` through.
+* Fail closed on what the kubelet decides, not the request: a connect request without
+  ``container=`` runs in the pod's default container, which may be the one a rule names, so
+  ``kubernetes.containers`` holds for a restricting rule (never for allow); a SPDY
+  port-forward names its ports per stream, not in the URL, so at the handshake
+  ``kubernetes.ports`` holds for allow rules only - each stream's port is judged again when it
+  opens (``addons/sessions.py``).
 """
 
 from __future__ import annotations
@@ -35,10 +48,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .classify.kubernetes import CONNECT_SUBRESOURCES, command_units
 from .classify.paths import canonical_path, path_rules
 from .globs import GlobKind, GlobSet
 from .globs import match as glob_match
 from .globs import quote as _q
+from .matching_postgres import postgres_conditions
+from .matching_git import git_conditions
 from .model import Action, ApprovalRequirement, Approvers, Identity, MaskSpec, RateLimit, RuleRef
 
 RANK = {"allow": 1, "require_approval": 2, "block": 3}  # decision strength; 0 = not a decision
@@ -265,6 +281,56 @@ _MULTI: dict[str, Callable[[MatchContext], tuple[str, ...]]] = {
 }
 
 
+def _connect(ctx: MatchContext):
+    k = _kube(ctx)
+    return k if k is not None and k.subresource in CONNECT_SUBRESOURCES else None
+
+
+def _container_test(globs: GlobSet, effect: str) -> Callable[[MatchContext], bool]:
+    def test(ctx: MatchContext) -> bool:
+        k = _connect(ctx)
+        if k is None:
+            return False
+        if not k.container:  # the pod's default container: maybe the named one
+            return effect != "allow"
+        return globs.match(k.container)
+    return test
+
+
+def _command_test(globs: GlobSet, effect: str) -> Callable[[MatchContext], bool]:
+    def unit_matches(unit: tuple[str, ...]) -> bool:
+        return any(map(globs.match, unit))
+
+    def test(ctx: MatchContext) -> bool:
+        k = _connect(ctx)
+        if k is None or not k.command:
+            return False
+        units = command_units(k.command)
+        return all(map(unit_matches, units)) if effect == "allow" else any(map(unit_matches, units))
+    return test
+
+
+def _ports_test(globs: GlobSet, effect: str) -> Callable[[MatchContext], bool]:
+    def test(ctx: MatchContext) -> bool:
+        k = _connect(ctx)
+        if k is None or k.subresource != "portforward":
+            return False
+        if not k.ports:  # a SPDY tunnel: each stream's port is judged when it opens
+            return effect == "allow"
+        return all(map(globs.match, k.ports)) if effect == "allow" else any(map(globs.match, k.ports))
+    return test
+
+
+_CONNECT_FIELDS: dict[str, tuple[Callable[[GlobSet, str], Callable[[MatchContext], bool]],
+                                  Callable[[MatchContext], object]]] = {
+    "match.kubernetes.containers": (_container_test,
+                                    lambda c: (k.container or "(default)") if (k := _connect(c)) else None),
+    "match.kubernetes.commands": (_command_test,
+                                  lambda c: command_units(k.command) if (k := _connect(c)) else None),
+    "match.kubernetes.ports": (_ports_test, lambda c: k.ports if (k := _connect(c)) else None),
+}
+
+
 def _single_test(globs: GlobSet, get) -> Callable[[MatchContext], bool]:
     match = globs.match
 
@@ -314,6 +380,14 @@ def _conditions(match: dict, effect: str, namespace: str, body_limit: int) -> li
         if flat.get(name):
             globs = GlobSet(flat[name])
             out.append(Condition(name, globs.patterns, _multi_test(globs, get_all, effect == "allow"), get_all))
+    for name, (make_test, get_value) in _CONNECT_FIELDS.items():
+        if flat.get(name):
+            globs = GlobSet(flat[name])
+            out.append(Condition(name, globs.patterns, make_test(globs, effect), get_value))
+    for name, patterns, test, value in git_conditions(match.get("git") or {}, effect):
+        out.append(Condition(name, patterns, test, value))
+    for name, patterns, test, value in postgres_conditions(match.get("postgres") or {}, effect):
+        out.append(Condition(name, patterns, test, value))
     if match.get("pathRegex"):
         search = re.compile(match["pathRegex"]).search
         isearch = re.compile(match["pathRegex"], re.IGNORECASE).search
@@ -346,7 +420,8 @@ def _build_rule(index: int, rule: dict, key: str, namespace: str, spec: dict, bo
     body = rule[effect_key]
     match = rule.get("match") or {}
     conditions = _conditions(match, effect, namespace, body_limit)
-    typed = [k for k in ("aws", "kubernetes", "anthropic") if match.get(k) is not None]
+    typed = [k for k in ("aws", "kubernetes", "anthropic", "postgres") if match.get(k) is not None]
+    typed = [*typed, *(["http"] if match.get("git") is not None else [])]  # git: http connections
     methods = frozenset(match["methods"]) if match.get("methods") else None
     aws_actions = (match.get("aws") or {}).get("actions")
     actions = GlobSet(aws_actions, ignore_case=True) if aws_actions else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-ConnectionType = Literal["aws", "http", "kubernetes", "anthropic"]
+ConnectionType = Literal["aws", "http", "kubernetes", "anthropic", "postgres", "mcp"]
 Effect = Literal["allow", "block", "require_approval", "rate_limited"]
 
 
@@ -61,6 +61,12 @@ class KubernetesAction:
     namespace: str = ""
     name: str = ""
     is_resource_request: bool = True  # False for /healthz, /version, /apis discovery ...
+    # exec/attach/portforward (the query, as the apiserver parses it): the ``container=``
+    # parameter ("" = the pod's default container), the ``command=`` argv in order, the
+    # ``ports=`` of a port-forward (a SPDY tunnel names its ports per stream instead).
+    container: str = ""
+    command: tuple[str, ...] = ()
+    ports: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,88 @@ class AnthropicAction:
     tool_uses: tuple[str, ...] = ()  # names in tool_use blocks of the conversation
     tool_results: int = 0  # count of tool_result blocks
     models: tuple[str, ...] = ()  # every requested model (message batches can mix them)
+
+
+@dataclass(frozen=True)
+class GitCommand:
+    """One ref update of a push (``<old-id> <new-id> <ref>``, policy/classify/git.py)."""
+
+    ref: str  # as the server reads it: the bytes before a NUL, never normalised
+    old: str  # hex object id; all zeros for a create
+    new: str  # all zeros for a delete
+    operation: Literal["create", "update", "delete"]
+    # Not a fast-forward: False when the pushed pack proves new descends from old (and for
+    # create/delete), None when that cannot be known from the request (forcePush rules then
+    # fail closed). Never True: git's "+" is client-side only.
+    force: bool | None = False
+    valid: bool = True  # the ref name passes git's check-ref-format (servers refuse others)
+
+
+@dataclass(frozen=True)
+class GitAction:
+    """A git smart-HTTP request: the ref advertisement, a fetch or a push."""
+
+    service: Literal["push", "fetch"]
+    repository: str  # the URL path before /info/refs or /git-*-pack, without "/" and ".git" ends
+    phase: Literal["advertisement", "rpc"] = "rpc"
+    # A push's ref updates; None when they could not be read (a streamed or malformed body):
+    # ref, operation and forcePush rules then fail closed.
+    commands: tuple[GitCommand, ...] | None = ()
+    capabilities: tuple[str, ...] = ()
+    push_options: tuple[str, ...] = ()
+    protocol: str = ""  # the Git-Protocol header ("version=2"), as sent
+
+
+@dataclass(frozen=True)
+class PostgresAction:
+    """One SQL statement sent through a postgres connection (policy/classify/postgres.py)."""
+
+    statement: str  # the top-level command: SELECT, INSERT, DELETE, DROP, DO, COPY, BEGIN ...
+    kind: Literal["read", "write", "ddl", "other"]  # the strictest of every nested statement
+    statements: tuple[str, ...] = ()  # every command in it, nested ones too (a CTE's DELETE)
+    tables: tuple[str, ...] = ()  # relations as written, schema-qualified when they were
+    functions: tuple[str, ...] = ()  # called functions (lower case); PROGRAM/FILE for COPY
+    where_missing: bool = False  # an UPDATE/DELETE (or TRUNCATE) touching every row
+    # What it runs cannot be seen from the text (DO, CALL, EXECUTE of a SQL PREPARE,
+    # unparseable): block and requireApproval rules match it whatever they name (fail closed).
+    opaque: bool = False
+    database: str = ""
+    text: str = ""  # the statement's own text (bounded)
+
+
+@dataclass(frozen=True)
+class MCPCall:
+    """One JSON-RPC message of an MCP request body (see ``classify/mcp.py``)."""
+
+    method: str  # "tools/call", "tools/list", "resources/read", ...; "" for a response
+    id: str = ""  # the JSON-RPC id as JSON text ('1', '"a"'); "" for a notification
+    tool: str = ""  # params.name of tools/call
+    prompt: str = ""  # params.name of prompts/get
+    uri: str = ""  # params.uri of resources/read, resources/subscribe ...
+    arguments: str = ""  # params.arguments as canonical JSON ("" when absent)
+    # A call made up by the sidecar to ask "would this tool be blocked whatever its arguments?"
+    # (tools/list filtering): argument conditions hold for allow rules, never for others.
+    probe: bool = False
+
+
+@dataclass(frozen=True)
+class MCPAction:
+    calls: tuple[MCPCall, ...] = ()  # every element of a batch; one for a single message
+    batch: bool = False
+    session_id: str = ""  # Mcp-Session-Id (2025-06-18); "" on the stateless 2026-07-28 transport
+    protocol_version: str = ""  # MCP-Protocol-Version header, else params._meta's
+    stream: bool = False  # GET: the server->client SSE stream
+    # Why the body cannot be judged (not JSON, duplicate keys, too large, header/body mismatch):
+    # the sidecar refuses such a request (addons/enforce.py), fail closed.
+    invalid: str = ""
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.method for c in self.calls if c.method))
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.tool for c in self.calls if c.tool))
 
 
 @dataclass(frozen=True)
@@ -89,6 +177,9 @@ class Action:
     aws: AWSAction | None = None
     kubernetes: KubernetesAction | None = None
     anthropic: AnthropicAction | None = None
+    mcp: MCPAction | None = None
+    postgres: PostgresAction | None = None
+    git: GitAction | None = None  # http connections: git smart-HTTP requests
     errors: tuple[str, ...] = ()  # what could not be classified (the classifier never raises)
     # The connection declared a case-insensitive upstream (spec.pathNormalization.caseInsensitive):
     # path rules then match ignoring case.

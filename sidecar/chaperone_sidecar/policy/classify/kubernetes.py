@@ -34,11 +34,28 @@ opaque to the sidecar, and through ``nodes/proxy`` it reaches the kubelet's own 
 it is ``create`` as well.
 
 Go's ``URL.Path`` is percent-decoded before splitting, so the path is decoded here as well.
+
+**What a connect request asks for** (issue 15): the container (``container=``), the command
+(``command=``, repeated, one argv element each) and the ports of a port-forward (``ports=``)
+come from the query, parsed exactly as Go's ``url.ParseQuery`` (what the apiserver and the
+kubelet decode ``PodExecOptions`` with): pairs split on ``&`` only, ``+`` is a space, a pair
+whose key or value holds an invalid percent escape or whose key holds ``;`` is **dropped**
+(Go's ``URL.Query()`` ignores the error and skips the pair). Python's ``parse_qsl`` would keep
+``%zz`` literally, so an agent could show the policy an argv the kubelet never runs.
+
+:func:`command_units` turns an argv into the *simple commands* a ``match.kubernetes.commands``
+rule is tested against; see its docstring for the shell and wrapper forms it sees through.
 """
 
 from __future__ import annotations
 
+import os.path
+import re
+import shlex
+from functools import lru_cache
 from urllib.parse import parse_qsl, unquote
+
+from dataclasses import replace
 
 from ..model import HTTPRequest, KubernetesAction
 
@@ -86,6 +103,155 @@ def _query(query: str) -> dict[str, list[str]]:
     for key, value in parse_qsl(query, keep_blank_values=True, errors="replace"):
         result.setdefault(key, []).append(value)
     return result
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _go_unescape(text: str) -> str | None:
+    """Go's ``url.QueryUnescape``: ``+`` is a space, ``%XX`` a byte; None when an escape is
+    invalid (Go returns an error). Bytes that are not UTF-8 become U+FFFD."""
+    if "%" not in text:
+        return text.replace("+", " ")
+    out = bytearray()
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "%":
+            pair = text[i + 1:i + 3]
+            if len(pair) != 2 or not all(c in _HEX for c in pair):
+                return None
+            out.append(int(pair, 16))
+            i += 3
+            continue
+        out += b" " if ch == "+" else ch.encode("utf-8", "surrogateescape")
+        i += 1
+    return out.decode("utf-8", "replace")
+
+
+def go_query(query: str) -> dict[str, list[str]]:
+    """The query as Go's ``url.ParseQuery`` sees it (pairs it rejects are dropped, as the
+    apiserver's ``URL.Query()`` drops them); values in order."""
+    result: dict[str, list[str]] = {}
+    for pair in query.split("&"):
+        if not pair or ";" in pair.partition("=")[0]:
+            continue
+        key, _, value = pair.partition("=")
+        k, v = _go_unescape(key), _go_unescape(value)
+        if k is None or v is None:
+            continue
+        result.setdefault(k, []).append(v)
+    return result
+
+
+# Shells whose ``-c`` argument is a script; wrappers that run their arguments as a command.
+_SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "mksh", "yash", "fish", "busybox"})
+_WRAPPERS = frozenset({"env", "nice", "nohup", "exec", "command", "sudo", "doas", "timeout",
+                       "stdbuf", "setsid", "ionice", "time", "xargs", "chroot", "nsenter",
+                       "unshare", "su", "runuser", "watch", "script", "flock", "taskset",
+                       "chrt", "busybox"})
+_WRAPPER_ARGS = {"timeout": 1, "chroot": 1, "taskset": 1, "chrt": 1, "flock": 1}  # operands first
+_SEPARATORS = re.compile(r"\|\||&&|[;|&\n()`{}]|\$\(")
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_SPACE = re.compile(r"\s+")
+_SUBSTITUTION = re.compile(r"\$\(|`|\n")
+_PUNCTUATION = frozenset(";&|(){}<>")
+_MAX_UNITS = 64
+_MAX_DEPTH = 4
+
+
+def _script_commands(script: str) -> list[list[str]]:
+    """A shell script's simple commands as word lists. Command substitution (``$(``, back
+    quotes) runs even inside double quotes, so it always starts a command; the rest is split
+    by a shell-like lexer (quotes honoured) at ``;``, ``&``, ``|``, brackets. Unbalanced
+    quotes: split on every separator character instead (more units, never fewer)."""
+    script = _SUBSTITUTION.sub(" ; ", script)
+    try:
+        lexer = shlex.shlex(script, posix=True, punctuation_chars=";&|(){}<>")
+        lexer.whitespace_split = True
+        lexer.commenters = ""
+        tokens = list(lexer)
+    except ValueError:
+        return [piece.split() for piece in _SEPARATORS.split(script)]
+    commands: list[list[str]] = [[]]
+    for token in tokens:
+        if token and set(token) <= _PUNCTUATION:
+            if not set(token) <= set("<>"):  # a redirection keeps the command going
+                commands.append([])
+            continue
+        commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def _form(argv: list[str] | tuple[str, ...]) -> str:
+    return _SPACE.sub(" ", " ".join(argv)).strip()
+
+
+def _units(argv: list[str], depth: int, out: list[tuple[str, ...]]) -> None:
+    while argv and _ASSIGNMENT.match(argv[0]):  # VAR=x cmd (in a shell script)
+        argv = argv[1:]
+    if not argv or len(out) >= _MAX_UNITS:
+        return
+    base = os.path.basename(argv[0]) or argv[0]
+    forms = dict.fromkeys((_form([base, *argv[1:]]), _form(argv), base, argv[0]))
+    out.append(tuple(f for f in forms if f))
+    if depth >= _MAX_DEPTH:
+        return
+    if base in _SHELLS:
+        rest = argv[1:]
+        if base == "busybox" and rest and os.path.basename(rest[0]) in _SHELLS:
+            rest = rest[1:]
+        for i, arg in enumerate(rest):
+            if not arg.startswith("-") or arg.startswith("--"):
+                break
+            if "c" in arg[1:] and i + 1 < len(rest):  # -c, -ec, -lc ...: the script follows
+                for words in _script_commands(rest[i + 1]):
+                    _units(words, depth + 1, out)
+                break
+    if base in _WRAPPERS:
+        rest = argv[1:]
+        while rest and (rest[0].startswith("-") or _ASSIGNMENT.match(rest[0])):
+            rest = rest[1:]
+        rest = rest[_WRAPPER_ARGS.get(base, 0):]
+        _units(rest, depth + 1, out)
+
+
+@lru_cache(maxsize=1024)
+def command_units(argv: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """The simple commands an exec's argv runs, each as the forms a rule may name.
+
+    A unit's forms: the argv joined by spaces with ``argv[0]`` as its base name
+    (``rm -rf /tmp/x`` for ``/bin/rm -rf /tmp/x``), joined as sent, ``argv[0]``'s base name,
+    and ``argv[0]`` (whitespace runs become one space, so a tab cannot split a pattern).
+    Seen through, so an agent cannot hide a command behind a wrapper:
+
+    * a shell's ``-c`` script (``sh -c 'cd /; rm -rf x'``, ``bash -ec``, ``busybox sh -c``):
+      split on ``;``, ``&&``, ``||``, ``|``, ``&``, newlines, ``$(``, backquotes, brackets,
+      and each piece split into words as the shell would (quotes honoured), recursively;
+    * wrappers that run their arguments (``env A=1 rm``, ``nice``, ``timeout 5 rm``,
+      ``sudo``, ``xargs``, ``busybox rm`` ...) and leading ``VAR=value`` assignments.
+
+    The first unit is the argv itself. A script that only an interpreter reads
+    (``python -c``, ``perl -e``) or the stdin of an interactive shell is not seen: block
+    those interpreters (docs/exec-sessions.md).
+    """
+    out: list[tuple[str, ...]] = []
+    _units(list(argv), 0, out)
+    return tuple(dict.fromkeys(out))
+
+
+def connect_options(action: KubernetesAction, query: str) -> KubernetesAction:
+    """The container, command and ports a connect request asks for (``go_query``)."""
+    if action.subresource not in CONNECT_SUBRESOURCES:
+        return action
+    params = go_query(query)
+    containers = params.get("container") or [""]
+    ports: list[str] = []
+    for value in params.get("ports", ()):
+        ports.extend(p.strip() for p in value.split(","))
+    return replace(action, container=containers[0],
+                   command=tuple(params.get("command", ())) if action.subresource == "exec" else (),
+                   ports=tuple(dict.fromkeys(ports)) if action.subresource == "portforward" else ())
 
 
 def _name_from_field_selector(selector: str) -> str:
@@ -149,7 +315,7 @@ def classify_kubernetes(request: HTTPRequest, errors: list[str]) -> KubernetesAc
     if subresource in CONNECT_SUBRESOURCES or (subresource == "proxy" and is_upgrade(request)):
         verb = "create"  # see the module docstring: what the WebSocket handshake really does
 
-    return KubernetesAction(
+    return connect_options(KubernetesAction(
         verb=verb,
         api_group=group,
         api_version=version,
@@ -158,7 +324,7 @@ def classify_kubernetes(request: HTTPRequest, errors: list[str]) -> KubernetesAc
         namespace=namespace,
         name=name,
         is_resource_request=True,
-    )
+    ), request.query)
 
 
 def is_connect_request(request: HTTPRequest) -> bool:
@@ -187,8 +353,13 @@ def kubernetes_summary(action: KubernetesAction, request: HTTPRequest) -> str:
     text = f"{action.verb or 'unknown'} {target}"
     if action.namespace and action.resource != "namespaces":  # the name says it already
         text += f" in {action.namespace}"
-    if action.subresource in ("exec", "attach"):
-        command = _query(request.query).get("command")
-        if command:
-            text += f" (command: {' '.join(command)})"
+    if action.subresource in CONNECT_SUBRESOURCES:
+        # What an approver must see: the container (the pod's default when the agent names
+        # none) and the command, each argv element quoted as a shell would need it.
+        details = [f"container: {action.container or '(default)'}"]
+        if action.command:
+            details.append(f"command: {shlex.join(action.command)}")
+        if action.ports:
+            details.append(f"ports: {','.join(action.ports)}")
+        text += f" ({'; '.join(details)})"
     return text

@@ -37,10 +37,10 @@ CASES = [
      K("update", "", "v1", "namespaces", "finalize", "prod", "prod")),
     ("exec-post", "POST", "/api/v1/namespaces/ns/pods/p/exec?command=sh&command=-c&command=id"
      "&container=c&stdin=true&stdout=true&tty=true",
-     K("create", "", "v1", "pods", "exec", "ns", "p")),
+     K("create", "", "v1", "pods", "exec", "ns", "p", container="c", command=("sh", "-c", "id"))),
     # The WebSocket handshake is a GET; Kubernetes authorizes it as create too (1.35+).
     ("exec-get-websocket", "GET", "/api/v1/namespaces/ns/pods/p/exec?command=sh&stdin=true",
-     K("create", "", "v1", "pods", "exec", "ns", "p")),
+     K("create", "", "v1", "pods", "exec", "ns", "p", command=("sh",))),
     ("attach", "POST", "/api/v1/namespaces/ns/pods/p/attach?stdin=true",
      K("create", "", "v1", "pods", "attach", "ns", "p")),
     ("portforward", "POST", "/api/v1/namespaces/ns/pods/p/portforward",
@@ -136,7 +136,7 @@ def test_special_verb_without_resource_is_an_error():
     ("DELETE", "/api/v1/namespaces/prod", "kubernetes:delete/namespaces", "delete namespaces/prod"),
     ("GET", "/api/v1/namespaces/default/pods?limit=500", "kubernetes:list/pods", "list pods in default"),
     ("POST", "/api/v1/namespaces/ns/pods/p/exec?command=sh&command=-c&command=id&stdin=true",
-     "kubernetes:create/pods/exec", "create pods/p/exec in ns (command: sh -c id)"),
+     "kubernetes:create/pods/exec", "create pods/p/exec in ns (container: (default); command: sh -c id)"),
     ("GET", "/apis/apps/v1/namespaces/ns/deployments/d", "kubernetes:get/deployments",
      "get deployments.apps/d in ns"),
     ("DELETE", "/api/v1/namespaces/ns/pods", "kubernetes:deletecollection/pods",

@@ -40,7 +40,8 @@ import bisect
 import json
 import re
 
-from .spans import MASK_TOKEN_RE, Finding, Rule, mask_text, mask_token, merge, scan, string_spans
+from .prefilter import BASE64_TRIGGERS
+from .spans import MASK_TOKEN_RE, Finding, Rule, mask_text, mask_token, merge, prefilter_for, scan, string_spans
 
 B64_MIN = 16  # shortest base64 run decoded (12 bytes; an AWS key id alone encodes to 28)
 RUN_MIN = 8  # shortest printable run of a binary body that is scanned
@@ -115,18 +116,29 @@ def _b64decode(run: bytes) -> bytes | None:
         return None
 
 
-def _first_run(text: bytes) -> int:
-    """Where the first run with an upper-case letter starts, or -1 (the cheap common case)."""
-    for m in _B64_RUN.finditer(text):
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
+
+
+def _first_run(text: bytes, rules: tuple[Rule, ...]) -> int:
+    """Where the first run with an upper-case letter starts, or -1 (the cheap common case).
+
+    Such a run holds a base64 trigger (``prefilter.BASE64_TRIGGERS``: 16 characters of the
+    alphabet starting or ending with an upper-case letter), so it lies in the stretch of
+    alphabet characters holding the first trigger or later: the search starts there."""
+    hits = prefilter_for(rules).hits(text)
+    first = min((p[0] for t in BASE64_TRIGGERS if (p := hits.positions((t,)))), default=-1)
+    if first < 0:
+        return -1
+    for m in _B64_RUN.finditer(text, len(text[:first].rstrip(_ALPHABET))):
         # islower(): cased and no upper-case letter (hex digests, snake_case) - cheaper than a search
         if not m.group().islower() and _UPPER.search(text, m.start(), m.end()) is not None:
             return m.start()
     return -1
 
 
-def _runs(text: bytes) -> list[tuple[int, int]]:
+def _runs(text: bytes, rules: tuple[Rule, ...]) -> list[tuple[int, int]]:
     """Spans of the base64 runs worth decoding (not inside a mask token)."""
-    first = _first_run(text)
+    first = _first_run(text, rules)
     if first < 0:
         return []
     tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text)] if b"[MASKED:" in text else []
@@ -173,7 +185,7 @@ def _secret_kinds(blobs: list[bytes], rules: tuple[Rule, ...], depth: int) -> li
             kinds[i] = f.kind
     if depth > 1:
         owners, nested = [], []
-        for a, b in _runs(joined):
+        for a, b in _runs(joined, rules):
             i = bisect.bisect_right(starts, a) - 1
             if kinds[i] is None and (d := _b64decode(joined[a:b])):
                 owners.append(i)
@@ -189,7 +201,7 @@ def mask_base64(text: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = N
     """Mask every base64 run of ``text`` whose decoded bytes hold a secret (whole run)."""
     if not rules or len(text) < B64_MIN:
         return text
-    runs = _runs(text)
+    runs = _runs(text, rules)
     if not runs:
         return text
     decoded = [_b64decode(text[a:b]) or b"" for a, b in runs]
@@ -255,7 +267,7 @@ def mask_binary(body: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = N
         return body
     view = body.translate(_PRINTABLE)
     findings = [c.finding for c in scan(view, rules) if c.finding is not None]
-    runs = _runs(body)  # not the view: its line feeds stand for binary bytes, not line wraps
+    runs = _runs(body, rules)  # not the view: its line feeds stand for binary bytes, not line wraps
     if runs:
         kinds = _secret_kinds([_b64decode(body[a:b]) or b"" for a, b in runs], rules, NESTING)
         findings += [Finding(a, b, k) for (a, b), k in zip(runs, kinds, strict=True) if k]

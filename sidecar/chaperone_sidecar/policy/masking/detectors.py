@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 
-from .spans import MASK_TOKEN_RE, MatchLike, Rule, SpanMatch, anchored
+from .prefilter import Trigger, literal
+from .spans import MASK_TOKEN_RE, MatchLike, Rule, SpanMatch, anchored, leftmost
 
 PEM_BODY_MAX = 8 * 1024  # longest PEM body matched as a closed BEGIN..END block
 
@@ -141,7 +143,32 @@ def _card_layout(groups: list[int]) -> bool:
     return all(g == 4 for g in groups[1:-1]) and 1 <= groups[-1] <= 4
 
 
-def _card_find(text: bytes, lowered: bytes, pos: int) -> Iterator[SpanMatch]:
+# Every run of _CARD_RUN_RE starts at a digit after a non-digit (or at the start) and has 13
+# digits with single separators: this trigger ends inside each run (prefilter.py).
+_CARD_TRIGGER = Trigger(rb"(?:^|[^0-9])[0-9](?:[ \-]?[0-9]){12}")
+_STRETCH_CHARS = b"0123456789 -"
+_STRETCH_END = re.compile(rb"[0-9 -]*")
+
+
+def _card_find(text: bytes, pos: int, ends: list[int]) -> Iterator[SpanMatch]:
+    """The cards of each stretch of digits and separators that holds a trigger.
+
+    A run of digit groups consists of those bytes only, so it lies inside one maximal stretch
+    of them, and every run holds a trigger (``_CARD_TRIGGER``): searching runs stretch by
+    stretch (from ``pos``, up to the stretch's end, lookbehinds seeing before it) finds
+    exactly the runs a search of the whole text finds. ``ends``: the triggers' end offsets.
+    """
+    done = pos
+    for e in ends[bisect.bisect_right(ends, pos):]:
+        if e <= done:
+            continue  # a trigger inside a stretch already searched
+        lo = done + len(text[done:e].rstrip(_STRETCH_CHARS))
+        hi = _STRETCH_END.match(text, e).end()  # type: ignore[union-attr]  # always matches
+        yield from _card_runs(text, lo, hi)
+        done = hi
+
+
+def _card_runs(text: bytes, lo: int, hi: int) -> Iterator[SpanMatch]:
     """For each run of digit groups, every grouping of whole groups that is a card.
 
     A greedy regex would take "4111 1111 1111 1111 12" (card + expiry) as one 18-digit
@@ -152,7 +179,7 @@ def _card_find(text: bytes, lowered: bytes, pos: int) -> Iterator[SpanMatch]:
     cannot push a card out of view. Windows hold at most 19 digits, so the work per group is
     bounded. Overlapping cards are merged by the caller. The match spans the window.
     """
-    for run in _CARD_RUN_RE.finditer(text, pos):
+    for run in _CARD_RUN_RE.finditer(text, lo, hi):
         a, b = run.span()
         if b - a > 19 and b" " not in text[a:b] and b"-" not in text[a:b]:
             continue  # one group longer than any card (a digest's digits, a timestamp)
@@ -233,15 +260,14 @@ def _quote_before(text: bytes, i: int) -> Iterable[int]:
 _LOCAL_REV = re.compile(rb"[A-Za-z0-9._%+-]{1,65}")
 
 
-def _email_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+def _email_find(text: bytes, pos: int, ats: list[int]) -> Iterator[re.Match[bytes]]:
     """Addresses at each "@": the bounded pattern from where the local part starts (walking
     back over it; one byte later too, for a local part that follows an escape such as "\\n":
     the "n" is a local-part character but not part of the address); failing that, the last 64
     local-part characters and the longest domain without boundaries - a local part glued to a
     longer run, or a top-level domain glued to more letters, no longer hides the address (the
     rest of the run stays)."""
-    i = lowered.find(b"@", pos)
-    while i >= 0:
+    for i in ats[bisect.bisect_left(ats, pos):]:  # every "@" (the trigger) from pos on
         found = None
         local = _LOCAL_REV.match(text[max(0, i - 65) : i][::-1])
         if local is not None:
@@ -261,7 +287,6 @@ def _email_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[byte
                     found = _EMAIL_GLUED_RE.match(text, start)
         if found is not None:
             yield found
-        i = lowered.find(b"@", i + 1)
 
 
 def _lb1(first: bytes, token_class: bytes) -> bytes:
@@ -308,7 +333,7 @@ _AWS_ID_ANCHORS = (b"akia", b"asia", b"abia", b"acca", b"a3t")
 _JWT_RE = re.compile(rb"(?P<s>(?P<h>e[yw][A-Za-z0-9_-]{8,1024})\.[A-Za-z0-9_-]{2,8192}\.[A-Za-z0-9_-]{0,2048})", _F)
 
 
-def _jwt_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+def _jwt_find(text: bytes, pos: int, heads: list[int]) -> Iterator[re.Match[bytes]]:
     """JWTs, also glued to a prefix of token characters.
 
     No left boundary: "AAAAeyJhbGci..." is a JWT to anyone who looks for "eyJ". A prefix
@@ -316,9 +341,12 @@ def _jwt_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]
     validation; the real header is then a suffix of that header run, so every later "ey"/"ew"
     inside it is tried (at most the header's 1024 characters; the header is checked before
     the whole token is matched again).
+
+    ``heads``: where the trigger (``e[yw]`` + 8 base64url characters, how every match starts)
+    occurs; the leftmost match from a point is at the first of them there that matches.
     """
     at = pos
-    while (m := _JWT_RE.search(text, at)) is not None:
+    while (m := _first_match(_JWT_RE, text, heads, at)) is not None:
         if _jwt_ok(text, m):
             yield m
             at = m.end()
@@ -341,6 +369,50 @@ def _jwt_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]
             at = h_end
 
 
+def _first_match(pattern: re.Pattern[bytes], text: bytes, starts: list[int], at: int) -> re.Match[bytes] | None:
+    """``pattern.search(text, at)`` for a pattern whose matches start only at ``starts``."""
+    for i in starts[bisect.bisect_left(starts, at):]:
+        if (m := pattern.match(text, i)) is not None:
+            return m
+    return None
+
+
+_SSN_RE = re.compile(
+    rb"(?P<s>(?P<a>\d" + _lb1(rb"\d", rb"0-9A-Za-z.$#/-")
+    + rb"\d\d)(?P<sep>[ -]?)(?P<g>\d{2})(?P=sep)(?P<n>\d{4}))(?![0-9A-Za-z]|[./-]\d)", _F)
+_SSN_MAX = 11
+_SSN_LABELS = (b"ssn", b"social", b"soc", b"ss#", b"tax", b"tin")
+
+
+def _ssn_find(text: bytes, pos: int, labels: list[int]) -> Iterator[re.Match[bytes]]:
+    """Numbers that may follow an SSN label (``_ssn_ok``): the label lies within the 32 bytes
+    before the number and holds one of ``_SSN_LABELS`` (the trigger), so a number can only
+    start up to 32 bytes after a trigger. Those windows are searched (merged, in order);
+    no number spans a window's start (a letter of the label), so the matches there are those
+    of a search of the whole text."""
+    i, n = bisect.bisect_left(labels, pos - SSN_CONTEXT_BYTES), len(labels)
+    while i < n:
+        a, b = labels[i], labels[i] + SSN_CONTEXT_BYTES
+        i += 1
+        while i < n and labels[i] <= b:
+            b = labels[i] + SSN_CONTEXT_BYTES
+            i += 1
+        for m in _SSN_RE.finditer(text, max(a, pos), b + _SSN_MAX + SLACK):
+            if m.start() > b:
+                break
+            yield m
+
+
+SLACK = 4  # bytes the lookahead of a pattern reads past its match (at most 2)
+
+
+_PEM_RE = re.compile(
+    rb"-----BEGIN (?P<label>(?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?)-----"
+    rb"(?:(?P<body>.{0,%d}?)-----END (?P=label)-----|" % PEM_BODY_MAX + _PEM_RUN + rb")",
+    _F | re.DOTALL)
+_JWT_TRIGGER = Trigger(rb"e[yw][A-Za-z0-9_\-]{8}", 10)
+
+
 RULES: dict[str, tuple[Rule, ...]] = {
     "aws-access-key-id": (
         # Access key ids only: AKIA long-term, ASIA STS, ABIA/ACCA service keys, A3T legacy.
@@ -348,67 +420,62 @@ RULES: dict[str, tuple[Rule, ...]] = {
         # always 20 characters, so one glued into a longer run ("AAAAAKIA...", "...EXAMPLEZZ")
         # is still readable to anyone who knows the prefix. Every occurrence is tried (the
         # anchored finder), so a decoy "AKIA" just before the real one cannot shift the match.
-        Rule("aws-access-key-id", _AWS_ID_RE, max_len=20, needles=_AWS_ID_ANCHORS,
-             find=anchored(_AWS_ID_RE, _AWS_ID_ANCHORS, _at(0))),
+        Rule("aws-access-key-id", _AWS_ID_RE, max_len=20, triggers=tuple(map(literal, _AWS_ID_ANCHORS)),
+             find=anchored(_AWS_ID_RE, _at(0))),
     ),
     "aws-secret-key": (
         # Context required (see module docstring): a credential label (...secret...key), a
         # separator, then exactly 40 characters of the secret-key alphabet.
-        Rule("aws-secret-key", _AWS_SECRET_RE, max_len=100,
-             find=anchored(_AWS_SECRET_RE, (b"secret",), _at(0))),
+        Rule("aws-secret-key", _AWS_SECRET_RE, max_len=100, triggers=(literal(b"secret"),),
+             find=anchored(_AWS_SECRET_RE, _at(0))),
     ),
     "private-key": (
         # A closed block is masked whole (any content, headers included, escaped newlines in
         # JSON too); a BEGIN with no END within PEM_BODY_MAX masks the key-material run after it.
-        Rule("private-key", re.compile(
-            rb"-----BEGIN (?P<label>(?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?)-----"
-            rb"(?:(?P<body>.{0,%d}?)-----END (?P=label)-----|" % PEM_BODY_MAX + _PEM_RUN + rb")",
-            _F | re.DOTALL),
-            max_len=PEM_BODY_MAX + 200, needles=(b"private key",),
-            continuation=re.compile(_PEM_RUN, _F)),
+        Rule("private-key", _PEM_RE,
+            max_len=PEM_BODY_MAX + 200, triggers=(literal(b"-----BEGIN ", caseless=False),),
+            find=leftmost(_PEM_RE), continuation=re.compile(_PEM_RUN, _F)),
     ),
     "jwt": (
         # header.payload.signature in base64url; the header must start like a JSON object
         # ("ey" for '{"', "ew" for '{\n') and decode to one with "alg". A JWT glued to other
         # token characters is still one (see _jwt_find).
-        Rule("jwt", _JWT_RE, max_len=11300, validate=_jwt_ok, find=_jwt_find),
+        Rule("jwt", _JWT_RE, max_len=11300, triggers=(_JWT_TRIGGER,), validate=_jwt_ok, find=_jwt_find),
     ),
     "bearer-token": (
         # "Authorization: Bearer x" (header dumps, JSON, curl lines): anything after Bearer.
-        Rule("bearer-token", _AUTH_RE, max_len=8300, validate=lambda t, m: _not_token(m.group("s")),
-             find=anchored(_AUTH_RE, (b"authorization",), _at(0))),
+        Rule("bearer-token", _AUTH_RE, max_len=8300, triggers=(literal(b"authorization"),),
+             validate=lambda t, m: _not_token(m.group("s")), find=anchored(_AUTH_RE, _at(0))),
         # "Bearer x" without the label: only token-looking values (see _bare_bearer_ok).
-        Rule("bearer-token", _BEARER_RE, max_len=8220, validate=_bare_bearer_ok,
-             find=anchored(_BEARER_RE, (b"bearer",), _at(0))),
+        Rule("bearer-token", _BEARER_RE, max_len=8220, triggers=(literal(b"bearer"),),
+             validate=_bare_bearer_ok, find=anchored(_BEARER_RE, _at(0))),
         # OAuth token responses: {"access_token": "...", "token_type": "Bearer"}.
-        Rule("bearer-token", _OAUTH_RE, max_len=8300, validate=_oauth_ok,
-             lookahead=_CTX, lookbehind=_CTX,
-             find=anchored(_OAUTH_RE, (b"access_token", b"refresh_token", b"id_token"), _at(1))),
+        Rule("bearer-token", _OAUTH_RE, max_len=8300,
+             triggers=tuple(map(literal, (b"access_token", b"refresh_token", b"id_token"))),
+             validate=_oauth_ok, lookahead=_CTX, lookbehind=_CTX, find=anchored(_OAUTH_RE, _at(1))),
     ),
     "secret-json-key": (
         # Any string value under a secret-named key; the key is kept, the value (escapes and
         # all, up to 4096 characters) is masked. The name test is in secret_key_name().
-        Rule("secret-json-key", _JSON_KEY_RE, max_len=8400, validate=_json_key_ok,
-             find=anchored(_JSON_KEY_RE, _SECRET_KEY_ANCHORS, _quote_before)),
+        Rule("secret-json-key", _JSON_KEY_RE, max_len=8400, triggers=tuple(map(literal, _SECRET_KEY_ANCHORS)),
+             validate=_json_key_ok, find=anchored(_JSON_KEY_RE, _quote_before)),
     ),
     "email": (
         # The pattern without boundaries (a superset, what a stream's partial match holds);
         # the finder prefers the bounded match and falls back to the glued one (_email_find).
-        Rule("email", _EMAIL_GLUED_RE, max_len=64 + 1 + 8 * 64 + 24, validate=_email_ok,
-             find=_email_find),
+        Rule("email", _EMAIL_GLUED_RE, max_len=64 + 1 + 8 * 64 + 24, triggers=(literal(b"@"),),
+             validate=_email_ok, find=_email_find),
     ),
     "credit-card": (
         # 13-19 digits, bare or grouped 4-4-4-x / 4-6-5 with one consistent separator; the
         # groupings inside a run of digit groups are tried by _card_find (a window is at most
         # 19 digits and 4 separators: max_len bounds what a stream holds for a run's end).
-        Rule("credit-card", _CARD_RUN_RE, max_len=90, validate=_card_ok, find=_card_find, runs=True),
+        Rule("credit-card", _CARD_RUN_RE, max_len=90, triggers=(_CARD_TRIGGER,), validate=_card_ok,
+             find=_card_find, runs=True),
     ),
     "us-ssn": (
-        Rule("us-ssn", re.compile(
-            rb"(?P<s>(?P<a>\d" + _lb1(rb"\d", rb"0-9A-Za-z.$#/-")
-            + rb"\d\d)(?P<sep>[ -]?)(?P<g>\d{2})(?P=sep)(?P<n>\d{4}))(?![0-9A-Za-z]|[./-]\d)", _F),
-            max_len=11, validate=_ssn_ok, lookbehind=SSN_CONTEXT_BYTES,
-            needles=(b"ssn", b"social", b"soc", b"ss#", b"tax", b"tin")),
+        Rule("us-ssn", _SSN_RE, max_len=_SSN_MAX, triggers=tuple(map(literal, _SSN_LABELS)),
+             validate=_ssn_ok, lookbehind=SSN_CONTEXT_BYTES, find=_ssn_find),
     ),
 }
 DETECTOR_NAMES: tuple[str, ...] = tuple(RULES)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from .prefilter import BASE64_TRIGGERS, Hits, Prefilter, Trigger
+
 # Trailing "*" and an empty or cut kind: the length-preserving tokens of binary bodies
 # (``decoded.mask_binary``) are tokens too, so masking them again changes nothing.
 MASK_TOKEN_RE = re.compile(rb"\[MASKED:[a-z-]{0,32}(?::[0-9a-f]{12})?\]\**")
@@ -28,7 +30,9 @@ MASK_TOKEN_RE = re.compile(rb"\[MASKED:[a-z-]{0,32}(?::[0-9a-f]{12})?\]\**")
 # A match: re's, or a SpanMatch built by a custom finder (the same methods, duck-typed).
 MatchLike: TypeAlias = "re.Match[bytes] | SpanMatch"
 Validator = Callable[[bytes, MatchLike], bool]
-Finder = Callable[[bytes, bytes, int], "Iterator[MatchLike]"]  # (text, lowered, pos)
+# (text, pos, positions): matches starting at or after pos, given the sorted positions of the
+# rule's triggers in text (see prefilter.py); each finder says why that finds every match.
+Finder = Callable[[bytes, int, list[int]], "Iterator[MatchLike]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +43,14 @@ class Rule:
     name: str
     pattern: re.Pattern[bytes]
     max_len: int
+    # Every match contains one of these (prefilter.py); the finder runs only where they occur.
+    triggers: tuple[Trigger, ...]
+    find: Finder
     validate: Validator | None = None
-    needles: tuple[bytes, ...] = ()  # lowercase literals, one of which any match contains
     lookahead: int = 0
     lookbehind: int = 0
     # Open-ended tail (unterminated PEM only): used when the match's "body" group is absent.
     continuation: re.Pattern[bytes] | None = None
-    find: Finder | None = None  # custom candidate search (anchored); default pattern.finditer
     # The finder splits runs of ``pattern`` into candidates (credit-card digit groups): what it
     # finds depends on a run's neighbourhood, so a stream never cuts a run carelessly.
     runs: bool = False
@@ -93,29 +98,22 @@ class SpanMatch:
 
 
 # --- finders ------------------------------------------------------------------------------
-# Python's regex engine is fast only when a pattern starts with a literal or a narrow class
-# (it then skips to candidate positions in C). Patterns that start with a lookbehind or a broad
-# class are instead driven from rare anchors ("@", "secret", a key's quote ...) found with
-# bytes.find, and matched with pattern.match at the start the anchor implies.
+# One Hyperscan pass (prefilter.py) finds where each rule's triggers occur; a finder runs the
+# rule's exact pattern only there. The finders of the built-in rules are in detectors.py; these
+# two are shared.
 
 
-def _occurrences(lowered: bytes, needle: bytes, start: int) -> Iterator[int]:
-    i = lowered.find(needle, start)
-    while i >= 0:
-        yield i
-        i = lowered.find(needle, i + 1)
+def anchored(pattern: re.Pattern[bytes], starts: Callable[[bytes, int], Iterable[int]]) -> Finder:
+    """Matches of ``pattern`` at the starts ``starts(text, anchor_pos)`` proposes for each
+    trigger occurrence at or after ``pos`` (first start that matches wins; matches of
+    different anchors may overlap). Exactly the matches the same search over every
+    occurrence found by ``bytes.find`` gives: the occurrences are the same positions."""
 
-
-def anchored(pattern: re.Pattern[bytes], anchors: tuple[bytes, ...],
-             starts: Callable[[bytes, int], Iterable[int]]) -> Finder:
-    """Matches of ``pattern`` at the starts ``starts(text, anchor_pos)`` proposes for each anchor
-    occurrence (first start that matches wins; matches of different anchors may overlap)."""
-
-    def find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+    def find(text: bytes, pos: int, anchors: list[int]) -> Iterator[re.Match[bytes]]:
         # Matches may overlap (an address glued to the end of another one): the findings are
         # merged later, so overlapping secrets are masked as one.
         tried: set[int] = set()
-        for i in sorted({i for a in anchors for i in _occurrences(lowered, a, pos)}):
+        for i in anchors[bisect.bisect_left(anchors, pos):]:
             for start in starts(text, i):
                 if start < pos or start in tried:
                     continue
@@ -128,26 +126,69 @@ def anchored(pattern: re.Pattern[bytes], anchors: tuple[bytes, ...],
     return find
 
 
+def leftmost(pattern: re.Pattern[bytes]) -> Finder:
+    """``pattern.finditer(text, pos)`` for a pattern every match of which *starts* with its
+    trigger: the leftmost match at or after a point starts at the first trigger occurrence
+    there that matches, and the next search starts at its end - so trying the occurrences in
+    order, skipping those inside the last match, is the same sequence of matches."""
+
+    def find(text: bytes, pos: int, anchors: list[int]) -> Iterator[re.Match[bytes]]:
+        at = pos
+        for i in anchors[bisect.bisect_left(anchors, pos):]:
+            if i < at:
+                continue
+            m = pattern.match(text, i)
+            if m is not None:
+                yield m
+                at = max(m.end(), m.start() + 1)
+
+    return find
+
+
 # --- scanning and replacement ---------------------------------------------------------------
 
+_PREFILTERS: dict[tuple[Rule, ...], Prefilter] = {}
+_last_prefilter: tuple[tuple[Rule, ...], Prefilter] | None = None
 
-def scan(text: bytes, rules: Iterable[Rule], pos: int = 0, lowered: bytes | None = None) -> list[Candidate]:
+
+def prefilter_for(rules: tuple[Rule, ...]) -> Prefilter:
+    """The compiled trigger database of a rule set (with the base64 triggers of
+    ``decoded.py``), built once per distinct rule set."""
+    global _last_prefilter
+    last = _last_prefilter
+    if last is not None and last[0] is rules:
+        return last[1]
+    pre = _PREFILTERS.get(rules)
+    if pre is None:
+        if len(_PREFILTERS) >= 64:
+            _PREFILTERS.clear()
+        pre = _PREFILTERS[rules] = Prefilter([t for r in rules for t in r.triggers] + list(BASE64_TRIGGERS))
+    _last_prefilter = (rules, pre)
+    return pre
+
+
+def scan(text: bytes, rules: tuple[Rule, ...], pos: int = 0, hits: Hits | None = None) -> list[Candidate]:
     """Every candidate of every rule in ``text[pos:]`` (lookbehinds still see before ``pos``).
 
     Findings are the validated candidates with the span of group ``s`` (whole match when the
     rule has none). A finding lying wholly inside an existing ``[MASKED:...]`` token is
-    dropped: that is what makes masking idempotent.
+    dropped: that is what makes masking idempotent. A rule runs only where its triggers
+    occur (one Hyperscan pass over ``text`` for all rules, ``prefilter.py``); rejected
+    candidates are only reported where a valid one could be (near a trigger).
     """
-    lowered = text.lower() if lowered is None else lowered
+    if not rules or not text:
+        return []
+    if hits is None:
+        hits = prefilter_for(rules).hits(text)
     tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text, pos)] if b"[MASKED:" in text else []
     token_starts = [a for a, _ in tokens]
     out: list[Candidate] = []
     for rule in rules:
-        if rule.needles and not any(n in lowered for n in rule.needles):
+        anchors = hits.positions(rule.triggers)
+        if not anchors:
             continue
         has_s = "s" in rule.pattern.groupindex
-        matches = rule.find(text, lowered, pos) if rule.find else rule.pattern.finditer(text, pos)
-        for m in matches:
+        for m in rule.find(text, pos, anchors):
             ok = rule.validate is None or rule.validate(text, m)
             start, end = m.span("s") if has_s else m.span()
             if ok and tokens:

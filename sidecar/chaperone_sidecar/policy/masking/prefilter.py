@@ -1,0 +1,124 @@
+"""One pass over a text for every detector: where each one can match at all (Hyperscan).
+
+Before issue 16 each detector looked for its own candidates: a regex search over the whole
+text, a ``bytes.find`` loop per anchor word, a ``lower()`` copy for case-insensitive anchors,
+one more regex pass for base64 runs. On 1 MiB of text that was ~15-40 MB/s with every
+detector on, although almost all of that text holds no candidate at all.
+
+Now one Hyperscan database holds a *trigger* of every rule (``spans.Trigger``): a literal or a
+short fixed-shape pattern that every match of the rule contains at a known place (``AKIA``,
+``secret``, ``-----BEGIN ``, ``e[yw]`` + 8 base64url characters, 13 digits after a non-digit,
+``@``, an SSN label word ...). One scan reports where each trigger occurs; a rule whose
+triggers do not occur is skipped, and the others run their exact matcher (the same regexes
+and validators as before) only at or around those places (see each finder in
+``detectors.py`` for why that finds exactly what a scan of the whole text found). Measured
+(docs/masking.md, "Engine choice"): Hyperscan scans 1 MiB of prose for all triggers in
+~0.5 ms; RE2's one combined alternation needs ~1.7 ms and cannot report overlapping
+occurrences; Python's ``re`` alternation ~240 ms.
+
+Triggers that occur in runs (the base64 trigger fires at every upper-case letter of a blob)
+are compiled with ``HS_FLAG_SINGLEMATCH``: only their first occurrence is reported, which is
+all their user needs (``decoded._first_run`` starts its own run search there).
+
+Results are cached for the last text scanned in each thread (by identity; the cache holds a
+reference, so the identity cannot be reused): the whole-body pipeline scans the same bytes
+object for the detectors and then for base64 runs when nothing was masked. Hyperscan's
+scratch space is per thread (the scan releases the GIL).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import hyperscan
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """A Hyperscan pattern every match of a rule contains.
+
+    ``width``: the fixed length of every match, so its start is ``end - width`` (literals and
+    fixed-shape patterns); ``None`` reports end offsets. ``first``: only the first occurrence
+    is needed (``HS_FLAG_SINGLEMATCH``)."""
+
+    pattern: bytes
+    width: int | None = None
+    caseless: bool = False
+    first: bool = False
+
+
+def literal(word: bytes, caseless: bool = True) -> Trigger:
+    """A literal trigger (Hyperscan metacharacters escaped)."""
+    escaped = b"".join(b"\\x%02x" % c if not chr(c).isalnum() else bytes((c,)) for c in word)
+    return Trigger(escaped, len(word), caseless)
+
+
+class Hits:
+    """Where the triggers of one scan occurred: per trigger, sorted positions (starts for
+    fixed-width triggers, ends otherwise)."""
+
+    __slots__ = ("_by_trigger", "_merged")
+
+    def __init__(self, by_trigger: dict[Trigger, list[int]]) -> None:
+        self._by_trigger = by_trigger
+        self._merged: dict[tuple[Trigger, ...], list[int]] = {}
+
+    def positions(self, triggers: tuple[Trigger, ...]) -> list[int]:
+        """Sorted, unique positions of any of ``triggers``."""
+        if len(triggers) == 1:
+            return self._by_trigger.get(triggers[0], [])
+        merged = self._merged.get(triggers)
+        if merged is None:
+            merged = sorted({p for t in triggers for p in self._by_trigger.get(t, ())})
+            self._merged[triggers] = merged
+        return merged
+
+
+class Prefilter:
+    """One compiled Hyperscan database for a set of triggers."""
+
+    def __init__(self, triggers: Iterable[Trigger]) -> None:
+        self.triggers: tuple[Trigger, ...] = tuple(dict.fromkeys(triggers))
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        flags = [(hyperscan.HS_FLAG_CASELESS if t.caseless else 0)
+                 | (hyperscan.HS_FLAG_SINGLEMATCH if t.first else 0) for t in self.triggers]
+        self._db.compile(expressions=[t.pattern for t in self.triggers],
+                         ids=list(range(len(self.triggers))), elements=len(self.triggers), flags=flags)
+        self._local = threading.local()
+
+    def _scratch(self) -> hyperscan.Scratch:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = self._db.scratch.clone()
+        return scratch
+
+    def hits(self, text: bytes) -> Hits:
+        """Trigger positions in ``text`` (cached for the last text of this thread)."""
+        last = getattr(self._local, "last", None)
+        if last is not None and last[0] is text:
+            return last[1]
+        ends: list[list[int]] = [[] for _ in self.triggers]
+        if text:
+            self._db.scan(text, match_event_handler=_collect, context=ends, scratch=self._scratch())
+        by_trigger: dict[Trigger, list[int]] = {}
+        for t, found in zip(self.triggers, ends, strict=True):
+            if found:
+                # Hyperscan reports in order of end offset; equal-width starts keep that order.
+                found.sort()  # in end order already, but Hyperscan does not promise it for all engines
+                by_trigger[t] = [e - t.width for e in found] if t.width is not None else found
+        result = Hits(by_trigger)
+        self._local.last = (text, result)
+        return result
+
+
+# Base64 runs worth decoding (``decoded._runs``) have an upper-case letter: every such run of 16
+# characters or more has a 16-character window of its alphabet that starts or ends with one.
+_B64_CHAR = rb"[A-Za-z0-9+/_\-]"
+BASE64_TRIGGERS = (Trigger(rb"[A-Z]" + _B64_CHAR + rb"{15}", 16, first=True),
+                   Trigger(_B64_CHAR + rb"{15}[A-Z]", 16, first=True))
+
+
+def _collect(id_: int, start: int, end: int, flags: int, ends: list[list[int]]) -> None:
+    ends[id_].append(end)

@@ -1,0 +1,433 @@
+"""Built-in secret detectors: compiled byte regexes plus validators.
+
+Everything works on ``bytes``: secrets are ASCII, so a byte regex finds them in any
+ASCII-compatible body without a decode/encode round trip, and a chunk boundary that splits a
+multi-byte UTF-8 character (streaming) cannot confuse it. A detector is one or more ``Rule``s;
+a rule's regex proposes candidates, its validator (Luhn, SSA rules, JWT header, context) keeps
+the real ones, and the named group ``s`` (or the whole match) is what gets replaced.
+
+Design choices that keep false positives down, each documented at its rule:
+
+* AWS secret keys are only recognised after a credential label (``aws_secret_access_key``,
+  ``SecretAccessKey``, ``"secretAccessKey":`` ...). A bare 40-character base64 run is far more
+  often a hash, a blob or an id than a key, and masking every one would wreck ordinary bodies.
+* US SSNs need an SSN label within 32 bytes before the number *and* must pass the SSA rules
+  (see ``_ssn_ok``); random 9-digit numbers (ids, amounts, timestamps) are never masked bare.
+* Credit cards need the Luhn check, a card-network prefix and a card-like grouping.
+
+Every quantifier is bounded so that a match has a known maximum length (``Rule.max_len``);
+``stream.py`` relies on that to size its overlap window. The one exception is an unterminated
+PEM block (BEGIN without END), whose key material is masked as an open-ended run.
+
+Scanning and replacement (``[MASKED:kind]`` tokens) live in ``spans.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+
+from .spans import MASK_TOKEN_RE, MatchLike, Rule, SpanMatch, anchored
+
+PEM_BODY_MAX = 8 * 1024  # longest PEM body matched as a closed BEGIN..END block
+
+# A token may start after a JSON/string escape such as \n (the "n" is not part of the token),
+# otherwise only where the previous byte is not a token byte or a backslash. The backslash rule
+# keeps a match from starting inside an escape, which would turn valid JSON into invalid JSON.
+_ESC = rb'(?<=\\[nrtbf/"])'
+
+
+def _lb(token_class: bytes) -> bytes:
+    return rb"(?:" + _ESC + rb"|(?<![\\" + token_class + rb"]))"
+
+
+# --- validators ---------------------------------------------------------------------------
+
+
+def _not_token(value: bytes) -> bool:
+    return MASK_TOKEN_RE.fullmatch(value) is None
+
+
+def _header_ok(header: bytes) -> bool:
+    # A real JWT header is a JSON object naming its algorithm; this is what separates a token
+    # from any dotted base64-ish identifier.
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(header + b"=" * (-len(header) % 4)))
+    except (ValueError, binascii.Error):
+        return False
+    return isinstance(decoded, dict) and isinstance(decoded.get("alg"), str)
+
+
+def _jwt_ok(text: bytes, m: MatchLike) -> bool:
+    return _header_ok(m.group("h"))
+
+
+def _bare_bearer_ok(text: bytes, m: MatchLike) -> bool:
+    # Without an Authorization label, "Bearer <word>" is usually prose; a token has letters
+    # and digits and some length.
+    tok = m.group("s")
+    return len(tok) >= 16 and any(c in b"0123456789" for c in tok) and tok.lower() != tok.upper()
+
+
+_TOKEN_TYPE_RE = re.compile(rb'(?i)\\?"token_type\\?"[ \t]*:[ \t]*\\?"bearer')
+_CTX = 512
+
+
+def _oauth_ok(text: bytes, m: MatchLike) -> bool:
+    # access/refresh/id tokens count as bearer tokens when "token_type": "Bearer" is in the
+    # same object; looking 512 bytes either way covers any realistic token response.
+    window = text[max(0, m.start() - _CTX) : m.end() + _CTX]
+    return _TOKEN_TYPE_RE.search(window) is not None and _not_token(m.group("s"))
+
+
+# Normalised key (lowercase, alphanumerics only) suffixes that name a secret, and keys that end
+# like one but are not (pagination cursors, token accounting of LLM APIs, token_type ...).
+_SECRET_SUFFIXES = (
+    "password", "passwd", "pwd", "passphrase", "secret", "secretkey", "secretaccesskey",
+    "secretstring", "secretbinary", "token", "apikey", "apisecret", "accesskey", "privatekey",
+    "credential", "credentials", "connectionstring", "authorization", "cookie", "sessionid",
+    "signingkey", "encryptionkey", "masterkey",
+)
+_NOT_SECRET = frozenset({
+    "nexttoken", "nextpagetoken", "pagetoken", "continuationtoken", "nextcontinuationtoken",
+    "synctoken", "paginationtoken", "tokentype", "starttoken", "resumptiontoken", "marker",
+    "tokenizer", "stoptoken", "eostoken", "bostoken", "padtoken",
+})
+
+
+def secret_key_name(key: str) -> bool:
+    """True when a JSON key names a secret (``password``, ``client_secret``, ``apiKey`` ...)."""
+    norm = "".join(c for c in key.lower() if c.isalnum())
+    return norm not in _NOT_SECRET and norm.endswith(_SECRET_SUFFIXES)
+
+
+def _json_key_ok(text: bytes, m: MatchLike) -> bool:
+    return secret_key_name(m.group("key").decode("ascii", "replace")) and _not_token(m.group("s"))
+
+
+def _luhn(digits: bytes) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ch - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_ok(text: bytes, m: MatchLike) -> bool:
+    digits = bytes(c for c in m.group("s") if 48 <= c <= 57)
+    if not 13 <= len(digits) <= 19 or not _luhn(digits):
+        return False
+    # Card networks: Visa 4, Mastercard 51-55/2221-2720, Amex/Diners/JCB 3, Discover/
+    # UnionPay/Maestro 5-6. Excludes e.g. 13-digit epoch milliseconds (leading 1).
+    first = digits[0] - 48
+    return first in (3, 4, 5, 6) or (first == 2 and 2221 <= int(digits[:4]) <= 2720)
+
+
+_DIGITS_RE = re.compile(rb"\d+")
+
+
+def _card_layout(groups: list[int]) -> bool:
+    if len(groups) == 1:
+        return True
+    if groups[0] != 4:
+        return False
+    if len(groups) == 3 and groups[1] == 6 and groups[2] in (4, 5):  # Amex 4-6-5, Diners 4-6-4
+        return True
+    return all(g == 4 for g in groups[1:-1]) and 1 <= groups[-1] <= 4
+
+
+def _card_find(text: bytes, lowered: bytes, pos: int) -> Iterator[SpanMatch]:
+    """For each run of digit groups, every grouping of whole groups that is a card.
+
+    A greedy regex would take "4111 1111 1111 1111 12" (card + expiry) as one 18-digit
+    number, fail Luhn and let the card through; trying the windows of groups does not. Each
+    group that can start a card is tried on its own (the longest valid window from it wins),
+    so the result depends only on the card's own groups and their neighbours - never on how
+    long the run before it is: an agent-chosen prefix ("0" * 30 + " 4111 1111 1111 1111")
+    cannot push a card out of view. Windows hold at most 19 digits, so the work per group is
+    bounded. Overlapping cards are merged by the caller. The match spans the window.
+    """
+    for run in _CARD_RUN_RE.finditer(text, pos):
+        a, b = run.span()
+        if b - a > 19 and b" " not in text[a:b] and b"-" not in text[a:b]:
+            continue  # one group longer than any card (a digest's digits, a timestamp)
+        # Glued to a word or the integer part of a decimal: the last group cannot end a card.
+        after = text[b : b + 2]
+        glued = after[:1].isalnum() or (after[:1] in (b".", b",") and after[1:].isdigit())
+        groups = [m.span() for m in _DIGITS_RE.finditer(text, a, b)]
+        n = len(groups)
+        last = n - 1 - glued
+        for i in range(n):
+            total, end = 0, i  # end: one past the last group that still fits in 19 digits
+            while end < n and total + groups[end][1] - groups[end][0] <= 19:
+                total += groups[end][1] - groups[end][0]
+                end += 1
+            for j in range(min(end - 1, last), i - 1, -1):
+                seps = {text[groups[k][1]] for k in range(i, j)}
+                sizes = [e - s for s, e in groups[i : j + 1]]
+                if len(seps) <= 1 and 13 <= sum(sizes) and _card_layout(sizes):
+                    m = SpanMatch(text, groups[i][0], groups[j][1], (groups[i][0], groups[j][1]))
+                    if _card_ok(text, m):
+                        yield m
+                        break
+
+
+_SSN_CONTEXT_RE = re.compile(
+    rb"SSN|(?<![A-Za-z])[Ss]sns?(?![a-z])|(?i:social[ \t_.-]*sec|\bss\#|soc\.?[ \t_-]*sec"
+    rb"|tax[ \t_-]*(?:payer[ \t_-]*)?id|\bi?tin\b)"
+)
+SSN_CONTEXT_BYTES = 32
+
+
+def ssn_valid(area: int, group: int, serial: int) -> bool:
+    """SSA rules: area 001-665, 667-899; group 01-99; serial 0001-9999."""
+    return 0 < area < 900 and area != 666 and group != 0 and serial != 0
+
+
+_OTHER_KEY_RE = re.compile(rb'"[^"]*"[ \t]*:')
+
+
+def _ssn_ok(text: bytes, m: MatchLike) -> bool:
+    # Context rule: a 9-digit number is only an SSN right after an SSN label (within 32 bytes:
+    # a JSON key like "ssn"/"socialSecurityNumber", "SSN:", "taxpayer id" ...) with no other
+    # JSON key in between (so {"ssn": "...", "id": "..."} does not lend its label to "id").
+    # Without it, order numbers, amounts and ids would be masked en masse; see the measured
+    # rate in the tests.
+    if not ssn_valid(int(m.group("a")), int(m.group("g")), int(m.group("n"))):
+        return False
+    before = text[max(0, m.start() - SSN_CONTEXT_BYTES) : m.start()]
+    label = None
+    for label in _SSN_CONTEXT_RE.finditer(before):  # noqa: B007 - keeps the last label found
+        pass
+    return label is not None and _OTHER_KEY_RE.search(before, label.end()) is None
+
+
+_FILE_TLDS = frozenset(b"png jpg jpeg gif svg webp ico css js json map txt html".split())
+
+
+def _email_ok(text: bytes, m: MatchLike) -> bool:
+    value = m.group("s")
+    local, _, domain = value.rpartition(b"@")
+    # "logo@2x.png" (retina assets) and "git@github.com" (clone URLs) are not personal data,
+    # and masking the latter would break an agent's git workflow.
+    return domain.rsplit(b".", 1)[-1].lower() not in _FILE_TLDS and local != b"git"
+
+
+# --- where anchored finders start matching (see spans.anchored) ----------------------------
+
+
+def _at(offset: int) -> Callable[[bytes, int], Iterable[int]]:
+    return lambda text, i: (i - offset,)
+
+
+def _quote_before(text: bytes, i: int) -> Iterable[int]:
+    q = text.rfind(b'"', max(0, i - 101), i)  # keys are at most 100 bytes
+    return (q,) if q >= 0 else ()
+
+
+_LOCAL_REV = re.compile(rb"[A-Za-z0-9._%+-]{1,65}")
+
+
+def _email_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+    """Addresses at each "@": the bounded pattern from where the local part starts (walking
+    back over it; one byte later too, for a local part that follows an escape such as "\\n":
+    the "n" is a local-part character but not part of the address); failing that, the last 64
+    local-part characters and the longest domain without boundaries - a local part glued to a
+    longer run, or a top-level domain glued to more letters, no longer hides the address (the
+    rest of the run stays)."""
+    i = lowered.find(b"@", pos)
+    while i >= 0:
+        found = None
+        local = _LOCAL_REV.match(text[max(0, i - 65) : i][::-1])
+        if local is not None:
+            starts = [i - local.end(), i - local.end() + 1]
+            for pattern in (_EMAIL_RE, _EMAIL_LEFT_RE):  # a glued top-level domain: no right boundary
+                for start in starts:
+                    if start >= pos and (found := pattern.match(text, start)) is not None:
+                        break
+                if found is not None:
+                    break
+            if found is None and local.end() > 64:  # a local part glued to a longer run
+                start = i - 64
+                esc = text.rfind(b"\\", max(0, start - 5), start)
+                if esc >= 0:  # never start inside an escape (\u0041): JSON must stay JSON
+                    start = max(start, esc + (6 if text[esc + 1 : esc + 2] == b"u" else 2))
+                if start >= pos:
+                    found = _EMAIL_GLUED_RE.match(text, start)
+        if found is not None:
+            yield found
+        i = lowered.find(b"@", i + 1)
+
+
+def _lb1(first: bytes, token_class: bytes) -> bytes:
+    """_lb written *after* the first character (class ``first``) so the pattern starts with a
+    character class, which the engine can skip to quickly."""
+    return (rb"(?:(?<=\\[nrtbf/\"]" + first + rb")|(?<![\\" + token_class + rb"]" + first + rb"))")
+
+
+# --- the rules ------------------------------------------------------------------------------
+
+_F = re.ASCII
+_SP = rb"[ \t]{0,16}"  # bounded, like every quantifier here (see Rule.max_len)
+_KEYVAL = rb"(?:\\?[\"'])?" + _SP + rb"(?:[:=]|=>|>)" + _SP + rb"(?:\\?[\"'])?"  # "key": "  key=  <key>
+_B64TOK = rb"A-Za-z0-9._~+/=-"  # bearer token alphabet (RFC 6750 b64token)
+_PEM_RUN = rb"(?:[A-Za-z0-9+/=\s:,.]|\\[nrt/])*"
+
+_AUTH_RE = re.compile(rb"(?i:authorization)" + _KEYVAL
+                      + rb"(?i:bearer)[ \t]{1,16}(?P<s>[" + _B64TOK + rb"]{1,8192})", _F)
+_BEARER_RE = re.compile(_lb(rb"A-Za-z0-9")
+                        + rb"(?i:bearer)[ \t]{1,16}(?P<s>[" + _B64TOK + rb"]{16,8192})", _F)
+_OAUTH_RE = re.compile(rb'"(?:access_token|refresh_token|id_token)\\?"' + _SP + b":" + _SP + rb'\\?"(?P<s>['
+                       + _B64TOK + rb"]{1,8192})", _F)
+_AWS_SECRET_RE = re.compile(rb"(?i:secret[_-]?(?:access[_-]?)?key)" + _KEYVAL
+                            + rb"(?P<s>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])", _F)
+_JSON_KEY_RE = re.compile(rb'"(?P<key>[A-Za-z0-9_.$-]{1,100})\\?"' + _SP + b":" + _SP
+                          + rb'"(?P<s>(?:[^"\\\r\n]|\\.){1,4096})', _F)
+_EMAIL_ADDRESS = (rb"(?P<s>[A-Za-z0-9._%+-]{1,64}@"
+                  rb"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24})")
+_EMAIL_RE = re.compile(_lb(rb"A-Za-z0-9._%+-") + _EMAIL_ADDRESS + rb"(?![A-Za-z0-9-])", _F)
+# Without the boundaries: an address glued into a longer run ("x" * 70 + "alice@example.com",
+# "alice@example.com" + "x" * 30) is still readable to anyone who looks for the "@".
+_EMAIL_GLUED_RE = re.compile(_EMAIL_ADDRESS, _F)
+_EMAIL_LEFT_RE = re.compile(_lb(rb"A-Za-z0-9._%+-") + _EMAIL_ADDRESS, _F)
+# A run of digit groups (13 digits or more: a card's least), as long as it goes (the finder's
+# work per group is bounded). It may
+# also start at a group boundary inside a longer run (after "<digit><separator>"): where a
+# stream resumes scanning after a cut it made between groups of a long run.
+_CARD_RUN_RE = re.compile(rb"(?P<s>\d(?:" + _lb1(rb"\d", rb"0-9A-Za-z.-") + rb"|(?<=\d[ -]\d))(?:[ -]?\d){12,})", _F)
+_SECRET_KEY_ANCHORS = (b"pass", b"pwd", b"secret", b"token", b"key", b"credential", b"auth",
+                       b"cookie", b"session", b"connection")
+
+_AWS_ID_RE = re.compile(rb"(?P<s>A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9])[A-Z0-9]{16})", _F)
+_AWS_ID_ANCHORS = (b"akia", b"asia", b"abia", b"acca", b"a3t")
+_JWT_RE = re.compile(rb"(?P<s>(?P<h>e[yw][A-Za-z0-9_-]{8,1024})\.[A-Za-z0-9_-]{2,8192}\.[A-Za-z0-9_-]{0,2048})", _F)
+
+
+def _jwt_find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+    """JWTs, also glued to a prefix of token characters.
+
+    No left boundary: "AAAAeyJhbGci..." is a JWT to anyone who looks for "eyJ". A prefix
+    that itself starts like a header ("eyXXXXeyJhbGci...") makes the leftmost match fail
+    validation; the real header is then a suffix of that header run, so every later "ey"/"ew"
+    inside it is tried (at most the header's 1024 characters; the header is checked before
+    the whole token is matched again).
+    """
+    at = pos
+    while (m := _JWT_RE.search(text, at)) is not None:
+        if _jwt_ok(text, m):
+            yield m
+            at = m.end()
+            continue
+        h_end = m.end("h")
+        q = m.start() + 1
+        found = None
+        while found is None:
+            q = min((i for i in (text.find(b"ey", q, h_end - 9), text.find(b"ew", q, h_end - 9)) if i >= 0),
+                    default=-1)
+            if q < 0:
+                break
+            if _header_ok(text[q:h_end]):
+                found = _JWT_RE.match(text, q)
+            q += 1
+        if found is not None and _jwt_ok(text, found):
+            yield found
+            at = found.end()
+        else:
+            at = h_end
+
+
+RULES: dict[str, tuple[Rule, ...]] = {
+    "aws-access-key-id": (
+        # Access key ids only: AKIA long-term, ASIA STS, ABIA/ACCA service keys, A3T legacy.
+        # (AIDA/AROA... are public unique ids, not credentials.) No word boundaries: an id is
+        # always 20 characters, so one glued into a longer run ("AAAAAKIA...", "...EXAMPLEZZ")
+        # is still readable to anyone who knows the prefix. Every occurrence is tried (the
+        # anchored finder), so a decoy "AKIA" just before the real one cannot shift the match.
+        Rule("aws-access-key-id", _AWS_ID_RE, max_len=20, needles=_AWS_ID_ANCHORS,
+             find=anchored(_AWS_ID_RE, _AWS_ID_ANCHORS, _at(0))),
+    ),
+    "aws-secret-key": (
+        # Context required (see module docstring): a credential label (...secret...key), a
+        # separator, then exactly 40 characters of the secret-key alphabet.
+        Rule("aws-secret-key", _AWS_SECRET_RE, max_len=100,
+             find=anchored(_AWS_SECRET_RE, (b"secret",), _at(0))),
+    ),
+    "private-key": (
+        # A closed block is masked whole (any content, headers included, escaped newlines in
+        # JSON too); a BEGIN with no END within PEM_BODY_MAX masks the key-material run after it.
+        Rule("private-key", re.compile(
+            rb"-----BEGIN (?P<label>(?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?)-----"
+            rb"(?:(?P<body>.{0,%d}?)-----END (?P=label)-----|" % PEM_BODY_MAX + _PEM_RUN + rb")",
+            _F | re.DOTALL),
+            max_len=PEM_BODY_MAX + 200, needles=(b"private key",),
+            continuation=re.compile(_PEM_RUN, _F)),
+    ),
+    "jwt": (
+        # header.payload.signature in base64url; the header must start like a JSON object
+        # ("ey" for '{"', "ew" for '{\n') and decode to one with "alg". A JWT glued to other
+        # token characters is still one (see _jwt_find).
+        Rule("jwt", _JWT_RE, max_len=11300, validate=_jwt_ok, find=_jwt_find),
+    ),
+    "bearer-token": (
+        # "Authorization: Bearer x" (header dumps, JSON, curl lines): anything after Bearer.
+        Rule("bearer-token", _AUTH_RE, max_len=8300, validate=lambda t, m: _not_token(m.group("s")),
+             find=anchored(_AUTH_RE, (b"authorization",), _at(0))),
+        # "Bearer x" without the label: only token-looking values (see _bare_bearer_ok).
+        Rule("bearer-token", _BEARER_RE, max_len=8220, validate=_bare_bearer_ok,
+             find=anchored(_BEARER_RE, (b"bearer",), _at(0))),
+        # OAuth token responses: {"access_token": "...", "token_type": "Bearer"}.
+        Rule("bearer-token", _OAUTH_RE, max_len=8300, validate=_oauth_ok,
+             lookahead=_CTX, lookbehind=_CTX,
+             find=anchored(_OAUTH_RE, (b"access_token", b"refresh_token", b"id_token"), _at(1))),
+    ),
+    "secret-json-key": (
+        # Any string value under a secret-named key; the key is kept, the value (escapes and
+        # all, up to 4096 characters) is masked. The name test is in secret_key_name().
+        Rule("secret-json-key", _JSON_KEY_RE, max_len=8400, validate=_json_key_ok,
+             find=anchored(_JSON_KEY_RE, _SECRET_KEY_ANCHORS, _quote_before)),
+    ),
+    "email": (
+        # The pattern without boundaries (a superset, what a stream's partial match holds);
+        # the finder prefers the bounded match and falls back to the glued one (_email_find).
+        Rule("email", _EMAIL_GLUED_RE, max_len=64 + 1 + 8 * 64 + 24, validate=_email_ok,
+             find=_email_find),
+    ),
+    "credit-card": (
+        # 13-19 digits, bare or grouped 4-4-4-x / 4-6-5 with one consistent separator; the
+        # groupings inside a run of digit groups are tried by _card_find (a window is at most
+        # 19 digits and 4 separators: max_len bounds what a stream holds for a run's end).
+        Rule("credit-card", _CARD_RUN_RE, max_len=90, validate=_card_ok, find=_card_find, runs=True),
+    ),
+    "us-ssn": (
+        Rule("us-ssn", re.compile(
+            rb"(?P<s>(?P<a>\d" + _lb1(rb"\d", rb"0-9A-Za-z.$#/-")
+            + rb"\d\d)(?P<sep>[ -]?)(?P<g>\d{2})(?P=sep)(?P<n>\d{4}))(?![0-9A-Za-z]|[./-]\d)", _F),
+            max_len=11, validate=_ssn_ok, lookbehind=SSN_CONTEXT_BYTES,
+            needles=(b"ssn", b"social", b"soc", b"ss#", b"tax", b"tin")),
+    ),
+}
+DETECTOR_NAMES: tuple[str, ...] = tuple(RULES)
+ALL = "all"
+
+
+def validate_detectors(names: Iterable[str]) -> list[str]:
+    """One error message per unknown detector name (``all`` is accepted)."""
+    known = set(DETECTOR_NAMES) | {ALL}
+    return [
+        f"unknown detector {name!r} (known: {', '.join(DETECTOR_NAMES)}, all)"
+        for name in names if name not in known
+    ]
+
+
+def resolve_rules(names: Iterable[str]) -> tuple[Rule, ...]:
+    """The rules for the given names (``all`` = every detector), unknown names ignored."""
+    wanted = set(names)
+    if ALL in wanted:
+        wanted = set(DETECTOR_NAMES)
+    return tuple(rule for name in DETECTOR_NAMES if name in wanted for rule in RULES[name])
+

@@ -1,0 +1,284 @@
+"""Scanning and replacement shared by the whole-body and the streaming masker.
+
+A ``Rule`` (the built-in ones are in ``detectors.py``) proposes ``Candidate`` matches;
+validated ones carry a ``Finding`` (a byte span and the kind). Overlapping findings are
+merged (their union is masked, so no part of either secret survives) and replaced by a mask
+token that names the kind, optionally with a keyed hash so equal secrets stay correlatable in
+recordings: ``[MASKED:jwt]`` / ``[MASKED:jwt:1a2b3c4d5e6f]`` (HMAC-SHA256, first 48 bits).
+
+Idempotence: a finding that lies wholly inside an existing mask token is dropped, no detector
+matches a mask token, and ``mask_text`` rescans while a replacement created a new token
+boundary, so its output is a fixed point: masking masked text changes nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import hmac
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeAlias
+
+# Trailing "*" and an empty or cut kind: the length-preserving tokens of binary bodies
+# (``decoded.mask_binary``) are tokens too, so masking them again changes nothing.
+MASK_TOKEN_RE = re.compile(rb"\[MASKED:[a-z-]{0,32}(?::[0-9a-f]{12})?\]\**")
+
+# A match: re's, or a SpanMatch built by a custom finder (the same methods, duck-typed).
+MatchLike: TypeAlias = "re.Match[bytes] | SpanMatch"
+Validator = Callable[[bytes, MatchLike], bool]
+Finder = Callable[[bytes, bytes, int], "Iterator[MatchLike]"]  # (text, lowered, pos)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One regex of a detector. ``max_len`` bounds a match; ``lookahead``/``lookbehind`` say
+    how many bytes around a match the validator reads (the stream masker holds that much)."""
+
+    name: str
+    pattern: re.Pattern[bytes]
+    max_len: int
+    validate: Validator | None = None
+    needles: tuple[bytes, ...] = ()  # lowercase literals, one of which any match contains
+    lookahead: int = 0
+    lookbehind: int = 0
+    # Open-ended tail (unterminated PEM only): used when the match's "body" group is absent.
+    continuation: re.Pattern[bytes] | None = None
+    find: Finder | None = None  # custom candidate search (anchored); default pattern.finditer
+    # The finder splits runs of ``pattern`` into candidates (credit-card digit groups): what it
+    # finds depends on a run's neighbourhood, so a stream never cuts a run carelessly.
+    runs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    start: int
+    end: int
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A regex hit before/after validation; the stream masker also needs the rejected ones."""
+
+    finding: Finding | None  # None when the validator rejected it
+    match_start: int
+    match_end: int
+    rule: Rule
+    open: bool = False  # an open-ended match (PEM BEGIN without END): rule.continuation applies
+
+
+class SpanMatch:
+    """A match built by a custom finder: the whole match and the ``s`` span, with the part
+    of the ``re.Match`` interface that validators and ``scan`` use."""
+
+    __slots__ = ("_text", "_whole", "_s")
+
+    def __init__(self, text: bytes, start: int, end: int, s: tuple[int, int]) -> None:
+        self._text, self._whole, self._s = text, (start, end), s
+
+    def span(self, group: int | str = 0) -> tuple[int, int]:
+        return self._whole if group == 0 else self._s
+
+    def start(self, group: int | str = 0) -> int:
+        return self.span(group)[0]
+
+    def end(self, group: int | str = 0) -> int:
+        return self.span(group)[1]
+
+    def group(self, group: int | str = 0) -> bytes:
+        a, b = self.span(group)
+        return self._text[a:b]
+
+
+# --- finders ------------------------------------------------------------------------------
+# Python's regex engine is fast only when a pattern starts with a literal or a narrow class
+# (it then skips to candidate positions in C). Patterns that start with a lookbehind or a broad
+# class are instead driven from rare anchors ("@", "secret", a key's quote ...) found with
+# bytes.find, and matched with pattern.match at the start the anchor implies.
+
+
+def _occurrences(lowered: bytes, needle: bytes, start: int) -> Iterator[int]:
+    i = lowered.find(needle, start)
+    while i >= 0:
+        yield i
+        i = lowered.find(needle, i + 1)
+
+
+def anchored(pattern: re.Pattern[bytes], anchors: tuple[bytes, ...],
+             starts: Callable[[bytes, int], Iterable[int]]) -> Finder:
+    """Matches of ``pattern`` at the starts ``starts(text, anchor_pos)`` proposes for each anchor
+    occurrence (first start that matches wins; matches of different anchors may overlap)."""
+
+    def find(text: bytes, lowered: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+        # Matches may overlap (an address glued to the end of another one): the findings are
+        # merged later, so overlapping secrets are masked as one.
+        tried: set[int] = set()
+        for i in sorted({i for a in anchors for i in _occurrences(lowered, a, pos)}):
+            for start in starts(text, i):
+                if start < pos or start in tried:
+                    continue
+                tried.add(start)
+                m = pattern.match(text, start)
+                if m is not None:
+                    yield m
+                    break
+
+    return find
+
+
+# --- scanning and replacement ---------------------------------------------------------------
+
+
+def scan(text: bytes, rules: Iterable[Rule], pos: int = 0, lowered: bytes | None = None) -> list[Candidate]:
+    """Every candidate of every rule in ``text[pos:]`` (lookbehinds still see before ``pos``).
+
+    Findings are the validated candidates with the span of group ``s`` (whole match when the
+    rule has none). A finding lying wholly inside an existing ``[MASKED:...]`` token is
+    dropped: that is what makes masking idempotent.
+    """
+    lowered = text.lower() if lowered is None else lowered
+    tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text, pos)] if b"[MASKED:" in text else []
+    token_starts = [a for a, _ in tokens]
+    out: list[Candidate] = []
+    for rule in rules:
+        if rule.needles and not any(n in lowered for n in rule.needles):
+            continue
+        has_s = "s" in rule.pattern.groupindex
+        matches = rule.find(text, lowered, pos) if rule.find else rule.pattern.finditer(text, pos)
+        for m in matches:
+            ok = rule.validate is None or rule.validate(text, m)
+            start, end = m.span("s") if has_s else m.span()
+            if ok and tokens:
+                k = bisect.bisect_right(token_starts, start) - 1  # the token starting at/before
+                ok = k < 0 or end > tokens[k][1]
+            is_open = rule.continuation is not None and m.group("body") is None
+            finding = Finding(start, end, rule.name) if ok else None
+            out.append(Candidate(finding, m.start(), m.end(), rule, is_open))
+    return out
+
+
+def merge(findings: Iterable[Finding]) -> list[Finding]:
+    """Sort and merge overlapping findings (the union is masked; the first one names it)."""
+    merged: list[Finding] = []
+    for f in sorted(findings, key=lambda f: (f.start, -f.end)):
+        if merged and f.start < merged[-1].end:
+            last = merged[-1]
+            if f.end > last.end:
+                merged[-1] = Finding(last.start, f.end, last.kind)
+        else:
+            merged.append(f)
+    return merged
+
+
+def mask_token(kind: str, secret: bytes, hash_key: bytes | None) -> bytes:
+    """``[MASKED:kind]`` or, keyed, ``[MASKED:kind:<12 hex of HMAC-SHA256(key, secret)>]``."""
+    if hash_key is None:
+        return b"[MASKED:" + kind.encode() + b"]"
+    digest = hmac.new(hash_key, secret, hashlib.sha256).hexdigest()[:12]
+    return b"[MASKED:" + kind.encode() + b":" + digest.encode() + b"]"
+
+
+def apply(text: bytes, findings: list[Finding], hash_key: bytes | None,
+          counts: dict[str, int] | None = None, start: int = 0, end: int | None = None,
+          strings: list[tuple[int, int]] | None = None) -> bytes:
+    """``text[start:end]`` with the (merged, sorted) findings inside it replaced.
+
+    With ``strings`` (JSON string spans, see ``string_spans``) a bare number outside any
+    string (``{"pan": 4111111111111111}``) is replaced by a *quoted* token, so the document
+    stays valid JSON. Other hits outside strings mean the text is not JSON: left unquoted.
+    """
+    end = len(text) if end is None else end
+    starts = [a for a, _ in strings] if strings is not None else []
+    parts: list[bytes] = []
+    at = start
+    for f in findings:
+        parts.append(text[at : f.start])
+        token = mask_token(f.kind, text[f.start : f.end], hash_key)
+        if strings is not None and text[f.start : f.end].isdigit():
+            k = bisect.bisect_right(starts, f.start) - 1
+            if k < 0 or not strings[k][0] < f.start < strings[k][1]:
+                token = b'"' + token + b'"'
+        parts.append(token)
+        if counts is not None:
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+        at = f.end
+    parts.append(text[at:end])
+    return b"".join(parts)
+
+
+# JSON strings never contain a raw line feed, so string state is per line: exact for JSON,
+# NDJSON and SSE "data:" lines, and a stream can carry it across chunks as one flag.
+_JSON_STRING_RE = re.compile(rb'"[^"\\\n]*(?:\\.[^"\\\n]*)*"')
+_STRING_REST_RE = re.compile(rb'[^"\\\n]*(?:\\.[^"\\\n]*)*"')
+
+
+def string_spans(text: bytes, in_string: bool = False) -> list[tuple[int, int]]:
+    """Spans of the JSON strings in ``text`` (quotes included). ``in_string``: ``text`` starts
+    inside a string, whose rest becomes a span starting at -1 (and running past the end if it
+    does not close here)."""
+    return _strings(text, in_string)[0]
+
+
+def ends_in_string(text: bytes, in_string: bool = False) -> bool:
+    """Whether the end of ``text`` is inside a JSON string (for a stream's next chunk)."""
+    return _strings(text, in_string)[1]
+
+
+def _strings(text: bytes, in_string: bool) -> tuple[list[tuple[int, int]], bool]:
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    if in_string:
+        m = _STRING_REST_RE.match(text)
+        if m:
+            spans.append((-1, m.end()))
+            pos = m.end()
+        elif (nl := text.find(b"\n")) < 0:
+            return [(-1, len(text) + 1)], True
+        else:
+            pos = nl + 1  # never closed on its line: not a string after all (as a whole-body scan)
+    spans.extend(m.span() for m in _JSON_STRING_RE.finditer(text, pos))
+    # A quote after the last string that found no closing quote: open if no line feed follows.
+    quote = text.rfind(b'"', spans[-1][1] if spans else pos)
+    return spans, quote >= 0 and text.find(b"\n", quote) < 0
+
+
+MAX_ROUNDS = 4
+_TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-/=~@")
+
+
+def adjacent(text: bytes, findings: Iterable[Finding], before: bytes = b"") -> bool:
+    """True when a finding touches a token byte on either side.
+
+    Replacing such a finding creates a new boundary (``]`` or ``[``) that can complete a
+    match the original text did not have (an address glued to the end of a JWT), so one
+    more scan is needed; otherwise one scan is final.
+    """
+    for f in findings:
+        prev = text[f.start - 1] if f.start > 0 else (before[-1] if before else None)
+        nxt = text[f.end] if f.end < len(text) else None
+        if prev in _TOKEN_BYTES or nxt in _TOKEN_BYTES:
+            return True
+    return False
+
+
+def mask_text(text: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = None,
+              counts: dict[str, int] | None = None, json_strings: bool = False) -> bytes:
+    """Mask every finding of ``rules`` in ``text``; ``counts`` (kind -> n) is updated.
+
+    Repeats (at most MAX_ROUNDS scans) while a replacement created a new token boundary, so
+    the result is a fixed point: masking it again changes nothing. ``json_strings`` quotes
+    tokens that replace bare JSON values (see ``apply``).
+    """
+    if not rules or not text:
+        return text
+    for _ in range(MAX_ROUNDS):
+        findings = merge(c.finding for c in scan(text, rules) if c.finding is not None)
+        if not findings:
+            break
+        again = adjacent(text, findings)
+        text = apply(text, findings, hash_key, counts, strings=string_spans(text) if json_strings else None)
+        if not again:
+            break
+    return text

@@ -1,0 +1,532 @@
+"""Streaming masker for chunked and SSE bodies: chunks in, masked chunks out.
+
+A secret split across chunks must still be masked, so the masker holds back the tail of what
+it has received until that tail can no longer be part of a secret. What is held:
+
+* **Only a tail that could still become a match.** For every rule the masker asks where the
+  earliest match could start that reaches the end of the data - a match already touching the
+  end (it may grow), or a *prefix* of one (``sec`` of ``secret_key=``, a trailing word that
+  may be the local part of an address, an ``ey...`` that may be a JWT). That is the rule's
+  pattern followed by ``\\Z`` under the ``regex`` module's partial matching (``_open_start``),
+  which is what ``re`` lacks. Everything before the earliest such start is decided now:
+  prose flows word by word, SSE events and lines flow as they arrive, and an LLM's text
+  deltas are held only while their tail may still be a secret. (Before, a line without a line
+  feed was held up to 32 KiB.) A rule whose pattern the ``regex`` module cannot compile falls
+  back to the old bound for that rule: the last line feed (no detector but ``private-key``
+  matches across one), or ``WINDOW`` before the end of a longer line.
+* The search is cheap: a match is at most ``Rule.max_len`` long, so only the last
+  ``max_len`` bytes can hold its start, and a position found not to start an open match never
+  does later (more data only extends the text), so each call searches from where the last
+  one stopped. Every match is bounded (``Rule.max_len``): the longest is a ``jwt`` (~11
+  KiB), then the OAuth bearer rule (8 KiB + 512 bytes of context it reads after the token), a
+  ``secret-json-key`` value (4096 characters, ~8.4 KiB escaped) and ``private-key`` (8 KiB
+  body + markers); held data stays below the longest match plus one chunk.
+* A candidate that reaches the end of the data (it may still grow, or its validator needs
+  bytes that have not arrived) holds everything from its start; so does a PEM BEGIN marker
+  until its END arrives or ``PEM_BODY_MAX`` has passed.
+
+PEM blocks longer than that: with no END within ``PEM_BODY_MAX`` (8 KiB) after BEGIN, the
+marker and the key material after it become one ``[MASKED:private-key]`` and the masker
+stays in *continuation* mode, dropping further key material (base64, whitespace, escaped
+newlines) across any number of chunks until a byte that cannot be key material (the ``-`` of
+the END marker, a quote ...). The END line itself passes. The whole-body masker does the same
+with the same input: a stream masks exactly like the buffered body, whatever the chunking
+(property-tested), except that keyed hash tokens of such over-long blocks differ.
+
+Findings are masked in place as soon as they are final; when a replacement leaves a token
+glued to other token characters the window is scanned again (as ``spans.mask_text`` does).
+In JSON mode (JSON, NDJSON, SSE) JSON string state is carried across chunks (strings never
+contain a raw LF, so it resets per line), and a bare number replaced by a token is quoted.
+
+**Decoded views** (what ``decoded.py`` gives a buffered body, issue 11):
+
+* *JSON escapes* (JSON mode): escapes of printable ASCII (``\\u0041``) and ``\\/`` are decoded
+  on the way in, before the detectors, so ``"\\u0041KIA..."`` is seen as the key it is - also
+  an escape cut between two chunks (at most ``\\u00X`` waits for the next one). **Decision**:
+  a stream goes out in that canonical form whether or not anything was masked (a buffered
+  body keeps its bytes unless masked): holding every string until it closes, to put its
+  original bytes back, would hold a long string whole. The JSON means the same; only
+  ``\\u0022`` / ``\\u005c`` stay escaped (as ``\\"`` / ``\\\\``).
+* *Base64 runs* (any text stream): the masked output passes a last stage that holds a run
+  which may still continue at its end (base64 characters, raw or JSON-escaped line breaks of
+  wrapped base64) and scans every complete run with ``decoded.mask_base64`` (a secret inside
+  masks the whole run, as in a buffered body). A run longer than ``B64_HOLD`` (32 KiB) is
+  scanned where it stands and released in steps that keep its last ``B64_KEEP`` (16 KiB, more
+  than any encoded secret) and stay aligned to 4 characters or whole lines, so memory stays
+  bounded and no secret straddles what went out unseen; of such a run only the part from
+  the secret on is masked.
+
+Credit-card runs of digit groups are held whole up to ``RUN_HOLD`` (4 KiB); a longer run (an
+agent-chosen prefix) is cut between groups well before the end - cards are windows of whole
+groups judged on their own, so the scan resumes there exactly as a whole-body scan.
+
+Field rules need a whole JSON document and are not applied here (``Masker.can_stream`` tells
+the caller when to buffer instead). A body with a Content-Encoding is decoded on the way in
+(capped against bombs) and emitted *identity-encoded*: the caller drops Content-Encoding and
+Content-Length from the forwarded headers.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import re
+from collections.abc import Iterable
+
+import regex
+
+from .decoded import mask_base64
+from chaperone_sidecar.policy.masking.encoding import MaskingError, StreamDecoder
+from .spans import MAX_ROUNDS, Finding, Rule, adjacent, apply, ends_in_string, mask_token, merge, scan, string_spans
+
+WINDOW = 32 * 1024
+CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
+SLACK = 4  # bytes the lookahead assertions read past a match end (at most 2 today)
+SNIFF_BYTES = 512
+RUN_HOLD = 4096  # a digit-group run up to this long is held whole when it crosses a cut
+RUN_MARGIN = 64  # a longer one is cut this far (or more) before the cut, between groups
+RUN_BACKOFF = 2048  # a cut is moved back to the start of a word at most this far
+# Bytes of the tokens detectors match (spans.adjacent): a cut between two of them splits a word.
+_TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-/=~@")
+
+
+B64_HOLD = 32 * 1024  # a base64 run held longer than this is scanned in steps (see _base64)
+B64_KEEP = 16 * 1024  # ... keeping this much of it for the next step
+# What a held base64 run may consist of: its alphabets, padding, raw and escaped line breaks.
+_RUN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-=\r\n\\"
+_ESCAPES = re.compile(rb"\\\\|\\(?:u00[2-7][0-9A-Fa-f]|/)")
+_PARTIAL_ESCAPE = re.compile(rb"(?:u[0-9A-Fa-f]{0,3})?")
+
+
+_BREAKS = (b"\\r\\n", b"\\n", b"\r\n", b"\n", b"\\r", b"\r", b"\\")  # at the end; cut ones too
+_LINE_BREAK = re.compile(rb"\\r\\n|\\n|\r\n|\n")
+
+
+def _run_hold(buf: bytes) -> int:
+    """Where a base64 run that may still continue starts at the end of ``buf`` (``len(buf)``:
+    none). A run touching the end may grow; one followed by a line break only continues as
+    wrapped base64 (``decoded._runs``), i.e. when its last line has a multiple of 4 characters
+    and no padding."""
+    start = len(buf.rstrip(_RUN_BYTES))
+    if start == len(buf):
+        return start
+    tail = buf[start:]
+    brk = next((b for b in _BREAKS if tail.endswith(b)), None)
+    if brk is None:
+        return start
+    last = _LINE_BREAK.split(tail[: len(tail) - len(brk)])[-1]
+    return start if last and len(last) % 4 == 0 and not last.endswith(b"=") else len(buf)
+
+
+def _canonical_escape(m: re.Match[bytes]) -> bytes:
+    esc = m.group()
+    if esc == b"\\\\":
+        return esc  # an escaped backslash: what follows it is not an escape
+    if esc == b"\\/":
+        return b"/"
+    c = int(esc[2:], 16)
+    return b'\\"' if c == 0x22 else b"\\\\" if c == 0x5C else bytes((c,))
+
+
+_REGEX_FLAGS = ((re.IGNORECASE, regex.IGNORECASE), (re.MULTILINE, regex.MULTILINE),
+                (re.DOTALL, regex.DOTALL), (re.VERBOSE, regex.VERBOSE), (re.ASCII, regex.ASCII))
+
+
+@functools.lru_cache(maxsize=256)
+def _open_pattern(pattern: re.Pattern[bytes]) -> regex.Pattern[bytes] | None:
+    """``pattern`` anchored at the end of the data, for partial matching; None when the
+    ``regex`` module cannot compile it (the rule then falls back to line/window holds)."""
+    flags = 0
+    for ours, theirs in _REGEX_FLAGS:
+        if pattern.flags & ours:
+            flags |= theirs
+    try:
+        return regex.compile(b"(?:" + pattern.pattern + b")\\Z", flags)
+    except (regex.error, TypeError, ValueError):
+        return None
+
+
+def _open_start(text: bytes, rule: Rule, pos: int) -> int | None:
+    """The earliest start at or after ``pos`` of a match of ``rule`` that reaches the end of
+    ``text`` or could with more data (a partial match); None when there is none. The rule's
+    own pattern is used (custom finders only pick among its matches, so this is a superset).
+
+    A closed PEM block (``body`` matched up to its END marker) is skipped: the lazy body stops
+    at the first END, so more data cannot change that match, although the pattern could
+    still run on over the END (which would hold 8 KiB after every key).
+    """
+    pattern = _open_pattern(rule.pattern)
+    assert pattern is not None
+    while True:
+        m = pattern.search(text, pos, partial=True)
+        if m is None:
+            return None
+        if rule.continuation is not None and not m.partial:
+            closed = rule.pattern.match(text, m.start())
+            if closed is not None and closed.group("body") is not None and closed.end() < len(text):
+                pos = m.start() + 1
+                continue
+        return m.start()
+
+
+def required_window(rules: Iterable[Rule]) -> int:
+    """The smallest safe window: twice the longest bounded match (with its lookahead).
+
+    Twice, because a finding just before the cut may be overlapped by a match that starts
+    inside it and has not fully arrived; such a match is shorter than the longest one, so a
+    finding ending more than that before the end of the data is final.
+    """
+    return 2 * max((r.max_len + r.lookahead for r in rules), default=0) + 64
+
+
+class DecodedStream:
+    """The stream-callable protocol every stream masker here shares (``StreamMasker``,
+    ``SSEMasker``, ``NDJSONMasker``): a Content-Encoding decoded on the way in, ``_push`` masks.
+
+    ``__call__`` is mitmproxy's ``flow.response.stream`` (or ``request.stream``): mitmproxy 11
+    calls it with each received chunk and once with ``b""`` at the end of the message
+    (``state_stream_response_body`` in ``mitmproxy/proxy/layers/http/__init__.py``). It returns
+    a *list* of chunks, empty when nothing is ready: returning ``b""`` would make the HTTP/1
+    layer frame an empty chunk, i.e. ``0\\r\\n\\r\\n``, which terminates a chunked body early.
+    """
+
+    decoder: StreamDecoder | None
+    errors: list[str]
+
+    def feed(self, data: bytes) -> bytes:
+        if self.decoder is not None:
+            data = self.decoder.feed(data)
+        return self._push(data, final=False)
+
+    def finish(self) -> bytes:
+        tail = b""
+        if self.decoder is not None:
+            try:
+                tail = self.decoder.finish()
+            except MaskingError as exc:  # what was received has been masked; note and end
+                self.errors.append(str(exc))
+        return self._push(tail, final=True)
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        out = self.feed(data) if data else self.finish()
+        return [out] if out else []
+
+    def _push(self, data: bytes, final: bool) -> bytes:
+        raise NotImplementedError
+
+
+class StreamMasker(DecodedStream):
+    """Feed chunks, get masked chunks; ``finish()`` returns the rest.
+
+    Also usable directly as mitmproxy's stream callable (:class:`DecodedStream`). An HTTP/2
+    DATA frame with no payload also arrives as ``b""``; it is treated as end of stream
+    (everything held is flushed) and later chunks are still masked, but a secret straddling
+    such a frame may then escape (upstreams send empty frames only with END_STREAM in
+    practice).
+    """
+
+    def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
+                 window: int = WINDOW, decoder: StreamDecoder | None = None, sniff: bool = False,
+                 json_mode: bool = False) -> None:
+        """``sniff``: decide text/binary from the first bytes (binary passes through).
+        ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted."""
+        needed = required_window(rules)
+        if window < needed:
+            raise ValueError(f"window {window} is smaller than the longest match ({needed})")
+        if any(r.lookbehind > CONTEXT for r in rules):
+            raise ValueError(f"a rule reads more than {CONTEXT} bytes before its match")
+        self.rules = rules
+        self.hash_key = hash_key
+        self.window = window
+        self.decoder = decoder
+        self.counts: dict[str, int] = {}
+        self.errors: list[str] = []  # e.g. a truncated compressed stream at finish
+        self.binary: bool | None = None if sniff else False  # None: not decided yet
+        self._buf = b""  # received, not yet emitted (settled findings may be masked already)
+        self._ctx = b""  # tail of the emitted output (masked), for the adjacency rule
+        # The same tail as received (unmasked): lookbehinds and validator context (an SSN label,
+        # a token_type) read the text as a whole-body scan's first round does - also a label
+        # that ended up inside a masked finding.
+        self._raw_ctx = b""
+        self._cont: Rule | None = None
+        # Partial matching (see the module docstring); rules it cannot handle use _line_base.
+        self._eager = tuple(r for r in rules if _open_pattern(r.pattern) is not None)
+        self._lazy = len(self._eager) < len(rules)
+        # Finders that split runs (credit-card digit groups): a cut falls between the groups of
+        # a run only where no card window can cross it (see ``_run_cut``).
+        self._runs = tuple(r for r in rules if r.runs)
+        self._frontier = 0  # in _buf: no open match of any rule starts before it
+        self.json_mode = json_mode
+        self._in_string = False  # JSON mode: the held data starts inside a string
+        self._esc = b""  # JSON mode: an escape cut by the chunk's end (at most "\\u00X")
+        self._b64 = b""  # masked output held while a base64 run at its end may continue
+
+
+    @property
+    def held(self) -> int:
+        """Bytes received but not yet emitted."""
+        return len(self._esc) + len(self._buf) + len(self._b64)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _push(self, data: bytes, final: bool) -> bytes:
+        if self.json_mode and self.rules and self.binary is not True:
+            data = self._unescape(data, final)
+        self._buf += data
+        if self.binary is None:
+            if len(self._buf) < SNIFF_BYTES and not final:
+                return b""
+            self.binary = not _looks_text(self._buf[:SNIFF_BYTES], final)
+        if self.binary or not self.rules:
+            passed, self._buf = self._buf, b""
+            return passed
+        out: list[bytes] = []
+        if self._cont is None or self._continue(final):
+            self._drain(final, out)
+        return self._base64(b"".join(out), final)
+
+    def _unescape(self, data: bytes, final: bool) -> bytes:
+        """JSON mode: escapes of printable ASCII (``\\u0041``) and ``\\/`` decoded, so the
+        detectors see what a JSON parser returns (the canonical form ``decoded.py`` gives a
+        buffered body: ``\\u0022`` becomes ``\\"``, ``\\u005c`` ``\\\\``). An escape cut by
+        the chunk's end waits for the next chunk. Outside strings valid JSON has no
+        backslash, so escapes are recognised by backslash parity alone, in C."""
+        data = self._esc + data
+        self._esc = b""
+        if b"\\" not in data:
+            return data
+        if not final:
+            j = data.rfind(b"\\", max(0, len(data) - 6))
+            if j >= 0 and _PARTIAL_ESCAPE.fullmatch(data, j + 1):
+                b = j
+                while b > 0 and data[b - 1] == 0x5C:
+                    b -= 1
+                if (j - b) % 2 == 0:  # the backslash at j starts an escape (is not escaped)
+                    data, self._esc = data[:j], data[j:]
+        if b"\\u00" in data or b"\\/" in data:
+            data = _ESCAPES.sub(_canonical_escape, data)
+        return data
+
+    def _base64(self, data: bytes, final: bool) -> bytes:
+        """Base64 runs of the masked output decoded and scanned (``decoded.mask_base64``: a
+        secret inside masks the whole run). A run that may still continue at the end (base64
+        characters, line breaks raw or escaped) is held until it ends; one longer than
+        ``B64_HOLD`` is scanned as it is and released but for its last ``B64_KEEP`` bytes
+        (a whole line or four characters at a time, so the rest still decodes in step): a
+        secret (at most ``jwt``'s ~11 KiB, ~15 KiB encoded) never straddles what was
+        released unseen."""
+        buf = self._b64 + data
+        if not buf:
+            return b""
+        cut = len(buf) if final else _run_hold(buf)
+        if cut >= len(buf) - B64_HOLD:
+            block, self._b64 = buf[:cut], buf[cut:]
+            return mask_base64(block, self.rules, self.hash_key, self.counts)
+        masked = mask_base64(buf, self.rules, self.hash_key, self.counts)
+        if masked is not buf:  # a secret in what is held: the run goes out masked whole
+            self._b64 = b""
+            return masked
+        keep = len(buf) - B64_KEEP
+        line = max(buf.rfind(b"\n", cut, keep) + 1, buf.rfind(b"\\n", cut, keep) + 2)
+        release = line if line > cut + 1 else cut + (keep - cut) // 4 * 4
+        self._b64 = buf[release:]
+        return buf[:release]
+
+    def _continue(self, final: bool) -> bool:
+        """Drop key material of an over-long PEM block; True when the block has ended."""
+        assert self._cont is not None and self._cont.continuation is not None
+        buf = self._buf
+        run = self._cont.continuation.match(buf)
+        assert run is not None  # the continuation pattern matches the empty string too
+        end = run.end()
+        if not final and (end == len(buf) or (end == len(buf) - 1 and buf.endswith(b"\\"))):
+            self._buf = buf[end:]  # a lone trailing backslash may start an escape: keep it
+            return False
+        self._buf = buf[end:]
+        self._cont = None
+        return True
+
+    def _emit(self, out: list[bytes], data: bytes) -> None:
+        if data:
+            out.append(data)
+            self._ctx = (self._ctx + data)[-CONTEXT:]
+
+    def _base(self, window: bytes, off: int) -> int:
+        """Everything of ``_buf`` before this may be emitted as far as *open* matches go (the
+        candidates found by ``scan`` may hold more): the earliest start of a match that
+        reaches the end or may still grow (``_open_start``), searched from ``_frontier`` and
+        within each rule's longest match before the end."""
+        n = len(window) - off
+        base = n
+        # No detector matches across a line feed but private-key, whose open block the scan
+        # holds as a candidate: the search starts after the last line feed (as the old bound).
+        line = window.rfind(b"\n", off) + 1
+        for rule in self._eager:
+            pos = max(off + self._frontier, len(window) - rule.max_len - SLACK, off, line)
+            start = _open_start(window, rule, pos)
+            if start is not None:
+                base = min(base, start - off)
+        if self._lazy:  # a rule without partial matching: whole lines, or a window behind
+            line = max(line - off, 0)
+            if n >= 2 * self.window:  # rescan once per window of new data, not per chunk
+                line = max(line, n - self.window)
+            base = min(base, line)
+        for rule in self._runs:  # a run crossing the cut: hold it (or its end)
+            start = _run_crossing(window, rule, off, off + base) if 0 < base < n else None
+            if start is not None:
+                base = _run_cut(window, start, off + base) - off
+        self._frontier = base
+        return base
+
+    def _drain(self, final: bool, out: list[bytes]) -> None:
+        """Emit what is decided; may enter continuation mode for an over-long PEM block."""
+        for round_ in range(MAX_ROUNDS):
+            buf, n = self._buf, len(self._buf)
+            if not n:
+                return
+            window, off = self._raw_ctx + buf, len(self._raw_ctx)
+            if final:
+                base = n
+            else:
+                base = self._base(window, off)
+                if base <= 0:
+                    return
+            cands = scan(window, self.rules, pos=off)
+            findings = [Finding(f.start - off, f.end - off, f.kind)
+                        for f in merge(c.finding for c in cands if c.finding is not None)]
+            spans = [(c.match_start - off, c.match_end - off) for c in cands]
+            unsettled: list[tuple[int, int]] = []  # may still change with more data
+            cont: tuple[int, int, Rule] | None = None  # an over-long PEM block running at the end
+            if not final:
+                for c, (s, e) in zip(cands, spans, strict=True):
+                    if c.open and c.match_start + c.rule.max_len + SLACK <= len(window):
+                        if (e == n or (e == n - 1 and buf.endswith(b"\\"))) and (cont is None or s < cont[0]):
+                            cont = (s, e, c.rule)
+                    elif c.open or _undecided(window, c.match_end, c.rule.lookahead):
+                        unsettled.append((s, e))  # END may still come / may grow / needs context
+            held = min((s for s, _ in unsettled), default=n)
+            cont_f: Finding | None = None
+            for f in findings:
+                if any(f.start < e and s < f.end for s, e in unsettled):
+                    held = min(held, f.start)
+                elif cont is not None and f.start <= cont[0] < f.end:
+                    cont_f = f
+                    held = min(held, f.start)
+            # ``base`` bounds the cut like ``held``: an open match may start right there, so a
+            # finding crossing it may still be overlapped (and merged) - never move past it.
+            limit = min(base, held)
+            cut = _safe_cut(limit, limit, spans + [(f.start, f.end) for f in findings])
+            if not final and 0 < cut < n and buf[cut - 1] in _TOKEN_BYTES and buf[cut] in _TOKEN_BYTES:
+                # Never cut a word: a replacement right after it (a key glued to an address)
+                # makes a boundary that a later scan of the whole text would match against.
+                start = cut - 1
+                while start > max(0, cut - RUN_BACKOFF) and buf[start - 1] in _TOKEN_BYTES:
+                    start -= 1
+                if start == 0 or buf[start - 1] not in _TOKEN_BYTES:  # runs longer are cut
+                    cut = _safe_cut(start, start, spans + [(f.start, f.end) for f in findings])
+            if not final and 0 < cut < n:
+                # Nor a run of digit groups: a card glued to a word may become one once the word
+                # is masked ("4111 ... 1111AKIA..." after the key id's token), as in a whole body.
+                for rule in self._runs:
+                    run_start = _run_crossing(window, rule, off, off + cut)
+                    if run_start is not None:
+                        cut = _run_cut(window, run_start, off + cut) - off
+            # Only findings before the cut are final: one after it could still be overlapped
+            # by a match that has not fully arrived (and the union must be masked).
+            settled = [f for f in findings if f.end <= cut and f is not cont_f]
+            strings = string_spans(buf, self._in_string) if self.json_mode and settled else None
+            if settled and round_ < MAX_ROUNDS - 1 and adjacent(buf, settled, self._ctx):
+                # A replacement creates a new boundary: mask in place and scan again.
+                self._buf = apply(buf, settled, self.hash_key, self.counts, strings=strings)
+                self._frontier = 0  # the text changed: search it again
+                continue
+            self._emit(out, apply(buf, settled, self.hash_key, self.counts, 0, cut, strings))
+            self._raw_ctx = (self._raw_ctx + buf[:cut])[-CONTEXT:]
+            self._buf = buf[cut:]
+            self._frontier = max(0, self._frontier - cut)
+            if self.json_mode:
+                self._in_string = ends_in_string(buf[:cut], self._in_string)
+            if cont_f is not None and cut == cont_f.start:
+                # Mask from the block's start to what has arrived; keep dropping key material.
+                self._emit(out, mask_token(cont_f.kind, buf[cut : cont_f.end], self.hash_key))
+                self._raw_ctx = (self._raw_ctx + buf[cut : cont_f.end])[-CONTEXT:]
+                self.counts[cont_f.kind] = self.counts.get(cont_f.kind, 0) + 1
+                if self.json_mode:
+                    self._in_string = ends_in_string(buf[cut : cont_f.end], self._in_string)
+                self._buf = buf[cont_f.end :]  # empty, or a lone backslash
+                self._frontier = 0
+                self._cont = cont[2] if cont else None
+            return
+
+
+_RUN_CHARS = b"0123456789 -"
+
+
+def _run_crossing(window: bytes, rule: Rule, lo: int, cut: int) -> int | None:
+    """Where a run of ``rule`` that crosses ``cut`` starts (not before ``lo``), or None.
+    Only the stretch of digits and separators around the cut is searched: a run longer than
+    ``RUN_HOLD`` is cut between groups anyway, so a start found later than its real one (a
+    group boundary, where the pattern may start too) is as good."""
+    if window[cut - 1] not in _RUN_CHARS or window[cut] not in _RUN_CHARS:
+        return None
+    low = max(lo, cut - RUN_HOLD - 2 * RUN_MARGIN)
+    m = rule.pattern.search(window, low + len(window[low:cut].rstrip(_RUN_CHARS)))
+    return m.start() if m is not None and m.start() < cut < m.end() else None
+
+
+def _run_cut(window: bytes, start: int, cut: int) -> int:
+    """Where to cut a run of digit groups that starts at ``start`` and crosses ``cut``.
+
+    A run up to ``RUN_HOLD`` bytes is held whole. Cards are windows of whole groups (at most
+    19 digits and 4 separators, judged on their own groups and the run's end), so a longer run
+    may be cut at a group boundary ``RUN_MARGIN`` bytes before ``cut``: every window starting
+    before it has arrived whole and is decided (one crossing the cut is a finding, which the
+    cut steps back over), and the scan resumes at that group. Inside a group already longer
+    than a card the cut may fall anywhere: no card starts or ends there.
+    """
+    if cut - start <= RUN_HOLD:
+        return start
+    p = cut - RUN_MARGIN
+    sep = max(window.rfind(b" ", start, p), window.rfind(b"-", start, p))
+    if sep >= 0 and p - sep - 1 <= 19:
+        return sep + 1
+    return p
+
+
+def _undecided(window: bytes, end: int, lookahead: int) -> bool:
+    """A match ending at ``end`` may still change: it reaches the end of the data, or its
+    lookahead assertions (a few bytes, never across a line feed) or its validator's context
+    (``lookahead`` bytes) are not all here yet."""
+    if end + lookahead + SLACK <= len(window):
+        return False
+    return lookahead > 0 or b"\n" not in window[end : end + SLACK]
+
+
+def _safe_cut(cut: int, held: int, spans: list[tuple[int, int]]) -> int:
+    """Move ``cut`` off any span it would split: forward past complete ones while that stays
+    at or before ``held``, otherwise back to the earliest crossing start (then only back)."""
+    backwards = False
+    while True:
+        crossing = [(s, e) for s, e in spans if s < cut < e]
+        if not crossing:
+            return cut
+        end = max(e for _, e in crossing)
+        if not backwards and end <= held:
+            cut = end
+        else:
+            backwards = True
+            cut = min(s for s, _ in crossing)
+
+
+def _looks_text(sample: bytes, final: bool) -> bool:
+    """UTF-8 without NUL bytes (a cut multi-byte character at the sample's end is fine)."""
+    if b"\x00" in sample:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(sample, final=final)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+__all__ = ["WINDOW", "StreamMasker", "required_window"]

@@ -19,7 +19,10 @@ The response carries ``Content-Type: application/json``, ``X-Chaperone-Refused: 
 client shows *why* (kubectl, the AWS CLI hide bodies they cannot decode), fields are added - never
 removed - by connection type (see :func:`for_client`): a kubernetes refusal is also a
 ``metav1.Status``; an AWS json/rest-json refusal carries ``__type``; AWS refusals set
-``x-amzn-ErrorType`` and ``X-Chaperone-Reason``. Setting
+``x-amzn-ErrorType`` and ``X-Chaperone-Reason``. A git smart-HTTP request (``Action.git``)
+is answered in git's wire format instead (:func:`git_response`: a report-status with
+``ng <ref> <reason>`` for a push, an ``ERR`` pkt-line otherwise; docs/git.md), and the JSON
+body is what ``FlowContext.refused`` keeps for the recording. Setting
 ``flow.response`` in a ``request``/``requestheaders`` hook makes mitmproxy answer the client
 itself: the upstream is never contacted. A request refused in ``requestheaders`` whose body
 was going to stream is switched back to reading the body (mitmproxy cannot answer a request it
@@ -50,10 +53,11 @@ from typing import Any
 from mitmproxy import http
 
 from .. import flowctx
-from ..policy.model import Action, RuleRef
+from ..gitwire import err_pkt, report_status
+from ..policy.model import Action, GitAction, RuleRef
 
 __all__ = ["KINDS", "HEADER", "build", "make_response", "refuse", "for_client", "rule_info",
-           "action_info", "default_guidance"]
+           "action_info", "default_guidance", "git_response"]
 
 HEADER = "X-Chaperone-Refused"
 
@@ -205,10 +209,44 @@ def refuse(flow: http.HTTPFlow, kind: str, message: str = "", *, rule: RuleRef |
         flow.request.stream = False
     status = status or KINDS[kind]
     body, client_headers = for_client(body, status, ctx)
-    flow.response = make_response(kind, body, status=status,
-                                  headers={**client_headers, **(headers or {})})
+    git = ctx.action.git if ctx.action is not None else None
+    if git is not None:  # git prints only its own wire format (gitwire.py)
+        flow.response = git_response(kind, body, git, headers={**client_headers, **(headers or {})})
+    else:
+        flow.response = make_response(kind, body, status=status,
+                                      headers={**client_headers, **(headers or {})})
     ctx.refused = body
     return body
+
+
+def git_response(kind: str, body: Mapping[str, Any], git: GitAction, *,
+                 headers: Mapping[str, str] | None = None) -> http.Response:
+    """A refusal as git's own answer, so ``git`` prints it (the JSON body stays the record).
+
+    HTTP 200 (git shows only "HTTP 403" for anything else). A push whose ref updates are known
+    and whose client asked for report-status gets ``ng <ref> <reason>`` for every ref (the whole
+    push is refused) and, with side-band, the explanation on band 2 (``remote: ...``); every
+    other git request gets an ``ERR`` pkt-line (``remote error: ...``).
+    """
+    rule = body.get("rule")
+    where = f" (rule {rule['name']} of AccessPolicy {rule['policy']})" if rule else ""
+    reason = f"{body.get('error', '')}: {body.get('message', '')}{where}"
+    service = "receive-pack" if git.service == "push" else "upload-pack"
+    wants_report = {"report-status", "report-status-v2"} & set(git.capabilities)
+    if git.phase == "rpc" and git.service == "push" and git.commands and wants_report:
+        progress = [f"Chaperone refused this push: {reason}",
+                    f"How to get access: {body.get('how_to_get_access', '')}"]
+        if command := body.get("approve_command"):
+            progress.append(f"Approve with: {command}")
+        content = report_status([(c.ref, reason) for c in git.commands],
+                                capabilities=git.capabilities, progress=progress)
+    else:
+        content = err_pkt(f"{reason} - {body.get('how_to_get_access', '')}")
+    suffix = "advertisement" if git.phase == "advertisement" else "result"
+    fields = {"Content-Type": f"application/x-git-{service}-{suffix}", HEADER: kind,
+              "Cache-Control": "no-store"}
+    fields.update(headers or {})
+    return http.Response.make(200, content, fields)
 
 
 # -- making the refusal readable by the agent's own client ------------------------------------

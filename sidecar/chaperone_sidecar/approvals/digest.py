@@ -22,6 +22,7 @@ import secrets
 import string
 from urllib.parse import parse_qsl, quote
 
+from ..policy.classify.git import git_resources
 from ..policy.model import Action, HTTPRequest
 
 __all__ = [
@@ -126,7 +127,8 @@ def action_resources(action: Action) -> tuple[str, ...]:
     AWS: the classifier's resources (bucket, bucket/key, role...). Kubernetes: one
     ``group/resource[/subresource]:namespace/name`` string. Other connections: the host and
     path, because their action names (``http:GET``) say nothing about the target and an
-    action grant must never mean "any GET on this connection".
+    action grant must never mean "any GET on this connection". git: the repository and every
+    ref update with its full ids, so an action grant for a push is that push's ref updates.
     """
     if action.aws is not None and action.aws.resources:
         return tuple(action.aws.resources)
@@ -136,6 +138,8 @@ def action_resources(action: Action) -> tuple[str, ...]:
         return (f"{kind}:{k.namespace}/{k.name}",)
     if action.anthropic is not None:
         return (action.anthropic.model,) if action.anthropic.model else ()
+    if action.git is not None:  # the repository and each full ref update (old..new ids)
+        return git_resources(action.git)
     return (f"{action.host.lower()}:{action.port}{action.path}",)
 
 

@@ -6,7 +6,8 @@ connection's type (from its ClaudeConnection) picks the typed classifier:
 * ``aws``        -> ``aws``: service/region from the SigV4 scope, operation from botocore models
 * ``kubernetes`` -> ``kubernetes``: the apiserver's own RequestInfo rules
 * ``anthropic``  -> ``anthropic``: model, streaming, declared and used tools
-* ``http``       -> ``http``: the generic fields only
+* ``http``       -> ``http``: the generic fields only; git smart-HTTP requests also get
+  ``Action.git`` (``git``: push/fetch, repository, ref updates; ``git:push``/``git:fetch``)
 
 Every Action carries the generic HTTP fields, a canonical ``name`` (``s3:DeleteBucket``,
 ``kubernetes:delete/namespaces``, ``http:GET``, ``anthropic:messages``) and a one-line
@@ -30,6 +31,7 @@ from dataclasses import replace
 
 from ..model import Action, HTTPRequest
 from .anthropic import anthropic_summary, classify_anthropic
+from .git import classify_git, git_name, git_summary
 from .aws import classify_aws
 from .http import base_action, sanitize, shorten
 from .kubernetes import classify_kubernetes, kubernetes_name, kubernetes_summary
@@ -93,7 +95,15 @@ def classify(request: HTTPRequest, connection_type: str, rules: PathRules | None
         errors.append(_error_text("http", exc))
         return _fallback(request, connection_type, errors)
     if connection_type == "http":
-        return base
+        try:
+            git = classify_git(request, errors)
+        except Exception as exc:  # noqa: BLE001 - totality is the contract
+            errors.append(_error_text("git", exc))
+            return replace(base, errors=tuple(errors))
+        if git is None:
+            return base
+        return replace(base, name=git_name(git), summary=shorten(git_summary(git), 1000), git=git,
+                       errors=tuple(errors))
     try:
         return _typed(request, connection_type, base, errors)
     except Exception as exc:  # noqa: BLE001 - totality is the contract

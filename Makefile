@@ -8,7 +8,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 APT_PACKAGES := redis-server iproute2 iptables curl squid-openssl wrk \
                 containerd runc containernetworking-plugins debootstrap buildah \
-                postgresql postgresql-client
+                postgresql postgresql-client git
 export CHAPERONE_CACHE ?= $(HOME)/.cache/chaperone
 
 .PHONY: demo test lint deps system-deps venv control-plane node-deps sync-crds check-crds bench clean

@@ -56,6 +56,10 @@ addon (module)         responsibility; FlowContext fields read -> written
                        streamed body with a tee that *wraps* the stream function in place (the
                        aws-chunked decoder), never replaces it. decision.masks, recording ->
                        ``masked``, ``bodies``
+6b. McpTools           MCP ``tools/list`` results (JSON, or SSE events as they stream) lose
+   (mcp_tools)         the tools the policy blocks for this identity whatever the arguments,
+                       so the model never sees them; wraps Mask's response stream, never
+                       replaces it. snapshot, identity, connection, action -> (response)
 7. Record              Appends request/response/decision/approval events (masked) to the
    (record)            session recording, before the request leaves. everything (bodies:
                        only Mask's captures) -> (recording); may refuse (strict mode)
@@ -89,6 +93,7 @@ from .credentials import InjectCredentials
 from .enforce import Enforce
 from .identify import Identify
 from .mask import Mask
+from .mcp_tools import McpTools
 from .record import Record
 from .route import Route
 from .telemetry import Telemetry
@@ -103,6 +108,7 @@ ADDON_ORDER: tuple[type[Any], ...] = (
     Approve,
     InjectCredentials,
     Mask,
+    McpTools,
     Record,
     Telemetry,
 )

@@ -68,7 +68,7 @@ from opentelemetry import metrics
 
 from .. import flowctx
 from ..approvals import ApprovalUnavailable, BackendError
-from ..approvals.digest import request_digest
+from ..approvals.digest import mcp_payload, request_digest
 from ..approvals.objects import approvers_text
 from ..contract import APPROVAL_MODE_ANNOTATION
 from ..flowctx import request_of
@@ -206,7 +206,7 @@ class Approve:
         decision = ctx.decision
         assert decision is not None
         request = request_of(flow, body=not early)
-        ctx.request_digest = request_digest(request)
+        ctx.request_digest = request_digest(request, payload=mcp_payload(ctx.action))
         service = self.services.approvals
         if decision.approval is None or decision.rule is None or ctx.action is None:
             self._unavailable(flow, "the decision requires approval but names no approval "

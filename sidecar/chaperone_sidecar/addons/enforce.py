@@ -36,7 +36,9 @@ in ``requestheaders`` on the headers (and the classification Route made from the
   size: it has left before it could be read.
 
 A flow without a classified action (Route did not run or could not classify) is blocked:
-nothing is forwarded unjudged.
+nothing is forwarded unjudged; so is an MCP body the classifier cannot read unambiguously
+(``MCPAction.invalid``: not JSON, duplicate keys, too large, streamed unread), with 400
+``invalid_request``.
 """
 
 from __future__ import annotations
@@ -168,6 +170,15 @@ class Enforce:
                    how_to_get_access="Send the request through a host covered by a "
                                      "ClaudeConnection, as a well-formed HTTP request.")
             log.warning("refused an unclassified request", extra=flow_fields(flow))
+            return
+        if ctx.action.mcp is not None and ctx.action.mcp.invalid:
+            # An MCP body Chaperone cannot read unambiguously (classify/mcp.py) could be read
+            # differently by the server: fail closed, whatever the policies say.
+            ctx.decision = Decision("block", message=f"this MCP request cannot be judged: "
+                                                     f"{ctx.action.mcp.invalid}; refusing (fail closed)")
+            refuse(flow, "invalid_request", ctx.decision.message, rule=None,
+                   how_to_get_access="Send one well-formed JSON-RPC 2.0 message (or batch) as UTF-8 "
+                                     "JSON without duplicate keys, with a Content-Length.")
             return
         decision = evaluate(snapshot.policies, ctx.action, ctx.identity, ctx.connection, body)
         ctx.decision = decision

@@ -22,7 +22,9 @@ removed - by connection type (see :func:`for_client`): a kubernetes refusal is a
 ``x-amzn-ErrorType`` and ``X-Chaperone-Reason``. A git smart-HTTP request (``Action.git``)
 is answered in git's wire format instead (:func:`git_response`: a report-status with
 ``ng <ref> <reason>`` for a push, an ``ERR`` pkt-line otherwise; docs/git.md), and the JSON
-body is what ``FlowContext.refused`` keeps for the recording. Setting
+body is what ``FlowContext.refused`` keeps for the recording. A refused MCP request with JSON-RPC
+ids is answered HTTP 200 with a JSON-RPC error per request (code -32030, the refusal in
+``error.data``; :mod:`chaperone_sidecar.mcpwire` says why). Setting
 ``flow.response`` in a ``request``/``requestheaders`` hook makes mitmproxy answer the client
 itself: the upstream is never contacted. A request refused in ``requestheaders`` whose body
 was going to stream is switched back to reading the body (mitmproxy cannot answer a request it
@@ -54,6 +56,7 @@ from mitmproxy import http
 
 from .. import flowctx
 from ..gitwire import err_pkt, report_status
+from ..mcpwire import jsonrpc_refusal
 from ..policy.model import Action, GitAction, RuleRef
 
 __all__ = ["KINDS", "HEADER", "build", "make_response", "refuse", "for_client", "rule_info",
@@ -209,9 +212,15 @@ def refuse(flow: http.HTTPFlow, kind: str, message: str = "", *, rule: RuleRef |
         flow.request.stream = False
     status = status or KINDS[kind]
     body, client_headers = for_client(body, status, ctx)
+    mcp = ctx.action.mcp if ctx.action is not None else None
+    rpc = jsonrpc_refusal((c.id for c in mcp.calls if c.method), mcp.batch, body) if mcp else None
     git = ctx.action.git if ctx.action is not None else None
     if git is not None:  # git prints only its own wire format (gitwire.py)
         flow.response = git_response(kind, body, git, headers={**client_headers, **(headers or {})})
+    elif rpc is not None:  # an MCP client raises JSON-RPC errors, not HTTP ones (mcpwire.py)
+        flow.response = http.Response.make(200, rpc, {"Content-Type": "application/json", HEADER: kind,
+                                                      "Cache-Control": "no-store", **client_headers,
+                                                      **(headers or {})})
     else:
         flow.response = make_response(kind, body, status=status,
                                       headers={**client_headers, **(headers or {})})

@@ -26,7 +26,7 @@ from ..policy.classify.git import git_resources
 from ..policy.model import Action, HTTPRequest
 
 __all__ = [
-    "SIGNIFICANT_HEADERS", "IGNORED_QUERY_PARAMS", "request_digest", "canonical_query",
+    "SIGNIFICANT_HEADERS", "IGNORED_QUERY_PARAMS", "request_digest", "mcp_payload", "canonical_query",
     "action_resources", "action_key", "named_action_key", "request_name", "short_hash", "DIGEST_RE",
 ]
 
@@ -106,9 +106,23 @@ def _payload(req: HTTPRequest) -> bytes:
     return req.body
 
 
+def mcp_payload(action: Action | None) -> bytes | None:
+    """What an MCP request does, for its digest: each call's method, tool/prompt/URI and
+    canonical arguments - not the JSON-RPC ids, ``params._meta`` (progress tokens) or key order,
+    which an MCP client changes on every retry. None for other actions."""
+    mcp = action.mcp if action is not None else None
+    if mcp is None or not mcp.calls:
+        return None
+    calls = [[c.method, c.id if not c.method else "", c.tool, c.prompt, c.uri, c.arguments]
+             for c in mcp.calls]
+    return json.dumps(["mcp", mcp.batch, calls], separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def request_digest(req: HTTPRequest, *,
-                   significant_headers: tuple[str, ...] = SIGNIFICANT_HEADERS) -> str:
-    """``sha256:<hex>`` of the canonical request (see the module docstring)."""
+                   significant_headers: tuple[str, ...] = SIGNIFICANT_HEADERS,
+                   payload: bytes | None = None) -> str:
+    """``sha256:<hex>`` of the canonical request (see the module docstring); ``payload``
+    replaces the body when the caller has its canonical form (:func:`mcp_payload`)."""
     host = req.host.lower().rstrip(".")
     head = json.dumps([
         _VERSION, req.method.upper(), req.scheme.lower(), host, int(req.port),
@@ -117,7 +131,7 @@ def request_digest(req: HTTPRequest, *,
     ], separators=(",", ":"), ensure_ascii=True)
     h = hashlib.sha256(head.encode())
     h.update(b"\n")  # the JSON head is self-delimiting; the body is everything after it
-    h.update(_payload(req))
+    h.update(_payload(req) if payload is None else payload)
     return "sha256:" + h.hexdigest()
 
 
@@ -138,6 +152,9 @@ def action_resources(action: Action) -> tuple[str, ...]:
         return (f"{kind}:{k.namespace}/{k.name}",)
     if action.anthropic is not None:
         return (action.anthropic.model,) if action.anthropic.model else ()
+    if action.mcp is not None and action.mcp.calls:  # each call's method and tool/prompt/URI
+        return tuple(dict.fromkeys(f"{c.method}:{c.tool or c.prompt or c.uri}"
+                                   for c in action.mcp.calls if c.method))
     if action.git is not None:  # the repository and each full ref update (old..new ids)
         return git_resources(action.git)
     return (f"{action.host.lower()}:{action.port}{action.path}",)

@@ -114,13 +114,13 @@ class CredentialInjector:
             resigner = AWSResigner(source, region=aws.get("region"),
                                    endpoint_url=aws.get("endpointURL"), clock=clock)
             return cls(kind, resigner, source if source_kind == "webIdentity" else None)
-        if kind not in ("http", "anthropic", "kubernetes"):
+        if kind not in ("http", "anthropic", "kubernetes", "mcp"):
             raise ValueError(f"unknown connection type {kind!r}")
         if source_kind == "none" and not (kind == "kubernetes" and token_file is not None):
             return cls(kind, None)
         if source_kind != "secret" and not (kind == "kubernetes" and token_file is not None):
             raise ValueError(f"credentials.source {source_kind!r} is not supported for {kind}")
-        if kind == "http":
+        if kind in ("http", "mcp"):  # an MCP server takes a header or bearer token like HTTP
             return cls(kind, http_injector(token(), header=creds.get("header"),
                                            prefix=creds.get("prefix")))
         if kind == "anthropic":

@@ -26,7 +26,7 @@ from .model import Action, Decision, HTTPRequest, Identity
 
 Classifier = Callable[[HTTPRequest, str], Action]
 EXIT_OK, EXIT_MISMATCH, EXIT_INVALID = 0, 1, 2
-CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic")
+CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic", "mcp")
 DECISIONS = {"allow": "allow", "block": "block", "require_approval": "require_approval",
               "requireapproval": "require_approval", "require-approval": "require_approval"}
 

@@ -32,13 +32,14 @@ from .classify.postgres import STATEMENT_NAMES
 from .masking.detectors import validate_detectors
 from .masking.fields import compile_path
 from .matching import CompiledPolicy, CompiledPolicySet, build_policy
+from .matching_mcp import mcp_errors
 from .schema import crd, validate_object
 from .vocabulary import unknown_names
 
 __all__ = ["CompileResult", "PolicyErrors", "compile_policies", "compile_policy", "validate_policy"]
 
 EFFECTS = ("allow", "block", "requireApproval", "mask", "rateLimit")
-_TYPED = ("aws", "kubernetes", "anthropic", "git")
+_TYPED = ("aws", "kubernetes", "anthropic", "git", "mcp")
 # RequestInfo verbs; exec/attach/portforward/log are subresources, not verbs.
 KUBERNETES_VERBS = frozenset("get list watch create update patch delete deletecollection proxy *".split())
 # Not in the CRD (no maximum there): beyond a million per window a limit limits nothing.
@@ -154,6 +155,8 @@ class _Checker:
             self.globs(claude.get(key), f"{path}.anthropic.{key}")
         self.postgres(match.get("postgres") or {}, f"{path}.postgres")
         self.git(match.get("git") or {}, f"{path}.git")
+        for where, why in mcp_errors(match.get("mcp") or {}, f"{path}.mcp"):
+            self.err(where, why)
         typed = [k for k in _TYPED if k in match]
         if len(typed) > 1:
             self.err(path, f"conditions for {' and '.join(typed)} can never hold together: "

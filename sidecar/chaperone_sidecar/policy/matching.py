@@ -55,6 +55,7 @@ from .globs import match as glob_match
 from .globs import quote as _q
 from .matching_postgres import postgres_conditions
 from .matching_git import git_conditions
+from .matching_mcp import mcp_condition
 from .model import Action, ApprovalRequirement, Approvers, Identity, MaskSpec, RateLimit, RuleRef
 
 RANK = {"allow": 1, "require_approval": 2, "block": 3}  # decision strength; 0 = not a decision
@@ -388,6 +389,8 @@ def _conditions(match: dict, effect: str, namespace: str, body_limit: int) -> li
         out.append(Condition(name, patterns, test, value))
     for name, patterns, test, value in postgres_conditions(match.get("postgres") or {}, effect):
         out.append(Condition(name, patterns, test, value))
+    if any((match.get("mcp") or {}).values()):  # one test: every field about the same call
+        out.append(Condition("match.mcp", *mcp_condition(match["mcp"], effect)))
     if match.get("pathRegex"):
         search = re.compile(match["pathRegex"]).search
         isearch = re.compile(match["pathRegex"], re.IGNORECASE).search
@@ -420,7 +423,7 @@ def _build_rule(index: int, rule: dict, key: str, namespace: str, spec: dict, bo
     body = rule[effect_key]
     match = rule.get("match") or {}
     conditions = _conditions(match, effect, namespace, body_limit)
-    typed = [k for k in ("aws", "kubernetes", "anthropic", "postgres") if match.get(k) is not None]
+    typed = [k for k in ("aws", "kubernetes", "anthropic", "postgres", "mcp") if match.get(k) is not None]
     typed = [*typed, *(["http"] if match.get("git") is not None else [])]  # git: http connections
     methods = frozenset(match["methods"]) if match.get("methods") else None
     aws_actions = (match.get("aws") or {}).get("actions")

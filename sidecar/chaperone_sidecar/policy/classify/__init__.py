@@ -6,6 +6,7 @@ connection's type (from its ClaudeConnection) picks the typed classifier:
 * ``aws``        -> ``aws``: service/region from the SigV4 scope, operation from botocore models
 * ``kubernetes`` -> ``kubernetes``: the apiserver's own RequestInfo rules
 * ``anthropic``  -> ``anthropic``: model, streaming, declared and used tools
+* ``mcp``        -> ``mcp``: every JSON-RPC message of the body (method, tool, arguments)
 * ``http``       -> ``http``: the generic fields only; git smart-HTTP requests also get
   ``Action.git`` (``git``: push/fetch, repository, ref updates; ``git:push``/``git:fetch``)
 
@@ -35,11 +36,12 @@ from .git import classify_git, git_name, git_summary
 from .aws import classify_aws
 from .http import base_action, sanitize, shorten
 from .kubernetes import classify_kubernetes, kubernetes_name, kubernetes_summary
+from .mcp import classify_mcp, mcp_name, mcp_summary
 from .paths import PathRules, canonical_path, path_rules
 
 __all__ = ["classify", "CONNECTION_TYPES"]
 
-CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic")
+CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic", "mcp")
 _MAX_ERROR = 300
 
 
@@ -130,6 +132,11 @@ def _typed(request: HTTPRequest, connection_type: str, base: Action, errors: lis
             kubernetes=kube,
             errors=tuple(errors),
         )
+    if connection_type == "mcp":
+        mcp = classify_mcp(request, errors)
+        return replace(base, name=mcp_name(mcp, request.method),
+                       summary=shorten(mcp_summary(mcp, mcp_name(mcp, request.method)), 1000),
+                       mcp=mcp, errors=tuple(errors))
     anthropic, endpoint = classify_anthropic(request, errors)
     name = f"anthropic:{endpoint}"
     return replace(

@@ -1,0 +1,236 @@
+"""MCP through a real sidecar: the ``mcp`` SDK's own client and a FastMCP server (streamable HTTP).
+
+A standalone ``chaperone proxy`` with an ``mcp`` connection and a policy that blocks
+``delete_file``, holds ``deploy`` for alice's approval and masks AWS keys in ``get_secret``'s
+output. The server runs in both response modes of the transport: SSE (the SDK's default) and
+JSON. What must hold: the model never sees ``delete_file`` in ``list_tools``; calling it anyway
+raises the SDK's ``McpError`` naming the rule, and nothing reaches the server; the secret is
+masked in the tool result; ``deploy`` runs once alice approved it; a batch hiding a forbidden
+call and an ambiguous body (duplicate keys) are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mcp import ClientSession
+from mcp.client.streamable_http import streamablehttp_client
+from mcp.shared.exceptions import McpError
+
+from .pod import API, PYTHONPATH, base_env, free_port, standalone_proxy, wait_for
+
+SERVER = Path(__file__).with_name("mcp_server.py")
+SECRET = "AKIAIOSFODNN7EXAMPLE"
+MODES = ("sse", "json")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = base_env()
+    env.update({"PYTHONPATH": PYTHONPATH, "USER": "dana"})
+    return subprocess.run([sys.executable, "-m", "chaperone_sidecar.standalone_cli", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _listening(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mcp")
+    calls = root / "calls.jsonl"
+    calls.touch()
+    env = {**base_env(), "MCP_CALLS": str(calls)}
+    servers, ports = [], {}
+    for mode in MODES:
+        ports[mode] = free_port()
+        servers.append(subprocess.Popen([sys.executable, str(SERVER), str(ports[mode]), mode], env=env,
+                                        stderr=(root / f"server-{mode}.log").open("wb")))
+    conf = root / "conf"
+    for sub in ("connections", "policies"):
+        (conf / sub).mkdir(parents=True)
+    (conf / "chaperone.yaml").write_text(yaml.safe_dump({"namespace": "laptop", "user": "dana"}))
+    (conf / "connections" / "files.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "files"},
+         "spec": {"type": "mcp", "hosts": ["127.0.0.1"]}}))
+    (conf / "policies" / "p.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "mcp-guard"},
+         "spec": {"defaultEffect": "allow", "rules": [
+             {"name": "no-delete", "match": {"mcp": {"tools": ["delete_*"]}},
+              "block": {"message": "deleting files needs a human"}},
+             {"name": "no-etc", "match": {"mcp": {"tools": ["read_file"],
+                                                 "arguments": [{"path": "$.path", "values": ["/etc/*"]}]}},
+              "block": {}},
+             {"name": "deploy-needs-alice", "match": {"mcp": {"tools": ["deploy"]}},
+              "requireApproval": {"approvers": {"users": ["alice"]}, "mode": "hold",
+                                  "holdSeconds": 60, "timeoutSeconds": 120}},
+             {"name": "keys", "match": {"mcp": {"tools": ["get_secret"]}},
+              "mask": {"detectors": ["aws-access-key-id"]}}]}}))
+    try:
+        for mode in MODES:
+            wait_for(lambda m=mode: _listening(ports[m]), 30, f"the MCP server ({mode})")
+        with standalone_proxy(conf, root / "proxy.log") as proxy:
+            yield proxy, ports, calls, conf
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)
+
+
+def reached(calls: Path) -> list[dict]:
+    return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+def factory(proxy_port: int):
+    def make(headers=None, timeout=None, auth=None):
+        return httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy_port}", headers=headers,
+                                 timeout=timeout or httpx.Timeout(30, read=120), auth=auth,
+                                 trust_env=False)
+    return make
+
+
+async def with_session(proxy_port: int, server_port: int, body):
+    async with streamablehttp_client(f"http://127.0.0.1:{server_port}/mcp",
+                                     httpx_client_factory=factory(proxy_port)) as (read, write, _):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            return await body(session)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_list_tools_hides_the_blocked_tool(setup, mode):
+    proxy, ports, _, _ = setup
+
+    async def body(session):
+        return [t.name for t in (await session.list_tools()).tools]
+    names = run(with_session(proxy.port, ports[mode], body))
+    assert "delete_file" not in names
+    assert {"read_file", "get_secret", "deploy"} <= set(names)  # conditional block, approval: listed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_calling_a_hidden_tool_raises_mcp_error_naming_the_rule(setup, mode):
+    proxy, ports, calls, _ = setup
+
+    async def body(session):
+        with pytest.raises(McpError) as err:
+            await session.call_tool("delete_file", {"path": f"/tmp/{mode}"})
+        # the session still works after the refusal
+        ok = await session.call_tool("read_file", {"path": "/tmp/x"})
+        return err.value, ok
+    error, ok = run(with_session(proxy.port, ports[mode], body))
+    assert error.error.code == -32030
+    assert "no-delete" in error.error.message and "deleting files needs a human" in error.error.message
+    assert error.error.data["error"] == "chaperone_blocked"
+    assert error.error.data["rule"] == {"policy": "laptop/mcp-guard", "name": "no-delete"}
+    assert ok.content[0].text == "contents of /tmp/x"
+    assert not [c for c in reached(calls) if c["tool"] == "delete_file"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_argument_rule_sees_through_dot_segments(setup, mode):
+    proxy, ports, calls, _ = setup
+
+    async def body(session):
+        with pytest.raises(McpError) as err:
+            await session.call_tool("read_file", {"path": "/tmp/../etc/shadow"})
+        return err.value
+    error = run(with_session(proxy.port, ports[mode], body))
+    assert "no-etc" in error.error.message
+    assert not [c for c in reached(calls) if "shadow" in c.get("path", "")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_secret_in_tool_result_is_masked(setup, mode):
+    proxy, ports, calls, _ = setup
+
+    async def body(session):
+        return await session.call_tool("get_secret", {"name": "prod"})
+    result = run(with_session(proxy.port, ports[mode], body))
+    text = result.content[0].text
+    assert SECRET not in text and "[MASKED" in text and text.startswith("the key of prod is ")
+    assert SECRET not in json.dumps(result.model_dump(mode="json"))  # structuredContent too
+    assert {"tool": "get_secret", "name": "prod"} in reached(calls)
+
+
+def test_approved_tool_call_runs(setup):
+    proxy, ports, calls, conf = setup
+
+    def approve_when_pending():
+        def find():
+            out = cli("approvals", "--config-dir", str(conf), "--json")
+            assert out.returncode == 0, out.stderr
+            return [o for o in json.loads(out.stdout) if o["spec"]["rule"]["name"] == "deploy-needs-alice"]
+        pending = wait_for(find, 30, "a pending ApprovalRequest for deploy")
+        assert len(pending) == 1
+        assert "deploy" in json.dumps(pending[0]["spec"])  # the approver sees the tool
+        out = cli("approve", pending[0]["metadata"]["name"], "--config-dir", str(conf), "--as", "alice")
+        assert out.returncode == 0, out.stderr
+
+    async def body(session):
+        approver = asyncio.create_task(asyncio.to_thread(approve_when_pending))
+        result = await session.call_tool("deploy", {"env": "staging"})
+        await approver
+        return result
+    result = run(with_session(proxy.port, ports["sse"], body))
+    assert result.content[0].text == "deployed to staging"
+    assert {"tool": "deploy", "env": "staging"} in reached(calls)
+
+
+def _post(proxy_port: int, server_port: int, content: bytes) -> httpx.Response:
+    with httpx.Client(proxy=f"http://127.0.0.1:{proxy_port}", trust_env=False, timeout=30) as client:
+        return client.post(f"http://127.0.0.1:{server_port}/mcp", content=content,
+                           headers={"Content-Type": "application/json",
+                                    "Accept": "application/json, text/event-stream"})
+
+
+def test_batch_with_a_forbidden_call_is_refused_whole(setup):
+    proxy, ports, calls, _ = setup
+    batch = [{"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+              "params": {"name": "read_file", "arguments": {"path": "/tmp/batch"}}},
+             {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+              "params": {"name": "delete_file", "arguments": {"path": "/tmp/batch"}}}]
+    resp = _post(proxy.port, ports["json"], json.dumps(batch).encode())
+    assert resp.status_code == 200 and resp.headers["X-Chaperone-Refused"] == "blocked"
+    answers = resp.json()
+    assert [a["id"] for a in answers] == [1, 2]
+    assert all(a["error"]["code"] == -32030 and "no-delete" in a["error"]["message"] for a in answers)
+    assert not [c for c in reached(calls) if c.get("path") == "/tmp/batch"]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"read_file","name":"delete_file",'
+    b'"arguments":{"path":"/tmp/dup"}}}',
+    b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"read_file",'
+    b'"arguments":{"path":"/tmp/dup","path":"/etc/passwd"}}}',
+    b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "delete_file"',
+])
+def test_ambiguous_or_broken_bodies_are_refused(setup, body):
+    proxy, ports, calls, _ = setup
+    resp = _post(proxy.port, ports["json"], body)
+    assert resp.status_code == 400 and resp.json()["error"] == "chaperone_invalid_request"
+    assert not [c for c in reached(calls) if c.get("path") in ("/tmp/dup", "/etc/passwd")]
+
+
+def test_unicode_escaped_tool_name_is_still_blocked(setup):
+    proxy, ports, calls, _ = setup
+    body = (b'{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"delete\\u005ffile",'
+            b'"arguments":{"path":"/tmp/esc"}}}')
+    resp = _post(proxy.port, ports["json"], body)
+    assert resp.status_code == 200 and resp.json()["error"]["code"] == -32030
+    assert not [c for c in reached(calls) if c.get("path") == "/tmp/esc"]

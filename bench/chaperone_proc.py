@@ -11,7 +11,7 @@
   of :func:`~chaperone_sidecar.services.build_services`) with two things standalone mode does
   not configure by itself, set up here the way the injected sidecar has them:
 
-  - recording shipped to S3 (``S3Store`` on the test bed's moto server; bucket, endpoint and
+  - recording shipped to S3 (``AioS3Store`` on the test bed's moto server; bucket, endpoint and
     keys from ``BENCH_S3_*``) instead of a local directory, built like ``services._make_recorder``;
   - the OpenTelemetry SDK as the services build it from ``OTEL_*`` (a ``BatchSpanProcessor``,
     a ``PeriodicExportingMetricReader`` and the ``/metrics`` Prometheus reader) with the
@@ -62,11 +62,11 @@ def _s3_recorder(config):
     """The session recorder shipping to the S3 server named by BENCH_S3_* (as injected)."""
     from chaperone_sidecar.recording import Recorder
     from chaperone_sidecar.recording.events import SessionIdentity
-    from chaperone_sidecar.recording.shipper import S3Store
+    from chaperone_sidecar.recording.s3http import AioS3Store
     from chaperone_sidecar.recording.spool import SpoolConfig
 
     env = os.environ
-    store = S3Store(env["BENCH_S3_BUCKET"], prefix=env.get("BENCH_S3_PREFIX", ""),
+    store = AioS3Store(env["BENCH_S3_BUCKET"], prefix=env.get("BENCH_S3_PREFIX", ""),
                     endpoint_url=env["BENCH_S3_ENDPOINT"], region_name=env.get("BENCH_S3_REGION", "us-east-1"),
                     aws_access_key_id=env["BENCH_S3_ACCESS_KEY"],
                     aws_secret_access_key=env["BENCH_S3_SECRET_KEY"])

@@ -109,7 +109,7 @@ class ProxyPath:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def start(self, env: Env, timeout: float = 60.0) -> "ProxyPath":
+    def start(self, env: Env, timeout: float = 60.0) -> ProxyPath:
         raise NotImplementedError
 
     def _spawn(self, argv: list[str], env: Env, extra: dict[str, str] | None = None,
@@ -162,14 +162,14 @@ class ProxyPath:
 class Direct(ProxyPath):
     name, label = "direct", "direct (no proxy)"
 
-    def start(self, env: Env, timeout: float = 60.0) -> "Direct":
+    def start(self, env: Env, timeout: float = 60.0) -> Direct:
         return self
 
 
 class Mitmdump(ProxyPath):
     name, label = "mitmdump", "bare mitmproxy"
 
-    def start(self, env: Env, timeout: float = 60.0) -> "Mitmdump":
+    def start(self, env: Env, timeout: float = 60.0) -> Mitmdump:
         self.dir = env.workdir / self.name
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.copytree(env.ca_dir, self.dir / "confdir")
@@ -185,23 +185,26 @@ class Mitmdump(ProxyPath):
 class Chaperone(ProxyPath):
     """``chaperone proxy`` through bench/chaperone_proc.py (``profile``: minimal | full)."""
 
-    def __init__(self, profile: str, loop: str = "uvloop", without: tuple[str, ...] = ()) -> None:
+    def __init__(self, profile: str, loop: str = "uvloop", without: tuple[str, ...] = (),
+                 root: Path | None = None) -> None:
         super().__init__()
         self.profile, self.loop, self.without = profile, loop, tuple(without)
+        # Another checkout's sidecar (bench/ab.py: "before" next to "after" in one run)
+        self.root = Path(root) if root is not None else REPO
         self.name = f"chaperone-{profile}" + "".join(f"-without-{w}" for w in self.without) + (
             "-asyncio" if loop == "asyncio" else "")
         self.label = f"Chaperone {profile}" + "".join(f" without {w}" for w in self.without) + (
             " (asyncio loop)" if loop == "asyncio" else "")
         self.health_port = 0
 
-    def start(self, env: Env, timeout: float = 60.0) -> "Chaperone":
+    def start(self, env: Env, timeout: float = 60.0) -> Chaperone:
         self.dir = env.workdir / self.name
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         conf = chaperone_config.write_config(self.dir / "config", self.profile, upstream_ca=env.upstream.ca_file,
                                              interception_ca_dir=env.ca_dir, without=self.without)
         self.port, self.health_port = free_port(), free_port()
-        extra = {"PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("sidecar", "operator", "testbed", ""))}
+        extra = {"PYTHONPATH": os.pathsep.join(str(self.root / p) for p in ("sidecar", "operator", "testbed", ""))}
         if self.profile == "full":
             if env.s3 is None:
                 raise RuntimeError("chaperone-full records to S3: start the S3 test server first")
@@ -209,7 +212,7 @@ class Chaperone(ProxyPath):
                          BENCH_S3_ENDPOINT=env.s3.endpoint_url, BENCH_S3_REGION=env.s3.region,
                          BENCH_S3_ACCESS_KEY=env.s3.access_key, BENCH_S3_SECRET_KEY=env.s3.secret_key,
                          BENCH_OTLP_ENDPOINT=env.upstream.otlp_endpoint)
-        self._spawn([sys.executable, str(REPO / "bench" / "chaperone_proc.py"), "--profile", self.profile,
+        self._spawn([sys.executable, str(self.root / "bench" / "chaperone_proc.py"), "--profile", self.profile,
                      "--loop", self.loop, "--config-dir", str(conf), "--port", str(self.port),
                      "--health-port", str(self.health_port)] + [f"--without={w}" for w in self.without], env, extra)
 
@@ -258,7 +261,7 @@ shutdown_lifetime 0 seconds
 max_filedescriptors 4096
 """
 
-    def start(self, env: Env, timeout: float = 60.0) -> "Squid":
+    def start(self, env: Env, timeout: float = 60.0) -> Squid:
         if SQUID is None or CERTGEN is None:
             raise RuntimeError("squid is not installed (Debian: apt-get install squid-openssl)")
         # Its own directory outside the run's (0700) work dir: Squid and its helpers run as

@@ -24,6 +24,8 @@ grants             grant cache (Redis when ``CHAPERONE_REDIS_URL``, else memory)
 rate_limiter       policy rate limits (Redis when configured, else memory) (Enforce)
 redis              the ``redis.asyncio`` client, if any
 tracer, meter      OpenTelemetry API objects (Telemetry; no-ops until a provider is set)
+tool_uses          :class:`~.tool_use_ledger.ToolUseLedger`: the model's recent tool_use blocks
+                   per pod (ToolUse: written on LLM answers, read to link later actions)
 =================  ===========================================================================
 
 :func:`build_services` makes them in dependency order and :meth:`SidecarServices.aclose` takes
@@ -54,6 +56,7 @@ from .recording import Recorder
 from .routing import Connection
 from .snapshot import Snapshot
 from .sources import FileSources, KubeSources, Sources
+from .tool_use_ledger import ToolUseLedger
 
 __all__ = ["SidecarServices", "InjectorRegistry", "build_services"]
 
@@ -164,6 +167,9 @@ class SidecarServices:
     redis: Any = None  # redis.asyncio.Redis (imported only when CHAPERONE_REDIS_URL is set)
     tracer: Tracer | None = None
     meter: Meter | None = None
+    # the model's recent tool_use blocks per pod (ToolUse addon: written on LLM answers, read
+    # to link the pod's later actions; in memory, bounded)
+    tool_uses: ToolUseLedger = field(default_factory=ToolUseLedger)
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list, repr=False)
 
     def snapshot(self) -> Snapshot:
@@ -286,7 +292,8 @@ def _make_recorder(config: SidecarConfig) -> Recorder:
     ``MANIFEST_KEY`` (injected) or ``<config>/manifest.key`` (standalone), when present."""
     from .recording.events import SessionIdentity
     from .recording.manifest import load_key
-    from .recording.shipper import DirStore, S3Store
+    from .recording.s3http import AioS3Store, credential_chain
+    from .recording.shipper import DirStore
     from .recording.spool import SpoolConfig
 
     store: Any = None
@@ -298,15 +305,17 @@ def _make_recorder(config: SidecarConfig) -> Recorder:
     else:
         key_file = (config.sidecar_secret_dir / "MANIFEST_KEY") if config.sidecar_secret_dir else None
         if config.s3_bucket:
-            kwargs: dict[str, Any] = {}
-            if config.s3_endpoint:
-                kwargs["endpoint_url"] = config.s3_endpoint
-            if config.s3_region:
-                kwargs["region_name"] = config.s3_region
-            access, secret = _secret(config, "AWS_ACCESS_KEY_ID"), _secret(config, "AWS_SECRET_ACCESS_KEY")
-            if access and secret:
-                kwargs.update(aws_access_key_id=access, aws_secret_access_key=secret)
-            store = S3Store(config.s3_bucket, prefix=config.s3_prefix, **kwargs)
+            # aiohttp + SigV4, no boto3 (~20 MB); credentials: the sidecar Secret's keys
+            # (re-read when rotated), else the environment, else web identity (recording/s3http)
+            credentials = None
+            try:
+                credentials = credential_chain(secret_dir=config.sidecar_secret_dir,
+                                               region=config.s3_region)
+            except Exception as exc:  # retried at each upload; the shipper reports it
+                log.error("recording bucket %s: %s", config.s3_bucket, exc)
+            store = AioS3Store(config.s3_bucket, prefix=config.s3_prefix,
+                               endpoint_url=config.s3_endpoint or None,
+                               region_name=config.s3_region or None, credentials=credentials)
     if key_file is not None and Path(key_file).is_file():
         key = load_key(key_file)
     limit = int(config.spool_limit_bytes * 0.9) if config.spool_limit_bytes else None

@@ -1,9 +1,13 @@
 """Ship closed spool segments to S3 (or a local directory) as chunks, then the signed manifest.
 
 Why a separate background task: uploads are slow and S3 may be down for minutes; the proxy
-must not wait for them. The shipper runs as one asyncio task and does every boto3 call in a
-thread (``asyncio.to_thread``), so the event loop never blocks on the network. While the store
-fails it retries with exponential backoff and jitter; segments stay in the spool meanwhile.
+must not wait for them. The shipper runs as one asyncio task. An async store (the sidecar's
+:class:`~.s3http.AioS3Store`: aiohttp + SigV4, no boto3) is awaited on the loop; a blocking
+one (:class:`DirStore`, the boto3 :class:`S3Store` the ``sessions`` CLI reads with) runs in a
+thread (``asyncio.to_thread``), like the spool's file work (reading a segment, its digests,
+the fsynced bookkeeping), so the event loop never blocks on the network or the disk. While the
+store fails it retries with exponential backoff and jitter; segments stay in the spool
+meanwhile.
 
 A segment is deleted only after the store *confirmed* it: the PUT carries our SHA-256 as
 ``x-amz-checksum-sha256`` (S3 rejects a body that does not match) and ``x-amz-meta-sha256``;
@@ -33,7 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -63,7 +69,11 @@ class UploadNotConfirmed(RuntimeError):
 
 
 class ObjectStore(Protocol):
-    """What the shipper and the reader need from S3 or a directory (keys are store-relative)."""
+    """What the shipper and the reader need from S3 or a directory (keys are store-relative).
+
+    The shipper also takes a store whose ``put``/``head``/``object_lock_enabled`` are
+    coroutines (:class:`~.s3http.AioS3Store`), and closes it with ``aclose`` if it has one.
+    """
 
     description: str
 
@@ -76,7 +86,11 @@ class ObjectStore(Protocol):
 
 
 class S3Store:
-    """An S3 bucket (any S3-compatible endpoint) through boto3; thread-safe, blocking calls."""
+    """An S3 bucket (any S3-compatible endpoint) through boto3; thread-safe, blocking calls.
+
+    What ``chaperone sessions`` reads recordings with (list, get); the sidecar ships with
+    :class:`~.s3http.AioS3Store` instead and never imports boto3.
+    """
 
     def __init__(self, bucket: str, *, prefix: str = "", client: Any = None, **client_kwargs: Any):
         import boto3  # here, so reading a local directory never needs boto3's import time
@@ -275,10 +289,18 @@ class Shipper:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._inflight is not None:
             await asyncio.wait([self._inflight], timeout=timeout)
+        close = getattr(self.store, "aclose", None)
+        if close is not None:
+            await close()
 
     async def _thread(self, func: Any, *args: Any) -> Any:
-        # shield: cancelling the task must not abandon a half-finished upload unobserved
-        self._inflight = asyncio.ensure_future(asyncio.to_thread(func, *args))
+        """``func(*args)`` in a thread - or awaited, when it is a coroutine function (an async
+        store's method). Shielded: cancelling the task must not abandon a half-finished
+        upload unobserved."""
+        if inspect.iscoroutinefunction(func):
+            self._inflight = asyncio.ensure_future(func(*args))
+        else:
+            self._inflight = asyncio.ensure_future(asyncio.to_thread(func, *args))
         return await asyncio.shield(self._inflight)
 
     async def _run(self) -> None:
@@ -308,16 +330,16 @@ class Shipper:
 
     async def _ship_all(self) -> None:
         for spool in list(self._spools):
-            for segment in spool.closed_segments():
-                await self._thread(self._ship_segment, spool, segment)
+            for segment in await self._thread(spool.closed_segments):
+                await self._ship_segment(spool, segment)
             # an adopted session whose closing events waited for space (disk full): the
             # segments just shipped freed it
             if getattr(spool, "pending_close", None) is not None:
                 if await self._thread(spool.complete_recovery):
-                    for segment in spool.closed_segments():
-                        await self._thread(self._ship_segment, spool, segment)
-            if spool.finished():
-                await self._thread(self._ship_manifest, spool)
+                    for segment in await self._thread(spool.closed_segments):
+                        await self._ship_segment(spool, segment)
+            if await self._thread(spool.finished):
+                await self._ship_manifest(spool)
                 self._spools.remove(spool)
                 self._done[spool.session].set()
 
@@ -332,18 +354,17 @@ class Shipper:
         return session_prefix(meta.get("namespace", "unknown"), meta.get("pod", "unknown"),
                               spool.session) + "manifest.json"
 
-    def _retention(self) -> tuple[str | None, datetime | None]:
+    async def _retention(self) -> tuple[str | None, datetime | None]:
         if self._lock_enabled is None:
-            self._lock_enabled = self.store.object_lock_enabled()
+            self._lock_enabled = bool(await self._thread(self.store.object_lock_enabled))
         if not self._lock_enabled:
             return None, None
         until = datetime.now(UTC) + timedelta(days=self.config.retention_days)
         return self.config.object_lock_mode, until.replace(microsecond=0)
 
-    def _upload(self, key: str, data: bytes, content_type: str) -> None:
+    async def _upload(self, key: str, data: bytes, content_type: str, digest: str) -> None:
         """PUT (unless an identical object is already there) and confirm with HEAD."""
-        digest = sha256_hex(data)
-        mode, until = self._retention()
+        mode, until = await self._retention()
 
         def matches(head: dict[str, Any] | None, etag: str | None) -> bool:
             if not head:
@@ -351,18 +372,21 @@ class Shipper:
             return head["size"] == len(data) and head["sha256"] == digest \
                 and head.get("checksum") in (None, digest) and etag in (None, head["etag"])
 
-        if key in self._unsure and matches(self.store.head(key), None):
+        if key in self._unsure and matches(await self._thread(self.store.head, key), None):
             self._unsure.discard(key)
             return
         self._unsure.add(key)
-        etag = self.store.put(key, data, sha256=digest, content_type=content_type,
-                              lock_mode=mode, retain_until=until)
-        if not matches(self.store.head(key), etag):
+        put = functools.partial(self.store.put, key, data, sha256=digest, content_type=content_type,
+                                lock_mode=mode, retain_until=until)
+        etag = await self._thread(put)
+        if not matches(await self._thread(self.store.head, key), etag):
             raise UploadNotConfirmed(f"{self.store.description}{key}: HEAD does not match the PUT")
         self._unsure.discard(key)
         self.metrics.add("uploads")
 
-    def _ship_segment(self, spool: Any, segment: Path) -> None:
+    def _read_segment(self, spool: Any, segment: Path) -> tuple[bytes, dict[str, Any]] | None:
+        """In a thread: the segment's complete lines and its ``shipped.jsonl`` entry (None: it
+        held no complete line and was discarded)."""
         data = segment.read_bytes()
         lines, tail = split_lines(data)
         if tail:  # only a write cut short by a failing disk leaves this in a closed segment
@@ -379,17 +403,28 @@ class Shipper:
                 entry[f"{name}Hash"] = sha256_hex(line)
         if not lines:
             spool.discard(segment)
+            return None
+        return data, entry
+
+    async def _ship_segment(self, spool: Any, segment: Path) -> None:
+        read = await self._thread(self._read_segment, spool, segment)
+        if read is None:
             return
-        self._upload(entry["key"], data, "application/x-ndjson")
+        data, entry = read
+        await self._upload(entry["key"], data, "application/x-ndjson", entry["sha256"])
         try:
-            spool.record_shipped(entry, segment)
+            await self._thread(spool.record_shipped, entry, segment)
         except Exception:
             # uploaded but not recorded: the next attempt HEADs before it PUTs again
             self._unsure.add(entry["key"])
             raise
 
-    def _ship_manifest(self, spool: Any) -> None:
-        manifest = sign_manifest(build_manifest(spool.meta, spool.ended, spool.shipped()), self.key)
-        self._upload(self._manifest_key(spool), manifest_file(manifest), "application/json")
+    def _manifest(self, spool: Any) -> bytes:
+        """In a thread: the signed manifest (reads ``shipped.jsonl``)."""
+        return manifest_file(sign_manifest(build_manifest(spool.meta, spool.ended, spool.shipped()), self.key))
+
+    async def _ship_manifest(self, spool: Any) -> None:
+        data = await self._thread(self._manifest, spool)
+        await self._upload(self._manifest_key(spool), data, "application/json", sha256_hex(data))
         self.metrics.add("manifests")
-        spool.remove()
+        await self._thread(spool.remove)

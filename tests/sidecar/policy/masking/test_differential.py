@@ -1,0 +1,204 @@
+"""Differential test (issue 16): the one-pass engine masks exactly like the engine before it.
+
+The oracle is ``reference/`` (the detectors, scanning, decoded views and stream masker as they
+were before the Hyperscan prefilter). Generated corpora - text with planted secrets of every
+detector, at the start and the end, glued to token characters, JSON-escaped (``\\u0041``
+too), base64-encoded (plain, URL-safe, wrapped, nested), inside binary noise, next to long
+digit runs, decoys and unicode - are masked by both, whole (text pipeline, binary, headers)
+and streamed in random chunks; the outputs and counts must be identical.
+
+``test_corpus_exercises_every_rule`` is the check on the check: with any one rule's trigger
+replaced by one that never occurs (the rule silently dropped from the prefilter), the
+comparison must find a difference on this corpus.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import random
+
+import pytest
+
+from chaperone_sidecar.policy.masking import decoded, detectors, spans, stream
+from chaperone_sidecar.policy.masking.prefilter import Trigger
+
+from .reference import decoded as ref_decoded
+from .reference import detectors as ref_detectors
+from .reference import spans as ref_spans
+from .reference import stream as ref_stream
+from .samples import AWS_KEY_ID, AWS_SECRET, BEARER, make_jwt, planted, rsa_pem
+
+NEW_RULES = detectors.resolve_rules(["all"])
+OLD_RULES = ref_detectors.resolve_rules(["all"])
+
+_WORDS = [b"the", b"key", b"token", b"secret", b"pass", b"Bearer", b"auth", b"tin", b"tax", b"SSN",
+          b"social", b"caf\xc3\xa9", b"\xf0\x9f\x94\x91", b"ey", b"eyJ", b"AKIA", b"ASIA", b"@", b"-----BEGIN",
+          b"12", b"4111", b"2024-01-05", b"0", b"x", b"Zm9v", b"\\n", b"\\u0041", b"\\/", b'"', b":",
+          b"=", b"{", b"}", b",", b"\n", b" ", b"  ", b"\t", b"-", b".", b"/", b"[MASKED:x]"]
+
+
+def _secrets() -> list[bytes]:
+    jwt = make_jwt()
+    pem = rsa_pem()
+    out = [s for _, s, _ in planted()]
+    out += [
+        b"ASIA" + AWS_KEY_ID[4:], b"AAAA" + AWS_KEY_ID + b"ZZ", b"AKIAdecoy" + AWS_KEY_ID,
+        b"SecretAccessKey=" + AWS_SECRET, b'"secretAccessKey":"' + AWS_SECRET + b'"',
+        b"AAAA" + jwt, b"eyXXXXXXXX" + jwt, jwt + b"alice@example.com", jwt.replace(b"eyJ", b"ewo", 1),
+        b"authorization: Bearer " + BEARER, b"Bearer " + BEARER, b"bearer short",
+        b"Authorization: Bearer onlythelabelmakesthisatoken",
+        b'{"access_token":"2YotnFZFEjr1zCsicMWpAA","token_type":"Bearer"}',
+        b'{"id_token": "abc.def-ghi_123"} "token_type": "bearer"',
+        b'{"password":"hunter2"}', b'{"nextToken":"abc"}', b'{"api_key": "k-123"}', b'{"pass\\u0077ord":"x1"}',
+        b"x" * 70 + b"alice@example.com", b"alice@example.comxx" + b"y" * 20, b"git@github.com", b"logo@2x.png",
+        b"\\nbob.smith@mail.example.org",
+        b"0" * 30 + b" 4111 1111 1111 1111", b"4111 1111 1111 1111 12", b"378282246310005", b"3782 822463 10005",
+        b"4111111111111111", b"41111111111111112", b"5555-5555-5555-4444x", b"1234 5678 9012 3456 7890 1234",
+        b"ssn 123-45-6789", b"Social Security: 536 22 1234", b'{"ssn": "536221234", "id": "536221235"}',
+        b"taxpayer id 536-22-1234", b"SSN: 666-22-1234", b"tin: 536221234",
+        pem, pem[: len(pem) // 2], json.dumps({"k": pem.decode()}).encode(),
+        b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+    ]
+    return out
+
+
+SECRETS = _secrets()
+
+
+def _encode(rnd: random.Random, secret: bytes) -> bytes:
+    how = rnd.randrange(8)
+    if how == 0:
+        return json.dumps(secret.decode("utf-8", "replace")).encode()
+    if how == 1:  # every upper-case letter escaped, as a hostile JSON string would
+        inner = "".join(f"\\u{ord(c):04x}" if c.isupper() else c for c in secret.decode("latin-1"))
+        return b'"' + inner.encode("latin-1") + b'"'
+    if how == 2:
+        return base64.b64encode(b"prefix " + secret)
+    if how == 3:
+        return base64.urlsafe_b64encode(secret).rstrip(b"=")
+    if how == 4:  # wrapped (GitHub contents API: 60 columns, JSON-escaped line feeds)
+        b64 = base64.b64encode(secret * 3)
+        return b"\\n".join(b64[i:i + 60] for i in range(0, len(b64), 60))
+    if how == 5:  # nested: base64 of JSON holding base64
+        inner = base64.b64encode(b'{"key": "' + secret + b'"}')
+        return base64.b64encode(b'{"data": "' + inner + b'"}')
+    return secret
+
+
+def document(seed: int, size: int = 1500) -> bytes:
+    rnd = random.Random(seed)
+    parts: list[bytes] = []
+    if rnd.random() < 0.3:
+        parts.append(_encode(rnd, rnd.choice(SECRETS)))  # at the very start
+    while sum(map(len, parts)) < size:
+        r = rnd.random()
+        if r < 0.15:
+            parts.append(_encode(rnd, rnd.choice(SECRETS)))
+        elif r < 0.2:
+            parts.append(bytes((rnd.choice(b"0123456789"),)) * rnd.randrange(5, 60))
+        elif r < 0.25:
+            parts.append(b" ".join(str(rnd.randrange(10**4)).zfill(4).encode() for _ in range(rnd.randrange(2, 8))))
+        else:
+            parts.append(rnd.choice(_WORDS))
+            if rnd.random() < 0.7:
+                parts.append(b" ")
+    if rnd.random() < 0.3:
+        parts.append(_encode(rnd, rnd.choice(SECRETS)))  # at the very end
+    return b"".join(parts)
+
+
+CORPUS = [document(seed) for seed in range(160)]
+
+
+def _both(doc: bytes, js: bool, key: bytes | None = None, new_rules=NEW_RULES, old_rules=OLD_RULES):
+    new_counts: dict[str, int] = {}
+    old_counts: dict[str, int] = {}
+    new = decoded.mask_decoded(doc, new_rules, key, new_counts, json_strings=js)
+    old = ref_decoded.mask_decoded(doc, old_rules, key, old_counts, json_strings=js)
+    return (new, new_counts), (old, old_counts)
+
+
+def _stream(mod, rules, doc: bytes, cuts: list[int], js: bool) -> bytes:
+    masker = mod.StreamMasker(rules, json_mode=js)
+    points = [0, *sorted(set(cuts)), len(doc)]
+    out = [masker.feed(doc[a:b]) for a, b in zip(points, points[1:]) if b > a]
+    out.append(masker.finish())
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("js", [False, True], ids=["text", "json"])
+def test_whole_bodies_mask_identically(js):
+    masked = 0
+    for i, doc in enumerate(CORPUS):
+        key = b"k" if i % 5 == 0 else None
+        new, old = _both(doc, js, key)
+        assert new == old, f"document {i}"
+        masked += new[0] != doc
+    assert masked > len(CORPUS) * 0.8  # the corpus is not vacuous
+
+
+def test_every_detector_fires_on_the_corpus():
+    counts: dict[str, int] = {}
+    for doc in CORPUS:
+        decoded.mask_decoded(doc, NEW_RULES, None, counts, json_strings=True)
+    assert set(counts) == set(detectors.DETECTOR_NAMES)
+
+
+def test_single_detectors_mask_identically():
+    for name in detectors.DETECTOR_NAMES:
+        new_rules, old_rules = detectors.resolve_rules([name]), ref_detectors.resolve_rules([name])
+        for i, doc in enumerate(CORPUS[:60]):
+            new, old = _both(doc, True, None, new_rules, old_rules)
+            assert new == old, f"{name}, document {i}"
+
+
+def test_binary_and_plain_scans_mask_identically():
+    rnd = random.Random(7)
+    for i, doc in enumerate(CORPUS[:80]):
+        noisy = b"".join(rnd.randbytes(rnd.randrange(0, 40)) + piece for piece in doc.split(b" "))
+        new_counts: dict[str, int] = {}
+        old_counts: dict[str, int] = {}
+        assert decoded.mask_binary(noisy, NEW_RULES, None, new_counts) == \
+            ref_decoded.mask_binary(noisy, OLD_RULES, None, old_counts), f"document {i}"
+        assert new_counts == old_counts
+        assert spans.mask_text(doc, NEW_RULES) == ref_spans.mask_text(doc, OLD_RULES)
+        assert decoded.mask_base64(doc, NEW_RULES) == ref_decoded.mask_base64(doc, OLD_RULES)
+
+
+@pytest.mark.parametrize("js", [False, True], ids=["text", "json"])
+def test_streams_mask_identically_in_any_chunks(js):
+    rnd = random.Random(11 + js)
+    for i, doc in enumerate(CORPUS[:100]):
+        cuts = [rnd.randrange(len(doc) + 1) for _ in range(rnd.choice((1, 3, 10, 40)))]
+        new = _stream(stream, NEW_RULES, doc, cuts, js)
+        old = _stream(ref_stream, OLD_RULES, doc, cuts, js)
+        assert new == old, f"document {i}, cuts {sorted(set(cuts))}"
+
+
+def test_long_hostile_runs_mask_identically():
+    """Digit runs, base64 blobs and trigger floods far longer than any window."""
+    card = b"4111 1111 1111 1111"
+    docs = [
+        b"1" * 200_000 + b" " + card,
+        b"1 " * 50_000 + card,
+        b"SSN " * 20_000 + b"536-22-1234",
+        b"ey" * 30_000 + make_jwt(),
+        b"@" * 50_000 + b"alice@example.com",
+        base64.b64encode(random.Random(3).randbytes(120_000) + AWS_KEY_ID + b" tail"),
+        b"AKIA" * 20_000 + AWS_KEY_ID,
+    ]
+    for doc in docs:
+        new, old = _both(doc, True)
+        assert new == old
+        assert new[1], "a secret was planted at the end"
+
+
+def test_corpus_exercises_every_rule():
+    """Dropping any one rule from the prefilter (a trigger that never occurs) is caught."""
+    never = (Trigger(rb"\x00never\x00", 7),)
+    for k, rule in enumerate(NEW_RULES):
+        crippled = NEW_RULES[:k] + (dataclasses.replace(rule, triggers=never),) + NEW_RULES[k + 1:]
+        assert any(_both(doc, True, None, crippled)[0] != _both(doc, True)[1] for doc in CORPUS), \
+            f"rule {k} ({rule.name}) could be dropped unnoticed"

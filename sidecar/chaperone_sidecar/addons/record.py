@@ -278,7 +278,11 @@ class Record:
             "headers": redact_headers(req.headers, _injected_header(ctx), masker),
             "connection": ctx.connection or None,
             "connectionType": ctx.connection_type or None,
-            "action": ({"name": ctx.action.name, "summary": redact_text(ctx.action.summary)}
+            # The summary can quote arguments (MCP tool calls, exec commands): masked like
+            # the headers, so a secret the body masks does not survive in the summary.
+            "action": ({"name": ctx.action.name, "summary": redact_text(
+                masker.mask_values([ctx.action.summary])[0] if masker is not None and masker.active
+                else ctx.action.summary)}
                        if ctx.action is not None else None),
         }
         if streamed:

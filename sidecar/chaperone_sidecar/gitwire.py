@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["FLUSH", "MAX_PAYLOAD", "PktError", "Truncated", "Pkt", "read_pkt", "pkt",
-           "err_pkt", "report_status", "one_line"]
+           "err_pkt", "sideband_error", "report_status", "one_line"]
 
 FLUSH = b"0000"
 MAX_PAYLOAD = 65516  # LARGE_PACKET_MAX (65520) minus the length prefix
@@ -90,6 +90,13 @@ def one_line(text: str, limit: int = 1000) -> str:
 def err_pkt(message: str) -> bytes:
     """``ERR <message>``: git dies printing ``remote error: <message>``."""
     return pkt(b"ERR " + one_line(message, 4000).encode("utf-8", "replace") + b"\n")
+
+
+def sideband_error(message: str) -> bytes:
+    """A fatal error on side-band 3: git dies printing ``remote error: <message>``. For a push
+    whose client demultiplexes the answer (it asked for side-band), where a plain ``ERR`` line
+    would read as "bad band"."""
+    return pkt(b"\x03" + one_line(message, 4000).encode("utf-8", "replace") + b"\n") + FLUSH
 
 
 def _sideband(band: int, data: bytes, limit: int) -> bytes:

@@ -22,7 +22,7 @@ import secrets
 import string
 from urllib.parse import parse_qsl, quote
 
-from ..policy.classify.git import git_resources
+from ..policy.classify.git import classify_git, git_resources, git_service
 from ..policy.model import Action, HTTPRequest
 
 __all__ = [
@@ -92,8 +92,28 @@ def _significant_headers(req: HTTPRequest, names: tuple[str, ...]) -> list[tuple
     return sorted(out)
 
 
+def git_push_payload(req: HTTPRequest) -> bytes | None:
+    """What a git push does, for its digest: the repository and each ref update (ref, old and
+    new id) - not the pack's bytes, which ``git pack-objects`` may compress or order otherwise
+    when the agent pushes again (the new ids pin the content). A push whose updates cannot be
+    read (a streamed body) gets a digest of its own that no retry shares, so no grant made for
+    it - its approver saw no refs - ever lets another push through. None: not a git push."""
+    found = git_service(req)
+    if found is None or found[0] != "push" or found[2] != "rpc":
+        return None
+    git = classify_git(req, [])
+    if git is None or git.commands is None:
+        return b"git-push-unreadable:" + secrets.token_bytes(16)
+    return json.dumps(["git-push", git.repository, [[c.ref, c.old, c.new] for c in git.commands]],
+                      separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+
 def _payload(req: HTTPRequest) -> bytes:
-    """The body, with aws-chunked framing removed (each chunk carries a per-attempt signature)."""
+    """The body, with aws-chunked framing removed (each chunk carries a per-attempt signature);
+    a git push's ref updates (:func:`git_push_payload`)."""
+    git = git_push_payload(req)
+    if git is not None:
+        return git
     encoding = (req.header("content-encoding") or "").lower()
     sha = (req.header("x-amz-content-sha256") or "").upper()
     if req.body and ("aws-chunked" in encoding or sha.startswith("STREAMING-")):

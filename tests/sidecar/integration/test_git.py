@@ -10,6 +10,7 @@ is checked twice: what ``git`` prints (``! [remote rejected] ... (chaperone_bloc
 from __future__ import annotations
 
 import gzip
+import os
 import json
 import ssl
 import subprocess
@@ -292,7 +293,7 @@ def test_an_unknown_encoding_is_judged_without_its_refs(git):
     posts = len(git.server.seen)
     status, headers, body = raw_push(git, commands(f"{ZERO} {'3' * 40} refs/heads/feature/y"),
                                      {"Content-Encoding": "br"})
-    assert headers["X-Chaperone-Refused"] == "blocked" and b"ERR " in body
+    assert headers["X-Chaperone-Refused"] == "blocked" and b"\x03chaperone_blocked" in body  # side-band 3
     assert git.server.posts(since=posts) == []
 
 
@@ -317,3 +318,20 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     env.update({"PYTHONPATH": PYTHONPATH, "USER": "dana"})
     return subprocess.run([sys.executable, "-m", "chaperone_sidecar.standalone_cli", *args], env=env,
                           capture_output=True, text=True, timeout=60)
+
+
+def test_a_push_too_large_to_read_first_is_refused_with_how_to_push_it(git):
+    # Above 1 MiB git streams the push (chunked) and the sidecar streams it too: its ref updates
+    # cannot be read before the body leaves, so ref rules fail closed - and git says what to do.
+    work = work_tree(git, "large")
+    (work / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    git.ok("add", "blob.bin", cwd=work)
+    git.ok("commit", "-q", "-m", "large", cwd=work)
+    posts = len(git.server.seen)
+    out = git("push", "origin", "HEAD:refs/heads/feature/large", cwd=work)
+    assert out.returncode != 0
+    # side-band 3: git 2.39 prints it as "remote: ..." and dies
+    assert "remote: chaperone_blocked" in out.stderr, out.stderr
+    assert "ref updates were not read" in out.stderr and "HTTP 403" not in out.stderr
+    assert git.server_ref("org/app", "refs/heads/feature/large") == ""
+    assert [s for s in git.server.posts(since=posts) if s.body_bytes > 4] == []  # only git's 0000 probe

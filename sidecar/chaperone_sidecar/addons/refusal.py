@@ -55,7 +55,7 @@ from typing import Any
 from mitmproxy import http
 
 from .. import flowctx
-from ..gitwire import err_pkt, report_status
+from ..gitwire import err_pkt, report_status, sideband_error
 from ..mcpwire import jsonrpc_refusal
 from ..policy.model import Action, GitAction, RuleRef
 
@@ -234,15 +234,18 @@ def git_response(kind: str, body: Mapping[str, Any], git: GitAction, *,
 
     HTTP 200 (git shows only "HTTP 403" for anything else). A push whose ref updates are known
     and whose client asked for report-status gets ``ng <ref> <reason>`` for every ref (the whole
-    push is refused) and, with side-band, the explanation on band 2 (``remote: ...``); every
-    other git request gets an ``ERR`` pkt-line (``remote error: ...``).
+    push is refused) and, with side-band, the explanation on band 2 (``remote: ...``). Another
+    push gets a side-band 3 error when its client demultiplexes (it asked for side-band, or its
+    capabilities were not read: git always asks), otherwise an ``ERR`` pkt-line; fetches and
+    advertisements an ``ERR`` pkt-line. Either way git prints ``remote error: ...``.
     """
     rule = body.get("rule")
     where = f" (rule {rule['name']} of AccessPolicy {rule['policy']})" if rule else ""
     reason = f"{body.get('error', '')}: {body.get('message', '')}{where}"
     service = "receive-pack" if git.service == "push" else "upload-pack"
-    wants_report = {"report-status", "report-status-v2"} & set(git.capabilities)
-    if git.phase == "rpc" and git.service == "push" and git.commands and wants_report:
+    caps = set(git.capabilities)
+    push = git.phase == "rpc" and git.service == "push"
+    if push and git.commands and caps & {"report-status", "report-status-v2"}:
         progress = [f"Chaperone refused this push: {reason}",
                     f"How to get access: {body.get('how_to_get_access', '')}"]
         if command := body.get("approve_command"):
@@ -250,7 +253,14 @@ def git_response(kind: str, body: Mapping[str, Any], git: GitAction, *,
         content = report_status([(c.ref, reason) for c in git.commands],
                                 capabilities=git.capabilities, progress=progress)
     else:
-        content = err_pkt(f"{reason} - {body.get('how_to_get_access', '')}")
+        text = f"{reason} - {body.get('how_to_get_access', '')}"
+        if push and git.commands is None:
+            text = (f"{reason} - this push's ref updates were not read: it streamed (git sends "
+                    "a push larger than 1 MiB in chunks, and the sidecar cannot read it before "
+                    "it leaves), so rules on refs judged it as any ref (docs/git.md: push it in "
+                    f"smaller parts). {body.get('how_to_get_access', '')}")
+        demux = push and (git.commands is None or caps & {"side-band-64k", "side-band"})
+        content = sideband_error(text) if demux else err_pkt(text)
     suffix = "advertisement" if git.phase == "advertisement" else "result"
     fields = {"Content-Type": f"application/x-git-{service}-{suffix}", HEADER: kind,
               "Cache-Control": "no-store"}

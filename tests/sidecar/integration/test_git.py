@@ -10,8 +10,8 @@ is checked twice: what ``git`` prints (``! [remote rejected] ... (chaperone_bloc
 from __future__ import annotations
 
 import gzip
-import os
 import json
+import os
 import ssl
 import subprocess
 import sys

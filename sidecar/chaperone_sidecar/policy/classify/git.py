@@ -52,6 +52,7 @@ import hashlib
 import re
 import struct
 import zlib
+from typing import Literal
 from urllib.parse import parse_qsl
 
 from ...gitwire import PktError, Truncated, read_pkt
@@ -60,14 +61,16 @@ from ..model import GitAction, GitCommand, HTTPRequest
 __all__ = ["git_service", "classify_git", "git_name", "git_summary", "git_resources",
            "valid_ref", "MAX_INFLATED"]
 
-_SERVICES = {"git-receive-pack": "push", "git-upload-pack": "fetch"}
+Service = Literal["push", "fetch"]
+Phase = Literal["advertisement", "rpc"]
+_SERVICES: dict[str, Service] = {"git-receive-pack": "push", "git-upload-pack": "fetch"}
 _HEX = re.compile(rb"^[0-9a-f]+$")
 MAX_INFLATED = 64 * 1024 * 1024  # a gzip body is inflated at most this far (bombs)
 _MAX_PACK_COMMITS = 100_000
 _MAX_COMMIT = 1024 * 1024  # a commit object larger than this is not read
 
 
-def git_service(request: HTTPRequest) -> tuple[str, str, str] | None:
+def git_service(request: HTTPRequest) -> tuple[Service, str, Phase] | None:
     """(service, repository, phase) when the request is a smart-HTTP git request, else None."""
     path, method = request.path, request.method.upper()
     if path.endswith("/info/refs") and method in ("GET", "HEAD"):
@@ -75,7 +78,7 @@ def git_service(request: HTTPRequest) -> tuple[str, str, str] | None:
         if not values & set(_SERVICES):
             return None
         # Conflicting service= values: judged as the push (the stricter), whatever the server picks.
-        service = "push" if "git-receive-pack" in values else "fetch"
+        service: Service = "push" if "git-receive-pack" in values else "fetch"
         return service, _repository(path[:-len("/info/refs")]), "advertisement"
     if method == "POST":
         for suffix, service in _SERVICES.items():
@@ -97,7 +100,7 @@ def classify_git(request: HTTPRequest, errors: list[str]) -> GitAction | None:
     service, repository, phase = found
     protocol = (request.header("git-protocol") or "")[:200]
     if service == "fetch" or phase == "advertisement":
-        return GitAction(service, repository, phase, (), protocol=protocol)  # type: ignore[arg-type]
+        return GitAction(service, repository, phase, (), protocol=protocol)
     body = _inflated(request, errors)
     if body is None:
         return GitAction("push", repository, phase, None, protocol=protocol)
@@ -107,8 +110,7 @@ def classify_git(request: HTTPRequest, errors: list[str]) -> GitAction | None:
     commands, caps, options, pack_at = parsed
     if any(c.operation == "update" for c in commands):
         commands = _with_fast_forwards(commands, body, pack_at, errors)
-    return GitAction("push", repository, phase, tuple(commands), tuple(caps), tuple(options),  # type: ignore[arg-type]
-                     protocol)
+    return GitAction("push", repository, phase, tuple(commands), tuple(caps), tuple(options), protocol)
 
 
 def _inflated(request: HTTPRequest, errors: list[str]) -> bytes | None:
@@ -189,9 +191,10 @@ def _command(line: bytes) -> GitCommand:
     zero = b"0" * size
     if old == zero and new == zero:
         raise ValueError(f"a ref update from and to the null id: {line[:120]!r}")
-    operation = "create" if old == zero else "delete" if new == zero else "update"
+    operation: Literal["create", "update", "delete"] = (
+        "create" if old == zero else "delete" if new == zero else "update")
     name = ref.decode("utf-8", "surrogateescape")
-    return GitCommand(name, old.decode(), new.decode(), operation,  # type: ignore[arg-type]
+    return GitCommand(name, old.decode(), new.decode(), operation,
                       None if operation == "update" else False, valid_ref(name))
 
 
@@ -312,7 +315,7 @@ def _short(oid: str) -> str:
 
 def describe_command(c: GitCommand) -> str:
     """``refs/heads/main a1b2c3d4e5f6..d4e5f6a1b2c3 (update)``."""
-    what = c.operation
+    what: str = c.operation
     if c.operation == "update" and c.force is None:
         what += ", fast-forward not proven"
     ref = c.ref if c.valid else f"{c.ref!r} (invalid ref name)"

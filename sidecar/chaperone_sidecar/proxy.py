@@ -69,6 +69,7 @@ from typing import Any
 
 from .config import SidecarConfig
 from .log_setup import configure_logging
+from .postgres.server import PostgresListeners
 from .routing import base_url_parts
 from .services import SidecarServices, build_services
 from .snapshot import Snapshot
@@ -244,10 +245,16 @@ class ProxyRuntime:
                 return 0
             services.sources.subscribe(self._snapshot_changed)
             refresh = loop.create_task(self._refresh_trust(), name="chaperone-upstream-trust")
+            # postgres connections: asyncio listeners on this loop, next to mitmproxy's
+            # (postgres/server.py); up before the proxy reports ready.
+            postgres = PostgresListeners(services)
+            await postgres.update(services.snapshot())
+            services.sources.subscribe(postgres.changed)
             try:
                 await self.master.run()
             finally:
                 refresh.cancel()
+                await postgres.aclose()
             # Client connections still open are cancelled when the loop ends; Python 3.11's
             # streams report each as an "unhandled" CancelledError. That is the shutdown
             # working, not an error.

@@ -114,6 +114,8 @@ class CredentialInjector:
             resigner = AWSResigner(source, region=aws.get("region"),
                                    endpoint_url=aws.get("endpointURL"), clock=clock)
             return cls(kind, resigner, source if source_kind == "webIdentity" else None)
+        if kind == "postgres":  # no request to inject into: postgres/upstream.py logs in itself
+            return cls(kind, None)
         if kind not in ("http", "anthropic", "kubernetes", "mcp"):
             raise ValueError(f"unknown connection type {kind!r}")
         if source_kind == "none" and not (kind == "kubernetes" and token_file is not None):

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..api import ACCESS_POLICIES
+from .classify.postgres import STATEMENT_NAMES
 from .errors import PolicyError
 from .globs import glob_error
 from .globs import quote as _q
-from .classify.postgres import STATEMENT_NAMES
 from .masking.detectors import validate_detectors
 from .masking.fields import compile_path
 from .matching import CompiledPolicy, CompiledPolicySet, build_policy

@@ -41,7 +41,7 @@ from .paths import PathRules, canonical_path, path_rules
 
 __all__ = ["classify", "CONNECTION_TYPES"]
 
-CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic", "mcp")
+CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic", "mcp", "postgres")
 _MAX_ERROR = 300
 
 
@@ -96,6 +96,10 @@ def classify(request: HTTPRequest, connection_type: str, rules: PathRules | None
     except Exception as exc:  # noqa: BLE001 - totality is the contract
         errors.append(_error_text("http", exc))
         return _fallback(request, connection_type, errors)
+    if connection_type == "postgres":
+        # SQL is classified per statement by .postgres (the sidecar's postgres listeners); an
+        # HTTP request on such a connection has only the generic fields.
+        return base
     if connection_type == "http":
         try:
             git = classify_git(request, errors)

@@ -1,0 +1,265 @@
+"""Classify SQL sent through a postgres connection: one ``Action`` per statement.
+
+The parser is PostgreSQL's own (libpg_query, through ``pglast``), so what is classified is what
+the server will parse: comments, case, quoting (``"Users"`` is the table ``Users``, ``USERS`` is
+``users``), dollar quoting and multi-statement strings are the grammar's business, not ours.
+
+Per statement (:class:`~chaperone_sidecar.policy.model.PostgresAction`):
+
+* ``statement`` - the top-level command (``SELECT``, ``DELETE``, ``DROP``, ``DO``, ``BEGIN``);
+  ``statements`` - every command inside it too, so ``WITH d AS (DELETE FROM t RETURNING *)
+  SELECT * FROM d`` is ``SELECT`` with ``statements`` ``(SELECT, DELETE)``, and ``EXPLAIN
+  ANALYZE DELETE ...`` (which runs the DELETE) carries ``DELETE``.
+* ``kind`` - the strictest kind of every command in it: ``read`` < ``write`` < ``ddl`` <
+  ``other``. Commands this module does not know are ``other`` and opaque.
+* ``tables`` - every relation named (``RangeVar``), schema-qualified as written; a bare name that
+  only refers to a CTE of the statement is left out (a DML target never is: ``WITH users AS
+  (...) DELETE FROM users`` deletes from the real table).
+* ``functions`` - every function called, lower case, qualified as written
+  (``pg_catalog.pg_read_file``); ``COPY ... PROGRAM`` adds ``PROGRAM`` and a server-side
+  ``COPY ... 'file'`` adds ``FILE``.
+* ``where_missing`` - an ``UPDATE``/``DELETE`` anywhere in it with no ``WHERE``, or with a
+  ``WHERE`` that references no column (``WHERE true``, ``WHERE 1=1``, ``WHERE $1``): it touches
+  every row. ``TRUNCATE`` is ``where_missing`` too. **Decision**: a constant condition counts
+  as missing - it is how one would dodge the rule.
+* ``opaque`` - what runs cannot be read from the text: ``DO`` blocks, ``CALL``, ``EXECUTE`` of a
+  SQL-level ``PREPARE``, ``LOAD``, unknown commands. Block and requireApproval rules on
+  postgres fields match an opaque statement whatever they name (policy/matching.py), allow
+  rules never do unless they name ``other``.
+
+Unparseable SQL is not classified at all: :func:`parse_statements` raises
+:class:`SQLParseError` with the parser's message and the sidecar refuses the query (fail
+closed; the server never sees what the policy could not judge).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pglast import ast, parse_sql
+from pglast.parser import ParseError
+from pglast.visitors import Visitor
+
+from ..model import Action, PostgresAction
+from .http import shorten
+
+__all__ = ["SQLParseError", "Statement", "parse_statements", "classify_sql", "statement_action",
+           "KINDS", "STATEMENT_NAMES"]
+
+Kind = Literal["read", "write", "ddl", "other"]
+KINDS: tuple[Kind, ...] = ("read", "write", "ddl", "other")
+_RANK = {k: i for i, k in enumerate(KINDS)}
+MAX_TEXT = 4096  # characters of a statement kept on the action (recordings keep their own bound)
+
+# node class -> (command, kind). Anything not listed: first CamelCase word, kind from _PREFIX.
+_NODES: dict[str, tuple[str, Kind]] = {
+    "SelectStmt": ("SELECT", "read"), "VariableShowStmt": ("SHOW", "read"),
+    "ExplainStmt": ("EXPLAIN", "read"), "FetchStmt": ("FETCH", "read"),
+    "DeclareCursorStmt": ("DECLARE", "read"), "ClosePortalStmt": ("CLOSE", "other"),
+    "InsertStmt": ("INSERT", "write"), "UpdateStmt": ("UPDATE", "write"),
+    "DeleteStmt": ("DELETE", "write"), "MergeStmt": ("MERGE", "write"),
+    "CopyStmt": ("COPY", "read"), "TruncateStmt": ("TRUNCATE", "write"),
+    "RefreshMatViewStmt": ("REFRESH", "write"),
+    "RenameStmt": ("ALTER", "ddl"), "IndexStmt": ("CREATE", "ddl"), "ViewStmt": ("CREATE", "ddl"),
+    "RuleStmt": ("CREATE", "ddl"), "DefineStmt": ("CREATE", "ddl"),
+    "CompositeTypeStmt": ("CREATE", "ddl"), "CreatedbStmt": ("CREATE", "ddl"),
+    "DropdbStmt": ("DROP", "ddl"), "CommentStmt": ("COMMENT", "ddl"), "SecLabelStmt": ("SECURITY LABEL", "ddl"),
+    "GrantStmt": ("GRANT", "ddl"), "GrantRoleStmt": ("GRANT", "ddl"), "ReindexStmt": ("REINDEX", "ddl"),
+    "ClusterStmt": ("CLUSTER", "ddl"), "ImportForeignSchemaStmt": ("IMPORT FOREIGN SCHEMA", "ddl"),
+    "ReassignOwnedStmt": ("REASSIGN OWNED", "ddl"), "DropOwnedStmt": ("DROP", "ddl"),
+    "ReplicaIdentityStmt": ("ALTER", "ddl"),
+    "TransactionStmt": ("BEGIN", "other"), "VariableSetStmt": ("SET", "other"),
+    "DiscardStmt": ("DISCARD", "other"), "ListenStmt": ("LISTEN", "other"),
+    "UnlistenStmt": ("UNLISTEN", "other"), "NotifyStmt": ("NOTIFY", "other"),
+    "PrepareStmt": ("PREPARE", "other"), "DeallocateStmt": ("DEALLOCATE", "other"),
+    "LockStmt": ("LOCK", "other"), "CheckPointStmt": ("CHECKPOINT", "other"),
+    "VacuumStmt": ("VACUUM", "other"), "ConstraintsSetStmt": ("SET", "other"),
+    "DoStmt": ("DO", "other"), "CallStmt": ("CALL", "other"), "ExecuteStmt": ("EXECUTE", "other"),
+    "LoadStmt": ("LOAD", "other"),
+}
+_PREFIX: dict[str, Kind] = {"Create": "ddl", "Alter": "ddl", "Drop": "ddl"}
+# What they run is not in the text (a function body, a prepared plan, a shared library).
+_OPAQUE = frozenset({"DoStmt", "CallStmt", "ExecuteStmt", "LoadStmt"})
+_TRANSACTION = {
+    "TRANS_STMT_BEGIN": "BEGIN", "TRANS_STMT_START": "BEGIN", "TRANS_STMT_COMMIT": "COMMIT",
+    "TRANS_STMT_ROLLBACK": "ROLLBACK", "TRANS_STMT_SAVEPOINT": "SAVEPOINT",
+    "TRANS_STMT_RELEASE": "RELEASE", "TRANS_STMT_ROLLBACK_TO": "ROLLBACK",
+    "TRANS_STMT_PREPARE": "PREPARE TRANSACTION", "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
+    "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
+}
+# Every command name a policy may write in match.postgres.statements.
+STATEMENT_NAMES = frozenset(
+    {c for c, _ in _NODES.values()} | set(_TRANSACTION.values())
+    | {"CREATE", "ALTER", "DROP", "REVOKE", "RESET", "ANALYZE", "SELECT INTO"})
+_DML = ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
+_CAMEL = re.compile(r"[A-Z][a-z]*")
+
+
+class SQLParseError(ValueError):
+    """The SQL does not parse; ``str()`` is the parser's message with the position."""
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One parsed statement of a query string: its text and its classification."""
+
+    text: str
+    action: PostgresAction
+
+
+def _command(node: Any) -> tuple[str, Kind, bool]:
+    """(command, kind, opaque) of one statement node."""
+    cls = type(node).__name__
+    known = _NODES.get(cls)
+    if cls == "TransactionStmt":
+        kind = getattr(node.kind, "name", str(node.kind))
+        return _TRANSACTION.get(kind, "BEGIN"), "other", False
+    if cls == "VariableSetStmt" and getattr(node.kind, "name", "") == "VAR_RESET":
+        return "RESET", "other", False
+    if cls in ("GrantStmt", "GrantRoleStmt") and not node.is_grant:
+        return "REVOKE", "ddl", False
+    if cls == "VacuumStmt" and not node.is_vacuumcmd:
+        return "ANALYZE", "other", False
+    if cls == "SelectStmt" and node.intoClause is not None:
+        return "SELECT INTO", "ddl", False  # creates a table
+    if cls == "CopyStmt":
+        if node.is_program or node.filename is not None:
+            return "COPY", "other", False  # runs a program / touches a file on the server
+        return "COPY", "write" if node.is_from else "read", False
+    if known is not None:
+        return known[0], known[1], cls in _OPAQUE
+    words = _CAMEL.findall(cls.removesuffix("Stmt"))
+    first = words[0] if words else cls
+    if first in _PREFIX:
+        return first.upper(), _PREFIX[first], False
+    return first.upper(), "other", True  # unknown: the strictest
+
+
+def _name(*parts: Any) -> str:
+    return ".".join(str(p) for p in parts if p)
+
+
+def _func_name(node: ast.FuncCall) -> str:
+    return ".".join(getattr(p, "sval", "") or "" for p in (node.funcname or ())).lower()
+
+
+def _references_columns(node: Any) -> bool:
+    """Whether a WHERE clause looks at the row (a column, or WHERE CURRENT OF a cursor)."""
+    found = False
+
+    class _Find(Visitor):
+        def visit(self, ancestors: Any, n: Any) -> Any:
+            nonlocal found
+            if isinstance(n, (ast.ColumnRef, ast.CurrentOfExpr)):
+                found = True
+            return None
+
+    _Find()(node)
+    return found
+
+
+def _nodes(root: Any) -> list[Any]:
+    out: list[Any] = []
+
+    class _Collect(Visitor):
+        def visit(self, ancestors: Any, node: Any) -> Any:
+            out.append(node)
+            return None
+
+    _Collect()(root)
+    return out
+
+
+def _statement(stmt: Any, text: str, database: str) -> PostgresAction:
+    top, kind, opaque = _command(stmt)
+    commands: list[str] = [top]
+    tables: list[str] = []
+    functions: list[str] = []
+    where_missing = False
+    nodes = _nodes(stmt)
+    ctes = {n.ctename for n in nodes if isinstance(n, ast.CommonTableExpr) and n.ctename}
+    targets = {id(n.relation) for n in nodes if type(n).__name__ in _DML and n.relation is not None}
+    for node in nodes:
+        cls = type(node).__name__
+        if cls.endswith("Stmt") and node is not stmt and cls != "RawStmt":
+            command, k, o = _command(node)
+            commands.append(command)
+            opaque = opaque or o
+            if _RANK[k] > _RANK[kind]:
+                kind = k
+        if isinstance(node, ast.RangeVar):
+            if node.schemaname is None and node.relname in ctes and id(node) not in targets:
+                continue
+            tables.append(_name(node.catalogname, node.schemaname, node.relname))
+        elif isinstance(node, ast.FuncCall):
+            functions.append(_func_name(node))
+        elif isinstance(node, (ast.DeleteStmt, ast.UpdateStmt)):
+            if node.whereClause is None or not _references_columns(node.whereClause):
+                where_missing = True
+        elif isinstance(node, ast.TruncateStmt):
+            where_missing = True
+        elif isinstance(node, ast.DropStmt):
+            for obj in node.objects or ():  # DROP TABLE a, s.b: name lists, not RangeVars
+                if isinstance(obj, (list, tuple)) and all(isinstance(p, ast.String) for p in obj):
+                    tables.append(_name(*(p.sval for p in obj)))
+        elif isinstance(node, ast.CopyStmt):
+            if node.is_program:
+                functions.append("PROGRAM")
+            elif node.filename is not None:
+                functions.append("FILE")
+    return PostgresAction(
+        statement=top, kind=kind, statements=tuple(dict.fromkeys(commands)),
+        tables=tuple(dict.fromkeys(tables)), functions=tuple(dict.fromkeys(functions)),
+        where_missing=where_missing, opaque=opaque, database=database, text=text[:MAX_TEXT])
+
+
+def _slice(sql: str, location: int, length: int) -> str:
+    """A statement's text from the parser's offsets (pglast gives them in characters)."""
+    end = location + length if length else len(sql)
+    return sql[location:end].strip()
+
+
+def parse_statements(sql: str, database: str = "") -> list[Statement]:
+    """Every statement of ``sql``, classified. Raises :class:`SQLParseError` when it does not
+    parse; an empty list for an empty query (``""``, ``";"``, only comments)."""
+    try:
+        raws = parse_sql(sql)
+    except ParseError as exc:
+        position = exc.args[1] if len(exc.args) > 1 else None
+        where = f" (at character {position + 1})" if isinstance(position, int) else ""
+        raise SQLParseError(f"{exc.args[0] if exc.args else exc}{where}") from None
+    except Exception as exc:  # noqa: BLE001 - anything the parser chokes on is unparseable
+        raise SQLParseError(f"{type(exc).__name__}: {exc}") from None
+    out = []
+    for raw in raws:
+        text = _slice(sql, raw.stmt_location or 0, raw.stmt_len or 0)
+        out.append(Statement(text, _statement(raw.stmt, text, database)))
+    return out
+
+
+def statement_action(pg: PostgresAction, *, host: str, port: int, database: str) -> Action:
+    """The policy ``Action`` of one classified statement on a postgres connection.
+
+    The generic fields say where it goes: ``host``/``port`` of the server and ``path``
+    ``/<database>`` (an ``action``-scope grant is then bound to the command, the server and the
+    database, docs/postgres.md); ``method`` is ``SQL``.
+    """
+    name = f"postgres:{pg.statement.replace(' ', '_')}"
+    parts = [pg.statement]
+    if pg.tables:
+        parts.append(", ".join(pg.tables[:8]))
+    if pg.where_missing:
+        parts.append("(every row: no WHERE)")
+    if len(pg.statements) > 1:
+        parts.append("[" + " ".join(pg.statements[1:]) + "]")
+    summary = shorten(f"{' '.join(parts)} on {database}@{host}:{port}: {pg.text}")
+    return Action(connection_type="postgres", method="SQL", scheme="postgres", host=host.lower(),
+                  port=port, path=f"/{database}", name=name, summary=summary, postgres=pg)
+
+
+def classify_sql(sql: str, *, host: str, port: int, database: str) -> list[Action]:
+    """:func:`parse_statements` then :func:`statement_action` for each statement."""
+    return [statement_action(s.action, host=host, port=port, database=database)
+            for s in parse_statements(sql, database)]

@@ -1,0 +1,131 @@
+"""Masking result rows (DataRow values) and keeping a bounded, masked sample for the recording.
+
+Two kinds of rules, both from the statement's decision (``Decision.masks``, every target but
+``request``):
+
+* **By column name** - the existing ``mask.fields`` JSON paths, applied to each row as the JSON
+  object ``{column: value}``: ``$.password``, ``$['api_key']``, ``$..token``, ``$.*`` (every
+  column). **Decision**: no new ``columns`` list; one field language for JSON bodies and rows,
+  and the compiler already validates it. A name is matched as the server labels the column (an
+  alias ``AS pw`` is what counts, so ``$.password`` does not catch ``SELECT password AS pw``:
+  write the detectors too, or ``$.*`` for a table you never want read).
+* **By detector** - the masker's detectors over each text value (``Masker.mask_str``: base64
+  runs included), so a token in a free-text column is masked whatever the column is called.
+
+A masked column's value keeps its type where a text can stand in for it (text, varchar, char,
+name, json, jsonb: ``[MASKED:field]``, a JSON string for json types); any other type (an
+integer, a date, bytea) is sent as NULL - a client decoding an ``int4`` must not receive
+letters. The RowDescription is relayed unchanged, so psql, psycopg and node-postgres see the
+columns they asked for. Detectors apply to text-format values and to binary values of the text
+types (whose binary form is the text); other binary values are left as they are.
+
+The sample kept for the recording is the first ``limit`` rows, after masking, each value cut to
+256 characters; the row count is always complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..policy.masking.fields import apply_paths
+from ..policy.masking.masker import Masker
+from ..policy.model import MaskSpec
+from .protocol import Column
+
+__all__ = ["RowMasker", "TEXT_TYPES", "MASKED"]
+
+MASKED = "[MASKED:field]"
+# OIDs whose text and binary forms are the UTF-8 text: text, varchar, bpchar, name, unknown,
+# char, json (jsonb's binary form is a version byte, then the text).
+TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 114})
+_JSON = 114
+_JSONB = 3802
+_VALUE_CAP = 256
+
+
+class RowMasker:
+    """The masks of one statement, applied row by row under the current RowDescription."""
+
+    def __init__(self, specs: Sequence[MaskSpec] = ()) -> None:
+        self.masker = Masker(specs, direction="response")
+        self.active = self.masker.active
+        self._plan_for: list[Column] | None = None
+        self._masked_columns: tuple[bool, ...] = ()
+
+    def _plan(self, columns: list[Column]) -> tuple[bool, ...]:
+        if self._plan_for is columns:
+            return self._masked_columns
+        masked = [False] * len(columns)
+        if self.masker.paths:
+            names = list(dict.fromkeys(c.name for c in columns))
+            document: Any = dict.fromkeys(names, "")
+            document, n = apply_paths(document, self.masker.paths)
+            if n:
+                hit = {k for k, v in (document.items() if isinstance(document, dict) else ())
+                       if v != ""} if isinstance(document, dict) else set(names)
+                masked = [c.name in hit for c in columns]
+        self._plan_for, self._masked_columns = columns, tuple(masked)
+        return self._masked_columns
+
+    @staticmethod
+    def _placeholder(column: Column) -> bytes | None:
+        if column.type_oid in (_JSON, _JSONB):
+            text = f'"{MASKED}"'.encode()
+            return b"\x01" + text if column.type_oid == _JSONB and column.format == 1 else text
+        if column.type_oid in TEXT_TYPES:
+            return MASKED.encode()
+        return None
+
+    def _detect(self, value: bytes, column: Column | None) -> bytes:
+        if column is not None and column.format == 1:
+            if column.type_oid == _JSONB and value[:1] == b"\x01":
+                return b"\x01" + self._detect(value[1:], None)
+            if column.type_oid not in TEXT_TYPES:
+                return value
+        text = value.decode("utf-8", "surrogateescape")
+        masked, counts = self.masker.mask_str(text)
+        return masked.encode("utf-8", "surrogateescape") if counts else value
+
+    def row(self, columns: list[Column] | None, values: list[bytes | None]) -> tuple[list[bytes | None], bool]:
+        """The row as the agent gets it, and whether anything was masked."""
+        if not self.active:
+            return values, False
+        plan = self._plan(columns) if columns and len(columns) == len(values) else ()
+        out: list[bytes | None] = []
+        changed = False
+        for i, value in enumerate(values):
+            column = columns[i] if plan else None
+            if value is None:
+                out.append(None)
+                continue
+            if plan and plan[i]:
+                assert column is not None
+                out.append(self._placeholder(column))
+                changed = True
+                continue
+            new = self._detect(value, column) if self.masker.rules else value
+            changed = changed or new is not value
+            out.append(new)
+        return out, changed
+
+    def text(self, text: str) -> str:
+        """Detectors over a free text (a server error's detail, a COPY line)."""
+        if not self.masker.rules:
+            return text
+        return self.masker.mask_str(text)[0]
+
+
+def sample_row(columns: list[Column] | None, values: list[bytes | None]) -> dict[str, Any] | list[Any]:
+    """One (already masked) row for the recording: {column: value}, values cut short."""
+    def show(value: bytes | None, column: Column | None) -> Any:
+        if value is None:
+            return None
+        if column is not None and column.format == 1 and column.type_oid not in TEXT_TYPES:
+            return f"<{len(value)} binary bytes>"
+        text = value.decode("utf-8", "replace")
+        return text if len(text) <= _VALUE_CAP else text[:_VALUE_CAP] + f"... <{len(value)} bytes>"
+
+    if columns and len(columns) == len(values):
+        return {c.name: show(v, c) for c, v in zip(columns, values, strict=True)}
+    return [show(v, None) for v in values]

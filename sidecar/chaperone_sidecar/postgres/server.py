@@ -1,0 +1,177 @@
+"""The postgres listeners: one local port per ClaudeConnection of type postgres, on the proxy's loop.
+
+Started by ``ProxyRuntime`` (``proxy.py``) next to mitmproxy's listeners and kept in step with
+the snapshot: a connection added, removed or moved to another port opens, closes or moves its
+listener; sessions already open keep the settings they started with (a connection's new spec
+applies to the next session).
+
+Port. ``spec.postgres.listenPort``, else **5432 + the connection's index** among the pod's
+postgres connections sorted by name (``db-a`` 5432, ``db-b`` 5433). Two connections on one
+port: the first by name gets it, the other is reported and not served. Address: 127.0.0.1
+(``CHAPERONE_POSTGRES_HOST`` moves it, e.g. for a test bed on another interface); the agent
+shares the pod's network namespace, so loopback is where it connects (``PGHOST=127.0.0.1``).
+
+Identity: the pod's (``addons.identify.base_identity``): on loopback inside the pod every
+connection is the agent's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..addons.identify import base_identity
+from ..credentials.credential_sources import CredentialError, TokenSource
+from ..flowctx import RecordingSettings
+from ..routing import Connection
+from ..services import SidecarServices
+from ..snapshot import Snapshot
+from .session import Session, SessionSettings
+from .tls import server_context
+from .upstream import CancelRegistry, UpstreamSettings
+
+__all__ = ["PostgresListeners", "listen_ports", "DEFAULT_PORT", "HOST_ENV"]
+
+log = logging.getLogger("chaperone.postgres")
+
+DEFAULT_PORT = 5432
+HOST_ENV = "CHAPERONE_POSTGRES_HOST"
+
+
+def listen_ports(connections: Iterable[Connection]) -> dict[str, int]:
+    """connection name -> local port (see the module docstring); clashes left out."""
+    pg = sorted((c for c in connections if c.type == "postgres"), key=lambda c: c.name)
+    out: dict[str, int] = {}
+    taken: set[int] = set()
+    for index, conn in enumerate(pg):
+        settings = conn.spec.get("postgres") or {}
+        port = settings.get("listenPort") or DEFAULT_PORT + index
+        if port in taken:
+            log.error("postgres connection %s: port %s is taken by another connection; not served",
+                      conn.name, port)
+            continue
+        taken.add(port)
+        out[conn.name] = int(port)
+    return out
+
+
+def _password(conn: Connection) -> Any:
+    creds = conn.spec.get("credentials") or {}
+    key = (creds.get("secretRef") or {}).get("passwordKey", "password")
+
+    def read() -> str | None:
+        if creds.get("source", "none") == "none" or not conn.credentials_dir:
+            return None
+        try:
+            return TokenSource(conn.credentials_dir, key).value().reveal()
+        except CredentialError:
+            return None
+    return read
+
+
+def session_settings(conn: Connection, client_tls: ssl.SSLContext | None) -> SessionSettings:
+    pg = conn.spec.get("postgres") or {}
+    upstream = UpstreamSettings(
+        host=pg.get("host", ""), port=int(pg.get("port") or 5432), database=pg.get("database", ""),
+        user=pg.get("user", ""), password=_password(conn), sslmode=pg.get("sslmode", "verify-full"),
+        ca_file=conn.upstream_ca_file,
+        allowed_auth=tuple(pg.get("allowedAuth") or ("scram-sha-256",)))
+    return SessionSettings(
+        connection=conn.name, upstream=upstream,
+        recording=RecordingSettings.from_spec(conn.spec.get("recording")),
+        sample_rows=int(pg.get("maxRecordedRows", 10)),
+        client_tls=client_tls if pg.get("clientTLS") else None)
+
+
+class PostgresListeners:
+    """Every postgres listener of this sidecar."""
+
+    def __init__(self, services: SidecarServices, host: str | None = None) -> None:
+        self.services = services
+        self.host = host or os.environ.get(HOST_ENV) or "127.0.0.1"
+        self.cancels = CancelRegistry()
+        self._servers: dict[str, tuple[int, asyncio.AbstractServer]] = {}
+        self._sessions: set[asyncio.Task] = set()
+        self._tls: ssl.SSLContext | None = None
+        self._tls_failed = False
+        self._lock = asyncio.Lock()
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {name: port for name, (port, _) in self._servers.items()}
+
+    async def _client_tls(self) -> ssl.SSLContext | None:
+        if self._tls is None and not self._tls_failed:
+            ca = Path(self.services.config.ca_dir) / "mitmproxy-ca.pem"
+            try:
+                self._tls = await server_context(ca)
+            except (OSError, ValueError) as exc:
+                self._tls_failed = True
+                log.error("postgres: no TLS for agents, the CA %s is unusable: %s", ca, exc)
+        return self._tls
+
+    async def update(self, snapshot: Snapshot) -> None:
+        """Open, move and close listeners to match ``snapshot``."""
+        async with self._lock:
+            wanted = listen_ports(snapshot.connections.values())
+            for name in list(self._servers):
+                port, server = self._servers[name]
+                if wanted.get(name) != port:
+                    server.close()
+                    del self._servers[name]
+                    log.info("postgres %s: listener on %s closed", name, port)
+            for name, port in wanted.items():
+                if name in self._servers:
+                    continue
+                try:
+                    server = await asyncio.start_server(self._handler(name), self.host, port)
+                except OSError as exc:
+                    log.error("postgres %s: cannot listen on %s:%s: %s", name, self.host, port, exc)
+                    continue
+                self._servers[name] = (port, server)
+                log.info("postgres %s: listening on %s:%s", name, self.host, port)
+
+    def changed(self, snapshot: Snapshot) -> None:
+        """A ``Sources.subscribe`` callback: applies the snapshot on the loop."""
+        task = asyncio.get_running_loop().create_task(self.update(snapshot))
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
+
+    def _handler(self, name: str) -> Any:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conn = self.services.snapshot().connection(name)
+            if conn is None or conn.type != "postgres":
+                writer.close()
+                return
+            pg = conn.spec.get("postgres") or {}
+            tls = await self._client_tls() if pg.get("clientTLS") else None
+            session = Session(self.services, session_settings(conn, tls),
+                              base_identity(self.services.config), reader, writer,
+                              cancels=self.cancels)
+            task = asyncio.current_task()
+            if task is not None:
+                self._sessions.add(task)
+            try:
+                await session.run()
+            finally:
+                if task is not None:
+                    self._sessions.discard(task)
+        return handle
+
+    async def aclose(self) -> None:
+        for _, server in self._servers.values():
+            server.close()
+        for _, server in self._servers.values():
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except (TimeoutError, Exception):  # noqa: BLE001 - sessions are cancelled below
+                pass
+        self._servers.clear()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)

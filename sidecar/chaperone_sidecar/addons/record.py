@@ -366,4 +366,9 @@ class Record:
             data["status"] = flow.response.status_code
         if state.streamed_request:
             data["requestBody"] = body_of(ctx.bodies.get("request"), 0, settings, "request")
+        capture = ctx.bodies.get("response")
+        if flow.response is not None and capture is not None and capture.streamed:
+            # What reached the client before the stream broke off - e.g. an MCP client closes
+            # the SSE response as soon as it has its JSON-RPC result: that result is recorded.
+            data["body"] = body_of(capture, 0, settings, "response")
         return self._event("error", flow, ctx, data)

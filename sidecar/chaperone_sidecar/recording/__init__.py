@@ -8,15 +8,19 @@
     await recorder.record("request", flow=flow.id, data={...masked...})
     await recorder.close()                       # session-end, last chunk, signed manifest
 
-Design (why it never blocks the proxy's event loop): ``append`` only puts the event on a queue
-and awaits a future. One writer task takes everything queued so far as a batch and hands it to
-a dedicated single thread, which seals the events into the chain and writes them with one
-``write()`` per segment; group fsync (``fsync_every`` events or ``fsync_interval`` seconds,
-whichever first) runs in that thread too, after the batch's appends were answered.
-Concurrent appends therefore share writes and fsyncs, and the loop only ever waits on futures.
+Design (why it never blocks the proxy's event loop): ``append``/``append_many`` put the
+events on a ``queue.SimpleQueue`` as one entry with one future. One dedicated writer thread
+(started with the recorder, stopped by ``close``) takes everything queued so far as a batch,
+seals the events into the chain, writes them with one ``write()`` per segment and answers the
+whole batch with a single ``loop.call_soon_threadsafe``; a due group fsync (``fsync_every``
+events or ``fsync_interval`` seconds, whichever first) or age rotation runs in that thread
+after the batch was answered. Concurrent appends therefore share writes and fsyncs, and the
+loop only ever waits on futures. (Until issue 16 a writer *task* handed each batch to a
+one-thread executor - a task wake-up, an executor future and its chaining per batch; the
+thread costs one queue put per append and one thread-safe callback per batch.)
 ``append`` returns once the line is in the file (the page cache: it survives a crash of the
 process, not of the kernel) - never after an fsync it did not ask for; ``flush()`` forces
-the fsync. The shipper is another task that does its boto3 calls in threads.
+the fsync. The shipper is a task of its own (aiohttp for S3, threads for the disk).
 
 Strict mode: ``append`` raises ``SpoolUnavailable`` when the line could not be written, so the
 caller refuses the traffic. Best-effort mode: ``append`` returns None, ``metrics`` counts the
@@ -27,10 +31,11 @@ drop and ``errors`` keeps the report; in both modes the next successful write is
 from __future__ import annotations
 
 import asyncio
+import queue
 import secrets
+import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .events import EVENT_TYPES, SessionIdentity, format_time, new_event, utc_now
@@ -66,10 +71,10 @@ class Recorder:
         self._spool = SessionSpool(spool, self.session_id, meta, self.metrics, self.clock)
         self._shipper = Shipper(store, self.metrics, key=key, config=shipping) if store else None
         self._adopted: list[SessionSpool] = []
-        self._queue: list[tuple[str, Any, asyncio.Future]] = []
-        self._wake = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
-        self._writer: asyncio.Task | None = None
+        # (kind, payload, future): "events" with a list of prepared events (the future gets
+        # a list of results), "flush", "end" (payload: the reason), "stop"
+        self._queue: queue.SimpleQueue[tuple[str, Any, asyncio.Future]] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._state = "new"
 
     @property
@@ -97,10 +102,11 @@ class Recorder:
         Strict mode raises SpoolUnavailable when even that first event cannot be written.
         """
         loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chaperone-spool")
         self._spool.meta["startTime"] = format_time(self.clock())
-        self._adopted = await loop.run_in_executor(self._executor, self._adopt_leftovers)
-        self._writer = loop.create_task(self._write_loop(), name="chaperone-spool-writer")
+        self._adopted = await asyncio.to_thread(self._adopt_leftovers)
+        self._writer = threading.Thread(target=self._write_loop, args=(loop,), name="chaperone-spool",
+                                        daemon=True)
+        self._writer.start()
         if self._shipper is not None:
             for spool in (*self._adopted, self._spool):
                 self._shipper.add(spool)
@@ -133,45 +139,27 @@ class Recorder:
         The recorder owns ``event`` from here on: do not mutate it. Strict mode raises
         SpoolUnavailable if it could not be written; best-effort returns None.
         """
-        return await self._enqueue("event", self._prepare(event))
+        result = (await self._enqueue("events", [self._prepare(event)]))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    async def append_many(self, events: list[Mapping[str, Any]]) -> list[Any]:
-        """Append several events in this order, queued together (no task per event).
+    async def append_many(self, events: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Append several events in this order, as one queue entry with one future.
 
         Per event, what ``append`` would return or raise, as
         ``asyncio.gather(*(append(e) for e in events), return_exceptions=True)`` gives it: the
         sealed dict, None (best-effort, not written) or the exception.
         """
-        loop = asyncio.get_running_loop()
-        pending: list[Any] = []
-        for event in events:
+        prepared: list[dict[str, Any]] = []
+        refused: dict[int, Exception] = {}
+        for i, event in enumerate(events):
             try:
-                prepared = self._prepare(event)
+                prepared.append(self._prepare(event))
             except Exception as exc:
-                pending.append(exc)
-                continue
-            future = loop.create_future()
-            self._queue.append(("event", prepared, future))
-            pending.append(future)
-        self._wake.set()
-        results: list[Any] = []
-        try:
-            for item in pending:
-                if isinstance(item, BaseException):
-                    results.append(item)
-                    continue
-                try:
-                    results.append(await item)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    results.append(exc)
-        except asyncio.CancelledError:
-            for item in pending:  # the writer skips cancelled futures (the events are written)
-                if isinstance(item, asyncio.Future) and not item.done():
-                    item.cancel()
-            raise
-        return results
+                refused[i] = exc
+        written = iter(await self._enqueue("events", prepared) if prepared else ())
+        return [refused[i] if i in refused else next(written) for i in range(len(events))]
 
     def _prepare(self, event: Mapping[str, Any]) -> dict[str, Any]:
         if self._state not in ("open", "closing"):
@@ -221,9 +209,9 @@ class Recorder:
         except SpoolUnavailable:
             pass  # no ended.json: the next start recovers what is on disk
         self._state = "closed"
-        self._wake.set()
         if self._writer is not None:
-            await self._writer
+            await self._enqueue("stop", None)
+            await asyncio.to_thread(self._writer.join)
         shipped = self._spool.ended is not None
         if self._shipper is not None:
             if not shipped:  # cannot complete in this process; the next start recovers it
@@ -234,50 +222,51 @@ class Recorder:
             shipped = False
         for spool in (self._spool, *self._adopted):
             spool.release()  # leftovers of our own stay adoptable by the next start
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
         return shipped
 
     async def _enqueue(self, kind: str, payload: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((kind, payload, future))
-        self._wake.set()
-        return await future
+        self._queue.put((kind, payload, future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            future.cancel()  # the writer skips cancelled futures (the events are still written)
+            raise
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    # ---- the writer thread ---------------------------------------------------------------------
+
+    def _write_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Batches from the queue until "stop"; between batches, or when the spool's next
+        deadline passes without one, the group fsync and the age rotation."""
+        get = self._queue.get
         while True:
-            if not self._queue:
-                if self._state == "closed":
-                    return
-                await self._idle(loop)
-            if self._queue:
-                items, self._queue = self._queue, []
+            deadline = self._spool.next_deadline()
+            try:
+                first = get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                batch = []
+            else:
+                batch = [first]
+                while True:  # everything queued meanwhile joins the batch
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+            if batch:
                 try:
-                    results = await loop.run_in_executor(self._executor, self._process, items)
+                    results = self._process(batch)
                 except Exception as exc:  # a bug, not an I/O error: fail the callers, do not hang them
-                    results = [exc] * len(items)
-                self._settle(items, results)
+                    results = [exc if kind != "events" else [exc] * len(payload) for kind, payload, _ in batch]
+                loop.call_soon_threadsafe(self._settle, batch, results)
             # Only after the callers have their answers: an append returns once its line is in
             # the file, so no flow waits for a group fsync (1-5 ms) or an age rotation.
             if self._spool.maintenance_due():
-                await loop.run_in_executor(self._executor, self._maintain)
+                self._maintain()
             if self._spool.closed_new and self._shipper is not None:
                 self._spool.closed_new = 0
-                self._shipper.wake()
-
-    async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait for an append or the spool's next deadline (a timer, not ``wait_for``: that
-        costs a task per wait)."""
-        deadline = self._spool.next_deadline()
-        self._wake.clear()
-        timer = None if deadline is None else loop.call_later(
-            max(0.0, deadline - time.monotonic()), self._wake.set)
-        try:
-            await self._wake.wait()
-        finally:
-            if timer is not None:
-                timer.cancel()
+                loop.call_soon_threadsafe(self._shipper.wake)
+            if any(kind == "stop" for kind, _, _ in batch):
+                return
 
     def _maintain(self) -> None:
         """Writer thread: the group fsync and the age rotation, when due."""
@@ -287,35 +276,52 @@ class Recorder:
             self._spool.report("rotate-failed", str(exc))
 
     def _process(self, items: list[tuple[str, Any, asyncio.Future]]) -> list[Any]:
-        """Writer thread: events in runs (one write per run), control operations in order."""
-        results: list[Any] = []
+        """Writer thread: the events of consecutive entries in one run (one write per run),
+        control operations in order. Per entry: a list of per-event results ("events") or
+        one result."""
+        results: list[Any] = [True] * len(items)
         run: list[dict[str, Any]] = []
-        for kind, payload, _ in [*items, ("stop", None, None)]:
-            if kind == "event":
-                run.append(payload)
+        owners: list[tuple[int, int]] = []  # (entry, its number of events) in the run
+
+        def write_run() -> None:
+            written, start = self._spool.write(run), 0
+            for index, count in owners:
+                results[index], start = written[start:start + count], start + count
+            run.clear()
+            owners.clear()
+
+        for index, (kind, payload, _) in enumerate(items):
+            if kind == "events":
+                run.extend(payload)
+                owners.append((index, len(payload)))
                 continue
             if run:
-                results += self._spool.write(run)
-                run = []
+                write_run()
             try:
                 if kind == "flush":
                     self._spool.sync()
-                    results.append(self._spool.healthy or SpoolUnavailable(
-                        f"spool {self.config.directory}: events were lost (see errors)"))
+                    results[index] = self._spool.healthy or SpoolUnavailable(
+                        f"spool {self.config.directory}: events were lost (see errors)")
                 elif kind == "end":
                     self._spool.finish(payload)
-                    results.append(True)
             except (OSError, SpoolUnavailable) as exc:
                 self._spool.report("finish-failed", str(exc))
-                results.append(SpoolUnavailable(f"spool {self.config.directory}: {exc}"))
+                results[index] = SpoolUnavailable(f"spool {self.config.directory}: {exc}")
+        if run:
+            write_run()
         return results
 
     def _settle(self, items: list, results: list) -> None:
-        strict = self.config.mode == "strict"
-        for (_, _, future), result in zip(items, results, strict=True):
+        """Event loop: answer a batch (best-effort turns SpoolUnavailable into None)."""
+        best_effort = self.config.mode != "strict"
+        for (kind, _, future), result in zip(items, results, strict=True):
             if future.done():  # the caller was cancelled; the event was still written
                 continue
-            if isinstance(result, SpoolUnavailable) and not strict:
+            if kind == "events":
+                if best_effort:
+                    result = [None if isinstance(r, SpoolUnavailable) else r for r in result]
+                future.set_result(result)
+            elif isinstance(result, SpoolUnavailable) and best_effort:
                 future.set_result(None)
             elif isinstance(result, BaseException):
                 future.set_exception(result)

@@ -202,7 +202,11 @@ def timeline(events: list[dict[str, Any]], *, per_event: bool = False,
         kind = event.get("type")
         if kind == "request":
             row["what"], row["requestBody"] = _what(event), _body(data.get("body"), body_limit)
-        elif kind == "decision":
+            decided = data.get("decision")  # merged into the request event since issue 16
+            if isinstance(decided, dict):
+                row["decision"] = decided.get("effect")
+                row["rule"] = _rule(decided.get("rule")) or row["rule"]
+        elif kind == "decision":  # its own event: older recordings, or a decision changed later
             row["decision"] = data.get("effect") or data.get("decision")
             row["rule"] = _rule(data.get("rule")) or row["rule"]
         elif kind == "approval":

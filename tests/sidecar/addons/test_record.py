@@ -182,14 +182,15 @@ def test_events_in_order_chained_and_only_ever_masked(tmp_path):
     events = load_session(store, ref).events
     assert [(e["type"], e.get("flow")) for e in events] == [
         ("session-start", None),
-        ("request", f1.id), ("decision", f1.id), ("response", f1.id),
-        ("request", f2.id), ("decision", f2.id), ("response", f2.id),
-        ("request", f3.id), ("decision", f3.id), ("response", f3.id),
+        ("request", f1.id), ("response", f1.id),  # the decision is in the request event
+        ("request", f2.id), ("response", f2.id),
+        ("request", f3.id), ("response", f3.id),
         ("session-end", None)]
     assert [e["seq"] for e in events] == list(range(len(events)))
     assert all(b["prev"] == a["hash"] for a, b in zip(events, events[1:]))
 
-    req1, dec1, resp1 = events[1:4]
+    req1, resp1 = events[1:3]
+    dec1 = req1["data"]["decision"]
     assert req1["identity"] == {"namespace": NS, "pod": "agent-0", "serviceAccount": "claude",
                                 "creator": "alice", "onBehalfOf": "bob"}
     assert req1["data"]["connection"] == "api" and req1["data"]["action"]["name"] == "http:POST"
@@ -199,13 +200,13 @@ def test_events_in_order_chained_and_only_ever_masked(tmp_path):
     assert "token=[REDACTED]" in req1["data"]["url"] and "page=2" in req1["data"]["url"]
     assert req1["data"]["body"]["masked"] == {"aws-secret-key": 1}
     assert json.loads(req1["data"]["body"]["text"])["note"] == "deploy"
-    assert dec1["data"]["effect"] == "allow" and dec1["data"]["rule"] == {"policy": f"{NS}/api", "name": "writes"}
+    assert dec1["effect"] == "allow" and dec1["rule"] == {"policy": f"{NS}/api", "name": "writes"}
     assert resp1["data"]["status"] == 200 and resp1["data"]["masked"] == {"aws-access-key-id": 1}
     assert "[MASKED:aws-access-key-id]" in resp1["data"]["body"]["text"]
 
-    resp2 = events[6]["data"]
+    resp2 = events[4]["data"]
     assert resp2["streamed"] and resp2["body"]["streamed"] and resp2["body"]["text"].endswith("[DONE]\n\n")
-    dec3, resp3 = events[8]["data"], events[9]["data"]
+    dec3, resp3 = events[5]["data"]["decision"], events[6]["data"]
     assert dec3["effect"] == "block" and dec3["refused"] == "chaperone_blocked"
     assert resp3["status"] == 403 and resp3["refused"] == "chaperone_blocked"
     assert json.loads(resp3["body"]["text"])["error"] == "chaperone_blocked"
@@ -234,9 +235,9 @@ def test_approval_event_names_the_request_and_approvers(tmp_path):
 
     run(main)
     events = load_session(DirStore(tmp_path / "store"), find_session(DirStore(tmp_path / "store"), "s1")).events
-    assert [e["type"] for e in events] == ["session-start", "request", "decision", "approval",
+    assert [e["type"] for e in events] == ["session-start", "request", "approval",
                                            "response", "session-end"]
-    assert events[3]["data"] == {"name": "ar-abc123", "approvedBy": ["carol", "dave"], "grant": None,
+    assert events[2]["data"] == {"name": "ar-abc123", "approvedBy": ["carol", "dave"], "grant": None,
                                  "approver": "carol, dave",
                                  "digest": "sha256:00ff", "state": "approved"}
 
@@ -323,7 +324,7 @@ def test_unwritable_spool_strict_refuses_before_forwarding_best_effort_passes(
         assert pipe.record.refused == 1
     else:
         assert f.response is None  # forwarded
-        assert pipe.record.unrecorded == 2 and pipe.record.refused == 0  # request + decision lost
+        assert pipe.record.unrecorded == 1 and pipe.record.refused == 0  # the request (with its decision) lost
 
 
 def test_strict_streamed_request_is_killed_when_it_cannot_be_recorded(tmp_path):
@@ -411,8 +412,8 @@ def test_error_event_for_a_flow_that_failed(tmp_path):
 
     run(main)
     events = load_session(DirStore(tmp_path / "store"), find_session(DirStore(tmp_path / "store"), "s1")).events
-    assert [e["type"] for e in events] == ["session-start", "request", "decision", "error", "session-end"]
-    assert events[3]["data"]["message"] == "server disconnected"
+    assert [e["type"] for e in events] == ["session-start", "request", "error", "session-end"]
+    assert events[2]["data"]["message"] == "server disconnected"
 
 
 # ---------------------------------------------------------------------------- unknown length
@@ -463,12 +464,11 @@ def test_body_of_unknown_length_is_recorded_before_it_can_leave(tmp_path, versio
             await pipe.record.done()
             return before_request_hook
 
-    assert run(main) == ["session-start", "request", "decision"]
+    assert run(main) == ["session-start", "request"]
     events = load_session(DirStore(tmp_path / "store"), find_session(DirStore(tmp_path / "store"), "s1")).events
-    assert [e["type"] for e in events] == ["session-start", "request", "decision", "response",
-                                           "session-end"]
+    assert [e["type"] for e in events] == ["session-start", "request", "response", "session-end"]
     assert events[1]["data"]["body"] == {"streamed": True, "recordedIn": "response"}
-    assert events[3]["data"]["requestBody"]["text"] == "upload [MASKED:aws-access-key-id] done"
+    assert events[2]["data"]["requestBody"]["text"] == "upload [MASKED:aws-access-key-id] done"
 
 
 def test_strict_body_of_unknown_length_is_refused_before_it_can_leave(tmp_path):
@@ -510,11 +510,11 @@ def test_a_decision_changed_after_the_early_record_is_recorded_again(tmp_path):
 
     run(main)
     events = load_session(DirStore(tmp_path / "store"), find_session(DirStore(tmp_path / "store"), "s1")).events
-    assert [e["type"] for e in events] == ["session-start", "request", "decision", "decision",
+    assert [e["type"] for e in events] == ["session-start", "request", "decision",
                                            "response", "session-end"]
-    assert events[2]["data"]["effect"] == "allow"
-    assert events[3]["data"]["effect"] == "block" and events[3]["data"]["refused"] == "chaperone_blocked"
-    assert events[4]["data"]["status"] == 403
+    assert events[1]["data"]["decision"]["effect"] == "allow"  # in the request event
+    assert events[2]["data"]["effect"] == "block" and events[2]["data"]["refused"] == "chaperone_blocked"
+    assert events[3]["data"]["status"] == 403
 
 
 def test_redact_headers_masks_value_by_value_after_one_joined_scan():

@@ -118,6 +118,9 @@ def recorded_flows(sidecar: InjectedPod, path_part: str) -> list[dict]:
                 row.update(method=data.get("method"), url=data.get("url", ""),
                            headers={k.lower(): v for k, v in data.get("headers") or []},
                            action=(data.get("action") or {}).get("name"))
+                decided = data.get("decision")  # the decision is in the request event (issue 16)
+                if isinstance(decided, dict):
+                    row.update(effect=decided.get("effect"), refused=decided.get("refused"))
             elif event.get("type") == "decision":
                 row.update(effect=data.get("effect"), refused=data.get("refused"))
     return [f for f in flows.values() if path_part in f.get("url", "") and "effect" in f]

@@ -214,3 +214,27 @@ def test_register_plugs_into_a_chaperone_parser():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["sessions", "verify", "s1", "--dir", "/x", "--skip-signature"])
     assert args.command == "sessions" and args.sessions_action == "verify" and callable(args.func)
+
+
+def test_replay_reads_the_decision_inside_the_request_event_and_the_old_separate_one():
+    """Since issue 16 the sidecar writes the decision into the request event; recordings made
+    before keep their ``decision`` events; a decision changed later (a body judged again) is
+    an event of its own and wins."""
+    from chaperone_sidecar.recording.sessions_cli import timeline
+
+    events = [
+        {"seq": 1, "type": "request", "flow": "new", "data": {
+            "method": "DELETE", "url": "https://x/y",
+            "decision": {"effect": "block", "rule": {"policy": "ns/p", "name": "no-deletes"}}}},
+        {"seq": 2, "type": "response", "flow": "new", "data": {"status": 403}},
+        {"seq": 3, "type": "request", "flow": "old", "data": {"method": "GET", "url": "https://x/"}},
+        {"seq": 4, "type": "decision", "flow": "old", "data": {"effect": "allow", "rule": "ns/p#reads"}},
+        {"seq": 5, "type": "request", "flow": "later", "data": {
+            "method": "POST", "url": "https://x/", "decision": {"effect": "allow", "rule": None}}},
+        {"seq": 6, "type": "decision", "flow": "later", "data": {"effect": "block", "rule": {
+            "policy": "ns/p", "name": "no-drops"}}},
+    ]
+    rows = {r["flow"]: r for r in timeline(events)}
+    assert (rows["new"]["decision"], rows["new"]["rule"], rows["new"]["status"]) == ("block", "ns/p#no-deletes", 403)
+    assert (rows["old"]["decision"], rows["old"]["rule"]) == ("allow", "ns/p#reads")
+    assert (rows["later"]["decision"], rows["later"]["rule"]) == ("block", "ns/p#no-drops")

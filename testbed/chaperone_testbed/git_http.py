@@ -55,15 +55,21 @@ class _Server(ThreadingHTTPServer):
 
 
 class GitHTTPServer:
-    """``git http-backend`` over HTTPS (its own CA, ``ca_file``) on ``127.0.0.1:port``."""
+    """``git http-backend`` over HTTPS (its own CA, ``ca_file``) on ``host:port``.
 
-    def __init__(self, root: Path, certs: Path, *, names: tuple[str, ...] = ("localhost",)):
+    ``host``: another loopback address (127.0.0.2) keeps it out of an agent's ``NO_PROXY``
+    (localhost, 127.0.0.1), so the agent's git goes through the sidecar.
+    """
+
+    def __init__(self, root: Path, certs: Path, *, names: tuple[str, ...] = ("localhost",),
+                 host: str = "127.0.0.1"):
+        self.host = host
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         certs.mkdir(parents=True, exist_ok=True)
         self.ca = CertAuthority("chaperone-git-upstream")
         self.ca_file = self.ca.write_cert(certs / "git-ca.crt")
-        pair = self.ca.write_server_cert(certs, "git", dns_names=names, ip_addresses=("127.0.0.1",))
+        pair = self.ca.write_server_cert(certs, "git", dns_names=names, ip_addresses=(host,))
         self.seen: list[Seen] = []
         git = git_bin()
         server = self
@@ -131,7 +137,7 @@ class GitHTTPServer:
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(pair.cert_path, pair.key_path)
-        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.server = _Server((host, 0), Handler)
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.socket.getsockname()[1]
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},

@@ -1,7 +1,8 @@
 """A real MCP server for the tests: FastMCP (the ``mcp`` SDK) over streamable HTTP, on uvicorn.
 
 ``python mcp_server.py PORT MODE`` with MODE ``sse`` (POST answered as text/event-stream, the
-SDK's default) or ``json`` (application/json). Tools: ``read_file``, ``delete_file``,
+SDK's default), ``json`` (application/json) or ``stateless`` (SSE, no Mcp-Session-Id: every POST
+stands alone, as on the 2026-07-28 transport). Tools: ``read_file``, ``delete_file``,
 ``get_secret`` (returns an AWS access key id, for masking) and ``deploy`` (for approval).
 Every call is appended to ``$MCP_CALLS`` (one JSON line) so tests see what reached the server.
 """
@@ -18,8 +19,8 @@ from mcp.server.fastmcp import FastMCP
 SECRET = "AKIAIOSFODNN7EXAMPLE"
 
 
-def build(json_response: bool) -> FastMCP:
-    server = FastMCP("files", json_response=json_response)
+def build(json_response: bool, stateless: bool) -> FastMCP:
+    server = FastMCP("files", json_response=json_response, stateless_http=stateless)
 
     def log(tool: str, **args: str) -> None:
         with open(os.environ["MCP_CALLS"], "a") as out:
@@ -54,5 +55,5 @@ def build(json_response: bool) -> FastMCP:
 
 if __name__ == "__main__":
     port, mode = int(sys.argv[1]), sys.argv[2]
-    app = build(mode == "json").streamable_http_app()
+    app = build(mode == "json", mode == "stateless").streamable_http_app()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -3,7 +3,7 @@
 A standalone ``chaperone proxy`` with an ``mcp`` connection and a policy that blocks
 ``delete_file``, holds ``deploy`` for alice's approval and masks AWS keys in ``get_secret``'s
 output. The server runs in both response modes of the transport: SSE (the SDK's default) and
-JSON. What must hold: the model never sees ``delete_file`` in ``list_tools``; calling it anyway
+JSON, and stateless (no session). What must hold: the model never sees ``delete_file`` in ``list_tools``; calling it anyway
 raises the SDK's ``McpError`` naming the rule, and nothing reaches the server; the secret is
 masked in the tool result; ``deploy`` runs once alice approved it; a batch hiding a forbidden
 call and an ambiguous body (duplicate keys) are refused.
@@ -21,14 +21,14 @@ import httpx
 import pytest
 import yaml
 from mcp import ClientSession
-from mcp.client.streamable_http import streamablehttp_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
 
 from .pod import API, PYTHONPATH, base_env, free_port, standalone_proxy, wait_for
 
 SERVER = Path(__file__).with_name("mcp_server.py")
 SECRET = "AKIAIOSFODNN7EXAMPLE"
-MODES = ("sse", "json")
+MODES = ("sse", "json", "stateless")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def setup(tmp_path_factory):
               "requireApproval": {"approvers": {"users": ["alice"]}, "mode": "hold",
                                   "holdSeconds": 60, "timeoutSeconds": 120}},
              {"name": "keys", "match": {"mcp": {"tools": ["get_secret"]}},
-              "mask": {"detectors": ["aws-access-key-id"]}}]}}))
+              "mask": {"detectors": ["aws-access-key-id"], "target": "both"}}]}}))
     try:
         for mode in MODES:
             wait_for(lambda m=mode: _listening(ports[m]), 30, f"the MCP server ({mode})")
@@ -96,20 +96,13 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 90))
 
 
-def factory(proxy_port: int):
-    def make(headers=None, timeout=None, auth=None):
-        return httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy_port}", headers=headers,
-                                 timeout=timeout or httpx.Timeout(30, read=120), auth=auth,
-                                 trust_env=False)
-    return make
-
-
 async def with_session(proxy_port: int, server_port: int, body):
-    async with streamablehttp_client(f"http://127.0.0.1:{server_port}/mcp",
-                                     httpx_client_factory=factory(proxy_port)) as (read, write, _):
-        async with ClientSession(read, write) as session:
-            await session.initialize()
-            return await body(session)
+    async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy_port}", trust_env=False,
+                                 timeout=httpx.Timeout(30, read=120)) as http, \
+            streamable_http_client(f"http://127.0.0.1:{server_port}/mcp", http_client=http) as (read, write, _), \
+            ClientSession(read, write) as session:
+        await session.initialize()
+        return await body(session)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -234,3 +227,33 @@ def test_unicode_escaped_tool_name_is_still_blocked(setup):
     resp = _post(proxy.port, ports["json"], body)
     assert resp.status_code == 200 and resp.json()["error"]["code"] == -32030
     assert not [c for c in reached(calls) if c.get("path") == "/tmp/esc"]
+
+
+def recorded_events(conf: Path) -> list[dict]:
+    return [json.loads(line) for chunk in sorted((conf / "recordings").rglob("chunk-*.jsonl"))
+            for line in chunk.read_text().splitlines()]
+
+
+def test_recording_names_each_call_and_holds_no_secret(setup):
+    proxy, ports, _, conf = setup
+
+    async def body(session):
+        await session.call_tool("read_file", {"path": "/tmp/recorded"})
+        return await session.call_tool("get_secret", {"name": f"rotate {SECRET}"})
+    run(with_session(proxy.port, ports["sse"], body))
+
+    def flushed():
+        events = recorded_events(conf)
+        # a response, or an error event (the SDK closes an SSE response once it has its result)
+        texts = [json.dumps(e) for e in events if e["type"] in ("response", "error")]
+        return events if any("contents of /tmp/recorded" in t for t in texts) and \
+            any("the key of rotate" in t for t in texts) else None
+    events = wait_for(flushed, 20, "the recording of the tool calls")
+    requests = [e for e in events if e["type"] == "request" and e["data"]["connectionType"] == "mcp"]
+    actions = [e["data"]["action"] for e in requests]
+    assert {"name": "mcp:tools/call", "summary": 'mcp tools/call read_file {"path": "/tmp/recorded"}'} in actions
+    assert any(a["summary"].startswith("mcp tools/call get_secret") for a in actions)
+    flows = {e["flow"] for e in requests if "/tmp/recorded" in e["data"]["action"]["summary"]}
+    results = [e for e in events if e["type"] in ("response", "error") and e["flow"] in flows]
+    assert results and "contents of /tmp/recorded" in results[0]["data"]["body"]["text"]
+    assert SECRET not in json.dumps(events)  # masked in the arguments' summary, body and result

@@ -173,7 +173,11 @@ class FlowContext:
     # private: one addon's memory of the flow across its own hooks
     injected: bool = False  # InjectCredentials ran (or refused) for this flow
     decoder: Any = None  # InjectCredentials: the aws-chunked ChainedStream it installed
+    # ToolUse: the tool_use the model asked for that this action most likely carries out
+    # (recorded as the request event's causedBy; evidence, never read by a policy decision)
+    caused_by: dict[str, Any] | None = None
     record: RecordProgress = field(default_factory=RecordProgress)
+    tool_use: Any = None  # ToolUse: its memory of an LLM answer (rules, judged blocks)
     telemetry: TelemetryProgress = field(default_factory=TelemetryProgress)
 
 

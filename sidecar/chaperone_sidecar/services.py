@@ -24,6 +24,8 @@ grants             grant cache (Redis when ``CHAPERONE_REDIS_URL``, else memory)
 rate_limiter       policy rate limits (Redis when configured, else memory) (Enforce)
 redis              the ``redis.asyncio`` client, if any
 tracer, meter      OpenTelemetry API objects (Telemetry; no-ops until a provider is set)
+tool_uses          :class:`~.tool_use_ledger.ToolUseLedger`: the model's recent tool_use blocks
+                   per pod (ToolUse: written on LLM answers, read to link later actions)
 =================  ===========================================================================
 
 :func:`build_services` makes them in dependency order and :meth:`SidecarServices.aclose` takes
@@ -54,6 +56,7 @@ from .recording import Recorder
 from .routing import Connection
 from .snapshot import Snapshot
 from .sources import FileSources, KubeSources, Sources
+from .tool_use_ledger import ToolUseLedger
 
 __all__ = ["SidecarServices", "InjectorRegistry", "build_services"]
 
@@ -164,6 +167,9 @@ class SidecarServices:
     redis: Any = None  # redis.asyncio.Redis (imported only when CHAPERONE_REDIS_URL is set)
     tracer: Tracer | None = None
     meter: Meter | None = None
+    # the model's recent tool_use blocks per pod (ToolUse addon: written on LLM answers, read
+    # to link the pod's later actions; in memory, bounded)
+    tool_uses: ToolUseLedger = field(default_factory=ToolUseLedger)
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list, repr=False)
 
     def snapshot(self) -> Snapshot:

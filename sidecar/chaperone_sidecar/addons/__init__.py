@@ -60,6 +60,13 @@ addon (module)         responsibility; FlowContext fields read -> written
    (mcp_tools)         the tools the policy blocks for this identity whatever the arguments,
                        so the model never sees them; wraps Mask's response stream, never
                        replaces it. snapshot, identity, connection, action -> (response)
+6c. ToolUse            The tool_use blocks of LLM answers: recorded as ``tool-use`` events,
+   (tool_use)          judged by tool-use rules (a blocked one becomes a text block before
+                       the SDK sees it; SSE held from block start to stop only when rules
+                       apply), kept per pod as link candidates; later flows of the pod get
+                       the best content match. Wraps Mask's response stream (judges masked
+                       text), never replaces it. snapshot, identity, action -> ``tool_use``
+                       (private), ``caused_by`` (read by Record)
 7. Record              Appends request/response/decision/approval events (masked) to the
    (record)            session recording, before the request leaves. everything (bodies:
                        only Mask's captures) -> (recording); may refuse (strict mode)
@@ -97,6 +104,7 @@ from .mcp_tools import McpTools
 from .record import Record
 from .route import Route
 from .telemetry import Telemetry
+from .tool_use import ToolUse
 
 __all__ = ["ADDON_ORDER", "build_addons"]
 
@@ -109,6 +117,7 @@ ADDON_ORDER: tuple[type[Any], ...] = (
     InjectCredentials,
     Mask,
     McpTools,
+    ToolUse,
     Record,
     Telemetry,
 )

@@ -33,6 +33,7 @@ from .masking.detectors import validate_detectors
 from .masking.fields import compile_path
 from .matching import CompiledPolicy, CompiledPolicySet, build_policy
 from .matching_mcp import mcp_errors
+from .matching_tool_use import tool_use_errors
 from .schema import crd, validate_object
 from .vocabulary import unknown_names
 
@@ -225,6 +226,8 @@ class _Checker:
                                f"mask or rateLimit), got {got}{hint}")
             if isinstance(rule.get("match"), dict):
                 self.match(rule["match"], f"{path}.match")
+            for where, why in tool_use_errors(rule, path):  # response rules: only block
+                self.err(where, why)
             if isinstance(rule.get("requireApproval"), dict):
                 self.approval(rule["requireApproval"], policy_approvers, f"{path}.requireApproval")
             mask = rule.get("mask")

@@ -56,6 +56,7 @@ from .globs import quote as _q
 from .matching_postgres import postgres_conditions
 from .matching_git import git_conditions
 from .matching_mcp import mcp_condition
+from .matching_tool_use import ToolUseMatch, tool_use_match
 from .model import Action, ApprovalRequirement, Approvers, Identity, MaskSpec, RateLimit, RuleRef
 
 RANK = {"allow": 1, "require_approval": 2, "block": 3}  # decision strength; 0 = not a decision
@@ -154,6 +155,9 @@ class CompiledRule:
     rate_limit: RateLimit | None = None
     tests: tuple[Callable[[MatchContext], bool], ...] = ()
     rank: int = 0  # RANK of the effect (a field, not a property: read in the hot loop)
+    # match.anthropic.toolUses/toolInputRegex: judged on the response's tool_use blocks
+    # (.matching_tool_use), never a decision about the request (rank 0)
+    tool_use: ToolUseMatch | None = None
 
     def matches(self, ctx: MatchContext) -> bool:
         for test in self.tests:
@@ -206,7 +210,8 @@ class CompiledPolicy:
             if len(by_host) >= _CACHE_LIMIT:
                 by_host.clear()
             fits = [r for r in fits if r.hosts is None or r.hosts.match(host)]
-            hit = by_host[host] = (tuple(r for r in fits if r.rank), tuple(r for r in fits if not r.rank))
+            hit = by_host[host] = (tuple(r for r in fits if r.rank),
+                                   tuple(r for r in fits if not r.rank and r.tool_use is None))
         return hit
 
 
@@ -439,6 +444,7 @@ def _build_rule(index: int, rule: dict, key: str, namespace: str, spec: dict, bo
     else:
         message = description
     masking = spec.get("masking") or {}
+    tool_use = tool_use_match(match.get("anthropic") or {})
     return CompiledRule(
         ref=ref, index=index, effect=effect, conditions=tuple(conditions),
         connection_type=typed[0] if typed else None, methods=methods, actions=actions, hosts=hosts,
@@ -449,7 +455,8 @@ def _build_rule(index: int, rule: dict, key: str, namespace: str, spec: dict, bo
                       body.get("kubernetesSecrets") or "") if effect == "mask" else None,
         rate_limit=(RateLimit(body["requests"], body["periodSeconds"], body["per"], ref)
                     if effect == "rate_limit" else None),
-        tests=tuple(c.test for c in conditions if not c.indexed), rank=RANK.get(effect, 0))
+        tests=tuple(c.test for c in conditions if not c.indexed),
+        rank=0 if tool_use is not None else RANK.get(effect, 0), tool_use=tool_use)
 
 
 def build_policy(obj: dict, default_namespace: str = "default") -> CompiledPolicy:

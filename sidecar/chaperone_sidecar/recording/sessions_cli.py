@@ -228,11 +228,61 @@ def _rule(rule: Any) -> str | None:
     return rule or None
 
 
+def tool_use_links(events: list[dict[str, Any]], body_limit: int = 200) -> list[dict[str, Any]]:
+    """"The model asked X -> the agent did Y": each recorded ``tool-use`` (addons/tool_use.py)
+    with the request events whose ``causedBy`` names it (evidence of a content match within a
+    time window, not proof: docs/tool-use.md)."""
+    asked: dict[str, dict[str, Any]] = {}
+    for event in events:
+        data = event.get("data") or {}
+        if event.get("type") == "tool-use" and data.get("id"):
+            blocked = data.get("blocked") or None
+            asked.setdefault(str(data["id"]), {
+                "toolUseId": data["id"], "name": data.get("name"), "seq": event.get("seq"),
+                "time": event.get("time"), "model": data.get("model"), "llmFlow": data.get("llmFlow"),
+                "input": _body(data.get("input"), body_limit),
+                "blocked": _rule((blocked or {}).get("rule")) if blocked else None,
+                "replaced": bool(data.get("replaced")), "actions": []})
+    for event in events:
+        data = event.get("data") or {}
+        cause = data.get("causedBy")
+        if event.get("type") != "request" or not isinstance(cause, dict):
+            continue
+        entry = asked.setdefault(str(cause.get("toolUseId")), {
+            "toolUseId": cause.get("toolUseId"), "name": cause.get("name"), "seq": None,
+            "time": None, "model": None, "llmFlow": cause.get("flow"), "input": None,
+            "blocked": None, "replaced": bool(cause.get("blocked")), "actions": []})
+        decided = data.get("decision") if isinstance(data.get("decision"), dict) else {}
+        entry["actions"].append({"seq": event.get("seq"), "flow": event.get("flow"),
+                                 "what": _what(event), "score": cause.get("score"),
+                                 "reason": cause.get("reason"), "decision": decided.get("effect")})
+    return sorted(asked.values(), key=lambda e: (e["seq"] is None, e["seq"] or 0))
+
+
+def _print_tool_use_links(links: list[dict[str, Any]]) -> None:
+    if not links:
+        return
+    print("\nthe model asked -> the agent did:")
+    for link in links:
+        seq = f"#{link['seq']}" if link["seq"] is not None else "(not in this session)"
+        state = f"  BLOCKED by {link['blocked']}, the agent got a refusal text" if link["blocked"] else (
+            "  (withheld: incomplete)" if link["replaced"] else "")
+        print(f"  {seq:6} tool_use {link['toolUseId']} {link['name']}: {link['input'] or ''}{state}")
+        for action in link["actions"]:
+            decided = f" [{action['decision']}]" if action.get("decision") else ""
+            print(f"    -> #{action['seq']} {action['what']}{decided}  "
+                  f"(score {action['score']}: {action['reason']})")
+        if not link["actions"]:
+            print("    -> no later action of the pod matched it")
+
+
 def cmd_replay(store: Any, args: argparse.Namespace) -> int:
     session = load_session(store, find_session(store, args.session))
     rows = timeline(session.events, per_event=args.events, body_limit=args.body_limit)
+    links = tool_use_links(session.events, args.body_limit)
     if args.json:
-        _print_json({"session": str(session.ref), "manifest": session.manifest, "timeline": rows})
+        _print_json({"session": str(session.ref), "manifest": session.manifest, "timeline": rows,
+                     "toolUses": links})
         return 0
     m = session.manifest or {}
     print(f"session {session.ref}  {m.get('startTime', '?')} .. {m.get('endTime', '(open)')}")
@@ -245,6 +295,7 @@ def cmd_replay(store: Any, args: argparse.Namespace) -> int:
         for label in ("requestBody", "responseBody"):
             if row.get(label):
                 print(f"{'':21}{label[:-4]:8} {row[label]}")
+    _print_tool_use_links(links)
     return 0
 
 

@@ -5,14 +5,16 @@ and the signed manifest at ``done`` (``Recorder.start``/``Recorder.close``). Eve
 the recorder's async ``append`` (a queue and one writer thread: the event loop never waits on
 disk). Per flow, in the recording's hash chain:
 
-1. ``request``, ``decision`` and - when an approval was involved - ``approval``, appended
-   **before the request is forwarded**: in ``request`` (Record runs after Enforce, Approve,
-   InjectCredentials and Mask), or in ``requestheaders`` when the body may leave before
-   ``request`` fires (:func:`~.streaming.body_leaves_early`: it streams, or its length is
-   unknown and mitmproxy may start streaming it while reading it); its masked copy is then
-   added to the ``response`` event as ``requestBody``. If such a body was read after all and
-   Enforce judged the request again with it, a second ``decision`` event records the new
-   decision before the request leaves.
+1. ``request`` - with the policy decision in it (``data.decision``: effect, rule, message,
+   masks, refusal; a separate ``decision`` event until issue 16, which readers still accept)
+   - and, when an approval was involved, ``approval``, appended **before the request is
+   forwarded**: in ``request`` (Record runs after Enforce, Approve, InjectCredentials and
+   Mask), or in ``requestheaders`` when the body may leave before ``request`` fires
+   (:func:`~.streaming.body_leaves_early`: it streams, or its length is unknown and mitmproxy
+   may start streaming it while reading it); its masked copy is then added to the
+   ``response`` event as ``requestBody``. If such a body was read after all and Enforce
+   judged the request again with it, a ``decision`` event records the new decision before
+   the request leaves.
 2. ``response`` (status, headers, masked body, what was masked, timings) or ``error``.
 
 **What is stored** (built by :mod:`chaperone_sidecar.recording.flow_events`). Bodies come only
@@ -162,7 +164,8 @@ class Record:
         state.decided = (ctx.decision, ctx.refused)
         events = [self._request_event(flow, ctx, settings, streamed)]
         if ctx.decision is not None or ctx.refused is not None:
-            events.append(self._decision_event(flow, ctx))
+            # the decision travels in the request event (one seal per flow less; issue 16)
+            events[0]["data"]["decision"] = self._decision_data(ctx)
         if ctx.approval_request or ctx.grant or (
                 ctx.decision is not None and ctx.decision.effect == "require_approval"):
             events.append(self._approval_event(flow, ctx))
@@ -285,6 +288,8 @@ class Record:
                 else ctx.action.summary)}
                        if ctx.action is not None else None),
         }
+        if ctx.caused_by is not None:  # ToolUse's link to what the model asked for
+            data["causedBy"] = ctx.caused_by
         if streamed:
             data["body"] = {"streamed": True, "recordedIn": "response"}
         else:
@@ -293,6 +298,12 @@ class Record:
         return self._event("request", flow, ctx, data)
 
     def _decision_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> dict[str, Any]:
+        """A decision that changed after the request event was written (judged again with a
+        body read after all): an event of its own."""
+        return self._event("decision", flow, ctx, self._decision_data(ctx))
+
+    @staticmethod
+    def _decision_data(ctx: flowctx.FlowContext) -> dict[str, Any]:
         d = ctx.decision
         data: dict[str, Any] = {
             "effect": d.effect if d is not None else None,
@@ -307,7 +318,7 @@ class Record:
         if ctx.refused is not None:
             data["refused"] = ctx.refused.get("error")
             data["refusalMessage"] = redact_text(str(ctx.refused.get("message", "")))
-        return self._event("decision", flow, ctx, data)
+        return data
 
     def _approval_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> dict[str, Any]:
         if ctx.refused is not None:

@@ -9,7 +9,10 @@ method), created when the flow ends with the flow's own start and end times - no
 open across hooks, so a held approval costs nothing. Attributes: identity
 (``chaperone.identity.*``), ``chaperone.connection``, ``chaperone.action``,
 ``chaperone.decision``, ``chaperone.rule``, ``chaperone.refused``, ``chaperone.approval.name``
-and ``.approved_by``, ``chaperone.grant``, ``chaperone.masked``, ``chaperone.upstream.latency_ms``
+and ``.approved_by``, ``chaperone.grant``, ``chaperone.masked``, ``chaperone.upstream.latency_ms``, on MCP
+connections ``mcp.method.name``, ``gen_ai.tool.name``, ``gen_ai.operation.name``
+(``execute_tool``), ``jsonrpc.request.id``, ``mcp.protocol.version`` (OpenTelemetry's MCP
+conventions; the session id is left out, it is a credential to some servers)
 and the HTTP semantic-convention fields (``http.request.method``, ``server.address``,
 ``url.path`` - never the query, which may carry signatures - ``http.response.status_code``,
 ``http.request.body.size``, ``http.response.body.size``). Status ERROR for a flow error or a
@@ -206,6 +209,14 @@ class Telemetry:
             attrs["chaperone.masked"] = sum(ctx.masked.values())
         if ctx.upstream_latency:
             attrs["chaperone.upstream.latency_ms"] = round(ctx.upstream_latency * 1000, 3)
+        mcp = ctx.action.mcp if ctx.action is not None else None
+        if mcp is not None:  # OpenTelemetry MCP conventions; a batch of several methods has none
+            methods, tools = mcp.methods, mcp.tools
+            attrs["mcp.method.name"] = methods[0] if len(methods) == 1 else None
+            attrs["gen_ai.tool.name"] = tools[0] if len(tools) == 1 else None
+            attrs["gen_ai.operation.name"] = "execute_tool" if methods == ("tools/call",) else None
+            attrs["jsonrpc.request.id"] = mcp.calls[0].id if len(mcp.calls) == 1 else None
+            attrs["mcp.protocol.version"] = mcp.protocol_version
         if resp is not None:
             attrs["http.response.status_code"] = resp.status_code
             attrs["http.response.body.size"] = self._size(resp, state.response)

@@ -300,3 +300,23 @@ def test_standard_switches(env, tracing, metrics):
         assert (setup.tracing, setup.metrics) == (tracing, metrics)
     finally:
         setup.shutdown()
+
+
+def test_mcp_calls_carry_the_mcp_and_gen_ai_attributes(otel):
+    from chaperone_sidecar.policy.model import MCPAction, MCPCall
+
+    f = make_flow(method=b"POST", content=b"{}")
+    ctx = flowctx.get(f)
+    ctx.connection_type = "mcp"
+    call = MCPCall("tools/call", id="7", tool="delete_file", arguments='{"path":"/x"}')
+    ctx.action = Action("mcp", "POST", "https", "api.github.com", 443, "/mcp", name="mcp:tools/call",
+                        mcp=MCPAction(calls=(call,), session_id="s3cr3t", protocol_version="2025-06-18"))
+    otel.addon.request(f)
+    f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
+    otel.addon.response(f)
+    [span] = otel.spans.get_finished_spans()
+    a = dict(span.attributes)
+    assert a["mcp.method.name"] == "tools/call" and a["gen_ai.tool.name"] == "delete_file"
+    assert a["gen_ai.operation.name"] == "execute_tool" and a["jsonrpc.request.id"] == "7"
+    assert a["mcp.protocol.version"] == "2025-06-18"
+    assert not any("s3cr3t" in str(v) for v in a.values())

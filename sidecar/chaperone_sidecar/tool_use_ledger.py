@@ -11,8 +11,8 @@ recorded ``request`` event. ``chaperone sessions replay`` prints the pair.
 **Content match** (:func:`action_terms`; every needle is looked for, case-insensitively, in the
 tool input's string values and its JSON; the weights add up, capped at 1):
 
-* http (and git, mcp, postgres: their request line): the host 0.4, the path 0.4, its last
-  segment 0.2, the method 0.1; git: the repository 0.4 and ``push``/``clone``/``fetch`` 0.2;
+* http (and git, mcp, postgres: their request line): the host 0.3 (0.4 for a request to
+  ``/``), the path 0.4, its last segment 0.2, the method (not GET) 0.1; git: the repository 0.4 and ``push``/``clone``/``fetch`` 0.2;
   mcp: the tool name 0.5; postgres: each table 0.3 and the statement 0.2;
 * aws: the CLI operation (``delete-bucket``) or SDK method (``delete_bucket``) 0.4, the
   ``aws s3`` high-level command (``s3 rb``, ``s3 cp`` ...) 0.4, each resource (``bucket``,
@@ -123,7 +123,8 @@ def action_terms(action: Action | None, method: str = "", url_host: str = "",
     path = action.path if action is not None else url_path
     method = action.method if action is not None else method
     if action is None or action.aws is None:
-        add(host, 0.4, f"host {host}")
+        # a host alone is weak evidence (every call to it matches), unless the URL is the host
+        add(host, 0.4 if path in ("", "/") else 0.3, f"host {host}")
         if path not in ("", "/"):
             add(path.rstrip("/"), 0.4, f"path {path}")
             last = path.rstrip("/").rsplit("/", 1)[-1]

@@ -55,6 +55,17 @@ def redis_server():
 
 
 @pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (Debian package; SCRAM logins, TLS): the postgres connection's
+    upstream. Missing binaries fail the run like any other component."""
+    from chaperone_testbed.postgres import PostgresServer
+
+    server = PostgresServer()
+    yield _start(server, "PostgreSQL server")
+    server.close()
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     server = S3Server()
     yield _start(server, "S3 (moto) server")

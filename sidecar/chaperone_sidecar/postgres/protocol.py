@@ -149,7 +149,8 @@ def command_complete(tag: str) -> bytes:
 
 def parse_row_description(payload: bytes) -> list[Column]:
     (count,) = struct.unpack_from("!H", payload, 0)
-    pos, out = 2, []
+    pos = 2
+    out: list[Column] = []
     for _ in range(count):
         name, pos = _cstr(payload, pos)
         table, col, oid, size, mod, fmt = struct.unpack_from("!IhIhih", payload, pos)
@@ -168,7 +169,8 @@ def row_description(columns: Iterable[Column]) -> bytes:
 
 def parse_data_row(payload: bytes) -> list[bytes | None]:
     (count,) = struct.unpack_from("!H", payload, 0)
-    pos, out = 2, []
+    pos = 2
+    out: list[bytes | None] = []
     for _ in range(count):
         (length,) = struct.unpack_from("!i", payload, pos)
         pos += 4

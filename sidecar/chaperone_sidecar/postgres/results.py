@@ -61,9 +61,8 @@ class RowMasker:
             names = list(dict.fromkeys(c.name for c in columns))
             document: Any = dict.fromkeys(names, "")
             document, n = apply_paths(document, self.masker.paths)
-            if n:
-                hit = {k for k, v in (document.items() if isinstance(document, dict) else ())
-                       if v != ""} if isinstance(document, dict) else set(names)
+            if n:  # "$" itself replaces the document: every column
+                hit = {k for k, v in document.items() if v != ""} if isinstance(document, dict) else set(names)
                 masked = [c.name in hit for c in columns]
         self._plan_for, self._masked_columns = columns, tuple(masked)
         return self._masked_columns
@@ -95,7 +94,7 @@ class RowMasker:
         out: list[bytes | None] = []
         changed = False
         for i, value in enumerate(values):
-            column = columns[i] if plan else None
+            column = columns[i] if plan and columns else None
             if value is None:
                 out.append(None)
                 continue

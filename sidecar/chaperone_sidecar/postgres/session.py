@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ class Prepared:
     sql: str
     statements: list[Statement] | None
     error: str | None = None
+    param_oids: tuple[int, ...] = ()  # from Parse: how binary parameters are read
 
 
 @dataclass
@@ -262,8 +264,8 @@ class Session:
             if kind == b"Q":
                 await self._query(msg)
             elif kind == b"P":
-                name, sql, _ = parse_parse(msg.payload)
-                self._remember_statement(name, sql)
+                name, sql, oids = parse_parse(msg.payload)
+                self._remember_statement(name, sql, oids)
                 await self._forward(msg.raw)
             elif kind == b"B":
                 await self._bind(msg)
@@ -290,8 +292,9 @@ class Session:
         except SQLParseError as exc:
             return Prepared(sql, None, str(exc))
 
-    def _remember_statement(self, name: str, sql: str) -> None:
+    def _remember_statement(self, name: str, sql: str, oids: tuple[int, ...] = ()) -> None:
         prepared = self._classify(sql)
+        prepared.param_oids = oids
         if name == "":
             self.statements[""] = [prepared]
         else:  # the union (see the module docstring)
@@ -304,8 +307,10 @@ class Session:
             meaning = [Prepared(f"EXECUTE {statement}",
                                 [opaque_statement(f"<prepared statement {statement!r}>",
                                                   self.settings.upstream.database)])]
+        oids = meaning[-1].param_oids
         params = [None if v is None else
-                  (v.decode("utf-8", "replace") if not _binary(formats, i) else f"<{len(v)} binary bytes>")
+                  (v.decode("utf-8", "replace") if not _binary(formats, i)
+                   else binary_parameter(v, oids[i] if i < len(oids) else 0))
                   for i, v in enumerate(values)]
         if portal == "":
             self.portals[""] = (list(meaning), params)
@@ -491,6 +496,22 @@ class Session:
             sample=unit.sample, masked=unit.masked, error=unit.error,
             duration_ms=(time.perf_counter() - unit.started) * 1000,
             sample_limit=self.settings.sample_rows)])
+
+
+def binary_parameter(value: bytes, oid: int) -> str:
+    """A binary parameter as text for the recording (the common types; others by size)."""
+    try:
+        if oid in (20, 21, 23) and len(value) in (2, 4, 8):
+            return str(int.from_bytes(value, "big", signed=True))
+        if oid == 16 and len(value) == 1:
+            return "true" if value != b"\0" else "false"
+        if oid in (700, 701) and len(value) in (4, 8):
+            return str(struct.unpack("!f" if len(value) == 4 else "!d", value)[0])
+        if oid in (25, 1043, 1042, 19, 114):
+            return value.decode("utf-8")
+    except (UnicodeDecodeError, struct.error):
+        pass
+    return f"<{len(value)} binary bytes>"
 
 
 def _binary(formats: tuple[int, ...], index: int) -> bool:

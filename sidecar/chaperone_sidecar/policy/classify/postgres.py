@@ -116,7 +116,7 @@ def _command(node: Any) -> tuple[str, Kind, bool]:
     if cls == "TransactionStmt":
         kind = getattr(node.kind, "name", str(node.kind))
         return _TRANSACTION.get(kind, "BEGIN"), "other", False
-    if cls == "VariableSetStmt" and getattr(node.kind, "name", "") == "VAR_RESET":
+    if cls == "VariableSetStmt" and getattr(node.kind, "name", "").startswith("VAR_RESET"):
         return "RESET", "other", False
     if cls in ("GrantStmt", "GrantRoleStmt") and not node.is_grant:
         return "REVOKE", "ddl", False
@@ -254,8 +254,9 @@ def statement_action(pg: PostgresAction, *, host: str, port: int, database: str)
         parts.append("(every row: no WHERE)")
     if len(pg.statements) > 1:
         parts.append("[" + " ".join(pg.statements[1:]) + "]")
+    host = host.lower()
     summary = shorten(f"{' '.join(parts)} on {database}@{host}:{port}: {pg.text}")
-    return Action(connection_type="postgres", method="SQL", scheme="postgres", host=host.lower(),
+    return Action(connection_type="postgres", method="SQL", scheme="postgres", host=host,
                   port=port, path=f"/{database}", name=name, summary=summary, postgres=pg)
 
 

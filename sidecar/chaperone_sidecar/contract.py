@@ -84,6 +84,12 @@ AWS_CREDENTIAL_VARS = (
 )
 AWS_REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 ANTHROPIC_BASE_URL_VAR = "ANTHROPIC_BASE_URL"
+# postgres connections: libpq's (and psycopg's, node-postgres's) defaults point at the sidecar's
+# listener; the port of the n-th postgres connection by name is POSTGRES_PORT_BASE + n unless
+# its spec.postgres.listenPort says otherwise (chaperone_sidecar/postgres/server.py).
+POSTGRES_HOST_VAR = "PGHOST"
+POSTGRES_PORT_VAR = "PGPORT"
+POSTGRES_PORT_BASE = 5432
 ANTHROPIC_KEY_VAR = "ANTHROPIC_API_KEY"
 ANTHROPIC_CREDENTIAL_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 

@@ -48,6 +48,12 @@ def agent_env_plan(mode: str, proxy_port: int, plans: Sequence[ConnectionPlan]) 
         # Several reverse-mode anthropic connections: the first by name wins (documented).
         forced.append((c.ANTHROPIC_BASE_URL_VAR,
                        f"http://127.0.0.1:{reverse_anthropic[0].reverse_port}"))
+    postgres = [p for p in plans if p.type == "postgres" and p.postgres_port]
+    if postgres:
+        # libpq's defaults point at the sidecar's listener of the first postgres connection by
+        # name (forced, like ANTHROPIC_BASE_URL: a PGHOST of the real server must not bypass it).
+        forced += [(c.POSTGRES_HOST_VAR, "127.0.0.1"),
+                   (c.POSTGRES_PORT_VAR, str(postgres[0].postgres_port))]
     defaults: list[tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = []
     aws = [p for p in plans if p.type == "aws"]
     if aws:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from chaperone_sidecar.contract import (
     CONNECTIONS_DIR,
+    POSTGRES_PORT_BASE,
     UPSTREAM_CA_DIR,
     VOL_CONN_PREFIX,
     VOL_UPSTREAM_CA_PREFIX,
@@ -44,6 +45,7 @@ class ConnectionPlan:
     base_url: str | None               # reverse mode upstream
     reverse_port: int | None           # loopback port the sidecar serves reverse mode on
     region: str | None                 # aws.region
+    postgres_port: int | None = None   # the sidecar's listener for a postgres connection
 
     @property
     def suffix(self) -> str:
@@ -104,6 +106,7 @@ def plan_connections(connections: Iterable[Mapping[str, Any]],
     """ConnectionPlans for already-selected connections (sorted by name)."""
     plans = []
     reverse_port = reverse_port_base
+    postgres_index = 0
     for conn in sorted(connections, key=lambda c: c["metadata"]["name"]):
         spec = conn.get("spec") or {}
         ctype = spec.get("type", "")
@@ -118,6 +121,10 @@ def plan_connections(connections: Iterable[Mapping[str, Any]],
         if base_url:
             port, reverse_port = reverse_port, reverse_port + 1
         upstream = spec.get("upstreamCA")
+        postgres_port = None
+        if ctype == "postgres":  # the sidecar's rule (postgres/server.py listen_ports)
+            postgres_port = (spec.get("postgres") or {}).get("listenPort") or POSTGRES_PORT_BASE + postgres_index
+            postgres_index += 1
         plans.append(ConnectionPlan(
             name=conn["metadata"]["name"],
             type=ctype,
@@ -130,6 +137,7 @@ def plan_connections(connections: Iterable[Mapping[str, Any]],
             base_url=base_url,
             reverse_port=port,
             region=(spec.get("aws") or {}).get("region") or None,
+            postgres_port=postgres_port,
         ))
     return plans
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..addons.identify import base_identity
+from ..contract import POSTGRES_PORT_BASE
 from ..credentials.credential_sources import CredentialError, TokenSource
 from ..flowctx import RecordingSettings
 from ..routing import Connection
@@ -39,7 +40,7 @@ __all__ = ["PostgresListeners", "listen_ports", "DEFAULT_PORT", "HOST_ENV"]
 
 log = logging.getLogger("chaperone.postgres")
 
-DEFAULT_PORT = 5432
+DEFAULT_PORT = POSTGRES_PORT_BASE  # the webhook's PGPORT follows the same rule
 HOST_ENV = "CHAPERONE_POSTGRES_HOST"
 
 

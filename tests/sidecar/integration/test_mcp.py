@@ -26,7 +26,6 @@ from mcp.shared.exceptions import McpError
 
 from .pod import API, PYTHONPATH, base_env, free_port, standalone_proxy, wait_for
 
-SERVER = Path(__file__).with_name("mcp_server.py")
 SECRET = "AKIAIOSFODNN7EXAMPLE"
 MODES = ("sse", "json", "stateless")
 
@@ -51,11 +50,12 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("mcp")
     calls = root / "calls.jsonl"
     calls.touch()
-    env = {**base_env(), "MCP_CALLS": str(calls)}
+    env = {**base_env(), "MCP_CALLS": str(calls), "PYTHONPATH": PYTHONPATH}
     servers, ports = [], {}
     for mode in MODES:
         ports[mode] = free_port()
-        servers.append(subprocess.Popen([sys.executable, str(SERVER), str(ports[mode]), mode], env=env,
+        servers.append(subprocess.Popen([sys.executable, "-m", "chaperone_testbed.mcp_server", str(ports[mode]), mode],
+                                        env=env,
                                         stderr=(root / f"server-{mode}.log").open("wb")))
     conf = root / "conf"
     for sub in ("connections", "policies"):

@@ -1,6 +1,6 @@
 """A real MCP server for the tests: FastMCP (the ``mcp`` SDK) over streamable HTTP, on uvicorn.
 
-``python mcp_server.py PORT MODE`` with MODE ``sse`` (POST answered as text/event-stream, the
+``python -m chaperone_testbed.mcp_server PORT MODE [HOST]`` with MODE ``sse`` (POST answered as text/event-stream, the
 SDK's default), ``json`` (application/json) or ``stateless`` (SSE, no Mcp-Session-Id: every POST
 stands alone, as on the 2026-07-28 transport). Tools: ``read_file``, ``delete_file``,
 ``get_secret`` (returns an AWS access key id, for masking) and ``deploy`` (for approval).
@@ -15,6 +15,7 @@ import sys
 
 import uvicorn
 from mcp.server.fastmcp import FastMCP
+from mcp.server.transport_security import TransportSecuritySettings
 
 SECRET = "AKIAIOSFODNN7EXAMPLE"
 
@@ -55,5 +56,10 @@ def build(json_response: bool, stateless: bool) -> FastMCP:
 
 if __name__ == "__main__":
     port, mode = int(sys.argv[1]), sys.argv[2]
-    app = build(mode == "json", mode == "stateless").streamable_http_app()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+    server = build(mode == "json", mode == "stateless")
+    # FastMCP's DNS-rebinding protection admits localhost names only; the tests reach it by IP.
+    server.settings.transport_security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=[f"{host}:{port}"],
+        allowed_origins=[f"http://{host}:{port}"])
+    uvicorn.run(server.streamable_http_app(), host=host, port=port, log_level="warning")

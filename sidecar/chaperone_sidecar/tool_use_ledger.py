@@ -12,8 +12,9 @@ recorded ``request`` event. ``chaperone sessions replay`` prints the pair.
 tool input's string values and its JSON; the weights add up, capped at 1):
 
 * http (and git, mcp, postgres: their request line): the host 0.3 (0.4 for a request to
-  ``/``), the path 0.4, its last segment 0.2, the method (not GET) 0.1; git: the repository 0.4 and ``push``/``clone``/``fetch`` 0.2;
-  mcp: the tool name 0.5; postgres: each table 0.3 and the statement 0.2;
+  ``/``), the path 0.4, its last segment 0.2, the method (not GET) 0.1; git: the repository
+  0.4 and ``push``/``clone``/``fetch`` 0.2; mcp: the tool name 0.5; postgres: each table 0.3
+  and the statement 0.2;
 * aws: the CLI operation (``delete-bucket``) or SDK method (``delete_bucket``) 0.4, the
   ``aws s3`` high-level command (``s3 rb``, ``s3 cp`` ...) 0.4, each resource (``bucket``,
   ``bucket/key``, shown in the CLI as ``s3://bucket``) 0.4, the service after ``aws`` 0.1;

@@ -45,7 +45,8 @@ def test_http_and_kubectl_links():
     http = Action("http", "POST", "https", "tickets.example.com", 443, "/api/tickets/42/close", name="http:POST")
     link = ledger.link(POD, action_terms(http), now=110)
     assert link.candidate.id == "toolu_curl" and "host tickets.example.com" in link.reason
-    kube = Action("kubernetes", "DELETE", "https", "10.0.0.1", 443, "/apis/apps/v1/namespaces/prod/deployments/web-frontend",
+    kube = Action("kubernetes", "DELETE", "https", "10.0.0.1", 443,
+                  "/apis/apps/v1/namespaces/prod/deployments/web-frontend",
                   kubernetes=KubernetesAction("delete", "apps", "v1", "deployments", "", "prod", "web-frontend"))
     link = ledger.link(POD, action_terms(kube), now=110)
     assert link.candidate.id == "toolu_k" and "name web-frontend" in link.reason and "kubectl delete" in link.reason

@@ -124,8 +124,8 @@ def tool_use_match(anthropic: dict) -> ToolUseMatch | None:
 
 def tool_use_errors(rule: dict, path: str) -> Iterator[tuple[str, str]]:
     """(field path, reason) for the tool-use fields of one (schema-checked) rule at ``path``."""
-    match = rule.get("match") if isinstance(rule.get("match"), dict) else {}
-    claude = match.get("anthropic") if isinstance(match.get("anthropic"), dict) else {}
+    match: dict = rule["match"] if isinstance(rule.get("match"), dict) else {}
+    claude: dict = match["anthropic"] if isinstance(match.get("anthropic"), dict) else {}
     where = f"{path}.match.anthropic"
     for i, name in enumerate(claude.get("toolUses") or ()):
         if not isinstance(name, str):

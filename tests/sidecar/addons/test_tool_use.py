@@ -21,7 +21,7 @@ from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.mask import Mask
 from chaperone_sidecar.addons.tool_use import ToolUse
 from chaperone_sidecar.config import SidecarConfig
-from chaperone_sidecar.policy.model import Action, AWSAction, Decision, Identity, MaskSpec
+from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
 
@@ -95,7 +95,8 @@ def tool_events(index: int, tid: str, parts: list[str]) -> list[bytes]:
 
 
 def stream_events() -> list[bytes]:
-    return [ev("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x", "content": []}}),
+    start = {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x", "content": []}}
+    return [ev("message_start", start),
             *tool_events(0, "toolu_ok", ['{"command": "aws configure set key ' + KEY_ID[:8], KEY_ID[8:] + '"}']),
             *tool_events(1, "toolu_rm", ['{"command": "rm', ' -rf /tmp/../"}']),
             ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}}),

@@ -265,6 +265,6 @@ def test_allowed_tool_use_then_the_agents_call_are_linked_in_the_recording(sidec
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "the model asked -> the agent did:" in text
-    line = next(i for i, l in enumerate(text.splitlines()) if "tool_use toolu_close bash" in l)
+    line = next(i for i, row in enumerate(text.splitlines()) if "tool_use toolu_close bash" in row)
     assert "DELETE" in text.splitlines()[line + 1] and "/tickets/42" in text.splitlines()[line + 1]
     assert "tool_use toolu_rm bash" in text and "BLOCKED by laptop/guard#no-recursive-delete" in text

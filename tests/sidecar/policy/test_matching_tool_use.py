@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from chaperone_sidecar.policy.compiler import PolicyErrors, compile_policy, compile_policies
+from chaperone_sidecar.policy.compiler import PolicyErrors, compile_policies, compile_policy
 from chaperone_sidecar.policy.evaluator import evaluate
 from chaperone_sidecar.policy.matching_tool_use import ToolUse
 from chaperone_sidecar.policy.model import Action, AnthropicAction, Identity

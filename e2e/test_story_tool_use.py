@@ -206,8 +206,9 @@ def test_the_agent_did_what_was_allowed_and_never_saw_the_blocked_tool_use(story
     assert first["stop"] == "tool_use" and first["blocks"][1]["id"] == "toolu_close42"
     assert story["tickets"].seen == [("DELETE", "/tickets/42")]  # it ran the tool, once
     assert second["stop"] == "end_turn" and [b["type"] for b in second["blocks"]] == ["text"]
-    assert second["blocks"][0]["text"].startswith("[Chaperone blocked tool_use toolu_wipe (bash): rule "
-                                                  "team-a/agents#no-recursive-rm - recursive deletes are done by people")
+    refusal = second["blocks"][0]["text"]
+    assert refusal.startswith("[Chaperone blocked tool_use toolu_wipe (bash): rule team-a/agents#no-recursive-rm"
+                              " - recursive deletes are done by people")
     assert "rm -rf" not in json.dumps(story["turns"])
     # end_turn: the agent stopped, no third LLM call; the second one carried the tool_result
     assert len(story["api"].seen) == 2

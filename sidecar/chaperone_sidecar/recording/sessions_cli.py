@@ -252,7 +252,7 @@ def tool_use_links(events: list[dict[str, Any]], body_limit: int = 200) -> list[
             "toolUseId": cause.get("toolUseId"), "name": cause.get("name"), "seq": None,
             "time": None, "model": None, "llmFlow": cause.get("flow"), "input": None,
             "blocked": None, "replaced": bool(cause.get("blocked")), "actions": []})
-        decided = data.get("decision") if isinstance(data.get("decision"), dict) else {}
+        decided: dict[str, Any] = data["decision"] if isinstance(data.get("decision"), dict) else {}
         entry["actions"].append({"seq": event.get("seq"), "flow": event.get("flow"),
                                  "what": _what(event), "score": cause.get("score"),
                                  "reason": cause.get("reason"), "decision": decided.get("effect")})

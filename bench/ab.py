@@ -84,6 +84,7 @@ def summarise(results: dict[str, list[dict]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="root of the checkout to compare against")
+    parser.add_argument("--after", default=None, help="root of the checkout measured as 'after' (default: this one)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--lat-n", type=int, default=400)
     parser.add_argument("--tput-s", type=float, default=4.0)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="chaperone-ab-"))
     makers = {"mitmdump": paths.Mitmdump,
               "chaperone-full (before)": lambda: paths.Chaperone("full", root=Path(args.before)),
-              "chaperone-full (after)": lambda: paths.Chaperone("full")}
+              "chaperone-full (after)": lambda: paths.Chaperone("full", root=Path(args.after) if args.after else None)}
     names = list(makers)
     env, closers = setup_env(workdir, ["chaperone-full"], _harness_loop(), cpus)
     results: dict[str, list[dict]] = {n: [] for n in names}

@@ -391,3 +391,32 @@ print(sorted(m for m in sys.modules
                          env={**os.environ, "PYTHONPATH": str(REPO / "sidecar")})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_the_injected_sidecar_recorder_ships_with_the_secret_keys(tmp_path, auth_s3):
+    """``services._make_recorder`` as the injected sidecar runs it (bucket, endpoint, region,
+    prefix from the environment; keys from the sidecar Secret's files): an AioS3Store whose
+    uploads the server verifies."""
+    from chaperone_sidecar.config import SidecarConfig
+    from chaperone_sidecar.services import _make_recorder
+
+    bucket = auth_s3.bucket()
+    secret = tmp_path / "sidecar-secret"
+    secret.mkdir()
+    (secret / "AWS_ACCESS_KEY_ID").write_text(auth_s3.keys[0] + "\n")
+    (secret / "AWS_SECRET_ACCESS_KEY").write_text(auth_s3.keys[1] + "\n")
+    config = SidecarConfig(pod_name="pod-1", pod_namespace="ns", spool_dir=tmp_path / "spool",
+                           sidecar_secret_dir=secret, s3_bucket=bucket, s3_endpoint=auth_s3.url,
+                           s3_region="us-east-1", s3_prefix="team", api_server="https://127.0.0.1:6443")
+    rec = _make_recorder(config)
+    assert isinstance(rec._shipper.store, AioS3Store)
+    assert isinstance(rec._shipper.store.credentials, StaticAWSSource)
+
+    async def main():
+        await rec.start()
+        await record(rec, 5)
+        return await rec.close()
+
+    assert asyncio.run(main())
+    keys = list(auth_s3.reader(bucket, "team").list("sessions/ns/pod-1/"))
+    assert any(k.endswith("manifest.json") for k in keys) and len(keys) >= 2

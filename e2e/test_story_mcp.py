@@ -26,9 +26,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import story as st
 import yaml
 
-import story as st
 from chaperone_testbed.services import ManagedProcess, free_port
 
 API = "chaperone.dev/v1alpha1"
@@ -114,8 +114,8 @@ def mcpstory(installation, tmp_path_factory):
     calls = workdir / "calls.jsonl"
     calls.touch()
     port = free_port()
-    server = ManagedProcess("mcp-server", [sys.executable, "-m", "chaperone_testbed.mcp_server", str(port), "sse", HOST],
-                            workdir / "server.log",
+    argv = [sys.executable, "-m", "chaperone_testbed.mcp_server", str(port), "sse", HOST]
+    server = ManagedProcess("mcp-server", argv, workdir / "server.log",
                             env=st.clean_env({"MCP_CALLS": str(calls), "PYTHONPATH": PYTHONPATH}))
     server.start()
     server.wait_ready(lambda: _serving(port), 30, "the MCP server")

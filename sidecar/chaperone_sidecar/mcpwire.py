@@ -69,9 +69,9 @@ def filter_tools_message(message: Any, ids: frozenset[str], hidden: Hidden) -> l
     if isinstance(message["id"], bool) or json.dumps(message["id"], ensure_ascii=False) not in ids:
         return []
     result = message.get("result")
-    tools = result.get("tools") if isinstance(result, dict) else None
-    if not isinstance(tools, list):
+    if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
         return []
+    tools = result["tools"]
     kept, removed = [], []
     for tool in tools:
         name = tool.get("name") if isinstance(tool, dict) else None

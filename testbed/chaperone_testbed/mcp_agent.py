@@ -16,6 +16,7 @@ import httpx
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
+from mcp.types import TextContent
 
 
 async def main(url: str, ops: list) -> list:
@@ -30,7 +31,8 @@ async def main(url: str, ops: list) -> list:
                     out.append([t.name for t in (await session.list_tools()).tools])
                 else:
                     result = await session.call_tool(op[1], op[2])
-                    out.append({"text": result.content[0].text, "isError": result.isError})
+                    text = [c.text for c in result.content if isinstance(c, TextContent)]
+                    out.append({"text": "".join(text), "isError": result.isError})
             except McpError as exc:
                 out.append({"error": {"code": exc.error.code, "message": exc.error.message,
                                       "data": exc.error.data}})

@@ -27,6 +27,7 @@ compressed JSON body is decoded by mitmproxy and re-encoded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -47,7 +48,7 @@ log = logging.getLogger("chaperone.mcp")
 class _Wrapped:
     """Runs the stream callable found first (Mask's), then the filter on what it released."""
 
-    def __init__(self, inner: Any, tools: SSEToolsFilter) -> None:
+    def __init__(self, inner: Any, tools: Callable[[bytes], list[bytes]]) -> None:
         self.inner = inner
         self.tools = tools
 
@@ -105,17 +106,18 @@ class McpTools:
         ids = frozenset(c.id for c in action.mcp.calls if c.method == "tools/list" and c.id)
         return (ctx, ids) if ids else None
 
-    def _hidden(self, ctx: flowctx.FlowContext):
+    def _hidden(self, ctx: flowctx.FlowContext) -> Callable[[str], bool]:
         snapshot = ctx.snapshot if ctx.snapshot is not None else self.services.snapshot()
         action = ctx.action
         assert action is not None and action.mcp is not None
+        session = action.mcp.session_id
         cache: dict[str, bool] = {}
 
         def hidden(name: str) -> bool:
             if name not in cache:
                 probe = replace(action, name="mcp:tools/call", summary=f"mcp tools/call {name}",
                                 mcp=MCPAction(calls=(MCPCall("tools/call", tool=name, probe=True),),
-                                              session_id=action.mcp.session_id))
+                                              session_id=session))
                 decision = evaluate(snapshot.policies, probe, ctx.identity, ctx.connection)
                 cache[name] = decision.effect == "block"
             return cache[name]

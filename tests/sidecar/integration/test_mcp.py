@@ -2,11 +2,11 @@
 
 A standalone ``chaperone proxy`` with an ``mcp`` connection and a policy that blocks
 ``delete_file``, holds ``deploy`` for alice's approval and masks AWS keys in ``get_secret``'s
-output. The server runs in both response modes of the transport: SSE (the SDK's default) and
-JSON, and stateless (no session). What must hold: the model never sees ``delete_file`` in ``list_tools``; calling it anyway
-raises the SDK's ``McpError`` naming the rule, and nothing reaches the server; the secret is
-masked in the tool result; ``deploy`` runs once alice approved it; a batch hiding a forbidden
-call and an ambiguous body (duplicate keys) are refused.
+output. The server runs in both response modes of the transport, SSE (the SDK's default) and
+JSON, and stateless (no session). What must hold: the model never sees ``delete_file`` in
+``list_tools``; calling it anyway raises the SDK's ``McpError`` naming the rule, and nothing
+reaches the server; the secret is masked in the tool result; ``deploy`` runs once alice
+approved it; a batch hiding a forbidden call and an ambiguous body (duplicate keys) are refused.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def test_fields_hold_for_the_same_call_not_across_a_batch():
     assert decide([ETC], tc(1, "read_file", path="/tmp"), tc(2, "delete_file", path="/etc/passwd")) == ("block", "etc")
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "/tmp/../etc/passwd", "//etc/passwd", "/%65tc/passwd", "\\etc\\passwd"])
+@pytest.mark.parametrize("path", ["/etc/passwd", "/tmp/../etc/passwd", "//etc/passwd", "/%65tc/passwd",
+                                  "\\etc\\passwd"])
 def test_argument_paths_are_also_matched_normalised(path):
     assert decide([ETC], tc(1, "delete_file", path=path)) == ("block", "etc")
 
@@ -64,7 +65,8 @@ def test_resources_and_methods():
              {"name": "no-sampling", "match": {"mcp": {"methods": ["prompts/*"]}}, "block": {}}]
     read = {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///tmp/../secrets/k"}}
     assert decide(rules, read)[1] == "no-secrets"
-    assert decide(rules, {"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "x"}})[1] == "no-sampling"
+    prompt = {"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "x"}}
+    assert decide(rules, prompt)[1] == "no-sampling"
 
 
 def test_the_tools_list_probe_hides_only_unconditional_blocks():

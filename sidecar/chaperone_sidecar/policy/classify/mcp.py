@@ -152,26 +152,27 @@ def _call(message: Any, where: str) -> tuple[MCPCall | None, str]:
     if not isinstance(params, dict):
         return None, f"{where}: params must be an object"
     tool = prompt = uri = arguments = ""
+    name, target = params.get("name"), params.get("uri")
     if method == "tools/call":
-        tool = params.get("name")
-        if not isinstance(tool, str) or not tool:
+        if not isinstance(name, str) or not name:
             return None, f"{where}: tools/call needs a string params.name"
+        tool = name
         args = params.get("arguments")
         if args is not None and not isinstance(args, dict):
             return None, f"{where}: tools/call params.arguments must be an object"
         arguments = canonical_arguments(args)
     elif method == "prompts/get":
-        prompt = params.get("name")
-        if not isinstance(prompt, str):
+        if not isinstance(name, str):
             return None, f"{where}: prompts/get needs a string params.name"
+        prompt = name
         args = params.get("arguments")
         if args is not None and not isinstance(args, dict):
             return None, f"{where}: prompts/get params.arguments must be an object"
         arguments = canonical_arguments(args)
     elif method in _URI_METHODS:
-        uri = params.get("uri")
-        if not isinstance(uri, str):
+        if not isinstance(target, str):
             return None, f"{where}: {method} needs a string params.uri"
+        uri = target
     return MCPCall(method=method, id=ident, tool=tool, prompt=prompt, uri=uri,
                    arguments=arguments), ""
 

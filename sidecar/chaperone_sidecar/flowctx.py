@@ -178,6 +178,8 @@ class FlowContext:
     caused_by: dict[str, Any] | None = None
     record: RecordProgress = field(default_factory=RecordProgress)
     tool_use: Any = None  # ToolUse: its memory of an LLM answer (rules, judged blocks)
+    kube_stream: Any = None  # KubeStreams: an exec/attach/port-forward session's stream state
+    git_gate: Any = None  # Route: the gate holding a streamed git push's body (gitgate.py)
     telemetry: TelemetryProgress = field(default_factory=TelemetryProgress)
 
 

@@ -43,6 +43,12 @@ addon (module)         responsibility; FlowContext fields read -> written
 3. Enforce             Evaluates the compiled policies (``evaluate``) and the policy rate
    (enforce)           limits. block -> 403 ``blocked``; over a limit -> 429.
                        snapshot, identity, connection, action -> ``decision``, ``early``
+3b. KubeStreams        exec/attach/port-forward sessions: refuses plain SPDY upgrades (only
+   (sessions)          WebSocket is relayed); after the 101 parses the channel protocol or
+                       the SPDY tunnel, masks stdout/stderr/status before the agent gets
+                       them, judges each port-forward stream's port, records every frame as
+                       a ``stream`` event (strict: unrecordable -> connection closed).
+                       action, decision, snapshot, recording -> ``kube_stream`` (private)
 4. Approve             For ``require_approval``: a cached grant passes; otherwise opens (or
    (approve)           reuses) an ApprovalRequest and holds the flow (bounded, async) or
                        answers 403 with its name (defer). decision -> ``approval_request``,
@@ -103,6 +109,7 @@ from .mask import Mask
 from .mcp_tools import McpTools
 from .record import Record
 from .route import Route
+from .sessions import KubeStreams
 from .telemetry import Telemetry
 from .tool_use import ToolUse
 
@@ -113,6 +120,7 @@ ADDON_ORDER: tuple[type[Any], ...] = (
     Identify,
     Route,
     Enforce,
+    KubeStreams,
     Approve,
     InjectCredentials,
     Mask,

@@ -27,6 +27,7 @@ from typing import Any
 
 EVENT_TYPES = (
     "session-start", "request", "response", "decision", "approval", "error", "session-end",
+    "stream",  # one frame of an exec/attach/port-forward session (addons/sessions.py)
     "tool-use",  # a tool_use block of an LLM answer (addons/tool_use.py)
 )
 SCHEMA_VERSION = 1

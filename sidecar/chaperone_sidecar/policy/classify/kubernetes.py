@@ -52,10 +52,9 @@ from __future__ import annotations
 import os.path
 import re
 import shlex
+from dataclasses import replace
 from functools import lru_cache
 from urllib.parse import parse_qsl, unquote
-
-from dataclasses import replace
 
 from ..model import HTTPRequest, KubernetesAction
 

@@ -70,6 +70,7 @@ control_plane = _tests.control_plane
 crds_installed = _tests.crds_installed
 s3_server = _tests.s3_server
 redis_server = _tests.redis_server
+postgres_server = _tests.postgres_server
 helm_bin = _operator.helm_bin
 moto_auth = _sidecar.moto_auth
 

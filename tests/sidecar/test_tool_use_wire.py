@@ -81,6 +81,8 @@ def assemble(wire: bytes) -> dict[str, Any]:
     message: dict[str, Any] = {}
     buffers: dict[int, str] = {}
     for fields in SSEParser().feed(wire, final=True):
+        if not any(n == b"data" for n, _ in fields):
+            continue  # a comment (keep-alive): the SDKs skip it
         data = json.loads(b"\n".join(v for n, v in fields if n == b"data"))
         name = next(v for n, v in fields if n == b"event").decode()
         assert name == data["type"]
@@ -204,3 +206,24 @@ def test_json_answer_rewrite():
                                                        "input": {"command": "ls"}}]}
     assert rewrite_message(allowed, decide)[0] is False and allowed["stop_reason"] == "tool_use"
     assert rewrite_message({"content": "not a list"}, decide) == (False, [])
+
+
+def test_escaped_type_crlf_framing_and_input_in_the_start_event():
+    # "t\u006fol_use" is "tool_use" to every JSON parser (and SDK); CRLF lines, a comment line;
+    # the whole input in content_block_start and no deltas (the SDK keeps the start's input).
+    wire = (b'event: message_start\r\ndata: {"type":"message_start","message":{"id":"m","content":[]}}\r\n\r\n'
+            b': keep-alive\r\n\r\n'
+            b'event: content_block_start\r\ndata: {"type":"content_block_start","index":0,"content_block":'
+            b'{"type":"t\\u006fol_use","id":"toolu_e","name":"bash","input":{"command":"rm -rf /"}}}\r\n\r\n'
+            b'event: content_block_stop\r\ndata: {"type":"content_block_stop","index":0}\r\n\r\n')
+    out, seen, _ = run([wire] + tail(), step=5)
+    assert b"rm -rf" not in out and seen[0].tool_use.input == {"command": RM} and seen[0].replaced
+    message = assemble(out)
+    assert message["content"][0]["type"] == "text" and message["stop_reason"] == "end_turn"
+
+
+def test_invalid_input_json_is_judged_unparsed():
+    events = HEAD + tool(0, "toolu_bad", "bash", ['{"command": "ls"', ' oops']) + tail()
+    out, seen, _ = run(events)
+    assert seen[0].tool_use.parsed is False and seen[0].replaced  # decide() blocks unparsed bash
+    assert b"oops" not in out

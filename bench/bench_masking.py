@@ -20,7 +20,8 @@ by the product engine (``chaperone_sidecar.policy.masking``) and by the engine b
 (``tests/sidecar/policy/masking/reference``), alternating old/new per round. Reported: MB/s from
 the best (lowest) CPU time (``time.process_time``) of the rounds - the machine is shared, so
 the least disturbed run is the best estimate - and the median, plus whether both engines gave
-the same output. The first call of each engine (Hyperscan compile, regex caches) is excluded.
+the same output. The first call of each engine (regex caches) is excluded; each timed call gets
+a fresh copy of the body (the prefilter caches its last result by identity).
 """
 
 from __future__ import annotations
@@ -175,8 +176,10 @@ def run(rounds: int = 5, size: int = MIB, modes: tuple[str, ...] = ("whole", "st
                     outputs[eng] = engines[eng][mode](body, js, binary)
                 for r in range(rounds):
                     for eng in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                        # A fresh copy: the prefilter caches its last result by identity.
+                        fresh = bytes(bytearray(body))
                         t0 = time.process_time()
-                        engines[eng][mode](body, js, binary)
+                        engines[eng][mode](fresh, js, binary)
                         times[eng].append(time.process_time() - t0)
                 row = {"corpus": name, "secrets": secrets, "mode": mode, "bytes": len(body),
                        "same": outputs["old"] == outputs["new"], "masked": outputs["new"] != body}
@@ -195,6 +198,59 @@ def _line(row: dict) -> str:
             f"x{row['new_best_mbs'] / row['old_best_mbs']:6.1f}  same={row['same']}")
 
 
+def engines(rounds: int = 5) -> list[tuple[str, str, float]]:
+    """The candidate one-pass engines, each finding every trigger of every detector (the
+    literal anchors and the fixed-shape patterns of ``prefilter.py``) in the clean 1 MiB text,
+    prose and JSON corpora: (engine, corpus, MB/s from the best CPU time).
+
+    * ``hyperscan``: the product's prefilter (all occurrences, overlapping ones included);
+    * ``re2``: one combined alternation (``google-re2``, if importable - not a dependency):
+      leftmost non-overlapping matches only, so it could only gate, not locate;
+    * ``re``: the same alternation in Python's ``re``;
+    * ``find``: ``bytes.find`` per literal anchor over a lowered copy, and ``re`` for the
+      patterns (what the engine before issue 16 did, one pass per anchor).
+    """
+    import re
+
+    from chaperone_sidecar.policy.masking.spans import prefilter_for
+
+    rules = new_detectors.resolve_rules(["all"])
+    triggers = [t for r in rules for t in r.triggers]
+    literals = [t for t in triggers if t.width is not None and t.caseless]
+    shapes = [t for t in triggers if t not in literals]
+    alternation = (b"(?i:" + b"|".join(t.pattern for t in literals) + b")|" + b"|".join(t.pattern for t in shapes))
+    needles = [re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes.fromhex(m.group(1).decode()), t.pattern)
+               for t in literals]  # prefilter.literal escapes every non-alphanumeric byte
+    shape_res = [re.compile(t.pattern) for t in shapes]
+    pre = prefilter_for(rules)
+    finders: dict[str, Callable[[bytes], object]] = {
+        "hyperscan": lambda text: pre._db.scan(text, match_event_handler=lambda *a: None, scratch=pre._scratch()),
+        "re": lambda text, c=re.compile(alternation): list(c.finditer(text)),
+        "find": lambda text: ([text.lower().find(n) for n in needles], [list(r.finditer(text)) for r in shape_res]),
+    }
+    try:
+        import re2  # type: ignore[import-not-found]
+
+        finders["re2"] = lambda text, c=re2.compile(alternation): list(c.finditer(text))
+    except ImportError:
+        print("google-re2 not installed: re2 not measured")
+    out = []
+    bodies = corpora()
+    for name in ("text", "prose", "json"):
+        body = bodies[name][0]
+        for engine, find in finders.items():
+            best = min(_cpu(find, body) for _ in range(rounds if engine != "re" else 1))
+            out.append((engine, name, len(body) / best / 1e6))
+            print(f"{engine:10s} {name:6s} {len(body) / best / 1e6:9.1f} MB/s", flush=True)
+    return out
+
+
+def _cpu(fn: Callable[[bytes], object], body: bytes) -> float:
+    t0 = time.process_time()
+    fn(body)
+    return max(time.process_time() - t0, 1e-9)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| corpus (1 MiB) | secrets | path | before (MB/s, best / median) | one-pass (MB/s, best / median) | speed-up | same output |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -211,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=MIB)
     ap.add_argument("--modes", default="whole,stream")
     ap.add_argument("--markdown", action="store_true", help="print a docs/benchmarks.md table at the end")
+    ap.add_argument("--engines", action="store_true", help="only compare the candidate one-pass engines")
     args = ap.parse_args(argv)
+    if args.engines:
+        engines(args.rounds)
+        return 0
     rows = run(args.rounds, args.size, tuple(args.modes.split(",")))
     if args.markdown:
         print(markdown(rows))

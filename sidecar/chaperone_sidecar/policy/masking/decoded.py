@@ -40,7 +40,7 @@ import bisect
 import json
 import re
 
-from .prefilter import BASE64_TRIGGERS
+from .prefilter import B64_HEAD, B64_TAIL, UPPER, Prefilter
 from .spans import MASK_TOKEN_RE, Finding, Rule, mask_text, mask_token, merge, prefilter_for, scan, string_spans
 
 B64_MIN = 16  # shortest base64 run decoded (12 bytes; an AWS key id alone encodes to 28)
@@ -119,15 +119,29 @@ def _b64decode(run: bytes) -> bytes | None:
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
 
 
+_TAIL = Prefilter((B64_TAIL,))
+
+
 def _first_run(text: bytes, rules: tuple[Rule, ...]) -> int:
     """Where the first run with an upper-case letter starts, or -1 (the cheap common case).
 
-    Such a run holds a base64 trigger (``prefilter.BASE64_TRIGGERS``: 16 characters of the
-    alphabet starting or ending with an upper-case letter), so it lies in the stretch of
-    alphabet characters holding the first trigger or later: the search starts there."""
+    Such a run has a 16-character window of the alphabet that starts (``B64_HEAD``) or ends
+    (``B64_TAIL``) with an upper-case letter, so it lies in the stretch of alphabet
+    characters holding the first such window or later: the search starts there. No window
+    starts before the stretch of the first upper-case letter (``UPPER``), and a tail window
+    only matters before the first head window: the tail is searched only there."""
     hits = prefilter_for(rules).hits(text)
-    first = min((p[0] for t in BASE64_TRIGGERS if (p := hits.positions((t,)))), default=-1)
-    if first < 0:
+    upper = hits.positions((UPPER,))
+    if not upper:
+        return -1
+    lo = len(text[: upper[0]].rstrip(_ALPHABET))
+    heads = hits.positions((B64_HEAD,))
+    first = heads[0] if heads else len(text)
+    if first > lo:
+        tails = _TAIL.hits(text[lo : first + 16]).positions((B64_TAIL,))
+        if tails:
+            first = min(first, lo + tails[0])
+    if first >= len(text):
         return -1
     for m in _B64_RUN.finditer(text, len(text[:first].rstrip(_ALPHABET))):
         # islower(): cased and no upper-case letter (hex digests, snake_case) - cheaper than a search

@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 
 from .prefilter import Trigger, literal
-from .spans import MASK_TOKEN_RE, MatchLike, Rule, SpanMatch, anchored, leftmost
+from .spans import MASK_TOKEN_RE, MatchLike, Rule, SpanMatch, anchored, leftmost, prefilter_for
 
 PEM_BODY_MAX = 8 * 1024  # longest PEM body matched as a closed BEGIN..END block
 
@@ -421,38 +421,40 @@ RULES: dict[str, tuple[Rule, ...]] = {
         # is still readable to anyone who knows the prefix. Every occurrence is tried (the
         # anchored finder), so a decoy "AKIA" just before the real one cannot shift the match.
         Rule("aws-access-key-id", _AWS_ID_RE, max_len=20, triggers=tuple(map(literal, _AWS_ID_ANCHORS)),
-             find=anchored(_AWS_ID_RE, _at(0))),
+             find=anchored(_AWS_ID_RE, _at(0)), trigger_offset=0),
     ),
     "aws-secret-key": (
         # Context required (see module docstring): a credential label (...secret...key), a
         # separator, then exactly 40 characters of the secret-key alphabet.
         Rule("aws-secret-key", _AWS_SECRET_RE, max_len=100, triggers=(literal(b"secret"),),
-             find=anchored(_AWS_SECRET_RE, _at(0))),
+             find=anchored(_AWS_SECRET_RE, _at(0)), trigger_offset=0),
     ),
     "private-key": (
         # A closed block is masked whole (any content, headers included, escaped newlines in
         # JSON too); a BEGIN with no END within PEM_BODY_MAX masks the key-material run after it.
         Rule("private-key", _PEM_RE,
             max_len=PEM_BODY_MAX + 200, triggers=(literal(b"-----BEGIN ", caseless=False),),
-            find=leftmost(_PEM_RE), continuation=re.compile(_PEM_RUN, _F)),
+            find=leftmost(_PEM_RE), continuation=re.compile(_PEM_RUN, _F), trigger_offset=0),
     ),
     "jwt": (
         # header.payload.signature in base64url; the header must start like a JSON object
         # ("ey" for '{"', "ew" for '{\n') and decode to one with "alg". A JWT glued to other
         # token characters is still one (see _jwt_find).
-        Rule("jwt", _JWT_RE, max_len=11300, triggers=(_JWT_TRIGGER,), validate=_jwt_ok, find=_jwt_find),
+        Rule("jwt", _JWT_RE, max_len=11300, triggers=(_JWT_TRIGGER,), validate=_jwt_ok, find=_jwt_find,
+             trigger_offset=0),
     ),
     "bearer-token": (
         # "Authorization: Bearer x" (header dumps, JSON, curl lines): anything after Bearer.
         Rule("bearer-token", _AUTH_RE, max_len=8300, triggers=(literal(b"authorization"),),
-             validate=lambda t, m: _not_token(m.group("s")), find=anchored(_AUTH_RE, _at(0))),
+             validate=lambda t, m: _not_token(m.group("s")), find=anchored(_AUTH_RE, _at(0)), trigger_offset=0),
         # "Bearer x" without the label: only token-looking values (see _bare_bearer_ok).
         Rule("bearer-token", _BEARER_RE, max_len=8220, triggers=(literal(b"bearer"),),
-             validate=_bare_bearer_ok, find=anchored(_BEARER_RE, _at(0))),
+             validate=_bare_bearer_ok, find=anchored(_BEARER_RE, _at(0)), trigger_offset=0),
         # OAuth token responses: {"access_token": "...", "token_type": "Bearer"}.
         Rule("bearer-token", _OAUTH_RE, max_len=8300,
              triggers=tuple(map(literal, (b"access_token", b"refresh_token", b"id_token"))),
-             validate=_oauth_ok, lookahead=_CTX, lookbehind=_CTX, find=anchored(_OAUTH_RE, _at(1))),
+             validate=_oauth_ok, lookahead=_CTX, lookbehind=_CTX, find=anchored(_OAUTH_RE, _at(1)),
+             trigger_offset=1),
     ),
     "secret-json-key": (
         # Any string value under a secret-named key; the key is kept, the value (escapes and
@@ -497,4 +499,9 @@ def resolve_rules(names: Iterable[str]) -> tuple[Rule, ...]:
     if ALL in wanted:
         wanted = set(DETECTOR_NAMES)
     return tuple(rule for name in DETECTOR_NAMES if name in wanted for rule in RULES[name])
+
+
+# The trigger database of every detector, compiled once at import (~0.1 s, Hyperscan) rather
+# than on the first masked body; every subset of the built-in rules scans with it.
+prefilter_for(resolve_rules([ALL]))
 

@@ -51,6 +51,11 @@ class Rule:
     lookbehind: int = 0
     # Open-ended tail (unterminated PEM only): used when the match's "body" group is absent.
     continuation: re.Pattern[bytes] | None = None
+    # Every match of ``pattern`` - and every prefix of one that holds this many bytes and a
+    # trigger's length more - starts this many bytes before a trigger occurrence. The stream
+    # masker then looks for a match that may still grow only there and in the last bytes
+    # (stream._open_start); None: the pattern itself is searched (it may start anywhere).
+    trigger_offset: int | None = None
     # The finder splits runs of ``pattern`` into candidates (credit-card digit groups): what it
     # finds depends on a run's neighbourhood, so a stream never cuts a run carelessly.
     runs: bool = False
@@ -147,23 +152,27 @@ def leftmost(pattern: re.Pattern[bytes]) -> Finder:
 
 # --- scanning and replacement ---------------------------------------------------------------
 
-_PREFILTERS: dict[tuple[Rule, ...], Prefilter] = {}
-_last_prefilter: tuple[tuple[Rule, ...], Prefilter] | None = None
+# Compiled trigger databases by rule set (keyed by the rules' identities; the entry keeps the
+# rules, so an identity is never reused while its entry lives). A rule set whose triggers are
+# all in an existing database reuses it (the built-in rules share the one of "all",
+# compiled when detectors.py is imported): extra triggers only cost a little scan time.
+_PREFILTERS: dict[tuple[int, ...], tuple[tuple[Rule, ...], Prefilter]] = {}
 
 
 def prefilter_for(rules: tuple[Rule, ...]) -> Prefilter:
-    """The compiled trigger database of a rule set (with the base64 triggers of
-    ``decoded.py``), built once per distinct rule set."""
-    global _last_prefilter
-    last = _last_prefilter
-    if last is not None and last[0] is rules:
-        return last[1]
-    pre = _PREFILTERS.get(rules)
+    """The compiled trigger database for a rule set (with the base64 triggers of
+    ``decoded.py``): an existing one that has every trigger, or a new one."""
+    key = tuple(map(id, rules))
+    entry = _PREFILTERS.get(key)
+    if entry is not None and all(a is b for a, b in zip(entry[0], rules, strict=True)):
+        return entry[1]
+    needed = {t for r in rules for t in r.triggers} | set(BASE64_TRIGGERS)
+    pre = next((p for _, p in _PREFILTERS.values() if needed <= p.trigger_set), None)
     if pre is None:
-        if len(_PREFILTERS) >= 64:
-            _PREFILTERS.clear()
-        pre = _PREFILTERS[rules] = Prefilter([t for r in rules for t in r.triggers] + list(BASE64_TRIGGERS))
-    _last_prefilter = (rules, pre)
+        pre = Prefilter(sorted(needed, key=lambda t: (t.pattern, t.caseless, t.first)))
+    if len(_PREFILTERS) >= 256:
+        _PREFILTERS.clear()
+    _PREFILTERS[key] = (rules, pre)
     return pre
 
 

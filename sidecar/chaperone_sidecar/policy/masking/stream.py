@@ -68,6 +68,7 @@ Content-Length from the forwarded headers.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import functools
 import re
@@ -77,7 +78,19 @@ import regex
 
 from .decoded import mask_base64
 from .encoding import MaskingError, StreamDecoder
-from .spans import MAX_ROUNDS, Finding, Rule, adjacent, apply, ends_in_string, mask_token, merge, scan, string_spans
+from .spans import (
+    MAX_ROUNDS,
+    Finding,
+    Rule,
+    adjacent,
+    apply,
+    ends_in_string,
+    mask_token,
+    merge,
+    prefilter_for,
+    scan,
+    string_spans,
+)
 
 WINDOW = 32 * 1024
 CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
@@ -146,10 +159,16 @@ def _open_pattern(pattern: re.Pattern[bytes]) -> regex.Pattern[bytes] | None:
         return None
 
 
-def _open_start(text: bytes, rule: Rule, pos: int) -> int | None:
+def _open_start(text: bytes, rule: Rule, pos: int, anchors: list[int] | None = None) -> int | None:
     """The earliest start at or after ``pos`` of a match of ``rule`` that reaches the end of
     ``text`` or could with more data (a partial match); None when there is none. The rule's
     own pattern is used (custom finders only pick among its matches, so this is a superset).
+
+    With ``anchors`` (the rule's trigger positions in ``text``) and a ``rule.trigger_offset``,
+    a match can only start ``trigger_offset`` before a trigger, or so close to the end that
+    its trigger has not fully arrived: only those starts are tried, in order - the first
+    that matches is what the search from ``pos`` returns, without scanning ``max_len``
+    bytes per rule and chunk.
 
     A closed PEM block (``body`` matched up to its END marker) is skipped: the lazy body stops
     at the first END, so more data cannot change that match, although the pattern could
@@ -157,6 +176,8 @@ def _open_start(text: bytes, rule: Rule, pos: int) -> int | None:
     """
     pattern = _open_pattern(rule.pattern)
     assert pattern is not None
+    if anchors is not None and rule.trigger_offset is not None:
+        return _open_start_at(text, rule, pattern, pos, anchors, rule.trigger_offset)
     while True:
         m = pattern.search(text, pos, partial=True)
         if m is None:
@@ -167,6 +188,24 @@ def _open_start(text: bytes, rule: Rule, pos: int) -> int | None:
                 pos = m.start() + 1
                 continue
         return m.start()
+
+
+def _open_start_at(text: bytes, rule: Rule, pattern: regex.Pattern[bytes], pos: int,
+                   anchors: list[int], offset: int) -> int | None:
+    """``_open_start`` trying only the starts the triggers allow (see there)."""
+    tail = len(text) - offset - max(len(t.pattern) if t.width is None else t.width for t in rule.triggers)
+    starts = [a - offset for a in anchors[bisect.bisect_left(anchors, pos + offset):] if a - offset < tail]
+    starts += range(max(pos, tail, 0), len(text))
+    for start in starts:
+        m = pattern.match(text, start, partial=True)
+        if m is None:
+            continue
+        if rule.continuation is not None and not m.partial:
+            closed = rule.pattern.match(text, start)
+            if closed is not None and closed.group("body") is not None and closed.end() < len(text):
+                continue
+        return start
+    return None
 
 
 def required_window(rules: Iterable[Rule]) -> int:
@@ -361,9 +400,10 @@ class StreamMasker(DecodedStream):
         # No detector matches across a line feed but private-key, whose open block the scan
         # holds as a candidate: the search starts after the last line feed (as the old bound).
         line = window.rfind(b"\n", off) + 1
+        hits = prefilter_for(self.rules).hits(window)  # the same window is scanned next: cached
         for rule in self._eager:
             pos = max(off + self._frontier, len(window) - rule.max_len - SLACK, off, line)
-            start = _open_start(window, rule, pos)
+            start = _open_start(window, rule, pos, hits.positions(rule.triggers))
             if start is not None:
                 base = min(base, start - off)
         if self._lazy:  # a rule without partial matching: whole lines, or a window behind

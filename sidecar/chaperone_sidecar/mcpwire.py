@@ -55,7 +55,8 @@ def jsonrpc_refusal(ids: Iterable[str], batch: bool, body: Mapping[str, Any]) ->
     errors = [{"jsonrpc": "2.0", "id": json.loads(i),
                "error": {"code": REFUSAL_CODE, "message": message, "data": dict(body)}} for i in ids]
     doc: Any = errors if batch else errors[0]
-    return json.dumps(doc, ensure_ascii=False).encode() + b"\n"
+    # ASCII escapes: the agent chose these strings, a lone surrogate would not encode as UTF-8
+    return json.dumps(doc).encode() + b"\n"
 
 
 Hidden = Callable[[str], bool]
@@ -97,7 +98,7 @@ def filter_tools_json(content: bytes, ids: frozenset[str], hidden: Hidden) -> tu
         removed += filter_tools_message(message, ids, hidden)
     if not removed:
         return content, []
-    return json.dumps(doc, ensure_ascii=False).encode(), removed
+    return json.dumps(doc).encode(), removed  # ASCII escapes: any string the server sent encodes
 
 
 _TERMINATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
@@ -153,5 +154,5 @@ class SSEToolsFilter:
             return event
         self.removed += removed
         kept = [ln for ln in lines if ln and not ln.startswith(b"data:")]
-        payload = json.dumps(message, ensure_ascii=False).encode()
+        payload = json.dumps(message).encode()
         return b"\n".join([*kept, b"data: " + payload]) + b"\n\n"

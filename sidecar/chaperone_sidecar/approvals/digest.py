@@ -135,7 +135,7 @@ def mcp_payload(action: Action | None) -> bytes | None:
         return None
     calls = [[c.method, c.id if not c.method else "", c.tool, c.prompt, c.uri, c.arguments]
              for c in mcp.calls]
-    return json.dumps(["mcp", mcp.batch, calls], separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(["mcp", mcp.batch, calls], separators=(",", ":")).encode()  # ASCII: any str encodes
 
 
 def request_digest(req: HTTPRequest, *,

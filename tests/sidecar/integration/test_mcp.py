@@ -257,3 +257,25 @@ def test_recording_names_each_call_and_holds_no_secret(setup):
     results = [e for e in events if e["type"] in ("response", "error") and e["flow"] in flows]
     assert results and "contents of /tmp/recorded" in results[0]["data"]["body"]["text"]
     assert SECRET not in json.dumps(events)  # masked in the arguments' summary, body and result
+
+
+def test_a_lone_surrogate_in_a_tool_name_is_refused_as_json_rpc(setup):
+    proxy, ports, _, _ = setup
+    body = b'{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"delete_\\ud800","arguments":{}}}'
+    resp = _post(proxy.port, ports["json"], body)
+    assert resp.status_code == 200 and resp.json()["error"]["code"] == -32030, resp.text
+    assert "no-delete" in resp.json()["error"]["message"]
+
+
+def test_a_compressed_body_is_judged_decoded_or_refused(setup):
+    import gzip
+
+    proxy, ports, calls, _ = setup
+    body = gzip.compress(json.dumps({"jsonrpc": "2.0", "id": 12, "method": "tools/call",
+                                     "params": {"name": "delete_file", "arguments": {"path": "/tmp/gz"}}}).encode())
+    with httpx.Client(proxy=f"http://127.0.0.1:{proxy.port}", trust_env=False, timeout=30) as client:
+        resp = client.post(f"http://127.0.0.1:{ports['json']}/mcp", content=body,
+                           headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                                    "Accept": "application/json, text/event-stream"})
+    assert resp.headers.get("X-Chaperone-Refused") in ("blocked", "invalid_request"), resp.text
+    assert not [c for c in reached(calls) if c.get("path") == "/tmp/gz"]

@@ -22,6 +22,7 @@ from ..cli import command_parser, dispatch
 from .events import who
 from .manifest import KeyFileError, load_key
 from .reader import SessionNotFound, find_session, list_sessions, load_session, open_store, verify_session
+from .transcript import format_line, transcript_line
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
 
@@ -218,6 +219,10 @@ def timeline(events: list[dict[str, Any]], *, per_event: bool = False,
             row["status"], row["responseBody"] = data.get("status"), _body(data.get("body"), body_limit)
             if per_event:
                 row["what"] = _what(event)
+        elif kind == "stream":  # an exec/attach/port-forward session's content (transcript.py)
+            line = transcript_line(event)
+            if line is not None:
+                row.setdefault("transcript", []).append(line)
     return rows
 
 
@@ -295,6 +300,8 @@ def cmd_replay(store: Any, args: argparse.Namespace) -> int:
         for label in ("requestBody", "responseBody"):
             if row.get(label):
                 print(f"{'':21}{label[:-4]:8} {row[label]}")
+        for line in row.get("transcript", ()):
+            print("\n".join(format_line(line)))
     _print_tool_use_links(links)
     return 0
 

@@ -299,3 +299,41 @@ def test_garbage_in_a_spdy_tunnel_closes_it(tmp_path):
 ])
 def test_exit_status(payload, expected):
     assert ks.exit_status(payload) == expected
+
+
+# ---------------------------------------------------------------------------- replay
+
+def test_sessions_replay_prints_the_transcript(tmp_path, capsys):
+    from chaperone_sidecar.recording.sessions_cli import main as sessions_main
+
+    rec = recorder(tmp_path)
+    svc = services(rec)
+    addon = KubeStreams(svc)
+    addon._inject = lambda flow, content, is_text: None  # type: ignore[method-assign]
+
+    async def main():
+        await rec.start()
+        f = session_flow(svc, "/api/v1/namespaces/team-a/pods/web/exec"
+                              "?command=sh&command=-c&command=ls+/srv;cat+/srv/key&container=app")
+        await upgraded(addon, f)
+        await send(addon, f, b"\x00y\n", from_client=True)
+        await send(addon, f, b"\x01app\nkey\n", from_client=False)
+        await send(addon, f, b"\x01" + SECRET + b"\n", from_client=False)
+        await send(addon, f, b"\x02warning: \x1b[31mred\x1b[0m\n", from_client=False)
+        await send(addon, f, b'\x03{"status":"Success"}', from_client=False)
+        await addon.websocket_end(f)
+        await rec.close("test")
+
+    run(main)
+    assert sessions_main(["sessions", "replay", "s1", "--dir", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "$ kubectl exec team-a/web -c app -- sh -c 'ls /srv;cat /srv/key'" in out
+    lines = [line.split("| ", 1) for line in out.splitlines() if "| " in line]
+    by_channel = [(head.split()[-1], text) for head, text in lines]
+    assert ("stdin", "y") in by_channel and ("stdout", "app") in by_channel
+    assert ("stdout", "[MASKED:aws-access-key-id]  [masked aws-access-key-id x1]") in by_channel
+    assert ("stderr", "warning: \\x1b[31mred\\x1b[0m") in by_channel  # escaped, not interpreted
+    assert ("exit", "exit status 0") in by_channel
+    assert SECRET.decode() not in out
+    # every transcript line carries its time and the milliseconds since the session opened
+    assert all(" +" in head and "ms" in head for head, _ in lines)

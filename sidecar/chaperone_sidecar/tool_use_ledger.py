@@ -11,10 +11,11 @@ recorded ``request`` event. ``chaperone sessions replay`` prints the pair.
 **Content match** (:func:`action_terms`; every needle is looked for, case-insensitively, in the
 tool input's string values and its JSON; the weights add up, capped at 1):
 
-* http (and git, mcp, postgres: their request line): the host 0.3 (0.4 for a request to
+* http (and git, mcp: their request line): the host 0.3 (0.4 for a request to
   ``/``), the path 0.4, its last segment 0.2, the method (not GET) 0.1; git: the repository
-  0.4 and ``push``/``clone``/``fetch`` 0.2; mcp: the tool name 0.5; postgres: each table 0.3
-  and the statement 0.2;
+  0.4 and ``push``/``clone``/``fetch`` 0.2; mcp: the tool name 0.5; postgres (for a caller
+  outside the HTTP pipeline: the postgres server records its own events): each table 0.3 and
+  the statement 0.2;
 * aws: the CLI operation (``delete-bucket``) or SDK method (``delete_bucket``) 0.4, the
   ``aws s3`` high-level command (``s3 rb``, ``s3 cp`` ...) 0.4, each resource (``bucket``,
   ``bucket/key``, shown in the CLI as ``s3://bucket``) 0.4, the service after ``aws`` 0.1;
@@ -163,7 +164,8 @@ def action_terms(action: Action | None, method: str = "", url_host: str = "",
             add(" ".join(kube.command), 0.4, f"command {' '.join(kube.command)[:60]}")
     if action.git is not None:
         add(action.git.repository, 0.4, f"repository {action.git.repository}")
-        add(f"git {action.git.service}", 0.2, f"git {action.git.service}")
+        for word in ("push",) if action.git.service == "push" else ("fetch", "clone", "pull"):
+            add(f"git {word}", 0.2, f"git {word}")
     if action.mcp is not None:
         for tool in action.mcp.tools[:8]:
             add(tool, 0.5, f"MCP tool {tool}")

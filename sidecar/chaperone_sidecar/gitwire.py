@@ -53,7 +53,7 @@ class Pkt:
 _SPECIAL: dict[int, Literal["flush", "delim", "end"]] = {0: "flush", 1: "delim", 2: "end"}
 
 
-def read_pkt(buf: bytes | memoryview, pos: int = 0) -> Pkt:
+def read_pkt(buf: bytes | bytearray | memoryview, pos: int = 0) -> Pkt:
     """The pkt-line starting at ``pos``; raises :class:`Truncated` or :class:`PktError`."""
     head = bytes(buf[pos:pos + 4])
     if len(head) < 4:

@@ -255,10 +255,10 @@ def git_response(kind: str, body: Mapping[str, Any], git: GitAction, *,
     else:
         text = f"{reason} - {body.get('how_to_get_access', '')}"
         if push and git.commands is None:
-            text = (f"{reason} - this push's ref updates were not read: it streamed (git sends "
-                    "a push larger than 1 MiB in chunks, and the sidecar cannot read it before "
-                    "it leaves), so rules on refs judged it as any ref (docs/git.md: push it in "
-                    f"smaller parts). {body.get('how_to_get_access', '')}")
+            text = (f"{reason} - this push's ref updates were not read (a Content-Encoding git "
+                    "does not read, or commands that are not pkt-lines or do not fit in the "
+                    "first 4 MiB), so rules on refs judged it as any ref (docs/git.md). "
+                    f"{body.get('how_to_get_access', '')}")
         demux = push and (git.commands is None or caps & {"side-band-64k", "side-band"})
         content = sideband_error(text) if demux else err_pkt(text)
     suffix = "advertisement" if git.phase == "advertisement" else "result"

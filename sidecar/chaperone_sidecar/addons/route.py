@@ -55,6 +55,16 @@ the snapshot it routed with (``snapshot``: read once per flow, so every addon of
 the same configuration generation), the connection and its type, the judged method, the
 classified ``action`` and the connection's ``recording`` settings (Mask and Record read them).
 
+**A streamed git push** (an ``http`` connection's ``POST .../git-receive-pack`` whose body
+leaves before ``request``: over 1 MiB, as git sends a large push) is judged on its headers with
+its ref updates *pending* (only services and repositories decide), and its body is held back by
+a :class:`~chaperone_sidecar.gitgate.GitPushGate` until the commands have arrived: they are then
+classified and the policies evaluated again, and a stricter result lets nothing of the push
+through and answers it with the refusal (in ``responseheaders``/``response``, whatever the
+upstream said to the no-op it got). An HTTP/2 push without ``Content-Length`` is forwarded as
+HTTP/1.1 with chunked framing (mitmproxy 11 would send such a body to an HTTP/1 upstream
+unframed). See docs/git.md.
+
 Only HTTP is proxied: raw TCP, UDP and DNS flows (a CONNECT tunnel carrying something that is
 not TLS/HTTP) are closed, since no hook could judge them. ``Alt-Svc`` response headers are
 removed so clients do not learn a QUIC route around the proxy.
@@ -64,6 +74,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -72,11 +83,16 @@ from mitmproxy.proxy import mode_specs
 
 from .. import flowctx
 from ..flowctx import RecordingSettings, request_of
+from ..gitgate import GitPushGate
 from ..log_setup import flow_fields
 from ..policy.classify import classify
+from ..policy.classify.git import pending_push
 from ..policy.classify.http import OVERRIDE_HEADERS, OVERRIDE_PARAMS, is_method, override_method
 from ..policy.classify.kubernetes import is_connect_request
 from ..policy.classify.paths import PathRules, canonical_path, path_rules
+from ..policy.evaluator import evaluate
+from ..policy.matching import RANK
+from ..policy.model import Decision
 from ..routing import Connection, base_url_parts, normalize_host, split_host
 from ..services import SidecarServices
 from ..snapshot import Snapshot
@@ -124,6 +140,8 @@ class Route:
             return
         if body_leaves_early(flow):  # the others judge it now, on the headers
             ctx.action = classify(request_of(flow, body=False), conn.type, rules)
+            if ctx.action.git is not None and conn.type == "http":
+                self._gate_push(flow, ctx, conn.type, rules)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -219,6 +237,74 @@ class Route:
         # around the proxy; the sidecar only serves what it proxies.
         if flow.response is not None and "alt-svc" in flow.response.headers:
             del flow.response.headers["alt-svc"]
+        self._gate_refusal(flow)  # now, so no addon starts streaming the upstream's answer
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._gate_refusal(flow)  # again: reading the upstream's body replaced the content
+
+    # ------------------------------------------------------------------ streamed git pushes
+    @staticmethod
+    def _gate_push(flow: http.HTTPFlow, ctx: flowctx.FlowContext, ctype: str, rules: PathRules) -> None:
+        """A streamed git push: judged on its headers with its updates pending, its body held
+        back by a :class:`~chaperone_sidecar.gitgate.GitPushGate` until they are judged."""
+        action = ctx.action
+        assert action is not None and action.git is not None
+        pending = pending_push(action)
+        if pending is action:
+            return  # not a push
+        ctx.action = pending
+        base = request_of(flow, body=False)
+        length = flow.request.headers.get("content-length", "").strip()
+
+        def judge(held: bytes, complete: bool) -> Decision | None:
+            exact = classify(replace(base, body=held), ctype, rules)
+            ctx.action = exact
+            snapshot, before = ctx.snapshot, ctx.decision
+            if snapshot is None or before is None:
+                return Decision("block", message="the push was not judged on its headers; "
+                                                 "refusing (fail closed)")
+            decision = evaluate(snapshot.policies, exact, ctx.identity, ctx.connection)
+            if RANK.get(decision.effect, 3) <= RANK.get(before.effect, 3) and \
+                    (complete or exact.git is None or exact.git.commands is not None):
+                return None
+            if RANK.get(decision.effect, 3) <= RANK.get(before.effect, 3):
+                decision = Decision("block", message="the push's ref updates could not be read "
+                                                     "from the start of its body; refusing (fail closed)")
+            elif decision.effect == "require_approval":  # a stream function cannot hold it
+                decision = Decision("block", rule=decision.rule, message=(
+                    f"{decision.message}: this push streamed (it is larger than 1 MiB), and a "
+                    "streamed push cannot be held for approval; push it in smaller parts, each "
+                    "of which can be approved"))
+            ctx.decision = decision
+            log.info("streamed git push refused on its ref updates: %s", exact.summary,
+                     extra=flow_fields(flow))
+            return decision
+
+        req = flow.request
+        if (req.is_http2 or req.is_http3) and not length:
+            # mitmproxy 11 forwards an HTTP/2 body of unknown length to an HTTP/1 upstream
+            # without any framing (the upstream reads it as empty). As an HTTP/1.1 request with
+            # chunked framing it is framed for an HTTP/1 upstream, and the framing header is
+            # dropped (h2's normalisation) for an HTTP/2 one; Host carries the authority.
+            if "host" not in req.headers and req.authority:
+                req.headers.insert(0, "Host", req.authority)
+            req.authority = ""
+            req.http_version = "HTTP/1.1"
+            req.headers["transfer-encoding"] = "chunked"
+        gate = GitPushGate(judge, int(length) if length.isdigit() else None)
+        req.stream = gate
+        ctx.git_gate = gate
+
+    @staticmethod
+    def _gate_refusal(flow: http.HTTPFlow) -> None:
+        """Answer a push whose gate closed with the refusal, whatever the upstream said to the
+        ``0000`` it got instead (gitgate.py)."""
+        ctx = flowctx.get(flow)
+        gate = ctx.git_gate if ctx is not None else None
+        if gate is None or gate.verdict is None or flow.response is None:
+            return
+        decision: Decision = gate.verdict
+        refusal.refuse(flow, "blocked", decision.message, rule=decision.rule)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         log.warning("closing a raw TCP flow to %s: only HTTP(S) is proxied",

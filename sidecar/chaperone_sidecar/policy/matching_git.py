@@ -21,6 +21,9 @@ the values come from ``Action.git`` (:mod:`.classify.git`). Semantics:
   every restricting ``refs`` pattern and no allow pattern; an update whose fast-forward could
   not be proven (``force: None``) matches ``forcePush: true`` and ``forcePush: false`` of
   restricting rules and neither of allow rules. Creates and deletes are never force pushes.
+* A streamed push judged on its headers (``GitAction.pending``) has no update yet: refs,
+  operations and forcePush hold as for a push without updates, and the gate that holds its
+  body back judges the updates before any of it leaves (:mod:`chaperone_sidecar.gitgate`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def git_conditions(spec: dict, effect: str) -> list[GitCondition]:
         git = _git(ctx)
         if git is None or git.service != "push" or git.phase != "rpc":
             return False
+        if git.pending:  # judged on the headers; the gate judges the updates (gitgate.py)
+            return not restricting
         if git.commands is None:
             return restricting
         if restricting:
@@ -90,6 +95,8 @@ def git_conditions(spec: dict, effect: str) -> list[GitCondition]:
         git = _git(ctx)
         if git is None or git.service != "push" or git.phase != "rpc":
             return None
+        if git.pending:
+            return "ref updates pending (judged as the body arrives)"
         if git.commands is None:
             return "ref updates unknown"
         return [describe_command(c) for c in git.commands]

@@ -107,6 +107,9 @@ class GitAction:
     capabilities: tuple[str, ...] = ()
     push_options: tuple[str, ...] = ()
     protocol: str = ""  # the Git-Protocol header ("version=2"), as sent
+    # A streamed push judged on its headers while its body is held back (gitgate.py): no update
+    # is known yet, so only services and repositories decide; the gate judges the updates.
+    pending: bool = False
 
 
 @dataclass(frozen=True)

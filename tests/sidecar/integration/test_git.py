@@ -320,18 +320,53 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_a_push_too_large_to_read_first_is_refused_with_how_to_push_it(git):
-    # Above 1 MiB git streams the push (chunked) and the sidecar streams it too: its ref updates
-    # cannot be read before the body leaves, so ref rules fail closed - and git says what to do.
-    work = work_tree(git, "large")
-    (work / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+def large_commit(git: Git, name: str, branch: str = "") -> tuple[Path, str]:
+    work = work_tree(git, name)
+    if branch:
+        git.ok("checkout", "-q", "-b", "b", f"origin/{branch}", cwd=work)
+    (work / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))  # incompressible: a 3 MiB pack
     git.ok("add", "blob.bin", cwd=work)
-    git.ok("commit", "-q", "-m", "large", cwd=work)
+    git.ok("commit", "-q", "-m", name, cwd=work)
+    return work, git.ok("rev-parse", "HEAD", cwd=work).strip()
+
+
+@pytest.mark.parametrize("config", [(), ("-c", "http.version=HTTP/1.1"), ("-c", "http.postBuffer=67108864")],
+                         ids=["http2-chunked", "http1-chunked", "content-length"])
+def test_a_large_push_is_judged_by_its_refs_before_it_leaves(git, config):
+    # Above 1 MiB git chunks the push and the sidecar streams it: the gate holds the body back
+    # until the commands have arrived, judges them, then lets the pack through.
+    name = f"large-{len(config) and config[1].split('=')[0]}"
+    work, new = large_commit(git, name)
+    out = git(*config, "push", "origin", f"HEAD:refs/heads/feature/{name}", cwd=work)
+    assert out.returncode == 0, out.stderr
+    assert git.server_ref("org/app", f"refs/heads/feature/{name}") == new
+    assert any(s.body_bytes > 3 * 1024 * 1024 for s in git.server.posts())
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_large_push_to_main_is_refused_and_none_of_it_leaves(git, chunked):
+    work, _ = large_commit(git, f"large-main-{chunked}")
+    before = git.server_ref("org/app", "refs/heads/main")
     posts = len(git.server.seen)
-    out = git("push", "origin", "HEAD:refs/heads/feature/large", cwd=work)
+    # a large http.postBuffer makes git send a Content-Length instead of chunks
+    args = [] if chunked else ["-c", "http.postBuffer=67108864"]
+    out = git(*args, "push", "origin", "HEAD:main", cwd=work)
     assert out.returncode != 0
-    # side-band 3: git 2.39 prints it as "remote: ..." and dies
-    assert "remote: chaperone_blocked" in out.stderr, out.stderr
-    assert "ref updates were not read" in out.stderr and "HTTP 403" not in out.stderr
-    assert git.server_ref("org/app", "refs/heads/feature/large") == ""
-    assert [s for s in git.server.posts(since=posts) if s.body_bytes > 4] == []  # only git's 0000 probe
+    assert "! [remote rejected] HEAD -> main (chaperone_blocked: main only changes through review" in out.stderr, \
+        out.stderr
+    assert git.server_ref("org/app", "refs/heads/main") == before
+    reached = [s for s in git.server.posts(since=posts) if s.body_bytes > 4]
+    if chunked:
+        assert reached == []  # only "0000" (git's probe, then the gate's no-op)
+    else:
+        # the declared length is kept: "0000" and zeros, never the agent's pack
+        assert [s.body_bytes for s in reached] == [int(reached[0].headers["content-length"])]
+
+
+def test_a_large_push_that_needs_approval_is_refused_saying_why(git):
+    work, _ = large_commit(git, "large-prod", branch="prod")
+    old = git.server_ref("org/app", "refs/heads/prod")
+    out = git("push", "origin", "HEAD:prod", cwd=work)
+    assert out.returncode != 0
+    assert "a streamed push cannot be held for approval" in out.stderr, out.stderr
+    assert git.server_ref("org/app", "refs/heads/prod") == old

@@ -52,14 +52,15 @@ import hashlib
 import re
 import struct
 import zlib
+from dataclasses import replace
 from typing import Literal
 from urllib.parse import parse_qsl
 
 from ...gitwire import PktError, Truncated, read_pkt
-from ..model import GitAction, GitCommand, HTTPRequest
+from ..model import Action, GitAction, GitCommand, HTTPRequest
 
 __all__ = ["git_service", "classify_git", "git_name", "git_summary", "git_resources",
-           "valid_ref", "MAX_INFLATED"]
+           "pending_push", "valid_ref", "MAX_INFLATED"]
 
 Service = Literal["push", "fetch"]
 Phase = Literal["advertisement", "rpc"]
@@ -269,7 +270,7 @@ def pack_commits(data: bytes, start: int, hex_len: int = 40) -> dict[str, tuple[
     """{commit id: parent ids} for the whole commits at the head of the pack at ``start``.
 
     Stops at the first object that is not a whole commit or tag (pack-objects writes commits
-    first), so trees and blobs are not inflated.
+    first), so trees and blobs are not inflated, and where the bytes end (a pack cut short).
     """
     view = memoryview(data)
     if bytes(view[start:start + 4]) != b"PACK":
@@ -278,6 +279,8 @@ def pack_commits(data: bytes, start: int, hex_len: int = 40) -> dict[str, tuple[
     pos, out = start + 12, {}
     algo = hashlib.sha256 if hex_len == 64 else hashlib.sha1
     for _ in range(min(count, _MAX_PACK_COMMITS)):
+        if pos >= len(view):  # a pack cut short (a streamed push's first bytes): what was read
+            break
         byte = view[pos]
         pos += 1
         kind, size, shift = (byte >> 4) & 7, byte & 15, 4
@@ -293,6 +296,8 @@ def pack_commits(data: bytes, start: int, hex_len: int = 40) -> dict[str, tuple[
         stop = min(len(view), pos + size + size // 100 + 1024)
         inflater = zlib.decompressobj()
         content = inflater.decompress(view[pos:stop], size + 1)
+        if not inflater.eof and stop == len(view):
+            break  # cut short inside this object
         if len(content) != size or not inflater.eof:
             raise ValueError("a pack object does not inflate to the size its header says")
         pos = stop - len(inflater.unused_data)
@@ -329,11 +334,24 @@ def git_summary(git: GitAction) -> str:
         return f"git {git.service} {repo}: ref advertisement"
     if git.service == "fetch":
         return f"git fetch {repo}"
+    if git.pending:
+        return f"git push {repo}: ref updates judged as the body arrives (streamed)"
     if git.commands is None:
         return f"git push {repo}: ref updates not read (streamed or unreadable body)"
     if not git.commands:
         return f"git push {repo}: no ref updates"
     return f"git push {repo}: " + "; ".join(describe_command(c) for c in git.commands)
+
+
+def pending_push(action: Action) -> Action:
+    """``action`` (a push classified on its headers) as a streamed push whose updates the gate
+    will judge (gitgate.py); other actions unchanged."""
+    git = action.git
+    if git is None or git.service != "push" or git.phase != "rpc":
+        return action
+    git = replace(git, commands=(), pending=True)
+    return replace(action, git=git, summary=git_summary(git),
+                   errors=tuple(e for e in action.errors if not e.startswith("git push:")))
 
 
 def git_resources(git: GitAction) -> tuple[str, ...]:

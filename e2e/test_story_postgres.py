@@ -24,9 +24,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+import story as st
 import yaml
 
-import story as st
 from chaperone_testbed.services import ManagedProcess, free_port
 
 API = "chaperone.dev/v1alpha1"
@@ -213,7 +213,7 @@ def test_drop_table_is_held_until_alice_approves(pg):
         assert "DROP TABLE scratch" in ar["spec"]["action"]["summary"]
         assert ar["spec"]["rule"]["name"] == "drops-need-a-human"
         assert held.poll() is None  # psql is still waiting
-        assert pg.truth(f"SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'") == "1"
+        assert pg.truth("SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'") == "1"
         name = ar["metadata"]["name"]
         res = pg.cp.kubectl("patch", "ar", name, "-n", pg.ns, "--type=merge", "-p", APPROVE, user="approver")
         assert res.returncode == 0, res.stderr

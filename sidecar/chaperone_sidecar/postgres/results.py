@@ -76,36 +76,45 @@ class RowMasker:
             return MASKED.encode()
         return None
 
-    def _detect(self, value: bytes, column: Column | None) -> bytes:
+    @staticmethod
+    def _detectable(value: bytes, column: Column | None) -> tuple[bytes, bytes] | None:
+        """(prefix, text bytes) the detectors read, or None for a binary non-text value."""
         if column is not None and column.format == 1:
             if column.type_oid == _JSONB and value[:1] == b"\x01":
-                return b"\x01" + self._detect(value[1:], None)
+                return b"\x01", value[1:]
             if column.type_oid not in TEXT_TYPES:
-                return value
-        text = value.decode("utf-8", "surrogateescape")
-        masked, counts = self.masker.mask_str(text)
-        return masked.encode("utf-8", "surrogateescape") if counts else value
+                return None
+        return b"", value
 
     def row(self, columns: list[Column] | None, values: list[bytes | None]) -> tuple[list[bytes | None], bool]:
-        """The row as the agent gets it, and whether anything was masked."""
+        """The row as the agent gets it, and whether anything was masked.
+
+        The detectors scan the row's text values in one joined pass (``Masker.mask_values``:
+        values seen clean before are skipped), not one scan per value."""
         if not self.active:
             return values, False
         plan = self._plan(columns) if columns and len(columns) == len(values) else ()
-        out: list[bytes | None] = []
+        out: list[bytes | None] = list(values)
         changed = False
+        scan: list[tuple[int, bytes, str]] = []  # (index, prefix, text)
         for i, value in enumerate(values):
-            column = columns[i] if plan and columns else None
             if value is None:
-                out.append(None)
                 continue
+            column = columns[i] if plan and columns else None
             if plan and plan[i]:
                 assert column is not None
-                out.append(self._placeholder(column))
+                out[i] = self._placeholder(column)
                 changed = True
                 continue
-            new = self._detect(value, column) if self.masker.rules else value
-            changed = changed or new is not value
-            out.append(new)
+            if self.masker.rules and (part := self._detectable(value, column)) is not None:
+                scan.append((i, part[0], part[1].decode("utf-8", "surrogateescape")))
+        if scan:
+            texts = [t for _, _, t in scan]
+            masked = self.masker.mask_values(texts)
+            for (i, prefix, text), new in zip(scan, masked, strict=True):
+                if new != text:
+                    out[i] = prefix + new.encode("utf-8", "surrogateescape")
+                    changed = True
         return out, changed
 
     def text(self, text: str) -> str:

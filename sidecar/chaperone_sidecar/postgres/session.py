@@ -152,6 +152,7 @@ class Session:
         self.count = 0
         self.status = b"I"
         self._cancel_key = b""
+        self._pending_records: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ startup
     async def run(self) -> None:
@@ -174,6 +175,8 @@ class Session:
         except Exception:  # noqa: BLE001 - one broken session must not take the listener down
             log.exception("postgres %s: session failed", self.settings.connection)
         finally:
+            if self._pending_records:  # results still on their way to the spool
+                await asyncio.gather(*self._pending_records, return_exceptions=True)
             if self.cancels is not None and self._cancel_key:
                 self.cancels.forget(self._cancel_key)
             if self.upstream is not None:
@@ -491,11 +494,18 @@ class Session:
             status = "not run" if not unit.verdict.allowed else "done"
         if not unit.verdict.allowed and unit.error is None:
             status = "not run"
-        await self._record([response_event(
+        # Queued, not awaited: the result never delays the agent's ReadyForQuery (the
+        # recorder keeps queue order, so it still follows its request). Strict recording
+        # governs the statement before it runs (_judge); a result that cannot be written is
+        # counted lost and the recording says so in its next error event.
+        event = response_event(
             unit.flow, identity=self.identity, status=status, rows=unit.rows, columns=unit.columns,
             sample=unit.sample, masked=unit.masked, error=unit.error,
             duration_ms=(time.perf_counter() - unit.started) * 1000,
-            sample_limit=self.settings.sample_rows)])
+            sample_limit=self.settings.sample_rows)
+        task = asyncio.get_running_loop().create_task(self._record([event]))
+        self._pending_records.add(task)
+        task.add_done_callback(self._pending_records.discard)
 
 
 def binary_parameter(value: bytes, oid: int) -> str:

@@ -20,9 +20,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import requests
 import yaml
@@ -33,6 +35,7 @@ from .pod import API, PYTHONPATH, HTTPSUpstream, base_env, standalone_proxy
 from .test_sdk_streams import node_modules
 
 API_KEY = "sk-ant-held-by-the-sidecar-1"
+HOST = "127.0.0.2"  # the Messages server; loopback, but not 127.0.0.1 (the tickets API)
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 RM = "rm -rf /"
 
@@ -48,6 +51,11 @@ def answer_for(tickets: str):
                 {"type": "tool_use", "id": "toolu_rm2", "name": "bash", "input": {"command": RM}}]}
         if "interleaved" in said:
             return interleaved_events()
+        if "drop-bucket" in said:
+            bucket = said.split("drop-bucket ")[1].split('"')[0]
+            return {"stop_reason": "tool_use", "content": [
+                {"type": "tool_use", "id": "toolu_rb", "name": "bash",
+                 "input": {"command": f"aws s3 rb s3://{bucket}"}}]}
         if "close-ticket" in said:
             return {"stop_reason": "tool_use", "content": [
                 {"type": "tool_use", "id": "toolu_close", "name": "bash",
@@ -86,22 +94,27 @@ def interleaved_events() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
+def sidecar(tmp_path_factory, s3_server):
     root = tmp_path_factory.mktemp("tool-use")
-    model = AnthropicAPI(root / "anthropic", api_key=API_KEY, split=3)
+    model = AnthropicAPI(root / "anthropic", api_key=API_KEY, host=HOST, split=3)
     tickets = HTTPSUpstream(root / "tickets")
     model.answer = answer_for(f"https://localhost:{tickets.port}")
     conf = root / "conf"
-    for sub in ("connections", "policies", "credentials/claude", "upstream-ca/claude", "upstream-ca/tickets"):
+    for sub in ("connections", "policies", "credentials/claude", "credentials/aws", "upstream-ca/claude",
+                "upstream-ca/tickets"):
         (conf / sub).mkdir(parents=True)
     (conf / "credentials" / "claude" / "token").write_text(API_KEY)
+    (conf / "credentials" / "aws" / "AWS_ACCESS_KEY_ID").write_text(s3_server.access_key)
+    (conf / "credentials" / "aws" / "AWS_SECRET_ACCESS_KEY").write_text(s3_server.secret_key)
     (conf / "upstream-ca" / "claude" / "ca.crt").write_bytes(model.ca_file.read_bytes())
     (conf / "upstream-ca" / "tickets" / "ca.crt").write_bytes(tickets.ca_file.read_bytes())
     (conf / "chaperone.yaml").write_text(yaml.safe_dump({"namespace": "laptop", "user": "dana"}))
     for name, spec in {
-        "claude": {"type": "anthropic", "hosts": ["127.0.0.1"],
+        "claude": {"type": "anthropic", "hosts": [HOST],
                    "credentials": {"source": "secret", "secretRef": {"name": "claude", "tokenKey": "token"}}},
         "tickets": {"type": "http", "hosts": ["localhost"], "credentials": {"source": "none"}},
+        "aws": {"type": "aws", "aws": {"region": s3_server.region, "endpointURL": s3_server.endpoint_url},
+                "credentials": {"source": "secret", "secretRef": {"name": "aws"}}},
     }.items():
         (conf / "connections" / f"{name}.yaml").write_text(yaml.safe_dump(
             {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": name}, "spec": spec}))
@@ -113,7 +126,7 @@ def sidecar(tmp_path_factory):
               "block": {"message": "recursive deletes need a human"}}]}}))
     try:
         with standalone_proxy(conf, root / "proxy.log") as proxy:
-            yield proxy, conf, model, tickets
+            yield proxy, conf, model, tickets, s3_server
     finally:
         model.close()
         tickets.close()
@@ -124,7 +137,10 @@ def agent_env(conf: Path, port: int) -> dict[str, str]:
     proxy = f"http://127.0.0.1:{port}"
     ca = str(conf / "ca" / "mitmproxy-ca-cert.pem")
     env.update({"HTTPS_PROXY": proxy, "https_proxy": proxy, "SSL_CERT_FILE": ca, "NODE_EXTRA_CA_CERTS": ca,
-                "REQUESTS_CA_BUNDLE": ca, "PYTHONPATH": PYTHONPATH})
+                "REQUESTS_CA_BUNDLE": ca, "AWS_CA_BUNDLE": ca, "PYTHONPATH": PYTHONPATH,
+                "AWS_ACCESS_KEY_ID": "placeholder", "AWS_SECRET_ACCESS_KEY": "placeholder",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
+                "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
     return env
 
 
@@ -171,7 +187,7 @@ def run(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 def python_sdk(sidecar, mode: str, prompt: str) -> dict[str, Any]:
-    proxy, conf, model, _ = sidecar
+    proxy, conf, model, *_ = sidecar
     return run([sys.executable, "-c", PY_CLIENT, model.url, mode, prompt], agent_env(conf, proxy.port))
 
 
@@ -214,7 +230,7 @@ def test_two_tool_uses_one_blocked(sidecar, mode):
 
 
 def test_node_sdk_parses_the_replacement(sidecar, tmp_path):
-    proxy, conf, model, _ = sidecar
+    proxy, conf, model, *_ = sidecar
     script = tmp_path / "client.js"
     script.write_text(NODE_CLIENT)
     env = agent_env(conf, proxy.port) | {"NODE_PATH": str(node_modules())}
@@ -225,7 +241,7 @@ def test_node_sdk_parses_the_replacement(sidecar, tmp_path):
 
 
 def test_allowed_tool_use_then_the_agents_call_are_linked_in_the_recording(sidecar):
-    proxy, conf, model, tickets = sidecar
+    proxy, conf, model, tickets, s3_server = sidecar
     got = python_sdk(sidecar, "stream", "close-ticket")
     block = got["content"][0]
     assert block["type"] == "tool_use" and block["id"] == "toolu_close", got
@@ -237,6 +253,18 @@ def test_allowed_tool_use_then_the_agents_call_are_linked_in_the_recording(sidec
     session.verify = str(conf / "ca" / "mitmproxy-ca-cert.pem")
     assert session.delete(f"https://localhost:{tickets.port}/tickets/42", timeout=30).status_code == 200
     assert session.get(f"https://localhost:{tickets.port}/health", timeout=30).status_code == 200
+    # ... and the real AWS CLI runs the command the model wrote, word for word
+    bucket = f"scratch-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3", **s3_server.client_kwargs())
+    s3.create_bucket(Bucket=bucket)
+    got = python_sdk(sidecar, "stream", f"drop-bucket {bucket}")
+    command = got["content"][0]["input"]["command"]
+    assert command == f"aws s3 rb s3://{bucket}", got
+    aws = str(Path(sys.executable).with_name("aws"))
+    out = subprocess.run([aws, *command.split()[1:]], env=agent_env(conf, proxy.port), capture_output=True,
+                         text=True, timeout=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]  # it really happened
 
     proxy.proc.send_signal(signal.SIGTERM)  # the session is shipped when the sidecar stops
     assert proxy.proc.wait(60) == 0
@@ -254,6 +282,12 @@ def test_allowed_tool_use_then_the_agents_call_are_linked_in_the_recording(sidec
     cause = requests_[0]["data"]["causedBy"]
     assert cause["toolUseId"] == "toolu_close" and cause["name"] == "bash" and cause["score"] >= 0.4
     assert "path /tickets/42" in cause["reason"]
+    deletes = [e for e in events if e["type"] == "request" and (e["data"].get("action") or {}).get("name")
+               == "s3:DeleteBucket"]
+    assert len(deletes) == 1, [e["data"].get("action") for e in events if e["type"] == "request"]
+    cause = deletes[0]["data"]["causedBy"]
+    assert cause["toolUseId"] == "toolu_rb" and "AWS CLI s3 rb" in cause["reason"]
+    assert f"resource {bucket}" in cause["reason"]
     health = [e for e in events if e["type"] == "request" and "/health" in e["data"]["url"]]
     assert "causedBy" not in health[0]["data"]  # nothing the model asked for names it
 

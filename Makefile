@@ -59,10 +59,10 @@ control-plane:
 
 # Node clients of the integration tests (tests/sidecar/integration/test_sdk_streams.py): the
 # official Anthropic TypeScript SDK and undici (its ProxyAgent: Node 20's fetch ignores
-# HTTPS_PROXY), pinned, installed into the cache - never committed. The tests find them through
+# HTTPS_PROXY), node-postgres (pg: test_postgres.py), pinned, installed into the cache - never committed. The tests find them through
 # CHAPERONE_NODE_MODULES and fail when they are missing.
 NODE_DIR      := $(CHAPERONE_CACHE)/node
-NODE_PACKAGES := @anthropic-ai/sdk@1.17.0 undici@7.30.3
+NODE_PACKAGES := @anthropic-ai/sdk@1.17.0 undici@7.30.3 pg@8.23.1
 export CHAPERONE_NODE_MODULES ?= $(NODE_DIR)/node_modules
 
 node-deps:

@@ -10,6 +10,7 @@ the server's data did not change (read as the superuser, not through the sidecar
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -402,3 +403,45 @@ def test_every_statement_is_recorded_with_its_decision_and_a_masked_result(db):
     statuses = [e["data"]["status"] for e in by_flow[delete] if e["type"] == "response"]
     assert statuses == ["ERROR 42501"]
     assert requests
+
+
+# ---------------------------------------------------------------------------- node-postgres
+
+NODE_SCRIPT = r"""
+const { Client } = require('pg');
+(async () => {
+  const client = new Client({ host: '127.0.0.1', port: Number(process.argv[2]), user: 'agent', database: 'x' });
+  await client.connect();
+  const out = {};
+  const rows = await client.query('SELECT name, password FROM users WHERE id = $1', [1]);
+  out.rows = rows.rows;
+  try { await client.query('DELETE FROM users'); out.deleted = true; }
+  catch (err) { out.error = { code: err.code, message: err.message, hint: err.hint, detail: err.detail }; }
+  out.after = (await client.query('SELECT count(*)::int AS n FROM users')).rows[0].n;
+  await client.end();
+  console.log(JSON.stringify(out));
+})().catch((err) => { console.error(err); process.exit(2); });
+"""
+
+
+def node_modules() -> Path:
+    """Where ``make node-deps`` installed node-postgres; a missing install fails the test."""
+    default = Path(os.environ.get("CHAPERONE_CACHE", Path.home() / ".cache" / "chaperone")) / "node" / "node_modules"
+    path = Path(os.environ.get("CHAPERONE_NODE_MODULES") or default)
+    if not (path / "pg").is_dir():
+        pytest.fail(f"node-postgres (pg) is not installed in {path}: run `make node-deps`")
+    return path
+
+
+def test_node_postgres_gets_masked_rows_and_the_refusal_as_an_error(db, tmp_path):
+    script = tmp_path / "client.js"
+    script.write_text(NODE_SCRIPT)
+    out = subprocess.run(["node", str(script), str(db.ports["shop"])], capture_output=True, text=True,
+                         env={**base_env(), "NODE_PATH": str(node_modules())}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["rows"] == [{"name": "ann", "password": "[MASKED:field]"}]
+    assert result["error"]["code"] == "42501"
+    assert "(rule laptop/shop-db#no-mass-writes)" in result["error"]["message"]
+    assert "nothing of this query was run" in result["error"]["hint"]
+    assert result["after"] == 2 and "deleted" not in result

@@ -138,10 +138,28 @@ class ToolUse:
         if ctx is None or resp is None or ctx.refused is not None or ctx.connection_type != "anthropic" \
                 or resp.status_code != 200 or not _is_messages(flow):
             return
-        rules: tuple[CompiledRule, ...] = ()
-        if ctx.snapshot is not None and ctx.action is not None:
-            rules = response_rules(ctx.snapshot.policies, ctx.action, ctx.identity, ctx.connection)
-        state = ctx.tool_use = _State(rules=rules)
+        try:
+            rules: tuple[CompiledRule, ...] = ()
+            if ctx.snapshot is not None and ctx.action is not None:
+                rules = response_rules(ctx.snapshot.policies, ctx.action, ctx.identity, ctx.connection)
+            ctx.tool_use = _State(rules=rules)
+            self._install(flow, ctx, ctx.tool_use)
+        except Exception as exc:  # noqa: BLE001 - fail closed where rules may apply (Pipeline would log and go on)
+            state = ctx.tool_use
+            if isinstance(state, _State) and not state.rules:
+                log.exception("observing tool_use blocks failed; the answer passes unobserved",
+                              extra=flow_fields(flow))
+                return
+            log.exception("judging tool_use blocks failed", extra=flow_fields(flow))
+            self._refuse(flow, f"the answer could not be judged ({type(exc).__name__})")
+            assert flow.response is not None
+            flow.response.stream = _Discard(flow.response.raw_content or b"")
+
+    def _install(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, state: _State) -> None:
+        """Wrap a streamed answer's stream callable (a buffered one is judged in ``response``)."""
+        resp = flow.response
+        assert resp is not None
+        rules = state.rules
         if not resp.stream:
             return  # buffered: judged whole in `response`
         mime = _mime(resp.headers)
@@ -178,7 +196,12 @@ class ToolUse:
         if ctx is None or resp is None or not isinstance(state, _State):
             return
         if not resp.stream and ctx.refused is None and _mime(resp.headers) == "application/json":
-            self._judge_buffered(flow, ctx, state)
+            try:
+                self._judge_buffered(flow, ctx, state)
+            except Exception as exc:  # noqa: BLE001 - fail closed where rules apply
+                log.exception("judging tool_use blocks failed", extra=flow_fields(flow))
+                if state.rules:
+                    self._refuse(flow, f"the answer could not be judged ({type(exc).__name__})")
         await self._record(flow, ctx, state)
 
     async def error(self, flow: http.HTTPFlow) -> None:

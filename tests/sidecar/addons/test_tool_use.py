@@ -199,3 +199,17 @@ def test_buffered_json_answer_is_rewritten_after_masking(addons):
     assert "rm -rf" not in f.response.text and int(f.response.headers["content-length"]) == len(f.response.raw_content)
     rec = svc.recorder.events[0]["data"]  # type: ignore[union-attr]
     assert rec["blocked"]["message"] == "no recursive deletes" and "[MASKED:aws-access-key-id]" in rec["input"]["text"]
+
+
+def test_an_internal_error_withholds_the_answer(addons, monkeypatch):
+    svc, mask, tool_use = addons
+    f = llm_flow(svc, "text/event-stream")
+    mask.responseheaders(f)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("chaperone_sidecar.addons.tool_use.response_rules", broken)
+    tool_use.responseheaders(f)  # the rules are unknown: fail closed
+    assert f.response.status_code == 502 and flowctx.get(f).refused["error"] == "chaperone_response_unmaskable"
+    assert pump(f, stream_events()).startswith(b"{") and b"toolu_rm" not in f.response.content

@@ -26,6 +26,9 @@ Matching semantics worth knowing:
   requireApproval, mask, rateLimit) matches when ANY value matches; an ``allow`` rule only when
   EVERY value matches, so allowing ``bucket-a/*`` never lets a call that also touches
   ``bucket-b`` through.
+* ``match.anthropic.toolUses``/``toolInputRegex`` make a *tool-use rule*
+  (:mod:`.matching_tool_use`): judged on the tool_use blocks of the answer, never on the
+  request (rank 0, left out of both candidate lists); :mod:`.tool_use` picks and applies them.
 * ``match.git`` conditions (:mod:`.matching_git`) hold only on ``http`` connections' git
   requests; refs, operations and forcePush are tested together on each ref update.
 * ``kubernetes.commands`` is tested on each simple command the exec runs

@@ -43,16 +43,17 @@ addon (module)         responsibility; FlowContext fields read -> written
 3. Enforce             Evaluates the compiled policies (``evaluate``) and the policy rate
    (enforce)           limits. block -> 403 ``blocked``; over a limit -> 429.
                        snapshot, identity, connection, action -> ``decision``, ``early``
-3b. KubeStreams        exec/attach/port-forward sessions: refuses plain SPDY upgrades (only
-   (sessions)          WebSocket is relayed); after the 101 parses the channel protocol or
-                       the SPDY tunnel, masks stdout/stderr/status before the agent gets
-                       them, judges each port-forward stream's port, records every frame as
-                       a ``stream`` event (strict: unrecordable -> connection closed).
-                       action, decision, snapshot, recording -> ``kube_stream`` (private)
 4. Approve             For ``require_approval``: a cached grant passes; otherwise opens (or
    (approve)           reuses) an ApprovalRequest and holds the flow (bounded, async) or
                        answers 403 with its name (defer). decision -> ``approval_request``,
                        ``approved_by``, ``grant``, ``request_digest``
+4b. KubeStreams        exec/attach/port-forward sessions: refuses the plain SPDY upgrades
+   (sessions)          policy and approvals let through (only WebSocket is relayed); after
+                       the 101 parses the channel protocol or the SPDY tunnel, masks
+                       stdout/stderr/status before the agent gets them, judges each
+                       port-forward stream's port, records every frame as a ``stream``
+                       event (strict: unrecordable -> connection closed).
+                       action, decision, snapshot, recording -> ``kube_stream`` (private)
 5. InjectCredentials   Replaces the agent's credentials with the connection's (AWS SigV4
    (credentials)       re-signing, header/bearer tokens, x-api-key); the last addon that
                        changes the request. A streamed aws-chunked upload gets its decoder as
@@ -120,8 +121,8 @@ ADDON_ORDER: tuple[type[Any], ...] = (
     Identify,
     Route,
     Enforce,
-    KubeStreams,
     Approve,
+    KubeStreams,
     InjectCredentials,
     Mask,
     McpTools,

@@ -106,6 +106,12 @@ class KubeStreams:
 
     # ------------------------------------------------------------------ hooks
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._only_websocket(flow)  # a request whose body may leave early is classified now
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        self._only_websocket(flow)  # the others are classified by Route in `request`
+
+    def _only_websocket(self, flow: http.HTTPFlow) -> None:
         ctx = flowctx.get(flow)
         if flow.response is not None or ctx is None or not _connect(ctx):
             return

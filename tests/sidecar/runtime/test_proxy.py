@@ -68,7 +68,7 @@ def test_build_addons_in_the_documented_order():
     services = SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("ns"))
     addons = build_addons(services)
     assert [type(a) for a in addons] == list(ADDON_ORDER)
-    assert [cls.__name__ for cls in ADDON_ORDER] == ["Identify", "Route", "Enforce", "KubeStreams", "Approve",
+    assert [cls.__name__ for cls in ADDON_ORDER] == ["Identify", "Route", "Enforce", "Approve", "KubeStreams",
                                                      "InjectCredentials", "Mask", "McpTools", "Record",
                                                      "Telemetry"]
     assert all(a.services is services for a in addons)

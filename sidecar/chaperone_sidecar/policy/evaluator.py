@@ -167,7 +167,8 @@ def _explained(decision: Decision, policies: CompiledPolicySet, applicable: tupl
         for rule in policy.rules:
             ok, reasons = _rule_matches(rule, ctx)
             if ok:
-                lines.append(f"rule {rule.ref} ({rule.effect}) matches: {'; '.join(reasons)}")
+                effect = f"{rule.effect} of tool_use blocks in the answer" if rule.tool_use else rule.effect
+                lines.append(f"rule {rule.ref} ({effect}) matches: {'; '.join(reasons)}")
                 if rule.rank:
                     matched_decisions.append(rule)
     if not applicable:

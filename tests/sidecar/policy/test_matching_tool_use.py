@@ -66,6 +66,8 @@ def test_a_tool_use_rule_never_decides_the_request():
                                    defaultEffect="block"))
     decision = evaluate(policies, llm(), ME, "claude")
     assert decision.effect == "allow" and decision.rule.rule == "llm"
+    explained = evaluate(policies, llm(), ME, "claude", explain=True).explanation
+    assert any("no-rm (block of tool_use blocks in the answer) matches" in line for line in explained), explained
 
 
 def test_block_matches_name_and_input_of_the_same_block():

@@ -26,7 +26,6 @@ import json
 
 import pytest
 import yaml
-
 from nodebed import API, KUBERNETES_SERVICE, claude_pod, wait_for
 
 AGENT = "claude-exec"

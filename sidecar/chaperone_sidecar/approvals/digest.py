@@ -101,7 +101,7 @@ def git_push_payload(req: HTTPRequest) -> bytes | None:
     found = git_service(req)
     if found is None or found[0] != "push" or found[2] != "rpc":
         return None
-    git = classify_git(req, [])
+    git = classify_git(req, [], read_pack=False)  # the commands are the digest, not the pack
     if git is None or git.commands is None:
         return b"git-push-unreadable:" + secrets.token_bytes(16)
     return json.dumps(["git-push", git.repository, [[c.ref, c.old, c.new] for c in git.commands]],

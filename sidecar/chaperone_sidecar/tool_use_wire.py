@@ -4,6 +4,8 @@ Two forms of the same answer (the Messages API, as the official SDKs read it):
 
 * **JSON** (``stream: false``): :func:`rewrite_message` walks ``content`` and replaces a blocked
   ``tool_use`` block *in place* by ``{"type": "text", "text": "[Chaperone blocked tool_use ...]"}``.
+* **Message batch results** (``GET .../messages/batches/<id>/results``, JSON Lines):
+  :func:`rewrite_batch_line` applies the same to each succeeded result's message, line by line.
 * **Server-Sent Events** (``stream: true``): :class:`ToolUseStream` reads the events with the
   sidecar's one SSE parser (:class:`~.policy.masking.sse.SSEParser`, also used by masking) and
   follows each ``tool_use`` block from its ``content_block_start`` through its
@@ -46,7 +48,7 @@ from .policy.matching_tool_use import ToolUse
 from .policy.tool_use import Verdict, blocked_text, incomplete_text
 
 __all__ = ["MAX_HELD_BYTES", "Judged", "ToolUseStream", "ToolUseTooLarge", "rewrite_message",
-           "tool_use_of_block"]
+           "rewrite_batch_line", "tool_use_of_block"]
 
 MAX_HELD_BYTES = 8 * 1024 * 1024  # held events while a tool input is written (fail closed above)
 MAX_INPUT_BYTES = 8 * 1024 * 1024  # a tool input kept for judging and recording
@@ -113,6 +115,23 @@ def rewrite_message(message: Any, decide: Decide | None) -> tuple[bool, list[Jud
     if changed and kept == 0 and message.get("stop_reason") == "tool_use":
         message["stop_reason"] = "end_turn"
     return changed, seen
+
+
+def rewrite_batch_line(line: bytes, decide: Decide | None) -> tuple[bytes, list[Judged]]:
+    """One line of a message batch's results (JSONL: ``{"custom_id", "result": {"type":
+    "succeeded", "message": {...}}}``): its message judged like a JSON answer. A line that is
+    not such a result passes as it is (the SDK could not read a tool_use from it either)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return line, []
+    result = entry.get("result") if isinstance(entry, dict) else None
+    message = result.get("message") if isinstance(result, dict) else None
+    changed, seen = rewrite_message(message, decide)
+    if not changed:
+        return line, seen
+    end = line[len(line.rstrip(b"\r\n")):]
+    return json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + end, seen
 
 
 @dataclass

@@ -10,6 +10,10 @@ answer is a Messages ``message`` (its ``content`` blocks and ``stop_reason``) an
   apart (so the sidecar reads them separately), text and tool input split into deltas of
   ``split`` characters - or as the raw events a test gives (adversarial shapes).
 
+Message batches: ``GET /v1/messages/batches/<id>`` answers an ended batch whose
+``results_url`` is ``.../results``, and that answers ``batch_results[<id>]`` (a list of
+messages) as JSON Lines, one ``succeeded`` result per message (``custom_id`` ``req-<n>``).
+
 ``seen`` keeps every request (path, headers, JSON body); a request without the expected
 ``x-api-key`` gets the API's 401.
 """
@@ -93,6 +97,7 @@ class AnthropicAPI:
         self.answer: Callable[[dict[str, Any]], Answer] = lambda body: {
             "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn"}
         self.seen: list[dict[str, Any]] = []
+        self.batch_results: dict[str, list[dict[str, Any]]] = {}
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -128,6 +133,41 @@ class AnthropicAPI:
                     time.sleep(api.delay)
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                api.seen.append({"path": self.path, "body": None,
+                                 "headers": {k.lower(): v for k, v in self.headers.items()}})
+                if self.headers.get("x-api-key") != api.api_key:
+                    self._json(401, {"type": "error", "error": {"type": "authentication_error",
+                                                                 "message": "invalid x-api-key"}})
+                    return
+                parts = self.path.split("?", 1)[0].strip("/").split("/")  # v1 messages batches <id> [results]
+                batch = parts[3] if len(parts) >= 4 and parts[:3] == ["v1", "messages", "batches"] else ""
+                if batch not in api.batch_results:
+                    self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "no batch"}})
+                    return
+                if len(parts) == 4:
+                    host = self.headers.get("Host", "")
+                    self._json(200, {"id": batch, "type": "message_batch", "processing_status": "ended",
+                                     "request_counts": {"processing": 0, "succeeded": len(api.batch_results[batch]),
+                                                        "errored": 0, "canceled": 0, "expired": 0},
+                                     "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-02T00:00:00Z",
+                                     "ended_at": "2026-01-01T00:01:00Z", "archived_at": None,
+                                     "cancel_initiated_at": None,
+                                     "results_url": f"https://{host}/v1/messages/batches/{batch}/results"})
+                    return
+                lines = []
+                for n, message in enumerate(api.batch_results[batch]):
+                    full = {"id": f"msg_b{n}", "type": "message", "role": "assistant", "model": "claude-test",
+                            "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}, **message}
+                    lines.append(json.dumps({"custom_id": f"req-{n}", "result": {"type": "succeeded",
+                                                                                  "message": full}}))
+                data = ("\n".join(lines) + "\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/binary")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def _json(self, status: int, obj: dict[str, Any]) -> None:
                 data = json.dumps(obj).encode()

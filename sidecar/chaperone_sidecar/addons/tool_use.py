@@ -1,8 +1,9 @@
 """ToolUse: what the model asked for - recorded, judged by tool-use rules, linked to what follows.
 
 Three jobs around the ``tool_use`` blocks of an Anthropic Messages answer (``POST
-.../v1/messages`` on an ``anthropic`` connection, JSON or SSE; :mod:`~..tool_use_wire` finds them
-with the sidecar's one SSE parser):
+.../v1/messages`` on an ``anthropic`` connection, JSON or SSE, and ``GET
+.../messages/batches/<id>/results``, JSON Lines; :mod:`~..tool_use_wire` finds them with the
+sidecar's one SSE parser):
 
 1. **Record** each block as a ``tool-use`` session event (id, name, the input as the agent got
    it - masked, cut to the connection's ``recording.maxBodyBytes`` -, model, message id, the LLM
@@ -61,7 +62,7 @@ from ..recording.events import new_event
 from ..recording.flow_events import identity_of
 from ..services import SidecarServices
 from ..tool_use_ledger import DEFAULT_WINDOW, Candidate, action_terms, candidate_text
-from ..tool_use_wire import Judged, ToolUseStream, rewrite_message
+from ..tool_use_wire import Judged, ToolUseStream, rewrite_batch_line, rewrite_message
 from . import refusal
 from .streaming import body_leaves_early
 
@@ -77,13 +78,19 @@ class _State:
     """This addon's memory of one LLM answer (``FlowContext.tool_use``)."""
 
     rules: tuple[CompiledRule, ...] = ()
+    kind: str = "message"  # or "batch": a message batch's results (JSON Lines)
     judged: list[Judged] = field(default_factory=list)
     recorded: bool = False
 
 
-def _is_messages(flow: http.HTTPFlow) -> bool:
+def _answer_kind(flow: http.HTTPFlow) -> str:
+    """``message`` (POST .../messages), ``batch`` (GET .../messages/batches/<id>/results), ""."""
     path = flow.request.path.split("?", 1)[0].rstrip("/")
-    return flow.request.method == "POST" and path.endswith("/messages")
+    if flow.request.method == "POST" and path.endswith("/messages"):
+        return "message"
+    if flow.request.method == "GET" and "/messages/batches/" in path and path.endswith("/results"):
+        return "batch"
+    return ""
 
 
 def _mime(headers: http.Headers) -> str:
@@ -136,13 +143,13 @@ class ToolUse:
         ctx = flowctx.get(flow)
         resp = flow.response
         if ctx is None or resp is None or ctx.refused is not None or ctx.connection_type != "anthropic" \
-                or resp.status_code != 200 or not _is_messages(flow):
+                or resp.status_code != 200 or not _answer_kind(flow):
             return
         try:
             rules: tuple[CompiledRule, ...] = ()
             if ctx.snapshot is not None and ctx.action is not None:
                 rules = response_rules(ctx.snapshot.policies, ctx.action, ctx.identity, ctx.connection)
-            ctx.tool_use = _State(rules=rules)
+            ctx.tool_use = _State(rules=rules, kind=_answer_kind(flow))
             self._install(flow, ctx, ctx.tool_use)
         except Exception as exc:  # noqa: BLE001 - fail closed where rules may apply (Pipeline would log and go on)
             state = ctx.tool_use
@@ -163,7 +170,9 @@ class ToolUse:
         if not resp.stream:
             return  # buffered: judged whole in `response`
         mime = _mime(resp.headers)
-        if mime not in ("text/event-stream", "application/json"):
+        if state.kind == "batch":
+            mime = "application/jsonl"  # whatever it is labelled: the SDKs read JSON Lines
+        elif mime not in ("text/event-stream", "application/json"):
             return
         try:
             codings = parse_content_encoding(resp.headers.get("content-encoding"))
@@ -186,6 +195,8 @@ class ToolUse:
         decide = self._decider(state) if hold else None
         if mime == "text/event-stream":
             resp.stream = _SSEAnswer(flow, resp.stream, decoder, ToolUseStream(decide, seen), hold)
+        elif state.kind == "batch":
+            resp.stream = _JSONLAnswer(flow, resp.stream, decoder, decide, seen, hold)
         else:
             resp.stream = _JSONAnswer(flow, resp.stream, decoder, decide, seen, hold)
 
@@ -195,7 +206,8 @@ class ToolUse:
         state = ctx.tool_use if ctx is not None else None
         if ctx is None or resp is None or not isinstance(state, _State):
             return
-        if not resp.stream and ctx.refused is None and _mime(resp.headers) == "application/json":
+        if not resp.stream and ctx.refused is None and (
+                state.kind == "batch" or _mime(resp.headers) == "application/json"):
             try:
                 self._judge_buffered(flow, ctx, state)
             except Exception as exc:  # noqa: BLE001 - fail closed where rules apply
@@ -248,13 +260,21 @@ class ToolUse:
             if body and state.rules:
                 self._refuse(flow, f"the answer is larger than {MAX_JSON_BYTES} bytes")
             return
+        decide = self._decider(state) if state.rules else None
+        record = self._seen(flow, ctx, state)
+        if state.kind == "batch":
+            lines = [rewrite_batch_line(line, decide) for line in body.splitlines(keepends=True)]
+            for _, seen in lines:
+                for judged in seen:
+                    record(judged)
+            if any(judged.replaced for _, seen in lines for judged in seen):
+                resp.set_content(b"".join(line for line, _ in lines))
+            return
         try:
             message = json.loads(body)
         except ValueError:
             return  # not an answer the SDK parses either
-        decide = self._decider(state) if state.rules else None
         changed, seen = rewrite_message(message, decide)
-        record = self._seen(flow, ctx, state)
         for judged in seen:
             record(judged)
         if changed:
@@ -409,6 +429,51 @@ class _JSONAnswer(_Answer):
         if changed:
             body = json.dumps(message, ensure_ascii=False).encode("utf-8")
         return [body] if body else []
+
+
+class _JSONLAnswer(_Answer):
+    """A message batch's results, JSON Lines: each complete line judged and passed on (a line
+    is held only until its end; one longer than ``MAX_JSON_BYTES`` fails closed when rules
+    apply, and ends the observation otherwise)."""
+
+    def __init__(self, flow: http.HTTPFlow, then: Any, decoder: StreamDecoder | None, decide: Any,
+                 seen: Any, hold: bool) -> None:
+        super().__init__(flow, then, decoder, hold)
+        self.decide = decide
+        self.seen = seen
+        self.buf = bytearray()
+        self.off = False  # observing stopped (a line too long, an undecodable stream)
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if self.failed:
+            return []
+        chunks = self.upstream(data)
+        if self.off:
+            return chunks
+        final = not data
+        try:
+            self.buf += self.decoded(chunks, final)
+        except MaskingError as exc:
+            if self.hold:
+                return self.fail(str(exc))
+            self.off, self.buf = True, bytearray()
+            return chunks
+        out: list[bytes] = []
+        while (end := self.buf.find(b"\n")) >= 0 or (final and self.buf):
+            cut = end + 1 if end >= 0 else len(self.buf)
+            line = bytes(self.buf[:cut])
+            del self.buf[:cut]
+            new, seen = rewrite_batch_line(line, self.decide)
+            for judged in seen:
+                self.seen(judged)
+            out.append(new)
+        if len(self.buf) > MAX_JSON_BYTES:
+            if self.hold:
+                return self.fail(f"a batch result line is longer than {MAX_JSON_BYTES} bytes")
+            self.off, self.buf = True, bytearray()
+        if not self.hold:
+            return chunks
+        return [b"".join(out)] if out else []
 
 
 class _Discard:

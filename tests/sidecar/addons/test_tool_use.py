@@ -213,3 +213,26 @@ def test_an_internal_error_withholds_the_answer(addons, monkeypatch):
     tool_use.responseheaders(f)  # the rules are unknown: fail closed
     assert f.response.status_code == 502 and flowctx.get(f).refused["error"] == "chaperone_response_unmaskable"
     assert pump(f, stream_events()).startswith(b"{") and b"toolu_rm" not in f.response.content
+
+
+def test_batch_results_are_judged_line_by_line_streamed_or_buffered(addons):
+    svc, mask, tool_use = addons
+    line = {"custom_id": "a", "result": {"type": "succeeded", "message": {
+        "stop_reason": "tool_use", "content": [{"type": "tool_use", "id": "toolu_rm", "name": "bash",
+                                                "input": {"command": "rm -rf /"}}]}}}
+    ok = {"custom_id": "b", "result": {"type": "errored", "error": {"type": "overloaded"}}}
+    body = (json.dumps(line) + "\n" + json.dumps(ok) + "\n").encode()
+    for streamed in (True, False):
+        f = llm_flow(svc, "application/binary", None if streamed else body)
+        f.request.method, f.request.path = "GET", "/v1/messages/batches/msgbatch_1/results"
+        hooks(f, mask, tool_use)
+        if streamed:
+            wire = pump(f, [body[:50], body[50:]])
+        else:
+            mask.response(f)
+            asyncio.run(tool_use.response(f))
+            wire = f.response.content
+        first, second = (json.loads(x) for x in wire.splitlines())
+        assert first["result"]["message"]["content"][0]["type"] == "text", streamed
+        assert first["result"]["message"]["stop_reason"] == "end_turn" and second == ok
+        assert b"rm -rf" not in wire

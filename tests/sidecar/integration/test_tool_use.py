@@ -240,6 +240,31 @@ def test_node_sdk_parses_the_replacement(sidecar, tmp_path):
     assert_blocked(got, "toolu_rm2", 2)
 
 
+BATCH_CLIENT = textwrap.dedent("""
+    import json, sys, anthropic
+    client = anthropic.Anthropic(base_url=sys.argv[1], api_key="agent-placeholder", max_retries=0)
+    print(json.dumps([r.model_dump() for r in client.messages.batches.results(sys.argv[2])]))
+""")
+
+
+def test_message_batch_results_are_judged_too(sidecar):
+    """A batch is another way to get the model's tool_use: its results are judged line by line."""
+    proxy, conf, model, *_ = sidecar
+    model.batch_results["msgbatch_01"] = [
+        {"stop_reason": "tool_use", "content": [{"type": "tool_use", "id": "toolu_b_rm", "name": "bash",
+                                                 "input": {"command": RM}}]},
+        {"stop_reason": "tool_use", "content": [{"type": "tool_use", "id": "toolu_b_ls", "name": "bash",
+                                                 "input": {"command": "ls"}}]}]
+    got = run([sys.executable, "-c", BATCH_CLIENT, model.url, "msgbatch_01"], agent_env(conf, proxy.port))
+    messages = [r["result"]["message"] for r in got]
+    assert [r["custom_id"] for r in got] == ["req-0", "req-1"]
+    assert messages[0]["content"][0]["type"] == "text" and messages[0]["stop_reason"] == "end_turn"
+    assert messages[0]["content"][0]["text"].startswith("[Chaperone blocked tool_use toolu_b_rm (bash)")
+    allowed = messages[1]["content"][0]
+    assert (allowed["type"], allowed["id"], allowed["input"]) == ("tool_use", "toolu_b_ls", {"command": "ls"})
+    assert "rm -rf" not in json.dumps(got)
+
+
 def test_allowed_tool_use_then_the_agents_call_are_linked_in_the_recording(sidecar):
     proxy, conf, model, tickets, s3_server = sidecar
     got = python_sdk(sidecar, "stream", "close-ticket")

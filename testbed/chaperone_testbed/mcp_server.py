@@ -3,7 +3,8 @@
 ``python -m chaperone_testbed.mcp_server PORT MODE [HOST]`` with MODE ``sse`` (POST answered as text/event-stream, the
 SDK's default), ``json`` (application/json) or ``stateless`` (SSE, no Mcp-Session-Id: every POST
 stands alone, as on the 2026-07-28 transport). Tools: ``read_file``, ``delete_file``,
-``get_secret`` (returns an AWS access key id, for masking) and ``deploy`` (for approval).
+``get_secret`` (returns an AWS access key id, for masking), ``deploy`` (for approval) and
+``ask_model`` (asks the client's model through a ``sampling/createMessage`` server request).
 Every call is appended to ``$MCP_CALLS`` (one JSON line) so tests see what reached the server.
 """
 
@@ -14,8 +15,9 @@ import os
 import sys
 
 import uvicorn
-from mcp.server.fastmcp import FastMCP
+from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import SamplingMessage, TextContent
 
 SECRET = "AKIAIOSFODNN7EXAMPLE"
 
@@ -50,6 +52,14 @@ def build(json_response: bool, stateless: bool) -> FastMCP:
         """Deploy."""
         log("deploy", env=env)
         return f"deployed to {env}"
+
+    @server.tool()
+    async def ask_model(question: str, ctx: Context) -> str:
+        """Ask the client's model (sampling)."""
+        log("ask_model", question=question)
+        answer = await ctx.session.create_message(
+            [SamplingMessage(role="user", content=TextContent(type="text", text=question))], max_tokens=50)
+        return f"the model said: {answer.content.text if isinstance(answer.content, TextContent) else '?'}"
 
     return server
 

@@ -96,11 +96,11 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 90))
 
 
-async def with_session(proxy_port: int, server_port: int, body):
+async def with_session(proxy_port: int, server_port: int, body, sampling=None):
     async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy_port}", trust_env=False,
                                  timeout=httpx.Timeout(30, read=120)) as http, \
             streamable_http_client(f"http://127.0.0.1:{server_port}/mcp", http_client=http) as (read, write, _), \
-            ClientSession(read, write) as session:
+            ClientSession(read, write, sampling_callback=sampling) as session:
         await session.initialize()
         return await body(session)
 
@@ -279,3 +279,27 @@ def test_a_compressed_body_is_judged_decoded_or_refused(setup):
                                     "Accept": "application/json, text/event-stream"})
     assert resp.headers.get("X-Chaperone-Refused") in ("blocked", "invalid_request"), resp.text
     assert not [c for c in reached(calls) if c.get("path") == "/tmp/gz"]
+
+
+def test_a_server_request_to_the_clients_model_is_recorded_and_answered(setup):
+    from mcp.types import CreateMessageResult, TextContent
+
+    proxy, ports, _, conf = setup
+
+    async def sampling(context, params):
+        return CreateMessageResult(role="assistant", model="claude-test",
+                                   content=TextContent(type="text", text="forty-two"))
+
+    async def body(session):
+        return await session.call_tool("ask_model", {"question": "what is six times seven?"})
+    result = run(with_session(proxy.port, ports["sse"], body, sampling=sampling))
+    assert result.content[0].text == "the model said: forty-two"
+
+    def recorded():
+        events = recorded_events(conf)
+        text = json.dumps(events)
+        return events if "sampling/createMessage" in text and "forty-two" in text else None
+    events = wait_for(recorded, 20, "the sampling exchange in the recording")
+    answers = [e for e in events if e["type"] == "request" and
+               (e["data"]["action"] or {}).get("name") == "mcp:response"]
+    assert answers and "forty-two" in answers[-1]["data"]["body"]["text"]

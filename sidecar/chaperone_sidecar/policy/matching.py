@@ -56,9 +56,9 @@ from .classify.paths import canonical_path, path_rules
 from .globs import GlobKind, GlobSet
 from .globs import match as glob_match
 from .globs import quote as _q
-from .matching_postgres import postgres_conditions
 from .matching_git import git_conditions
 from .matching_mcp import mcp_condition
+from .matching_postgres import postgres_conditions
 from .matching_tool_use import ToolUseMatch, tool_use_match
 from .model import Action, ApprovalRequirement, Approvers, Identity, MaskSpec, RateLimit, RuleRef
 

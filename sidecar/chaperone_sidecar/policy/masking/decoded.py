@@ -40,7 +40,7 @@ import bisect
 import json
 import re
 
-from .prefilter import B64_HEAD, B64_TAIL, UPPER, Prefilter
+from .prefilter import B64_HEAD, B64_TAIL, MASKED, UPPER, Prefilter
 from .spans import MASK_TOKEN_RE, Finding, Rule, mask_text, mask_token, merge, prefilter_for, scan, string_spans
 
 B64_MIN = 16  # shortest base64 run decoded (12 bytes; an AWS key id alone encodes to 28)
@@ -155,7 +155,8 @@ def _runs(text: bytes, rules: tuple[Rule, ...]) -> list[tuple[int, int]]:
     first = _first_run(text, rules)
     if first < 0:
         return []
-    tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text)] if b"[MASKED:" in text else []
+    masked = prefilter_for(rules).hits(text).positions((MASKED,))  # cached: _first_run scanned it
+    tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text, masked[0])] if masked else []
     ends = [b for _, b in tokens]
     out: list[tuple[int, int]] = []
     for m in _B64_RUN.finditer(text, first):

@@ -124,7 +124,11 @@ _B64_CHAR = rb"[A-Za-z0-9+/_\-]"
 UPPER = Trigger(rb"[A-Z]", 1, first=True)
 B64_HEAD = Trigger(rb"[A-Z]" + _B64_CHAR + rb"{15}", 16, first=True)
 B64_TAIL = Trigger(_B64_CHAR + rb"{15}[A-Z]", 16, first=True)
-BASE64_TRIGGERS = (UPPER, B64_HEAD)
+# Where a mask token may start: findings inside one are dropped (``spans.scan``), runs inside
+# one are not decoded (``decoded._runs``).
+MASKED = literal(b"[MASKED:", caseless=False)
+# In every database besides the rules' own triggers.
+SHARED_TRIGGERS = (UPPER, B64_HEAD, MASKED)
 
 
 def _collect(id_: int, start: int, end: int, flags: int, ends: list[list[int]]) -> None:

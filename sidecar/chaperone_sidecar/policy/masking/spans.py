@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from .prefilter import BASE64_TRIGGERS, Hits, Prefilter, Trigger
+from .prefilter import MASKED, SHARED_TRIGGERS, Hits, Prefilter, Trigger
 
 # Trailing "*" and an empty or cut kind: the length-preserving tokens of binary bodies
 # (``decoded.mask_binary``) are tokens too, so masking them again changes nothing.
@@ -160,13 +160,13 @@ _PREFILTERS: dict[tuple[int, ...], tuple[tuple[Rule, ...], Prefilter]] = {}
 
 
 def prefilter_for(rules: tuple[Rule, ...]) -> Prefilter:
-    """The compiled trigger database for a rule set (with the base64 triggers of
-    ``decoded.py``): an existing one that has every trigger, or a new one."""
+    """The compiled trigger database for a rule set (with ``prefilter.SHARED_TRIGGERS``): an
+    existing one that has every trigger, or a new one."""
     key = tuple(map(id, rules))
     entry = _PREFILTERS.get(key)
     if entry is not None and all(a is b for a, b in zip(entry[0], rules, strict=True)):
         return entry[1]
-    needed = {t for r in rules for t in r.triggers} | set(BASE64_TRIGGERS)
+    needed = {t for r in rules for t in r.triggers} | set(SHARED_TRIGGERS)
     pre = next((p for _, p in _PREFILTERS.values() if needed <= p.trigger_set), None)
     if pre is None:
         pre = Prefilter(sorted(needed, key=lambda t: (t.pattern, t.caseless, t.first)))
@@ -189,7 +189,7 @@ def scan(text: bytes, rules: tuple[Rule, ...], pos: int = 0, hits: Hits | None =
         return []
     if hits is None:
         hits = prefilter_for(rules).hits(text)
-    tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text, pos)] if b"[MASKED:" in text else []
+    tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text, pos)] if hits.positions((MASKED,)) else []
     token_starts = [a for a, _ in tokens]
     out: list[Candidate] = []
     for rule in rules:

@@ -209,6 +209,10 @@ class Enforce:
                            snapshot: Any) -> bool:
         """A request judged early that a body rule could match: True when it was handled
         (switched to buffering, to be judged in ``request``; or refused), False otherwise."""
+        if ctx.git_gate is not None:
+            # A streamed git push: its gate judges the commands before any byte leaves
+            # (gitgate.py); buffering would switch the gate off, and the pack is compressed.
+            return False
         ref, limit = self._body_rule(ctx, snapshot)
         if ref is None:
             return False

@@ -44,6 +44,9 @@ POLICY = {
          "requireApproval": {"approvers": {"users": ["alice"]}, **HOLD}},
         {"name": "no-vault", "match": {"git": {"repositories": ["org/vault"], "services": ["fetch"]}},
          "block": {"message": "the vault repository is not for agents"}},
+        # A body rule on the same requests: it must not switch a streamed push's gate off.
+        {"name": "no-tokens-in-bodies", "match": {"bodyRegex": "NEVER-IN-A-PUSH-[0-9a-f]{32}"},
+         "block": {}},
     ]}}
 
 

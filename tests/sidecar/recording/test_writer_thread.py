@@ -34,19 +34,20 @@ def test_one_dedicated_thread_writes_everything_and_ends_with_close(tmp_path, mo
     async def main():
         rec = recorder(tmp_path)
         await rec.start()
-        before = {t.name for t in threading.enumerate()}
+        before = set(threading.enumerate())
         await asyncio.gather(*(rec.record("request", data={"i": i}) for i in range(200)))
         for i in range(20):  # sequential appends: each its own batch
             await rec.record("response", data={"i": i})
-        threads = {t.name for t in threading.enumerate()} - before
+        spawned = {t.name for t in set(threading.enumerate()) - before}
+        writer = rec._writer
         await rec.close()
-        return before, threads
+        return writer, spawned
 
-    before, new_threads = asyncio.run(main())
-    assert "chaperone-spool" in before and not new_threads  # no executor spun up per batch
+    writer, spawned = asyncio.run(main())
+    assert writer is not None and writer.name == "chaperone-spool" and not writer.is_alive()
+    assert not {n for n in spawned if n.startswith("chaperone")}  # no executor spun up per batch
     assert set(writers) == {"chaperone-spool"}
     assert len(writers) < 200  # concurrent appends shared writes
-    assert "chaperone-spool" not in {t.name for t in threading.enumerate()}
 
 
 def test_an_append_returns_only_once_its_line_is_in_the_file(tmp_path):

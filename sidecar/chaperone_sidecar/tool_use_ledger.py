@@ -57,9 +57,9 @@ __all__ = ["DEFAULT_WINDOW", "MIN_SCORE", "Candidate", "Link", "ToolUseLedger", 
 
 DEFAULT_WINDOW = 120.0  # seconds
 MIN_SCORE = 0.4
-MAX_PER_POD = 64
+MAX_PER_POD = 32
 MAX_PODS = 256
-MAX_TEXT = 16 * 1024
+MAX_TEXT = 4096
 
 # kubectl's word for a Kubernetes API verb (what a tool input running kubectl says)
 _KUBECTL = {"get": ("get", "describe"), "list": ("get", "describe"), "watch": ("get", "-w"),
@@ -104,7 +104,8 @@ class Link:
         return out
 
 
-Term = tuple[str | re.Pattern[str], float, str]  # (needle, weight, label)
+# (needle, weight, label); a needle is a substring, or several that must all be present
+Term = tuple[str | tuple[str, ...], float, str]
 
 
 def _kebab(operation: str) -> str:
@@ -150,8 +151,8 @@ def action_terms(action: Action | None, method: str = "", url_host: str = "",
     kube = action.kubernetes
     if kube is not None and kube.is_resource_request:
         verbs = ("exec",) if kube.subresource in ("exec", "attach") else _KUBECTL.get(kube.verb, ())
-        for word in verbs:  # flags may come between: kubectl -n prod delete ...
-            terms.append((re.compile(rf"\bkubectl\b[^\n]*?\s{re.escape(word)}\b"), 0.2, f"kubectl {word}"))
+        for word in verbs:  # flags may come between (kubectl -n prod delete ...): both words
+            terms.append((("kubectl", f" {word}"), 0.2, f"kubectl {word}"))
         if kube.resource:
             add(kube.resource, 0.2, f"resource {kube.resource}")
             if kube.resource.endswith("s") and len(kube.resource) > 4:
@@ -179,10 +180,11 @@ def action_terms(action: Action | None, method: str = "", url_host: str = "",
 
 def score(terms: Iterable[Term], text: str) -> tuple[float, str]:
     """Summed weights of the needles found in ``text`` (capped at 1) and what matched; a
-    needle is a lower-case substring or a pattern searched."""
+    needle is a lower-case substring, or a tuple of them that must all be present. Substring
+    tests only (no regex): this runs on the event loop for every flow of the pod."""
     total, found = 0.0, []
     for needle, weight, label in terms:
-        hit = needle in text if isinstance(needle, str) else needle.search(text) is not None
+        hit = needle in text if isinstance(needle, str) else all(part in text for part in needle)
         if hit and label not in found:
             total += weight
             found.append(label)

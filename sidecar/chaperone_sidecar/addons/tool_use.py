@@ -133,9 +133,13 @@ class ToolUse:
         ctx = flowctx.get(flow)
         if ctx is None or ctx.connection_type == "anthropic":
             return
+        ledger = self.services.tool_uses
+        if not ledger.candidates(ctx.identity):
+            ctx.caused_by = None
+            return
         req = flow.request
         terms = action_terms(ctx.action, req.method, req.pretty_host, req.path.split("?", 1)[0])
-        link = self.services.tool_uses.link(ctx.identity, terms)
+        link = ledger.link(ctx.identity, terms)
         ctx.caused_by = link.to_event() if link is not None else None
 
     # ------------------------------------------------------------------ LLM answers

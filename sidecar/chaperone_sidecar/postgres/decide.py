@@ -106,6 +106,13 @@ async def decide(services: SidecarServices, *, connection: str, identity: Identi
             "H": "Send SQL PostgreSQL's parser accepts; chaperone judges every statement "
                  "before the server sees it and refuses what it cannot read."})
     snapshot = services.snapshot()
+    conn = snapshot.connection(connection)
+    if conn is None or conn.type != "postgres":  # deleted (or retyped) while the session ran
+        return Verdict(False, effect="block", refusal={
+            "S": "ERROR", "V": "ERROR", "C": INSUFFICIENT_PRIVILEGE,
+            "M": f"chaperone refused this statement: connection {connection!r} no longer exists "
+                 "in this pod's configuration (fail closed)",
+            "H": "Its ClaudeConnection was removed; sessions opened before stay refused."})
     actions = [statement_action(s.action, host=host, port=port, database=database) for s in statements]
     decisions = [evaluate(snapshot.policies, a, identity, connection) for a in actions]
     masks = tuple(m for d in decisions for m in d.masks)

@@ -491,7 +491,8 @@ class Session:
         elif unit.tags:
             status = "; ".join(unit.tags)
         else:
-            status = "not run" if not unit.verdict.allowed else "done"
+            # allowed but no answer of its own: the server skipped it after an earlier error
+            status = "not run" if not unit.verdict.allowed else "no result"
         if not unit.verdict.allowed and unit.error is None:
             status = "not run"
         # Queued, not awaited: the result never delays the agent's ReadyForQuery (the

@@ -97,11 +97,13 @@ def db(postgres_server, tmp_path_factory):
     conf = root / "conf"
     for sub in ("connections", "policies"):
         (conf / sub).mkdir(parents=True)
-    ports = {"shop": free_port(), "shop-tls": free_port(), "shop-noca": free_port(), "shop-nopw": free_port()}
+    ports = {"shop": free_port(), "shop-tls": free_port(), "shop-noca": free_port(), "shop-nopw": free_port(),
+             "shop-gone": free_port()}
     conns = [connection("shop", server, ports["shop"]),
              connection("shop-tls", server, ports["shop-tls"], clientTLS=True),
              connection("shop-noca", server, ports["shop-noca"]),
-             connection("shop-nopw", server, ports["shop-nopw"])]
+             connection("shop-nopw", server, ports["shop-nopw"]),
+             connection("shop-gone", server, ports["shop-gone"])]
     del conns[2]["spec"]["upstreamCA"]  # verify-full against the system CAs only: must fail
     conns[3]["spec"]["credentials"]["secretRef"]["name"] = "none-mounted"
     for conn in conns:
@@ -309,6 +311,22 @@ def test_drop_held_until_approved_while_other_connections_keep_working(db):
     thread.join(60)
     assert result == {"ok": True}
     assert db.truth("SELECT count(*) FROM pg_tables WHERE tablename = 'held_b'") == "0"
+
+
+def test_a_session_of_a_deleted_connection_is_refused_from_then_on(db):
+    with db.connect("shop-gone") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        (db.conf / "connections" / "shop-gone.yaml").unlink()
+
+        def refused() -> bool:
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.errors.InsufficientPrivilege as exc:
+                return "connection 'shop-gone' no longer exists" in exc.diag.message_primary
+            return False
+        wait_for(refused, 15, "the removed connection's session to be refused")
+    with pytest.raises(psycopg.OperationalError):  # and its listener is gone
+        db.connect("shop-gone")
 
 
 # ---------------------------------------------------------------------------- TLS, login

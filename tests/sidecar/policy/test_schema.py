@@ -209,7 +209,7 @@ def test_a_claudeconnection_is_checked_against_its_crd():
     assert errors_of(bad, kind) == [
         "spec.hosts: must be of type array, got string",
         "spec.hostz: unknown field",
-        'spec.type: unsupported value "ftp": supported values: "aws", "http", "kubernetes", "anthropic"',
+        'spec.type: unsupported value "ftp": supported values: "aws", "http", "kubernetes", "anthropic", "postgres", "mcp"',
     ]
     assert errors_of({**connection, "kind": "AccessPolicy"}, kind) == [
         'kind: must be "ClaudeConnection", got "AccessPolicy"']

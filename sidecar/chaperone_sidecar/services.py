@@ -26,6 +26,8 @@ redis              the ``redis.asyncio`` client, if any
 tracer, meter      OpenTelemetry API objects (Telemetry; no-ops until a provider is set)
 tool_uses          :class:`~.tool_use_ledger.ToolUseLedger`: the model's recent tool_use blocks
                    per pod (ToolUse: written on LLM answers, read to link later actions)
+ocsf               :class:`~.recording.ocsf_export.OcsfExporter` or None (Record submits each
+                   flow's recorded events; exported as OCSF API Activity off the loop)
 =================  ===========================================================================
 
 :func:`build_services` makes them in dependency order and :meth:`SidecarServices.aclose` takes
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,7 @@ from .config import SidecarConfig
 from .kubeclient import KubeClient
 from .oidc import OIDCVerifier
 from .recording import Recorder
+from .recording.ocsf_export import OcsfExporter
 from .routing import Connection
 from .snapshot import Snapshot
 from .sources import FileSources, KubeSources, Sources
@@ -170,6 +174,8 @@ class SidecarServices:
     # the model's recent tool_use blocks per pod (ToolUse addon: written on LLM answers, read
     # to link the pod's later actions; in memory, bounded)
     tool_uses: ToolUseLedger = field(default_factory=ToolUseLedger)
+    # OCSF export of the recorded flows (recording/ocsf_export.py; None unless configured)
+    ocsf: OcsfExporter | None = None
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list, repr=False)
 
     def snapshot(self) -> Snapshot:
@@ -228,6 +234,7 @@ async def build_services(config: SidecarConfig, *, sources: Sources | None = Non
     _make_telemetry(config, services)
     if recorder:
         services.recorder = _make_recorder(config)
+    _make_ocsf(config, services)
     return services
 
 
@@ -284,6 +291,40 @@ def _make_telemetry(config: SidecarConfig, services: SidecarServices) -> None:
         await asyncio.to_thread(setup.shutdown)  # flushes exporters: never on the loop
 
     services.closers.append(shutdown)
+
+
+def _make_ocsf(config: SidecarConfig, services: SidecarServices) -> None:
+    """OCSF export of the recorded flows when a ``CHAPERONE_OCSF_*`` sink is set
+    (recording/ocsf_export.py). The S3 sink gets a store of its own (same bucket, endpoint and
+    credentials as the recording): it runs on the exporter thread's loop, not the proxy's."""
+    from .recording.ocsf_export import ENV_S3_PREFIX, exporter_from_env
+
+    store = None
+    if os.environ.get(ENV_S3_PREFIX) and config.s3_bucket and not config.standalone:
+        store = _s3_store(config)
+    session = services.recorder.session_id if services.recorder is not None else ""
+    exporter = exporter_from_env(
+        os.environ, s3_store=store, namespace=config.pod_namespace, pod=config.pod_name,
+        session=session, resource={"k8s.namespace.name": config.pod_namespace,
+                                   "k8s.pod.name": config.pod_name})
+    if exporter is None:
+        return
+    exporter.start()
+    services.ocsf = exporter
+    services.closers.append(exporter.aclose)
+
+
+def _s3_store(config: SidecarConfig) -> Any:
+    from .recording.s3http import AioS3Store, credential_chain
+
+    credentials = None
+    try:
+        credentials = credential_chain(secret_dir=config.sidecar_secret_dir, region=config.s3_region)
+    except Exception as exc:  # retried at each upload; the shipper reports it
+        log.error("recording bucket %s: %s", config.s3_bucket, exc)
+    return AioS3Store(config.s3_bucket, prefix=config.s3_prefix,
+                      endpoint_url=config.s3_endpoint or None,
+                      region_name=config.s3_region or None, credentials=credentials)
 
 
 def _make_recorder(config: SidecarConfig) -> Recorder:

@@ -246,6 +246,9 @@ class Record:
         recorder = self.recorder
         assert recorder is not None  # every caller returned early without one
         results = await recorder.append_many(events)  # one queueing for all, no task per event
+        if self.services.ocsf is not None:  # OCSF export: the sealed form, else as built (lost)
+            self.services.ocsf.submit([r if isinstance(r, dict) else e
+                                       for r, e in zip(results, events, strict=True)])
         lost = 0
         for result in results:
             if isinstance(result, dict):

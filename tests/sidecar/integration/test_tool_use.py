@@ -56,6 +56,10 @@ def answer_for(tickets: str):
             return {"stop_reason": "tool_use", "content": [
                 {"type": "tool_use", "id": "toolu_rb", "name": "bash",
                  "input": {"command": f"aws s3 rb s3://{bucket}"}}]}
+        if "frozen-ticket" in said:
+            return {"stop_reason": "tool_use", "content": [
+                {"type": "tool_use", "id": "toolu_frozen", "name": "bash",
+                 "input": {"command": f"curl -X DELETE {tickets}/tickets/13"}}]}
         if "close-ticket" in said:
             return {"stop_reason": "tool_use", "content": [
                 {"type": "tool_use", "id": "toolu_close", "name": "bash",
@@ -123,7 +127,8 @@ def sidecar(tmp_path_factory, s3_server):
          "spec": {"defaultEffect": "allow", "masking": {"detectors": ["aws-access-key-id"]}, "rules": [
              {"name": "no-recursive-delete", "match": {"anthropic": {
                  "toolUses": ["bash"], "toolInputRegex": r"rm\s+-[a-z]*r[a-z]*f?\s+/"}},
-              "block": {"message": "recursive deletes need a human"}}]}}))
+              "block": {"message": "recursive deletes need a human"}},
+             {"name": "ticket-13-is-frozen", "match": {"paths": ["/tickets/13"]}, "block": {}}]}}))
     try:
         with standalone_proxy(conf, root / "proxy.log") as proxy:
             yield proxy, conf, model, tickets, s3_server
@@ -278,6 +283,9 @@ def test_allowed_tool_use_then_the_agents_call_are_linked_in_the_recording(sidec
     session.verify = str(conf / "ca" / "mitmproxy-ca-cert.pem")
     assert session.delete(f"https://localhost:{tickets.port}/tickets/42", timeout=30).status_code == 200
     assert session.get(f"https://localhost:{tickets.port}/health", timeout=30).status_code == 200
+    # an action the model asked for that the policy refuses is linked too
+    assert python_sdk(sidecar, "stream", "frozen-ticket")["content"][0]["id"] == "toolu_frozen"
+    assert session.delete(f"https://localhost:{tickets.port}/tickets/13", timeout=30).status_code == 403
     # ... and the real AWS CLI runs the command the model wrote, word for word
     bucket = f"scratch-{uuid.uuid4().hex[:8]}"
     s3 = boto3.client("s3", **s3_server.client_kwargs())
@@ -313,6 +321,9 @@ def test_allowed_tool_use_then_the_agents_call_are_linked_in_the_recording(sidec
     cause = deletes[0]["data"]["causedBy"]
     assert cause["toolUseId"] == "toolu_rb" and "AWS CLI s3 rb" in cause["reason"]
     assert f"resource {bucket}" in cause["reason"]
+    [frozen] = [e for e in events if e["type"] == "request" and "/tickets/13" in e["data"]["url"]]
+    assert frozen["data"]["causedBy"]["toolUseId"] == "toolu_frozen"
+    assert frozen["data"]["decision"]["effect"] == "block"
     health = [e for e in events if e["type"] == "request" and "/health" in e["data"]["url"]]
     assert "causedBy" not in health[0]["data"]  # nothing the model asked for names it
 

@@ -42,11 +42,10 @@ for _p in (REPO, REPO / "sidecar"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from bench.upstream import BODY_1M  # noqa: E402
 from chaperone_sidecar.policy.masking import decoded as new_decoded  # noqa: E402
 from chaperone_sidecar.policy.masking import detectors as new_detectors  # noqa: E402
 from chaperone_sidecar.policy.masking import stream as new_stream  # noqa: E402
-
-from bench.upstream import BODY_1M  # noqa: E402
 from tests.sidecar.policy.masking.reference import decoded as old_decoded  # noqa: E402
 from tests.sidecar.policy.masking.reference import detectors as old_detectors  # noqa: E402
 from tests.sidecar.policy.masking.reference import stream as old_stream  # noqa: E402
@@ -106,7 +105,7 @@ def _base64_doc(size: int, seed: int) -> bytes:
 def corpora(size: int = MIB) -> dict[str, tuple[bytes, bool, bool]]:
     """name -> (body, json_strings, binary)."""
     return {
-        "text": (BODY_1M[:size] if size <= len(BODY_1M) else (BODY_1M * (size // len(BODY_1M) + 1))[:size], False, False),
+        "text": ((BODY_1M * (size // len(BODY_1M) + 1))[:size], False, False),
         "prose": (_fill(size, _prose, 1), False, False),
         "json": (_json_objects(size, 2)[:size], True, False),
         "sse": (_fill(size, _sse, 3), True, False),
@@ -231,7 +230,8 @@ def engines(rounds: int = 5) -> list[tuple[str, str, float]]:
     try:
         import re2  # type: ignore[import-not-found]
 
-        finders["re2"] = lambda text, c=re2.compile(alternation): list(c.finditer(text))
+        combined = re2.compile(alternation)
+        finders["re2"] = lambda text: list(combined.finditer(text))
     except ImportError:
         print("google-re2 not installed: re2 not measured")
     out = []
@@ -252,11 +252,12 @@ def _cpu(fn: Callable[[bytes], object], body: bytes) -> float:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| corpus (1 MiB) | secrets | path | before (MB/s, best / median) | one-pass (MB/s, best / median) | speed-up | same output |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| corpus (1 MiB) | secrets | path | before (MB/s, best / median) | one-pass (MB/s, best / median) "
+             "| speed-up | same output |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['corpus']} | {'yes' if r['secrets'] else 'no'} | {r['mode']} | "
-                     f"{r['old_best_mbs']:.1f} / {r['old_median_mbs']:.1f} | {r['new_best_mbs']:.1f} / {r['new_median_mbs']:.1f} | "
+                     f"{r['old_best_mbs']:.1f} / {r['old_median_mbs']:.1f} | "
+                     f"{r['new_best_mbs']:.1f} / {r['new_median_mbs']:.1f} | "
                      f"{r['new_best_mbs'] / r['old_best_mbs']:.1f}x | {'yes' if r['same'] else '**no**'} |")
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import hyperscan
 
@@ -131,5 +132,5 @@ MASKED = literal(b"[MASKED:", caseless=False)
 SHARED_TRIGGERS = (UPPER, B64_HEAD, MASKED)
 
 
-def _collect(id_: int, start: int, end: int, flags: int, ends: list[list[int]]) -> None:
-    ends[id_].append(end)
+def _collect(id_: int, start: int, end: int, flags: int, ends: object) -> None:
+    cast(list[list[int]], ends)[id_].append(end)

@@ -123,7 +123,7 @@ def _both(doc: bytes, js: bool, key: bytes | None = None, new_rules=NEW_RULES, o
 def _stream(mod, rules, doc: bytes, cuts: list[int], js: bool) -> bytes:
     masker = mod.StreamMasker(rules, json_mode=js)
     points = [0, *sorted(set(cuts)), len(doc)]
-    out = [masker.feed(doc[a:b]) for a, b in zip(points, points[1:]) if b > a]
+    out = [masker.feed(doc[a:b]) for a, b in zip(points, points[1:], strict=False) if b > a]
     out.append(masker.finish())
     return b"".join(out)
 

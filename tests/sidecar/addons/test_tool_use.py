@@ -236,3 +236,12 @@ def test_batch_results_are_judged_line_by_line_streamed_or_buffered(addons):
         assert first["result"]["message"]["content"][0]["type"] == "text", streamed
         assert first["result"]["message"]["stop_reason"] == "end_turn" and second == ok
         assert b"rm -rf" not in wire
+
+
+def test_the_window_is_a_proxy_option():
+    svc = services()
+    addon = ToolUse(svc)
+    with taddons.context(addon) as tctx:
+        assert svc.tool_uses.window == 120
+        tctx.configure(addon, chaperone_tool_use_window=5.0)
+        assert svc.tool_uses.window == 5.0

@@ -104,10 +104,11 @@ class S3Sink:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def write(self, events: list[dict[str, Any]], lines: list[bytes]) -> None:
-        self.buffer.extend(lines)
-        self.size += sum(len(line) for line in lines)
-        if self.size >= self.batch_bytes:
-            self.flush()
+        for line in lines:  # objects of about batch_bytes, however many lines came at once
+            self.buffer.append(line)
+            self.size += len(line)
+            if self.size >= self.batch_bytes:
+                self.flush()
 
     def tick(self, now: float) -> None:
         if self.buffer and now - self.since >= self.interval:

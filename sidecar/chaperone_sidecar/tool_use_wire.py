@@ -169,7 +169,9 @@ class ToolUseStream:
         self.open: dict[Any, _Open] = {}
         self.queue: list[tuple[list[Field], Any]] = []  # held events: (fields, parsed data)
         self.queued = 0
-        self.replaced: dict[Any, str] = {}  # index -> text, for the held events of that block
+        # index -> text, for the held events of that block; kept until the next message, so a
+        # stray event for a replaced index (a malformed stream) is dropped, never passed on
+        self.replaced: dict[Any, str] = {}
         self.model = ""
         self.message_id = ""
         self.allowed = 0  # tool_use blocks of the current message let through
@@ -205,6 +207,10 @@ class ToolUseStream:
             self.model = str(message.get("model") or "")
             self.message_id = str(message.get("id") or "")
             self.allowed = self.blocked = 0
+            self.replaced.clear()
+        elif kind in ("content_block_delta", "content_block_stop") and self.hold and not self.open \
+                and self._key(obj.get("index")) in self.replaced:
+            return  # after its block was replaced: nothing of it goes out
         elif kind == "content_block_start":
             block = obj.get("content_block")
             if isinstance(block, dict) and block.get("type") == "tool_use":
@@ -310,7 +316,6 @@ class ToolUseStream:
                     "delta": {"type": "text_delta", "text": text}}))
             elif kind == "content_block_stop":
                 out.append(serialize(fields))
-                self.replaced.pop(key, None)
             # a replaced block's deltas are dropped
 
     def _stop_reason(self, fields: list[Field], obj: dict[str, Any]) -> list[Field]:

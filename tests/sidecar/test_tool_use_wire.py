@@ -227,3 +227,11 @@ def test_invalid_input_json_is_judged_unparsed():
     out, seen, _ = run(events)
     assert seen[0].tool_use.parsed is False and seen[0].replaced  # decide() blocks unparsed bash
     assert b"oops" not in out
+
+
+def test_a_stray_delta_after_a_replaced_block_is_dropped():
+    events = HEAD + tool(0, "toolu_rm", "bash", ['{"command": "rm -rf /"}']) + \
+        [delta(0, "input_json_delta", partial_json=' --no-preserve-root'), stop(0)] + tail()
+    out, _, _ = run(events)
+    assert b"no-preserve-root" not in out and b"rm -rf" not in out
+    assert assemble(out)["content"][0]["type"] == "text"

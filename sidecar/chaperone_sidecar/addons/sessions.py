@@ -11,9 +11,16 @@ belongs to this addon. The protocols are parsed by :mod:`chaperone_sidecar.recor
   :data:`SESSION_CAP` per session), the exit status parsed from the error channel. stdout and
   stderr are masked **before the agent gets them** with the decision's response masks, one
   stream masker per channel, so a secret split across messages is still masked (the masker
-  holds back only a tail that may still become a secret; see policy/masking/stream.py). When
-  the error channel brings the exit status, what the maskers still hold is flushed first (as
-  injected messages, in order, then the status), so kubectl prints everything before it exits.
+  holds back only a tail that may still become a secret; see policy/masking/stream.py).
+  **Decision**: the tail is held only after a frame that filled the 32 KiB copy buffer
+  (:data:`FULL_FRAME`: the process is still writing); a shorter frame is delivered whole (its
+  tail masked as final), because the only way to deliver held output later is an injected
+  message, and mitmproxy queues those behind the upstream's close when both arrive together
+  (then the output is lost). So a secret the process writes in two separate short writes is
+  not masked - an agent that does that on purpose could as well ``rev`` the file: masking
+  output catches accidents, command rules are the control. Output still held when the exit
+  status arrives (a full last frame) is injected after the status; kubectl reads output until
+  the connection closes.
   stdin is forwarded as typed and recorded masked with every mask of the decision.
 * **port-forward through a SPDY tunnel** (``SPDY/3.1+portforward.k8s.io``, kubectl >= 1.31):
   each ``SYN_STREAM`` names its port; the port is judged again with the flow's policies
@@ -72,6 +79,10 @@ log = logging.getLogger("chaperone.sessions")
 
 SESSION_CAP = FULL_BODY_CAP  # recorded content bytes per session; later events keep sizes only
 _OUTPUT = {1: "stdout", 2: "stderr"}
+# A frame this long filled the streaming copy buffer (io.Copy's 32 KiB in the kubelet and the
+# apiserver): the process is still writing, so a tail that may become a secret waits for the
+# next frame. A shorter frame is what the process wrote before it paused: delivered whole.
+FULL_FRAME = 32 * 1024
 _FLUSH = b""  # content of an injected message that carries pending SPDY frames
 
 
@@ -225,14 +236,19 @@ class KubeStreams:
             if masker is None and session.output is not None and session.output.active:
                 masker = session.maskers[channel] = session.output.stream("text/plain")
             out = masker.feed(payload) if masker is not None else payload
+            if masker is not None and len(payload) < FULL_FRAME:
+                out += masker.finish()  # see FULL_FRAME and the module docstring
+                session.maskers.pop(channel, None)
             counts = _counts(session, channel, masker)
+            if masker is not None and channel not in session.maskers:
+                session.reported.pop(channel, None)
             message.content = ks.channel_content(session.protocol, channel, out)
             event = self._data(session, _OUTPUT[channel], "out", out, masked=counts)
-            if masker is not None:
-                event["held"] = masker.held
+            if channel in session.maskers:
+                event["held"] = session.maskers[channel].held
             await self._record(flow, ctx, [event])
             return
-        if channel == 3:  # the exit status: everything held goes out first
+        if channel == 3:  # the exit status; output still held (a full last frame) follows it
             flushed = []
             for held_channel, masker in session.maskers.items():
                 rest = masker.finish()
@@ -251,14 +267,13 @@ class KubeStreams:
             event["exit"] = session.exit
             events.append(event)
             await self._record(flow, ctx, events)
-            if not flushed:
-                message.content = ks.channel_content(session.protocol, channel, status)
-                return
-            message.drop()  # re-sent after the flushed output, in order
+            message.content = ks.channel_content(session.protocol, channel, status)
+            # kubectl reads output until the connection closes, after the status too. An
+            # injected message is queued behind the frames of the read being handled, so if
+            # the upstream's close came in the same read it is lost: the exit status, which
+            # the agent acts on, is never the one risked.
             for c, rest, _ in flushed:
                 self._inject(flow, ks.channel_content(session.protocol, c, rest), message.is_text)
-            self._inject(flow, ks.channel_content(session.protocol, channel, status),
-                         message.is_text)
             return
         await self._record(flow, ctx, [self._data(session, ks.EXEC_CHANNELS.get(channel, str(channel)),
                                                   "out", payload, mask=True)])

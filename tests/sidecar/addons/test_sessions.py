@@ -21,7 +21,7 @@ from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from chaperone_sidecar import flowctx
-from chaperone_sidecar.addons.sessions import KubeStreams
+from chaperone_sidecar.addons.sessions import FULL_FRAME, KubeStreams
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.flowctx import RecordingSettings
 from chaperone_sidecar.policy.classify import classify
@@ -120,6 +120,12 @@ def run(body):
 
 # ---------------------------------------------------------------------------- exec (WebSocket)
 
+def full_frame(text: bytes) -> bytes:
+    """A stdout payload that filled the 32 KiB copy buffer, ending with ``text``."""
+    return b"line of output\n" * ((FULL_FRAME - len(text)) // 15) + b"x" * (
+        (FULL_FRAME - len(text)) % 15) + text
+
+
 def test_exec_output_is_masked_across_messages_and_recorded_masked(tmp_path):
     rec = recorder(tmp_path)
     svc = services(rec)
@@ -132,22 +138,30 @@ def test_exec_output_is_masked_across_messages_and_recorded_masked(tmp_path):
         f = session_flow(svc, "/api/v1/namespaces/team-a/pods/web/exec"
                               "?command=cat&command=/etc/creds&container=app&stdout=true")
         await upgraded(addon, f)
-        # The secret split across two stdout messages; the agent never gets it whole.
-        first = await send(addon, f, b"\x01key=" + SECRET[:8], from_client=False)
+        # The secret split across two stdout frames (the first filled the copy buffer): the
+        # agent never gets it whole.
+        first = await send(addon, f, b"\x01" + full_frame(b"key=" + SECRET[:8]), from_client=False)
         second = await send(addon, f, b"\x01" + SECRET[8:] + b"\nbye", from_client=False)
         typed = await send(addon, f, b"\x00echo " + SECRET + b"\n", from_client=True)
+        # A full frame right before the exit status: its held tail follows the status.
+        last = await send(addon, f, b"\x02" + full_frame(b"the end"), from_client=False)
         status = await send(addon, f, b'\x03{"metadata":{},"status":"Failure","reason":"NonZeroExitCode",'
                                       b'"details":{"causes":[{"reason":"ExitCode","message":"3"}]}}',
                             from_client=False)
         await addon.websocket_end(f)
-        return f, first, second, typed, status, await events_of(rec, tmp_path)
+        return f, first, second, typed, last, status, await events_of(rec, tmp_path)
 
-    f, first, second, typed, status, events = run(main)
-    agent_got = b"".join((delivered(m) or b"\x01")[1:] for m in (first, second)) + b"".join(
-        c[1:] for c in injected if c[:1] == b"\x01")
-    assert SECRET not in agent_got and b"[MASKED:aws-access-key-id]" in agent_got, agent_got
-    # "bye" had no line end yet: held, flushed before the status, which is re-sent after it.
-    assert status.dropped and injected[-1][:1] == b"\x03" and injected[-2] == b"\x01bye"
+    f, first, second, typed, last, status, events = run(main)
+    agent_got = b"".join(delivered(m)[1:] for m in (first, second))
+    assert SECRET not in agent_got and b"key=[MASKED:aws-access-key-id]\nbye" in agent_got
+    assert agent_got.startswith(b"line of output\n")
+    # A short frame is delivered whole ("bye" is not held back for a next frame).
+    assert delivered(second).endswith(b"\nbye")
+    # The status is never risked: it goes as it came; what the full frame held follows it.
+    assert delivered(status)[:1] == b"\x03" and b"ExitCode" in delivered(status)
+    assert len(injected) == 1 and injected[0][:1] == b"\x02", injected
+    assert delivered(last)[1:] + injected[0][1:] == full_frame(b"the end")
+    assert injected[0].endswith(b"end")  # a trailing word waits: it may start a secret
     assert delivered(typed) == b"\x00echo " + SECRET + b"\n"  # stdin goes upstream as typed
     stored = json.dumps(events)
     assert SECRET.decode() not in stored

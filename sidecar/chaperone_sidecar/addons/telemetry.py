@@ -14,16 +14,32 @@ connections ``mcp.method.name``, ``gen_ai.tool.name``, ``gen_ai.operation.name``
 (``execute_tool``), ``jsonrpc.request.id``, ``mcp.protocol.version`` (OpenTelemetry's MCP
 conventions; the session id is left out, it is a credential to some servers)
 and the HTTP semantic-convention fields (``http.request.method``, ``server.address``,
-``url.path`` - never the query, which may carry signatures - ``http.response.status_code``,
-``http.request.body.size``, ``http.response.body.size``). Status ERROR for a flow error or a
-5xx.
+``url.path``, ``url.full`` - credential-like query parameters ``[REDACTED]`` as the recording
+has them - ``http.response.status_code``, ``http.request.body.size``,
+``http.response.body.size``). Status ERROR for a flow error or a 5xx.
+
+**Semantic conventions followed: OpenTelemetry semconv v1.37** (docs/telemetry.md has the
+table). AWS connections: ``rpc.system`` ``aws-api``, ``rpc.service`` (the signing name),
+``rpc.method`` (the operation), ``cloud.region``, ``aws.s3.bucket`` for S3. Kubernetes
+connections: ``k8s.namespace.name`` and, for a pod or its subresource, ``k8s.pod.name`` of the
+*target* (the sidecar's own pod is the resource's ``k8s.pod.name``). Anthropic ``messages``
+(the GenAI inference span): named ``chat {gen_ai.request.model}``, ``gen_ai.operation.name``
+``chat``, ``gen_ai.provider.name`` ``anthropic`` (and the deprecated ``gen_ai.system``, which
+backends of semconv <= 1.36 still read), ``gen_ai.request.model``, and from the answer
+``gen_ai.response.id``, ``gen_ai.response.model``, ``gen_ai.response.finish_reasons``,
+``gen_ai.usage.input_tokens``/``output_tokens``. A streamed answer is not buffered for them: a
+tap on the bytes as they leave (:class:`_AnthropicUsage`) runs the sidecar's SSE parser and
+decodes only the ``message_start`` and ``message_delta`` events (the usage is in those); a
+compressed stream is not decoded for it (the attributes are then absent). A buffered JSON answer
+is parsed once. Prompt and completion content is never put on a span.
 
 **Metrics**: ``chaperone.requests`` (counter; attributes decision, outcome, connection),
 ``chaperone.request.duration`` (histogram, s), ``chaperone.upstream.duration`` (histogram, s:
 request sent -> response headers), ``chaperone.approvals.pending`` (observable up-down counter:
 flows held for approval now, ``ApprovalService.held``), ``chaperone.recording.backlog`` (observable
 gauge, bytes written but not yet shipped; ``chaperone.recording.backlog.segments`` the same in
-segments) and ``chaperone.recording.dropped`` (observable counter: events lost).
+segments), ``chaperone.recording.dropped`` (observable counter: events lost) and
+``chaperone.ocsf.dropped`` (observable counter: recorded events the OCSF export dropped).
 
 **Timing.** ``FlowContext.upstream_started`` is set when the request leaves (the ``request``
 hook, or ``requestheaders`` for a streamed body - every other addon ran before, approvals
@@ -34,6 +50,7 @@ bodies by their length.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -44,21 +61,84 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import flowctx
+from ..policy.masking.sse import SSEParser
+from ..recording.flow_events import redact_url
 from ..services import SidecarServices
 
-__all__ = ["Telemetry", "METER_NAME", "TRACER_NAME"]
+__all__ = ["Telemetry", "METER_NAME", "TRACER_NAME", "genai_response"]
 
 log = logging.getLogger("chaperone.telemetry")
 
 TRACER_NAME = METER_NAME = "chaperone.sidecar"
 
 
-class _Counting:
-    """Wraps a ``stream`` value (a callable or ``True``) and counts the bytes it lets through."""
+_USAGE_EVENTS = (b'"message_start"', b'"message_delta"')
+_MAX_EVENT = 1 << 20  # an event larger than this is not read for usage (memory bound)
 
-    def __init__(self, inner: Any) -> None:
+
+class _AnthropicUsage:
+    """The GenAI response attributes of a streamed Anthropic answer, read from its SSE events
+    as they pass: only ``message_start`` (id, model, input tokens) and ``message_delta``
+    (stop reason, output tokens) are decoded; everything else is skipped unparsed."""
+
+    def __init__(self) -> None:
+        self.parser: SSEParser | None = SSEParser()
+        self.attrs: dict[str, Any] = {}
+
+    def feed(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None:
+            return
+        try:
+            events = parser.feed(data)
+        except Exception:  # a broken stream: stop reading it, never break the flow
+            self.parser = None
+            return
+        if parser.pending > _MAX_EVENT:
+            self.parser = None
+        for fields in events:
+            payload = b"\n".join(v for k, v in fields if k == b"data")
+            if any(marker in payload[:64] for marker in _USAGE_EVENTS):
+                try:
+                    obj = json.loads(payload)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    self.attrs.update(genai_response(obj.get("message") if obj.get(
+                        "type") == "message_start" else obj))
+
+
+def genai_response(obj: Any) -> dict[str, Any]:
+    """``gen_ai.response.*``/``gen_ai.usage.*`` from an Anthropic message, ``message_start``'s
+    message or a ``message_delta`` event (whose ``delta`` holds the stop reason)."""
+    if not isinstance(obj, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(obj.get("id"), str):
+        out["gen_ai.response.id"] = obj["id"]
+    if isinstance(obj.get("model"), str):
+        out["gen_ai.response.model"] = obj["model"]
+    delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else obj
+    if isinstance(delta.get("stop_reason"), str):
+        out["gen_ai.response.finish_reasons"] = [delta["stop_reason"]]
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        for key in ("input_tokens", "output_tokens"):
+            value = usage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and (
+                    value or key == "output_tokens"):  # message_start's output is a placeholder
+                out[f"gen_ai.usage.{key}"] = value
+    return out
+
+
+class _Counting:
+    """Wraps a ``stream`` value (a callable or ``True``) and counts the bytes it lets through;
+    ``tap`` sees them too (the GenAI usage of a streamed answer)."""
+
+    def __init__(self, inner: Any, tap: _AnthropicUsage | None = None) -> None:
         self.inner = inner
         self.bytes = 0
+        self.tap = tap
 
     def __call__(self, data: bytes) -> list[bytes]:
         if callable(self.inner):
@@ -68,6 +148,9 @@ class _Counting:
             chunks = [data]
         chunks = [c for c in chunks if c]  # b"" would end an HTTP/1 chunked body
         self.bytes += sum(len(c) for c in chunks)
+        if self.tap is not None:
+            for chunk in chunks:
+                self.tap.feed(chunk)
         return chunks
 
 
@@ -99,6 +182,9 @@ class Telemetry:
         meter.create_observable_counter(
             "chaperone.recording.dropped", callbacks=[self._dropped], unit="{event}",
             description="Events that could not be written to the spool")
+        meter.create_observable_counter(
+            "chaperone.ocsf.dropped", callbacks=[self._ocsf_dropped], unit="{event}",
+            description="Recorded events not exported as OCSF (queue full, S3 backlog over its cap)")
 
     # ------------------------------------------------------------------ observable callbacks
     def _recorder_metric(self, name: str) -> int | None:
@@ -116,6 +202,10 @@ class Telemetry:
     def _backlog_segments(self, options: Any) -> Iterable[metrics.Observation]:
         value = self._recorder_metric("backlog_segments")
         return [metrics.Observation(value)] if value is not None else []
+
+    def _ocsf_dropped(self, options: Any) -> Iterable[metrics.Observation]:
+        exporter = self.services.ocsf
+        return [metrics.Observation(exporter.metrics()["dropped"])] if exporter is not None else []
 
     def _dropped(self, options: Any) -> Iterable[metrics.Observation]:
         value = self._recorder_metric("events_dropped")
@@ -139,7 +229,9 @@ class Telemetry:
             ctx.upstream_latency = time.monotonic() - ctx.upstream_started
         if flow.response is not None and flow.response.stream:
             progress = flowctx.ensure(flow).telemetry
-            progress.response = flow.response.stream = _Counting(flow.response.stream)
+            progress.response = flow.response.stream = _Counting(
+                flow.response.stream, _AnthropicUsage() if self._chat(ctx) and _sse(flow.response)
+                else None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -148,6 +240,12 @@ class Telemetry:
         self._finish(flow)
 
     # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _chat(ctx: flowctx.FlowContext | None) -> bool:
+        """An Anthropic Messages call (the GenAI ``chat`` operation)."""
+        return (ctx is not None and ctx.connection_type == "anthropic" and ctx.action is not None
+                and ctx.action.name == "anthropic:messages")
+
     @staticmethod
     def _forwarded(flow: http.HTTPFlow) -> None:
         ctx = flowctx.ensure(flow)
@@ -200,6 +298,7 @@ class Telemetry:
             "server.address": req.pretty_host,
             "server.port": req.port,
             "url.path": req.path.partition("?")[0],
+            "url.full": redact_url(req.pretty_url),
             "network.protocol.version": req.http_version.removeprefix("HTTP/"),
             "http.request.body.size": self._size(req, state.request),
         })
@@ -220,8 +319,25 @@ class Telemetry:
         if resp is not None:
             attrs["http.response.status_code"] = resp.status_code
             attrs["http.response.body.size"] = self._size(resp, state.response)
-        attrs = {k: v for k, v in attrs.items() if v is not None and v != ""}
         name = (ctx.action.name if ctx.action is not None and ctx.action.name else req.method)
+        action = ctx.action
+        if action is not None and action.aws is not None:
+            attrs.update({"rpc.system": "aws-api", "rpc.service": action.aws.service,
+                          "rpc.method": action.aws.operation, "cloud.region": action.aws.region})
+            if action.aws.service == "s3" and action.aws.resources:
+                attrs["aws.s3.bucket"] = action.aws.resources[0].partition("/")[0]
+        if action is not None and action.kubernetes is not None:
+            kube = action.kubernetes
+            attrs["k8s.namespace.name"] = kube.namespace
+            if kube.resource == "pods" and kube.name:
+                attrs["k8s.pod.name"] = kube.name
+        if self._chat(ctx):
+            model = action.anthropic.model if action is not None and action.anthropic else ""
+            attrs.update({"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+                          "gen_ai.system": "anthropic", "gen_ai.request.model": model})
+            attrs.update(self._genai_response(flow, state))
+            name = f"chat {model}" if model else "chat"
+        attrs = {k: v for k, v in attrs.items() if v is not None and v != ""}
         span = self.tracer.start_span(name, kind=SpanKind.SERVER, attributes=attrs,
                                       start_time=int(start * 1e9))
         if flow.error is not None:
@@ -231,7 +347,28 @@ class Telemetry:
         span.end(end_time=int(end * 1e9))
 
     @staticmethod
+    def _genai_response(flow: http.HTTPFlow, state: flowctx.TelemetryProgress) -> dict[str, Any]:
+        resp = flow.response
+        if resp is None:
+            return {}
+        counter = state.response
+        if isinstance(counter, _Counting) and resp.stream is counter:
+            return counter.tap.attrs if counter.tap is not None else {}
+        if resp.stream or "json" not in resp.headers.get("content-type", ""):
+            return {}
+        try:
+            return genai_response(json.loads(resp.get_content(strict=False) or b"null"))
+        except (ValueError, UnicodeDecodeError):
+            return {}
+
+    @staticmethod
     def _size(message: http.Message, counter: _Counting | None) -> int:
         if counter is not None and message.stream is counter:
             return counter.bytes
         return len(message.raw_content or b"")
+
+
+def _sse(resp: http.Response) -> bool:
+    """An uncompressed event stream (a compressed one is not decoded for usage)."""
+    return (resp.headers.get("content-type", "").startswith("text/event-stream")
+            and resp.headers.get("content-encoding", "identity").strip().lower() == "identity")

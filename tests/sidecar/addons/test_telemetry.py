@@ -320,3 +320,102 @@ def test_mcp_calls_carry_the_mcp_and_gen_ai_attributes(otel):
     assert a["gen_ai.operation.name"] == "execute_tool" and a["jsonrpc.request.id"] == "7"
     assert a["mcp.protocol.version"] == "2025-06-18"
     assert not any("s3cr3t" in str(v) for v in a.values())
+
+
+# ============================================================================ semantic conventions
+
+def _chat_flow(stream: bool) -> http.HTTPFlow:
+    from chaperone_sidecar.policy.model import AnthropicAction
+
+    f = tflow.tflow(req=tutils.treq(host="api.anthropic.com", port=443, scheme=b"https",
+                                    method=b"POST", path=b"/v1/messages",
+                                    headers=http.Headers(host="api.anthropic.com"),
+                                    content=b'{"model":"claude-x","messages":[{"role":"user","content":"PROMPT-SECRET"}]}'))
+    ctx = flowctx.ensure(f)
+    ctx.identity, ctx.connection, ctx.connection_type = AGENT, "claude", "anthropic"
+    ctx.action = Action("anthropic", "POST", "https", "api.anthropic.com", 443, "/v1/messages",
+                        name="anthropic:messages", anthropic=AnthropicAction(model="claude-x", stream=stream))
+    ctx.decision = Decision("allow")
+    return f
+
+
+SSE_ANSWER = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_01","type":"message",'
+    b'"role":"assistant","model":"claude-x-20261001","content":[],"stop_reason":null,'
+    b'"usage":{"input_tokens":25,"output_tokens":1}}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"COMPLETION-SECRET"}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":15}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, len(SSE_ANSWER)])
+def test_streamed_anthropic_answer_gives_genai_span_without_content(otel, chunk):
+    t = otel.addon
+    f = _chat_flow(stream=True)
+    t.request(f)
+    f.response = http.Response.make(200, b"", {"content-type": "text/event-stream; charset=utf-8"})
+    f.response.stream = True
+    t.responseheaders(f)
+    out = b"".join(c for i in range(0, len(SSE_ANSWER), chunk)
+                   for c in f.response.stream(SSE_ANSWER[i:i + chunk]))
+    assert out == SSE_ANSWER  # the tap only reads
+    t.response(f)
+    [span] = otel.spans.get_finished_spans()
+    a = dict(span.attributes)
+    assert span.name == "chat claude-x"
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "anthropic"
+    assert a["gen_ai.system"] == "anthropic" and a["gen_ai.request.model"] == "claude-x"
+    assert a["gen_ai.response.model"] == "claude-x-20261001" and a["gen_ai.response.id"] == "msg_01"
+    assert a["gen_ai.usage.input_tokens"] == 25 and a["gen_ai.usage.output_tokens"] == 15
+    assert a["gen_ai.response.finish_reasons"] == ("end_turn",)
+    assert not any("SECRET" in str(v) for v in a.values())
+
+
+def test_buffered_anthropic_answer_gives_genai_span(otel):
+    t = otel.addon
+    f = _chat_flow(stream=False)
+    t.request(f)
+    f.response = http.Response.make(200, (
+        b'{"id":"msg_02","type":"message","model":"claude-x-20261001","role":"assistant",'
+        b'"content":[{"type":"text","text":"COMPLETION-SECRET"}],"stop_reason":"tool_use",'
+        b'"usage":{"input_tokens":10,"output_tokens":3}}'), {"content-type": "application/json"})
+    t.responseheaders(f)
+    t.response(f)
+    [span] = otel.spans.get_finished_spans()
+    a = dict(span.attributes)
+    assert a["gen_ai.response.id"] == "msg_02" and a["gen_ai.response.finish_reasons"] == ("tool_use",)
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (10, 3)
+    assert not any("SECRET" in str(v) for v in a.values())
+
+
+def test_aws_and_kubernetes_conventions_and_url_full_without_secrets(otel):
+    from chaperone_sidecar.policy.model import AWSAction, KubernetesAction
+
+    t = otel.addon
+    f = make_flow()
+    f.request.path = "/b/key?X-Amz-Signature=abc123&x=1"
+    ctx = flowctx.get(f)
+    ctx.connection_type = "aws"
+    ctx.action = Action("aws", "GET", "https", "s3.amazonaws.com", 443, "/b/key", name="s3:GetObject",
+                        aws=AWSAction("s3", "us-east-1", "GetObject", "rest-xml", ("b/key",)))
+    t.request(f)
+    f.response = http.Response.make(200, b"ok")
+    t.response(f)
+    k = make_flow()
+    flowctx.get(k).action = Action(
+        "kubernetes", "DELETE", "https", "k8s", 443, "/api/v1/namespaces/prod/pods/web-0",
+        name="kubernetes:delete/pods",
+        kubernetes=KubernetesAction(verb="delete", resource="pods", namespace="prod", name="web-0"))
+    t.request(k)
+    k.response = http.Response.make(200, b"{}")
+    t.response(k)
+    spans = {s.name: dict(s.attributes) for s in otel.spans.get_finished_spans()}
+    aws = spans["s3:GetObject"]
+    assert (aws["rpc.system"], aws["rpc.service"], aws["rpc.method"], aws["aws.s3.bucket"]) == \
+        ("aws-api", "s3", "GetObject", "b")
+    assert aws["url.full"] == "https://api.github.com/b/key?X-Amz-Signature=[REDACTED]&x=1"
+    kube = spans["kubernetes:delete/pods"]
+    assert kube["k8s.namespace.name"] == "prod" and kube["k8s.pod.name"] == "web-0"

@@ -202,3 +202,15 @@ def test_corpus_exercises_every_rule():
         crippled = NEW_RULES[:k] + (dataclasses.replace(rule, triggers=never),) + NEW_RULES[k + 1:]
         assert any(_both(doc, True, None, crippled)[0] != _both(doc, True)[1] for doc in CORPUS), \
             f"rule {k} ({rule.name}) could be dropped unnoticed"
+
+
+def test_string_state_matches_the_reference():
+    """``ends_in_string`` (one C-level match per call) against the reference's scan of every
+    string, on random mixes of quotes, escapes, backslashes and line feeds."""
+    rnd = random.Random(13)
+    alphabet = [b'"', b"\\", b"\\\\", b'\\"', b"\n", b"a", b" ", b"\\u0041", b":", b"x\"y"]
+    for _ in range(4000):
+        text = b"".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 24)))
+        for in_string in (False, True):
+            assert spans.ends_in_string(text, in_string) == ref_spans.ends_in_string(text, in_string), \
+                (text, in_string)

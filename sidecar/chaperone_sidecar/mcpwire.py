@@ -38,8 +38,10 @@ def _one_line(body: Mapping[str, Any]) -> str:
     rule = body.get("rule")
     where = f" (rule {rule['name']!r} of AccessPolicy {rule['policy']})" if rule else ""
     text = f"Chaperone refused {action}: {body.get('message', '')}{where}"
-    if body.get("approval_request"):
-        text += f" [ApprovalRequest {body['approval_request']}]"
+    request = body.get("approval_request")
+    name = request.get("name") if isinstance(request, Mapping) else request
+    if name:
+        text += f" [ApprovalRequest {name}]"
     if body.get("how_to_get_access"):
         text += f" How to get access: {body['how_to_get_access']}"
     return " ".join(text.split())

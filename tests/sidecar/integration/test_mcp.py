@@ -60,7 +60,9 @@ def setup(tmp_path_factory):
     conf = root / "conf"
     for sub in ("connections", "policies"):
         (conf / sub).mkdir(parents=True)
-    (conf / "chaperone.yaml").write_text(yaml.safe_dump({"namespace": "laptop", "user": "dana"}))
+    # approvalMode defer: the sidecar's own word; a rule saying hold still holds (approve.py)
+    (conf / "chaperone.yaml").write_text(yaml.safe_dump({"namespace": "laptop", "user": "dana",
+                                                         "approvalMode": "defer"}))
     (conf / "connections" / "files.yaml").write_text(yaml.safe_dump(
         {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "files"},
          "spec": {"type": "mcp", "hosts": ["127.0.0.1"]}}))
@@ -72,6 +74,9 @@ def setup(tmp_path_factory):
              {"name": "no-etc", "match": {"mcp": {"tools": ["read_file"],
                                                  "arguments": [{"path": "$.path", "values": ["/etc/*"]}]}},
               "block": {}},
+             {"name": "qa-deploys-deferred", "match": {"mcp": {"tools": ["deploy"], "arguments": [
+                 {"path": "$.env", "values": ["qa"]}]}},
+              "requireApproval": {"approvers": {"users": ["alice"]}, "mode": "defer"}},
              {"name": "deploy-needs-alice", "match": {"mcp": {"tools": ["deploy"]}},
               "requireApproval": {"approvers": {"users": ["alice"]}, "mode": "hold",
                                   "holdSeconds": 60, "timeoutSeconds": 120}},
@@ -303,3 +308,28 @@ def test_a_server_request_to_the_clients_model_is_recorded_and_answered(setup):
     answers = [e for e in events if e["type"] == "request" and
                (e["data"]["action"] or {}).get("name") == "mcp:response"]
     assert answers and "forty-two" in answers[-1]["data"]["body"]["text"]
+
+
+def test_a_deferred_approval_lets_the_sdks_retry_through(setup):
+    """defer: the call is refused with the ApprovalRequest's name; once approved, the SDK's retry
+    - a new JSON-RPC id, the same call - passes (the exact digest leaves the id out)."""
+    proxy, ports, calls, conf = setup
+
+    async def first(session):
+        with pytest.raises(McpError) as err:
+            await session.call_tool("deploy", {"env": "qa"})
+        return err.value
+    error = run(with_session(proxy.port, ports["json"], first))
+    assert error.error.code == -32030 and error.error.data["error"] == "chaperone_approval_pending"
+    name = error.error.data["approval_request"]["name"]
+    assert f"[ApprovalRequest {name}]" in error.error.message
+    assert not [c for c in reached(calls) if c.get("env") == "qa"]
+    out = cli("approve", name, "--config-dir", str(conf), "--as", "alice")
+    assert out.returncode == 0, out.stderr
+
+    async def retry(session):
+        await session.call_tool("read_file", {"path": "/tmp/other"})  # ids move on
+        return await session.call_tool("deploy", {"env": "qa"})
+    result = run(with_session(proxy.port, ports["json"], retry))
+    assert result.content[0].text == "deployed to qa"
+    assert [c for c in reached(calls) if c.get("env") == "qa"] == [{"tool": "deploy", "env": "qa"}]

@@ -95,3 +95,9 @@ def test_compiler_errors_name_the_field():
     assert any(e.startswith("spec.rules[0].match.mcp.arguments[2].regex: invalid regular") for e in errors)
     mixed = policy([{"name": "x", "match": {"mcp": {"tools": ["a"]}, "anthropic": {"tools": ["a"]}}, "block": {}}])
     assert any("can never hold together" in str(e) for e in validate_policy(mixed)[1])
+
+
+def test_a_tools_call_sent_as_a_notification_is_judged_all_the_same():
+    rules = [{"name": "no-delete", "match": {"mcp": {"tools": ["delete_file"]}}, "block": {}}]
+    note = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_file", "arguments": {}}}
+    assert decide(rules, note) == ("block", "no-delete")

@@ -66,6 +66,11 @@ def test_unicode_escapes_are_decoded_like_the_server_does():
     (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":"rm"}}', "must be an object"),
     (b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":1,"method":"ping"}]', "share an id"),
     (b"", "empty"),
+    # a key spelled with an escape is the same key once decoded: still a duplicate
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read","na\\u006de":"delete"}}',
+     "duplicate key"),
+    (b'[[{"jsonrpc":"2.0","id":1,"method":"ping"}]]', "not a JSON object"),
+    (b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"method":"ping"}', "not JSON"),
     (b"[" * 100_000 + b"]" * 100_000, "too deep"),
 ])
 def test_what_cannot_be_read_unambiguously_is_invalid(body, why):

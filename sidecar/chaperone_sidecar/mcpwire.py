@@ -64,12 +64,17 @@ def jsonrpc_refusal(ids: Iterable[str], batch: bool, body: Mapping[str, Any]) ->
 Hidden = Callable[[str], bool]
 
 
-def filter_tools_message(message: Any, ids: frozenset[str], hidden: Hidden) -> list[str]:
+Ids = frozenset[str] | None  # JSON texts of the tools/list requests' ids; None: any response
+
+
+def filter_tools_message(message: Any, ids: Ids, hidden: Hidden) -> list[str]:
     """Remove hidden tools from one JSON-RPC response to a ``tools/list`` request (``ids``: JSON
-    texts of those requests' ids), in place; returns the names removed."""
+    texts of those requests' ids, None for any response carrying ``result.tools``), in place;
+    returns the names removed."""
     if not isinstance(message, dict) or "method" in message or "id" not in message:
         return []
-    if isinstance(message["id"], bool) or json.dumps(message["id"], ensure_ascii=False) not in ids:
+    if ids is not None and (isinstance(message["id"], bool)
+                            or json.dumps(message["id"], ensure_ascii=False) not in ids):
         return []
     result = message.get("result")
     if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
@@ -89,7 +94,7 @@ def filter_tools_message(message: Any, ids: frozenset[str], hidden: Hidden) -> l
     return removed
 
 
-def filter_tools_json(content: bytes, ids: frozenset[str], hidden: Hidden) -> tuple[bytes, list[str]]:
+def filter_tools_json(content: bytes, ids: Ids, hidden: Hidden) -> tuple[bytes, list[str]]:
     """A JSON response body (one message or a batch) with hidden tools removed."""
     try:
         doc = json.loads(content)
@@ -115,7 +120,7 @@ class SSEToolsFilter:
     ``MAX_EVENT_BYTES`` ends the stream (fail closed: it could be the list).
     """
 
-    def __init__(self, ids: frozenset[str], hidden: Hidden) -> None:
+    def __init__(self, ids: Ids, hidden: Hidden) -> None:
         self.ids = ids
         self.hidden = hidden
         self.buffer = b""

@@ -19,6 +19,10 @@ releases - never replaces it. A JSON list that streams (no ``Content-Length``) i
 up to ``MAX_EVENT_BYTES`` and filtered whole at its end. **Decision**: the recording keeps the
 list as the server sent it (masked) - what the server offered; the names hidden are logged.
 
+The ``GET`` stream is filtered too, for *any* response carrying ``result.tools``: a client
+that resumes a broken ``POST`` stream (``Last-Event-ID``) gets its replay there, and so does
+the legacy HTTP+SSE transport - an agent must not read the list around the filter.
+
 Fail closed: a compressed SSE ``tools/list`` stream (``Content-Encoding``) cannot be rewritten
 as it passes and is cut (the client sees a broken stream, never the unfiltered list); a
 compressed JSON body is decoded by mitmproxy and re-encoded.
@@ -35,7 +39,7 @@ from mitmproxy import http
 
 from .. import flowctx
 from ..log_setup import flow_fields
-from ..mcpwire import MAX_EVENT_BYTES, SSEToolsFilter, filter_tools_json
+from ..mcpwire import MAX_EVENT_BYTES, Ids, SSEToolsFilter, filter_tools_json
 from ..policy.evaluator import evaluate
 from ..policy.model import MCPAction, MCPCall
 from ..services import SidecarServices
@@ -70,7 +74,7 @@ class _Wrapped:
 class _JSONCollector:
     """A streamed JSON body collected (bounded) and filtered whole at its end."""
 
-    def __init__(self, ids: frozenset[str], hidden: Any) -> None:
+    def __init__(self, ids: Ids, hidden: Any) -> None:
         self.ids, self.hidden = ids, hidden
         self.body = b""
         self.failed = False
@@ -96,13 +100,15 @@ class McpTools:
         self.services = services
 
     @staticmethod
-    def _list_ids(flow: http.HTTPFlow) -> tuple[flowctx.FlowContext, frozenset[str]] | None:
+    def _list_ids(flow: http.HTTPFlow) -> tuple[flowctx.FlowContext, Ids] | None:
         ctx = flowctx.get(flow)
         if ctx is None or ctx.refused is not None or flow.response is None:
             return None
         action = ctx.action
         if ctx.connection_type != "mcp" or action is None or action.mcp is None:
             return None
+        if action.mcp.stream:  # GET: a resumed POST stream (Last-Event-ID) or the legacy transport
+            return ctx, None  # may replay a tools/list result: any response with result.tools
         ids = frozenset(c.id for c in action.mcp.calls if c.method == "tools/list" and c.id)
         return (ctx, ids) if ids else None
 
@@ -115,7 +121,7 @@ class McpTools:
 
         def hidden(name: str) -> bool:
             if name not in cache:
-                probe = replace(action, name="mcp:tools/call", summary=f"mcp tools/call {name}",
+                probe = replace(action, method="POST", name="mcp:tools/call", summary=f"mcp tools/call {name}",
                                 mcp=MCPAction(calls=(MCPCall("tools/call", tool=name, probe=True),),
                                               session_id=session))
                 decision = evaluate(snapshot.policies, probe, ctx.identity, ctx.connection)

@@ -26,12 +26,12 @@ TOOLS = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "read_file"}, 
 LIST = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
 
 
-def flow(body: bytes, response: http.Response, policy=POLICY) -> http.HTTPFlow:
-    f = tflow.tflow(req=tutils.treq(host="mcp.local", port=443, scheme=b"https", method=b"POST",
+def flow(body: bytes, response: http.Response, policy=POLICY, method="POST") -> http.HTTPFlow:
+    f = tflow.tflow(req=tutils.treq(host="mcp.local", port=443, scheme=b"https", method=method.encode(),
                                     path=b"/mcp", content=body))
     ctx = flowctx.ensure(f)
     ctx.identity, ctx.connection, ctx.connection_type = Identity(), "files", "mcp"
-    ctx.action = classify(HTTPRequest("POST", "https", "mcp.local", 443, "/mcp", body=body), "mcp")
+    ctx.action = classify(HTTPRequest(method, "https", "mcp.local", 443, "/mcp", body=body), "mcp")
     ctx.snapshot = build_snapshot([], [policy], namespace="ns")
     assert len(ctx.snapshot.policies) == 1
     f.response = response
@@ -108,3 +108,16 @@ def test_default_block_hides_every_tool_not_allowed():
     with taddons.context():
         addon().response(f)
     assert names(f.response.content) == ["read_file"]
+
+
+def test_a_replay_on_the_get_stream_is_filtered_whatever_its_id():
+    """Last-Event-ID resumption (or the legacy transport) delivers a POST's tools/list result on
+    the GET stream: it is filtered there too, for any id."""
+    resp = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+    f = flow(b"", resp, method="GET")
+    with taddons.context():
+        addon().responseheaders(f)
+    replay = {**TOOLS, "id": "not-in-this-request"}
+    event = b"id: 9\ndata: " + json.dumps(replay).encode() + b"\n\n"
+    out = b"".join(resp.stream(event)) + b"".join(resp.stream(b""))
+    assert b"delete_file" not in out and b"read_file" in out

@@ -132,6 +132,11 @@ ENV_OIDC_CA_FILE = "CHAPERONE_OIDC_CA_FILE"       # a path inside the sidecar co
 ENV_OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"   # standard OpenTelemetry variable
 ENV_OTEL_SERVICE = "OTEL_SERVICE_NAME"
 OTEL_SERVICE_NAME = "chaperone-sidecar"
+# OCSF export of the recorded flows (recording/ocsf_export.py, docs/telemetry.md); each set only
+# when configured: a JSONL file path, a key prefix in the recording bucket, an OTLP/HTTP logs URL.
+ENV_OCSF_FILE = "CHAPERONE_OCSF_FILE"
+ENV_OCSF_S3_PREFIX = "CHAPERONE_OCSF_S3_PREFIX"
+ENV_OCSF_OTLP_ENDPOINT = "CHAPERONE_OCSF_OTLP_ENDPOINT"
 
 ENV_HOME = "HOME"
 # Set by the kubelet in every container (not by the webhook): where the API server is.

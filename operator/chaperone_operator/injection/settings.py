@@ -45,6 +45,9 @@ ENV_VARS: dict[str, str] = {
     "CHAPERONE_REDIS_SECRET": "redis_secret",
     "CHAPERONE_REDIS_TLS_CA": "redis_tls_ca",
     "CHAPERONE_OTEL_ENDPOINT": "otel_endpoint",
+    "CHAPERONE_OCSF_FILE": "ocsf_file",
+    "CHAPERONE_OCSF_S3_PREFIX": "ocsf_s3_prefix",
+    "CHAPERONE_OCSF_OTLP_ENDPOINT": "ocsf_otlp_endpoint",
     "CHAPERONE_OIDC_ISSUER": "oidc_issuer",
     "CHAPERONE_OIDC_AUDIENCE": "oidc_audience",
     "CHAPERONE_OIDC_USERNAME_CLAIM": "oidc_username_claim",
@@ -90,6 +93,10 @@ class InjectionSettings:
     redis_secret: str = ""
     redis_tls_ca: bool = False          # that Secret also holds the rediss:// server's CA (ca.crt)
     otel_endpoint: str = ""
+    # OCSF export of the sidecars' recorded flows (docs/telemetry.md); empty: off.
+    ocsf_file: str = ""                 # a path inside the sidecar (e.g. on the spool volume)
+    ocsf_s3_prefix: str = ""            # a key prefix in the recording bucket (s3_bucket)
+    ocsf_otlp_endpoint: str = ""        # OTLP/HTTP logs URL, e.g. http://collector:4318/v1/logs
     # On-behalf-of OIDC issuer the sidecars verify X-Chaperone-On-Behalf-Of tokens against;
     # empty: not configured (the sidecars then refuse such tokens).
     oidc_issuer: str = ""

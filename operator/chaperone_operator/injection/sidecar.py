@@ -72,7 +72,10 @@ def sidecar_container(settings: InjectionSettings, mode: str, approval_mode: str
                         (c.ENV_S3_ENDPOINT, settings.s3_endpoint),
                         (c.ENV_S3_REGION, settings.s3_region),
                         (c.ENV_S3_PREFIX, settings.s3_prefix),
-                        (c.ENV_REDIS_URL, settings.redis_url)):
+                        (c.ENV_REDIS_URL, settings.redis_url),
+                        (c.ENV_OCSF_FILE, settings.ocsf_file),
+                        (c.ENV_OCSF_S3_PREFIX, settings.ocsf_s3_prefix),
+                        (c.ENV_OCSF_OTLP_ENDPOINT, settings.ocsf_otlp_endpoint)):
         if value:
             env.append({"name": name, "value": value})
     if settings.redis_url and settings.redis_secret:

@@ -45,6 +45,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import contract as c
 from .events import format_time, utc_now
 from .ocsf import CLASS_UID, FlowEvents
 
@@ -52,11 +53,11 @@ __all__ = ["OcsfExporter", "FileSink", "S3Sink", "OtlpLogSink", "exporter_from_e
 
 log = logging.getLogger("chaperone.ocsf")
 
-ENV_FILE = "CHAPERONE_OCSF_FILE"
-ENV_S3_PREFIX = "CHAPERONE_OCSF_S3_PREFIX"
+ENV_FILE = c.ENV_OCSF_FILE
+ENV_S3_PREFIX = c.ENV_OCSF_S3_PREFIX
 ENV_S3_BATCH = "CHAPERONE_OCSF_S3_BATCH_BYTES"
 ENV_S3_INTERVAL = "CHAPERONE_OCSF_S3_INTERVAL"
-ENV_OTLP = "CHAPERONE_OCSF_OTLP_ENDPOINT"
+ENV_OTLP = c.ENV_OCSF_OTLP_ENDPOINT
 ENV_QUEUE = "CHAPERONE_OCSF_QUEUE"
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode

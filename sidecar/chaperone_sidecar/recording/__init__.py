@@ -8,16 +8,18 @@
     await recorder.record("request", flow=flow.id, data={...masked...})
     await recorder.close()                       # session-end, last chunk, signed manifest
 
-Design (why it never blocks the proxy's event loop): ``append``/``append_many`` put the
-events on a ``queue.SimpleQueue`` as one entry with one future. One dedicated writer thread
-(started with the recorder, stopped by ``close``) takes everything queued so far as a batch,
+Design (why it never blocks the proxy's event loop): ``append``/``append_many`` add the
+events as one entry with one future to the loop iteration's batch, which a callback at the end
+of the iteration hands to a ``queue.SimpleQueue``. One dedicated writer thread (started with
+the recorder, stopped by ``close``) takes everything handed over so far as a batch,
 seals the events into the chain, writes them with one ``write()`` per segment and answers the
 whole batch with a single ``loop.call_soon_threadsafe``; a due group fsync (``fsync_every``
 events or ``fsync_interval`` seconds, whichever first) or age rotation runs in that thread
 after the batch was answered. Concurrent appends therefore share writes and fsyncs, and the
 loop only ever waits on futures. (Until issue 16 a writer *task* handed each batch to a
 one-thread executor - a task wake-up, an executor future and its chaining per batch; the
-thread costs one queue put per append and one thread-safe callback per batch.)
+thread costs one callback and one queue put per loop iteration and one thread-safe callback
+per batch.)
 ``append`` returns once the line is in the file (the page cache: it survives a crash of the
 process, not of the kernel) - never after an fsync it did not ask for; ``flush()`` forces
 the fsync. The shipper is a task of its own (aiohttp for S3, threads for the disk).
@@ -71,9 +73,15 @@ class Recorder:
         self._spool = SessionSpool(spool, self.session_id, meta, self.metrics, self.clock)
         self._shipper = Shipper(store, self.metrics, key=key, config=shipping) if store else None
         self._adopted: list[SessionSpool] = []
-        # (kind, payload, future): "events" with a list of prepared events (the future gets
-        # a list of results), "flush", "end" (payload: the reason), "stop"
-        self._queue: queue.SimpleQueue[tuple[str, Any, asyncio.Future]] = queue.SimpleQueue()
+        # Entries (kind, payload, future): "events" with a list of prepared events (the future
+        # gets a list of results), "flush", "end" (payload: the reason), "stop". Collected on
+        # the loop during one loop iteration (_pending) and handed to the writer thread as one
+        # batch by a callback at its end (_handoff): under load the thread then gets as large
+        # batches as a per-iteration writer task got, and is woken once per iteration, not per
+        # append (each wake-up takes the GIL from the loop).
+        self._pending: list[tuple[str, Any, asyncio.Future]] = []
+        self._queue: queue.SimpleQueue[list[tuple[str, Any, asyncio.Future]]] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
         self._state = "new"
 
@@ -101,7 +109,7 @@ class Recorder:
 
         Strict mode raises SpoolUnavailable when even that first event cannot be written.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._spool.meta["startTime"] = format_time(self.clock())
         self._adopted = await asyncio.to_thread(self._adopt_leftovers)
         self._writer = threading.Thread(target=self._write_loop, args=(loop,), name="chaperone-spool",
@@ -225,13 +233,22 @@ class Recorder:
         return shipped
 
     async def _enqueue(self, kind: str, payload: Any) -> Any:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put((kind, payload, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._handoff)
+        self._pending.append((kind, payload, future))
         try:
             return await future
         except asyncio.CancelledError:
             future.cancel()  # the writer skips cancelled futures (the events are still written)
             raise
+
+    def _handoff(self) -> None:
+        """Event loop, once per iteration with appends: everything collected goes to the
+        writer thread as one batch."""
+        batch, self._pending = self._pending, []
+        self._queue.put(batch)
 
     # ---- the writer thread ---------------------------------------------------------------------
 
@@ -242,14 +259,13 @@ class Recorder:
         while True:
             deadline = self._spool.next_deadline()
             try:
-                first = get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                batch = get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 batch = []
             else:
-                batch = [first]
-                while True:  # everything queued meanwhile joins the batch
+                while True:  # everything handed over meanwhile joins the batch
                     try:
-                        batch.append(self._queue.get_nowait())
+                        batch += self._queue.get_nowait()
                     except queue.Empty:
                         break
             if batch:

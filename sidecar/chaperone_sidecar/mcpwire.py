@@ -123,7 +123,8 @@ class SSEToolsFilter:
     def __init__(self, ids: Ids, hidden: Hidden) -> None:
         self.ids = ids
         self.hidden = hidden
-        self.buffer = b""
+        self.buffer = bytearray()  # appended in place: a large event costs O(n), not O(n^2)
+        self.scanned = 0  # bytes of the buffer already searched for a blank line
         self.removed: list[str] = []
         self.failed = False
 
@@ -133,18 +134,23 @@ class SSEToolsFilter:
         self.buffer += data
         out: list[bytes] = []
         while True:
-            ends = [(i, t) for t in _TERMINATORS if (i := self.buffer.find(t)) >= 0]
+            start = max(0, self.scanned - 3)  # a terminator may straddle two chunks
+            ends = [(i, t) for t in _TERMINATORS if (i := self.buffer.find(t, start)) >= 0]
             if not ends:
+                self.scanned = len(self.buffer)
                 break
             index, term = min(ends)
-            event, self.buffer = self.buffer[:index + len(term)], self.buffer[index + len(term):]
+            event = bytes(self.buffer[:index + len(term)])
+            del self.buffer[:index + len(term)]
+            self.scanned = 0
             out.append(self._event(event))
         if len(self.buffer) > MAX_EVENT_BYTES:
-            self.failed, self.buffer = True, b""
+            self.failed = True
+            self.buffer.clear()
             return out
         if not data and self.buffer:  # end of stream: an unterminated event is dropped by clients
-            out.append(self.buffer)
-            self.buffer = b""
+            out.append(bytes(self.buffer))
+            self.buffer.clear()
         return out
 
     def _event(self, event: bytes) -> bytes:

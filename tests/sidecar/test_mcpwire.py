@@ -47,3 +47,18 @@ def test_sse_multi_line_data_is_joined_before_parsing():
     f = SSEToolsFilter(frozenset({"3"}), hidden)
     out = b"".join(f(b"data: " + text + b"\n\n")) + b"".join(f(b""))
     assert b"delete_file" not in out and b"read_file" in out
+
+
+def test_a_large_event_in_small_chunks_costs_linear_time():
+    """The server picks the chunking: a 6 MiB event in 4 KiB reads must not be rescanned and
+    recopied on every read (that was 33 s, quadratic; now about 0.3 s)."""
+    import time
+
+    big = {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": f"t{i}", "description": "y" * 2000}
+                                                           for i in range(3000)] + [{"name": "delete_file"}]}}
+    event = b"data: " + json.dumps(big).encode() + b"\n\n"
+    f = SSEToolsFilter(frozenset({"3"}), hidden)
+    start = time.monotonic()
+    out = [c for i in range(0, len(event), 4096) for c in f(event[i:i + 4096])] + f(b"")
+    assert time.monotonic() - start < 10
+    assert b"delete_file" not in b"".join(out) and f.removed == ["delete_file"]

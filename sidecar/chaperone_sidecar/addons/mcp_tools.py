@@ -76,7 +76,7 @@ class _JSONCollector:
 
     def __init__(self, ids: Ids, hidden: Any) -> None:
         self.ids, self.hidden = ids, hidden
-        self.body = b""
+        self.body = bytearray()  # appended in place: O(n) for a large list
         self.failed = False
 
     def __call__(self, data: bytes) -> list[bytes]:
@@ -84,12 +84,13 @@ class _JSONCollector:
             return []
         self.body += data
         if len(self.body) > MAX_EVENT_BYTES:  # fail closed: never the unfiltered list
-            self.failed, self.body = True, b""
+            self.failed = True
+            self.body.clear()
             return []
         if data:
             return []
-        content, _ = filter_tools_json(self.body, self.ids, self.hidden)
-        self.body = b""
+        content, _ = filter_tools_json(bytes(self.body), self.ids, self.hidden)
+        self.body.clear()
         return [content]
 
 

@@ -51,9 +51,11 @@ def _objects(ns: str, image: str) -> list[dict]:
               "block": {"message": "Agents may not delete files in pods."}},
              {"name": "no-ssh", "match": {"kubernetes": {"ports": ["22"]}},
               "block": {"message": "No tunnels to port 22."}},
-             {"name": "web-sessions", "match": {"kubernetes": {
-                 "resources": ["pods/exec", "pods/portforward"], "names": ["web"],
-                 "containers": ["web"]}}, "allow": {}},
+             {"name": "web-exec", "match": {"kubernetes": {
+                 "resources": ["pods/exec"], "names": ["web"], "containers": ["web"]}},
+              "allow": {}},
+             {"name": "web-tunnels", "match": {"kubernetes": {
+                 "resources": ["pods/portforward"], "names": ["web"]}}, "allow": {}},
              {"name": "mask-keys", "match": {"kubernetes": {"resources": ["pods/exec"]}},
               "mask": {"detectors": ["aws-access-key-id"]}}]}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": ns},

@@ -36,9 +36,10 @@ Matching semantics worth knowing:
   commands, wrappers such as ``env``/``timeout`` seen through); a unit matches when any of its
   forms (joined argv, ``argv[0]``, their base-name variants) matches. Restricting rules: any
   unit; allow: every unit - ``allow ["ls *"]`` never lets ``sh -c 'ls; rm -rf /'`` through.
-* Fail closed on what the kubelet decides, not the request: a connect request without
+* Fail closed on what the kubelet decides, not the request: an exec/attach without
   ``container=`` runs in the pod's default container, which may be the one a rule names, so
-  ``kubernetes.containers`` holds for a restricting rule (never for allow); a SPDY
+  ``kubernetes.containers`` holds for a restricting rule (never for allow); it never holds for
+  a port-forward (the pod's network namespace is every container's); a SPDY
   port-forward names its ports per stream, not in the URL, so at the handshake
   ``kubernetes.ports`` holds for allow rules only - each stream's port is judged again when it
   opens (``addons/sessions.py``).
@@ -298,7 +299,7 @@ def _connect(ctx: MatchContext):
 def _container_test(globs: GlobSet, effect: str) -> Callable[[MatchContext], bool]:
     def test(ctx: MatchContext) -> bool:
         k = _connect(ctx)
-        if k is None:
+        if k is None or k.subresource == "portforward":  # a pod's ports, not a container's
             return False
         if not k.container:  # the pod's default container: maybe the named one
             return effect != "allow"

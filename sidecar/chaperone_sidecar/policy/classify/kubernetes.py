@@ -355,10 +355,12 @@ def kubernetes_summary(action: KubernetesAction, request: HTTPRequest) -> str:
     if action.subresource in CONNECT_SUBRESOURCES:
         # What an approver must see: the container (the pod's default when the agent names
         # none) and the command, each argv element quoted as a shell would need it.
-        details = [f"container: {action.container or '(default)'}"]
+        details = [] if action.subresource == "portforward" else [
+            f"container: {action.container or '(default)'}"]
         if action.command:
             details.append(f"command: {shlex.join(action.command)}")
         if action.ports:
             details.append(f"ports: {','.join(action.ports)}")
-        text += f" ({'; '.join(details)})"
+        if details:
+            text += f" ({'; '.join(details)})"
     return text

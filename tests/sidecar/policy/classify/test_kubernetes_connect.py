@@ -106,6 +106,13 @@ def test_containers_fail_closed_when_none_is_named():
     assert decide(rules, EXEC, "command=ls").effect == "block"
     only_app = [{"name": "app", "match": {"kubernetes": {"containers": ["app"]}}, "allow": {}}]
     assert decide(only_app, EXEC, "command=ls").effect == "block"
+    # A port-forward reaches the pod's ports, shared by every container: never a container's.
+    assert decide(rules, PF, "ports=8080&container=db").effect == "block"  # no allow for PF
+    assert decide(only_app, PF, "ports=8080&container=app").effect == "block"
+    assert decide([rules[0], {"name": "pf", "match": {"kubernetes": {
+        "resources": ["pods/portforward"]}}, "allow": {}}], PF, "ports=8080").effect == "allow"
+    summary = classify(request(PF, "ports=8080"), "kubernetes").summary
+    assert summary == "create pods/web/portforward in team-a (ports: 8080)"
 
 
 def test_ports():

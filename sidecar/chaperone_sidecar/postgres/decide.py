@@ -102,8 +102,8 @@ async def decide(services: SidecarServices, *, connection: str, identity: Identi
     if parse_error is not None or statements is None:
         return Verdict(False, effect="unparseable", refusal={
             "S": "ERROR", "V": "ERROR", "C": SYNTAX_ERROR,
-            "M": f"chaperone could not parse this SQL, so it was not sent: {parse_error}",
-            "H": "Send SQL PostgreSQL's parser accepts; chaperone judges every statement "
+            "M": f"chaperone cannot read this SQL, so it was not sent: {parse_error}",
+            "H": "Send SQL PostgreSQL's parser reads as the server will; chaperone judges every statement "
                  "before the server sees it and refuses what it cannot read."})
     snapshot = services.snapshot()
     conn = snapshot.connection(connection)

@@ -106,8 +106,10 @@ def cstring(text: str) -> bytes:
 
 
 def _cstr(data: bytes, pos: int) -> tuple[str, int]:
+    """A NUL-terminated string; bytes that are not UTF-8 survive as lone surrogates
+    (``surrogateescape``), so a caller can tell - the session refuses such SQL."""
     end = data.index(b"\0", pos)
-    return data[pos:end].decode("utf-8", "replace"), end + 1
+    return data[pos:end].decode("utf-8", "surrogateescape"), end + 1
 
 
 def startup_message(params: Mapping[str, str]) -> bytes:

@@ -11,22 +11,27 @@ is forwarded with the server's real key, :mod:`.server`) and ReadyForQuery.
 Relay. Two tasks: agent -> server judges, server -> agent masks and records.
 
 * ``Query``: every statement is parsed and judged (:mod:`.decide`) before anything is sent.
-* Extended protocol: ``Parse`` is classified and forwarded (parsing runs nothing); the
-  classification is kept per statement name, ``Bind`` carries it to the portal, and
-  ``Execute`` is judged - the statement that runs is the one the portal was bound to.
-  **Decision**: names are tracked as a union, not overwritten: a second ``Parse`` of an
-  existing named statement (which the server refuses, keeping the first) or a ``Bind`` of an
-  existing portal adds its classification to what the name may mean, until ``Close``; so an
-  agent cannot make the sidecar believe a name means a harmless query while the server still
-  holds a harmful one. The unnamed statement and portal are replaced, as the server does. A
-  portal or statement the sidecar never saw a Parse/Bind for (made by SQL ``PREPARE`` or
-  ``DECLARE``) is opaque: the strictest.
+* Extended protocol: ``Parse`` is classified and forwarded (parse analysis runs nothing); the
+  classification is kept per statement name and **judged at ``Bind``**, with the parameters:
+  the server plans the portal there, and planning folds immutable functions - runs them -
+  before any ``Execute`` (an ``IMMUTABLE`` wrapper around ``nextval`` or ``dblink_exec`` would
+  act even if only the Execute were refused). A refused Bind is sent naming a statement that
+  cannot exist, so the server fails it unplanned. ``Execute`` runs what its portal's Bind was
+  judged to be; a portal the sidecar never saw bound (a cursor declared in SQL) is judged at
+  Execute, as opaque. **Decision**: names are tracked as a union, not overwritten: a second
+  ``Parse`` of an existing named statement (which the server refuses, keeping the first) or a
+  ``Bind`` of an existing named portal adds its classification to what the name may mean,
+  until ``Close``; so an agent cannot make the sidecar believe a name means a harmless query
+  while the server still holds a harmful one. The unnamed statement and portal are replaced,
+  as the server does - and a Bind the server never completed (BindComplete did not come back
+  before the ReadyForQuery) is undone, because the server kept the portal it had. A statement
+  the sidecar never saw a Parse for (made by SQL ``PREPARE``) is opaque: the strictest.
 * ``FunctionCall`` (the fast-path protocol) is refused: it calls a function by OID, out of any
   policy's reach.
 
-Refusing keeps the server's own semantics: instead of the refused ``Query``/``Execute`` the
+Refusing keeps the server's own semantics: instead of the refused ``Query``/``Bind`` the
 sidecar sends the server something that fails at once and changes nothing (``EXECUTE`` of a
-prepared statement / an ``Execute`` of a portal with a random name that cannot exist), and when
+prepared statement / a ``Bind`` of a statement with a random name that cannot exist), and when
 the server's error for it comes back, puts its own ErrorResponse (SQLSTATE 42501, the rule,
 the ApprovalRequest) in its place. The server then does what it does after any error: skips the
 rest of the extended batch up to ``Sync``, fails an open transaction (ReadyForQuery ``E``: the
@@ -115,6 +120,18 @@ class Prepared:
 
 
 @dataclass
+class Portal:
+    """A Bind as the sidecar judged it: what the portal may run, its verdict (the unit made at
+    Bind), and the entry it replaced, restored when the server did not create this one."""
+
+    prepared: list[Prepared]
+    params: list[str | None]
+    unit: Unit
+    previous: Portal | None = None
+    confirmed: bool = False  # BindComplete seen: the server holds exactly this portal
+
+
+@dataclass
 class Unit:
     """One Query or Execute on its way through: judged, then its result collected."""
 
@@ -145,7 +162,8 @@ class Session:
         self.id = session_id or secrets.token_hex(4)
         self.upstream: Upstream | None = None
         self.statements: dict[str, list[Prepared]] = {}
-        self.portals: dict[str, tuple[list[Prepared], list[str | None]]] = {}
+        self.portals: dict[str, Portal] = {}
+        self.pending_binds: deque[tuple[str, Portal]] = deque()  # Binds awaiting BindComplete
         self.units: deque[Unit] = deque()
         self.columns: list[Column] | None = None  # the last RowDescription
         self.last_masker: RowMasker = RowMasker()
@@ -153,6 +171,9 @@ class Session:
         self.status = b"I"
         self._cancel_key = b""
         self._pending_records: set[asyncio.Task] = set()
+        self.server_params: dict[str, str] = {}  # ParameterStatus as the server last reported
+        self.outstanding = 0  # Query/Sync/FunctionCall sent, ReadyForQuery not yet back
+        self.batch_units = 0  # Executes sent since the last Sync
 
     # ------------------------------------------------------------------ startup
     async def run(self) -> None:
@@ -166,6 +187,7 @@ class Session:
                 log.warning("postgres %s: upstream login failed: %s", self.settings.connection, exc)
                 await self._send(error_response(exc.fields))
                 return
+            self.server_params = dict(self.upstream.parameters)
             await self._greet()
             await self._relay()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -283,13 +305,21 @@ class Session:
             elif kind == b"X":
                 await self._forward(msg.raw)
                 return
-            elif kind in (b"D", b"S", b"H", b"d", b"c", b"f"):
+            elif kind == b"S":  # Sync: the batch ends, a ReadyForQuery will answer it
+                self.outstanding += 1
+                self.batch_units = 0
+                await self._forward(msg.raw)
+            elif kind in (b"D", b"H", b"d", b"c", b"f"):
                 await self._forward(msg.raw)
             else:
                 raise ProtocolViolation(f"unexpected message type {kind!r} from the client")
 
     def _classify(self, sql: str) -> Prepared:
         database = self.settings.upstream.database
+        try:
+            sql.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes kept as surrogates by the codec
+            return Prepared(sql, None, "the SQL is not valid UTF-8, the only encoding chaperone reads")
         try:
             return Prepared(sql, parse_statements(sql, database))
         except SQLParseError as exc:
@@ -304,6 +334,9 @@ class Session:
             self.statements.setdefault(name, []).append(prepared)
 
     async def _bind(self, msg: Message) -> None:
+        """Judge at Bind: the statement and its parameters are known, and the server plans the
+        portal here - constant folding runs immutable functions at Bind, before any Execute -
+        so nothing of a refused statement may reach the server's planner."""
         portal, statement, formats, values = parse_bind(msg.payload)
         meaning = self.statements.get(statement)
         if meaning is None:  # made by SQL PREPARE, or never parsed: opaque
@@ -315,12 +348,23 @@ class Session:
                   (v.decode("utf-8", "replace") if not _binary(formats, i)
                    else binary_parameter(v, oids[i] if i < len(oids) else 0))
                   for i, v in enumerate(values)]
-        if portal == "":
-            self.portals[""] = (list(meaning), params)
-        else:
-            old = self.portals.get(portal)
-            self.portals[portal] = ((old[0] if old else []) + list(meaning), params)
-        await self._forward(msg.raw)
+        old = self.portals.get(portal)
+        if portal != "" and old is not None:  # the union (see the module docstring)
+            meaning = old.prepared + list(meaning)
+        sql = ";\n".join(dict.fromkeys(p.sql for p in meaning))
+        unit, allowed = await self._judge(sql, list(meaning), params, extended=True)
+        entry = Portal(list(meaning), params, unit, previous=old)
+        self.portals[portal] = entry
+        self.pending_binds.append((portal, entry))
+        if allowed:
+            await self._forward(msg.raw)
+            return
+        self.units.append(unit)  # its error (the nonce) comes back in place of BindComplete
+        # The same Bind naming a statement that cannot exist: the server fails it unplanned.
+        first = msg.payload.index(b"\0")
+        second = msg.payload.index(b"\0", first + 1)
+        await self._forward(message(b"B", msg.payload[:first + 1] + cstring(unit.nonce)
+                                    + msg.payload[second + 1:]))
 
     async def _judge(self, sql: str, prepared: list[Prepared], params: list[str | None],
                      extended: bool) -> tuple[Unit, bool]:
@@ -333,6 +377,9 @@ class Session:
                 break
             assert statements is not None
             statements.extend(p.statements)
+        hazard = self._lexing_hazard(sql)
+        if hazard is not None:
+            statements, error = None, hazard
         up = self.settings.upstream
         verdict = await decide(self.services, connection=self.settings.connection,
                                identity=self.identity, host=up.host, port=up.port,
@@ -356,6 +403,35 @@ class Session:
                      (verdict.refusal or {}).get("M", ""))
         return unit, verdict.allowed
 
+    def _lexing_hazard(self, sql: str) -> str | None:
+        """Why the server might read ``sql`` differently from the parser, or None.
+
+        The parser lexes as a fresh session does: ``standard_conforming_strings`` on, UTF-8.
+        With it off, ``'a\\', '; DELETE FROM t; --'`` is one SELECT to the parser and a SELECT
+        then a DELETE to the server; in GBK or BIG5 a multi-byte character can swallow the
+        backslash of an ``E''`` string the same way. The server reports both settings
+        (ParameterStatus), so: any other client_encoding refuses everything, and a statement
+        with a backslash is refused while standard_conforming_strings is not on - or while an
+        earlier unit is still in flight (a pipelined SET or set_config() could have changed
+        either before the server reads this one). "In flight" is counted in ReadyForQuery
+        turns, not results: the server reports changed settings only just before its
+        ReadyForQuery, so a statement is judged on current settings only when every Query and
+        Sync sent before it has been answered and no Execute precedes it in its batch.
+        """
+        encoding = self.server_params.get("client_encoding", "UTF8").upper().replace("-", "")
+        if encoding not in ("UTF8", "UNICODE"):
+            return (f"client_encoding is {encoding}: chaperone reads SQL as UTF-8 only; "
+                    "SET client_encoding TO 'UTF8'")
+        if "\\" not in sql:
+            return None
+        if self.server_params.get("standard_conforming_strings", "on") != "on":
+            return ("standard_conforming_strings is off, so the server would read the backslashes "
+                    "in this SQL differently from chaperone's parser; set it on or avoid backslashes")
+        if self.outstanding or self.batch_units:
+            return ("a statement with backslashes cannot be judged while earlier statements of "
+                    "this connection are still running (pipelined): wait for their results")
+        return None
+
     async def _record(self, events: list[dict[str, Any]]) -> bool:
         """Append events; False when strict recording could not write them."""
         recorder = self.services.recorder
@@ -376,28 +452,37 @@ class Session:
         prepared = self._classify(sql)
         self.statements.pop("", None)  # a simple Query destroys the unnamed statement
         if prepared.statements == []:  # empty query: the server answers EmptyQueryResponse
+            self.outstanding += 1
             await self._forward(msg.raw)
             return
         unit, allowed = await self._judge(sql, [prepared], [], extended=False)
         self.units.append(unit)
+        self.outstanding += 1
         if allowed:
             await self._forward(msg.raw)
         else:
             await self._forward(message(b"Q", cstring(f"EXECUTE {unit.nonce}")))
 
     async def _execute(self, msg: Message) -> None:
+        """Run what the portal's Bind judged; a portal the sidecar never saw bound (a cursor
+        declared in SQL) is judged here, as opaque."""
         portal, _ = parse_execute(msg.payload)
         bound = self.portals.get(portal)
-        if bound is None:  # a cursor declared in SQL, or nothing: opaque
-            bound = ([Prepared(f"EXECUTE portal {portal}",
-                               [opaque_statement(f"<portal {portal!r}>", self.settings.upstream.database)])], [])
-        prepared, params = bound
-        sql = ";\n".join(dict.fromkeys(p.sql for p in prepared))
-        unit, allowed = await self._judge(sql, prepared, params, extended=True)
+        if bound is None:
+            prepared = [Prepared(f"EXECUTE portal {portal}",
+                                 [opaque_statement(f"<portal {portal!r}>", self.settings.upstream.database)])]
+            unit, allowed = await self._judge(prepared[0].sql, prepared, [], extended=True)
+        else:
+            unit, allowed = bound.unit, bound.unit.verdict.allowed
+            if unit.done or unit in self.units:  # executed before (a row limit): a new result
+                unit = Unit(unit.flow, True, unit.verdict, unit.masker, unit.nonce)
         self.units.append(unit)
+        self.batch_units += 1
         if allowed:
             await self._forward(msg.raw)
         else:
+            if not unit.nonce:
+                unit.nonce = "chaperone_refused_" + secrets.token_hex(12)
             await self._forward(message(b"E", cstring(unit.nonce) + (0).to_bytes(4, "big")))
 
     async def _function_call(self) -> None:
@@ -410,6 +495,7 @@ class Session:
         unit = Unit(f"pg-{self.id}-{self.count}", False, verdict, RowMasker(),
                     nonce="chaperone_refused_" + secrets.token_hex(12))
         self.units.append(unit)
+        self.outstanding += 1
         await self._forward(message(b"Q", cstring(f"EXECUTE {unit.nonce}")))
 
     # ------------------------------------------------------------------ server -> agent
@@ -424,9 +510,11 @@ class Session:
             out: bytes = msg.raw
             if kind == b"T":
                 self.columns = parse_row_description(msg.payload)
-                if unit is not None:
+                if unit is not None and not unit.extended:
                     unit.columns = [c.name for c in self.columns]
             elif kind == b"D":
+                if unit is not None and not unit.columns and self.columns:
+                    unit.columns = [c.name for c in self.columns]
                 masker = unit.masker if unit is not None else self.last_masker
                 values = parse_data_row(msg.payload)
                 masked, changed = masker.row(self.columns, values)
@@ -451,28 +539,49 @@ class Session:
                         unit.tags.append(msg.payload.rstrip(b"\0").decode("utf-8", "replace"))
                     if unit.extended:
                         await self._complete(self.units.popleft())
+            elif kind == b"2" and self.pending_binds:  # BindComplete: the oldest Bind holds
+                entry = self.pending_binds.popleft()[1]
+                entry.confirmed, entry.previous = True, None
             elif kind == b"E":
                 fields = parse_fields(msg.payload)
                 refused = next((u for u in self.units if u.nonce and u.nonce in fields.get("M", "")), None)
                 if refused is not None and refused.verdict.refusal is not None:
                     out = error_response(refused.verdict.refusal)
-                    fields = refused.verdict.refusal
+                    refused.error = refused.verdict.refusal
+                    self.units.remove(refused)
+                    await self._complete(refused)
                 else:
                     out = self._mask_fields(b"E", fields, unit)
-                if unit is not None:
-                    unit.error = fields
-                    if unit.extended:
-                        await self._complete(self.units.popleft())
+                    if unit is not None:
+                        unit.error = fields
+                        if unit.extended:
+                            await self._complete(self.units.popleft())
+            elif kind == b"S":  # a setting changed (SET, set_config): lexing hazards read these
+                name, _, rest = msg.payload.partition(b"\0")
+                self.server_params[name.decode("utf-8", "replace")] = rest.rstrip(b"\0").decode("utf-8", "replace")
             elif kind == b"N":
                 out = self._mask_fields(b"N", parse_fields(msg.payload), unit)
             elif kind == b"Z":
                 self.status = msg.payload[:1]
+                self.outstanding = max(0, self.outstanding - 1)
+                self._revert_binds()
                 while self.units:
                     await self._complete(self.units.popleft())
             writer.write(out)
             # Drain at every turn of the conversation, and whenever a large result piles up.
             if kind in (b"Z", b"G", b"H", b"W", b"s") or writer.transport.get_write_buffer_size() > 1 << 16:
                 await writer.drain()
+
+    def _revert_binds(self) -> None:
+        """Binds the server never completed (an error skipped them) created no portal: the
+        name means what it meant before (the unnamed portal survives a failed Bind)."""
+        while self.pending_binds:
+            name, entry = self.pending_binds.pop()  # newest first, so the oldest previous wins
+            if self.portals.get(name) is entry:
+                if entry.previous is None:
+                    del self.portals[name]
+                else:
+                    self.portals[name] = entry.previous
 
     def _mask_fields(self, kind: bytes, fields: dict[str, str], unit: Unit | None) -> bytes:
         masker = unit.masker if unit is not None else self.last_masker

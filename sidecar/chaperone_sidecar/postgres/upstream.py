@@ -17,8 +17,9 @@ that says no, without verifying the certificate; ``verify-full`` (the default) a
 the chain against the system CAs plus the connection's ``upstreamCA`` and the host name.
 
 Startup parameters. The agent's own are passed on only from a short allow-list
-(:data:`PASSED_PARAMETERS`: application name, encodings, date and time styles); ``user`` and
-``database`` come from the connection, and ``options`` (``-c role=...``,
+(:data:`PASSED_PARAMETERS`: application name, date and time styles); ``user`` and
+``database`` come from the connection, ``client_encoding`` is always UTF8 (what the sidecar's
+parser reads), and ``options`` (``-c role=...``,
 ``-c default_transaction_read_only=off``) and ``replication`` (a replication connection speaks
 another protocol) are dropped - they would change who the session is or what it speaks
 without any policy seeing it.
@@ -48,7 +49,7 @@ from .protocol import (
 __all__ = ["UpstreamSettings", "Upstream", "UpstreamError", "connect", "PASSED_PARAMETERS", "CancelRegistry"]
 
 PASSED_PARAMETERS = frozenset({
-    "application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
+    "application_name", "datestyle", "timezone", "intervalstyle",
     "extra_float_digits", "lc_messages", "search_path", "statement_timeout",
 })
 CONNECT_TIMEOUT = 10.0
@@ -196,7 +197,8 @@ async def connect(settings: UpstreamSettings, agent_params: Mapping[str, str]) -
     reader, writer, tls = await _open(settings)
     up = Upstream(reader, writer, tls=tls)
     try:
-        params = {"user": settings.user, "database": settings.database}
+        # UTF8 always: the sidecar parses the SQL as UTF-8 (session.py: lexing hazards)
+        params = {"user": settings.user, "database": settings.database, "client_encoding": "UTF8"}
         for key, value in agent_params.items():
             if key.lower() in PASSED_PARAMETERS:
                 params[key] = value

@@ -40,7 +40,7 @@ POLICY = {
         {"name": "no-mass-writes", "match": {"postgres": {"statements": ["DELETE", "UPDATE"],
                                                           "whereMissing": True}},
          "block": {"message": "DELETE/UPDATE without WHERE touches every row"}},
-        {"name": "no-server-files", "match": {"postgres": {"functions": ["pg_read_file", "PROGRAM"]}},
+        {"name": "no-server-files", "match": {"postgres": {"functions": ["pg_read_file", "PROGRAM", "bump"]}},
          "block": {"message": "no server files or programs"}},
         {"name": "drop-needs-alice", "match": {"postgres": {"statements": ["DROP"], "tables": ["scratch*"]}},
          "requireApproval": {"mode": "defer"}},
@@ -210,8 +210,47 @@ def test_unparseable_sql_is_refused_with_the_parser_error(db):
         with pytest.raises(psycopg.errors.SyntaxError) as info:
             conn.execute("SELEC * FROM users")
         assert info.value.diag.message_primary.startswith(
-            'chaperone could not parse this SQL, so it was not sent: syntax error at or near "SELEC"')
+            'chaperone cannot read this SQL, so it was not sent: syntax error at or near "SELEC"')
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# With standard_conforming_strings off, the server reads ``'a\\', '`` as ONE string and what
+# follows as code: to a parser lexing as a fresh session does, this is a harmless SELECT of two
+# strings; to the server it calls pg_read_file (which the policy blocks). set_config() is a
+# SELECT (a "read"), so an agent can switch the setting off.
+HIDDEN_CALL = ("SELECT 'a\\', ' || pg_read_file(chr(47)||chr(101)||chr(116)||chr(99)||chr(47)"
+               "||chr(104)||chr(111)||chr(115)||chr(116)||chr(110)||chr(97)||chr(109)||chr(101)) --'")
+
+
+def test_sql_the_server_would_lex_differently_is_refused(db):
+    with db.connect() as conn:
+        conn.execute("SELECT set_config('standard_conforming_strings', 'off', false)")
+        with pytest.raises(psycopg.errors.SyntaxError) as info:
+            conn.execute(HIDDEN_CALL)
+        assert "standard_conforming_strings is off" in info.value.diag.message_primary
+        conn.execute("SELECT set_config('standard_conforming_strings', 'on', false)")
+        assert conn.execute(HIDDEN_CALL).fetchone()[0] == "a\\"  # read as the parser reads it
+
+
+def test_a_pipelined_setting_change_cannot_slip_a_statement_past_the_parser(db):
+    """The set_config and the statement in one pipeline: the sidecar judges the statement before
+    the server's ParameterStatus says the setting changed."""
+    with db.connect() as conn:
+        with pytest.raises(psycopg.errors.SyntaxError) as info:
+            with conn.pipeline():
+                conn.execute("SELECT set_config('standard_conforming_strings', 'off', false)")
+                conn.execute(HIDDEN_CALL)
+        assert "still running (pipelined)" in info.value.diag.message_primary
+
+
+def test_other_client_encodings_and_bytes_that_are_not_utf8_are_refused(db):
+    with db.connect() as conn:
+        result = conn.pgconn.exec_(b"SELECT 'caf\xe9'")  # latin-1 bytes
+        assert result.error_field(pq.DiagnosticField.SQLSTATE) == b"42601"
+        assert b"not valid UTF-8" in result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
+        conn.pgconn.exec_(b"SELECT set_config('client_encoding', 'GBK', false)")
+        result = conn.pgconn.exec_(b"SELECT 1")
+        assert b"client_encoding is GBK" in result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
 
 
 def test_server_files_and_programs_are_refused(db):
@@ -244,6 +283,21 @@ def test_a_statement_name_cannot_be_reused_to_run_what_was_judged_harmless(db):
         assert result.error_field(pq.DiagnosticField.SQLSTATE) == b"42501"
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert db.truth("SELECT count(*) FROM users") == "2"
+
+
+def test_a_refused_statement_is_never_planned(db):
+    """The server plans a portal at Bind, and planning folds immutable functions - runs them -
+    before any Execute. bump() is one, and it advances a sequence (not undone by the refusal's
+    rollback): refused at Bind, it must not have run."""
+    db.truth("CREATE SEQUENCE IF NOT EXISTS bumps; "
+             "CREATE OR REPLACE FUNCTION bump() RETURNS bigint IMMUTABLE LANGUAGE plpgsql AS "
+             "$$ BEGIN RETURN nextval('bumps'); END $$; GRANT USAGE ON SEQUENCE bumps TO PUBLIC")
+    before = db.truth("SELECT last_value, is_called FROM bumps")
+    with db.connect() as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute("SELECT bump() WHERE %s", (True,))  # parameters: the extended protocol
+        assert "no-server-files" in info.value.diag.message_primary
+    assert db.truth("SELECT last_value, is_called FROM bumps") == before
 
 
 def test_a_statement_made_by_sql_prepare_is_opaque_when_executed(db):

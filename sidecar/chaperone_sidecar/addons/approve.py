@@ -161,6 +161,14 @@ class Approve:
         if flow.response is not None or not body_leaves_early(flow):
             return  # buffered bodies are handled in `request`, with the body in the digest
         ctx = self._pending(flow)
+        if ctx is not None and ctx.git_gate is not None:
+            # A streamed git push: its ref updates arrive after this decision and its digest
+            # is one no retry shares (gitgate.py), so an approval could never let it through.
+            assert ctx.decision is not None
+            refuse(flow, "blocked", f"{ctx.decision.message}: this push streamed (it is larger "
+                   "than 1 MiB), and a streamed push cannot be held for approval; push it in "
+                   "smaller parts, each of which can be approved", rule=ctx.decision.rule)
+            return
         if ctx is not None:
             await self._approve(flow, ctx, early=True)
 

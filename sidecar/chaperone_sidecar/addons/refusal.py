@@ -259,7 +259,8 @@ def git_response(kind: str, body: Mapping[str, Any], git: GitAction, *,
                     "does not read, or commands that are not pkt-lines or do not fit in the "
                     "first 4 MiB), so rules on refs judged it as any ref (docs/git.md). "
                     f"{body.get('how_to_get_access', '')}")
-        demux = push and (git.commands is None or caps & {"side-band-64k", "side-band"})
+        # Capabilities not read (yet): git always asks for side-band, so it demultiplexes.
+        demux = push and (git.commands is None or git.pending or caps & {"side-band-64k", "side-band"})
         content = sideband_error(text) if demux else err_pkt(text)
     suffix = "advertisement" if git.phase == "advertisement" else "result"
     fields = {"Content-Type": f"application/x-git-{service}-{suffix}", HEADER: kind,

@@ -5,7 +5,9 @@ the values come from ``Action.git`` (:mod:`.classify.git`). Semantics:
 
 * ``services`` (push, fetch) and ``repositories`` (name globs: ``org/*``) hold for every git
   request of that service/repository - the ref advertisement (``info/refs``) included, so
-  ``services: [push]`` + block refuses a push before git sends anything.
+  ``services: [push]`` + block refuses a push before git sends anything - except in
+  requireApproval rules, which hold the push or fetch itself (its POST), not what changes
+  nothing around it: the advertisement, or git's ``0000`` probe (a push without updates).
 * ``refs`` (name globs: ``refs/heads/*`` also matches ``refs/heads/a/b``), ``operations``
   (create, update, delete) and ``forcePush`` are tested **together on each ref update** of a
   push: ``refs: [refs/heads/main], operations: [delete]`` matches a push that deletes main, not
@@ -51,15 +53,27 @@ def git_conditions(spec: dict, effect: str) -> list[GitCondition]:
     """The conditions of one rule's ``match.git`` (empty lists and absent fields: not tested)."""
     out: list[GitCondition] = []
     restricting = effect != "allow"
+    # An approval holds the push or fetch itself, not what changes nothing around it: git's
+    # advertisement before it, or the "0000" probe (a push without updates) before a large
+    # push - each would need an approval of its own.
+    idle_too = effect != "require_approval"
+
+    def git_of(c: Any) -> GitAction | None:
+        g = _git(c)
+        if g is None or idle_too:
+            return g
+        idle = g.phase != "rpc" or (g.service == "push" and g.commands == () and not g.pending)
+        return None if idle else g
+
     if spec.get("services"):
         services = frozenset(spec["services"])
         out.append(("match.git.services", tuple(spec["services"]),
-                    lambda c: (g := _git(c)) is not None and g.service in services,
+                    lambda c: (g := git_of(c)) is not None and g.service in services,
                     lambda c: g.service if (g := _git(c)) else None))
     if spec.get("repositories"):
         repos = GlobSet(spec["repositories"])
         out.append(("match.git.repositories", repos.patterns,
-                    lambda c: (g := _git(c)) is not None and repos.match(g.repository),
+                    lambda c: (g := git_of(c)) is not None and repos.match(g.repository),
                     lambda c: g.repository if (g := _git(c)) else None))
     refs = GlobSet(spec["refs"]) if spec.get("refs") else None
     operations = frozenset(spec.get("operations") or ())

@@ -44,6 +44,8 @@ POLICY = {
          "requireApproval": {"approvers": {"users": ["alice"]}, **HOLD}},
         {"name": "no-vault", "match": {"git": {"repositories": ["org/vault"], "services": ["fetch"]}},
          "block": {"message": "the vault repository is not for agents"}},
+        {"name": "held-repository", "match": {"git": {"repositories": ["org/held"], "services": ["push"]}},
+         "requireApproval": {"approvers": {"users": ["alice"]}, **HOLD}},
         # A body rule on the same requests: it must not switch a streamed push's gate off.
         {"name": "no-tokens-in-bodies", "match": {"bodyRegex": "NEVER-IN-A-PUSH-[0-9a-f]{32}"},
          "block": {}},
@@ -90,7 +92,7 @@ def git(tmp_path_factory):
          "spec": {"type": "http", "hosts": ["localhost"], "credentials": {"source": "none"}}}))
     (conf / "policies" / "git.yaml").write_text(yaml.safe_dump(POLICY))
     plain = git_env(root / "home-admin")
-    for repo in ("org/app.git", "org/vault.git"):
+    for repo in ("org/app.git", "org/vault.git", "org/held.git"):
         bare_repo(server.root, repo, plain)
     try:
         with standalone_proxy(conf, root / "proxy.log") as proxy:
@@ -373,3 +375,37 @@ def test_a_large_push_that_needs_approval_is_refused_saying_why(git):
     assert out.returncode != 0
     assert "a streamed push cannot be held for approval" in out.stderr, out.stderr
     assert git.server_ref("org/app", "refs/heads/prod") == old
+
+
+def test_a_large_push_under_a_repository_approval_rule_is_refused_without_paging_anyone(git):
+    # Judged on its headers, the push needs approval (the rule names no refs); its updates are
+    # not known yet and its digest is one no retry shares, so an ApprovalRequest could never
+    # let it through: refused at once, and nobody is asked.
+    work = git.root / "held"
+    git.ok("clone", "-q", git.server.url("org/held.git"), str(work))
+    (work / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    git.ok("add", "blob.bin", cwd=work)
+    git.ok("commit", "-q", "-m", "large", cwd=work)
+    out = git("push", "origin", "HEAD:refs/heads/feature/held", cwd=work)
+    assert out.returncode != 0
+    assert "a streamed push cannot be held for approval" in out.stderr, out.stderr
+    assert git.server_ref("org/held", "refs/heads/feature/held") == ""
+    listing = cli("approvals", "--config-dir", str(git.conf), "--json")
+    assert [o for o in json.loads(listing.stdout) if o["spec"]["rule"]["name"] == "held-repository"] == []
+    # a small push to it is held for approval as usual
+    small = git.root / "held-small"
+    git.ok("clone", "-q", git.server.url("org/held.git"), str(small))
+    git.commit(small, "small.txt")
+    result: dict[str, subprocess.CompletedProcess] = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "push", git("push", "origin", "HEAD:refs/heads/feature/small", cwd=small)), daemon=True)
+    thread.start()
+
+    def pending():
+        out = cli("approvals", "--config-dir", str(git.conf), "--json")
+        return [o for o in json.loads(out.stdout) if o["spec"]["rule"]["name"] == "held-repository"]
+    request = wait_for(pending, 30, "the small push's ApprovalRequest")[0]
+    assert "refs/heads/feature/small" in request["spec"]["action"]["summary"]
+    assert cli("approve", request["metadata"]["name"], "--config-dir", str(git.conf), "--as", "alice").returncode == 0
+    thread.join(60)
+    assert result["push"].returncode == 0, result["push"].stderr

@@ -126,3 +126,22 @@ def test_git_and_another_type_cannot_hold_together():
         compile_policy(policy({"name": "r", "match": {"git": {"services": ["push"]},
                                                       "aws": {"actions": ["s3:GetObject"]}}, "block": {}}))
     assert "can never hold together" in str(err.value)
+
+
+def test_an_approval_rule_holds_the_push_not_its_advertisement():
+    rule = {"name": "held", "match": {"git": {"repositories": ["org/*"], "services": ["push"]}},
+            "requireApproval": {"approvers": {"users": ["alice"]}}}
+    pol = policy(ALLOW_ALL, rule)
+    assert decide(pol, push(phase="advertisement")).effect == "allow"
+    assert decide(pol, push(cmd("refs/heads/x"))).effect == "require_approval"
+    assert decide(pol, push()).effect == "allow"  # git's 0000 probe changes nothing
+    block = {"name": "no-push", "match": {"git": {"services": ["push"]}}, "block": {}}
+    assert decide(policy(ALLOW_ALL, block), push(phase="advertisement")).effect == "block"
+
+
+def test_a_streamed_push_pending_its_updates_is_judged_by_services_and_repositories():
+    pending = Action("http", "POST", "https", "h", 443, "/org/app/git-receive-pack", name="git:push",
+                     git=GitAction("push", "org/app", "rpc", (), pending=True))
+    assert decide(policy(ALLOW_ALL, MAIN), pending).effect == "allow"  # the gate judges the refs
+    features = policy({"name": "f", "match": {"git": {"refs": ["refs/heads/feature/*"]}}, "allow": {}})
+    assert decide(features, pending).effect == "allow"

@@ -362,6 +362,8 @@ def git_resources(git: GitAction) -> tuple[str, ...]:
     """For ApprovalRequests and ``action`` grants: the repository and each full ref update."""
     if git.service != "push" or git.phase != "rpc":
         return (f"{git.service}:{git.repository}",)
+    if git.pending:  # never the key of a push whose updates were read (nor of an empty one)
+        return (f"push:{git.repository}:streamed",)
     if git.commands is None:
         return (f"push:{git.repository}:unknown",)
     return (f"push:{git.repository}",) + tuple(f"{c.ref} {c.old}..{c.new} {c.operation}"

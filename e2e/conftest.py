@@ -85,6 +85,7 @@ WEBHOOK_SECRET = "chaperone-e2e-webhook-tls"
 REDIS_SECRET = "chaperone-e2e-redis"  # redis.auth.existingSecret: the test bed Redis's password
 POD, AGENT_SA, AGENT_CONTAINER = "claude-1", "claude-agent", "claude"
 SIDECAR = "chaperone-sidecar"
+OCSF_FILE = "/var/lib/chaperone/spool/ocsf.jsonl"  # chart value ocsf.file, inside the sidecar
 STORY_ORDER = ("test_story_aws.py", "test_story_kubernetes.py", "test_recording.py")
 RAN: set[str] = set()  # story files whose tests have run (passed or not)
 
@@ -166,6 +167,8 @@ def installation(control_plane, crds_installed, helm_bin, repo_root, s3_server, 
         "recording.s3.endpoint": s3_server.endpoint_url,
         "recording.s3.region": REGION,
         "recording.s3.prefix": RECORDING_PREFIX,
+        # OCSF export of every recorded flow to a file on the spool volume (test_recording.py)
+        "ocsf.file": OCSF_FILE,
         # The test bed's real redis-server (AUTH on) as "your own Redis": the URL without the
         # password, the password in a Secret the operator copies to agent namespaces.
         "redis.enabled": "false",

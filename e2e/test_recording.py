@@ -22,6 +22,7 @@ import base64
 import json
 
 import boto3
+import jsonschema
 import pytest
 
 import story as st
@@ -210,3 +211,27 @@ def test_altering_one_stored_object_breaks_verification_at_that_link(story, reco
     assert store_key in first and f"line {line + 1} (seq {event['seq']})" in first, res.stdout
     assert "hash mismatch" in first, res.stdout
 
+
+
+def test_the_ocsf_export_holds_the_blocked_and_the_approved_action(story, recording):
+    """The chart's ``ocsf.file``: the sidecar's OCSF 1.8.0 API Activity events, each valid
+    against the schema vendored in tests/, hold the blocked bucket deletion and the approved
+    role creation with who did them and which rule decided - and no secret."""
+    schema = json.loads((st.REPO_ROOT / "tests" / "sidecar" / "recording" / "ocsf" /
+                         "api_activity-1.8.0.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    text = story.sidecar.path(story.installation.values["ocsf.file"]).read_text()
+    events = [json.loads(line) for line in text.splitlines()]
+    for event in events:
+        assert not [e.message for e in validator.iter_errors(event)], event
+    blocked = [e for e in events if e["api"]["operation"] == "s3:DeleteBucket"]
+    assert blocked and all(e["disposition"] == "Blocked" and e["activity_id"] == 4 for e in blocked)
+    assert blocked[0]["policy"]["data"]["rule"] == "no-bucket-deletion"
+    approved = [e for e in events if e["api"]["operation"] == "iam:CreateRole"
+                and e["disposition"] == "Approved"]
+    assert approved and approved[0]["activity_id"] == 1 and approved[0]["status_id"] == 1
+    assert approved[0]["policy"]["data"]["rule"] == "new-roles-need-approval"
+    assert approved[0]["unmapped"]["chaperone"]["approval"]["approver"]
+    assert {e["actor"]["user"]["name"] for e in blocked + approved} == {"dave"}
+    assert {e["metadata"]["correlation_uid"] for e in events} == {recording["summary"]["session"]}
+    assert story.aws_access_key not in text and story.secret_value not in text

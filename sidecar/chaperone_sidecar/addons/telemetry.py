@@ -28,9 +28,10 @@ connections: ``k8s.namespace.name`` and, for a pod or its subresource, ``k8s.pod
 backends of semconv <= 1.36 still read), ``gen_ai.request.model``, and from the answer
 ``gen_ai.response.id``, ``gen_ai.response.model``, ``gen_ai.response.finish_reasons``,
 ``gen_ai.usage.input_tokens``/``output_tokens``. A streamed answer is not buffered for them: a
-tap on the bytes as they leave (:class:`_AnthropicUsage`) runs the sidecar's SSE parser and
-decodes only the ``message_start`` and ``message_delta`` events (the usage is in those); a
-compressed stream is not decoded for it (the attributes are then absent). A buffered JSON answer
+tap on the bytes as they leave (:class:`_AnthropicUsage`) decodes only the ``data:`` lines of
+the ``message_start`` and ``message_delta`` events (the usage is in those) and costs a
+``bytes.find`` per chunk otherwise; a compressed stream is not decoded for it (the attributes
+are then absent). A buffered JSON answer
 is parsed once. Prompt and completion content is never put on a span.
 
 **Metrics**: ``chaperone.requests`` (counter; attributes decision, outcome, connection),
@@ -61,7 +62,6 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import flowctx
-from ..policy.masking.sse import SSEParser
 from ..recording.flow_events import redact_url
 from ..services import SidecarServices
 
@@ -72,35 +72,41 @@ log = logging.getLogger("chaperone.telemetry")
 TRACER_NAME = METER_NAME = "chaperone.sidecar"
 
 
-_USAGE_EVENTS = (b'"message_start"', b'"message_delta"')
-_MAX_EVENT = 1 << 20  # an event larger than this is not read for usage (memory bound)
+_USAGE_MARK = b'"message_'  # "message_start" / "message_delta" (and "message_stop")
+_MAX_LINE = 1 << 20  # a longer line is skipped, not buffered (memory bound)
 
 
 class _AnthropicUsage:
-    """The GenAI response attributes of a streamed Anthropic answer, read from its SSE events
-    as they pass: only ``message_start`` (id, model, input tokens) and ``message_delta``
-    (stop reason, output tokens) are decoded; everything else is skipped unparsed."""
+    """The GenAI response attributes of a streamed Anthropic answer, read from its SSE lines as
+    they pass. Light on purpose: a chunk whose complete lines hold no ``"message_`` costs one
+    ``bytes.find`` (no parsing); only the ``data:`` lines of ``message_start`` (id, model,
+    input tokens) and ``message_delta`` (stop reason, output tokens) are decoded. The API sends
+    each event's JSON on one ``data:`` line; an event split over several is not read (its
+    attributes are then absent - a span is never wrong, at worst incomplete)."""
 
     def __init__(self) -> None:
-        self.parser: SSEParser | None = SSEParser()
+        self.partial = b""  # the unterminated last line
+        self.skipping = False  # inside a line longer than _MAX_LINE: ignored up to its end
         self.attrs: dict[str, Any] = {}
 
     def feed(self, data: bytes) -> None:
-        parser = self.parser
-        if parser is None:
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            if not self.skipping:
+                self.partial += data
+                if len(self.partial) > _MAX_LINE:
+                    self.partial, self.skipping = b"", True
             return
-        try:
-            events = parser.feed(data)
-        except Exception:  # a broken stream: stop reading it, never break the flow
-            self.parser = None
+        head = data[:cut] if self.skipping else self.partial + data[:cut]
+        if self.skipping:  # the rest of the over-long line is not a line start
+            head = head.partition(b"\n")[2] if b"\n" in head else b""
+        self.partial, self.skipping = data[cut + 1:], False
+        if _USAGE_MARK not in head:
             return
-        if parser.pending > _MAX_EVENT:
-            self.parser = None
-        for fields in events:
-            payload = b"\n".join(v for k, v in fields if k == b"data")
-            if any(marker in payload[:64] for marker in _USAGE_EVENTS):
+        for line in head.split(b"\n"):
+            if line.startswith(b"data:") and _USAGE_MARK in line[:80]:
                 try:
-                    obj = json.loads(payload)
+                    obj = json.loads(line[5:])
                 except ValueError:
                     continue
                 if isinstance(obj, dict):

@@ -8,6 +8,9 @@ strictest:
 
 * any statement blocked, unparseable or not classifiable -> refused (nothing of the unit runs,
   as a failing statement of a PostgreSQL multi-statement query makes the whole query fail);
+* else a ``rateLimit`` rule of any statement exhausted (the services' limiter, Redis when
+  configured; each unit counts once per rule) -> refused with SQLSTATE ``53400`` and when to
+  retry; a limiter that cannot count refuses too;
 * else any statement requiring approval -> the approvals service (``approvals/service.py``,
   the same ApprovalRequests, grants and remembered outcomes as HTTP flows): approved (or a
   grant) -> runs; pending, denied, expired -> refused, naming the ApprovalRequest and who may
@@ -40,11 +43,12 @@ from ..addons.approve import approve_command
 from ..approvals import ApprovalUnavailable
 from ..approvals.digest import request_digest
 from ..approvals.objects import approvers_text
+from ..approvals.ratelimit import MemoryRateLimiter, check_limits
 from ..policy.classify.postgres import Statement, statement_action
 from ..policy.evaluator import evaluate
 from ..policy.masking.detectors import DETECTOR_NAMES, resolve_rules
 from ..policy.masking.spans import mask_text
-from ..policy.model import Action, Decision, HTTPRequest, Identity, MaskSpec, PostgresAction
+from ..policy.model import Action, Decision, HTTPRequest, Identity, MaskSpec, PostgresAction, RateLimit
 from ..services import SidecarServices
 
 __all__ = ["Verdict", "decide", "opaque_statement", "INSUFFICIENT_PRIVILEGE", "SYNTAX_ERROR"]
@@ -53,6 +57,8 @@ log = logging.getLogger("chaperone.postgres")
 
 INSUFFICIENT_PRIVILEGE = "42501"
 SYNTAX_ERROR = "42601"
+RATE_LIMITED = "53400"  # configuration_limit_exceeded
+_FALLBACK_LIMITER = MemoryRateLimiter()  # services built without one (tests): still counted
 PREVIEW_CHARS = 2048
 
 
@@ -65,7 +71,7 @@ class Verdict:
     decisions: list[Decision] = field(default_factory=list)
     masks: tuple[MaskSpec, ...] = ()
     refusal: dict[str, str] | None = None  # ErrorResponse fields when refused
-    effect: str = "allow"  # allow | block | require_approval | unparseable
+    effect: str = "allow"  # allow | block | rate_limited | require_approval | unparseable
     approval: dict[str, Any] | None = None  # the approval event's data, when one was involved
 
     @property
@@ -129,6 +135,11 @@ async def decide(services: SidecarServices, *, connection: str, identity: Identi
                 "H": "An AccessPolicy forbids this statement on this connection; nothing of "
                      "this query was run. Change the statement, or ask the policy's owner."}
             return verdict
+    limits = list({(lim.source, lim.requests, lim.period_seconds, lim.per): lim
+                   for d in decisions for lim in d.rate_limits}.values())
+    if limits and (refusal := await _rate_limited(services, limits, identity, connection)) is not None:
+        verdict.allowed, verdict.effect, verdict.refusal = False, "rate_limited", refusal
+        return verdict
     pending = [(a, d) for a, d in zip(actions, decisions, strict=True) if d.effect == "require_approval"]
     if not pending:
         return verdict
@@ -146,6 +157,27 @@ async def decide(services: SidecarServices, *, connection: str, identity: Identi
     return await _approve(services, verdict, pending[0][0], pending[0][1], connection=connection,
                           identity=identity, host=host, port=port, database=database, sql=sql,
                           params=params)
+
+
+async def _rate_limited(services: SidecarServices, limits: list[RateLimit], identity: Identity,
+                       connection: str) -> dict[str, str] | None:
+    """The refusal when a rateLimit rule is exhausted (each unit counts once per rule), or when
+    the limiter cannot count (fail closed, as Enforce does for HTTP); None within the limits."""
+    limiter = services.rate_limiter if services.rate_limiter is not None else _FALLBACK_LIMITER
+    try:
+        result, limit = await check_limits(limiter, limits, identity, connection)
+    except Exception as exc:  # noqa: BLE001 - Redis down or similar: refuse, never exceed
+        return {"S": "ERROR", "V": "ERROR", "C": RATE_LIMITED,
+                "M": f"chaperone cannot count this statement's rate limit right now "
+                     f"({type(exc).__name__}); refusing rather than exceeding it",
+                "H": "A temporary problem of the gateway: retry in a few seconds."}
+    if result.allowed or limit is None:
+        return None
+    rule = f" (rule {limit.source})" if limit.source is not None else ""
+    return {"S": "ERROR", "V": "ERROR", "C": RATE_LIMITED,
+            "M": f"chaperone: rate limit exceeded: at most {limit.requests} statement"
+                 f"{'s' if limit.requests != 1 else ''} per {limit.period_seconds}s per {limit.per}{rule}",
+            "H": f"Retry in {result.retry_after_header} seconds; nothing of this query was run."}
 
 
 async def _approve(services: SidecarServices, verdict: Verdict, action: Action, decision: Decision, *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from chaperone_sidecar.approvals.ratelimit import MemoryRateLimiter
 from chaperone_sidecar.approvals.service import Outcome
 from chaperone_sidecar.policy.classify.postgres import parse_statements
 from chaperone_sidecar.policy.compiler import compile_policies
@@ -21,7 +22,9 @@ POLICY = {"apiVersion": "chaperone.dev/v1alpha1", "kind": "AccessPolicy",
                         "requireApproval": {"mode": "defer"}},
                        {"name": "truncate", "match": {"postgres": {"statements": ["TRUNCATE"]}},
                         "requireApproval": {"mode": "defer"}},
-                       {"name": "pw", "match": {"postgres": {}}, "mask": {"fields": ["$.password"]}}]}}
+                       {"name": "pw", "match": {"postgres": {}}, "mask": {"fields": ["$.password"]}},
+                       {"name": "slow", "match": {"postgres": {"tables": ["counters"]}},
+                        "rateLimit": {"requests": 2, "periodSeconds": 60}}]}}
 
 
 class FakeApprovals:
@@ -34,13 +37,14 @@ class FakeApprovals:
                        "denied: not today" if self.state == "denied" else "", "2026-01-01T00:00:00Z")
 
 
-def services(approvals=None, connection="shop"):
+def services(approvals=None, connection="shop", limiter=None):
     policies = compile_policies([POLICY]).policies
     conns = {connection: Connection(connection, "postgres")}
     snap = SimpleNamespace(policies=policies, connection=conns.get)
     config = SimpleNamespace(approval_timeout_seconds=30, standalone=False, pod_namespace="agents")
     return SimpleNamespace(snapshot=lambda: snap, approvals=approvals, config=config,
-                           approval_backend=SimpleNamespace(namespace="agents"), recorder=None)
+                           approval_backend=SimpleNamespace(namespace="agents"), recorder=None,
+                           rate_limiter=limiter or MemoryRateLimiter())
 
 
 def verdict(sql, svc, connection="shop"):
@@ -105,3 +109,21 @@ def test_the_digest_binds_text_and_parameters():
     assert a != unit_digest("db", 5432, "shop", "DELETE FROM t WHERE id = $1", ["2"])
     assert a != unit_digest("db", 5432, "shop", "DELETE FROM t WHERE id = $1", [None])
     assert a != unit_digest("db", 5432, "other", "DELETE FROM t WHERE id = $1", ["1"])
+
+
+def test_rate_limit_rules_count_units_and_refuse_past_the_limit():
+    svc = services()
+    assert verdict("SELECT * FROM counters", svc).allowed
+    assert verdict("SELECT * FROM counters; SELECT 1 FROM counters", svc).allowed  # one unit, one hit
+    v = verdict("SELECT * FROM counters", svc)
+    assert not v.allowed and v.effect == "rate_limited" and v.refusal["C"] == "53400"
+    assert "at most 2 statements per 60s per identity (rule agents/db#slow)" in v.refusal["M"]
+    assert verdict("SELECT * FROM users", svc).allowed  # other tables are not limited
+
+
+def test_a_limiter_that_cannot_count_refuses():
+    class Down:
+        async def hit(self, *args):
+            raise ConnectionError("redis down")
+    v = verdict("SELECT * FROM counters", services(limiter=Down()))
+    assert not v.allowed and "cannot count" in v.refusal["M"]

@@ -124,7 +124,7 @@ def genai_response(obj: Any) -> dict[str, Any]:
         out["gen_ai.response.id"] = obj["id"]
     if isinstance(obj.get("model"), str):
         out["gen_ai.response.model"] = obj["model"]
-    delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else obj
+    delta: dict[str, Any] = obj["delta"] if isinstance(obj.get("delta"), dict) else obj
     if isinstance(delta.get("stop_reason"), str):
         out["gen_ai.response.finish_reasons"] = [delta["stop_reason"]]
     usage = obj.get("usage")

@@ -16,7 +16,8 @@ Mapping (docs/telemetry.md has the table):
 
 * ``activity_id`` from the classified action: AWS operations by their verb (``Get``/``List``/
   ``Describe``/``Head`` read, ``Create``/``Put``/``Run`` ... create, ``Delete``/``Terminate``
-  ... delete, ``Update``/``Modify``/``Attach`` ... update), Kubernetes verbs, MCP methods
+  ... delete, any other verb - ``Update``, ``Modify``, ``Attach``, ``Stop``, ``Tag`` - update;
+  ``Batch`` operations by their second word), Kubernetes verbs, MCP methods
   (``tools/call`` is 99 Other: running a tool is none of CRUD), git (fetch read, push update),
   else the HTTP method (GET/HEAD/OPTIONS read, POST create, PUT/PATCH update, DELETE delete).
 * ``disposition_id``: 1 Allowed (forwarded), 2 Blocked (a block rule, a refused approval, an
@@ -54,12 +55,12 @@ _SEVERITIES = {1: "Informational", 2: "Low", 3: "Medium"}
 
 _AWS_VERB = re.compile(r"[A-Z][a-z]+")
 _AWS_READ = {"Get", "List", "Describe", "Head", "Search", "Select", "Lookup", "Query", "Scan",
-             "Batch Get", "Check", "Test", "Validate", "Estimate", "Download", "Filter", "Simulate"}
+             "Check", "Test", "Validate", "Estimate", "Download", "Filter", "Simulate"}
 _AWS_CREATE = {"Create", "Put", "Run", "Start", "Add", "Register", "Import", "Upload", "Copy",
                "Allocate", "Issue", "Request", "Send", "Publish", "Invoke", "Generate", "Restore",
-               "Complete", "Initiate", "Assume", "Subscribe", "Tag", "Enable", "Import"}
-_AWS_DELETE = {"Delete", "Remove", "Terminate", "Deregister", "Release", "Revoke", "Detach",
-               "Disable", "Abort", "Unsubscribe", "Untag", "Cancel", "Stop", "Purge", "Destroy"}
+               "Complete", "Initiate", "Assume", "Subscribe"}
+_AWS_DELETE = {"Delete", "Remove", "Terminate", "Deregister", "Release", "Revoke", "Abort",
+               "Unsubscribe", "Untag", "Purge", "Destroy"}
 _KUBE = {"get": READ, "list": READ, "watch": READ, "create": CREATE, "update": UPDATE,
          "patch": UPDATE, "delete": DELETE, "deletecollection": DELETE}
 _HTTP = {"GET": READ, "HEAD": READ, "OPTIONS": READ, "POST": CREATE, "PUT": UPDATE,
@@ -72,7 +73,8 @@ def activity_of(action: str, method: str, connection_type: str) -> int:
     """The OCSF activity of a classified action (see the module docstring)."""
     service, _, operation = action.partition(":")
     if connection_type == "aws" and operation:
-        verb = (_AWS_VERB.findall(operation) or [""])[0]
+        words = _AWS_VERB.findall(operation) or [""]
+        verb = words[1] if words[0] == "Batch" and len(words) > 1 else words[0]  # BatchGetItem
         if verb in _AWS_READ:
             return READ
         if verb in _AWS_DELETE:
@@ -152,11 +154,11 @@ def api_activity(request: Mapping[str, Any], end: Mapping[str, Any],
     identity = request.get("identity") or end.get("identity") or {}
     decision: Mapping[str, Any] = req.get("decision") or {}
     approval: Mapping[str, Any] | None = None
-    for event in extra:
-        if event.get("type") == "decision":
-            decision = event.get("data") or decision
-        elif event.get("type") == "approval":
-            approval = event.get("data") or {}
+    for other in extra:
+        if other.get("type") == "decision":
+            decision = other.get("data") or decision
+        elif other.get("type") == "approval":
+            approval = other.get("data") or {}
     action = req.get("action") or {}
     action_name = str(action.get("name") or f"http:{req.get('method', '')}")
     connection_type = str(req.get("connectionType") or "")

@@ -127,6 +127,8 @@ def test_actor_without_creator_is_the_service_account_and_with_oidc_the_end_user
 @pytest.mark.parametrize(("action", "method", "ctype", "expected"), [
     ("s3:GetObject", "GET", "aws", 2), ("s3:PutObject", "PUT", "aws", 1),
     ("ec2:TerminateInstances", "POST", "aws", 4), ("iam:UpdateRole", "POST", "aws", 3),
+    ("dynamodb:BatchGetItem", "POST", "aws", 2), ("dynamodb:BatchWriteItem", "POST", "aws", 3),
+    ("ec2:StopInstances", "POST", "aws", 3),
     ("kubernetes:delete/namespaces", "DELETE", "kubernetes", 4),
     ("kubernetes:list/pods", "GET", "kubernetes", 2),
     ("kubernetes:patch/deployments", "PATCH", "kubernetes", 3),

@@ -15,8 +15,7 @@ import jsonschema
 import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-from chaperone_sidecar.recording.ocsf_export import (
-    FileSink, OcsfExporter, OtlpLogSink, S3Sink, exporter_from_env)
+from chaperone_sidecar.recording.ocsf_export import FileSink, OcsfExporter, OtlpLogSink, S3Sink, exporter_from_env
 from chaperone_sidecar.recording.s3http import AioS3Store
 
 SCHEMA = json.loads((Path(__file__).parent / "ocsf" / "api_activity-1.8.0.schema.json").read_text())

@@ -14,8 +14,8 @@ connections ``mcp.method.name``, ``gen_ai.tool.name``, ``gen_ai.operation.name``
 (``execute_tool``), ``jsonrpc.request.id``, ``mcp.protocol.version`` (OpenTelemetry's MCP
 conventions; the session id is left out, it is a credential to some servers)
 and the HTTP semantic-convention fields (``http.request.method``, ``server.address``,
-``url.path``, ``url.full`` - credential-like query parameters ``[REDACTED]`` as the recording
-has them - ``http.response.status_code``, ``http.request.body.size``,
+``url.path``, ``url.full`` - credential-like query parameters ``[REDACTED]`` and the decision's
+detectors applied, as the recording has it - ``http.response.status_code``, ``http.request.body.size``,
 ``http.response.body.size``). Status ERROR for a flow error or a 5xx.
 
 **Semantic conventions followed: OpenTelemetry semconv v1.37** (docs/telemetry.md has the
@@ -51,6 +51,7 @@ bodies by their length.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -62,6 +63,8 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import flowctx
+from ..policy.masking.masker import Masker
+from ..policy.model import MaskSpec
 from ..recording.flow_events import redact_url
 from ..services import SidecarServices
 
@@ -304,7 +307,8 @@ class Telemetry:
             "server.address": req.pretty_host,
             "server.port": req.port,
             "url.path": req.path.partition("?")[0],
-            "url.full": redact_url(req.pretty_url),
+            "url.full": redact_url(req.pretty_url, _detectors(ctx.decision.masks)
+                                   if ctx.decision is not None and ctx.decision.masks else None),
             "network.protocol.version": req.http_version.removeprefix("HTTP/"),
             "http.request.body.size": self._size(req, state.request),
         })
@@ -372,6 +376,13 @@ class Telemetry:
         if counter is not None and message.stream is counter:
             return counter.bytes
         return len(message.raw_content or b"")
+
+
+@functools.lru_cache(maxsize=256)
+def _detectors(masks: tuple[MaskSpec, ...]) -> Masker:
+    """The decision's masks, whatever their target, over ``url.full`` - as the recording does
+    for its URL, so a secret in a path never reaches a span (specs are frozen: cached)."""
+    return Masker(masks, direction=None)
 
 
 def _sse(resp: http.Response) -> bool:

@@ -203,6 +203,7 @@ class OcsfExporter:
         self.tick_seconds = tick_seconds
         self.submitted = self.dropped = self.exported = self.errors = 0
         self._thread: threading.Thread | None = None
+        self._warned = -60.0
 
     # ------------------------------------------------------------------ loop side
     def submit(self, events: Iterable[Mapping[str, Any]]) -> None:
@@ -218,6 +219,11 @@ class OcsfExporter:
             self.submitted += len(events)
         except queue.Full:
             self.dropped += len(events)
+            now = time.monotonic()
+            if now - self._warned >= 60:  # a flood must not flood the log too
+                self._warned = now
+                log.warning("the OCSF export queue is full: %d events dropped so far (the "
+                            "recording still holds them)", self.dropped)
 
     def start(self) -> None:
         if self._thread is None:

@@ -419,3 +419,19 @@ def test_aws_and_kubernetes_conventions_and_url_full_without_secrets(otel):
     assert aws["url.full"] == "https://api.github.com/b/key?X-Amz-Signature=[REDACTED]&x=1"
     kube = spans["kubernetes:delete/pods"]
     assert kube["k8s.namespace.name"] == "prod" and kube["k8s.pod.name"] == "web-0"
+
+
+def test_url_full_gets_the_decisions_detectors_like_the_recording(otel):
+    """A secret in the path (where no query redaction reaches) is masked on the span when the
+    decision masks it - the span never holds more than the recording."""
+    from chaperone_sidecar.policy.model import MaskSpec
+
+    t = otel.addon
+    f = make_flow(decision=Decision("allow", masks=(MaskSpec(detectors=("aws-access-key-id",)),)))
+    f.request.path = "/repos/AKIAIOSFODNN7EXAMPLE/r"
+    t.request(f)
+    f.response = http.Response.make(200, b"ok")
+    t.response(f)
+    [span] = otel.spans.get_finished_spans()
+    assert "AKIAIOSFODNN7EXAMPLE" not in span.attributes["url.full"]
+    assert "[MASKED:aws-access-key-id]" in span.attributes["url.full"]

@@ -9,8 +9,8 @@ exactly what was injected. The agent is the real ``git`` with nothing but the ag
 injected environment (HTTPS_PROXY, GIT_SSL_CAINFO = the interception CA): it clones, pushes a
 feature branch, is refused on main (git prints the rule), on deleting a branch and on a force
 push; its push to prod waits while alice reads the refs and ids in the ApprovalRequest and
-approves it with ``kubectl patch``. Each refusal is also checked on the server: its refs did not
-move. The git server listens on 127.0.0.2 so the agent's NO_PROXY (localhost, 127.0.0.1) does not
+approves it with ``kubectl patch``; a 3 MiB push (streamed) is judged by its refs before any of it
+leaves. Each refusal is also checked on the server: its refs did not move. The git server listens on 127.0.0.2 so the agent's NO_PROXY (localhost, 127.0.0.1) does not
 let git around the sidecar.
 
 Runs after the main story (conftest.py's STORY_ORDER; its sidecar has stopped by then, and this
@@ -20,6 +20,7 @@ one uses the same chart ports).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import urllib.request
 from pathlib import Path
@@ -237,3 +238,21 @@ def test_4_a_push_to_prod_waits_for_alice_who_sees_the_refs(gitstory):
     assert gitstory.server_ref("refs/heads/prod") == new
     decided = next(a for a in gitstory.approval_requests() if a["metadata"]["name"] == ar["metadata"]["name"])
     assert decided["spec"]["decidedBy"] == "alice"
+
+
+def test_5_a_large_push_is_judged_by_its_refs_before_any_of_it_leaves(gitstory):
+    # 3 MiB: git chunks it (HTTP/2 to the sidecar), the sidecar streams it - the gate holds it
+    # back until the commands are judged.
+    work = gitstory.clone("large")
+    (work / "assets.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    gitstory.ok("add", "assets.bin", cwd=work)
+    gitstory.ok("commit", "-q", "-m", "assets", cwd=work)
+    new = gitstory.ok("rev-parse", "HEAD", cwd=work).strip()
+    gitstory.ok("push", "-q", "origin", "HEAD:refs/heads/feature/assets", cwd=work)
+    assert gitstory.server_ref("refs/heads/feature/assets") == new
+    before = gitstory.server_ref("refs/heads/main")
+    seen = len(gitstory.server.seen)
+    out = gitstory.git("push", "origin", "HEAD:main", cwd=work)
+    assert out.returncode == 1 and "! [remote rejected] HEAD -> main (chaperone_blocked: main changes only" in out.stderr
+    assert gitstory.server_ref("refs/heads/main") == before
+    assert [s for s in gitstory.server.posts(since=seen) if s.body_bytes > 4] == []

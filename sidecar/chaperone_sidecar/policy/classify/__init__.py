@@ -32,8 +32,8 @@ from dataclasses import replace
 
 from ..model import Action, HTTPRequest
 from .anthropic import anthropic_summary, classify_anthropic
-from .git import classify_git, git_name, git_summary
 from .aws import classify_aws
+from .git import classify_git, git_name, git_summary
 from .http import base_action, sanitize, shorten
 from .kubernetes import classify_kubernetes, kubernetes_name, kubernetes_summary
 from .mcp import classify_mcp, mcp_name, mcp_summary

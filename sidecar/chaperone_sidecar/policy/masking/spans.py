@@ -51,11 +51,12 @@ class Rule:
     lookbehind: int = 0
     # Open-ended tail (unterminated PEM only): used when the match's "body" group is absent.
     continuation: re.Pattern[bytes] | None = None
-    # Every match of ``pattern`` - and every prefix of one that holds this many bytes and a
-    # trigger's length more - starts this many bytes before a trigger occurrence. The stream
-    # masker then looks for a match that may still grow only there and in the last bytes
-    # (stream._open_start); None: the pattern itself is searched (it may start anywhere).
-    trigger_offset: int | None = None
+    # Where a match that may still become a finding can start, for the stream masker's hold
+    # (stream._open_start): ``open_from(text, i)`` for each trigger occurrence ``i`` (the
+    # starts the finder tries for it), or within ``open_tail`` bytes of the end (its trigger
+    # has not fully arrived yet). None: the pattern itself is searched from every position.
+    open_from: Callable[[bytes, int], Iterable[int]] | None = None
+    open_tail: int = 0
     # The finder splits runs of ``pattern`` into candidates (credit-card digit groups): what it
     # finds depends on a run's neighbourhood, so a stream never cuts a run carelessly.
     runs: bool = False

@@ -72,7 +72,7 @@ import bisect
 import codecs
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import regex
 
@@ -164,11 +164,14 @@ def _open_start(text: bytes, rule: Rule, pos: int, anchors: list[int] | None = N
     ``text`` or could with more data (a partial match); None when there is none. The rule's
     own pattern is used (custom finders only pick among its matches, so this is a superset).
 
-    With ``anchors`` (the rule's trigger positions in ``text``) and a ``rule.trigger_offset``,
-    a match can only start ``trigger_offset`` before a trigger, or so close to the end that
-    its trigger has not fully arrived: only those starts are tried, in order - the first
-    that matches is what the search from ``pos`` returns, without scanning ``max_len``
-    bytes per rule and chunk.
+    With ``anchors`` (the rule's trigger positions in ``text``) and a ``rule.open_from``, a
+    match that may still become a finding can only start where the finder would try it for a
+    trigger (``open_from``), or so close to the end that its trigger has not fully arrived
+    (``open_tail``): only those starts are tried, in order - the first that matches is the
+    search's answer among the matches that matter - without scanning ``max_len`` bytes per
+    rule and chunk. For the rules whose matches start at their trigger that is exactly the
+    search's answer; for ``secret-json-key`` it leaves out keys that can never be a secret's
+    (no key word after their quote, none able to arrive within reach), which need no hold.
 
     A closed PEM block (``body`` matched up to its END marker) is skipped: the lazy body stops
     at the first END, so more data cannot change that match, although the pattern could
@@ -176,8 +179,8 @@ def _open_start(text: bytes, rule: Rule, pos: int, anchors: list[int] | None = N
     """
     pattern = _open_pattern(rule.pattern)
     assert pattern is not None
-    if anchors is not None and rule.trigger_offset is not None:
-        return _open_start_at(text, rule, pattern, pos, anchors, rule.trigger_offset)
+    if anchors is not None and rule.open_from is not None:
+        return _open_start_at(text, rule, pattern, pos, anchors, rule.open_from)
     while True:
         m = pattern.search(text, pos, partial=True)
         if m is None:
@@ -191,12 +194,12 @@ def _open_start(text: bytes, rule: Rule, pos: int, anchors: list[int] | None = N
 
 
 def _open_start_at(text: bytes, rule: Rule, pattern: regex.Pattern[bytes], pos: int,
-                   anchors: list[int], offset: int) -> int | None:
+                   anchors: list[int], open_from: Callable[[bytes, int], Iterable[int]]) -> int | None:
     """``_open_start`` trying only the starts the triggers allow (see there)."""
-    tail = len(text) - offset - max(len(t.pattern) if t.width is None else t.width for t in rule.triggers)
-    starts = [a - offset for a in anchors[bisect.bisect_left(anchors, pos + offset):] if a - offset < tail]
-    starts += range(max(pos, tail, 0), len(text))
-    for start in starts:
+    tail = len(text) - rule.open_tail
+    starts = sorted({s for a in anchors[bisect.bisect_left(anchors, pos):] for s in open_from(text, a)
+                     if pos <= s < tail})
+    for start in [*starts, *range(max(pos, tail, 0), len(text))]:
         m = pattern.match(text, start, partial=True)
         if m is None:
             continue

@@ -44,6 +44,8 @@ POLICY = {
          "requireApproval": {"approvers": {"users": ["alice"]}, **HOLD}},
         {"name": "no-vault", "match": {"git": {"repositories": ["org/vault"], "services": ["fetch"]}},
          "block": {"message": "the vault repository is not for agents"}},
+        {"name": "no-fetch-of-drafts", "match": {"methods": ["POST"], "git": {"repositories": ["org/drafts"]}},
+         "block": {"message": "drafts are not fetched by agents"}},
         {"name": "held-repository", "match": {"git": {"repositories": ["org/held"], "services": ["push"]}},
          "requireApproval": {"approvers": {"users": ["alice"]}, **HOLD}},
         # A body rule on the same requests: it must not switch a streamed push's gate off.
@@ -92,7 +94,7 @@ def git(tmp_path_factory):
          "spec": {"type": "http", "hosts": ["localhost"], "credentials": {"source": "none"}}}))
     (conf / "policies" / "git.yaml").write_text(yaml.safe_dump(POLICY))
     plain = git_env(root / "home-admin")
-    for repo in ("org/app.git", "org/vault.git", "org/held.git"):
+    for repo in ("org/app.git", "org/vault.git", "org/held.git", "org/drafts.git"):
         bare_repo(server.root, repo, plain)
     try:
         with standalone_proxy(conf, root / "proxy.log") as proxy:
@@ -109,6 +111,8 @@ def git(tmp_path_factory):
             out = run_git(["push", "-q", server.url("org/app.git"), "HEAD:refs/heads/main",
                            "HEAD:refs/heads/release", "HEAD:refs/heads/old", "HEAD:refs/heads/prod"],
                           direct, cwd=seed)
+            assert out.returncode == 0, out.stderr
+            out = run_git(["push", "-q", server.url("org/drafts.git"), "HEAD:refs/heads/main"], direct, cwd=seed)
             assert out.returncode == 0, out.stderr
             yield client
     finally:
@@ -194,6 +198,16 @@ def test_a_fetch_refusal_is_a_remote_error(git):
     assert out.returncode != 0
     assert "remote error: chaperone_blocked: the vault repository is not for agents" in out.stderr, out.stderr
     assert "HTTP 403" not in out.stderr
+
+
+@pytest.mark.parametrize("version", ["2", "0"])
+def test_an_upload_pack_refusal_is_a_remote_error(git, version):
+    # The advertisement passes (org/*), the fetch itself (POST git-upload-pack) is refused:
+    # git prints the ERR line whichever protocol version it speaks.
+    out = git("-c", f"protocol.version={version}", "clone", "-q", git.server.url("org/drafts.git"),
+              str(git.root / f"drafts-{version}"))
+    assert out.returncode != 0
+    assert "remote error: chaperone_blocked: drafts are not fetched by agents" in out.stderr, out.stderr
 
 
 def test_a_push_needing_approval_names_its_refs_and_passes_once_approved(git):

@@ -127,6 +127,11 @@ class PostgresAction:
     opaque: bool = False
     database: str = ""
     text: str = ""  # the statement's own text (bounded)
+    # Columns a result value is computed from, other than a plain top-level column (an alias,
+    # an expression, a subquery's or CTE's list, RETURNING, SET); "(row)" for a whole-row
+    # reference (row_to_json(u), u.* inside an expression): column masks read these
+    # (postgres/results.py), so "SELECT password AS pw" cannot dodge "$.password".
+    output_refs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

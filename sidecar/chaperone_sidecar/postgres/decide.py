@@ -135,6 +135,16 @@ async def decide(services: SidecarServices, *, connection: str, identity: Identi
                 "H": "An AccessPolicy forbids this statement on this connection; nothing of "
                      "this query was run. Change the statement, or ask the policy's owner."}
             return verdict
+    if any(m.fields and m.target != "request" for m in masks) and any(
+            a.postgres is not None and a.postgres.statement == "COPY" and a.postgres.kind == "read"
+            for a in actions):
+        # COPY ... TO STDOUT sends lines, not rows with labelled columns: field masks cannot apply.
+        verdict.allowed, verdict.effect = False, "block"
+        verdict.refusal = {"S": "ERROR", "V": "ERROR", "C": INSUFFICIENT_PRIVILEGE,
+                           "M": "chaperone refused COPY ... TO STDOUT: this connection masks columns "
+                                "by name, which cannot be applied to COPY output",
+                           "H": "Read the rows with SELECT instead."}
+        return verdict
     limits = list({(lim.source, lim.requests, lim.period_seconds, lim.per): lim
                    for d in decisions for lim in d.rate_limits}.values())
     if limits and (refusal := await _rate_limited(services, limits, identity, connection)) is not None:

@@ -7,8 +7,13 @@ Two kinds of rules, both from the statement's decision (``Decision.masks``, ever
   object ``{column: value}``: ``$.password``, ``$['api_key']``, ``$..token``, ``$.*`` (every
   column). **Decision**: no new ``columns`` list; one field language for JSON bodies and rows,
   and the compiler already validates it. A name is matched as the server labels the column (an
-  alias ``AS pw`` is what counts, so ``$.password`` does not catch ``SELECT password AS pw``:
-  write the detectors too, or ``$.*`` for a table you never want read).
+  alias is what the server labels, so the classifier also lists what each result value is
+  computed from (``PostgresAction.output_refs``): when a masked column is read under another
+  label - ``SELECT password AS pw``, ``upper(password)``, a subquery's or CTE's alias,
+  ``RETURNING password AS p``, ``UPDATE ... SET name = password RETURNING name`` - or a whole
+  row is (``row_to_json(u)``, ``(users).password``), **every column** of that result is masked:
+  the labels no longer say which one carries the secret. A WHERE clause does not count (what
+  a condition reveals is an oracle, not a value).
 * **By detector** - the masker's detectors over each text value (``Masker.mask_str``: base64
   runs included), so a token in a free-text column is masked whatever the column is called.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..policy.classify.postgres import ROW_REF
 from ..policy.masking.fields import apply_paths
 from ..policy.masking.masker import Masker
 from ..policy.model import MaskSpec
@@ -47,17 +53,20 @@ _VALUE_CAP = 256
 class RowMasker:
     """The masks of one statement, applied row by row under the current RowDescription."""
 
-    def __init__(self, specs: Sequence[MaskSpec] = ()) -> None:
+    def __init__(self, specs: Sequence[MaskSpec] = (), output_refs: Sequence[str] = ()) -> None:
         self.masker = Masker(specs, direction="response")
         self.active = self.masker.active
         self._plan_for: list[Column] | None = None
         self._masked_columns: tuple[bool, ...] = ()
+        # A masked column read under another label (an alias, an expression, a subquery, a
+        # whole row): its label says nothing, so every column of the result is masked.
+        self.every_column = bool(self.masker.paths) and _reads_masked(self.masker, output_refs)
 
     def _plan(self, columns: list[Column]) -> tuple[bool, ...]:
         if self._plan_for is columns:
             return self._masked_columns
-        masked = [False] * len(columns)
-        if self.masker.paths:
+        masked = [self.every_column] * len(columns)
+        if self.masker.paths and not self.every_column:
             names = list(dict.fromkeys(c.name for c in columns))
             document: Any = dict.fromkeys(names, "")
             document, n = apply_paths(document, self.masker.paths)
@@ -122,6 +131,15 @@ class RowMasker:
         if not self.masker.rules:
             return text
         return self.masker.mask_str(text)[0]
+
+
+def _reads_masked(masker: Masker, refs: Sequence[str]) -> bool:
+    if not refs:
+        return False
+    if ROW_REF in refs:
+        return True
+    document, n = apply_paths(dict.fromkeys(refs, ""), masker.paths)
+    return bool(n)
 
 
 def sample_row(columns: list[Column] | None, values: list[bytes | None]) -> dict[str, Any] | list[Any]:

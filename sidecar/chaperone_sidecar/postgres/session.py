@@ -386,7 +386,8 @@ class Session:
                                database=up.database, sql=sql, statements=statements,
                                params=params, parse_error=error)
         self.count += 1
-        unit = Unit(f"pg-{self.id}-{self.count}", extended, verdict, RowMasker(verdict.masks))
+        refs = [r for a in verdict.actions if a.postgres is not None for r in a.postgres.output_refs]
+        unit = Unit(f"pg-{self.id}-{self.count}", extended, verdict, RowMasker(verdict.masks, refs))
         recorded = await self._record(request_events(
             unit.flow, identity=self.identity, connection=self.settings.connection,
             url=f"postgres://{up.host}:{up.port}/{up.database}", sql=sql, params=params,

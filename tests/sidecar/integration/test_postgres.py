@@ -422,14 +422,29 @@ def test_a_cancel_request_reaches_the_server(db):
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_copy_out_is_masked_by_detectors_and_copy_in_is_judged(db):
+def test_copy_out_cannot_dodge_column_masks_and_copy_in_is_judged(db):
     with db.connect() as conn:
-        with conn.cursor().copy("COPY (SELECT note FROM users ORDER BY id) TO STDOUT") as copy:
-            lines = [bytes(row).decode() for row in copy]
-        assert lines[0] == "key [MASKED:aws-access-key-id]\n"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            with conn.cursor().copy("COPY users TO STDOUT") as copy:
+                list(copy)
+        assert "cannot be applied to COPY output" in info.value.diag.message_primary
         with conn.cursor().copy("COPY orders FROM STDIN") as copy:
             copy.write_row((7, 70))
     assert db.truth("SELECT total FROM orders WHERE id = 7") == "70"
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT id, password AS pw FROM users WHERE id = 1",
+    "SELECT id, upper(password) FROM users WHERE id = 1",
+    "SELECT id, p FROM (SELECT id, password AS p FROM users) s WHERE id = 1",
+    "WITH x AS (SELECT id, password AS p FROM users) SELECT * FROM x WHERE id = 1",
+    "SELECT id, row_to_json(u)::text FROM users u WHERE id = 1",
+    "SELECT name FROM users WHERE id = 2 UNION ALL SELECT password FROM users WHERE id = 1",
+])
+def test_a_masked_column_under_another_label_masks_the_whole_result(db, sql):
+    with db.connect() as conn:
+        text = json.dumps(conn.execute(sql).fetchall(), default=str)
+    assert "hunter2" not in text and "[MASKED:field]" in text
 
 
 # ---------------------------------------------------------------------------- recording

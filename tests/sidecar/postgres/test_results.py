@@ -57,3 +57,12 @@ def test_recorded_sample_rows_are_bounded():
     sample = sample_row([col("a"), col("b", 17, 1)], [b"x" * 1000, b"\x00\x01"])
     assert sample["a"].startswith("x" * 256) and sample["a"].endswith("<1000 bytes>")
     assert sample["b"] == "<2 binary bytes>"
+
+
+def test_a_masked_column_read_under_another_label_masks_every_column():
+    spec = [MaskSpec(fields=("$.password",))]
+    masker = RowMasker(spec, output_refs=("password",))
+    assert masker.row([col("id", 23), col("pw")], [b"1", b"hunter2"]) == ([None, b"[MASKED:field]"], True)
+    assert RowMasker(spec, output_refs=("(row)",)).every_column
+    assert not RowMasker(spec, output_refs=("name",)).every_column
+    assert not RowMasker([MaskSpec(detectors=("jwt",))], output_refs=("(row)",)).every_column

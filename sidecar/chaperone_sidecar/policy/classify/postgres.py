@@ -47,7 +47,7 @@ from ..model import Action, PostgresAction
 from .http import shorten
 
 __all__ = ["SQLParseError", "Statement", "parse_statements", "classify_sql", "statement_action",
-           "KINDS", "STATEMENT_NAMES"]
+           "KINDS", "STATEMENT_NAMES", "ROW_REF"]
 
 Kind = Literal["read", "write", "ddl", "other"]
 KINDS: tuple[Kind, ...] = ("read", "write", "ddl", "other")
@@ -211,9 +211,41 @@ def _statement(stmt: Any, text: str, database: str) -> PostgresAction:
             elif node.filename is not None:
                 functions.append("FILE")
     return PostgresAction(
+        output_refs=_output_refs(stmt, nodes),
         statement=top, kind=kind, statements=tuple(dict.fromkeys(commands)),
         tables=tuple(dict.fromkeys(tables)), functions=tuple(dict.fromkeys(functions)),
         where_missing=where_missing, opaque=opaque, database=database, text=text[:MAX_TEXT])
+
+
+ROW_REF = "(row)"
+
+
+def _output_refs(stmt: Any, nodes: list[Any]) -> tuple[str, ...]:
+    """Columns result values are computed from, except plain top-level columns (whose label is
+    their name); ``(row)`` for whole-row references. See ``PostgresAction.output_refs``."""
+    top = list(getattr(stmt, "targetList", None) or ()) if isinstance(stmt, ast.SelectStmt) else []
+    returning = getattr(stmt, "returningClause", None)
+    if returning is not None:
+        top += list(returning.exprs or ())
+    plain = {id(t) for t in top if isinstance(t.val, ast.ColumnRef) and not t.name}  # label = name
+    relations = {n.relname for n in nodes if isinstance(n, ast.RangeVar) and n.relname}
+    relations |= {n.alias.aliasname for n in nodes if getattr(n, "alias", None) is not None
+                  and isinstance(n.alias, ast.Alias) and n.alias.aliasname}
+    relations |= {n.ctename for n in nodes if isinstance(n, ast.CommonTableExpr) and n.ctename}
+    refs: list[str] = []
+    for target in nodes:
+        if not isinstance(target, ast.ResTarget) or target.val is None or id(target) in plain:
+            continue
+        for ref in _nodes(target.val):
+            if not isinstance(ref, ast.ColumnRef):
+                continue
+            names = [f.sval for f in ref.fields or () if isinstance(f, ast.String) and f.sval]
+            if any(isinstance(f, ast.A_Star) for f in ref.fields or ()) or (
+                    len(names) == 1 and names[0] in relations):
+                refs.append(ROW_REF)
+            elif names:
+                refs.append(names[-1])
+    return tuple(dict.fromkeys(refs))
 
 
 def _slice(sql: str, location: int, length: int) -> str:

@@ -132,3 +132,22 @@ def test_an_http_request_on_a_postgres_connection_has_only_the_generic_fields():
     assert "postgres" in CONNECTION_TYPES
     action = classify(HTTPRequest("GET", "https", "h", 443, "/x"), "postgres")
     assert action.connection_type == "postgres" and action.postgres is None and not action.errors
+
+
+@pytest.mark.parametrize("sql,refs", [
+    ("SELECT id, password FROM users", ()),
+    ("SELECT * FROM users", ()),
+    ("SELECT u.* FROM users u", ()),
+    ("SELECT id, password AS pw FROM users", ("password",)),
+    ("SELECT upper(password) FROM users", ("password",)),
+    ("SELECT p FROM (SELECT password AS p FROM users) s", ("password",)),
+    ("WITH x AS (SELECT password AS p FROM users) SELECT * FROM x", ("password",)),
+    ("UPDATE users SET name = password WHERE id = 1 RETURNING name", ("password",)),
+    ("DELETE FROM users WHERE id = 1 RETURNING password AS p", ("password",)),
+    ("SELECT row_to_json(u) FROM users u", ("(row)",)),
+    ("SELECT (users).password FROM users", ("(row)",)),
+    ("SELECT to_jsonb(u.*) FROM users u", ("(row)",)),
+    ("SELECT count(*) FROM users WHERE password = 'x'", ()),  # a condition is not a value
+])
+def test_what_result_values_are_computed_from(sql, refs):
+    assert one(sql).output_refs == refs

@@ -134,6 +134,8 @@ ENV_OTEL_SERVICE = "OTEL_SERVICE_NAME"
 OTEL_SERVICE_NAME = "chaperone-sidecar"
 # OCSF export of the recorded flows (recording/ocsf_export.py, docs/telemetry.md); each set only
 # when configured: a JSONL file path, a key prefix in the recording bucket, an OTLP/HTTP logs URL.
+# Opt-in prompt/completion content (masked) on GenAI spans: OpenTelemetry's own variable.
+ENV_GENAI_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_OCSF_FILE = "CHAPERONE_OCSF_FILE"
 ENV_OCSF_S3_PREFIX = "CHAPERONE_OCSF_S3_PREFIX"
 ENV_OCSF_OTLP_ENDPOINT = "CHAPERONE_OCSF_OTLP_ENDPOINT"

@@ -45,6 +45,7 @@ ENV_VARS: dict[str, str] = {
     "CHAPERONE_REDIS_SECRET": "redis_secret",
     "CHAPERONE_REDIS_TLS_CA": "redis_tls_ca",
     "CHAPERONE_OTEL_ENDPOINT": "otel_endpoint",
+    "CHAPERONE_OTEL_GENAI_CONTENT": "otel_genai_content",
     "CHAPERONE_OCSF_FILE": "ocsf_file",
     "CHAPERONE_OCSF_S3_PREFIX": "ocsf_s3_prefix",
     "CHAPERONE_OCSF_OTLP_ENDPOINT": "ocsf_otlp_endpoint",
@@ -93,6 +94,7 @@ class InjectionSettings:
     redis_secret: str = ""
     redis_tls_ca: bool = False          # that Secret also holds the rediss:// server's CA (ca.crt)
     otel_endpoint: str = ""
+    otel_genai_content: bool = False    # prompts/completions (masked) on GenAI spans: opt-in
     # OCSF export of the sidecars' recorded flows (docs/telemetry.md); empty: off.
     ocsf_file: str = ""                 # a path inside the sidecar (e.g. on the spool volume)
     ocsf_s3_prefix: str = ""            # a key prefix in the recording bucket (s3_bucket)

@@ -90,6 +90,8 @@ def sidecar_container(settings: InjectionSettings, mode: str, approval_mode: str
     if settings.otel_endpoint:
         env.append({"name": c.ENV_OTEL_ENDPOINT, "value": settings.otel_endpoint})
         env.append({"name": c.ENV_OTEL_SERVICE, "value": c.OTEL_SERVICE_NAME})
+        if settings.otel_genai_content:
+            env.append({"name": c.ENV_GENAI_CONTENT, "value": "true"})
     if settings.oidc_issuer:  # on-behalf-of tokens; without an issuer the sidecar refuses them
         env += [{"name": c.ENV_OIDC_ISSUER, "value": settings.oidc_issuer},
                 {"name": c.ENV_OIDC_AUDIENCE, "value": settings.oidc_audience},

@@ -32,7 +32,10 @@ tap on the bytes as they leave (:class:`_AnthropicUsage`) decodes only the ``dat
 the ``message_start`` and ``message_delta`` events (the usage is in those) and costs a
 ``bytes.find`` per chunk otherwise; a compressed stream is not decoded for it (the attributes
 are then absent). A buffered JSON answer
-is parsed once. Prompt and completion content is never put on a span.
+is parsed once. Prompt and completion content is not put on a span - unless
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true`` (chart ``otel.captureGenAIContent``)
+asks for ``gen_ai.system_instructions``/``input.messages``/``output.messages``: then from Mask's
+masked captures only, the recording's form (:mod:`~chaperone_sidecar.genai_content`).
 
 **Metrics**: ``chaperone.requests`` (counter; attributes decision, outcome, connection),
 ``chaperone.request.duration`` (histogram, s), ``chaperone.upstream.duration`` (histogram, s:
@@ -54,6 +57,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -63,6 +67,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import flowctx
+from ..genai_content import request_content, response_content
 from ..policy.masking.masker import Masker
 from ..policy.model import MaskSpec
 from ..recording.flow_events import redact_url
@@ -73,6 +78,7 @@ __all__ = ["Telemetry", "METER_NAME", "TRACER_NAME", "genai_response"]
 log = logging.getLogger("chaperone.telemetry")
 
 TRACER_NAME = METER_NAME = "chaperone.sidecar"
+CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 
 _USAGE_MARK = b'"message_'  # "message_start" / "message_delta" (and "message_stop")
@@ -168,6 +174,9 @@ class Telemetry:
 
     def __init__(self, services: SidecarServices) -> None:
         self.services = services
+        # Opt-in content on GenAI spans (masked), the variable OTel's GenAI instrumentations use.
+        self.capture_content = os.environ.get(
+            CAPTURE_CONTENT_ENV, "").strip().lower() in ("true", "1", "yes", "on")
         self.tracer = services.tracer or trace.get_tracer(TRACER_NAME)
         meter = services.meter or metrics.get_meter(METER_NAME)
         self.requests = meter.create_counter(
@@ -346,6 +355,8 @@ class Telemetry:
             attrs.update({"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
                           "gen_ai.system": "anthropic", "gen_ai.request.model": model})
             attrs.update(self._genai_response(flow, state))
+            if self.capture_content:
+                attrs.update(self._genai_content(flow, ctx))
             name = f"chat {model}" if model else "chat"
         attrs = {k: v for k, v in attrs.items() if v is not None and v != ""}
         span = self.tracer.start_span(name, kind=SpanKind.SERVER, attributes=attrs,
@@ -355,6 +366,25 @@ class Telemetry:
         elif resp is not None and resp.status_code >= 500:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=int(end * 1e9))
+
+    @staticmethod
+    def _genai_content(flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> dict[str, Any]:
+        """Content as the recording has it: the masked captures, nothing when it records no
+        bodies (``recording.bodies: none``) or a capture could not be masked."""
+        if not ctx.recording.enabled or ctx.recording.body_limit == 0 or ctx.refused is not None:
+            return {}
+        out: dict[str, Any] = {}
+        request, response = ctx.bodies.get("request"), ctx.bodies.get("response")
+        try:
+            if request is not None and request.recordable and request.data:
+                out.update(request_content(bytes(request.data)))
+            if response is not None and response.recordable and response.data \
+                    and flow.response is not None:
+                out.update(response_content(bytes(response.data), sse=flow.response.headers.get(
+                    "content-type", "").startswith("text/event-stream")))
+        except Exception:  # content is a courtesy: never break the span over it
+            log.exception("GenAI content for a span failed")
+        return out
 
     @staticmethod
     def _genai_response(flow: http.HTTPFlow, state: flowctx.TelemetryProgress) -> dict[str, Any]:

@@ -3,6 +3,7 @@ exporter and reader; ``telemetry_setup`` configured from ``OTEL_*`` variables.""
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -435,3 +436,30 @@ def test_url_full_gets_the_decisions_detectors_like_the_recording(otel):
     [span] = otel.spans.get_finished_spans()
     assert "AKIAIOSFODNN7EXAMPLE" not in span.attributes["url.full"]
     assert "[MASKED:aws-access-key-id]" in span.attributes["url.full"]
+
+
+def test_genai_content_is_opt_in_and_only_the_masked_capture(otel):
+    """Off by default; on, the attributes come from Mask's captures (what the recording
+    stores), never from the wire body - here the wire says PROMPT-SECRET, the capture masked it."""
+    from chaperone_sidecar.flowctx import BodyCapture
+
+    def run(capture: bool):
+        otel.addon.capture_content = capture
+        f = _chat_flow(stream=False)
+        ctx = flowctx.get(f)
+        masked = BodyCapture(1 << 20)
+        masked.set(b'{"model":"claude-x","messages":[{"role":"user","content":"[MASKED:jwt]"}]}')
+        ctx.bodies["request"] = masked
+        otel.addon.request(f)
+        f.response = http.Response.make(200, b'{"type":"message","role":"assistant","content":[]}',
+                                        {"content-type": "application/json"})
+        otel.addon.response(f)
+        return dict(otel.spans.get_finished_spans()[-1].attributes)
+
+    off = run(False)
+    assert not any(k.startswith("gen_ai.input") or k.startswith("gen_ai.output") for k in off)
+    on = run(True)
+    assert json.loads(on["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "[MASKED:jwt]"}]}]
+    assert "PROMPT-SECRET" not in json.dumps(on)
+    assert "gen_ai.output.messages" not in on  # no response capture: nothing recorded, nothing here

@@ -212,8 +212,8 @@ class OcsfExporter:
         if not events:
             return
         if any("time" not in e for e in events):  # lost (not sealed): stamped now
-            now = format_time(utc_now())
-            events = [e if "time" in e else {**e, "time": now} for e in events]
+            stamp = format_time(utc_now())
+            events = [e if "time" in e else {**e, "time": stamp} for e in events]
         try:
             self.queue.put_nowait(events)
             self.submitted += len(events)

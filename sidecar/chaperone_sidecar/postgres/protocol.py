@@ -89,10 +89,12 @@ async def read_startup(reader: asyncio.StreamReader) -> Startup:
     return Startup(code, params, body)
 
 
-async def read_message(reader: asyncio.StreamReader) -> Message:
+async def read_message(reader: asyncio.StreamReader, limit: int = MAX_MESSAGE) -> Message:
+    """One typed message; ``limit`` bounds its length (the agent's messages are held to less
+    than the server's 1 GiB: the sidecar buffers a whole message to judge it)."""
     head = await reader.readexactly(5)
     kind, length = head[:1], struct.unpack("!I", head[1:])[0]
-    if not 4 <= length <= MAX_MESSAGE:
+    if not 4 <= length <= limit:
         raise ProtocolViolation(f"invalid length {length} of a {kind!r} message")
     return Message(kind, await reader.readexactly(length - 4))
 

@@ -163,7 +163,8 @@ def _nodes(root: Any) -> list[Any]:
             stack.extend(reversed(node))
         elif isinstance(node, ast.Node):
             out.append(node)
-            children = [v for v in (getattr(node, name, None) for name in node.__slots__)
+            slots = getattr(type(node), "__slots__", ())
+            children = [v for v in (getattr(node, name, None) for name in slots)
                         if isinstance(v, (ast.Node, list, tuple))]
             stack.extend(reversed(children))
     return out

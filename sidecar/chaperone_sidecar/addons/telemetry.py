@@ -118,9 +118,12 @@ class _AnthropicUsage:
                     obj = json.loads(line[5:])
                 except ValueError:
                     continue
-                if isinstance(obj, dict):
-                    self.attrs.update(genai_response(obj.get("message") if obj.get(
-                        "type") == "message_start" else obj))
+                if not isinstance(obj, dict):
+                    continue
+                if obj.get("type") == "message_start":
+                    self.attrs.update(genai_response(obj.get("message")))
+                elif obj.get("type") == "message_delta":
+                    self.attrs.update(genai_response(obj))
 
 
 def genai_response(obj: Any) -> dict[str, Any]:

@@ -34,6 +34,7 @@ Mapping (docs/telemetry.md has the table):
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = ["OCSF_VERSION", "CLASS_UID", "api_activity", "activity_of", "FlowEvents"]
+
+log = logging.getLogger("chaperone.ocsf")
 
 OCSF_VERSION = "1.8.0"
 CATEGORY_UID = 6  # Application Activity
@@ -272,6 +275,7 @@ class FlowEvents:
         self.limit = limit
         self.pending: OrderedDict[str, list[Mapping[str, Any]]] = OrderedDict()
         self.orphaned = 0
+        self.failed = 0
 
     def add(self, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -285,7 +289,11 @@ class FlowEvents:
                 request = next((e for e in seen if e.get("type") == "request"), None)
                 if request is None:
                     continue  # its request was never seen (recording off for it, or dropped)
-                out.append(api_activity(request, event, [e for e in seen if e is not request]))
+                try:
+                    out.append(api_activity(request, event, [e for e in seen if e is not request]))
+                except Exception:  # one odd flow must not cost the others of its batch
+                    self.failed += 1
+                    log.exception("mapping flow %s to OCSF failed", flow)
                 continue
             self.pending.setdefault(flow, []).append(event)
             if len(self.pending) > self.limit:

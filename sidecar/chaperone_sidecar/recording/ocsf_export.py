@@ -248,7 +248,7 @@ class OcsfExporter:
     def metrics(self) -> dict[str, int]:
         return {"submitted": self.submitted, "dropped": self.dropped + sum(
             getattr(s, "dropped", 0) for s in self.sinks), "exported": self.exported,
-            "errors": self.errors, "orphaned": self.pairs.orphaned}
+            "errors": self.errors + self.pairs.failed, "orphaned": self.pairs.orphaned}
 
     # ------------------------------------------------------------------ thread side
     def _run(self) -> None:

@@ -161,3 +161,11 @@ def test_flow_events_pair_and_bound_memory():
     assert pairs.add([response("never-requested")]) == []
     pairs.add([request("b"), request("c"), request("d")])
     assert len(pairs.pending) == 2 and pairs.orphaned == 1
+
+
+def test_one_unmappable_flow_does_not_cost_the_others():
+    pairs = FlowEvents()
+    bad = request("bad")
+    bad["data"]["url"] = "https://host:99999/x"  # urlsplit refuses the port
+    out = pairs.add([bad, request("good"), response("bad"), response("good")])
+    assert [e["metadata"]["uid"] for e in out] == ["good"] and pairs.failed == 1

@@ -22,7 +22,7 @@ __all__ = [
     "message", "error_response", "ready_for_query", "parameter_status", "startup_message",
     "parse_fields", "parse_row_description", "row_description", "parse_data_row", "data_row",
     "parse_query", "parse_parse", "parse_bind", "parse_execute", "parse_close", "cstring",
-    "command_complete", "SSL_REQUEST", "GSSENC_REQUEST", "CANCEL_REQUEST", "PROTOCOL_3",
+    "command_complete", "MessageReader", "SSL_REQUEST", "GSSENC_REQUEST", "CANCEL_REQUEST", "PROTOCOL_3",
 ]
 
 PROTOCOL_3 = 196608  # 3.0
@@ -97,6 +97,41 @@ async def read_message(reader: asyncio.StreamReader, limit: int = MAX_MESSAGE) -
     if not 4 <= length <= limit:
         raise ProtocolViolation(f"invalid length {length} of a {kind!r} message")
     return Message(kind, await reader.readexactly(length - 4))
+
+
+class MessageReader:
+    """The server's messages in the batches they arrive in: one read, every complete message
+    it completed. Consecutive DataRows are then masked together (results.py)."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int = MAX_MESSAGE) -> None:
+        self.reader = reader
+        self.limit = limit
+        self._buffer = bytearray()
+
+    def _split(self) -> list[Message]:
+        out: list[Message] = []
+        buf, pos = self._buffer, 0
+        while len(buf) - pos >= 5:
+            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
+            if not 4 <= length <= self.limit:
+                raise ProtocolViolation(f"invalid length {length} of a {bytes(buf[pos:pos + 1])!r} message")
+            if len(buf) - pos < 1 + length:
+                break
+            out.append(Message(bytes(buf[pos:pos + 1]), bytes(buf[pos + 5:pos + 1 + length])))
+            pos += 1 + length
+        del buf[:pos]
+        return out
+
+    async def batch(self) -> list[Message]:
+        """At least one message; raises IncompleteReadError at the end of the stream."""
+        while True:
+            messages = self._split()
+            if messages:
+                return messages
+            chunk = await self.reader.read(1 << 16)
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), None)
+            self._buffer += chunk
 
 
 def message(kind: bytes, payload: bytes = b"") -> bytes:

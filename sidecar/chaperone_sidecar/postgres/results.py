@@ -48,6 +48,7 @@ TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 114})
 _JSON = 114
 _JSONB = 3802
 _VALUE_CAP = 256
+SCAN_GROUP = 256  # text values per joined detector scan
 
 
 class RowMasker:
@@ -96,34 +97,42 @@ class RowMasker:
         return b"", value
 
     def row(self, columns: list[Column] | None, values: list[bytes | None]) -> tuple[list[bytes | None], bool]:
-        """The row as the agent gets it, and whether anything was masked.
+        """One row as the agent gets it, and whether anything was masked."""
+        out, changed = self.rows(columns, [values])
+        return out[0], changed[0]
 
-        The detectors scan the row's text values in one joined pass (``Masker.mask_values``:
-        values seen clean before are skipped), not one scan per value."""
+    def rows(self, columns: list[Column] | None,
+             rows: list[list[bytes | None]]) -> tuple[list[list[bytes | None]], list[bool]]:
+        """Consecutive rows (what one read from the server brought) as the agent gets them.
+
+        The detectors scan the rows' text values in joined passes of up to
+        :data:`SCAN_GROUP` values (``Masker.mask_values``: values seen clean before skipped,
+        a group with a finding masked value by value), not one scan per value or per row."""
         if not self.active:
-            return values, False
-        plan = self._plan(columns) if columns and len(columns) == len(values) else ()
-        out: list[bytes | None] = list(values)
-        changed = False
-        scan: list[tuple[int, bytes, str]] = []  # (index, prefix, text)
-        for i, value in enumerate(values):
-            if value is None:
-                continue
-            column = columns[i] if plan and columns else None
-            if plan and plan[i]:
-                assert column is not None
-                out[i] = self._placeholder(column)
-                changed = True
-                continue
-            if self.masker.rules and (part := self._detectable(value, column)) is not None:
-                scan.append((i, part[0], part[1].decode("utf-8", "surrogateescape")))
-        if scan:
-            texts = [t for _, _, t in scan]
-            masked = self.masker.mask_values(texts)
-            for (i, prefix, text), new in zip(scan, masked, strict=True):
+            return rows, [False] * len(rows)
+        out = [list(r) for r in rows]
+        changed = [False] * len(rows)
+        scan: list[tuple[int, int, bytes, str]] = []  # (row, column, prefix, text)
+        for r, values in enumerate(rows):
+            plan = self._plan(columns) if columns and len(columns) == len(values) else ()
+            for i, value in enumerate(values):
+                if value is None:
+                    continue
+                column = columns[i] if plan and columns else None
+                if plan and plan[i]:
+                    assert column is not None
+                    out[r][i] = self._placeholder(column)
+                    changed[r] = True
+                    continue
+                if self.masker.rules and (part := self._detectable(value, column)) is not None:
+                    scan.append((r, i, part[0], part[1].decode("utf-8", "surrogateescape")))
+        for start in range(0, len(scan), SCAN_GROUP):
+            group = scan[start:start + SCAN_GROUP]
+            masked = self.masker.mask_values([t for _, _, _, t in group])
+            for (r, i, prefix, text), new in zip(group, masked, strict=True):
                 if new != text:
-                    out[i] = prefix + new.encode("utf-8", "surrogateescape")
-                    changed = True
+                    out[r][i] = prefix + new.encode("utf-8", "surrogateescape")
+                    changed[r] = True
         return out, changed
 
     def text(self, text: str) -> str:

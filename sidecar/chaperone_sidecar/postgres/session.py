@@ -68,6 +68,7 @@ from .protocol import (
     SSL_REQUEST,
     Column,
     Message,
+    MessageReader,
     ProtocolViolation,
     cstring,
     data_row,
@@ -510,74 +511,96 @@ class Session:
         up = self.upstream
         assert up is not None
         writer = self.client_writer
+        server = MessageReader(up.reader)
         while True:
-            msg = await read_message(up.reader)
-            kind = msg.type
-            unit = self.units[0] if self.units else None
-            out: bytes = msg.raw
-            if kind == b"T":
-                self.columns = parse_row_description(msg.payload)
-                if unit is not None and not unit.extended:
-                    unit.columns = [c.name for c in self.columns]
-            elif kind == b"D":
-                if unit is not None and not unit.columns and self.columns:
-                    unit.columns = [c.name for c in self.columns]
-                masker = unit.masker if unit is not None else self.last_masker
-                values = parse_data_row(msg.payload)
-                masked, changed = masker.row(self.columns, values)
-                if changed:
-                    out = data_row(masked)
+            batch = await server.batch()
+            out: list[bytes] = []
+            drain = False
+            i = 0
+            while i < len(batch):
+                if batch[i].type == b"D":  # a run of rows: masked together
+                    j = i
+                    while j < len(batch) and batch[j].type == b"D":
+                        j += 1
+                    out += self._rows(batch[i:j])
+                    i = j
+                    continue
+                msg = batch[i]
+                out.append(await self._server_message(msg))
+                drain = drain or msg.type in (b"Z", b"G", b"H", b"W", b"s")
+                i += 1
+            writer.write(b"".join(out))
+            # Drain at every turn of the conversation, and whenever a large result piles up.
+            if drain or writer.transport.get_write_buffer_size() > 1 << 16:
+                await writer.drain()
+
+    def _rows(self, messages: list[Message]) -> list[bytes]:
+        unit = self.units[0] if self.units else None
+        if unit is not None and not unit.columns and self.columns:
+            unit.columns = [c.name for c in self.columns]
+        masker = unit.masker if unit is not None else self.last_masker
+        rows = [parse_data_row(m.payload) for m in messages]
+        masked, changed = masker.rows(self.columns, rows)
+        out = [data_row(m) if c else msg.raw for m, c, msg in zip(masked, changed, messages, strict=True)]
+        if unit is not None:
+            unit.rows += len(rows)
+            unit.masked += sum(changed)
+            room = self.settings.sample_rows - len(unit.sample)
+            unit.sample += [sample_row(self.columns, m) for m in masked[:max(0, room)]]
+        return out
+
+    async def _server_message(self, msg: Message) -> bytes:
+        """One message other than a DataRow: bookkeeping, and what the agent gets."""
+        kind = msg.type
+        unit = self.units[0] if self.units else None
+        out: bytes = msg.raw
+        if kind == b"T":
+            self.columns = parse_row_description(msg.payload)
+            if unit is not None and not unit.extended:
+                unit.columns = [c.name for c in self.columns]
+        elif kind == b"d" and unit is not None:  # COPY ... TO STDOUT: one line per message
+            if unit.masker.active:
+                text = msg.payload.decode("utf-8", "surrogateescape")
+                masked_text = unit.masker.text(text)
+                if masked_text != text:
+                    out = message(b"d", masked_text.encode("utf-8", "surrogateescape"))
+                    unit.masked += 1
+            unit.rows += 1
+        elif kind in (b"C", b"I", b"s"):
+            if unit is not None:
+                if kind == b"C":
+                    unit.tags.append(msg.payload.rstrip(b"\0").decode("utf-8", "replace"))
+                if unit.extended:
+                    await self._complete(self.units.popleft())
+        elif kind == b"2" and self.pending_binds:  # BindComplete: the oldest Bind holds
+            entry = self.pending_binds.popleft()[1]
+            entry.confirmed, entry.previous = True, None
+        elif kind == b"E":
+            fields = parse_fields(msg.payload)
+            refused = next((u for u in self.units if u.nonce and u.nonce in fields.get("M", "")), None)
+            if refused is not None and refused.verdict.refusal is not None:
+                out = error_response(refused.verdict.refusal)
+                refused.error = refused.verdict.refusal
+                self.units.remove(refused)
+                await self._complete(refused)
+            else:
+                out = self._mask_fields(b"E", fields, unit)
                 if unit is not None:
-                    unit.rows += 1
-                    unit.masked += changed
-                    if len(unit.sample) < self.settings.sample_rows:
-                        unit.sample.append(sample_row(self.columns, masked))
-            elif kind == b"d" and unit is not None:  # COPY ... TO STDOUT: one line per message
-                if unit.masker.active:
-                    text = msg.payload.decode("utf-8", "surrogateescape")
-                    masked_text = unit.masker.text(text)
-                    if masked_text != text:
-                        out = message(b"d", masked_text.encode("utf-8", "surrogateescape"))
-                        unit.masked += 1
-                unit.rows += 1
-            elif kind in (b"C", b"I", b"s"):
-                if unit is not None:
-                    if kind == b"C":
-                        unit.tags.append(msg.payload.rstrip(b"\0").decode("utf-8", "replace"))
+                    unit.error = fields
                     if unit.extended:
                         await self._complete(self.units.popleft())
-            elif kind == b"2" and self.pending_binds:  # BindComplete: the oldest Bind holds
-                entry = self.pending_binds.popleft()[1]
-                entry.confirmed, entry.previous = True, None
-            elif kind == b"E":
-                fields = parse_fields(msg.payload)
-                refused = next((u for u in self.units if u.nonce and u.nonce in fields.get("M", "")), None)
-                if refused is not None and refused.verdict.refusal is not None:
-                    out = error_response(refused.verdict.refusal)
-                    refused.error = refused.verdict.refusal
-                    self.units.remove(refused)
-                    await self._complete(refused)
-                else:
-                    out = self._mask_fields(b"E", fields, unit)
-                    if unit is not None:
-                        unit.error = fields
-                        if unit.extended:
-                            await self._complete(self.units.popleft())
-            elif kind == b"S":  # a setting changed (SET, set_config): lexing hazards read these
-                name, _, rest = msg.payload.partition(b"\0")
-                self.server_params[name.decode("utf-8", "replace")] = rest.rstrip(b"\0").decode("utf-8", "replace")
-            elif kind == b"N":
-                out = self._mask_fields(b"N", parse_fields(msg.payload), unit)
-            elif kind == b"Z":
-                self.status = msg.payload[:1]
-                self.outstanding = max(0, self.outstanding - 1)
-                self._revert_binds()
-                while self.units:
-                    await self._complete(self.units.popleft())
-            writer.write(out)
-            # Drain at every turn of the conversation, and whenever a large result piles up.
-            if kind in (b"Z", b"G", b"H", b"W", b"s") or writer.transport.get_write_buffer_size() > 1 << 16:
-                await writer.drain()
+        elif kind == b"S":  # a setting changed (SET, set_config): lexing hazards read these
+            name, _, rest = msg.payload.partition(b"\0")
+            self.server_params[name.decode("utf-8", "replace")] = rest.rstrip(b"\0").decode("utf-8", "replace")
+        elif kind == b"N":
+            out = self._mask_fields(b"N", parse_fields(msg.payload), unit)
+        elif kind == b"Z":
+            self.status = msg.payload[:1]
+            self.outstanding = max(0, self.outstanding - 1)
+            self._revert_binds()
+            while self.units:
+                await self._complete(self.units.popleft())
+        return out
 
     def _revert_binds(self) -> None:
         """Binds the server never completed (an error skipped them) created no portal: the

@@ -25,7 +25,9 @@ in ``requestheaders`` on the headers (and the classification Route made from the
 **Decisions**: if a rule that could match such a request tests the body (``bodyRegex``):
 
 * a ``Content-Length`` within that policy's body limit (``masking.maxBodyBytes``, default
-  64 MiB): streaming is switched off for the flow, the body is read and judged in ``request``;
+  64 MiB) and within mitmproxy's ``stream_large_bodies`` (1 MiB: past it mitmproxy streams a
+  body it was told to buffer again, on its own, before ``request``): streaming is switched off
+  for the flow, the body is read and judged in ``request``;
 * a larger body: refused with 413; a ``POST``/``PUT``/``PATCH`` or chunked body without a
   length: refused with 411 (judging it without its body could let through what the rule
   blocks);
@@ -47,7 +49,9 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from mitmproxy import ctx as mctx
 from mitmproxy import http
+from mitmproxy.utils import human
 
 from .. import flowctx
 from ..approvals.ratelimit import MemoryRateLimiter, check_limits
@@ -68,6 +72,14 @@ DEFAULT_BODY_LIMIT = 64 * 1024 * 1024  # the CRD's default masking.maxBodyBytes
 RATE_LIMITER_RETRY = "5"  # Retry-After when the limiter itself is unavailable
 _RANK = {"allow": 1, "require_approval": 2, "rate_limited": 3, "block": 3}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _stream_size() -> int | None:
+    """mitmproxy's ``stream_large_bodies`` in bytes (None when unset or outside a master)."""
+    try:
+        return human.parse_size(mctx.options.stream_large_bodies)
+    except (AttributeError, ValueError):
+        return None
 
 
 def _approvers_of(policy: Any) -> str:
@@ -216,6 +228,9 @@ class Enforce:
         ref, limit = self._body_rule(ctx, snapshot)
         if ref is None:
             return False
+        # mitmproxy streams a body again, without asking any addon, once what it buffered passes
+        # stream_large_bodies: a larger body cannot be read before it leaves, whatever we say.
+        limit = min(limit, _stream_size() or limit)
         length = flow.request.headers.get("content-length", "").strip()
         if length.isdigit() and int(length) <= limit:
             flow.request.stream = False  # read the body; judged (with it) in `request`

@@ -229,6 +229,24 @@ def test_a_body_rule_refuses_a_chunked_body_it_cannot_read_first():
     assert "Content-Length header of at most 67108864 bytes" in body["how_to_get_access"]
 
 
+def test_a_body_rule_refuses_a_body_over_the_streaming_size():
+    """Past stream_large_bodies mitmproxy streams a body it was told to buffer again, before the
+    request hook (it sent a 2 MiB body matching a bodyRegex block rule upstream): refused."""
+    f = github_flow("POST", b"", {"content-length": str(2 * 1024 * 1024)})
+    f.request.stream = True
+    addon = Enforce(services())
+
+    async def run():
+        from mitmproxy.addons.proxyserver import Proxyserver  # declares stream_large_bodies
+
+        with taddons.context(addon, Proxyserver()) as tctx:
+            tctx.options.stream_large_bodies = "1m"
+            await addon.requestheaders(f)
+    asyncio.run(run())
+    assert f.response.status_code == 413 and "larger than 1048576 bytes" in body_of(f)["message"]
+    assert f.request.stream is False  # mitmproxy cannot answer while streaming
+
+
 def test_a_body_rule_refuses_a_streamed_body_above_its_limit():
     f = github_flow("POST", b"", {"content-length": str(100 * 1024 * 1024)})
     enforce(f, streamed=True)

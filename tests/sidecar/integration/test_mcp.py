@@ -190,11 +190,19 @@ def test_approved_tool_call_runs(setup):
     assert {"tool": "deploy", "env": "staging"} in reached(calls)
 
 
-def _post(proxy_port: int, server_port: int, content: bytes) -> httpx.Response:
+def _post(proxy_port: int, server_port: int, content: bytes, session: bool = False) -> httpx.Response:
+    """A raw POST through the proxy; ``session``: after an initialize handshake (its session id)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
     with httpx.Client(proxy=f"http://127.0.0.1:{proxy_port}", trust_env=False, timeout=30) as client:
-        return client.post(f"http://127.0.0.1:{server_port}/mcp", content=content,
-                           headers={"Content-Type": "application/json",
-                                    "Accept": "application/json, text/event-stream"})
+        url = f"http://127.0.0.1:{server_port}/mcp"
+        if session:
+            init = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                    "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                               "clientInfo": {"name": "raw", "version": "0"}}}
+            answer = client.post(url, json=init, headers=headers)
+            headers["Mcp-Session-Id"] = answer.headers["mcp-session-id"]
+            client.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+        return client.post(url, content=content, headers=headers)
 
 
 def test_batch_with_a_forbidden_call_is_refused_whole(setup):
@@ -333,3 +341,20 @@ def test_a_deferred_approval_lets_the_sdks_retry_through(setup):
     result = run(with_session(proxy.port, ports["json"], retry))
     assert result.content[0].text == "deployed to qa"
     assert [c for c in reached(calls) if c.get("env") == "qa"] == [{"tool": "deploy", "env": "qa"}]
+
+
+@pytest.mark.parametrize("size", [2 * 1024 * 1024, 5 * 1024 * 1024])
+def test_a_call_too_large_to_read_first_is_refused_and_never_reaches_the_server(setup, size):
+    """Over the sidecar's streaming size (1 MiB) mitmproxy sends a body upstream as it arrives,
+    before the addons could read it (and streams it again if told not to, once it is past that
+    size): such an MCP call cannot be judged on its messages, so it is refused - in
+    requestheaders, before anything leaves."""
+    proxy, ports, calls, _ = setup
+    tag = f"/tmp/large-{size}"
+    for tool in ("read_file", "delete_file"):
+        body = json.dumps({"jsonrpc": "2.0", "id": 21, "method": "tools/call",
+                           "params": {"name": tool, "arguments": {"path": tag, "pad": "x" * size}}}).encode()
+        resp = _post(proxy.port, ports["json"], body, session=True)
+        assert resp.status_code == 400 and resp.json()["error"] == "chaperone_invalid_request", resp.text[:300]
+        assert "streamed before it could be read" in resp.json()["message"]
+    assert not [c for c in reached(calls) if c.get("path") == tag]

@@ -85,3 +85,27 @@ def test_extended_protocol_messages_are_read():
     assert parse_bind(bind) == ("p", "s1", (0,), [b"7", None])
     assert parse_execute(cstring("p") + struct.pack("!i", 0)) == ("p", 0)
     assert parse_close(b"S" + cstring("s1")) == ("S", "s1")
+
+
+def test_the_server_reader_returns_what_one_read_completed_and_keeps_the_rest():
+    from chaperone_sidecar.postgres.protocol import MessageReader
+
+    async def main():
+        reader = asyncio.StreamReader()
+        stream = MessageReader(reader)
+        rows = b"".join(data_row([str(i).encode()]) for i in range(3))
+        reader.feed_data(rows + message(b"C", cstring("SELECT 3"))[:4])  # a message cut short
+        first = await stream.batch()
+        reader.feed_data(message(b"C", cstring("SELECT 3"))[4:] + message(b"Z", b"I"))
+        second = await stream.batch()
+        reader.feed_eof()
+        try:
+            await stream.batch()
+        except asyncio.IncompleteReadError:
+            return first, second, "eof"
+        return first, second, None
+
+    first, second, end = asyncio.run(main())
+    assert [m.type for m in first] == [b"D", b"D", b"D"]
+    assert [(m.type, m.payload) for m in second] == [(b"C", b"SELECT 3\0"), (b"Z", b"I")]
+    assert end == "eof"

@@ -66,3 +66,12 @@ def test_a_masked_column_read_under_another_label_masks_every_column():
     assert RowMasker(spec, output_refs=("(row)",)).every_column
     assert not RowMasker(spec, output_refs=("name",)).every_column
     assert not RowMasker([MaskSpec(detectors=("jwt",))], output_refs=("(row)",)).every_column
+
+
+def test_a_batch_of_rows_masks_the_one_row_with_a_secret():
+    masker = RowMasker([MaskSpec(detectors=("aws-access-key-id",))])
+    rows = [[str(i).encode(), b"clean"] for i in range(300)]
+    rows[257][1] = f"key {KEY}".encode()
+    out, changed = masker.rows([col("id", 23), col("note")], rows)
+    assert changed == [i == 257 for i in range(300)]
+    assert out[257][1] == b"key [MASKED:aws-access-key-id]" and out[0] == [b"0", b"clean"]

@@ -1,6 +1,6 @@
 """The opt-in content attributes of a GenAI span: an Anthropic Messages request and answer as
 OpenTelemetry's ``gen_ai.system_instructions``, ``gen_ai.input.messages`` and
-``gen_ai.output.messages`` (semconv v1.37: JSON strings of ``{role, parts: [...]}``).
+``gen_ai.output.messages`` (semconv v1.41.0: JSON strings of ``{role, parts: [...]}``).
 
 Why a module of its own: pure functions of two masked bodies, no addon state; the Telemetry
 addon calls them only when content capture is switched on

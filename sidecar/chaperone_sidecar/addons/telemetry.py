@@ -18,16 +18,22 @@ and the HTTP semantic-convention fields (``http.request.method``, ``server.addre
 detectors applied, as the recording has it - ``http.response.status_code``, ``http.request.body.size``,
 ``http.response.body.size``). Status ERROR for a flow error or a 5xx.
 
-**Semantic conventions followed: OpenTelemetry semconv v1.37** (docs/telemetry.md has the
-table). AWS connections: ``rpc.system`` ``aws-api``, ``rpc.service`` (the signing name),
-``rpc.method`` (the operation), ``cloud.region``, ``aws.s3.bucket`` for S3. Kubernetes
+**Semantic conventions followed: OpenTelemetry semconv v1.41.0** - the last release with the
+GenAI and MCP conventions in it (since v1.42 they live in open-telemetry/semantic-conventions-genai)
+- docs/telemetry.md has the table. AWS connections: ``rpc.system`` and its successor
+``rpc.system.name`` ``aws-api``, ``rpc.service`` (the SigV4 signing name, ``s3``: the proxy never
+sees the SDK's ``S3``), ``rpc.method`` (the operation), ``cloud.region``, ``aws.s3.bucket`` for
+S3, ``aws.request_id``/``aws.extended_request_id`` from the answer. MCP spans are named
+``{mcp.method.name} {target}`` (the tool or prompt name; the method alone without one). Kubernetes
 connections: ``k8s.namespace.name`` and, for a pod or its subresource, ``k8s.pod.name`` of the
 *target* (the sidecar's own pod is the resource's ``k8s.pod.name``). Anthropic ``messages``
 (the GenAI inference span): named ``chat {gen_ai.request.model}``, ``gen_ai.operation.name``
 ``chat``, ``gen_ai.provider.name`` ``anthropic`` (and the deprecated ``gen_ai.system``, which
 backends of semconv <= 1.36 still read), ``gen_ai.request.model``, and from the answer
 ``gen_ai.response.id``, ``gen_ai.response.model``, ``gen_ai.response.finish_reasons``,
-``gen_ai.usage.input_tokens``/``output_tokens``. A streamed answer is not buffered for them: a
+``gen_ai.usage.input_tokens`` (Anthropic's ``input_tokens`` plus the cache reads and writes, as
+the conventions compute it), ``gen_ai.usage.cache_read.input_tokens``,
+``gen_ai.usage.cache_creation.input_tokens``, ``gen_ai.usage.output_tokens``. A streamed answer is not buffered for them: a
 tap on the bytes as they leave (:class:`_AnthropicUsage`) decodes only the ``data:`` lines of
 the ``message_start`` and ``message_delta`` events (the usage is in those) and costs a
 ``bytes.find`` per chunk otherwise; a compressed stream is not decoded for it (the attributes
@@ -140,12 +146,25 @@ def genai_response(obj: Any) -> dict[str, Any]:
     if isinstance(delta.get("stop_reason"), str):
         out["gen_ai.response.finish_reasons"] = [delta["stop_reason"]]
     usage = obj.get("usage")
-    if isinstance(usage, dict):
-        for key in ("input_tokens", "output_tokens"):
-            value = usage.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and (
-                    value or key == "output_tokens"):  # message_start's output is a placeholder
-                out[f"gen_ai.usage.{key}"] = value
+    if not isinstance(usage, dict):
+        return out
+
+    def count(key: str) -> int | None:
+        value = usage.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    # Anthropic's input_tokens leaves out the cached ones; the conventions' count includes them.
+    inputs = {k: count(k) for k in ("input_tokens", "cache_read_input_tokens",
+                                    "cache_creation_input_tokens")}
+    if any(v is not None for v in inputs.values()):
+        out["gen_ai.usage.input_tokens"] = sum(v or 0 for v in inputs.values())
+    if inputs["cache_read_input_tokens"] is not None:
+        out["gen_ai.usage.cache_read.input_tokens"] = inputs["cache_read_input_tokens"]
+    if inputs["cache_creation_input_tokens"] is not None:
+        out["gen_ai.usage.cache_creation.input_tokens"] = inputs["cache_creation_input_tokens"]
+    output = count("output_tokens")
+    if output is not None:  # message_start's is a placeholder that message_delta replaces
+        out["gen_ai.usage.output_tokens"] = output
     return out
 
 
@@ -338,16 +357,26 @@ class Telemetry:
             attrs["gen_ai.operation.name"] = "execute_tool" if methods == ("tools/call",) else None
             attrs["jsonrpc.request.id"] = mcp.calls[0].id if len(mcp.calls) == 1 else None
             attrs["mcp.protocol.version"] = mcp.protocol_version
+            prompts = tuple(dict.fromkeys(c.prompt for c in mcp.calls if c.prompt))
+            attrs["gen_ai.prompt.name"] = prompts[0] if len(prompts) == 1 else None
         if resp is not None:
             attrs["http.response.status_code"] = resp.status_code
             attrs["http.response.body.size"] = self._size(resp, state.response)
         name = (ctx.action.name if ctx.action is not None and ctx.action.name else req.method)
+        if attrs.get("mcp.method.name"):  # MCP: "{mcp.method.name} {target}"
+            target = attrs.get("gen_ai.tool.name") or attrs.get("gen_ai.prompt.name")
+            name = f"{attrs['mcp.method.name']} {target}" if target else attrs["mcp.method.name"]
         action = ctx.action
         if action is not None and action.aws is not None:
-            attrs.update({"rpc.system": "aws-api", "rpc.service": action.aws.service,
+            attrs.update({"rpc.system": "aws-api", "rpc.system.name": "aws-api",
+                          "rpc.service": action.aws.service,
                           "rpc.method": action.aws.operation, "cloud.region": action.aws.region})
             if action.aws.service == "s3" and action.aws.resources:
                 attrs["aws.s3.bucket"] = action.aws.resources[0].partition("/")[0]
+            if resp is not None:
+                attrs["aws.request_id"] = (resp.headers.get("x-amzn-requestid") or resp.headers.get(
+                    "x-amzn-request-id") or resp.headers.get("x-amz-request-id"))
+                attrs["aws.extended_request_id"] = resp.headers.get("x-amz-id-2")
         if action is not None and action.kubernetes is not None:
             kube = action.kubernetes
             attrs["k8s.namespace.name"] = kube.namespace

@@ -465,3 +465,39 @@ def test_genai_content_is_opt_in_and_only_the_masked_capture(otel):
         {"role": "user", "parts": [{"type": "text", "content": "[MASKED:jwt]"}]}]
     assert "PROMPT-SECRET" not in json.dumps(on)
     assert "gen_ai.output.messages" not in on  # no response capture: nothing recorded, nothing here
+
+
+def test_anthropic_cache_tokens_count_as_input_as_the_conventions_say():
+    from chaperone_sidecar.addons.telemetry import genai_response
+
+    out = genai_response({"id": "m", "usage": {"input_tokens": 10, "cache_read_input_tokens": 50,
+                                               "cache_creation_input_tokens": 25, "output_tokens": 3}})
+    assert out["gen_ai.usage.input_tokens"] == 85
+    assert out["gen_ai.usage.cache_read.input_tokens"] == 50
+    assert out["gen_ai.usage.cache_creation.input_tokens"] == 25
+    assert genai_response({"usage": {"input_tokens": True}}) == {}  # a bool is no count
+
+
+def test_mcp_span_name_and_aws_request_ids(otel):
+    from chaperone_sidecar.policy.model import AWSAction, MCPAction, MCPCall
+
+    t = otel.addon
+    f = make_flow(method=b"POST")
+    flowctx.get(f).action = Action("mcp", "POST", "https", "mcp.example", 443, "/mcp",
+                                   name="mcp:tools/call", mcp=MCPAction(calls=(
+                                       MCPCall("tools/call", id="7", tool="get_weather"),)))
+    t.request(f)
+    f.response = http.Response.make(200, b"{}")
+    t.response(f)
+    a = make_flow()
+    flowctx.get(a).action = Action("aws", "GET", "https", "s3.amazonaws.com", 443, "/",
+                                   name="s3:ListBuckets",
+                                   aws=AWSAction("s3", "us-east-1", "ListBuckets", "rest-xml"))
+    t.request(a)
+    a.response = http.Response.make(200, b"<x/>", {"x-amz-request-id": "RID1", "x-amz-id-2": "EXT2"})
+    t.response(a)
+    spans = {s.name: dict(s.attributes) for s in otel.spans.get_finished_spans()}
+    assert spans["tools/call get_weather"]["jsonrpc.request.id"] == "7"
+    aws = spans["s3:ListBuckets"]
+    assert (aws["rpc.system.name"], aws["aws.request_id"], aws["aws.extended_request_id"]) == \
+        ("aws-api", "RID1", "EXT2")

@@ -33,8 +33,8 @@ backends of semconv <= 1.36 still read), ``gen_ai.request.model``, and from the 
 ``gen_ai.response.id``, ``gen_ai.response.model``, ``gen_ai.response.finish_reasons``,
 ``gen_ai.usage.input_tokens`` (Anthropic's ``input_tokens`` plus the cache reads and writes, as
 the conventions compute it), ``gen_ai.usage.cache_read.input_tokens``,
-``gen_ai.usage.cache_creation.input_tokens``, ``gen_ai.usage.output_tokens``. A streamed answer is not buffered for them: a
-tap on the bytes as they leave (:class:`_AnthropicUsage`) decodes only the ``data:`` lines of
+``gen_ai.usage.cache_creation.input_tokens``, ``gen_ai.usage.output_tokens``. A streamed
+answer is not buffered for them: a tap on the bytes as they leave (:class:`_AnthropicUsage`) decodes only the ``data:`` lines of
 the ``message_start`` and ``message_delta`` events (the usage is in those) and costs a
 ``bytes.find`` per chunk otherwise; a compressed stream is not decoded for it (the attributes
 are then absent). A buffered JSON answer

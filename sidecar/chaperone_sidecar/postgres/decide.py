@@ -1,7 +1,8 @@
 """Judge what the agent is about to run: policy per statement, then approvals; the refusal text.
 
-One call per unit the server would execute - a simple Query (all its statements), or an
-Execute of the extended protocol (the statement(s) its portal was bound to). Every statement
+One call per unit the server would run - a simple Query (all its statements), or a Bind of
+the extended protocol (the statement(s) its name may mean, with the parameters; session.py says
+why Bind and not Execute). Every statement
 is evaluated with the connection's policies (``policy.evaluator.evaluate`` on the
 :func:`~chaperone_sidecar.policy.classify.postgres.statement_action`); the unit's outcome is the
 strictest:

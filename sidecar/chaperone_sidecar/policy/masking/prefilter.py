@@ -22,7 +22,9 @@ all their user needs (``decoded._first_run`` starts its own run search there).
 
 Results are cached for the last text scanned in each thread (by identity; the cache holds a
 reference, so the identity cannot be reused): the whole-body pipeline scans the same bytes
-object for the detectors and then for base64 runs when nothing was masked. Hyperscan's
+object for the detectors and then for base64 runs when nothing was masked. Only texts up to
+``CACHE_MAX`` (4 MiB) are kept, so a large body is not held after its masking (a larger one is
+scanned twice: ~2 ms per MiB more). Hyperscan's
 scratch space is per thread (the scan releases the GIL).
 """
 
@@ -77,6 +79,9 @@ class Hits:
         return merged
 
 
+CACHE_MAX = 4 << 20  # the last text of a thread is cached only up to this size
+
+
 class Prefilter:
     """One compiled Hyperscan database for a set of triggers."""
 
@@ -111,7 +116,8 @@ class Prefilter:
                 found.sort()  # in end order already, but Hyperscan does not promise it for all engines
                 by_trigger[t] = [e - t.width for e in found] if t.width is not None else found
         result = Hits(by_trigger)
-        self._local.last = (text, result)
+        # Larger texts are not kept: the cache would hold them until the thread's next scan.
+        self._local.last = (text, result) if len(text) <= CACHE_MAX else None
         return result
 
 

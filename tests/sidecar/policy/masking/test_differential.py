@@ -225,3 +225,20 @@ def test_secret_key_words_arriving_late_are_held(js):
     assert b"hunter2" not in whole
     for cut in range(1, len(doc)):
         assert _stream(stream, NEW_RULES, doc, [cut], js) == _stream(ref_stream, OLD_RULES, doc, [cut], js), cut
+
+
+def test_prefilter_keeps_no_large_body_alive():
+    """The per-thread cache of the last scan holds small texts only (a 64 MiB body must not
+    stay in memory until the thread's next scan)."""
+    import sys
+
+    from chaperone_sidecar.policy.masking.prefilter import CACHE_MAX
+
+    pre = spans.prefilter_for(NEW_RULES)
+    small, large = b"x" * 100 + b"AKIA", b"x" * (CACHE_MAX + 1)
+    before = sys.getrefcount(small)
+    assert pre.hits(small) is pre.hits(small)  # cached: the cache holds a reference
+    assert sys.getrefcount(small) == before + 1
+    before = sys.getrefcount(large)
+    pre.hits(large)
+    assert sys.getrefcount(large) == before  # not held

@@ -30,6 +30,7 @@ scratch space is per thread (the scan releases the GIL).
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class Prefilter:
         self._db.compile(expressions=[t.pattern for t in self.triggers],
                          ids=list(range(len(self.triggers))), elements=len(self.triggers), flags=flags)
         self._local = threading.local()
+        _release_freed_heap()
 
     def _scratch(self) -> hyperscan.Scratch:
         scratch = getattr(self._local, "scratch", None)
@@ -136,6 +138,15 @@ B64_TAIL = Trigger(_B64_CHAR + rb"{15}[A-Z]", 16, first=True)
 MASKED = literal(b"[MASKED:", caseless=False)
 # In every database besides the rules' own triggers.
 SHARED_TRIGGERS = (UPPER, B64_HEAD, MASKED)
+
+
+def _release_freed_heap() -> None:
+    """Give the heap Hyperscan's compiler freed back to the system (glibc keeps it otherwise):
+    measured ~7 MB of the sidecar's RSS for the database of every detector. Not glibc: no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _collect(id_: int, start: int, end: int, flags: int, ends: object) -> None:

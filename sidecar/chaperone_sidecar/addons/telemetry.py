@@ -37,7 +37,8 @@ the conventions compute it), ``gen_ai.usage.cache_read.input_tokens``,
 answer is not buffered for them: a tap on the bytes as they leave (:class:`_AnthropicUsage`)
 decodes only the ``data:`` lines of the ``message_start`` and ``message_delta`` events (the
 usage is in those) and costs a ``bytes.find`` per chunk otherwise; a compressed stream is not
-decoded for it (the attributes are then absent). A buffered JSON answer is parsed once. Prompt and completion content is not put on a span - unless
+decoded for it (the attributes are then absent). A buffered JSON answer is parsed once.
+Prompt and completion content is not put on a span - unless
 ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true`` (chart ``otel.captureGenAIContent``)
 asks for ``gen_ai.system_instructions``/``input.messages``/``output.messages``: then from Mask's
 masked captures only, the recording's form (:mod:`~chaperone_sidecar.genai_content`).

@@ -9,6 +9,7 @@ built with zlib and the SPDY/3 dictionary as moby/spdystream writes them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import struct
 import zlib
@@ -352,3 +353,69 @@ def test_sessions_replay_prints_the_transcript(tmp_path, capsys):
     assert SECRET.decode() not in out
     # every transcript line carries its time and the milliseconds since the session opened
     assert all(" +" in head and "ms" in head for head, _ in lines)
+
+
+def test_channel_protocol_port_forward_records_ports_and_sizes_only(tmp_path):
+    """The WebSocket port-forward (``portforward.k8s.io``, ports in the URL): data channel 0,
+    error channel 1; the server's first message on each starts with the port."""
+    rec = recorder(tmp_path)
+    svc = services(rec)
+    addon = KubeStreams(svc)
+
+    async def main():
+        await rec.start()
+        f = session_flow(svc, "/api/v1/namespaces/team-a/pods/web/portforward?ports=8080",
+                         protocol="portforward.k8s.io")
+        await upgraded(addon, f)
+        await send(addon, f, b"\x00" + (8080).to_bytes(2, "little"), from_client=False)
+        await send(addon, f, b"\x00GET / HTTP/1.1\r\n\r\n", from_client=True)
+        reply = await send(addon, f, b"\x00HTTP/1.1 200 OK\r\n\r\n" + SECRET, from_client=False)
+        await addon.websocket_end(f)
+        return reply, await events_of(rec, tmp_path)
+
+    reply, events = run(main)
+    assert delivered(reply).endswith(SECRET)  # tunnel data is not masked (docs/exec-sessions.md)
+    data = [e["data"] for e in events if e["data"]["channel"] == "data"]
+    assert [(d["direction"], d["port"], d["size"]) for d in data] == [
+        ("out", "8080", 0), ("in", "8080", 18), ("out", "8080", 39)]
+    assert SECRET.decode() not in json.dumps(events)  # ... and never recorded
+
+
+def test_base64_exec_is_masked_and_re_encoded(tmp_path):
+    svc = services(None)
+    addon = KubeStreams(svc)
+
+    async def main():
+        f = session_flow(svc, "/api/v1/namespaces/team-a/pods/web/exec?command=env&container=app",
+                         protocol="v4.base64.channel.k8s.io")
+        await upgraded(addon, f)
+        return await send(addon, f, b"1" + base64.b64encode(b"KEY=" + SECRET + b"\n"),
+                          from_client=False)
+
+    message = run(main)
+    assert delivered(message)[:1] == b"1"
+    assert base64.b64decode(delivered(message)[1:]) == b"KEY=[MASKED:aws-access-key-id]\n"
+
+
+def test_a_port_needing_approval_is_refused_per_stream(tmp_path):
+    pol = json.loads(json.dumps(POLICY))
+    pol["spec"]["rules"].insert(0, {"name": "db-ask", "match": {"kubernetes": {"ports": ["5432"]}},
+                                    "requireApproval": {"approvers": {"users": ["alice"]}}})
+    sources = Sources(NS)
+    sources.publish({"connection_objs": [CONNECTION], "policy_objs": [pol]})
+    svc = SidecarServices(config=SidecarConfig(standalone=True), sources=sources, recorder=None)
+    addon = KubeStreams(svc)
+    addon._inject = lambda flow, content, is_text: None  # type: ignore[method-assign]
+
+    async def main():
+        f = session_flow(svc, "/api/v1/namespaces/team-a/pods/web/portforward",
+                         protocol=ks.SPDY_TUNNEL)
+        await upgraded(addon, f)
+        await send(addon, f, Peer().syn_stream(1, {"streamtype": "error", "port": "5432"}),
+                   from_client=True)
+        answer = await send(addon, f, b"", from_client=False, injected=True)
+        return ks.SpdyReader().feed(answer.content)
+
+    frames = run(main)
+    refusal = json.loads(frames[1].data)
+    assert refusal["rule"]["name"] == "db-ask" and "cannot wait" in refusal["message"]

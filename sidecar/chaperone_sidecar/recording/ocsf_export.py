@@ -10,7 +10,8 @@ the events per flow, maps them and hands the JSON lines to every sink.
 Sinks (each optional; configured by environment, docs/telemetry.md):
 
 ``CHAPERONE_OCSF_FILE``
-    a path: one OCSF event per line, appended and flushed after each batch.
+    a path: one OCSF event per line, appended and flushed after each batch; rotated to
+    ``<path>.1`` at ``CHAPERONE_OCSF_FILE_MAX_BYTES`` (16 MiB), one generation kept.
 ``CHAPERONE_OCSF_S3_PREFIX``
     a key prefix in the recording bucket (``CHAPERONE_S3_BUCKET``, same endpoint, region and
     credentials as the recording shipper - the same :class:`~.s3http.AioS3Store` and its
@@ -59,23 +60,41 @@ ENV_S3_BATCH = "CHAPERONE_OCSF_S3_BATCH_BYTES"
 ENV_S3_INTERVAL = "CHAPERONE_OCSF_S3_INTERVAL"
 ENV_OTLP = c.ENV_OCSF_OTLP_ENDPOINT
 ENV_QUEUE = "CHAPERONE_OCSF_QUEUE"
+ENV_FILE_MAX = "CHAPERONE_OCSF_FILE_MAX_BYTES"
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 class FileSink:
-    """Appends JSON lines to a file (created with its directory, mode 0600)."""
+    """Appends JSON lines to a file (created with its directory, mode 0600), rotated at
+    ``max_bytes`` to ``<path>.1`` (one generation kept: at most twice ``max_bytes`` on disk -
+    the file often shares the spool volume, whose size limit the recording needs)."""
 
     name = "file"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = 16 << 20) -> None:
         self.path = Path(path)
+        self.max_bytes = max(1, max_bytes)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._fh = os.fdopen(fd, "ab")
+        self.size = os.fstat(fd).st_size
 
     def write(self, events: list[dict[str, Any]], lines: list[bytes]) -> None:
-        self._fh.write(b"".join(lines))
+        pending: list[bytes] = []
+        for line in lines:  # rotate between lines, never inside one
+            if self.size and self.size + len(line) > self.max_bytes:
+                self._fh.write(b"".join(pending))
+                pending = []
+                self._fh.close()
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                self._open()
+            pending.append(line)
+            self.size += len(line)
+        self._fh.write(b"".join(pending))
         self._fh.flush()
 
     def tick(self, now: float) -> None:
@@ -311,7 +330,7 @@ def exporter_from_env(env: Mapping[str, str], *, s3_store: Any = None, namespace
     ``s3_store`` is the recording's store (``CHAPERONE_OCSF_S3_PREFIX`` needs one)."""
     sinks: list[Any] = []
     if env.get(ENV_FILE, "").strip():
-        sinks.append(FileSink(env[ENV_FILE].strip()))
+        sinks.append(FileSink(env[ENV_FILE].strip(), int(env.get(ENV_FILE_MAX) or 16 << 20)))
     if env.get(ENV_S3_PREFIX, "").strip():
         if s3_store is None:
             log.error("%s is set but no recording bucket is configured (CHAPERONE_S3_BUCKET): "

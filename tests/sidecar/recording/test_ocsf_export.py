@@ -200,3 +200,22 @@ def test_exporter_from_env(tmp_path):
     assert [s.name for s in exporter.sinks] == ["file"]  # no bucket: the S3 sink is refused
     assert exporter.queue.maxsize == 7
     exporter.close()
+
+
+def test_file_sink_rotates_and_bounds_the_disk(tmp_path):
+    """The file shares the spool volume: it must not grow without bound."""
+    path = tmp_path / "o.jsonl"
+    sink = FileSink(path, max_bytes=5000)
+    exporter = OcsfExporter([sink], tick_seconds=0.05)
+    exporter.start()
+    for i in range(40):
+        exporter.submit(flow_events(f"f{i}"))
+    exporter.close()
+    rotated = tmp_path / "o.jsonl.1"
+    assert rotated.exists() and path.stat().st_size <= 5000 + 2500
+    assert path.stat().st_size + rotated.stat().st_size <= 2 * (5000 + 2500)
+    last = [json.loads(x)["metadata"]["uid"] for x in path.read_text().splitlines()]
+    assert last[-1] == "f39"  # the newest events are kept
+    reopened = FileSink(path, max_bytes=5000)  # a restart appends, counting what is there
+    assert reopened.size == path.stat().st_size
+    reopened.close()

@@ -30,9 +30,11 @@ def build(json_response: bool, stateless: bool) -> FastMCP:
             out.write(json.dumps({"tool": tool, **args}) + "\n")
 
     @server.tool()
-    def read_file(path: str) -> str:
+    def read_file(path: str, ctx: Context) -> str:
         """Read a file."""
-        log("read_file", path=path)
+        request = ctx.request_context.request  # the HTTP request (streamable HTTP): who called
+        auth = request.headers.get("authorization", "") if request is not None else ""
+        log("read_file", path=path, **({"auth": auth} if auth else {}))
         return f"contents of {path}"
 
     @server.tool()

@@ -27,6 +27,7 @@ from mcp.shared.exceptions import McpError
 from .pod import API, PYTHONPATH, base_env, free_port, standalone_proxy, wait_for
 
 SECRET = "AKIAIOSFODNN7EXAMPLE"
+TOKEN = "mcp-server-token-the-agent-never-holds"
 MODES = ("sse", "json", "stateless")
 
 
@@ -58,14 +59,17 @@ def setup(tmp_path_factory):
                                         env=env,
                                         stderr=(root / f"server-{mode}.log").open("wb")))
     conf = root / "conf"
-    for sub in ("connections", "policies"):
+    for sub in ("connections", "policies", "credentials/files"):
         (conf / sub).mkdir(parents=True)
+    (conf / "credentials" / "files" / "token").write_text(TOKEN)
     # approvalMode defer: the sidecar's own word; a rule saying hold still holds (approve.py)
     (conf / "chaperone.yaml").write_text(yaml.safe_dump({"namespace": "laptop", "user": "dana",
                                                          "approvalMode": "defer"}))
     (conf / "connections" / "files.yaml").write_text(yaml.safe_dump(
         {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": "files"},
-         "spec": {"type": "mcp", "hosts": ["127.0.0.1"]}}))
+         "spec": {"type": "mcp", "hosts": ["127.0.0.1"],
+                  "credentials": {"source": "secret", "secretRef": {"name": "files-token"},
+                                  "header": "Authorization", "prefix": "Bearer "}}}))
     (conf / "policies" / "p.yaml").write_text(yaml.safe_dump(
         {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "mcp-guard"},
          "spec": {"defaultEffect": "allow", "rules": [
@@ -344,17 +348,46 @@ def test_a_deferred_approval_lets_the_sdks_retry_through(setup):
 
 
 @pytest.mark.parametrize("size", [2 * 1024 * 1024, 5 * 1024 * 1024])
-def test_a_call_too_large_to_read_first_is_refused_and_never_reaches_the_server(setup, size):
-    """Over the sidecar's streaming size (1 MiB) mitmproxy sends a body upstream as it arrives,
-    before the addons could read it (and streams it again if told not to, once it is past that
-    size): such an MCP call cannot be judged on its messages, so it is refused - in
-    requestheaders, before anything leaves."""
+def test_a_large_call_is_judged_on_its_messages_or_refused_never_forwarded_unjudged(setup, size):
+    """Over the sidecar's streaming size a body could leave before it is read (mitmproxy streams
+    it, and streamed it again when told to buffer it past that size). Whatever the sidecar does
+    with a large MCP call - read it and judge it, or refuse it - a blocked tool never runs, and
+    past the classifier's 4 MiB nothing is forwarded."""
     proxy, ports, calls, _ = setup
     tag = f"/tmp/large-{size}"
-    for tool in ("read_file", "delete_file"):
+
+    def call(tool: str) -> httpx.Response:
         body = json.dumps({"jsonrpc": "2.0", "id": 21, "method": "tools/call",
                            "params": {"name": tool, "arguments": {"path": tag, "pad": "x" * size}}}).encode()
-        resp = _post(proxy.port, ports["json"], body, session=True)
-        assert resp.status_code == 400 and resp.json()["error"] == "chaperone_invalid_request", resp.text[:300]
-        assert "streamed before it could be read" in resp.json()["message"]
-    assert not [c for c in reached(calls) if c.get("path") == tag]
+        return _post(proxy.port, ports["json"], body, session=True)
+    delete = call("delete_file")
+    assert delete.headers.get("X-Chaperone-Refused") in ("blocked", "invalid_request"), delete.text[:300]
+    read = call("read_file")
+    if size > 4 * 1024 * 1024:  # refused: unreadable (400) or too large to read first (413)
+        assert read.status_code in (400, 413) and read.headers.get("X-Chaperone-Refused"), read.text[:300]
+    elif read.headers.get("X-Chaperone-Refused") is None:  # read and judged: allowed, answered
+        assert read.json()["result"]["content"][0]["text"] == f"contents of {tag}"
+    else:
+        assert read.status_code in (400, 413), read.text[:300]
+    assert not [c for c in reached(calls) if c["tool"] == "delete_file" and c.get("path") == tag]
+    if size > 4 * 1024 * 1024:
+        assert not [c for c in reached(calls) if c.get("path") == tag]
+
+
+def test_the_server_gets_the_connections_token_not_the_agents(setup):
+    proxy, ports, calls, conf = setup
+
+    async def body(session):
+        return await session.call_tool("read_file", {"path": "/tmp/authed"})
+    async def with_fake_token():
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy.port}", trust_env=False,
+                                     headers={"Authorization": "Bearer agent-made-this-up"},
+                                     timeout=httpx.Timeout(30, read=120)) as http, \
+                streamable_http_client(f"http://127.0.0.1:{ports['json']}/mcp", http_client=http) as (r, w, _), \
+                ClientSession(r, w) as session:
+            await session.initialize()
+            return await body(session)
+    assert run(with_fake_token()).content[0].text == "contents of /tmp/authed"
+    assert [c["auth"] for c in reached(calls) if c.get("path") == "/tmp/authed"] == [f"Bearer {TOKEN}"]
+    wait_for(lambda: "/tmp/authed" in json.dumps(recorded_events(conf)), 20, "the recording")
+    assert TOKEN not in json.dumps(recorded_events(conf))

@@ -391,3 +391,41 @@ def test_the_server_gets_the_connections_token_not_the_agents(setup):
     assert [c["auth"] for c in reached(calls) if c.get("path") == "/tmp/authed"] == [f"Bearer {TOKEN}"]
     wait_for(lambda: "/tmp/authed" in json.dumps(recorded_events(conf)), 20, "the recording")
     assert TOKEN not in json.dumps(recorded_events(conf))
+
+
+def _post_2026(proxy_port: int, server_port: int, tool: str, args: dict, name_header: str | None = None,
+               version: str = "2026-07-28"):
+    """A request as the mcp 2.x SDK sends it on the 2026-07-28 transport: no session, the
+    envelope in params._meta, the method and name mirrored in headers."""
+    meta = {"io.modelcontextprotocol/protocolVersion": version,
+            "io.modelcontextprotocol/clientCapabilities": {}}
+    body = {"jsonrpc": "2.0", "id": 31, "method": "tools/call",
+            "params": {"name": tool, "arguments": args, "_meta": meta}}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": version, "Mcp-Method": "tools/call",
+               "Mcp-Name": name_header if name_header is not None else tool}
+    with httpx.Client(proxy=f"http://127.0.0.1:{proxy_port}", trust_env=False, timeout=30) as client:
+        return client.post(f"http://127.0.0.1:{server_port}/mcp", json=body, headers=headers)
+
+
+def _message(resp: httpx.Response) -> dict:
+    if resp.headers["content-type"].startswith("text/event-stream"):
+        line = next(ln for ln in resp.text.splitlines() if ln.startswith("data:"))
+        return json.loads(line[5:])
+    return resp.json()
+
+
+def test_stateless_2026_requests_are_judged_and_their_headers_must_match_the_body(setup):
+    proxy, ports, calls, _ = setup
+    # the 1.x server knows revisions up to 2025-11-25: the allowed call names that one, with the
+    # 2026 routing headers and envelope (the refused ones never reach it)
+    ok = _post_2026(proxy.port, ports["stateless"], "read_file", {"path": "/tmp/2026"}, version="2025-11-25")
+    assert _message(ok).get("result", {}).get("content", [{}])[0].get("text") == "contents of /tmp/2026", ok.text
+    blocked = _post_2026(proxy.port, ports["stateless"], "delete_file", {"path": "/tmp/2026"})
+    assert blocked.status_code == 200 and _message(blocked)["error"]["code"] == -32030
+    # a gateway routing on Mcp-Name would see read_file; the server would run delete_file
+    lie = _post_2026(proxy.port, ports["stateless"], "delete_file", {"path": "/tmp/2026-lie"},
+                     name_header="read_file")
+    assert lie.status_code == 200 and _message(lie)["error"]["data"]["error"] == "chaperone_invalid_request"
+    assert "Mcp-Name header does not match" in _message(lie)["error"]["message"]
+    assert not [c for c in reached(calls) if c["tool"] == "delete_file" and c.get("path", "").startswith("/tmp/2026")]

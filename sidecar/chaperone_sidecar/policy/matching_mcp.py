@@ -125,9 +125,20 @@ def forms(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-@lru_cache(maxsize=1024)
+_CACHED_ARGUMENTS = 64 * 1024  # larger arguments are parsed per test, never kept
+
+
+@lru_cache(maxsize=256)
+def _parsed_small(arguments: str) -> Any:
+    return json.loads(arguments)
+
+
 def _parsed(arguments: str) -> Any:
-    return json.loads(arguments) if arguments else None
+    """The arguments as JSON; small ones cached (several rules test one call), large ones not:
+    an agent choosing a 4 MiB argument per call must not fill the sidecar's memory."""
+    if not arguments:
+        return None
+    return _parsed_small(arguments) if len(arguments) <= _CACHED_ARGUMENTS else json.loads(arguments)
 
 
 def _text(value: Any) -> str:

@@ -101,3 +101,11 @@ def test_a_tools_call_sent_as_a_notification_is_judged_all_the_same():
     rules = [{"name": "no-delete", "match": {"mcp": {"tools": ["delete_file"]}}, "block": {}}]
     note = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_file", "arguments": {}}}
     assert decide(rules, note) == ("block", "no-delete")
+
+
+def test_large_arguments_are_matched_but_never_cached():
+    from chaperone_sidecar.policy import matching_mcp
+
+    before = matching_mcp._parsed_small.cache_info().currsize
+    assert decide([ETC], tc(1, "delete_file", path="/etc/x", pad="p" * 200_000)) == ("block", "etc")
+    assert matching_mcp._parsed_small.cache_info().currsize == before

@@ -252,7 +252,8 @@ class AioS3Store:
                  aws_access_key_id: str | None = None, aws_secret_access_key: str | None = None,
                  aws_session_token: str | None = None, addressing_style: str = "auto",
                  ca_bundle: str | None = None, connect_timeout: float = 3.0,
-                 read_timeout: float = 20.0, connector_factory: Callable[[], Any] | None = None,
+                 read_timeout: float = 20.0, request_timeout: float = 60.0,
+                 min_upload_rate: float = 65536.0, connector_factory: Callable[[], Any] | None = None,
                  clock: Callable[[], datetime] | None = None) -> None:
         if addressing_style not in ("auto", "path", "virtual"):
             raise ValueError(f"addressing_style must be auto, path or virtual, not {addressing_style!r}")
@@ -281,6 +282,7 @@ class AioS3Store:
             self._origin, self._host = f"{split.scheme}://{split.netloc}", split.netloc
             self._base = f"{base_path}/{bucket}/"
         self._timeout = (connect_timeout, read_timeout)
+        self._request_timeout, self._min_rate = request_timeout, min_upload_rate
         self._connector_factory = connector_factory
         self._clock = clock or (lambda: datetime.now(UTC))
         self._session: Any = None
@@ -324,8 +326,16 @@ class AioS3Store:
         if query:
             url += "?" + "&".join(f"{_uri(k)}={_uri(v)}" if v else _uri(k) for k, v in query)
         session = await self._http()
+        import aiohttp
+
+        # sock_read bounds a silent server, not an upload it stops reading: the whole request
+        # gets a deadline too: request_timeout plus the body at min_upload_rate (64 KiB/s: 16 s
+        # per MiB).
+        deadline = aiohttp.ClientTimeout(total=self._request_timeout + len(body) / self._min_rate,
+                                         sock_connect=self._timeout[0],
+                                         sock_read=self._timeout[1])
         async with session.request(method, URL(url, encoded=True), data=body or None,
-                                   headers=signed) as resp:
+                                   headers=signed, timeout=deadline) as resp:
             return resp.status, resp.headers, await resp.read()
 
     async def _creds(self) -> AWSCredentials:

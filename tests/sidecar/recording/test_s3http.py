@@ -420,3 +420,35 @@ def test_the_injected_sidecar_recorder_ships_with_the_secret_keys(tmp_path, auth
     assert asyncio.run(main())
     keys = list(auth_s3.reader(bucket, "team").list("sessions/ns/pod-1/"))
     assert any(k.endswith("manifest.json") for k in keys) and len(keys) >= 2
+
+
+def test_an_upload_the_server_stops_reading_times_out():
+    """A server that accepts the connection and never reads: the PUT fails by its deadline
+    (the shipper then backs off and retries) instead of hanging the shipper for good."""
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    store = AioS3Store("b", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                       aws_access_key_id="a", aws_secret_access_key="s", request_timeout=1.0,
+                       min_upload_rate=16 << 20)
+    data = b"x" * (16 << 20)  # more than the socket buffers take
+
+    async def main():
+        started = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError):
+                # the outer bound only keeps a hanging store from hanging the test
+                await asyncio.wait_for(store.put("k", data, sha256=hashlib.sha256(data).hexdigest(),
+                                                 content_type="a/b"), 30)
+        finally:
+            await store.aclose()
+        return time.monotonic() - started
+
+    try:
+        elapsed = asyncio.run(main())
+    finally:
+        listener.close()
+    assert 1.5 < elapsed < 10  # its deadline: 1 s + 16 MiB at 16 MiB/s

@@ -48,8 +48,10 @@ instead), ``block`` (listeners are loopback-only), ``update_alt_svc`` (Route rem
 Options: ``connection_strategy=lazy`` (no upstream contact before the policy decided),
 ``upstream_cert=False`` (leaf certificates from SNI/host alone, for the same reason),
 ``rawtcp=False`` (unknown protocols go to the HTTP layer and fail there; Route also kills
-raw TCP/UDP/DNS flows), ``stream_large_bodies`` (bodies above it stream through the addons'
-stream callables instead of being buffered), ``confdir`` = the CA directory
+raw TCP/UDP/DNS flows), ``stream_large_bodies`` = the larger of ``READ_LIMIT`` (64 MiB) and
+the config's streaming size: Chaperone streams bodies above its own size (1 MiB) itself
+(Route, ``addons/streaming.py``), so mitmproxy never streams a body an addon chose to read and
+judge first; ``confdir`` = the CA directory
 (``mitmproxy-ca.pem``; generated there on first run in standalone mode), and
 ``ssl_verify_upstream_trusted_ca`` = a bundle of certifi's and the system's CAs plus every
 connection's ``upstreamCA`` file, rewritten under a new name when any of them changes.
@@ -286,10 +288,12 @@ class ProxyRuntime:
         # Imported here, not at the top: mitmproxy's modules load only after run() called
         # lean_imports.install() (see that module).
         from mitmproxy import master, options
+        from mitmproxy.utils import human
 
         from .addons import build_addons
         from .addons.egress import Egress
         from .addons.pipeline import Pipeline
+        from .addons.streaming import READ_LIMIT
 
         snap = services.snapshot()
         opts = options.Options()
@@ -310,7 +314,9 @@ class ProxyRuntime:
             confdir=str(self.config.ca_dir),
             ssl_verify_upstream_trusted_ca=str(self._trust),
             connection_strategy="lazy",
-            stream_large_bodies=self.config.stream_large_bodies,
+            # Chaperone streams above config.stream_large_bodies itself (Route); mitmproxy's
+            # own threshold is the most a body is read to be judged (addons/streaming.py).
+            stream_large_bodies=str(max(READ_LIMIT, human.parse_size(self.config.stream_large_bodies) or 0)),
         )
         # Hardening options; set where this mitmproxy version has them (11.x and 12.x do).
         optional = {"upstream_cert": False, "rawtcp": False}

@@ -15,27 +15,37 @@ Identify and Route put into the ``FlowContext``, and the ``Decision`` is stored 
   refused with 503 (fail closed: a limit that cannot be counted is not a limit).
 * **allow** / **require_approval** - the flow continues (Approve handles the latter).
 
-When it runs. The ``request`` hook has the whole body, which ``bodyRegex`` conditions need,
-so that is where flows are judged - unless the body may leave before that hook
-(:func:`~.streaming.body_leaves_early`): mitmproxy streams a body whose ``Content-Length`` exceeds
-``stream_large_bodies`` (the sidecar sets it, 1 MiB), and also one of unknown length (HTTP/1
-chunked, HTTP/2 without ``Content-Length``) once it grew past that size while being read - the
-headers and the body go upstream and ``request`` fires only afterwards. Such flows are judged
-in ``requestheaders`` on the headers (and the classification Route made from them).
-**Decisions**: if a rule that could match such a request tests the body (``bodyRegex``):
+When it runs. The ``request`` hook has the whole body, which body-based judgments need, so
+that is where flows are judged - unless the body may leave before that hook
+(:func:`~.streaming.body_leaves_early`): a ``Content-Length`` above the sidecar's streaming size
+(1 MiB; Route streams it, :func:`~.streaming.stream_large`), and a body of unknown length
+(HTTP/1 chunked, HTTP/2 without ``Content-Length``), which mitmproxy buffers but streams on its
+own once it grew past ``READ_LIMIT`` (64 MiB, mitmproxy's ``stream_large_bodies``). Such flows
+are judged in ``requestheaders`` on the headers (and the classification Route made from them) -
+unless something judges them by their **body** (:func:`_body_needs`):
 
-* a ``Content-Length`` within that policy's body limit (``masking.maxBodyBytes``, default
-  64 MiB) and within mitmproxy's ``stream_large_bodies`` (1 MiB: past it mitmproxy streams a
-  body it was told to buffer again, on its own, before ``request``): streaming is switched off
-  for the flow, the body is read and judged in ``request``;
-* a larger body: refused with 413; a ``POST``/``PUT``/``PATCH`` or chunked body without a
-  length: refused with 411 (judging it without its body could let through what the rule
-  blocks);
+* a ``bodyRegex`` rule that could match them - limit: the policy's ``masking.maxBodyBytes``
+  (default 64 MiB);
+* an MCP POST (its JSON-RPC messages: method, tool, arguments) - 4 MiB, the classifier's;
+* an Anthropic POST (model, tools) - 32 MiB, the API's own request limit;
+* an AWS query/ec2-protocol POST (``Action=`` and the resource parameters live in the form body;
+  one the headers name may be contradicted there) - 8 MiB, the classifier's form limit.
+
+Every limit is capped at ``READ_LIMIT``; the smallest that applies wins. Then:
+
+* a ``Content-Length`` within it: streaming is switched off, mitmproxy buffers the body (it
+  never streams it on its own below ``READ_LIMIT``), Route classifies it with the body and it is
+  judged in ``request`` - whatever its size relative to the streaming size;
+* a larger ``Content-Length``: refused with 413 naming the limit and what raises it;
+* a ``POST``/``PUT``/``PATCH`` or chunked body without a length: refused with 411 - its size is
+  known only once read, and past ``READ_LIMIT`` mitmproxy would stream it unjudged;
 * anything else (an HTTP/2 ``GET`` without ``Content-Length``, which normally has no body) is
-  judged on the headers - and if a body was read after all (it stayed under the streaming
-  size), judged again with it in ``request``; a stricter result wins. The one case a body rule
-  cannot see is a body without ``Content-Length`` on such a method that exceeds the streaming
-  size: it has left before it could be read.
+  judged on the headers - and if a body was read after all (under ``READ_LIMIT``), judged again
+  with it in ``request``; a stricter result wins. The one case a body judgment cannot see is a
+  body without ``Content-Length`` on such a method that exceeds ``READ_LIMIT``.
+
+A streamed git push is the exception: its gate (gitgate.py) judges the ref updates before any
+byte leaves, so it is not switched to buffering.
 
 A flow without a classified action (Route did not run or could not classify) is blocked:
 nothing is forwarded unjudged; so is an MCP body the classifier cannot read unambiguously
@@ -46,7 +56,7 @@ nothing is forwarded unjudged; so is an MCP body the classifier cannot read unam
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mitmproxy import ctx as mctx
@@ -57,12 +67,15 @@ from .. import flowctx
 from ..approvals.ratelimit import MemoryRateLimiter, check_limits
 from ..flowctx import request_of
 from ..log_setup import flow_fields
+from ..policy.classify.anthropic import MAX_BODY as ANTHROPIC_MAX_BODY
+from ..policy.classify.aws import MAX_FORM_BODY as AWS_MAX_FORM_BODY
+from ..policy.classify.mcp import MAX_BODY as MCP_MAX_BODY
 from ..policy.evaluator import describe_action, describe_identity, evaluate
 from ..policy.model import Decision, RateLimit, RuleRef
 from ..services import SidecarServices
 from ..snapshot import Snapshot
 from .refusal import refuse
-from .streaming import body_leaves_early
+from .streaming import READ_LIMIT, body_leaves_early
 
 __all__ = ["Enforce", "DEFAULT_BODY_LIMIT", "blocked_guidance"]
 
@@ -80,6 +93,50 @@ def _stream_size() -> int | None:
         return human.parse_size(mctx.options.stream_large_bodies)
     except (AttributeError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class _BodyNeed:
+    """Something that judges this request by its body, and how much of it it reads."""
+    limit: int
+    reader: str  # what reads it, for the refusal ("rule 'x' of AccessPolicy ns/p inspects ...")
+    raise_it: str  # which field raises the limit, or why none does
+    rule: RuleRef | None = None
+
+
+def _body_needs(flow: http.HTTPFlow, ctx: flowctx.FlowContext,
+                body_rule: tuple[RuleRef | None, int]) -> list[_BodyNeed]:
+    """What judges this request by its body: a ``bodyRegex`` rule that could match it, and the
+    classifiers that find the action in the body (MCP JSON-RPC messages, an Anthropic request's
+    model and tools, an AWS query-protocol ``Action=``). Each limit is capped at what the sidecar
+    reads at all (``READ_LIMIT``, and mitmproxy's own ``stream_large_bodies`` when lower)."""
+    action = ctx.action
+    assert action is not None
+    cap = min(READ_LIMIT, _stream_size() or READ_LIMIT)
+    needs: list[_BodyNeed] = []
+    ref, limit = body_rule
+    if ref is not None:
+        needs.append(_BodyNeed(min(limit, cap), f"rule {ref.rule!r} of AccessPolicy {ref.policy} "
+                               "inspects request bodies (bodyRegex)",
+                               f"the policy's masking.maxBodyBytes raises it, up to {cap}", ref))
+    post = request_of(flow, body=False).method == "POST"
+    if action.mcp is not None and post:
+        needs.append(_BodyNeed(min(MCP_MAX_BODY, cap), "an MCP request is judged on its JSON-RPC "
+                               "messages", "the MCP classifier's fixed limit; no field raises it"))
+    if ctx.connection_type == "anthropic" and post:
+        needs.append(_BodyNeed(min(ANTHROPIC_MAX_BODY, cap), "an Anthropic request is judged on "
+                               "its body (model, tools)", "the Anthropic API's own request limit; "
+                               "no field raises it"))
+    aws = action.aws
+    form = "x-www-form-urlencoded" in flow.request.headers.get("content-type", "").lower()
+    # Query/ec2 protocol: Action= and the resource parameters are in the form body (an Action=
+    # there conflicting with the URL's is refused only if the body is read); an operation the
+    # headers do not name may be one of those too.
+    if aws is not None and post and (form or not aws.operation or aws.protocol in ("query", "ec2")):
+        needs.append(_BodyNeed(min(AWS_MAX_FORM_BODY, cap), "an AWS query-protocol call names its "
+                               "operation and resources in its body (Action=...)", "the AWS "
+                               "classifier's fixed limit for form bodies; no field raises it"))
+    return needs
 
 
 def _approvers_of(policy: Any) -> str:
@@ -151,7 +208,7 @@ class Enforce:
             return
         snapshot = self._snapshot(ctx)
         ctx.early = True
-        if ctx.action is not None and self._body_rule_applies(flow, ctx, snapshot):
+        if ctx.action is not None and self._read_first(flow, ctx, snapshot):
             return
         await self._enforce(flow, ctx, snapshot, b"")
 
@@ -217,41 +274,40 @@ class Enforce:
             refuse(flow, "blocked", new.message, rule=new.rule,
                    how_to_get_access=blocked_guidance(new, self._snapshot(ctx), ctx))
 
-    def _body_rule_applies(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
-                           snapshot: Any) -> bool:
-        """A request judged early that a body rule could match: True when it was handled
-        (switched to buffering, to be judged in ``request``; or refused), False otherwise."""
+    def _read_first(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, snapshot: Any) -> bool:
+        """A request judged early whose judgment needs its body (:func:`_body_needs`): True when
+        it was handled - switched to buffering, judged (with the body) in ``request``; or
+        refused - False when it is judged on its headers now."""
         if ctx.git_gate is not None:
             # A streamed git push: its gate judges the commands before any byte leaves
             # (gitgate.py); buffering would switch the gate off, and the pack is compressed.
             return False
-        ref, limit = self._body_rule(ctx, snapshot)
-        if ref is None:
+        needs = _body_needs(flow, ctx, self._body_rule(ctx, snapshot))
+        if not needs:
             return False
-        # mitmproxy streams a body again, without asking any addon, once what it buffered passes
-        # stream_large_bodies: a larger body cannot be read before it leaves, whatever we say.
-        limit = min(limit, _stream_size() or limit)
+        need = min(needs, key=lambda n: n.limit)  # every reader must get the whole body
         length = flow.request.headers.get("content-length", "").strip()
-        if length.isdigit() and int(length) <= limit:
+        if length.isdigit() and int(length) <= need.limit:
             flow.request.stream = False  # read the body; judged (with it) in `request`
             ctx.early = False
             return True
         if length.isdigit():
-            why, status = f"this body is larger than {limit} bytes", 413
+            why, status = f"this body ({length} bytes) is larger than {need.limit} bytes", 413
         elif flow.request.method.upper() in _BODY_METHODS or \
                 "chunked" in flow.request.headers.get("transfer-encoding", "").lower():
-            why, status = "this body has no Content-Length", 411
+            why, status = "this body has no Content-Length (chunked or HTTP/2 without one)", 411
         else:
             return False  # probably no body (HTTP/2 GET): judged now, again if a body is read
-        ctx.decision = Decision("block", rule=ref, message=(
-            f"rule {ref.rule!r} of AccessPolicy {ref.policy} inspects request bodies "
-            f"(bodyRegex), and {why}, so it cannot be judged before it is sent"))
-        refuse(flow, "blocked", ctx.decision.message, rule=ref, status=status,
-               how_to_get_access=(f"Send the body with a Content-Length header of at most "
-                                  f"{limit} bytes, or ask the owners of AccessPolicy "
-                                  f"{ref.policy} to narrow the rule so it does not apply to "
-                                  "this request."))
-        log.info("refused a body a bodyRegex rule applies to but that cannot be read first",
+        message = f"{need.reader}, and {why}, so it cannot be judged before it is sent"
+        how = (f"Send the body with a Content-Length header of at most {need.limit} bytes "
+               f"({need.raise_it}).")
+        if need.rule is not None:
+            how = how[:-1] + (f", or ask the owners of AccessPolicy {need.rule.policy} to narrow "
+                              "the rule so it does not apply to this request.")
+        ctx.decision = Decision("block", rule=need.rule, message=message)
+        refuse(flow, "blocked" if need.rule is not None else "invalid_request", message,
+               rule=need.rule, status=status, how_to_get_access=how, limit_bytes=need.limit)
+        log.info("refused a body that must be judged but cannot be read first: %s", why,
                  extra=flow_fields(flow))
         return True
 

@@ -80,6 +80,7 @@ from urllib.parse import unquote_plus
 
 from mitmproxy import http, tcp, udp
 from mitmproxy.proxy import mode_specs
+from mitmproxy.utils import human
 
 from .. import flowctx
 from ..flowctx import RecordingSettings, request_of
@@ -97,7 +98,7 @@ from ..routing import Connection, base_url_parts, normalize_host, split_host
 from ..services import SidecarServices
 from ..snapshot import Snapshot
 from . import refusal
-from .streaming import body_leaves_early
+from .streaming import body_leaves_early, stream_large
 
 __all__ = ["Route"]
 
@@ -112,11 +113,15 @@ class Route:
 
     def __init__(self, services: SidecarServices) -> None:
         self.services = services
+        config = getattr(services, "config", None)
+        self._stream_size = human.parse_size(getattr(config, "stream_large_bodies", None) or "1m")
 
     # ------------------------------------------------------------------ hooks
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
+        # Chaperone's streaming size, applied here rather than by mitmproxy (streaming.py).
+        stream_large(flow, self._stream_size)
         ctx = flowctx.ensure(flow)
         snap = ctx.snapshot = self.services.snapshot()
         conn, host, port, problem = self._resolve(flow, snap)

@@ -10,6 +10,18 @@ and in both the ``request`` hook fires only after the body has gone:
   mitmproxy switches to streaming *while reading*, without asking any addon: it sets
   ``flow.request.stream = True`` and forwards what it has.
 
+**Who decides to stream** (since the bodyRegex bypass): mitmproxy's own ``stream_large_bodies``
+is set to :data:`READ_LIMIT` (64 MiB, proxy.py), the most the sidecar ever reads into memory to
+judge a body, and Chaperone applies its streaming size (config ``stream_large_bodies``, 1 MiB)
+itself, in Route's ``requestheaders``, with :func:`stream_large` - exactly mitmproxy's rule for a
+``Content-Length`` above it. Why: mitmproxy applies its option to *every* flow, also to one an
+addon told to buffer (``flow.request.stream = False``) - once the buffer passes the option it
+streams the body on by itself, before ``request``, so a 2 MiB body that a ``bodyRegex`` rule
+blocks reached the upstream unjudged. With the option at ``READ_LIMIT``, a body Enforce decides
+to read (up to its limit, never above ``READ_LIMIT``) stays buffered until ``request``. A body
+of unknown length is still buffered by mitmproxy and streamed past ``READ_LIMIT``; Enforce
+refuses one (411) when it must judge it, since it cannot know its size in advance.
+
 So whatever must happen before a request leaves - judging it (Enforce), approving it (Approve),
 giving it its credentials (InjectCredentials), recording it (Record) - happens in
 ``requestheaders`` when :func:`body_leaves_early` says so. Mask uses the same test and captures
@@ -20,7 +32,11 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-__all__ = ["body_leaves_early"]
+__all__ = ["READ_LIMIT", "body_leaves_early", "stream_large"]
+
+# The most the sidecar reads into memory to judge a request body (bodyRegex limits, MCP, AWS
+# form and Anthropic bodies are capped at it); mitmproxy's own stream_large_bodies (proxy.py).
+READ_LIMIT = 64 * 1024 * 1024
 
 
 def body_leaves_early(flow: http.HTTPFlow) -> bool:
@@ -39,3 +55,12 @@ def body_leaves_early(flow: http.HTTPFlow) -> bool:
     if req.is_http2 or req.is_http3:
         return True
     return "chunked" in req.headers.get("transfer-encoding", "").lower()
+
+
+def stream_large(flow: http.HTTPFlow, size: int | None) -> None:
+    """Stream a request whose ``Content-Length`` exceeds ``size`` (Chaperone's streaming size),
+    as mitmproxy itself would - before any addon looks at it. Addons that must read the body
+    switch it back off (Enforce), and mitmproxy then buffers it up to :data:`READ_LIMIT`."""
+    length = flow.request.headers.get("content-length", "").strip()
+    if size is not None and not flow.request.stream and length.isdigit() and int(length) > size:
+        flow.request.stream = True

@@ -40,7 +40,7 @@ _S3_VHOST_RE = re.compile(
 _AWS_SUFFIXES = (".amazonaws.com.cn", ".amazonaws.com", ".api.aws")
 # Signing names used by AWS that no botocore model declares.
 SIGNING_ALIASES = {"s3express": "s3", "s3-object-lambda": "s3"}
-_MAX_FORM_BODY = 8 * 1024 * 1024
+MAX_FORM_BODY = 8 * 1024 * 1024  # a form (query-protocol) body parsed for its Action=; Enforce reads up to it
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def _form_params(request: HTTPRequest, headers, errors: list[str]) -> dict[str, 
     body = request.body
     if "x-www-form-urlencoded" not in content_type and not body.startswith(b"Action="):
         return {}
-    if len(body) > _MAX_FORM_BODY:
-        errors.append(f"form body of {len(body)} bytes not parsed (limit {_MAX_FORM_BODY})")
+    if len(body) > MAX_FORM_BODY:
+        errors.append(f"form body of {len(body)} bytes not parsed (limit {MAX_FORM_BODY})")
         return {}
     return parse_query(body.decode("utf-8", "replace"))
 

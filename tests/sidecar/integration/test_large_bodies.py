@@ -1,0 +1,206 @@
+"""Large and chunked request bodies that must be judged by their content, through a real sidecar.
+
+mitmproxy applies its ``stream_large_bodies`` to every flow: a body an addon told it to buffer
+(``flow.request.stream = False``) is streamed on again, by mitmproxy alone, once the buffer
+passes that size - before the ``request`` hook, so before any addon saw the body. With the
+sidecar's 1 MiB there, a 2 MiB AWS query-protocol ``Action=DeleteQueue`` was judged as "sqs:*"
+(its operation is in the body) and reached the upstream, an Anthropic request declaring a blocked
+tool went through judged without its tools, and a ``bodyRegex`` rule could only refuse every
+body over 1 MiB (413) instead of reading up to ``masking.maxBodyBytes`` as the CRD says.
+
+Now Chaperone streams bodies itself and mitmproxy only past ``READ_LIMIT`` (addons/streaming.py):
+a body that must be judged is read up to its limit and judged; larger: 413 naming the limit; no
+length (chunked): 411. Nothing of a refused request reaches the upstream (a real http.server).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+import yaml
+
+from .pod import API, free_port, standalone_proxy
+
+MIB = 1024 * 1024
+SIGNED_SQS = ("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/us-east-1/sqs/aws4_request, "
+              "SignedHeaders=host;x-amz-date, Signature=" + "0" * 64)
+
+
+def _read_chunked(rfile) -> bytes:
+    body = b""
+    while True:
+        size = int(rfile.readline().split(b";")[0], 16)
+        if size == 0:
+            while rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return body
+        body += rfile.read(size)
+        rfile.readline()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory) -> Iterator[tuple[int, int, list[tuple[str, bytes]]]]:
+    received: list[tuple[str, bytes]] = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            if "chunked" in self.headers.get("transfer-encoding", "").lower():
+                body = _read_chunked(self.rfile)
+            else:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            received.append((self.path, body))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = tmp_path_factory.mktemp("large-bodies")
+    conf = root / "conf"
+    for sub in ("connections", "policies"):
+        (conf / sub).mkdir(parents=True)
+    (conf / "chaperone.yaml").write_text(yaml.safe_dump({"namespace": "laptop", "user": "dana"}))
+    connections = {
+        "db-api": {"type": "http", "hosts": ["127.0.0.1"]},
+        "aws": {"type": "aws", "hosts": ["localhost"],
+                "aws": {"region": "us-east-1", "endpointURL": f"http://localhost:{port}"}},
+        "claude": {"type": "anthropic", "hosts": ["127.0.0.2"]},
+    }
+    for name, spec in connections.items():
+        (conf / "connections" / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"apiVersion": API, "kind": "ClaudeConnection", "metadata": {"name": name}, "spec": spec}))
+    policies = {
+        "db": {"connections": ["db-api"], "defaultEffect": "allow", "masking": {"maxBodyBytes": 3 * MIB},
+               "rules": [{"name": "no-drop", "match": {"bodyRegex": "DROP TABLE"}, "block": {}}]},
+        "aws": {"connections": ["aws"], "defaultEffect": "allow", "rules": [
+            {"name": "keep-queues", "match": {"aws": {"actions": ["sqs:DeleteQueue"]}}, "block": {}}]},
+        "claude": {"connections": ["claude"], "defaultEffect": "allow", "rules": [
+            {"name": "no-bash", "match": {"anthropic": {"tools": ["bash"]}}, "block": {}}]},
+    }
+    for name, spec in policies.items():
+        (conf / "policies" / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": name}, "spec": spec}))
+    anthropic = ThreadingHTTPServer(("127.0.0.2", port), Upstream)
+    threading.Thread(target=anthropic.serve_forever, daemon=True).start()
+    try:
+        with standalone_proxy(conf, root / "proxy.log") as sidecar:
+            yield sidecar.port, port, received
+    finally:
+        server.shutdown()
+        anthropic.shutdown()
+
+
+def _client(proxy_port: int) -> httpx.Client:
+    return httpx.Client(proxy=f"http://127.0.0.1:{proxy_port}", trust_env=False, timeout=60)
+
+
+def _chunks(body: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
+    for i in range(0, len(body), size):
+        yield body[i:i + size]
+
+
+def _reached(received: list[tuple[str, bytes]], path: str) -> list[int]:
+    return [len(body) for p, body in received if p == path]
+
+
+@pytest.mark.parametrize("where", ["first-kib", "past-first-mib"])
+def test_a_body_rule_reads_a_large_body_and_blocks_it(proxy, where):
+    proxy_port, port, received = proxy
+    body = b"x" * (MIB + MIB // 2) + b"DROP TABLE users;" + b" " * (MIB // 2)
+    if where == "first-kib":
+        body = b"DROP TABLE users;" + b" " * (2 * MIB)
+    with _client(proxy_port) as client:
+        resp = client.post(f"http://127.0.0.1:{port}/sql-{where}", content=body)
+    assert resp.status_code == 403, resp.text[:300]
+    assert resp.json()["rule"]["name"] == "no-drop"
+    assert _reached(received, f"/sql-{where}") == []
+
+
+def test_a_large_body_the_rule_does_not_match_reaches_the_upstream_whole(proxy):
+    proxy_port, port, received = proxy
+    body = b"SELECT 1;" + b" " * (2 * MIB)
+    with _client(proxy_port) as client:
+        resp = client.post(f"http://127.0.0.1:{port}/select", content=body)
+    assert resp.status_code == 200, resp.text[:300]
+    assert _reached(received, "/select") == [len(body)]
+
+
+def test_a_body_over_max_body_bytes_is_refused_naming_the_limit(proxy):
+    proxy_port, port, received = proxy
+    with _client(proxy_port) as client:
+        resp = client.post(f"http://127.0.0.1:{port}/huge", content=b"SELECT 1;" + b" " * (4 * MIB))
+    assert resp.status_code == 413, resp.text[:300]
+    refusal = resp.json()
+    assert f"larger than {3 * MIB} bytes" in refusal["message"]
+    assert "maxBodyBytes" in refusal["how_to_get_access"]
+    assert _reached(received, "/huge") == []
+
+
+@pytest.mark.parametrize("where", ["first-kib", "past-first-mib", "clean"])
+def test_a_chunked_body_a_body_rule_applies_to_never_reaches_the_upstream(proxy, where):
+    proxy_port, port, received = proxy
+    body = {"first-kib": b"DROP TABLE users;" + b" " * (2 * MIB),
+            "past-first-mib": b" " * (MIB + 4096) + b"DROP TABLE users;" + b" " * 4096,
+            "clean": b"SELECT 1;"}[where]
+    with _client(proxy_port) as client:
+        resp = client.post(f"http://127.0.0.1:{port}/chunked-{where}", content=_chunks(body))
+    assert resp.status_code == 411, resp.text[:300]
+    assert "no Content-Length" in resp.json()["message"]
+    assert _reached(received, f"/chunked-{where}") == []
+
+
+def _sqs(action: str, pad: int) -> bytes:
+    return (f"Action={action}&QueueUrl=http%3A%2F%2Flocalhost%2F1%2Fq&Version=2012-11-05&"
+            f"Pad={'x' * pad}").encode()
+
+
+def test_an_aws_query_call_padded_past_a_mib_is_judged_by_its_action(proxy):
+    proxy_port, port, received = proxy
+    headers = {"Authorization": SIGNED_SQS, "X-Amz-Date": "20260101T000000Z",
+               "Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+    with _client(proxy_port) as client:
+        delete = client.post(f"http://localhost:{port}/aws-delete", content=_sqs("DeleteQueue", 2 * MIB),
+                             headers=headers)
+        listed = client.post(f"http://localhost:{port}/aws-list", content=_sqs("ListQueues", 2 * MIB),
+                             headers=headers)
+        # The URL names a harmless Action, the body the real one: judged on both (conflict).
+        hidden = client.post(f"http://localhost:{port}/aws-hidden?Action=ListQueues",
+                             content=_sqs("DeleteQueue", 2 * MIB),
+                             headers={**headers, "Content-Type": "text/plain"})
+        chunked = client.post(f"http://localhost:{port}/aws-chunked",
+                              content=_chunks(_sqs("DeleteQueue", 2 * MIB)), headers=headers)
+    assert delete.status_code == 403, delete.text[:300]
+    assert "keep-queues" in delete.text
+    assert _reached(received, "/aws-delete") == []
+    assert listed.status_code == 200 and _reached(received, "/aws-list") == [len(_sqs("ListQueues", 2 * MIB))]
+    assert hidden.status_code == 403 and _reached(received, "/aws-hidden") == [], hidden.text[:300]
+    assert chunked.status_code == 411 and _reached(received, "/aws-chunked") == []
+
+
+def test_an_anthropic_request_declaring_a_blocked_tool_is_judged_past_a_mib(proxy):
+    proxy_port, port, received = proxy
+    history = [{"role": "user", "content": "y" * (2 * MIB)}]
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": history,
+            "tools": [{"name": "bash", "description": "run", "input_schema": {"type": "object"}}]}
+    with _client(proxy_port) as client:
+        blocked = client.post(f"http://127.0.0.2:{port}/v1/messages", json=body)
+        body["tools"][0]["name"] = "calculator"
+        fine = client.post(f"http://127.0.0.2:{port}/v1/messages", json=body)
+    assert blocked.status_code == 403, blocked.text[:300]
+    assert "no-bash" in blocked.text
+    assert fine.status_code == 200, fine.text[:300]
+    reached = [json.loads(b)["tools"][0]["name"] for p, b in received if p == "/v1/messages"]
+    assert reached == ["calculator"]

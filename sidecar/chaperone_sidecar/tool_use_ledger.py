@@ -13,9 +13,13 @@ tool input's string values and its JSON; the weights add up, capped at 1):
 
 * http (and git, mcp: their request line): the host 0.3 (0.4 for a request to
   ``/``), the path 0.4, its last segment 0.2, the method (not GET) 0.1; git: the repository
-  0.4 and ``push``/``clone``/``fetch`` 0.2; mcp: the tool name 0.5; postgres (for a caller
-  outside the HTTP pipeline: the postgres server records its own events): each table 0.3 and
-  the statement 0.2;
+  0.4 and ``push``/``clone``/``fetch`` 0.2; mcp: the tool name 0.5;
+* postgres (``postgres/record.py`` asks for each unit; no request line: a database name is
+  not a path, and ``SQL`` would match every ``psql``): the statement's text as sent
+  (whitespace collapsed, at least 12 characters) 0.6, each table 0.3 (as written or its last
+  part: ``public.users`` is named ``users`` in a command), each command, nested ones too
+  (``drop``, ``delete``) 0.2, each function 0.3, the server host and the database 0.05 each
+  (context only: with the command alone they stay below ``MIN_SCORE``);
 * aws: the CLI operation (``delete-bucket``) or SDK method (``delete_bucket``) 0.4, the
   ``aws s3`` high-level command (``s3 rb``, ``s3 cp`` ...) 0.4, each resource (``bucket``,
   ``bucket/key``, shown in the CLI as ``s3://bucket``) 0.4, the service after ``aws`` 0.1;
@@ -125,7 +129,7 @@ def action_terms(action: Action | None, method: str = "", url_host: str = "",
     host = (action.host if action is not None else url_host).rstrip(".")
     path = action.path if action is not None else url_path
     method = action.method if action is not None else method
-    if action is None or action.aws is None:
+    if action is None or (action.aws is None and action.postgres is None):
         # a host alone is weak evidence (every call to it matches), unless the URL is the host
         add(host, 0.4 if path in ("", "/") else 0.3, f"host {host}")
         if path not in ("", "/"):
@@ -172,9 +176,19 @@ def action_terms(action: Action | None, method: str = "", url_host: str = "",
             add(tool, 0.5, f"MCP tool {tool}")
     if action.postgres is not None:
         pg = action.postgres
+        text = " ".join(pg.text.split()).rstrip(";").strip()
+        if 12 <= len(text) <= 400:
+            add(text, 0.6, "statement text")  # not quoted: the reason is recorded unmasked
         for table in pg.tables[:8]:
             add(table, 0.3, f"table {table}")
-        add(pg.statement, 0.2, f"statement {pg.statement}")
+            if "." in table:  # the same table, so the same label: counted once
+                add(table.rsplit(".", 1)[-1], 0.3, f"table {table}")
+        for command in pg.statements[:8] or (pg.statement,):
+            add(command, 0.2, f"statement {command}")
+        for function in pg.functions[:8]:
+            add(function, 0.3, f"function {function}")
+        add(host, 0.05, f"host {host}")
+        add(pg.database or path.strip("/"), 0.05, f"database {pg.database or path.strip('/')}")
     return terms
 
 

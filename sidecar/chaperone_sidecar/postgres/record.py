@@ -8,6 +8,9 @@ The same four event types HTTP flows use (``recording/events.py``), one ``flow``
   text (detectors applied, bounded by the connection's ``recording.maxBodyBytes`` as a body),
   the parameters (at most :data:`MAX_PARAMS`, each cut to :data:`PARAM_CHARS` characters,
   detectors applied), and each statement's classification.
+  When the pod's model asked for it, ``causedBy`` (:func:`link_statements`): the tool_use
+  (``services.tool_uses``) whose input names the unit's tables and commands, as HTTP flows get
+  it from the ToolUse addon - evidence, never read by a decision (docs/tool-use.md).
 * decision: effect, rule, message, masks, and the refusal the agent got.
 * approval: the ApprovalRequest, its state and approvers (when one was involved).
 * response: ``status`` (the command tags, ``ERROR <SQLSTATE>``, or ``not run``), the row count
@@ -27,12 +30,13 @@ from typing import Any
 from ..flowctx import RecordingSettings
 from ..policy.masking.detectors import DETECTOR_NAMES, resolve_rules
 from ..policy.masking.spans import mask_text
-from ..policy.model import Identity
+from ..policy.model import Action, Identity
 from ..recording.events import encode_body, new_event
 from ..recording.flow_events import identity_of
+from ..tool_use_ledger import ToolUseLedger, action_terms
 from .decide import Verdict
 
-__all__ = ["request_events", "response_event", "MAX_PARAMS", "PARAM_CHARS"]
+__all__ = ["request_events", "response_event", "link_statements", "MAX_PARAMS", "PARAM_CHARS"]
 
 MAX_PARAMS = 32
 PARAM_CHARS = 256
@@ -46,9 +50,20 @@ def _masked(text: str) -> str:
     return mask_text(text.encode("utf-8", "surrogateescape"), _RULES).decode("utf-8", "replace")
 
 
+def link_statements(ledger: ToolUseLedger, identity: Identity, actions: list[Action]) -> dict[str, Any] | None:
+    """The ``causedBy`` of a unit: the pod's tool_use candidate best matching the terms of all
+    its statements together (a unit is one thing the agent ran), or None. Cheap when the pod
+    has no candidate (the common case: no LLM answer asked for anything lately)."""
+    if not ledger.candidates(identity):
+        return None
+    terms = [t for a in actions for t in action_terms(a)]
+    link = ledger.link(identity, terms)
+    return link.to_event() if link is not None else None
+
+
 def request_events(flow: str, *, identity: Identity, connection: str, url: str, sql: str,
                    params: list[str | None], verdict: Verdict, settings: RecordingSettings,
-                   extended: bool) -> list[dict[str, Any]]:
+                   extended: bool, caused_by: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     who = identity_of(identity)
     limit = settings.body_limit if settings.body_limit else 0
     text = _masked(sql[: max(limit, 0) or _SQL_CAP])
@@ -69,6 +84,8 @@ def request_events(flow: str, *, identity: Identity, connection: str, url: str, 
                         "whereMissing": a.postgres.where_missing, "opaque": a.postgres.opaque}
                        for a in verdict.actions if a.postgres is not None],
     }
+    if caused_by is not None:
+        data["causedBy"] = caused_by
     if params:
         data["parameters"] = [None if p is None else _masked(p[:PARAM_CHARS]) + ("..." if len(p) > PARAM_CHARS else "")
                               for p in params[:MAX_PARAMS]]

@@ -87,7 +87,7 @@ from .protocol import (
     read_startup,
     ready_for_query,
 )
-from .record import request_events, response_event
+from .record import link_statements, request_events, response_event
 from .results import RowMasker, sample_row
 from .upstream import CancelRegistry, Upstream, UpstreamError, UpstreamSettings, connect
 
@@ -398,7 +398,8 @@ class Session:
         recorded = await self._record(request_events(
             unit.flow, identity=self.identity, connection=self.settings.connection,
             url=f"postgres://{up.host}:{up.port}/{up.database}", sql=sql, params=params,
-            verdict=verdict, settings=self.settings.recording, extended=extended))
+            verdict=verdict, settings=self.settings.recording, extended=extended,
+            caused_by=link_statements(self.services.tool_uses, self.identity, verdict.actions)))
         if not recorded and verdict.allowed:
             verdict.allowed = False
             verdict.refusal = {"S": "ERROR", "V": "ERROR", "C": RECORDING_UNAVAILABLE,
@@ -447,6 +448,9 @@ class Session:
         if recorder is None or not settings.enabled:
             return True
         results = await recorder.append_many(events)
+        if self.services.ocsf is not None:  # OCSF export, as Record does: sealed, else as built
+            self.services.ocsf.submit([r if isinstance(r, dict) else e
+                                       for r, e in zip(results, events, strict=True)])
         lost = sum(1 for r in results if not isinstance(r, dict))
         if lost:
             for r in results:

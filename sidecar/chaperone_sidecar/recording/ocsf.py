@@ -30,6 +30,16 @@ Mapping (docs/telemetry.md has the table):
   block or a refusal (a SIEM's rules assign alert priorities; these only sort).
 * ``actor.user``: the end user (OIDC ``onBehalfOf``) else the pod's creator else the pod's
   ServiceAccount (``type_id`` 1 User / 4 Service); ``actor.invoked_by`` the ServiceAccount.
+
+PostgreSQL statements (``connectionType`` ``postgres``, recorded by ``postgres/record.py``: one
+flow per unit, ``method`` ``SQL``) map to the same class (:func:`_postgres`): the activity from
+the commands of every statement (:func:`postgres_activity`), ``api.operation`` the action name
+(``postgres:DELETE``), the disposition from the ``decision`` event (its ``refused`` is a
+SQLSTATE there), ``status_code`` the SQLSTATE (``00000`` when it ran), no ``http_request``;
+``api.request.data`` holds the SQL text as recorded (detectors applied) cut to
+:data:`SQL_CHARS`, the classification and the parameter *count*; ``resources`` the tables.
+**Decision**: never row values - not the recorded sample rows, not the parameters (an INSERT's
+values), not the server's error text (it can quote a value): only the SQLSTATE.
 """
 
 from __future__ import annotations
@@ -42,7 +52,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["OCSF_VERSION", "CLASS_UID", "api_activity", "activity_of", "FlowEvents"]
+__all__ = ["OCSF_VERSION", "CLASS_UID", "api_activity", "activity_of", "postgres_activity",
+           "FlowEvents"]
 
 log = logging.getLogger("chaperone.ocsf")
 
@@ -70,6 +81,15 @@ _HTTP = {"GET": READ, "HEAD": READ, "OPTIONS": READ, "POST": CREATE, "PUT": UPDA
          "PATCH": UPDATE, "DELETE": DELETE}
 _MCP_READ = {"tools/list", "resources/list", "resources/read", "prompts/list", "prompts/get",
              "resources/templates/list", "ping", "completion/complete"}
+# SQL commands (policy/classify/postgres.py) by what they do to data; the rest is 99 Other
+_SQL_DELETE = {"DELETE", "TRUNCATE", "DROP", "REVOKE"}
+_SQL_UPDATE = {"UPDATE", "MERGE", "ALTER", "GRANT", "COMMENT", "SECURITY LABEL", "REFRESH",
+               "REINDEX", "CLUSTER", "REASSIGN OWNED"}
+_SQL_CREATE = {"INSERT", "CREATE", "SELECT INTO", "IMPORT FOREIGN SCHEMA"}
+_SQL_READ = {"SELECT", "SHOW", "EXPLAIN", "FETCH", "DECLARE"}
+_SQL_RANK = (DELETE, UPDATE, CREATE, READ, OTHER)  # a unit's activity: the first that applies
+SQL_CHARS = 2048  # of the recorded (masked) SQL text in api.request.data
+_SQL_OK = "00000"  # SQLSTATE successful_completion
 
 
 def activity_of(action: str, method: str, connection_type: str) -> int:
@@ -92,6 +112,35 @@ def activity_of(action: str, method: str, connection_type: str) -> int:
     if service == "git" or action.startswith("git:"):
         return UPDATE if "push" in operation else READ
     return _HTTP.get(method.upper(), OTHER)
+
+
+def postgres_activity(statements: Any) -> int:
+    """The OCSF activity of a recorded postgres unit (``request.data.statements``): the
+    strongest of its commands, nested ones included (``WITH d AS (DELETE ...) SELECT`` deletes):
+    Delete (DELETE, TRUNCATE, DROP, REVOKE) > Update (UPDATE, MERGE, ALTER, GRANT ...) > Create
+    (INSERT, CREATE, COPY FROM) > Read (SELECT, SHOW, EXPLAIN, COPY TO) > Other (BEGIN, SET,
+    DO, CALL, unparseable)."""
+    found: set[int] = set()
+    for statement in statements if isinstance(statements, list) else ():
+        if not isinstance(statement, Mapping):
+            continue
+        kind = str(statement.get("kind") or "")
+        names = statement.get("statements") or [statement.get("statement")]
+        for name in names if isinstance(names, list) else ():
+            name = str(name or "").upper()
+            if name == "COPY":  # the direction is in the kind: COPY FROM writes, COPY TO reads
+                found.add(CREATE if kind == "write" else READ if kind == "read" else OTHER)
+            elif name in _SQL_DELETE:
+                found.add(DELETE)
+            elif name in _SQL_UPDATE:
+                found.add(UPDATE)
+            elif name in _SQL_CREATE:
+                found.add(CREATE)
+            elif name in _SQL_READ:
+                found.add(READ)
+            else:
+                found.add(OTHER)
+    return next((a for a in _SQL_RANK if a in found), OTHER)
 
 
 def _ms(value: Any) -> int | None:
@@ -166,13 +215,19 @@ def api_activity(request: Mapping[str, Any], end: Mapping[str, Any],
     action_name = str(action.get("name") or f"http:{req.get('method', '')}")
     connection_type = str(req.get("connectionType") or "")
     method = str(req.get("method") or "")
-    activity = activity_of(action_name, method, connection_type)
+    postgres = connection_type == "postgres"
+    activity = postgres_activity(req.get("statements")) if postgres else \
+        activity_of(action_name, method, connection_type)
     refused = str(data.get("refused") or decision.get("refused") or "")
     effect = str(decision.get("effect") or "")
-    disposition = _disposition(effect, refused, approval)
+    disposition = _postgres_disposition(effect, refused, approval, data) if postgres else \
+        _disposition(effect, refused, approval)
     is_error = end.get("type") == "error"
     status_code = data.get("status")
     success = not refused and not is_error and isinstance(status_code, int) and status_code < 400
+    if postgres:
+        success = not refused and not is_error and isinstance(status_code, str) and \
+            not status_code.startswith("ERROR") and status_code != "not run"
     severity = 3 if disposition in (2, 27) else 2 if approval is not None else 1
     url = str(req.get("url") or "")
     split = urlsplit(url)
@@ -263,7 +318,67 @@ def api_activity(request: Mapping[str, Any], end: Mapping[str, Any],
         "identity": dict(identity) or None,
         "recording": {"session": session, "seq": end.get("seq")} if session else None,
     }.items() if v is not None}
+    if postgres:
+        _postgres(event, req, data, decision, success)
     return event
+
+
+def _postgres_disposition(effect: str, refused: str, approval: Mapping[str, Any] | None,
+                          end: Mapping[str, Any]) -> int:
+    """Disposition of a postgres unit: its ``decision`` event's effect and refusal (a
+    SQLSTATE), its ``approval`` event, and the response's error code."""
+    state = (approval or {}).get("state")
+    error = end.get("error") if isinstance(end.get("error"), Mapping) else {}
+    if str(error.get("code") or "") == "58000" or (effect == "require_approval" and refused
+                                                    and approval is None):
+        return 27  # recording unavailable (strict), or no approval service (fail closed)
+    if refused:
+        return 14 if state == "pending" else 2
+    if state in ("approved", "granted"):
+        return 8
+    return 2 if effect in ("block", "rate_limited") else 1
+
+
+def _postgres(event: dict[str, Any], req: Mapping[str, Any], data: Mapping[str, Any],
+              decision: Mapping[str, Any], success: bool) -> None:
+    """The postgres parts of an API Activity event (module docstring): SQL, not HTTP."""
+    event.pop("http_request", None)
+    statements = [s for s in req.get("statements") or () if isinstance(s, Mapping)]
+    request: dict[str, Any] = {"statements": [
+        {k: s.get(k) for k in ("statement", "kind", "statements", "tables", "functions",
+                               "whereMissing", "opaque") if s.get(k) not in (None, [], False)}
+        for s in statements]}
+    body = req.get("body") if isinstance(req.get("body"), Mapping) else {}
+    text = body.get("text")
+    if isinstance(text, str):
+        request["sql"] = text[:SQL_CHARS]
+        if len(text) > SQL_CHARS or body.get("truncated"):
+            request["sqlTruncated"] = True
+    if req.get("parameters"):
+        request["parameters"] = len(req["parameters"]) + int(req.get("parametersOmitted") or 0)
+    event["api"]["request"]["data"] = request
+    error = data.get("error") if isinstance(data.get("error"), Mapping) else {}
+    status = data.get("status")
+    response: dict[str, Any] = {}
+    if isinstance(status, str) and status:
+        response["message"] = status  # command tags (DELETE 3), ERROR <SQLSTATE>, not run
+    if error.get("code"):
+        response["error"] = str(error["code"])
+    if response:
+        event["api"]["response"] = response
+    event["status_code"] = str(error.get("code") or "") or (_SQL_OK if success else "")
+    if not event["status_code"]:
+        del event["status_code"]
+    if decision.get("refusalMessage"):  # Chaperone's own refusal text (names the rule)
+        event["status_detail"] = str(decision["refusalMessage"])[:1024]
+    if isinstance(data.get("rows"), int):
+        event["unmapped"]["chaperone"]["rows"] = data["rows"]
+    tables = list(dict.fromkeys(t for s in statements for t in s.get("tables") or () if isinstance(t, str)))
+    if tables:
+        url = urlsplit(str(req.get("url") or ""))
+        event["resources"] = [{"name": t, "type": "table", **({"namespace": url.path.strip("/")}
+                                                               if url.path.strip("/") else {})}
+                              for t in tables[:32]]
 
 
 class FlowEvents:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .policy.masking.encoding import MaskingError, decode, parse_content_encoding
 from .policy.model import Action, Decision, HTTPRequest, Identity
 from .routing import normalize_host
 from .snapshot import Snapshot
@@ -32,6 +33,9 @@ __all__ = ["KEY", "FlowContext", "RecordingSettings", "BodyCapture", "RecordProg
            "TelemetryProgress", "FULL_BODY_CAP", "get", "ensure", "request_of"]
 
 KEY = "chaperone"
+# The most a request body is decompressed to for the policy's view (request_of): the largest
+# body any judgment reads (streaming.READ_LIMIT).
+DECODE_CAP = 64 * 1024 * 1024
 FULL_BODY_CAP = 16 * 1024 * 1024  # ``bodies: full`` still stops here (the CRD's maxBodyBytes max)
 
 
@@ -203,10 +207,14 @@ def request_of(flow: Any, *, body: bool = True) -> HTTPRequest:
     method = (ctx.method if ctx is not None else "") or req.method
     content = b""
     if body and not req.stream and req.raw_content:
+        # Decoded with a cap (a gzip bomb stops there) and as servers decode (trailing garbage
+        # after a gzip member dropped). Undecodable or over the cap: the raw bytes, as before -
+        # Enforce refuses such a body wherever the body is judged (addons/enforce.py).
         try:
-            content = req.get_content(strict=False) or b""
-        except ValueError:
-            content = req.raw_content or b""
+            content = decode(req.raw_content, parse_content_encoding(req.headers.get("content-encoding")),
+                             DECODE_CAP)
+        except MaskingError:
+            content = req.raw_content
     return HTTPRequest(method=method, scheme=req.scheme, host=normalize_host(req.host),
                        port=req.port, path=path, query=query,
                        headers=tuple(req.headers.items(multi=True)), body=content)

@@ -71,6 +71,7 @@ from ..policy.classify.anthropic import MAX_BODY as ANTHROPIC_MAX_BODY
 from ..policy.classify.aws import MAX_FORM_BODY as AWS_MAX_FORM_BODY
 from ..policy.classify.mcp import MAX_BODY as MCP_MAX_BODY
 from ..policy.evaluator import describe_action, describe_identity, evaluate
+from ..policy.masking.encoding import BodyTooLarge, MaskingError, decode, parse_content_encoding
 from ..policy.model import Decision, RateLimit, RuleRef
 from ..services import SidecarServices
 from ..snapshot import Snapshot
@@ -216,6 +217,9 @@ class Enforce:
         if flow.response is not None:
             return
         ctx = flowctx.ensure(flow)
+        if ctx.action is not None and not flow.request.stream and flow.request.raw_content and \
+                self._unreadable(flow, ctx, self._snapshot(ctx)):
+            return
         if ctx.decision is not None:
             # Judged on the headers because the length was unknown, but the body was buffered
             # after all: judge again with it (a body rule may be stricter).
@@ -309,6 +313,32 @@ class Enforce:
                rule=need.rule, status=status, how_to_get_access=how, limit_bytes=need.limit)
         log.info("refused a body that must be judged but cannot be read first: %s", why,
                  extra=flow_fields(flow))
+        return True
+
+    def _unreadable(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, snapshot: Any) -> bool:
+        """A read body something judges (:func:`_body_needs`) that is larger than its limit once
+        decoded (a compressed body: the limit is on what it decodes to, as the upstream will see
+        it), or that does not decode: refused (True). Judged on anything less, a pattern past
+        the limit or inside an undecodable encoding would pass."""
+        needs = _body_needs(flow, ctx, self._body_rule(ctx, snapshot))
+        if not needs:
+            return False
+        need = min(needs, key=lambda n: n.limit)
+        header = flow.request.headers.get("content-encoding")
+        try:
+            decode(flow.request.raw_content or b"", parse_content_encoding(header), need.limit)
+            return False
+        except BodyTooLarge:
+            why, status = f"this body (decoded) is larger than {need.limit} bytes", 413
+            how = f"Send at most {need.limit} bytes of (decoded) body ({need.raise_it})."
+        except MaskingError as exc:  # unsupported or corrupt Content-Encoding
+            why, status = f"its Content-Encoding {header!r} cannot be decoded ({exc})", 415
+            how = "Send the body uncompressed, or gzip/deflate/br encoded."
+        message = f"{need.reader}, and {why}, so it cannot be judged"
+        ctx.decision = Decision("block", rule=need.rule, message=message)
+        refuse(flow, "blocked" if need.rule is not None else "invalid_request", message,
+               rule=need.rule, status=status, how_to_get_access=how, limit_bytes=need.limit)
+        log.info("refused a body that must be judged but cannot be: %s", why, extra=flow_fields(flow))
         return True
 
     @staticmethod

@@ -15,6 +15,7 @@ length (chunked): 411. Nothing of a refused request reaches the upstream (a real
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 from collections.abc import Iterator
@@ -204,3 +205,21 @@ def test_an_anthropic_request_declaring_a_blocked_tool_is_judged_past_a_mib(prox
     assert fine.status_code == 200, fine.text[:300]
     reached = [json.loads(b)["tools"][0]["name"] for p, b in received if p == "/v1/messages"]
     assert reached == ["calculator"]
+
+
+@pytest.mark.parametrize("case", ["past-max-body-bytes", "trailing-garbage", "bomb"])
+def test_a_compressed_body_is_judged_on_what_it_decodes_to(proxy, case):
+    """A body rule reads the decoded body. Decoded past maxBodyBytes: 413 (the pattern was past
+    the part the rule reads). A gzip member followed by garbage (which mitmproxy's decoder
+    rejects, so the raw, compressed bytes were judged, while servers decode the member): judged
+    on the member. A bomb is never expanded past the limit."""
+    proxy_port, port, received = proxy
+    body = {"past-max-body-bytes": b"SELECT 1;" + b" " * (3 * MIB) + b"DROP TABLE users;",
+            "trailing-garbage": b"DROP TABLE users;",
+            "bomb": b"\0" * (512 * MIB)}[case]
+    wire = gzip.compress(body, 1) + (b"garbage" if case == "trailing-garbage" else b"")
+    with _client(proxy_port) as client:
+        resp = client.post(f"http://127.0.0.1:{port}/gz-{case}", content=wire,
+                           headers={"Content-Encoding": "gzip"})
+    assert resp.status_code == (403 if case == "trailing-garbage" else 413), resp.text[:300]
+    assert _reached(received, f"/gz-{case}") == []

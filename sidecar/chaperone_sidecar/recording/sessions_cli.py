@@ -248,6 +248,9 @@ def tool_use_links(events: list[dict[str, Any]], body_limit: int = 200) -> list[
                 "input": _body(data.get("input"), body_limit),
                 "blocked": _rule((blocked or {}).get("rule")) if blocked else None,
                 "replaced": bool(data.get("replaced")), "actions": []})
+    # a decision of its own event (postgres units; a re-judged flow): the latest per flow
+    decisions = {e.get("flow"): (e.get("data") or {}).get("effect") for e in events
+                 if e.get("type") == "decision" and e.get("flow")}
     for event in events:
         data = event.get("data") or {}
         cause = data.get("causedBy")
@@ -260,7 +263,8 @@ def tool_use_links(events: list[dict[str, Any]], body_limit: int = 200) -> list[
         decided: dict[str, Any] = data["decision"] if isinstance(data.get("decision"), dict) else {}
         entry["actions"].append({"seq": event.get("seq"), "flow": event.get("flow"),
                                  "what": _what(event), "score": cause.get("score"),
-                                 "reason": cause.get("reason"), "decision": decided.get("effect")})
+                                 "reason": cause.get("reason"),
+                                 "decision": decisions.get(event.get("flow")) or decided.get("effect")})
     return sorted(asked.values(), key=lambda e: (e["seq"] is None, e["seq"] or 0))
 
 

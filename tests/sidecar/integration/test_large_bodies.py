@@ -79,6 +79,7 @@ def proxy(tmp_path_factory) -> Iterator[tuple[int, int, list[tuple[str, bytes]]]
         "aws": {"type": "aws", "hosts": ["localhost"],
                 "aws": {"region": "us-east-1", "endpointURL": f"http://localhost:{port}"}},
         "claude": {"type": "anthropic", "hosts": ["127.0.0.2"]},
+        "tools": {"type": "mcp", "hosts": ["127.0.0.3"]},
     }
     for name, spec in connections.items():
         (conf / "connections" / f"{name}.yaml").write_text(yaml.safe_dump(
@@ -90,18 +91,23 @@ def proxy(tmp_path_factory) -> Iterator[tuple[int, int, list[tuple[str, bytes]]]
             {"name": "keep-queues", "match": {"aws": {"actions": ["sqs:DeleteQueue"]}}, "block": {}}]},
         "claude": {"connections": ["claude"], "defaultEffect": "allow", "rules": [
             {"name": "no-bash", "match": {"anthropic": {"tools": ["bash"]}}, "block": {}}]},
+        "tools": {"connections": ["tools"], "defaultEffect": "allow", "rules": [
+            {"name": "no-delete", "match": {"mcp": {"tools": ["delete_*"]}}, "block": {}}]},
     }
     for name, spec in policies.items():
         (conf / "policies" / f"{name}.yaml").write_text(yaml.safe_dump(
             {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": name}, "spec": spec}))
     anthropic = ThreadingHTTPServer(("127.0.0.2", port), Upstream)
     threading.Thread(target=anthropic.serve_forever, daemon=True).start()
+    mcp = ThreadingHTTPServer(("127.0.0.3", port), Upstream)
+    threading.Thread(target=mcp.serve_forever, daemon=True).start()
     try:
         with standalone_proxy(conf, root / "proxy.log") as sidecar:
             yield sidecar.port, port, received
     finally:
         server.shutdown()
         anthropic.shutdown()
+        mcp.shutdown()
 
 
 def _client(proxy_port: int) -> httpx.Client:
@@ -223,3 +229,28 @@ def test_a_compressed_body_is_judged_on_what_it_decodes_to(proxy, case):
                            headers={"Content-Encoding": "gzip"})
     assert resp.status_code == (403 if case == "trailing-garbage" else 413), resp.text[:300]
     assert _reached(received, f"/gz-{case}") == []
+
+
+def test_an_mcp_call_padded_past_a_mib_is_judged_on_its_tool(proxy):
+    """Padding in the arguments moves nothing out of sight: the call is read and judged (the
+    blocked tool refused as a JSON-RPC error, the allowed one forwarded whole); past the
+    classifier's 4 MiB: 413; chunked: 411."""
+    proxy_port, port, received = proxy
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+    def call(tool: str, pad: int) -> bytes:
+        return json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                           "params": {"name": tool, "arguments": {"path": "/tmp/x", "pad": "p" * pad}}}).encode()
+    with _client(proxy_port) as client:
+        url = f"http://127.0.0.3:{port}/mcp-%s"
+        delete = client.post(url % "delete", content=call("delete_file", 2 * MIB), headers=headers)
+        read = client.post(url % "read", content=call("read_file", 2 * MIB), headers=headers)
+        huge = client.post(url % "huge", content=call("read_file", 5 * MIB), headers=headers)
+        chunked = client.post(url % "chunked", content=_chunks(call("delete_file", 2 * MIB)), headers=headers)
+    assert delete.headers.get("X-Chaperone-Refused") == "blocked", delete.text[:300]
+    assert delete.json()["error"]["data"]["rule"]["name"] == "no-delete"
+    assert read.status_code == 200 and read.headers.get("X-Chaperone-Refused") is None, read.text[:300]
+    assert _reached(received, "/mcp-read") == [len(call("read_file", 2 * MIB))]
+    assert huge.status_code == 413 and f"larger than {4 * MIB} bytes" in huge.json()["message"]
+    assert chunked.status_code == 411
+    assert [p for p, _ in received if p in ("/mcp-delete", "/mcp-huge", "/mcp-chunked")] == []

@@ -6,19 +6,30 @@ through the same classifier and evaluator as the sidecar (:func:`run_case`) and 
 suite files (:func:`load_suite`, :func:`run_suite`; format in ``examples/policy-tests/``).
 Argument parsing and printing a single result stay in :mod:`.cli`.
 Every problem with the input raises :class:`InputError` (exit code 2).
+
+**SQL cases** (``sql:``, connection type ``postgres``; docs/postgres.md): the statement is
+classified by the sidecar's classifier (``classify/postgres.py``) on ``server`` (host:port,
+default ``localhost:5432``) and ``database`` (default ``postgres``) and every statement is
+evaluated as ``postgres/decide.py`` does: the strictest decision wins (block >
+requireApproval > allow), statements needing approval under different rules are refused
+(``block``, as the sidecar refuses them), SQL the parser cannot read is ``block``
+(``postgres:unparseable``). What only a running sidecar knows - rate limits left, an
+approval's outcome, the lexing settings of a live session, COPY output under column masks -
+is not part of a case.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import yaml
 
+from .classify.postgres import SQLParseError, classify_sql
 from .compiler import PolicyErrors, compile_policy
 from .evaluator import evaluate
 from .matching import CompiledPolicy, CompiledPolicySet
@@ -26,7 +37,7 @@ from .model import Action, Decision, HTTPRequest, Identity
 
 Classifier = Callable[[HTTPRequest, str], Action]
 EXIT_OK, EXIT_MISMATCH, EXIT_INVALID = 0, 1, 2
-CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic", "mcp")
+CONNECTION_TYPES = ("aws", "http", "kubernetes", "anthropic", "mcp", "postgres")
 DECISIONS = {"allow": "allow", "block": "block", "require_approval": "require_approval",
               "requireapproval": "require_approval", "require-approval": "require_approval"}
 
@@ -147,6 +158,7 @@ class Case:
     connection: str
     connection_type: str
     expect: dict = field(default_factory=dict)  # decision, rule, action, masks
+    sql: str | None = None  # a SQL case: ``request`` then names the server and database
 
 
 @dataclass
@@ -167,9 +179,12 @@ class CaseResult:
 
 
 def run_case(case: Case, policies: CompiledPolicySet, classify: Classifier, explain: bool = False) -> CaseResult:
-    """Classify + evaluate one request and compare with the case's expectations."""
-    action = classify(case.request, case.connection_type)
-    decision = evaluate(policies, action, case.identity, case.connection, case.request.body, explain=explain)
+    """Classify + evaluate one request (or SQL) and compare with the case's expectations."""
+    if case.sql is not None:
+        action, decision = judge_sql(case, policies, explain)
+    else:
+        action = classify(case.request, case.connection_type)
+        decision = evaluate(policies, action, case.identity, case.connection, case.request.body, explain=explain)
     mismatches, expect = [], case.expect
     if expect.get("decision") is not None and DECISIONS.get(str(expect["decision"]).lower()) != decision.effect:
         mismatches.append(f"decision: expected {expect['decision']}, got {decision.effect}"
@@ -187,6 +202,55 @@ def run_case(case: Case, policies: CompiledPolicySet, classify: Classifier, expl
         mismatches.append(f"action: expected {expect['action']}, got {action.name}")
     return CaseResult(case, action, decision, mismatches)
 
+
+_RANK = {"block": 3, "require_approval": 2, "allow": 1}  # postgres/decide.py Verdict.deciding
+
+
+def sql_request(server: str = "", database: str = "") -> HTTPRequest:
+    """Where a SQL case runs, as the generic fields of its actions: ``SQL postgres://server/db``."""
+    parts = urlsplit(f"postgres://{server or 'localhost:5432'}")
+    try:
+        port = parts.port or 5432
+    except ValueError as exc:
+        raise InputError(f"invalid server {server!r}: {exc}") from exc
+    if not parts.hostname or parts.path or parts.query or parts.username:
+        raise InputError(f"invalid server {server!r}: want host or host:port")
+    return HTTPRequest(method="SQL", scheme="postgres", host=parts.hostname, port=port,
+                       path=f"/{database or 'postgres'}")
+
+
+def judge_sql(case: Case, policies: CompiledPolicySet, explain: bool = False) -> tuple[Action, Decision]:
+    """A SQL case's action and decision, as the sidecar's postgres listener decides a unit
+    (module docstring): the deciding statement's action, the strictest decision."""
+    req = case.request
+    database = req.path.lstrip("/")
+    sql = case.sql or ""
+    try:
+        actions = classify_sql(sql, host=req.host, port=req.port, database=database)
+    except SQLParseError as exc:
+        action = Action(connection_type="postgres", method="SQL", scheme="postgres", host=req.host,
+                        port=req.port, path=req.path, name="postgres:unparseable",
+                        summary=sql[:200], errors=(str(exc),))
+        return action, Decision("block", message=f"unparseable SQL is refused (42601): {exc}",
+                                explanation=(f"parse error: {exc}",))
+    if not actions:  # only comments: the server answers EmptyQueryResponse, nothing is judged
+        action = Action(connection_type="postgres", method="SQL", scheme="postgres", host=req.host,
+                        port=req.port, path=req.path, name="postgres:empty", summary="(empty query)")
+        return action, Decision("allow", message="empty query: nothing to judge")
+    decisions = [evaluate(policies, a, case.identity, case.connection, explain=True) for a in actions]
+    lines: tuple[str, ...] = ()
+    if len(actions) > 1 or explain:
+        lines = tuple(f"statement {i + 1} {a.name}: {d.effect}" + (f" (rule {d.rule})" if d.rule else "")
+                      for i, (a, d) in enumerate(zip(actions, decisions, strict=True)))
+    index = max(range(len(decisions)), key=lambda i: _RANK.get(decisions[i].effect, 0))
+    action, decision = actions[index], decisions[index]
+    explanation = lines + (decision.explanation if explain or len(actions) == 1 else ())
+    approvals = {str(d.rule) for d in decisions if d.effect == "require_approval"}
+    if decision.effect == "require_approval" and len(approvals) > 1:
+        return action, Decision("block", message="statements need approval under different rules "
+                                f"({', '.join(sorted(approvals))}): the sidecar refuses the query",
+                                explanation=explanation)
+    return action, replace(decision, explanation=explanation)
 
 
 def run_suite(path: Path, extra_policies: list[str], namespace: str, classify: Classifier,
@@ -215,8 +279,8 @@ def run_suite(path: Path, extra_policies: list[str], namespace: str, classify: C
 # ---------------------------------------------------------------------------- suite files
 
 _SUITE_KEYS = {"policies", "namespace", "defaults", "cases"}
-_DEFAULT_KEYS = {"connection", "type", "identity", "headers"}
-_CASE_KEYS = {"name", "connection", "type", "identity", "request", "expect"}
+_DEFAULT_KEYS = {"connection", "type", "identity", "headers", "server", "database"}
+_CASE_KEYS = {"name", "connection", "type", "identity", "request", "expect", "sql", "server", "database"}
 _REQUEST_KEYS = {"method", "url", "headers", "body", "raw", "file"}
 _IDENTITY_KEYS = {"serviceAccount", "user", "groups", "onBehalfOf", "onBehalfOfGroups"}
 _EXPECT_KEYS = {"decision", "rule", "action", "masks"}
@@ -268,6 +332,18 @@ def load_suite(path: Path, namespace: str = "default") -> tuple[list[Path], str,
         connection, ctype = case.get("connection", defaults.get("connection")), case.get("type", defaults.get("type"))
         if not connection:
             problems.append(f"{where}.connection: required (here or in defaults)")
+        if "sql" in case:
+            sql = _sql_case(case, defaults, where, problems, ctype)
+            if sql is not None:
+                identity = make_identity(str(ident.get("serviceAccount") or ""), str(ident.get("user") or ""),
+                                         ident.get("groups") or (), str(ident.get("onBehalfOf") or ""),
+                                         ident.get("onBehalfOfGroups") or (), namespace)
+                cases.append(Case(str(case.get("name") or where), sql[0], identity, str(connection),
+                                  "postgres", expect, sql=sql[1]))
+            if "decision" in expect and str(expect["decision"]).lower() not in DECISIONS:
+                problems.append(f"{where}.expect.decision: must be allow, block or requireApproval, "
+                                f"got {expect['decision']!r}")
+            continue
         if ctype not in CONNECTION_TYPES:
             problems.append(f"{where}.type: must be one of {', '.join(CONNECTION_TYPES)} (here or in defaults), "
                             f"got {ctype!r}")
@@ -287,6 +363,27 @@ def load_suite(path: Path, namespace: str = "default") -> tuple[list[Path], str,
     if problems:
         raise InputError(f"{path}: invalid suite:\n  " + "\n  ".join(problems))
     return policy_files, namespace, cases
+
+
+def _sql_case(case: dict, defaults: dict, where: str, problems: list[str],
+              ctype: Any) -> tuple[HTTPRequest, str] | None:
+    """A case stating SQL: (where it runs, the SQL), or None with its problems added."""
+    before = len(problems)
+    sql = case.get("sql")
+    if not isinstance(sql, str) or not sql.strip():
+        problems.append(f"{where}.sql: must be a non-empty string of SQL")
+    if case.get("request") is not None:
+        problems.append(f"{where}: sql and request cannot be combined (a case is SQL or an HTTP request)")
+    if ctype not in (None, "postgres") and "type" in case:
+        problems.append(f"{where}.type: a sql case runs on a postgres connection, got {ctype!r}")
+    try:
+        request = sql_request(str(case.get("server", defaults.get("server")) or ""),
+                              str(case.get("database", defaults.get("database")) or ""))
+    except InputError as exc:
+        problems.append(f"{where}.server: {exc}")
+    if len(problems) > before:
+        return None
+    return request, str(sql)
 
 
 def _suite_request(req: dict, base: Path, headers: list[tuple[str, str]]) -> HTTPRequest:

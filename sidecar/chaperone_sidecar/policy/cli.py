@@ -6,7 +6,8 @@ One request::
         --method DELETE --url https://reports.s3.us-east-1.amazonaws.com/ \\
         --service-account team-a/claude --explain
 
-or ``--request FILE`` with a raw HTTP/1.1 request. It prints the classified action, the deciding
+or ``--request FILE`` with a raw HTTP/1.1 request, or SQL on a postgres connection (``--connection
+shop-db --sql "DELETE FROM users" [--server db:5432] [--database shop]``). It prints the classified action, the deciding
 rule and the decision (``--json`` for machines). A suite of cases (``--suite cases.yaml``, see
 ``examples/policy-tests/``) lets teams test their policies in their own CI.
 
@@ -43,6 +44,7 @@ from .cases import (
     request_from_url,
     run_case,
     run_suite,
+    sql_request,
 )
 from .evaluator import describe_action
 from .model import HTTPRequest
@@ -80,6 +82,10 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     test.add_argument("--header", action="append", default=[], metavar="K:V", help="request header (repeatable)")
     test.add_argument("--data", help="request body; @FILE reads it from a file")
     test.add_argument("--request", metavar="FILE", help="raw HTTP/1.1 request file instead of --method/--url")
+    test.add_argument("--sql", help="SQL sent through a postgres connection, instead of a request")
+    test.add_argument("--server", default="", metavar="HOST[:PORT]",
+                      help="the postgres connection's server, for --sql (default localhost:5432)")
+    test.add_argument("--database", default="", help="the postgres connection's database, for --sql (default postgres)")
     test.add_argument("--service-account", default="", metavar="NS/NAME", help="the pod's service account")
     test.add_argument("--user", default="", help="the pod's creator")
     test.add_argument("--group", action="append", default=[], help="a group of the creator (repeatable)")
@@ -108,16 +114,22 @@ def run_test(args: argparse.Namespace, classifier: Classifier | None = None,
             return run_suite(Path(args.suite), args.policy, args.namespace, classify, out, args.json, args.explain)
         if not args.policy:
             raise InputError("no policies: give -f/--policy FILE (or --suite)")
+        if args.sql is not None:
+            if args.type not in (None, "postgres"):
+                raise InputError(f"--sql runs on a postgres connection, not --type {args.type}")
+            if args.url or args.method or args.data or args.header or args.request:
+                raise InputError("--sql cannot be combined with --method/--url/--header/--data/--request")
+            args.type = "postgres"
         if not args.connection or not args.type:
             raise InputError("--connection and --type are required without --suite")
         policies = load_policies([Path(p) for p in args.policy], args.namespace)
-        request = _request_from_args(args)
+        request = sql_request(args.server, args.database) if args.sql is not None else _request_from_args(args)
         identity = make_identity(args.service_account, args.user, args.group, args.on_behalf_of,
                                  namespace=args.namespace)
         expect = {"decision": args.expect} if args.expect else {}
         if args.expect_rule:
             expect["rule"] = args.expect_rule
-        result = run_case(Case("request", request, identity, args.connection, args.type, expect),
+        result = run_case(Case("request", request, identity, args.connection, args.type, expect, sql=args.sql),
                           policies, classify, args.explain)
     except InputError as exc:
         print(f"error: {exc}", file=err)

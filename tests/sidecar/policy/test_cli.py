@@ -315,7 +315,8 @@ cases:
         "  cases[0].identity.sa: unknown field (known: groups, onBehalfOf, onBehalfOfGroups, serviceAccount, user)",
         "  cases[0].request.verb: unknown field (known: body, file, headers, method, raw, url)",
         "  cases[0].connection: required (here or in defaults)",
-        "  cases[0].type: must be one of aws, http, kubernetes, anthropic, mcp (here or in defaults), got 'ftp'",
+        "  cases[0].type: must be one of aws, http, kubernetes, anthropic, mcp, postgres (here or in defaults), "
+        "got 'ftp'",
         "  cases[0].expect.decision: must be allow, block or requireApproval, got 'maybe'",
         "  cases[1].request: raw/file cannot be combined with method/url/body",
     ]

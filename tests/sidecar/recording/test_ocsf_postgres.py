@@ -14,7 +14,7 @@ from chaperone_sidecar.policy.classify.postgres import classify_sql
 from chaperone_sidecar.policy.model import Decision, Identity, RuleRef
 from chaperone_sidecar.postgres.decide import Verdict
 from chaperone_sidecar.postgres.record import request_events, response_event
-from chaperone_sidecar.recording.ocsf import FlowEvents, postgres_activity
+from chaperone_sidecar.recording.ocsf import FlowEvents
 
 SCHEMA = json.loads((Path(__file__).parent / "ocsf" / "api_activity-1.8.0.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -30,7 +30,7 @@ def validate(event: dict) -> None:
 
 
 def unit(sql: str, *, effect: str = "allow", refused: bool = False, params=(), status="SELECT 1",
-         error=None, sample=(), approval=None, settings=RecordingSettings()) -> dict:
+         error=None, sample=(), approval=None, settings=None) -> dict:
     """The OCSF event of one unit, from the events postgres/record.py builds for it."""
     actions = classify_sql(sql, host="db.internal", port=5432, database="shop")
     decisions = [Decision(effect, RULE if effect != "allow" else None, "no deletes")] * len(actions)
@@ -38,7 +38,7 @@ def unit(sql: str, *, effect: str = "allow", refused: bool = False, params=(), s
     if refused:
         verdict.refusal = {"C": "42501", "M": f"chaperone refused DELETE: no deletes (rule {RULE})"}
     events = request_events("pg-s1-1", identity=IDENTITY, connection="shop", url="postgres://db.internal:5432/shop",
-                            sql=sql, params=list(params), verdict=verdict, settings=settings,
+                            sql=sql, params=list(params), verdict=verdict, settings=settings or RecordingSettings(),
                             extended=bool(params))
     events.append(response_event("pg-s1-1", identity=IDENTITY, status=status, rows=len(sample),
                                  columns=["id", "note"] if sample else [], sample=list(sample), masked=0,

@@ -34,14 +34,18 @@ addon (module)         responsibility; FlowContext fields read -> written
                        -> ``identity`` (``requestheaders``)
 2. Route               Which ClaudeConnection: by host (explicit), by SNI/Host header
    (route)             (transparent; the upstream is then the name, not the original IP),
-                       by listener (reverse). Classifies the request (``classify``): from
+                       by listener (reverse). Streams a body above the sidecar's streaming
+                       size (``streaming.stream_large``; mitmproxy itself only past
+                       ``READ_LIMIT``). Classifies the request (``classify``): from
                        headers at ``requestheaders``, refined with the body at ``request``
                        unless the body streams. No connection -> 403 ``no_connection`` naming
                        the host and the connections that exist. Raw TCP/UDP flows are closed.
                        -> ``snapshot``, ``connection``, ``connection_type``, ``method``,
                        ``recording``, ``action``
 3. Enforce             Evaluates the compiled policies (``evaluate``) and the policy rate
-   (enforce)           limits. block -> 403 ``blocked``; over a limit -> 429.
+   (enforce)           limits. block -> 403 ``blocked``; over a limit -> 429. Reads first a
+                       body judged by content (bodyRegex, MCP, Anthropic, AWS query), up to
+                       its limit: larger 413, no length 411.
                        snapshot, identity, connection, action -> ``decision``, ``early``
 4. Approve             For ``require_approval``: a cached grant passes; otherwise opens (or
    (approve)           reuses) an ApprovalRequest and holds the flow (bounded, async) or

@@ -20,6 +20,11 @@ A host no connection covers is answered with 403 ``no_connection`` listing the c
 that do exist and their hosts, so an agent can correct itself. The upstream is never contacted
 (with ``connection_strategy=lazy`` not even for the TLS handshake with the agent).
 
+Streaming: a ``Content-Length`` above the sidecar's streaming size (config
+``stream_large_bodies``, 1 MiB) is set to stream first thing in ``requestheaders``
+(:func:`~.streaming.stream_large`) - Chaperone's rule, not mitmproxy's, whose own threshold is
+``READ_LIMIT`` so that a body Enforce chooses to read stays buffered (see streaming.py).
+
 Classification (``policy.classify``) runs once per flow on the hot path: at ``requestheaders``
 on the headers alone when the body may leave before the ``request`` hook (``body_leaves_early``:
 the other addons judge such flows there), otherwise at ``request`` with the body, because some

@@ -85,12 +85,12 @@ class StandaloneProxy:
 
 
 @contextlib.contextmanager
-def standalone_proxy(conf: Path, log: Path) -> Iterator[StandaloneProxy]:
+def standalone_proxy(conf: Path, log: Path, env: Mapping[str, str] | None = None) -> Iterator[StandaloneProxy]:
     """``chaperone proxy`` (standalone mode, config directory ``conf``) on free ports, ready
     (``/ready`` answers 200); stopped with SIGTERM at the end, and a clean exit asserted when
-    the block did not raise."""
+    the block did not raise. ``env``: variables added to its environment (``CHAPERONE_OCSF_FILE``)."""
     port, health = free_port(), free_port()
-    env = base_env()
+    env = {**base_env(), **(env or {})}
     env["PYTHONPATH"] = PYTHONPATH
     proc = subprocess.Popen([sys.executable, "-m", "chaperone_sidecar.sidecar_cli", "proxy", "--config-dir",
                              str(conf), "--port", str(port), "--health-port", str(health)],

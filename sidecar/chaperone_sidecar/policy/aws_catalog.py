@@ -42,8 +42,6 @@ import threading
 from collections.abc import Iterable
 from functools import lru_cache
 
-from botocore.loaders import Loader
-
 from .classify import aws_models
 
 # The classifier's own table of signing names no botocore model declares: the same names here.
@@ -113,12 +111,13 @@ def services() -> tuple[str, ...]:
     return tuple(sorted(_by_signing_name()))
 
 
-def _model_operations(loader: Loader, botocore_name: str) -> list[str]:
+def _model_operations(botocore_name: str) -> list[str]:
     # Only the operation names: json-decode the model file, not botocore's full shape
-    # resolution. The file path is the one the classifier's index read its head from.
-    path = aws_models._model_file(loader, botocore_name)
+    # resolution (and not botocore's Loader: aws_models reads the files itself, issue 16). The
+    # file is the one the classifier's index read its head from; sdk extras add no operations.
+    path = aws_models.model_file(botocore_name)
     if path is None:
-        return list(loader.load_service_model(botocore_name, "service-2").get("operations", {}))
+        return []
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as handle:
         return list(json.loads(handle.read()).get("operations", {}))
@@ -136,10 +135,9 @@ def operations(service: str) -> tuple[str, ...]:
     with _lock:  # two admissions at once read each model once
         cached = _operations.get(key)
         if cached is None:
-            loader = Loader()
             found: dict[str, None] = {}
             for name in names:
-                for op in _model_operations(loader, name):
+                for op in _model_operations(name):
                     found.setdefault(op)
             for op in _SPECIAL_OPERATIONS.get(key, ()):
                 found.setdefault(op)

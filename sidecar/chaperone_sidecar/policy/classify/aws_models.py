@@ -12,22 +12,35 @@ hot path of every proxied flow):
   ``metadata`` object sits. Parsing all ~420 models in full takes seconds; reading the heads
   takes tens of milliseconds, so the signing-name -> service mapping is complete from the
   first call instead of guessed.
-* ``service(name)``: the full model of one service, loaded with a throwaway botocore ``Loader``
-  (so the multi-megabyte raw model is not kept by the loader's cache) and reduced to compact
-  ``OperationInfo`` records plus a REST URI matcher (see ``aws_rest``).
+* ``service(name)``: the full model of one service, read (not cached: the raw model is
+  megabytes) and reduced to compact ``OperationInfo`` records plus a REST URI matcher (see
+  ``aws_rest``).
+
+**The model files are read here, not through botocore's ``Loader``** (issue 16). Importing
+``botocore.loaders`` pulls in ``botocore.compat``/``botocore.utils`` and with them urllib3,
+dateutil, ``xml.etree`` and botocore's HTTP session: ~4 MB of idle RSS in every sidecar,
+whether or not it has an AWS connection (and the policy compiler checks AWS action names in
+every pod: ``policy/aws_catalog.py``). What the loader does for ``service-2`` is small and
+written down in botocore: the search path ``~/.aws/models`` then ``botocore/data`` (found with
+``importlib.util.find_spec``, which does not execute botocore's ``__init__``); a service is a
+directory holding an API-version directory with ``service-2.json`` or ``service-2.json.gz``;
+the latest version is the last in sorted order; the first search path holding the file wins;
+``service-2.sdk-extras.json`` next to it is deep-merged into the model (``ExtrasProcessor``).
+:func:`available_services`, :func:`model_file` and :func:`load_model` do exactly that;
+``tests/sidecar/policy/classify/test_aws_models.py`` checks them against botocore's
+``Loader`` for every service.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-
-from botocore.loaders import Loader
 
 from .aws_rest import RestMatcher, RestTemplate, compile_template
 
@@ -119,29 +132,107 @@ def _meta_from_dict(name: str, md: dict) -> ServiceMeta:
     )
 
 
-def _model_file(loader: Loader, service: str) -> str | None:
-    version = loader.determine_latest_version(service, "service-2")
-    for base in loader.search_paths:
-        for suffix in (".json", ".json.gz"):
-            candidate = os.path.join(base, service, version, "service-2" + suffix)
+_JSON_SUFFIXES = (".json", ".json.gz")  # botocore's JSONFileLoader tries them in this order
+_TYPE = "service-2"
+
+
+@lru_cache(maxsize=1)
+def search_paths() -> tuple[str, ...]:
+    """Where botocore's default ``Loader()`` looks for models, in its order."""
+    spec = importlib.util.find_spec("botocore")  # locates the package without importing it
+    builtin = [os.path.join(p, "data") for p in (spec.submodule_search_locations or ())] if spec else []
+    return (os.path.join(os.path.expanduser("~"), ".aws", "models"), *builtin)
+
+
+def _has_type(version_dir: str, type_name: str = _TYPE) -> bool:
+    return any(os.path.isfile(os.path.join(version_dir, type_name + s)) for s in _JSON_SUFFIXES)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def available_services() -> list[str]:
+    """Every service with a ``service-2`` model on the search path, sorted (as botocore's
+    ``Loader.list_available_services('service-2')``)."""
+    found: set[str] = set()
+    for base in search_paths():
+        for name in _listdir(base):
+            service_dir = os.path.join(base, name)
+            if os.path.isdir(service_dir) and any(
+                    _has_type(os.path.join(service_dir, v)) for v in _listdir(service_dir)):
+                found.add(name)
+    return sorted(found)
+
+
+def latest_version(service: str) -> str | None:
+    """The service's latest API version holding a ``service-2`` model (sorted, last)."""
+    versions = {v for base in search_paths() for v in _listdir(os.path.join(base, service))
+                if _has_type(os.path.join(base, service, v))}
+    return max(versions) if versions else None
+
+
+def _find(service: str, version: str, type_name: str) -> str | None:
+    for base in search_paths():
+        for suffix in _JSON_SUFFIXES:
+            candidate = os.path.join(base, service, version, type_name + suffix)
             if os.path.isfile(candidate):
                 return candidate
     return None
 
 
+def model_file(service: str) -> str | None:
+    """Path of the latest ``service-2.json(.gz)`` of ``service``; None if there is none."""
+    version = latest_version(service)
+    return _find(service, version, _TYPE) if version else None
+
+
+def _read_json(path: str) -> dict:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def _deep_merge(base: dict, extra: dict) -> None:
+    # botocore.utils.deep_merge: dicts on both sides merge, anything else replaces
+    for key, value in extra.items():
+        if isinstance(base.get(key), dict) and isinstance(value, dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def load_model(service: str) -> dict | None:
+    """The full ``service-2`` model with its sdk extras merged in (as botocore's
+    ``Loader.load_service_model(service, 'service-2')``); None if the service has none."""
+    version = latest_version(service)
+    path = _find(service, version, _TYPE) if version else None
+    if path is None:
+        return None
+    model = _read_json(path)
+    extras = _find(service, version, _TYPE + ".sdk-extras")  # type: ignore[arg-type]
+    if extras is not None:
+        merge = _read_json(extras).get("merge")
+        if isinstance(merge, dict):
+            _deep_merge(model, merge)
+    return model
+
+
 @lru_cache(maxsize=1)
 def index() -> dict[str, ServiceMeta]:
     """Every botocore service's metadata, keyed by botocore service name (built once)."""
-    loader = Loader()
     result: dict[str, ServiceMeta] = {}
-    for service in loader.list_available_services("service-2"):
+    for service in available_services():
         md = None
         try:
-            path = _model_file(loader, service)
+            path = model_file(service)
             if path is not None:
                 md = _metadata_from_head(_read_head(path))
             if md is None:  # unusual layout: pay for a full load of this one model
-                md = Loader().load_service_model(service, "service-2").get("metadata", {})
+                md = (load_model(service) or {}).get("metadata", {})
         except Exception:  # a broken model file must not take the whole index down
             continue
         result[service] = _meta_from_dict(service, md)
@@ -229,8 +320,7 @@ def _identifiers(model: dict, op: dict, protocol: str) -> tuple[Member, ...]:
 
 
 def _build(meta: ServiceMeta) -> ServiceModel:
-    # A throwaway Loader: its instance cache would otherwise pin the raw model (megabytes).
-    model = Loader().load_service_model(meta.name, "service-2")
+    model = load_model(meta.name) or {}  # not cached: the raw model is megabytes
     protocol = meta.protocols[0] if meta.protocols else ""
     rest_protocol = next((p for p in meta.protocols if p.startswith("rest-")), "")
     operations: dict[str, OperationInfo] = {}

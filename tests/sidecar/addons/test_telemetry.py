@@ -501,3 +501,77 @@ def test_mcp_span_name_and_aws_request_ids(otel):
     aws = spans["s3:ListBuckets"]
     assert (aws["rpc.system.name"], aws["aws.request_id"], aws["aws.extended_request_id"]) == \
         ("aws-api", "RID1", "EXT2")
+
+
+# ---------------------------------------------------------------- issue 16: the cheaper hot path
+
+def test_span_attributes_of_a_plain_flow_in_full(otel):
+    """Every attribute of an ordinary flow, exactly (the per-request shortcuts of issue 16 - one
+    Host parse, the counter kept by the addon - change no attribute)."""
+    t = otel.addon
+    f = make_flow()
+    t.request(f)
+    f.response = http.Response.make(200, b"z" * 10)
+    t.responseheaders(f)
+    t.response(f)
+    [span] = otel.spans.get_finished_spans()
+    a = dict(span.attributes)
+    latency = a.pop("chaperone.upstream.latency_ms")
+    assert isinstance(latency, float) and latency >= 0
+    assert a == {
+        "chaperone.decision": "allow", "chaperone.outcome": "forwarded", "chaperone.connection": "github",
+        "chaperone.identity.service_account": "team-a/claude", "chaperone.identity.pod": "team-a/agent-0",
+        "chaperone.identity.creator": "alice", "chaperone.identity.on_behalf_of": "bob",
+        "chaperone.connection.type": "http", "chaperone.action": "http:GET",
+        "chaperone.rule": "team-a/github#reads", "http.request.method": "GET", "url.scheme": "https",
+        "server.address": "api.github.com", "server.port": 443, "url.path": "/repos/o/r",
+        "url.full": "https://api.github.com/repos/o/r?access_token=[REDACTED]",
+        "network.protocol.version": "1.1", "http.request.body.size": 0,
+        "http.response.status_code": 200, "http.response.body.size": 10}
+
+
+@pytest.mark.parametrize("build", [
+    lambda: tutils.treq(host="10.0.0.1", port=8443, scheme=b"https", path=b"/a?b=c",
+                        headers=http.Headers(host="api.example.com:8443")),
+    lambda: tutils.treq(host="10.0.0.1", port=443, scheme=b"https", headers=http.Headers(host="api.example.com")),
+    lambda: tutils.treq(host="10.0.0.1", port=80, scheme=b"http", headers=http.Headers(host="[::1]:8080")),
+    lambda: tutils.treq(host="example.org", port=80, scheme=b"http", headers=http.Headers()),
+    lambda: tutils.treq(host="example.org", port=443, scheme=b"https", headers=http.Headers(host="")),
+    lambda: tutils.treq(host="10.0.0.1", port=443, scheme=b"https", headers=http.Headers(host="bad host:x")),
+    lambda: tutils.treq(host="10.0.0.1", port=443, scheme=b"https", headers=http.Headers(host="h" * 300)),
+    lambda: tutils.treq(method=b"CONNECT", host="example.org", port=443, scheme=b"", path=b"",
+                        authority=b"example.org:443", headers=http.Headers(host="example.org:443")),
+    lambda: tutils.treq(host="10.0.0.1", port=443, scheme=b"https", http_version=b"HTTP/2.0",
+                        authority=b"h2.example.com", headers=http.Headers()),
+])
+def test_pretty_host_and_url_as_mitmproxy(build):
+    from chaperone_sidecar.addons.telemetry import _pretty_host_url
+
+    for _ in range(2):  # cold and cached
+        req = build()
+        assert _pretty_host_url(req) == (req.pretty_host, req.pretty_url)
+
+
+def test_requests_counter_has_the_counter_type_and_an_overflow_series(otel, monkeypatch):
+    from chaperone_sidecar.addons import telemetry as module
+
+    monkeypatch.setattr(module, "_MAX_SERIES", 2)
+    t = otel.addon
+    for conn in ("a", "b", "c", "d", "a"):
+        f = make_flow()
+        flowctx.get(f).connection = conn
+        f.response = http.Response.make(200, b"")
+        t.response(f)
+    data = otel.reader.get_metrics_data()
+    [metric] = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                if m.name == "chaperone.requests"]
+    assert metric.data.is_monotonic and metric.unit == "{request}"
+    got = {p.attributes.get("chaperone.connection", "overflow"): p.value for p in metric.data.data_points}
+    assert got == {"a": 2, "b": 1, "overflow": 2}
+    assert [p.attributes for p in metric.data.data_points
+            if "chaperone.connection" not in p.attributes] == [{"otel.metric.overflow": True}]
+    f = make_flow()
+    flowctx.get(f).connection = "b"
+    t.response(f)
+    got = {p.attributes.get("chaperone.connection", "overflow"): p.value for p in metric_points(otel.reader)["chaperone.requests"]}
+    assert got == {"a": 2, "b": 2, "overflow": 2}  # cumulative

@@ -22,12 +22,19 @@
 cost). ``--loop`` is the product's own setting (``CHAPERONE_EVENT_LOOP``: uvloop is what the
 sidecar picks by default, asyncio the standard loop); both profiles start like ``chaperone
 proxy`` does (:func:`chaperone_sidecar.lean_imports.install`, then the chosen loop).
+
+``--report-modules FILE`` (full profile): once the proxy is ready and has idled a second, write
+``{"rss": VmRSS bytes, "modules": sorted(sys.modules)}`` to FILE - what an idle sidecar has
+loaded, for the idle-RSS analysis in docs/benchmarks.md and for
+``tests/sidecar/integration/test_idle_modules.py`` (which heavy libraries stay out until a
+connection of their type exists).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -92,11 +99,29 @@ def run_full(args: argparse.Namespace) -> int:
     async def main() -> int:
         services = await build_services(config, recorder=False)
         services.recorder = _s3_recorder(config)
-        return await ProxyRuntime(config, services).run()
+        runtime = ProxyRuntime(config, services)
+        if args.report_modules:
+            report = asyncio.get_running_loop().create_task(_report_modules(runtime, Path(args.report_modules)))
+        try:
+            return await runtime.run()
+        finally:
+            if args.report_modules:
+                report.cancel()
 
     factory, _ = event_loop_factory(config.event_loop)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main())  # the services' closers flush and shut the providers down
+
+
+async def _report_modules(runtime, out: Path) -> None:
+    """Write the idle process's RSS and loaded modules once it is ready (``--report-modules``)."""
+    await runtime.ready.wait()
+    await asyncio.sleep(1.0)
+    rss = next((int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmRSS:")), 0)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rss": rss, "modules": sorted(sys.modules)}))
+    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--health-port", type=int, required=True)
     parser.add_argument("--without", action="append", default=[], choices=("recording", "masking", "telemetry"),
                         help="full profile minus a feature (recording and masking are in the config directory)")
+    parser.add_argument("--report-modules", default=None, metavar="FILE",
+                        help="full profile: write RSS and sys.modules to FILE once ready and idle")
     args = parser.parse_args(argv)
     os.environ["CHAPERONE_EVENT_LOOP"] = args.loop  # read by SidecarConfig.from_files
     if args.profile == "full":

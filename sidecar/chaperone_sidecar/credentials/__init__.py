@@ -27,6 +27,12 @@ Per connection type (``spec.type``):
 
 ``credentials.source: none`` leaves http/anthropic/kubernetes requests untouched and sends aws
 requests unsigned (anonymous) after stripping the agent's signature.
+
+**Loading point of the AWS signer** (issue 16): ``aws_sigv4`` (botocore's ``auth``,
+``awsrequest`` and ``credentials`` modules, ~3-6 MB of RSS with what they import) is imported
+by :meth:`CredentialInjector.for_connection` when it builds the injector of an ``aws``
+connection - i.e. when the snapshot first holds one (``services.InjectorRegistry.update``) -
+not when this package is imported: a pod without AWS connections never loads it.
 """
 
 from __future__ import annotations
@@ -35,13 +41,15 @@ import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .aws_chunked import AwsChunkedDecoder
-from .aws_sigv4 import AWSResigner
 from .credential_sources import StaticAWSSource, TokenSource, WebIdentitySource, utcnow
 from .headers import HeaderInjector, anthropic_injector, http_injector, kubernetes_injector
 from .request import HTTPLike
+
+if TYPE_CHECKING:
+    from .aws_sigv4 import AWSResigner
 
 __all__ = ["CredentialInjector"]
 
@@ -93,6 +101,10 @@ class CredentialInjector:
             return TokenSource(need_dir(), ref.get("tokenKey", "token"))
 
         if kind == "aws":
+            # Imported here, not at the top, for memory only: botocore's signer is loaded when
+            # the first aws connection's injector is built (module docstring, docs/benchmarks.md).
+            from .aws_sigv4 import AWSResigner
+
             aws = spec.get("aws") or {}
             source: Any = None
             if source_kind == "secret":

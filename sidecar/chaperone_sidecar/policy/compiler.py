@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..api import ACCESS_POLICIES
-from .classify.postgres import STATEMENT_NAMES
+from .classify.postgres_names import STATEMENT_NAMES
 from .errors import PolicyError
 from .globs import glob_error
 from .globs import quote as _q

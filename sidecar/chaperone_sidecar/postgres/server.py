@@ -13,6 +13,14 @@ shares the pod's network namespace, so loopback is where it connects (``PGHOST=1
 
 Identity: the pod's (``addons.identify.base_identity``): on loopback inside the pod every
 connection is the agent's.
+
+**Loading point** (issue 16): serving postgres needs the SQL parser (``pglast``, libpg_query)
+and SCRAM (``scramp`` with ``asn1crypto``) - ~5 MB of RSS. They are imported with
+:mod:`.engine` when the snapshot first holds a postgres connection (:meth:`PostgresListeners.update`
+opening the first listener), not when the proxy starts: this module and what it imports stay
+light, so a pod without postgres connections never loads them (measured in docs/benchmarks.md,
+asserted by ``tests/sidecar/integration/test_idle_modules.py``). Once loaded, the engine stays
+for the life of the process.
 """
 
 from __future__ import annotations
@@ -20,21 +28,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..addons.identify import base_identity
 from ..contract import POSTGRES_PORT_BASE
-from ..credentials.credential_sources import CredentialError, TokenSource
-from ..flowctx import RecordingSettings
 from ..routing import Connection
 from ..services import SidecarServices
 from ..snapshot import Snapshot
-from .session import Session, SessionSettings
-from .tls import server_context
-from .upstream import CancelRegistry, UpstreamSettings
+
+if TYPE_CHECKING:
+    from .engine import PostgresEngine
 
 __all__ = ["PostgresListeners", "listen_ports", "DEFAULT_PORT", "HOST_ENV"]
 
@@ -61,60 +64,29 @@ def listen_ports(connections: Iterable[Connection]) -> dict[str, int]:
     return out
 
 
-def _password(conn: Connection) -> Any:
-    creds = conn.spec.get("credentials") or {}
-    key = (creds.get("secretRef") or {}).get("passwordKey", "password")
-
-    def read() -> str | None:
-        if creds.get("source", "none") == "none" or not conn.credentials_dir:
-            return None
-        try:
-            return TokenSource(conn.credentials_dir, key).value().reveal()
-        except CredentialError:
-            return None
-    return read
-
-
-def session_settings(conn: Connection, client_tls: ssl.SSLContext | None) -> SessionSettings:
-    pg = conn.spec.get("postgres") or {}
-    upstream = UpstreamSettings(
-        host=pg.get("host", ""), port=int(pg.get("port") or 5432), database=pg.get("database", ""),
-        user=pg.get("user", ""), password=_password(conn), sslmode=pg.get("sslmode", "verify-full"),
-        ca_file=conn.upstream_ca_file,
-        allowed_auth=tuple(pg.get("allowedAuth") or ("scram-sha-256",)))
-    return SessionSettings(
-        connection=conn.name, upstream=upstream,
-        recording=RecordingSettings.from_spec(conn.spec.get("recording")),
-        sample_rows=int(pg.get("maxRecordedRows", 10)),
-        client_tls=client_tls if pg.get("clientTLS") else None)
-
-
 class PostgresListeners:
     """Every postgres listener of this sidecar."""
 
     def __init__(self, services: SidecarServices, host: str | None = None) -> None:
         self.services = services
         self.host = host or os.environ.get(HOST_ENV) or "127.0.0.1"
-        self.cancels = CancelRegistry()
+        self.engine: PostgresEngine | None = None  # loaded with the first postgres connection
         self._servers: dict[str, tuple[int, asyncio.AbstractServer]] = {}
         self._sessions: set[asyncio.Task] = set()
-        self._tls: ssl.SSLContext | None = None
-        self._tls_failed = False
         self._lock = asyncio.Lock()
 
     @property
     def ports(self) -> dict[str, int]:
         return {name: port for name, (port, _) in self._servers.items()}
 
-    async def _client_tls(self) -> ssl.SSLContext | None:
-        if self._tls is None and not self._tls_failed:
-            ca = Path(self.services.config.ca_dir) / "mitmproxy-ca.pem"
-            try:
-                self._tls = await server_context(ca)
-            except (OSError, ValueError) as exc:
-                self._tls_failed = True
-                log.error("postgres: no TLS for agents, the CA %s is unusable: %s", ca, exc)
-        return self._tls
+    def _engine(self) -> PostgresEngine:
+        if self.engine is None:
+            # Imported here, not at the top, for memory only: pglast and scramp are loaded when
+            # the first postgres connection needs a listener (module docstring).
+            from .engine import PostgresEngine
+
+            self.engine = PostgresEngine(self.services)
+        return self.engine
 
     async def update(self, snapshot: Snapshot) -> None:
         """Open, move and close listeners to match ``snapshot``."""
@@ -129,8 +101,9 @@ class PostgresListeners:
             for name, port in wanted.items():
                 if name in self._servers:
                     continue
+                engine = self._engine()
                 try:
-                    server = await asyncio.start_server(self._handler(name), self.host, port)
+                    server = await asyncio.start_server(self._handler(engine, name), self.host, port)
                 except OSError as exc:
                     log.error("postgres %s: cannot listen on %s:%s: %s", name, self.host, port, exc)
                     continue
@@ -143,22 +116,13 @@ class PostgresListeners:
         self._sessions.add(task)
         task.add_done_callback(self._sessions.discard)
 
-    def _handler(self, name: str) -> Any:
+    def _handler(self, engine: PostgresEngine, name: str) -> Any:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            conn = self.services.snapshot().connection(name)
-            if conn is None or conn.type != "postgres":
-                writer.close()
-                return
-            pg = conn.spec.get("postgres") or {}
-            tls = await self._client_tls() if pg.get("clientTLS") else None
-            session = Session(self.services, session_settings(conn, tls),
-                              base_identity(self.services.config), reader, writer,
-                              cancels=self.cancels)
             task = asyncio.current_task()
             if task is not None:
                 self._sessions.add(task)
             try:
-                await session.run()
+                await engine.serve(name, reader, writer)
             finally:
                 if task is not None:
                     self._sessions.discard(task)

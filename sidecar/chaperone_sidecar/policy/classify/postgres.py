@@ -37,62 +37,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 from pglast import ast, parse_sql
 from pglast.parser import ParseError
 
 from ..model import Action, PostgresAction
 from .http import shorten
+from .postgres_names import KINDS, NODES, OPAQUE, PREFIX, TRANSACTION, Kind
 
 __all__ = ["SQLParseError", "Statement", "parse_statements", "classify_sql", "statement_action",
-           "KINDS", "STATEMENT_NAMES", "ROW_REF"]
+           "ROW_REF"]
 
-Kind = Literal["read", "write", "ddl", "other"]
-KINDS: tuple[Kind, ...] = ("read", "write", "ddl", "other")
 _RANK = {k: i for i, k in enumerate(KINDS)}
 MAX_TEXT = 4096  # characters of a statement kept on the action (recordings keep their own bound)
-
-# node class -> (command, kind). Anything not listed: first CamelCase word, kind from _PREFIX.
-_NODES: dict[str, tuple[str, Kind]] = {
-    "SelectStmt": ("SELECT", "read"), "VariableShowStmt": ("SHOW", "read"),
-    "ExplainStmt": ("EXPLAIN", "read"), "FetchStmt": ("FETCH", "read"),
-    "DeclareCursorStmt": ("DECLARE", "read"), "ClosePortalStmt": ("CLOSE", "other"),
-    "InsertStmt": ("INSERT", "write"), "UpdateStmt": ("UPDATE", "write"),
-    "DeleteStmt": ("DELETE", "write"), "MergeStmt": ("MERGE", "write"),
-    "CopyStmt": ("COPY", "read"), "TruncateStmt": ("TRUNCATE", "write"),
-    "RefreshMatViewStmt": ("REFRESH", "write"),
-    "RenameStmt": ("ALTER", "ddl"), "IndexStmt": ("CREATE", "ddl"), "ViewStmt": ("CREATE", "ddl"),
-    "RuleStmt": ("CREATE", "ddl"), "DefineStmt": ("CREATE", "ddl"),
-    "CompositeTypeStmt": ("CREATE", "ddl"), "CreatedbStmt": ("CREATE", "ddl"),
-    "DropdbStmt": ("DROP", "ddl"), "CommentStmt": ("COMMENT", "ddl"), "SecLabelStmt": ("SECURITY LABEL", "ddl"),
-    "GrantStmt": ("GRANT", "ddl"), "GrantRoleStmt": ("GRANT", "ddl"), "ReindexStmt": ("REINDEX", "ddl"),
-    "ClusterStmt": ("CLUSTER", "ddl"), "ImportForeignSchemaStmt": ("IMPORT FOREIGN SCHEMA", "ddl"),
-    "ReassignOwnedStmt": ("REASSIGN OWNED", "ddl"), "DropOwnedStmt": ("DROP", "ddl"),
-    "ReplicaIdentityStmt": ("ALTER", "ddl"),
-    "TransactionStmt": ("BEGIN", "other"), "VariableSetStmt": ("SET", "other"),
-    "DiscardStmt": ("DISCARD", "other"), "ListenStmt": ("LISTEN", "other"),
-    "UnlistenStmt": ("UNLISTEN", "other"), "NotifyStmt": ("NOTIFY", "other"),
-    "PrepareStmt": ("PREPARE", "other"), "DeallocateStmt": ("DEALLOCATE", "other"),
-    "LockStmt": ("LOCK", "other"), "CheckPointStmt": ("CHECKPOINT", "other"),
-    "VacuumStmt": ("VACUUM", "other"), "ConstraintsSetStmt": ("SET", "other"),
-    "DoStmt": ("DO", "other"), "CallStmt": ("CALL", "other"), "ExecuteStmt": ("EXECUTE", "other"),
-    "LoadStmt": ("LOAD", "other"),
-}
-_PREFIX: dict[str, Kind] = {"Create": "ddl", "Alter": "ddl", "Drop": "ddl"}
-# What they run is not in the text (a function body, a prepared plan, a shared library).
-_OPAQUE = frozenset({"DoStmt", "CallStmt", "ExecuteStmt", "LoadStmt"})
-_TRANSACTION = {
-    "TRANS_STMT_BEGIN": "BEGIN", "TRANS_STMT_START": "BEGIN", "TRANS_STMT_COMMIT": "COMMIT",
-    "TRANS_STMT_ROLLBACK": "ROLLBACK", "TRANS_STMT_SAVEPOINT": "SAVEPOINT",
-    "TRANS_STMT_RELEASE": "RELEASE", "TRANS_STMT_ROLLBACK_TO": "ROLLBACK",
-    "TRANS_STMT_PREPARE": "PREPARE TRANSACTION", "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
-    "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
-}
-# Every command name a policy may write in match.postgres.statements.
-STATEMENT_NAMES = frozenset(
-    {c for c, _ in _NODES.values()} | set(_TRANSACTION.values())
-    | {"CREATE", "ALTER", "DROP", "REVOKE", "RESET", "ANALYZE", "SELECT INTO"})
 _DML = ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
 _CAMEL = re.compile(r"[A-Z][a-z]*")
 
@@ -112,10 +70,10 @@ class Statement:
 def _command(node: Any) -> tuple[str, Kind, bool]:
     """(command, kind, opaque) of one statement node."""
     cls = type(node).__name__
-    known = _NODES.get(cls)
+    known = NODES.get(cls)
     if cls == "TransactionStmt":
         kind = getattr(node.kind, "name", str(node.kind))
-        return _TRANSACTION.get(kind, "BEGIN"), "other", False
+        return TRANSACTION.get(kind, "BEGIN"), "other", False
     if cls == "VariableSetStmt" and getattr(node.kind, "name", "").startswith("VAR_RESET"):
         return "RESET", "other", False
     if cls in ("GrantStmt", "GrantRoleStmt") and not node.is_grant:
@@ -129,11 +87,11 @@ def _command(node: Any) -> tuple[str, Kind, bool]:
             return "COPY", "other", False  # runs a program / touches a file on the server
         return "COPY", "write" if node.is_from else "read", False
     if known is not None:
-        return known[0], known[1], cls in _OPAQUE
+        return known[0], known[1], cls in OPAQUE
     words = _CAMEL.findall(cls.removesuffix("Stmt"))
     first = words[0] if words else cls
-    if first in _PREFIX:
-        return first.upper(), _PREFIX[first], False
+    if first in PREFIX:
+        return first.upper(), PREFIX[first], False
     return first.upper(), "other", True  # unknown: the strictest
 
 

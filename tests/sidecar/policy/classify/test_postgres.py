@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from chaperone_sidecar.policy.classify import CONNECTION_TYPES, classify
-from chaperone_sidecar.policy.classify.postgres import STATEMENT_NAMES, SQLParseError, classify_sql, parse_statements
+from chaperone_sidecar.policy.classify.postgres import SQLParseError, classify_sql, parse_statements
+from chaperone_sidecar.policy.classify.postgres_names import STATEMENT_NAMES
 from chaperone_sidecar.policy.model import HTTPRequest
 
 

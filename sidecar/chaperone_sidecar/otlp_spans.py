@@ -38,12 +38,15 @@ __all__ = ["encode", "FastOTLPSpanExporter"]
 
 log = logging.getLogger("chaperone.telemetry")
 
-_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4,
-         SpanKind.CONSUMER: 5}
+_KIND = {kind: b"\x30" + bytes((n,)) for kind, n in (  # Span.kind (field 6), encoded
+    (SpanKind.INTERNAL, 1), (SpanKind.SERVER, 2), (SpanKind.CLIENT, 3), (SpanKind.PRODUCER, 4),
+    (SpanKind.CONSUMER, 5))}
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags
 _FIXED64 = struct.Struct("<Q").pack
 _DOUBLE = struct.Struct("<d").pack
 _FIXED32 = struct.Struct("<I").pack
+_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)  # Span.flags (field 16, fixed32)
+_FLAGS_REMOTE = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
 _CACHE_MAX = 4096  # encoded KeyValues kept (a few hundred bytes each at most: bounded memory)
 _CACHEABLE = 256  # a longer string value (a URL with a query ...) is encoded, not cached
 
@@ -102,41 +105,43 @@ def _key_value(key: str, value: Any) -> bytes:
 class _Writer:
     """One batch's encoding; the KeyValue cache outlives it (see :func:`encode`)."""
 
-    def __init__(self, cache: dict[tuple[str, type, Any], bytes]) -> None:
+    def __init__(self, cache: dict[tuple[int, str, type, Any], bytes]) -> None:
         self.cache = cache
 
     def attributes(self, field: int, attributes: Mapping[str, Any] | None) -> bytes:
         if not attributes:
             return b""
         cache, parts = self.cache, []
+        append = parts.append
         tag = _TAGS[field, 2]
         for key, value in attributes.items():
+            kind = type(value)
             # floats are not cached: -0.0 == 0.0 would share one encoding (and they vary anyway)
-            cacheable = type(value) in (str, int, bool) and (
-                type(value) is not str or len(value) <= _CACHEABLE)
-            ckey = (key, type(value), value) if cacheable else None
-            piece = cache.get(ckey) if ckey is not None else None
-            if piece is None:
-                piece = tag + _varint(len(kv := _key_value(key, value))) + kv
-                if ckey is not None:
+            if (kind is str and len(value) <= _CACHEABLE) or kind is int or kind is bool:
+                ckey = (field, key, kind, value)
+                piece = cache.get(ckey)
+                if piece is None:
+                    piece = tag + _varint(len(kv := _key_value(key, value))) + kv
                     if len(cache) >= _CACHE_MAX:
                         cache.clear()
                     cache[ckey] = piece
-            parts.append(piece)
+            else:
+                piece = tag + _varint(len(kv := _key_value(key, value))) + kv
+            append(piece)
         return b"".join(parts)
 
     def span(self, span: ReadableSpan) -> bytes:
         ctx = span.get_span_context()
         parent = span.parent
-        out = [_len(1, ctx.trace_id.to_bytes(16, "big")), _len(2, ctx.span_id.to_bytes(8, "big"))]
+        out = [b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big"),
+               b"\x12\x08" + ctx.span_id.to_bytes(8, "big")]
         if ctx.trace_state:
             out.append(_len(3, ",".join(f"{k}={v}" for k, v in ctx.trace_state.items()).encode()))
         if parent is not None:
-            out.append(_len(4, parent.span_id.to_bytes(8, "big")))
+            out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
         if span.name:
             out.append(_len(5, span.name.encode("utf-8")))
-        kind = _KIND[span.kind]
-        out.append(b"\x30" + _varint(kind))
+        out.append(_KIND[span.kind])
         if span.start_time:
             out.append(b"\x39" + _FIXED64(span.start_time))
         if span.end_time:
@@ -165,11 +170,13 @@ class _Writer:
         if span.dropped_links:
             out.append(b"\x70" + _varint(span.dropped_links))
         status = span.status
-        if status is not None:  # the SDK always writes the message, empty when UNSET
+        if status is not None and not status.description and not status.status_code.value:
+            out.append(b"\x7a\x00")  # the SDK always writes the message, empty when UNSET
+        elif status is not None:
             body = (_len(2, status.description.encode("utf-8")) if status.description else b"") + (
                 b"\x18" + _varint(status.status_code.value) if status.status_code.value else b"")
             out.append(_len(15, body))
-        out.append(b"\x85\x01" + _FIXED32(_flags(parent)))  # field 16, fixed32
+        out.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS)
         return b"".join(out)
 
     def scope(self, scope: Any) -> bytes:
@@ -184,7 +191,7 @@ def _flags(parent: Any) -> int:
     return _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
 
 
-_CACHE: dict[tuple[str, type, Any], bytes] = {}
+_CACHE: dict[tuple[int, str, type, Any], bytes] = {}
 
 
 def encode(spans: Sequence[ReadableSpan]) -> bytes:

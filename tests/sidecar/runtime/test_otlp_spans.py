@@ -22,7 +22,10 @@ from chaperone_sidecar.telemetry_setup import setup_telemetry
 
 def spans_of_every_shape():
     memory = InMemorySpanExporter()
-    providers = [TracerProvider(resource=Resource.create({"service.name": "a", "k8s.pod.name": "p"})),
+    # the same key and value in a resource, a scope, a span, an event and a link: each is
+    # written under its own field number (a cache keyed without it would mix them up)
+    providers = [TracerProvider(resource=Resource.create({"service.name": "a", "k8s.pod.name": "p",
+                                                          "s": "text"})),
                  TracerProvider(resource=Resource({"service.name": "b", "n": 3}, schema_url="https://s/1"))]
     for provider in providers:
         provider.add_span_processor(SimpleSpanProcessor(memory))
@@ -35,13 +38,15 @@ def spans_of_every_shape():
     local = SpanContext(trace_id=0x123, span_id=0x456, is_remote=False)
     for i, provider in enumerate(providers):
         for scope in (("chaperone.sidecar", None, None), ("other", "1.2", "https://scope/schema")):
-            tracer = provider.get_tracer(scope[0], scope[1], schema_url=scope[2])
+            tracer = provider.get_tracer(scope[0], scope[1], schema_url=scope[2],
+                                         attributes={"s": "text"} if scope[1] else None)
             for kind in SpanKind:
                 s = tracer.start_span(f"op-{kind.name}", kind=kind, attributes=attrs, start_time=10 + i)
                 s.end(end_time=20 + i)
             s = tracer.start_span("", context=set_span_in_context(NonRecordingSpan(remote)),
-                                  links=[Link(local, {"l": 1}), Link(remote)])
-            s.add_event("ev", {"e": "v"}, timestamp=123)
+                                  links=[Link(local, {"l": 1, "s": "text"}), Link(remote)],
+                                  attributes={"s": "text"})
+            s.add_event("ev", {"e": "v", "s": "text"}, timestamp=123)
             s.add_event("noattrs")
             s.set_status(Status(StatusCode.ERROR, "boom"))
             s.end()

@@ -69,6 +69,7 @@ from ..flowctx import request_of
 from ..log_setup import flow_fields
 from ..policy.classify.anthropic import MAX_BODY as ANTHROPIC_MAX_BODY
 from ..policy.classify.aws import MAX_FORM_BODY as AWS_MAX_FORM_BODY
+from ..policy.classify.aws_resources import MAX_JSON_BODY as AWS_MAX_JSON_BODY
 from ..policy.classify.mcp import MAX_BODY as MCP_MAX_BODY
 from ..policy.evaluator import describe_action, describe_identity, evaluate
 from ..policy.masking.encoding import BodyTooLarge, MaskingError, decode, parse_content_encoding
@@ -105,8 +106,15 @@ class _BodyNeed:
     rule: RuleRef | None = None
 
 
-def _body_needs(flow: http.HTTPFlow, ctx: flowctx.FlowContext,
-                body_rule: tuple[RuleRef | None, int]) -> list[_BodyNeed]:
+@dataclass(frozen=True)
+class _BodyRules:
+    """Rules of the flow's bucket that read its body: bodyRegex (and its limit), aws.resources."""
+    body: RuleRef | None
+    limit: int
+    resources: RuleRef | None
+
+
+def _body_needs(flow: http.HTTPFlow, ctx: flowctx.FlowContext, rules: _BodyRules) -> list[_BodyNeed]:
     """What judges this request by its body: a ``bodyRegex`` rule that could match it, and the
     classifiers that find the action in the body (MCP JSON-RPC messages, an Anthropic request's
     model and tools, an AWS query-protocol ``Action=``). Each limit is capped at what the sidecar
@@ -115,7 +123,7 @@ def _body_needs(flow: http.HTTPFlow, ctx: flowctx.FlowContext,
     assert action is not None
     cap = min(READ_LIMIT, _stream_size() or READ_LIMIT)
     needs: list[_BodyNeed] = []
-    ref, limit = body_rule
+    ref, limit = rules.body, rules.limit
     if ref is not None:
         needs.append(_BodyNeed(min(limit, cap), f"rule {ref.rule!r} of AccessPolicy {ref.policy} "
                                "inspects request bodies (bodyRegex)",
@@ -137,6 +145,15 @@ def _body_needs(flow: http.HTTPFlow, ctx: flowctx.FlowContext,
         needs.append(_BodyNeed(min(AWS_MAX_FORM_BODY, cap), "an AWS query-protocol call names its "
                                "operation and resources in its body (Action=...)", "the AWS "
                                "classifier's fixed limit for form bodies; no field raises it"))
+    # JSON protocols: the resource identifiers (SecretId, TableName...) are in the JSON body,
+    # parsed up to the extractor's limit; past it no resource is derived and a rule on
+    # resources would not hold - so such a body is read, or refused when larger.
+    if aws is not None and rules.resources is not None and aws.protocol in ("json", "rest-json") \
+            and request_of(flow, body=False).method in _BODY_METHODS:
+        needs.append(_BodyNeed(min(AWS_MAX_JSON_BODY, cap), f"rule {rules.resources.rule!r} of "
+                               f"AccessPolicy {rules.resources.policy} tests aws.resources, which "
+                               "this call names in its JSON body", "the AWS resource extractor's "
+                               "fixed limit; no field raises it"))
     return needs
 
 
@@ -342,23 +359,28 @@ class Enforce:
         return True
 
     @staticmethod
-    def _body_rule(ctx: flowctx.FlowContext, snapshot: Any) -> tuple[RuleRef | None, int]:
-        """The first rule that could match this request and tests its body, and the body limit."""
+    def _body_rule(ctx: flowctx.FlowContext, snapshot: Any) -> _BodyRules:
+        """The first rule that could match this request and tests its body, and the body limit;
+        the first that tests ``aws.resources`` (in a JSON body for JSON protocols)."""
         action = ctx.action
         assert action is not None
         aws = action.aws
         bucket = (action.connection_type, action.method, aws.action.lower() if aws else "",
                   action.host.rstrip(".").lower())
         found: RuleRef | None = None
+        resources: RuleRef | None = None
         limit = 0
         for policy in snapshot.policies.applicable(ctx.connection, ctx.identity):
             decisive, side = policy.candidates(*bucket)
             for rule in (*decisive, *side):
-                if any(c.field == "match.bodyRegex" for c in rule.conditions):
+                fields = {c.field for c in rule.conditions}
+                if "match.aws.resources" in fields:
+                    resources = resources or rule.ref
+                if "match.bodyRegex" in fields:
                     found = found or rule.ref
                     masking = (policy.spec or {}).get("masking") or {}
                     limit = max(limit, int(masking.get("maxBodyBytes", DEFAULT_BODY_LIMIT)))
-        return found, limit
+        return _BodyRules(found, limit, resources)
 
     # ------------------------------------------------------------------ rate limits
     @property

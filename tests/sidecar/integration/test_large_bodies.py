@@ -88,7 +88,9 @@ def proxy(tmp_path_factory) -> Iterator[tuple[int, int, list[tuple[str, bytes]]]
         "db": {"connections": ["db-api"], "defaultEffect": "allow", "masking": {"maxBodyBytes": 3 * MIB},
                "rules": [{"name": "no-drop", "match": {"bodyRegex": "DROP TABLE"}, "block": {}}]},
         "aws": {"connections": ["aws"], "defaultEffect": "allow", "rules": [
-            {"name": "keep-queues", "match": {"aws": {"actions": ["sqs:DeleteQueue"]}}, "block": {}}]},
+            {"name": "keep-queues", "match": {"aws": {"actions": ["sqs:DeleteQueue"]}}, "block": {}},
+            {"name": "no-prod-secrets", "match": {"aws": {"actions": ["secretsmanager:GetSecretValue"],
+                                                          "resources": ["prod/*"]}}, "block": {}}]},
         "claude": {"connections": ["claude"], "defaultEffect": "allow", "rules": [
             {"name": "no-bash", "match": {"anthropic": {"tools": ["bash"]}}, "block": {}}]},
         "tools": {"connections": ["tools"], "defaultEffect": "allow", "rules": [
@@ -254,3 +256,25 @@ def test_an_mcp_call_padded_past_a_mib_is_judged_on_its_tool(proxy):
     assert huge.status_code == 413 and f"larger than {4 * MIB} bytes" in huge.json()["message"]
     assert chunked.status_code == 411
     assert [p for p, _ in received if p in ("/mcp-delete", "/mcp-huge", "/mcp-chunked")] == []
+
+
+def test_an_aws_json_call_padded_past_the_resource_limit_cannot_hide_its_resource(proxy):
+    """JSON protocol: the operation is in X-Amz-Target, the resource (SecretId) in the body, read
+    for resources up to 1 MiB. Padded past it, the old code streamed it and derived no resource,
+    so a rule on resources did not hold: the secret was fetched. Now: read and judged up to the
+    limit, refused above it (413, naming it) when a rule tests resources."""
+    proxy_port, port, received = proxy
+    headers = {"Authorization": SIGNED_SQS.replace("/sqs/", "/secretsmanager/"),
+               "X-Amz-Date": "20260101T000000Z", "X-Amz-Target": "secretsmanager.GetSecretValue",
+               "Content-Type": "application/x-amz-json-1.1"}
+
+    def body(secret: str, pad: int) -> bytes:
+        return json.dumps({"SecretId": secret, "Pad": "x" * pad}).encode()
+    with _client(proxy_port) as client:
+        small = client.post(f"http://localhost:{port}/sm-small", content=body("prod/db", MIB // 2), headers=headers)
+        padded = client.post(f"http://localhost:{port}/sm-padded", content=body("prod/db", 2 * MIB), headers=headers)
+        dev = client.post(f"http://localhost:{port}/sm-dev", content=body("dev/db", MIB // 2), headers=headers)
+    assert small.status_code == 403 and "no-prod-secrets" in small.text, small.text[:300]
+    assert padded.status_code == 413 and f"larger than {MIB} bytes" in padded.text, padded.text[:300]
+    assert dev.status_code == 200
+    assert [p for p, _ in received if p.startswith("/sm-")] == ["/sm-dev"]

@@ -28,7 +28,7 @@ from xml.sax.saxutils import unescape
 from ..model import HTTPRequest
 from .aws_models import Member, ServiceModel
 
-_MAX_JSON_BODY = 1024 * 1024
+MAX_JSON_BODY = 1024 * 1024  # a JSON body parsed for resources; Enforce reads no more when a rule tests them
 _MAX_XML_BODY = 8 * 1024 * 1024
 _MAX_RESOURCES = 1000
 # [^<]* not .*?: a body of unclosed "<Key>"s must not make the scan quadratic.
@@ -101,7 +101,7 @@ def _generic(request, headers, members: tuple[Member, ...], protocol, labels, qu
 
 
 def _json_body(body: bytes, errors: list[str]):
-    if len(body) > _MAX_JSON_BODY:
+    if len(body) > MAX_JSON_BODY:
         errors.append(f"JSON body of {len(body)} bytes not parsed for resources")
         return None
     try:

@@ -77,9 +77,11 @@ one concern - masking a body - so they live in one module.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mitmproxy import ctx as mctx
@@ -119,6 +121,16 @@ _STEP = 64 * 1024
 DEFAULT_BUFFER = "1m"
 _NO_BODY_STATUS = (204, 304)
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))  # never rewritten
+
+# Whole bodies from this size on (and every compressed one: it may decode to maxBodyBytes) are
+# masked off the event loop, in one small dedicated pool: masking runs at ~15 MB/s on ordinary
+# bodies and at ~2 MB/s on the worst hostile ones (docs/masking.md), so 64 KiB costs the loop
+# at most ~30 ms, while a 1 MiB body an agent planted upstream would stall every flow of the pod
+# for up to half a second (64 MiB: half a minute). Two workers: the pod has few cores, and the
+# masking holds the GIL for its Python parts (the loop still gets it every switch interval).
+# Queued bodies are ones mitmproxy already holds in memory: the pool adds no buffering.
+OFFLOAD_BYTES = 64 * 1024
+_MASK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chaperone-mask")
 
 
 # ============================================================================ masks
@@ -223,10 +235,10 @@ class Mask:
         # the upload upstream still chunk-framed.
         flow.request.stream = _RequestTee(capture, stream, flow.request.stream)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         ctx = flowctx.get(flow)
         if ctx is None:
-            return
+            return None
         if flow.request.stream:
             if ctx.bodies.get("request") is None:
                 # A body of unknown length that mitmproxy switched to streaming by itself once
@@ -236,16 +248,16 @@ class Mask:
                 capture.withhold("not recorded: the body had no Content-Length and grew past "
                                  "stream_large_bodies, so it streamed upstream before it could "
                                  "be masked")
-            return  # streamed: captured by the tee
+            return None  # streamed: captured by the tee
         capture = self._capture(ctx, "request")
         raw = flow.request.raw_content or b""
         capture.complete = True
         if not raw:
-            return
+            return None
         if ctx.decision is None:
             capture.size = len(raw)
             capture.withhold("not recorded: no policy decision says how to mask it")
-            return
+            return None
         masker = masker_for(effective_masks(ctx), "request")
         try:
             codings = parse_content_encoding(flow.request.headers.get("content-encoding"))
@@ -253,17 +265,38 @@ class Mask:
             if masker.active:
                 capture.size = len(raw)
                 capture.withhold(f"not recorded: {exc}")
-                return
+                return None
             codings = ()
         if not masker.active:
             _keep_unmasked(capture, raw, codings)
-            return
+            return None
+        if _off_loop(raw, codings):  # awaited by mitmproxy: other flows go on meanwhile
+            return self._capture_request_off_loop(capture, masker, raw, _mime(flow.request.headers), codings)
         try:
-            _, plain, result = mask_whole(masker, raw, _mime(flow.request.headers), codings)
+            masked = mask_whole(masker, raw, _mime(flow.request.headers), codings)
         except MaskingError as exc:
-            capture.size = len(raw)
-            capture.withhold(f"not recorded: the body could not be masked ({exc})")
+            self._request_unmaskable(capture, raw, exc)
+            return None
+        self._capture_request(capture, masked)
+        return None
+
+    async def _capture_request_off_loop(self, capture: BodyCapture, masker: Masker, raw: bytes, mime: str,
+                                        codings: tuple[str, ...]) -> None:
+        try:
+            masked = await _mask_off_loop(masker, raw, mime, codings)
+        except MaskingError as exc:
+            self._request_unmaskable(capture, raw, exc)
             return
+        self._capture_request(capture, masked)
+
+    @staticmethod
+    def _request_unmaskable(capture: BodyCapture, raw: bytes, exc: MaskingError) -> None:
+        capture.size = len(raw)
+        capture.withhold(f"not recorded: the body could not be masked ({exc})")
+
+    @staticmethod
+    def _capture_request(capture: BodyCapture, masked: tuple[bytes, bytes, MaskResult]) -> None:
+        _, plain, result = masked
         capture.set(plain)
         capture.counts = dict(result.counts)
         capture.binary = result.binary
@@ -327,18 +360,18 @@ class Mask:
             del resp.headers["content-encoding"]  # the masker emits the decoded body
         self._unframe(flow)
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         ctx = flowctx.get(flow)
         resp = flow.response
         if ctx is None or resp is None or ctx.refused is not None or resp.stream:
-            return  # refusals are Chaperone's own text; streams were handled chunk by chunk
+            return None  # refusals are Chaperone's own text; streams were handled chunk by chunk
         capture = ctx.bodies.get("response")
         if capture is None:  # no body expected at responseheaders
             capture = self._capture(ctx, "response")
         raw = resp.raw_content or b""
         capture.complete = True
         if not raw:
-            return
+            return None
         masker = masker_for(effective_masks(ctx), "response")
         if not masker.active:
             try:
@@ -346,15 +379,40 @@ class Mask:
             except UnsupportedEncoding:
                 codings = ()
             _keep_unmasked(capture, raw, codings)
-            return
+            return None
         try:
             codings = parse_content_encoding(resp.headers.get("content-encoding"))
-            wire, plain, result = mask_whole(masker, raw, _mime(resp.headers), codings)
+            if _off_loop(raw, codings):  # awaited by mitmproxy: other flows go on meanwhile
+                return self._mask_response_off_loop(flow, ctx, capture, masker, raw, codings)
+            masked = mask_whole(masker, raw, _mime(resp.headers), codings)
         except MaskingError as exc:
-            capture.size = len(raw)
-            capture.withhold(f"refused: {exc}")
-            self._refuse(flow, str(exc))
+            self._response_unmaskable(flow, capture, raw, exc)
+            return None
+        self._send_masked(flow, ctx, capture, raw, masked)
+        return None
+
+    async def _mask_response_off_loop(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, capture: BodyCapture,
+                                      masker: Masker, raw: bytes, codings: tuple[str, ...]) -> None:
+        assert flow.response is not None
+        try:
+            masked = await _mask_off_loop(masker, raw, _mime(flow.response.headers), codings)
+        except MaskingError as exc:
+            self._response_unmaskable(flow, capture, raw, exc)
             return
+        self._send_masked(flow, ctx, capture, raw, masked)
+
+    def _response_unmaskable(self, flow: http.HTTPFlow, capture: BodyCapture, raw: bytes,
+                             exc: MaskingError) -> None:
+        capture.size = len(raw)
+        capture.withhold(f"refused: {exc}")
+        self._refuse(flow, str(exc))
+
+    @staticmethod
+    def _send_masked(flow: http.HTTPFlow, ctx: flowctx.FlowContext, capture: BodyCapture, raw: bytes,
+                     masked: tuple[bytes, bytes, MaskResult]) -> None:
+        resp = flow.response
+        assert resp is not None
+        wire, plain, result = masked
         if wire is not raw:
             resp.raw_content = wire
             if "transfer-encoding" not in resp.headers:
@@ -487,6 +545,18 @@ def mask_whole(masker: Masker, raw: bytes, content_type: str,
     if not result.changed:
         return raw, plain, result
     return (encode(result.body, codings) if codings else result.body), result.body, result
+
+
+def _off_loop(raw: bytes, codings: tuple[str, ...]) -> bool:
+    """Whether a whole body is masked off the event loop (``OFFLOAD_BYTES``)."""
+    return bool(codings) or len(raw) >= OFFLOAD_BYTES
+
+
+async def _mask_off_loop(masker: Masker, raw: bytes, content_type: str,
+                         codings: tuple[str, ...]) -> tuple[bytes, bytes, MaskResult]:
+    """``mask_whole`` in the masking pool; the event loop serves other flows meanwhile."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_MASK_POOL, mask_whole, masker, raw, content_type, codings)
 
 
 # ============================================================================ stream callables

@@ -4,6 +4,7 @@ the recording (the ``BodyCapture`` Record stores) masked, as valid SSE / JSON li
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -19,6 +20,13 @@ from chaperone_sidecar.sources import Sources
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 HALVES = (SECRET[:20], SECRET[20:])
+
+def _hook(result) -> None:
+    """Run a Mask hook to its end: it returns a coroutine when it masks off the event loop
+    (a large or compressed body, ``mask.OFFLOAD_BYTES``), which mitmproxy awaits."""
+    if result is not None:
+        asyncio.run(result)
+
 
 
 def services() -> SidecarServices:
@@ -97,7 +105,7 @@ def test_anthropic_stream_split_secret_is_masked_for_agent_and_recording(mask):
                                          "content_block_delta", "content_block_delta", "content_block_stop", "message_stop"]
     text = "".join(o["delta"]["text"] for o in objs if o["type"] == "content_block_delta")
     assert text == "Hello. aws_secret_access_key = [MASKED:aws-secret-key] bye"
-    mask.response(f)
+    _hook(mask.response(f))
     capture = flowctx.get(f).bodies.get("response")
     assert capture.streamed and capture.complete and capture.counts == {"aws-secret-key": 1}
     assert bytes(capture.data) == agent  # the recording holds exactly what the agent got
@@ -115,5 +123,5 @@ def test_ndjson_records_are_masked_for_agent_and_recording(mask):
     out = [json.loads(line) for line in agent.splitlines()]
     assert "".join(r["response"] for r in out) == "aws_secret_access_key = [MASKED:aws-secret-key] ok"
     assert out[-1]["done"] is True
-    mask.response(f)
+    _hook(mask.response(f))
     assert bytes(flowctx.get(f).bodies.get("response").data) == agent

@@ -110,60 +110,69 @@ def _json_key_ok(text: bytes, m: MatchLike) -> bool:
     return secret_key_name(m.group("key").decode("ascii", "replace")) and _not_token(m.group("s"))
 
 
+# Luhn's doubled digit (2d, minus 9 past 9) as a byte table: the doubled positions are summed
+# by ``translate`` + ``sum`` in C, not digit by digit in Python (a hostile run of digit groups
+# puts a window through this at every group).
+_LUHN_DOUBLE = bytes.maketrans(b"0123456789", bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
+
+
 def _luhn(digits: bytes) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ch - 48
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
+    # Digits at odd positions from the right count once, the others doubled (see _LUHN_DOUBLE).
+    odd, even = digits[-1::-2], digits[-2::-2]
+    return (sum(odd) - 48 * len(odd) + sum(even.translate(_LUHN_DOUBLE))) % 10 == 0
 
 
-def _card_ok(text: bytes, m: MatchLike) -> bool:
-    digits = bytes(c for c in m.group("s") if 48 <= c <= 57)
-    if not 13 <= len(digits) <= 19 or not _luhn(digits):
+def _card_digits_ok(digits: bytes) -> bool:
+    """13-19 digits of a card network that pass Luhn."""
+    if not 13 <= len(digits) <= 19:
         return False
     # Card networks: Visa 4, Mastercard 51-55/2221-2720, Amex/Diners/JCB 3, Discover/
     # UnionPay/Maestro 5-6. Excludes e.g. 13-digit epoch milliseconds (leading 1).
     first = digits[0] - 48
-    return first in (3, 4, 5, 6) or (first == 2 and 2221 <= int(digits[:4]) <= 2720)
+    if not (first in (3, 4, 5, 6) or (first == 2 and 2221 <= int(digits[:4]) <= 2720)):
+        return False
+    return _luhn(digits)
+
+
+_NOT_DIGITS = bytes(c for c in range(256) if not 48 <= c <= 57)
+
+
+def _card_ok(text: bytes, m: MatchLike) -> bool:
+    return _card_digits_ok(m.group("s").translate(None, _NOT_DIGITS))
 
 
 _DIGITS_RE = re.compile(rb"\d+")
 
 
-def _card_layout(groups: list[int]) -> bool:
-    if len(groups) == 1:
-        return True
-    if groups[0] != 4:
-        return False
-    if len(groups) == 3 and groups[1] == 6 and groups[2] in (4, 5):  # Amex 4-6-5, Diners 4-6-4
-        return True
-    return all(g == 4 for g in groups[1:-1]) and 1 <= groups[-1] <= 4
+# Card layouts of a window of digit groups (``_card_runs``): one group of 13-19 digits, or a
+# first group of 4 digits then 4-digit groups and a last one of 1-4 (4-4-4-4, 4-4-4-4-3 ...),
+# or Amex 4-6-5 / Diners 4-6-4; one separator throughout.
 
 
 # Every run of _CARD_RUN_RE starts at a digit after a non-digit (or at the start) and has 13
-# digits with single separators: this trigger ends inside each run (prefilter.py).
-_CARD_TRIGGER = Trigger(rb"(?:^|[^0-9])[0-9](?:[ \-]?[0-9]){12}")
+# digits with single separators, and lies inside one maximal stretch of digits and separators.
+# The trigger is such a start run on to the end of its stretch (the first other byte, or the
+# end of the text): Hyperscan reports one end per stretch, not one per digit - a flood of digit
+# groups ("1 " * 500000) would otherwise cost a Python callback per byte pair (prefilter.py).
+_CARD_TRIGGER = Trigger(rb"(?:^|[^0-9])[0-9](?:[ \-]?[0-9]){12}[0-9 \-]*(?:[^0-9 \-]|$)")
 _STRETCH_CHARS = b"0123456789 -"
-_STRETCH_END = re.compile(rb"[0-9 -]*")
 
 
 def _card_find(text: bytes, pos: int, ends: list[int]) -> Iterator[SpanMatch]:
     """The cards of each stretch of digits and separators that holds a trigger.
 
     A run of digit groups consists of those bytes only, so it lies inside one maximal stretch
-    of them, and every run holds a trigger (``_CARD_TRIGGER``): searching runs stretch by
-    stretch (from ``pos``, up to the stretch's end, lookbehinds seeing before it) finds
-    exactly the runs a search of the whole text finds. ``ends``: the triggers' end offsets.
+    of them, and every run holds the start of a trigger (``_CARD_TRIGGER``), whose end marks
+    the stretch's end: searching runs stretch by stretch (from ``pos``, up to the stretch's
+    end, lookbehinds seeing before it) finds exactly the runs a search of the whole text
+    finds. ``ends``: the triggers' end offsets (one byte past the stretch, or the text's end).
     """
     done = pos
     for e in ends[bisect.bisect_right(ends, pos):]:
-        if e <= done:
-            continue  # a trigger inside a stretch already searched
-        lo = done + len(text[done:e].rstrip(_STRETCH_CHARS))
-        hi = _STRETCH_END.match(text, e).end()  # type: ignore[union-attr]  # always matches
+        hi = e - 1 if text[e - 1] not in _STRETCH_CHARS else e  # the stretch's end
+        if hi <= done:
+            continue  # a stretch already searched
+        lo = done + len(text[done:hi].rstrip(_STRETCH_CHARS))
         yield from _card_runs(text, lo, hi)
         done = hi
 
@@ -187,21 +196,51 @@ def _card_runs(text: bytes, lo: int, hi: int) -> Iterator[SpanMatch]:
         after = text[b : b + 2]
         glued = after[:1].isalnum() or (after[:1] in (b".", b",") and after[1:].isdigit())
         groups = [m.span() for m in _DIGITS_RE.finditer(text, a, b)]
+        sizes = [e - s for s, e in groups]
+        seps = text[a:b].translate(None, _DIGIT_BYTES)  # seps[k]: the one between groups k, k+1
         n = len(groups)
         last = n - 1 - glued
-        for i in range(n):
-            total, end = 0, i  # end: one past the last group that still fits in 19 digits
-            while end < n and total + groups[end][1] - groups[end][0] <= 19:
-                total += groups[end][1] - groups[end][0]
-                end += 1
-            for j in range(min(end - 1, last), i - 1, -1):
-                seps = {text[groups[k][1]] for k in range(i, j)}
-                sizes = [e - s for s, e in groups[i : j + 1]]
-                if len(seps) <= 1 and 13 <= sum(sizes) and _card_layout(sizes):
-                    m = SpanMatch(text, groups[i][0], groups[j][1], (groups[i][0], groups[j][1]))
+        # fours[k]: how many groups from k on have 4 digits; same[k]: how many separators from
+        # seps[k] on equal it. A window i..j (i a 4-digit group) has the 4-4-...-x layout
+        # shape when fours[i] >= j - i, and one separator when same[i] >= j - i: each window
+        # is judged in constant time, and only windows of that shape reach Luhn.
+        fours, same = [0] * (n + 1), [0] * n
+        for k in range(n - 1, -1, -1):
+            fours[k] = fours[k + 1] + 1 if sizes[k] == 4 else 0
+            if k < n - 1:
+                same[k] = same[k + 1] + 1 if k < n - 2 and seps[k + 1] == seps[k] else 1
+        for i in range(min(n, last + 1)):
+            # A window of several groups starts with a 4-digit one (the layouts), a window of
+            # one group has 13-19 digits: no other group starts a card. Skipping the rest
+            # up front keeps a run of short groups ("1 1 1 ...") at one test per group.
+            first = sizes[i]
+            if first != 4:
+                if 13 <= first <= 19:
+                    m = SpanMatch(text, groups[i][0], groups[i][1], groups[i])
                     if _card_ok(text, m):
                         yield m
+                continue
+            total, end = 0, i  # end: one past the last group that still fits in 19 digits
+            while end < n and total + sizes[end] <= 19:
+                total += sizes[end]
+                end += 1
+            top = min(end - 1, last)
+            total -= sum(sizes[top + 1 : end])  # the digits of groups i..j, j from top down
+            start = groups[i][0]
+            for j in range(top, i, -1):  # one group of 4 digits alone is too short
+                if total < 13:
+                    break  # a shorter window has fewer digits still
+                k = j - i
+                if same[i] >= k and ((fours[i] >= k and sizes[j] <= 4)
+                                     or (k == 2 and sizes[i + 1] == 6 and sizes[j] in (4, 5))):
+                    stop = groups[j][1]
+                    if _card_digits_ok(text[start:stop].translate(None, _NOT_DIGITS)):
+                        yield SpanMatch(text, start, stop, (start, stop))
                         break
+                total -= sizes[j]
+
+
+_DIGIT_BYTES = b"0123456789"
 
 
 _SSN_CONTEXT_RE = re.compile(
@@ -373,11 +412,28 @@ def _jwt_find(text: bytes, pos: int, heads: list[int]) -> Iterator[re.Match[byte
 
 
 def _first_match(pattern: re.Pattern[bytes], text: bytes, starts: list[int], at: int) -> re.Match[bytes] | None:
-    """``pattern.search(text, at)`` for a pattern whose matches start only at ``starts``."""
-    for i in starts[bisect.bisect_left(starts, at):]:
+    """``pattern.search(text, at)`` for the JWT pattern, whose matches start only at ``starts``.
+
+    Walks the list by index (a slice per call copied the rest of it: quadratic in a flood of
+    heads, 3.4 s for 512 KiB of ``eyJhbGciOi.``). A start whose header cannot end in a dot -
+    the header is all of the base64url run from it, so that run must end at a "." within
+    1026 bytes - is skipped without running the pattern, which would scan up to 1 KiB of the
+    run first (a run of "ey" * 500000 holds half a million starts).
+    """
+    run_end = -1
+    for k in range(bisect.bisect_left(starts, at), len(starts)):
+        i = starts[k]
+        if i >= run_end:  # a later start inside the same run shares its end
+            run_end = _B64URL_RUN.match(text, i).end()  # type: ignore[union-attr]  # matches empty
+        if run_end - i > _JWT_HEADER_MAX or text[run_end : run_end + 1] != b".":
+            continue
         if (m := pattern.match(text, i)) is not None:
             return m
     return None
+
+
+_B64URL_RUN = re.compile(rb"[A-Za-z0-9_-]*")
+_JWT_HEADER_MAX = 2 + 1024  # "e[yw]" and up to 1024 more (_JWT_RE's group h)
 
 
 _SSN_RE = re.compile(

@@ -242,3 +242,50 @@ def test_prefilter_keeps_no_large_body_alive():
     before = sys.getrefcount(large)
     pre.hits(large)
     assert sys.getrefcount(large) == before  # not held
+
+
+def _group_runs(seed: int, n: int = 3000) -> bytes:
+    """Digit groups of card-like sizes (4, 6, 5, 1-3, 13-19) with spaces, dashes and mixes,
+    Luhn-valid cards among them: every window shape of the card finder, at random."""
+    rnd = random.Random(seed)
+    parts: list[bytes] = []
+    for _ in range(n):
+        r = rnd.random()
+        if r < 0.05:
+            parts.append(rnd.choice((b"4111 1111 1111 1111", b"3782 822463 10005", b"5555-5555-5555-4444",
+                                     b"4111111111111111", b"378282246310005")))
+        else:
+            size = rnd.choice((4, 4, 4, 4, 6, 5, 1, 2, 3, 13, 16, 19, 20))
+            parts.append(bytes(rnd.choice(b"0123456789") for _ in range(size)))
+        parts.append(rnd.choice((b" ", b" ", b"-", b"  ", b"x", b" ", b"-")))
+    return b"".join(parts)
+
+
+HOSTILE = {  # 32 KiB each here (the timing test below masks 1 MiB of the slow ones)
+    name: (unit * (32768 // len(unit) + 1))[:32768] for name, unit in {
+        "1 ": b"1 ", "1-": b"1-", "1 2-": b"1 2-", "4111 ": b"4111 ", "4111-": b"4111-", "12 ": b"12 ",
+        "4111 1111 ": b"4111 1111 ", "4111 1 1 1": b"4111 1 1 1 ", "4-6": b"4111-111111-", "1a": b"1a",
+        "ssn+groups": b"ssn" + b"1 " * 20, "SSN ": b"SSN ", "a@b.c": b"a@b.c", "eyJ": b"eyJ",
+        "-----BEGIN ": b"-----BEGIN ", "AKIA": b"AKIA", "\\u0041": b"\\u0041", '"password":"': b'"password":"',
+    }.items()
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_floods_mask_identically(name):
+    """Trigger floods and digit-group runs (the finders' worst cases) mask like the reference,
+    whole and streamed."""
+    doc = HOSTILE[name] + b" 4111 1111 1111 1111 ssn 536-22-1234"
+    new, old = _both(doc, True)
+    assert new == old
+    cuts = list(range(4093, len(doc), 4093))
+    assert _stream(stream, NEW_RULES, doc, cuts, True) == _stream(ref_stream, OLD_RULES, doc, cuts, True)
+
+
+def test_random_digit_group_runs_mask_identically():
+    for seed in range(12):
+        doc = _group_runs(seed)
+        new, old = _both(doc, seed % 2 == 0)
+        assert new == old, f"seed {seed}"
+        assert new[1].get("credit-card"), "cards were planted"
+        assert spans.mask_text(doc, NEW_RULES) == ref_spans.mask_text(doc, OLD_RULES)

@@ -29,7 +29,9 @@ unless something judges them by their **body** (:func:`_body_needs`):
 * an MCP POST (its JSON-RPC messages: method, tool, arguments) - 4 MiB, the classifier's;
 * an Anthropic POST (model, tools) - 32 MiB, the API's own request limit;
 * an AWS query/ec2-protocol POST (``Action=`` and the resource parameters live in the form body;
-  one the headers name may be contradicted there) - 8 MiB, the classifier's form limit.
+  one the headers name may be contradicted there) - 8 MiB, the classifier's form limit;
+* an AWS JSON-protocol call (or S3 ``DeleteObjects``) when a rule tests ``aws.resources``: the
+  identifiers are in the body - 1 MiB (JSON) / 8 MiB (XML), the resource extractor's limits.
 
 Every limit is capped at ``READ_LIMIT``; the smallest that applies wins. Then:
 
@@ -70,6 +72,7 @@ from ..log_setup import flow_fields
 from ..policy.classify.anthropic import MAX_BODY as ANTHROPIC_MAX_BODY
 from ..policy.classify.aws import MAX_FORM_BODY as AWS_MAX_FORM_BODY
 from ..policy.classify.aws_resources import MAX_JSON_BODY as AWS_MAX_JSON_BODY
+from ..policy.classify.aws_resources import MAX_XML_BODY as AWS_MAX_XML_BODY
 from ..policy.classify.mcp import MAX_BODY as MCP_MAX_BODY
 from ..policy.evaluator import describe_action, describe_identity, evaluate
 from ..policy.masking.encoding import BodyTooLarge, MaskingError, decode, parse_content_encoding
@@ -148,11 +151,15 @@ def _body_needs(flow: http.HTTPFlow, ctx: flowctx.FlowContext, rules: _BodyRules
     # JSON protocols: the resource identifiers (SecretId, TableName...) are in the JSON body,
     # parsed up to the extractor's limit; past it no resource is derived and a rule on
     # resources would not hold - so such a body is read, or refused when larger.
-    if aws is not None and rules.resources is not None and aws.protocol in ("json", "rest-json") \
+    # S3 DeleteObjects likewise lists its keys in the XML body.
+    in_body = {"json": AWS_MAX_JSON_BODY, "rest-json": AWS_MAX_JSON_BODY}.get(aws.protocol if aws else "")
+    if aws is not None and aws.operation == "DeleteObjects":
+        in_body = AWS_MAX_XML_BODY
+    if aws is not None and rules.resources is not None and in_body is not None \
             and request_of(flow, body=False).method in _BODY_METHODS:
-        needs.append(_BodyNeed(min(AWS_MAX_JSON_BODY, cap), f"rule {rules.resources.rule!r} of "
+        needs.append(_BodyNeed(min(in_body, cap), f"rule {rules.resources.rule!r} of "
                                f"AccessPolicy {rules.resources.policy} tests aws.resources, which "
-                               "this call names in its JSON body", "the AWS resource extractor's "
+                               "this call names in its body", "the AWS resource extractor's "
                                "fixed limit; no field raises it"))
     return needs
 

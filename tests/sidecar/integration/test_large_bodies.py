@@ -90,7 +90,9 @@ def proxy(tmp_path_factory) -> Iterator[tuple[int, int, list[tuple[str, bytes]]]
         "aws": {"connections": ["aws"], "defaultEffect": "allow", "rules": [
             {"name": "keep-queues", "match": {"aws": {"actions": ["sqs:DeleteQueue"]}}, "block": {}},
             {"name": "no-prod-secrets", "match": {"aws": {"actions": ["secretsmanager:GetSecretValue"],
-                                                          "resources": ["prod/*"]}}, "block": {}}]},
+                                                          "resources": ["prod/*"]}}, "block": {}},
+            {"name": "keep-prod-objects", "match": {"aws": {"actions": ["s3:DeleteObjects"],
+                                                            "resources": ["data/prod/*"]}}, "block": {}}]},
         "claude": {"connections": ["claude"], "defaultEffect": "allow", "rules": [
             {"name": "no-bash", "match": {"anthropic": {"tools": ["bash"]}}, "block": {}}]},
         "tools": {"connections": ["tools"], "defaultEffect": "allow", "rules": [
@@ -278,3 +280,20 @@ def test_an_aws_json_call_padded_past_the_resource_limit_cannot_hide_its_resourc
     assert padded.status_code == 413 and f"larger than {MIB} bytes" in padded.text, padded.text[:300]
     assert dev.status_code == 200
     assert [p for p, _ in received if p.startswith("/sm-")] == ["/sm-dev"]
+
+
+def test_s3_delete_objects_padded_past_a_mib_is_judged_by_its_keys(proxy):
+    """DeleteObjects lists its keys in the XML body: padded past 1 MiB the old code streamed it,
+    derived only the bucket, and a rule on data/prod/* did not hold."""
+    proxy_port, port, received = proxy
+    headers = {"Authorization": SIGNED_SQS.replace("/sqs/", "/s3/"), "X-Amz-Date": "20260101T000000Z",
+               "Content-Type": "application/xml"}
+
+    def delete(key: str) -> bytes:
+        return (f"<Delete>{' ' * (2 * MIB)}<Object><Key>{key}</Key></Object><Quiet>true</Quiet></Delete>").encode()
+    with _client(proxy_port) as client:
+        prod = client.post(f"http://localhost:{port}/data?delete", content=delete("prod/a"), headers=headers)
+        dev = client.post(f"http://localhost:{port}/data?delete=", content=delete("dev/a"), headers=headers)
+    assert prod.status_code == 403 and "keep-prod-objects" in prod.text, prod.text[:300]
+    assert dev.status_code == 200, dev.text[:300]
+    assert [p for p, _ in received if p.startswith("/data")] == ["/data?delete="]

@@ -29,7 +29,7 @@ from ..model import HTTPRequest
 from .aws_models import Member, ServiceModel
 
 MAX_JSON_BODY = 1024 * 1024  # a JSON body parsed for resources; Enforce reads no more when a rule tests them
-_MAX_XML_BODY = 8 * 1024 * 1024
+MAX_XML_BODY = 8 * 1024 * 1024
 _MAX_RESOURCES = 1000
 # [^<]* not .*?: a body of unclosed "<Key>"s must not make the scan quadratic.
 _XML_KEY_RE = re.compile(r"<Key>([^<]*)</Key>")
@@ -76,7 +76,7 @@ def _s3(request, headers, operation, labels, errors) -> list[tuple[str, str]]:
         if path:
             pairs.append(("copy_source", path))
     if operation == "DeleteObjects" and bucket:
-        if len(request.body) > _MAX_XML_BODY:
+        if len(request.body) > MAX_XML_BODY:
             errors.append("DeleteObjects body too large to list its keys")
         else:
             text = request.body.decode("utf-8", "replace")

@@ -3,7 +3,12 @@
 reader, the Prometheus reader), exporting to a sink in another process, fed flows shaped like
 the proxy benchmark's (HTTPS GET of 1 KiB, identity, connection, allow decision).
 
-    python bench/bench_telemetry.py [--flows 5000] [--repeat 5] [--profile]
+    python bench/bench_telemetry.py [--flows 5000] [--repeat 5] [--profile] [--root CHECKOUT]
+    python bench/bench_telemetry.py --ab BEFORE_CHECKOUT [--rounds 6]
+
+``--ab`` runs this script alternately on another checkout and on this one (fresh processes,
+order swapped each round) and prints each side's best: the before/after of a change to the
+addon or the exporter, on the same machine in the same minutes.
 
 Reported: process CPU time (all threads: the loop's hook *and* the batch thread's encoding
 and export) per flow after a ``force_flush``, best of ``--repeat``; with ``--profile`` the
@@ -19,7 +24,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 # bench/profile.py would shadow the standard library's profile module that cProfile imports.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
-sys.path.insert(0, str(REPO / "sidecar"))
+_ROOT = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--root"), str(REPO))
+sys.path.insert(0, str(Path(_ROOT) / "sidecar"))
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
@@ -71,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flows", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--root", default=str(REPO), help="checkout whose sidecar is measured")
+    parser.add_argument("--ab", default=None, help="checkout to compare this one with")
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
+    if args.ab:
+        return ab(args)
     sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
     try:
         port = int(sink.stdout.readline())
@@ -114,6 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sink.terminate()
         sink.wait()
+    return 0
+
+
+def ab(args: argparse.Namespace) -> int:
+    import re
+
+    sides = {"before": args.ab, "after": str(REPO)}
+    best: dict[str, list[float]] = {k: [] for k in sides}
+    for rnd in range(args.rounds):
+        for name in (list(sides) if rnd % 2 == 0 else list(sides)[::-1]):
+            out = subprocess.run([sys.executable, __file__, "--root", sides[name], "--flows",
+                                  str(args.flows), "--repeat", str(args.repeat)],
+                                 capture_output=True, text=True, check=True).stdout
+            value = float(re.search(r"best: ([\d.]+)", out).group(1))
+            best[name].append(value)
+            print(f"round {rnd + 1} {name}: {value:.1f} µs/flow", flush=True)
+    for name, values in best.items():
+        print(f"{name}: best {min(values):.1f} µs/flow, median {sorted(values)[len(values) // 2]:.1f}")
     return 0
 
 

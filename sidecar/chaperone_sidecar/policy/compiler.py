@@ -40,7 +40,7 @@ from .vocabulary import unknown_names
 __all__ = ["CompileResult", "PolicyErrors", "compile_policies", "compile_policy", "validate_policy"]
 
 EFFECTS = ("allow", "block", "requireApproval", "mask", "rateLimit")
-_TYPED = ("aws", "kubernetes", "anthropic", "git", "mcp")
+_TYPED = ("aws", "kubernetes", "anthropic", "postgres", "git", "mcp")
 # RequestInfo verbs; exec/attach/portforward/log are subresources, not verbs.
 KUBERNETES_VERBS = frozenset("get list watch create update patch delete deletecollection proxy *".split())
 # Not in the CRD (no maximum there): beyond a million per window a limit limits nothing.

@@ -33,9 +33,9 @@ from botocore.credentials import Credentials
 from chaperone_sidecar.credentials.credential_sources import AWSCredentials, StaticAWSSource
 from chaperone_sidecar.recording import Recorder
 from chaperone_sidecar.recording.manifest import key_from_bytes
-from chaperone_sidecar.recording.reader import S3Store, SessionRef, load_session, verify_session
+from chaperone_sidecar.recording.reader import SessionRef, load_session, verify_session
 from chaperone_sidecar.recording.s3http import AioS3Store, S3Error, credential_chain, sign_v4
-from chaperone_sidecar.recording.shipper import ShipperConfig
+from chaperone_sidecar.recording.shipper import S3Store, ShipperConfig
 from chaperone_sidecar.recording.spool import SpoolConfig
 from chaperone_testbed.services import S3Server
 

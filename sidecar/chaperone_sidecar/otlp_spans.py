@@ -111,7 +111,8 @@ class _Writer:
     def attributes(self, field: int, attributes: Mapping[str, Any] | None) -> bytes:
         if not attributes:
             return b""
-        cache, parts = self.cache, []
+        cache = self.cache
+        parts: list[bytes] = []
         append = parts.append
         tag = _TAGS[field, 2]
         for key, value in attributes.items():
@@ -132,6 +133,7 @@ class _Writer:
 
     def span(self, span: ReadableSpan) -> bytes:
         ctx = span.get_span_context()
+        assert ctx is not None  # an ended SDK span always has its context
         parent = span.parent
         out = [b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big"),
                b"\x12\x08" + ctx.span_id.to_bytes(8, "big")]

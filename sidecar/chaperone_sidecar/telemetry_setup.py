@@ -131,7 +131,7 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("true", "1", "yes", "on")
 
 
-def _load_exporter(module: str, cls: str) -> Callable[[], Any] | None:
+def _load_exporter(module: str, cls: str) -> Callable[..., Any] | None:
     """The exporter class, or None when its package is not installed."""
     try:
         return getattr(importlib.import_module(module), cls)

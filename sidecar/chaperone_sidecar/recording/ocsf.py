@@ -328,7 +328,7 @@ def _postgres_disposition(effect: str, refused: str, approval: Mapping[str, Any]
     """Disposition of a postgres unit: its ``decision`` event's effect and refusal (a
     SQLSTATE), its ``approval`` event, and the response's error code."""
     state = (approval or {}).get("state")
-    error = end.get("error") if isinstance(end.get("error"), Mapping) else {}
+    error: Mapping[str, Any] = end["error"] if isinstance(end.get("error"), Mapping) else {}
     if str(error.get("code") or "") == "58000" or (effect == "require_approval" and refused
                                                     and approval is None):
         return 27  # recording unavailable (strict), or no approval service (fail closed)
@@ -348,7 +348,7 @@ def _postgres(event: dict[str, Any], req: Mapping[str, Any], data: Mapping[str, 
         {k: s.get(k) for k in ("statement", "kind", "statements", "tables", "functions",
                                "whereMissing", "opaque") if s.get(k) not in (None, [], False)}
         for s in statements]}
-    body = req.get("body") if isinstance(req.get("body"), Mapping) else {}
+    body: Mapping[str, Any] = req["body"] if isinstance(req.get("body"), Mapping) else {}
     text = body.get("text")
     if isinstance(text, str):
         request["sql"] = text[:SQL_CHARS]
@@ -357,7 +357,7 @@ def _postgres(event: dict[str, Any], req: Mapping[str, Any], data: Mapping[str, 
     if req.get("parameters"):
         request["parameters"] = len(req["parameters"]) + int(req.get("parametersOmitted") or 0)
     event["api"]["request"]["data"] = request
-    error = data.get("error") if isinstance(data.get("error"), Mapping) else {}
+    error: Mapping[str, Any] = data["error"] if isinstance(data.get("error"), Mapping) else {}
     status = data.get("status")
     response: dict[str, Any] = {}
     if isinstance(status, str) and status:

@@ -273,14 +273,16 @@ class Recorder:
                     results = self._process(batch)
                 except Exception as exc:  # a bug, not an I/O error: fail the callers, do not hang them
                     results = [exc if kind != "events" else [exc] * len(payload) for kind, payload, _ in batch]
-                loop.call_soon_threadsafe(self._settle, batch, results)
+                if not _hand_back(loop, self._settle, batch, results):
+                    return  # the loop is gone (process shutting down): the lines are written, nobody waits
             # Only after the callers have their answers: an append returns once its line is in
             # the file, so no flow waits for a group fsync (1-5 ms) or an age rotation.
             if self._spool.maintenance_due():
                 self._maintain()
             if self._spool.closed_new and self._shipper is not None:
                 self._spool.closed_new = 0
-                loop.call_soon_threadsafe(self._shipper.wake)
+                if not _hand_back(loop, self._shipper.wake):
+                    return
             if any(kind == "stop" for kind, _, _ in batch):
                 return
 
@@ -343,3 +345,14 @@ class Recorder:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
+    """Writer thread: schedule ``callback`` on the recorder's loop; False once that loop is closed
+    (a process or test tearing down before the recorder stopped), which ends the thread instead of
+    raising in it."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        return False
+    return True

@@ -22,7 +22,7 @@ COPY operator/ operator/
 COPY sidecar/ sidecar/
 # Not editable, not the test extra: the operator and sidecar packages, their entry points
 # (`chaperone`, `kubectl-chaperone`, the `chaperone.commands` group) and pinned dependencies.
-RUN /opt/chaperone/bin/pip install -c constraints.txt '.[otlp]' \
+RUN /opt/chaperone/bin/pip install -c constraints.txt . \
  && /opt/chaperone/bin/chaperone --help >/dev/null
 
 # ---------------------------------------------------------------------------- runtime stage

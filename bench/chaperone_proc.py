@@ -51,17 +51,10 @@ def _telemetry_env(without: bool) -> None:
     injected sidecar does) to export over OTLP/HTTP to the bench upstream's sink
     (``BENCH_OTLP_ENDPOINT``), or switch the SDK off (``--without telemetry``, which also turns
     off the ``/metrics`` reader the product always has).
-
-    A missing OTLP exporter package is an error, not a silent no-op: "full" would otherwise
-    measure spans that go nowhere.
     """
     if without:
         os.environ["OTEL_SDK_DISABLED"] = "true"
         return
-    try:
-        import opentelemetry.exporter.otlp.proto.http  # noqa: F401  (presence check only)
-    except ImportError as exc:
-        raise SystemExit(f"chaperone-full needs the otlp extra: {exc}") from exc
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = os.environ["BENCH_OTLP_ENDPOINT"]
 
 

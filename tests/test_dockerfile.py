@@ -191,9 +191,9 @@ def test_entrypoint_is_the_command_the_chart_and_webhook_run():
 def test_dependencies_are_installed_with_the_constraints():
     runs = " ; ".join(BUILD.all("RUN"))
     assert "python -m venv /opt/chaperone" in runs
-    # The package with the OTLP exporter extra (spans and metrics leave the pod), never the
-    # test extra, never editable.
-    assert re.search(r"/opt/chaperone/bin/pip install -c constraints\.txt '\.\[otlp\]'(\s|$)", runs)
+    # The package (its own OTLP/HTTP exporters: no exporter extra), never the test extra, never
+    # editable.
+    assert re.search(r"/opt/chaperone/bin/pip install -c constraints\.txt \.(\s|$)", runs)
     assert "-e " not in runs and "test]" not in runs
     copied = [src for c in BUILD.all("COPY") for src in c.split()[:-1]]
     assert "constraints.txt" in copied and "pyproject.toml" in copied

@@ -1,25 +1,26 @@
 """OpenTelemetry providers for the sidecar, configured by the standard ``OTEL_*`` variables.
 
-Spans and metrics leave the process only when *both* hold: an OTLP exporter package is
-installed (``opentelemetry-exporter-otlp-proto-http``: the ``otlp`` extra, which the image
-installs; or ``-grpc``, which an image of your own may add) and an endpoint is set
-(``OTEL_EXPORTER_OTLP_ENDPOINT``, or the per-signal ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
-``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``; the webhook sets the first from the operator's
-``CHAPERONE_OTEL_ENDPOINT``). Otherwise no provider is installed and the API stays the no-op
+Spans and metrics leave the process when an endpoint is set (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+or the per-signal ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``;
+the webhook sets the first from the operator's ``CHAPERONE_OTEL_ENDPOINT``). Over
+``http/protobuf`` (the default) the exporters are the sidecar's own - :mod:`.otlp_spans`,
+:mod:`.otlp_metrics`, posted by :mod:`.otlp_http` - so no exporter package is needed; ``grpc``
+needs ``opentelemetry-exporter-otlp-proto-grpc`` (not in the image: add it to an image of your
+own). Without an endpoint no tracer provider is installed and the tracing API stays the no-op
 it is by default - the addon's calls cost next to nothing.
 
 Honoured variables: ``OTEL_SDK_DISABLED``, ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``
 (``none`` switches a signal off; anything else means OTLP), ``OTEL_EXPORTER_OTLP_PROTOCOL`` and
-the per-signal ``..._PROTOCOL`` (``http/protobuf``, the default, or ``grpc``), and - read by
-the SDK and the exporters themselves - ``OTEL_SERVICE_NAME`` (default ``chaperone-sidecar``),
-``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_EXPORTER_OTLP_HEADERS``/``_TIMEOUT``/``_CERTIFICATE``,
-``OTEL_BSP_*`` (batch span processor) and ``OTEL_METRIC_EXPORT_INTERVAL``.
+the per-signal ``..._PROTOCOL`` (``http/protobuf`` or ``grpc``),
+``OTEL_EXPORTER_OTLP_[SIGNAL_]HEADERS``/``_TIMEOUT``/``_COMPRESSION``/``_CERTIFICATE``/
+``_CLIENT_CERTIFICATE``/``_CLIENT_KEY`` (read from the same ``env`` as the endpoint,
+:mod:`.otlp_http`), ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` and ``..._DEFAULT_HISTOGRAM_AGGREGATION``,
+and - read by the SDK itself - ``OTEL_SERVICE_NAME`` (default ``chaperone-sidecar``),
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*`` (batch span processor) and
+``OTEL_METRIC_EXPORT_INTERVAL``.
 
 Spans go through a ``BatchSpanProcessor`` (export in its own thread: the event loop never
-waits on the collector); metrics through a ``PeriodicExportingMetricReader``. Over
-``http/protobuf`` spans are encoded by :mod:`chaperone_sidecar.otlp_spans` (the same request
-bytes as the SDK's encoder, without building a protobuf object per attribute: the encoding was
-the largest part of telemetry's CPU per request).
+waits on the collector); metrics through a ``PeriodicExportingMetricReader``.
 
 Prometheus: metrics are also always readable as Prometheus text on the health port's
 ``/metrics`` (the help text of ``--health-port`` promises it, and a scrape needs no collector in
@@ -63,10 +64,9 @@ log = logging.getLogger("chaperone.telemetry")
 DEFAULT_SERVICE_NAME = "chaperone-sidecar"
 
 # protocol -> (trace exporter module, metric exporter module); classes are OTLPSpanExporter and
-# OTLPMetricExporter in both.
+# OTLPMetricExporter in both. http/protobuf: ours (no protobuf, no requests; otlp_http says why).
 _EXPORTERS = {
-    "http/protobuf": ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
-                      "opentelemetry.exporter.otlp.proto.http.metric_exporter"),
+    "http/protobuf": ("chaperone_sidecar.otlp_spans", "chaperone_sidecar.otlp_metrics"),
     "grpc": ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
              "opentelemetry.exporter.otlp.proto.grpc.metric_exporter"),
 }
@@ -168,20 +168,18 @@ def _signal(env: Mapping[str, str], signal: str, index: int, notes: list[str],
     if protocol not in _EXPORTERS:
         notes.append(f"{signal}: unsupported OTLP protocol {protocol!r}")
         return None
-    if (protocol, index, loader) == ("http/protobuf", 0, _load_exporter):
-        # The SDK's OTLP/HTTP span exporter writing the protobuf bytes directly (otlp_spans:
-        # the same request, ~4x less CPU per span than building protobuf objects).
-        exporter = _load_exporter("chaperone_sidecar.otlp_spans", "FastOTLPSpanExporter")
-    else:
-        exporter = loader(_EXPORTERS[protocol][index], _CLASSES[index])
+    exporter = loader(_EXPORTERS[protocol][index], _CLASSES[index])
     if exporter is None:
-        package = "opentelemetry-exporter-otlp-proto-" + ("grpc" if protocol == "grpc" else "http")
+        package = ("opentelemetry-exporter-otlp-proto-grpc" if protocol == "grpc"
+                   else _EXPORTERS[protocol][index])
         notes.append(f"{signal}: {package} is not installed")
         return None
-    if protocol != "grpc" and not env.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT"):
+    if protocol == "grpc":
+        return functools.partial(exporter, endpoint=endpoint)  # it reads os.environ itself
+    if not env.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT"):
         # The generic endpoint is a base URL: OTLP/HTTP appends the signal's path to it.
         endpoint = endpoint.rstrip("/") + f"/v1/{signal}"
-    return functools.partial(exporter, endpoint=endpoint)
+    return functools.partial(exporter, endpoint=endpoint, env=env)
 
 
 def prometheus_exposition(accept: str = "", registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:

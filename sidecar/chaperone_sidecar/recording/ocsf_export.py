@@ -23,8 +23,10 @@ Sinks (each optional; configured by environment, docs/telemetry.md):
 ``CHAPERONE_OCSF_OTLP_ENDPOINT``
     an OTLP/HTTP logs URL (``http://collector:4318/v1/logs``): each event is a log record whose
     body is the OCSF event (a map), ``event_name`` ``ocsf.api_activity``, attributes
-    ``ocsf.class_uid`` and ``ocsf.activity_id``; the SDK's ``BatchLogRecordProcessor`` sends them.
-    ``OTEL_EXPORTER_OTLP_HEADERS``/``_CERTIFICATE`` apply as to the other OTLP signals.
+    ``ocsf.class_uid`` and ``ocsf.activity_id``; the SDK's ``BatchLogRecordProcessor`` hands
+    them to :class:`~chaperone_sidecar.otlp_logs.OTLPLogExporter` (our encoder and stdlib HTTP
+    client: no protobuf or ``requests`` in the sidecar). ``OTEL_EXPORTER_OTLP_[LOGS_]HEADERS``/
+    ``_TIMEOUT``/``_COMPRESSION``/``_CERTIFICATE`` apply as to the other OTLP signals.
 
 ``CHAPERONE_OCSF_QUEUE`` bounds the queue (10000 events). What is exported is only ever the
 recording's masked and redacted form, without bodies (:mod:`.ocsf`): the recording must be on
@@ -173,20 +175,23 @@ class S3Sink:
 
 
 class OtlpLogSink:
-    """Each event as an OTLP log record (opentelemetry-sdk logs, OTLP/HTTP exporter)."""
+    """Each event as an OTLP log record (opentelemetry-sdk logs, :mod:`~chaperone_sidecar.otlp_logs`'
+    OTLP/HTTP exporter)."""
 
     name = "otlp"
 
     def __init__(self, endpoint: str, *, resource: Mapping[str, str] | None = None,
                  exporter: Any = None) -> None:
+        # The SDK's logs package (and our exporter built on it) load only in a sidecar with
+        # this sink configured.
         from opentelemetry.sdk._logs import LoggerProvider
         from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
         from opentelemetry.sdk.resources import Resource
 
-        if exporter is None:
-            from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        from ..otlp_logs import OTLPLogExporter
 
-            exporter = OTLPLogExporter(endpoint=endpoint)
+        if exporter is None:
+            exporter = OTLPLogExporter(endpoint)
         attrs = {k: v for k, v in (resource or {}).items() if v}
         attrs.setdefault("service.name", "chaperone-sidecar")
         self.provider = LoggerProvider(resource=Resource.create(attrs))

@@ -179,7 +179,7 @@ class FakeExporter:
     made: list[str] = []
     endpoints: list[str] = []
 
-    def __init__(self, endpoint=None):
+    def __init__(self, endpoint=None, env=None):
         FakeExporter.made.append(type(self).__name__)
         FakeExporter.endpoints.append(endpoint)
 
@@ -222,8 +222,8 @@ def test_endpoint_without_an_exporter_package_means_no_provider():
 
 
 def test_spans_and_metrics_reach_a_real_otlp_http_endpoint():
-    """The exporter the image ships (the ``otlp`` extra), against an OTLP/HTTP receiver that
-    decodes what arrives."""
+    """The sidecar's own OTLP/HTTP exporters (no exporter package needed), against an OTLP/HTTP
+    receiver that decodes what arrives."""
     import http.server
     import threading
 
@@ -296,7 +296,7 @@ def test_endpoint_and_exporter_give_batch_export_and_a_periodic_reader():
 ])
 def test_standard_switches(env, tracing, metrics):
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", **env}
-    setup = setup_telemetry(env, install_global=False, loader=fake_loader(["opentelemetry"]))
+    setup = setup_telemetry(env, install_global=False, loader=fake_loader(["chaperone_sidecar.otlp_"]))
     try:
         assert (setup.tracing, setup.metrics) == (tracing, metrics)
     finally:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import signal
 import socket
@@ -69,6 +70,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from . import http11_server
 from .config import SidecarConfig
 from .log_setup import configure_logging
 from .postgres.server import PostgresListeners
@@ -84,6 +86,7 @@ log = logging.getLogger("chaperone.proxy")
 
 READY_PATH = "/ready"
 METRICS_PATH = "/metrics"
+_JSON = "application/json; charset=utf-8"
 
 
 def lean_core_addons() -> list[Any]:
@@ -205,7 +208,7 @@ class ProxyRuntime:
         self.master: Any = None
         self.ready = asyncio.Event()
         self.exit_code = 0
-        self._health: Any = None
+        self._health: http11_server.Server | None = None
         self._modes: list[str] = []
         self._trust: Path | None = None
 
@@ -216,7 +219,7 @@ class ProxyRuntime:
             return await self._run()
         finally:
             if self._health is not None:
-                await self._health.cleanup()
+                await self._health.close()
 
     async def _run(self) -> int:
         ca_file = self.config.ca_dir / "mitmproxy-ca.pem"
@@ -386,28 +389,22 @@ class ProxyRuntime:
 
     # ------------------------------------------------------------------ health
     async def _start_health(self) -> None:
-        from aiohttp import web
-
-        async def ready(_: web.Request) -> web.Response:
+        async def ready(_: http11_server.Request) -> http11_server.Answer:
             if self.ready.is_set():
                 snap = self.services.snapshot() if self.services else None
-                return web.json_response({"ready": True, "generation": snap.generation if snap else 0})
-            return web.json_response({"ready": False}, status=503)
+                body = {"ready": True, "generation": snap.generation if snap else 0}
+                return http11_server.Answer(200, json.dumps(body).encode(), _JSON)
+            return http11_server.Answer(503, json.dumps({"ready": False}).encode(), _JSON)
 
-        async def metrics(request: web.Request) -> web.Response:
+        async def metrics(request: http11_server.Request) -> http11_server.Answer:
             # Collecting runs instrument callbacks and reads /proc: off the event loop.
             body, content_type = await asyncio.to_thread(prometheus_exposition,
-                                                         request.headers.get("Accept", ""))
-            return web.Response(body=body, headers={"Content-Type": content_type})
+                                                         request.headers.get("accept", ""))
+            return http11_server.Answer(200, body, content_type)
 
-        app = web.Application()
-        app.router.add_get(READY_PATH, ready)
-        app.router.add_get(METRICS_PATH, metrics)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.config.health_host or None, self.config.health_port)
-        await site.start()
-        self._health = runner
+        server = http11_server.Server({READY_PATH: ready, METRICS_PATH: metrics})
+        await server.start(self.config.health_host or None, self.config.health_port)
+        self._health = server
 
 
 def event_loop_factory(choice: str) -> tuple[Any, str]:

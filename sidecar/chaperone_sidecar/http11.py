@@ -69,8 +69,8 @@ class HTTPError(Exception):
     """No complete answer: connect, TLS, timeout, a protocol error or a connection closed early."""
 
 
-class HTTPTimeout(HTTPError):
-    """A connect, read or total deadline passed."""
+class HTTPTimeout(HTTPError, TimeoutError):
+    """A connect, read or total deadline passed (also a :class:`TimeoutError`)."""
 
 
 class InvalidRequest(HTTPError, ValueError):
@@ -166,11 +166,10 @@ class _Conn:
                     or self.h11.our_state is not h11.IDLE)
 
     def abort(self) -> None:
-        """Close now, without waiting (error paths, cancellation)."""
-        transport = self.writer.transport
-        if not transport.is_closing():
-            transport.abort() if isinstance(transport.get_extra_info("sslcontext"), ssl.SSLContext) \
-                else transport.close()
+        """Close now, dropping anything unsent (error paths, cancellation, a surplus idle
+        connection): a plain ``close()`` would wait to flush a body the peer is not reading,
+        past the end of the loop."""
+        self.writer.transport.abort()
 
     async def aclose(self) -> None:
         self.writer.close()

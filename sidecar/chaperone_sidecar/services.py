@@ -346,7 +346,7 @@ def _make_recorder(config: SidecarConfig) -> Recorder:
     else:
         key_file = (config.sidecar_secret_dir / "MANIFEST_KEY") if config.sidecar_secret_dir else None
         if config.s3_bucket:
-            # aiohttp + SigV4, no boto3 (~20 MB); credentials: the sidecar Secret's keys
+            # http11 + SigV4, no boto3 (~20 MB); credentials: the sidecar Secret's keys
             # (re-read when rotated), else the environment, else web identity (recording/s3http)
             credentials = None
             try:

@@ -22,7 +22,8 @@ thread costs one callback and one queue put per loop iteration and one thread-sa
 per batch.)
 ``append`` returns once the line is in the file (the page cache: it survives a crash of the
 process, not of the kernel) - never after an fsync it did not ask for; ``flush()`` forces
-the fsync. The shipper is a task of its own (aiohttp for S3, threads for the disk).
+the fsync. The shipper is a task of its own (the sidecar's http11 client for S3, threads for
+the disk).
 
 Strict mode: ``append`` raises ``SpoolUnavailable`` when the line could not be written, so the
 caller refuses the traffic. Best-effort mode: ``append`` returns None, ``metrics`` counts the

@@ -1,10 +1,12 @@
-"""The shipper's S3 client: PutObject, HeadObject and GetObjectLockConfiguration over aiohttp,
-signed with SigV4 here - no boto3 in the sidecar process.
+"""The shipper's S3 client: PutObject, HeadObject and GetObjectLockConfiguration over the
+sidecar's own HTTP/1.1 client (:mod:`chaperone_sidecar.http11`), signed with SigV4 here - no
+boto3 (and no aiohttp) in the sidecar process.
 
 Why not boto3 (what the shipper used until issue 16): a boto3 S3 client costs ~20 MB of
 resident memory (the session, the S3 service model, endpoint rules) and ~15 ms of CPU per
 1 MiB chunk, and its blocking calls need a thread each. The shipper makes three kinds of
-request, all on the event loop with the aiohttp the sidecar already runs: a chunk or manifest
+request, all on the event loop with the sidecar's own HTTP client (one kept-alive connection,
+re-used from upload to upload): a chunk or manifest
 ``PUT`` (with ``Content-MD5``, ``x-amz-checksum-sha256`` and ``x-amz-meta-sha256``, plus the
 Object Lock headers when the bucket has Object Lock), a ``HEAD`` to confirm it, and one
 ``GET ?object-lock`` per process.
@@ -36,8 +38,13 @@ metadata service - none of them is what the operator injects into a sidecar.
 **TLS**: the system trust store, or ``AWS_CA_BUNDLE`` when set (as boto3 honoured it), or the
 ``ca_bundle`` argument.
 
-Errors: a non-2xx answer raises :class:`S3Error` with the code from S3's XML body; the
-shipper's backoff retries. A ``HEAD`` 404 is "not there" (None).
+**Timeouts**: ``connect_timeout`` (TCP + TLS), ``read_timeout`` (a silent server, or one that
+stops reading an upload) and a deadline per request of ``request_timeout`` plus the body at
+``min_upload_rate``.
+
+Errors: a non-2xx answer raises :class:`S3Error` with the code from S3's XML body; no answer
+raises :class:`~chaperone_sidecar.http11.HTTPError`; the shipper's backoff retries either. A
+``HEAD`` 404 is "not there" (None).
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from ..credentials.credential_sources import (
     TokenSource,
     WebIdentitySource,
 )
+from ..http11 import Client, Headers
 
 __all__ = ["AioS3Store", "S3Error", "sign_v4", "credential_chain", "EnvAWSSource", "StsClient"]
 
@@ -238,11 +246,13 @@ def _xml_message(body: bytes) -> str:
 # ============================================================================ the store
 
 class AioS3Store:
-    """An S3 bucket through aiohttp (the shipper's :class:`~.shipper.ObjectStore`, async).
+    """An S3 bucket over :class:`~chaperone_sidecar.http11.Client` (the shipper's
+    :class:`~.shipper.ObjectStore`, async).
 
     ``put``/``head``/``object_lock_enabled`` are coroutines; keys are store-relative (the
-    ``prefix`` goes in front). The aiohttp session is made on first use, inside the loop, and
-    closed by :meth:`aclose`.
+    ``prefix`` goes in front). Connections are opened on first use, inside the loop, and
+    closed by :meth:`aclose`. ``connect_host`` maps a host name to the address to connect to
+    (tests: ``bucket.localhost`` -> 127.0.0.1); TLS still checks the URL's name.
     """
 
     is_async = True
@@ -253,7 +263,7 @@ class AioS3Store:
                  aws_session_token: str | None = None, addressing_style: str = "auto",
                  ca_bundle: str | None = None, connect_timeout: float = 3.0,
                  read_timeout: float = 20.0, request_timeout: float = 60.0,
-                 min_upload_rate: float = 65536.0, connector_factory: Callable[[], Any] | None = None,
+                 min_upload_rate: float = 65536.0, connect_host: Callable[[str], str] | None = None,
                  clock: Callable[[], datetime] | None = None) -> None:
         if addressing_style not in ("auto", "path", "virtual"):
             raise ValueError(f"addressing_style must be auto, path or virtual, not {addressing_style!r}")
@@ -283,9 +293,9 @@ class AioS3Store:
             self._base = f"{base_path}/{bucket}/"
         self._timeout = (connect_timeout, read_timeout)
         self._request_timeout, self._min_rate = request_timeout, min_upload_rate
-        self._connector_factory = connector_factory
+        self._connect_host = connect_host
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._session: Any = None
+        self._client: Client | None = None
 
     def __repr__(self) -> str:
         return f"AioS3Store({self.description!r}, {self._origin}{self._base})"
@@ -294,49 +304,38 @@ class AioS3Store:
         """The object's URL (as sent: the path percent-encoded like the signature has it)."""
         return self._origin + _uri(self._base + self.prefix + key, "/")
 
-    async def _http(self) -> Any:
-        if self._session is None:
-            import aiohttp
-
-            connector = self._connector_factory() if self._connector_factory else aiohttp.TCPConnector(
-                ssl=ssl.create_default_context(cafile=self.ca_bundle) if self.ca_bundle else True)
+    def _http(self) -> Client:
+        if self._client is None:
+            context = ssl.create_default_context(cafile=self.ca_bundle) if self.ca_bundle else None
             connect, read = self._timeout
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read))
-        return self._session
+            self._client = Client(ssl_context=context, connect_timeout=connect, read_timeout=read,
+                                  max_idle=2, connect_host=self._connect_host)
+        return self._client
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
 
     async def _request(self, method: str, key: str | None, query: list[tuple[str, str]],
                        headers: dict[str, str], body: bytes = b"",
-                       payload_sha256: str | None = None) -> tuple[int, Any, bytes]:
-        from yarl import URL
-
+                       payload_sha256: str | None = None) -> tuple[int, Headers, bytes]:
         path = self._base + (self.prefix + key if key is not None else "")
         creds = await self._creds()
+        # The Host header sent is the one signed (with the port when the endpoint names one).
         signed = sign_v4(method, self._host, path, query, headers,
                          payload_sha256 or hashlib.sha256(body).hexdigest(), creds, self.region,
                          self._clock())
-        signed.pop("host")  # aiohttp sends it from the URL (with the port when not default)
         url = self._origin + _uri(path, "/")
         if query:
             url += "?" + "&".join(f"{_uri(k)}={_uri(v)}" if v else _uri(k) for k, v in query)
-        session = await self._http()
-        import aiohttp
-
-        # sock_read bounds a silent server, not an upload it stops reading: the whole request
+        # read_timeout bounds a silent server, not an upload it stops reading: the whole request
         # gets a deadline too: request_timeout plus the body at min_upload_rate (64 KiB/s: 16 s
         # per MiB).
-        deadline = aiohttp.ClientTimeout(total=self._request_timeout + len(body) / self._min_rate,
-                                         sock_connect=self._timeout[0],
-                                         sock_read=self._timeout[1])
-        async with session.request(method, URL(url, encoded=True), data=body or None,
-                                   headers=signed, timeout=deadline) as resp:
-            return resp.status, resp.headers, await resp.read()
+        resp = await self._http().request(method, url, headers=signed, body=body or None,
+                                          timeout=self._request_timeout + len(body) / self._min_rate,
+                                          max_body=4 << 20)
+        return resp.status, resp.headers, resp.body
 
     async def _creds(self) -> AWSCredentials:
         if self.credentials is None:
@@ -378,7 +377,7 @@ class AioS3Store:
             self._raise(status, body, f"HEAD {self.description}{key}")
         checksum = h.get("x-amz-checksum-sha256")
         until = h.get("x-amz-object-lock-retain-until-date")
-        return {"size": int(h.get("Content-Length", "0")), "etag": str(h.get("ETag", "")).strip('"'),
+        return {"size": int(h.get("Content-Length") or 0), "etag": str(h.get("ETag", "")).strip('"'),
                 "sha256": h.get("x-amz-meta-sha256"),
                 "checksum": base64.b64decode(checksum).hex() if checksum else None,
                 "lockMode": h.get("x-amz-object-lock-mode"),

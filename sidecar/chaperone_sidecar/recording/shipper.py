@@ -2,9 +2,9 @@
 
 Why a separate background task: uploads are slow and S3 may be down for minutes; the proxy
 must not wait for them. The shipper runs as one asyncio task. An async store (the sidecar's
-:class:`~.s3http.AioS3Store`: aiohttp + SigV4, no boto3) is awaited on the loop; a blocking
-one (:class:`DirStore`, the boto3 :class:`S3Store` the ``sessions`` CLI reads with) runs in a
-thread (``asyncio.to_thread``), like the spool's file work (reading a segment, its digests,
+:class:`~.s3http.AioS3Store`: its own HTTP/1.1 client + SigV4, no boto3) is awaited on the
+loop; a blocking one (:class:`DirStore`, the boto3 :class:`S3Store` the ``sessions`` CLI reads
+with) runs in a thread (``asyncio.to_thread``), like the spool's file work (reading a segment, its digests,
 the fsynced bookkeeping), so the event loop never blocks on the network or the disk. While the
 store fails it retries with exponential backoff and jitter; segments stay in the spool
 meanwhile.

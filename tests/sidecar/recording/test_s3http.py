@@ -1,4 +1,4 @@
-"""The shipper's own S3 client (recording/s3http.py: aiohttp + SigV4, no boto3) against a real
+"""The shipper's own S3 client (recording/s3http.py: http11 + SigV4, no boto3) against a real
 moto server with IAM authentication on, so every request's signature is verified by the
 server (moto recomputes it with botocore's signer and refuses a mismatch).
 
@@ -194,23 +194,12 @@ def test_a_wrong_secret_is_refused_by_the_server(auth_s3):
 
 def test_virtual_hosted_addressing(auth_s3):
     """``bucket.endpoint/key``: the bucket travels in the Host header (signed)."""
-    import aiohttp
-    from aiohttp.abc import AbstractResolver
-
-    class Loopback(AbstractResolver):  # <bucket>.localhost -> 127.0.0.1 (no DNS needed)
-        async def resolve(self, host, port=0, family=socket.AF_INET):
-            return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
-                     "proto": 0, "flags": 0}]
-
-        async def close(self):
-            pass
-
     bucket = auth_s3.bucket()
     port = auth_s3.url.rsplit(":", 1)[1]
     store = AioS3Store(bucket, endpoint_url=f"http://localhost:{port}", region_name="us-east-1",
                        addressing_style="virtual", aws_access_key_id=auth_s3.keys[0],
                        aws_secret_access_key=auth_s3.keys[1],
-                       connector_factory=lambda: aiohttp.TCPConnector(resolver=Loopback()))
+                       connect_host=lambda host: "127.0.0.1")  # <bucket>.localhost, no DNS needed
     assert store.url("a/b").startswith(f"http://{bucket}.localhost:{port}/a/b")
     data = b"virtual\n"
 

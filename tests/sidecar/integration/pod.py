@@ -318,6 +318,35 @@ class InjectedPod:
     def spool_dir(self) -> Path:
         return self.volume_dir(c.VOL_SPOOL)
 
+    def recorded_flows(self, url_part: str) -> list[dict[str, Any]]:
+        """The decided flows in the spool whose URL contains ``url_part``: method, url, headers,
+        action, and the decision's effect, refusal and refusal message (the decision is a field
+        of the request event since issue 16; a ``decision`` event of an older recording counts too)."""
+        flows: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.spool_dir.rglob("*")):
+            if not path.is_file():
+                continue
+            for line in path.read_bytes().splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(event, dict) or not event.get("flow"):
+                    continue
+                row = flows.setdefault(event["flow"], {})
+                data = event.get("data") or {}
+                decided = data.get("decision") if event.get("type") == "request" else None
+                if event.get("type") == "request":
+                    row.update(method=data.get("method"), url=data.get("url", ""),
+                               headers={k.lower(): v for k, v in data.get("headers") or []},
+                               action=(data.get("action") or {}).get("name"))
+                elif event.get("type") == "decision":
+                    decided = data
+                if isinstance(decided, dict):
+                    row.update(effect=decided.get("effect"), refused=decided.get("refused"),
+                               message=decided.get("refusalMessage"))
+        return [f for f in flows.values() if url_part in f.get("url", "") and "effect" in f]
+
     def _write_items(self, directory: Path, data: Mapping[str, Any], items: Sequence[Mapping[str, str]] | None) -> None:
         pairs = [(i["key"], i["path"]) for i in items] if items else [(k, k) for k in data]
         for key, rel in pairs:

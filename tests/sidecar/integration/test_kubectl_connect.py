@@ -99,38 +99,11 @@ def kubectl(sidecar: InjectedPod, control_plane, ns: str, *args: str, timeout: f
     return subprocess.run(argv, env=sidecar.agent_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def recorded_flows(sidecar: InjectedPod, path_part: str) -> list[dict]:
-    """The recorded flows whose URL contains ``path_part``: method, headers, action, decision."""
-    flows: dict[str, dict] = {}
-    for path in sorted(sidecar.spool_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        for line in path.read_bytes().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(event, dict) or not event.get("flow"):
-                continue
-            row = flows.setdefault(event["flow"], {})
-            data = event.get("data") or {}
-            if event.get("type") == "request":
-                row.update(method=data.get("method"), url=data.get("url", ""),
-                           headers={k.lower(): v for k, v in data.get("headers") or []},
-                           action=(data.get("action") or {}).get("name"))
-                decided = data.get("decision")  # the decision is in the request event (issue 16)
-                if isinstance(decided, dict):
-                    row.update(effect=decided.get("effect"), refused=decided.get("refused"))
-            elif event.get("type") == "decision":
-                row.update(effect=data.get("effect"), refused=data.get("refused"))
-    return [f for f in flows.values() if path_part in f.get("url", "") and "effect" in f]
-
-
 def _wait_flows(sidecar: InjectedPod, path_part: str, n: int) -> list[dict]:
-    wait_for(lambda: len(recorded_flows(sidecar, path_part)) >= n, 15,
+    wait_for(lambda: len(sidecar.recorded_flows(path_part)) >= n, 15,
              f"{n} recorded flow(s) to {path_part}")
     time.sleep(0.5)  # a late event of the same command would still be counted
-    return recorded_flows(sidecar, path_part)
+    return sidecar.recorded_flows(path_part)
 
 
 def test_kubectl_exec_over_websocket_is_judged_create_and_never_forwarded(pod, control_plane):

@@ -84,31 +84,6 @@ def kubectl(sidecar: InjectedPod, control_plane, ns: str, *args: str, env: dict 
                           text=True, timeout=60)
 
 
-def decisions(sidecar: InjectedPod, url_part: str) -> list[dict]:
-    """method, url, decision (effect, rule) and refusal message of each recorded flow."""
-    flows: dict[str, dict] = {}
-    for path in sorted(sidecar.spool_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        for line in path.read_bytes().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(event, dict) or not event.get("flow"):
-                continue
-            row = flows.setdefault(event["flow"], {})
-            data = event.get("data") or {}
-            if event.get("type") == "request":
-                row.update(method=data.get("method"), url=data.get("url", ""))
-                decided = data.get("decision")
-                if isinstance(decided, dict):
-                    row.update(effect=decided.get("effect"), message=decided.get("refusalMessage"))
-            elif event.get("type") == "decision":
-                row.update(effect=data.get("effect"), message=data.get("refusalMessage"))
-    return [f for f in flows.values() if url_part in f.get("url", "") and "effect" in f]
-
-
 @pytest.mark.parametrize("argv", [["rm", "-rf", "/tmp/x"], ["sh", "-c", "cd /; rm -rf /tmp/x"],
                                   ["/usr/bin/env", "rm", "-rf", "/tmp/x"]])
 def test_the_command_rule_refuses_rm_however_it_is_wrapped(pod, control_plane, argv):
@@ -139,7 +114,7 @@ def test_an_allowed_exec_goes_upstream_and_the_spdy_fallback_is_refused(pod, con
     sidecar, ns = pod
     res = kubectl(sidecar, control_plane, ns, "exec", "web", "-c", "c", "--", "ls", "/")
     assert res.returncode != 0
-    flows = wait_for(lambda: len(decisions(sidecar, "command=ls")) >= 2 and decisions(sidecar, "command=ls"),
+    flows = wait_for(lambda: len(sidecar.recorded_flows("command=ls")) >= 2 and sidecar.recorded_flows("command=ls"),
                      15, "the WebSocket and SPDY attempts recorded")
     by_method = {f["method"]: f for f in flows}
     assert by_method["GET"]["effect"] == "allow", flows

@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from chaperone_sidecar.telemetry_setup import setup_telemetry
 
         setup = setup_telemetry(env, install_global=False, prometheus_registry=CollectorRegistry())
+        # the per-flow histograms as build_services wires them (a checkout before them has none)
+        extra = {"histograms": setup.histograms} if hasattr(setup, "histograms") else {}
         services = SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("bench"),
-                                   tracer=setup.tracer(), meter=setup.meter())
+                                   tracer=setup.tracer(), meter=setup.meter(), **extra)
         addon = Telemetry(services)
         results = []
         for i in range(args.repeat + 1):  # the first run warms up

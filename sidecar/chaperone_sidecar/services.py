@@ -24,6 +24,8 @@ grants             grant cache (Redis when ``CHAPERONE_REDIS_URL``, else memory)
 rate_limiter       policy rate limits (Redis when configured, else memory) (Enforce)
 redis              the ``redis.asyncio`` client, if any
 tracer, meter      OpenTelemetry API objects (Telemetry; no-ops until a provider is set)
+histograms         :class:`~.metric_histograms.FlowHistograms`: the per-flow histograms the
+                   metric readers collect (None without a meter provider)
 tool_uses          :class:`~.tool_use_ledger.ToolUseLedger`: the model's recent tool_use blocks
                    per pod (ToolUse: written on LLM answers, read to link later actions)
 ocsf               :class:`~.recording.ocsf_export.OcsfExporter` or None (Record submits each
@@ -44,7 +46,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Tracer
@@ -61,6 +63,9 @@ from .routing import Connection
 from .snapshot import Snapshot
 from .sources import FileSources, KubeSources, Sources
 from .tool_use_ledger import ToolUseLedger
+
+if TYPE_CHECKING:  # the SDK's metrics package stays out of a process without telemetry
+    from .metric_histograms import FlowHistograms
 
 __all__ = ["SidecarServices", "InjectorRegistry", "build_services"]
 
@@ -171,6 +176,7 @@ class SidecarServices:
     redis: Any = None  # redis.asyncio.Redis (imported only when CHAPERONE_REDIS_URL is set)
     tracer: Tracer | None = None
     meter: Meter | None = None
+    histograms: FlowHistograms | None = None
     # the model's recent tool_use blocks per pod (ToolUse addon: written on LLM answers, read
     # to link the pod's later actions; in memory, bounded)
     tool_uses: ToolUseLedger = field(default_factory=ToolUseLedger)
@@ -286,6 +292,7 @@ def _make_telemetry(config: SidecarConfig, services: SidecarServices) -> None:
     setup = setup_telemetry(attributes=attributes)
     services.tracer = setup.tracer()
     services.meter = setup.meter()
+    services.histograms = setup.histograms
 
     async def shutdown() -> None:
         await asyncio.to_thread(setup.shutdown)  # flushes exporters: never on the loop

@@ -32,9 +32,10 @@ also carries prometheus_client's ``process_*`` metrics (RSS, CPU, open fds). Onl
 export alone (the Prometheus endpoint is the sidecar's own, not an OTel auto-configured
 exporter). The cost of an always-on SDK, measured on the 2-core CI machine: +2.1 MB idle RSS
 of a standalone proxy process (83.5 vs 81.3 MB, median of 3; the SDK's metrics package, the
-exporter and prometheus_client), and ~20 us of CPU per request for the counter and the two
-histograms (the no-op API: 0.5 us) - ~1.3 % of the 1,557 us of CPU a proxied request costs
-in full (docs/benchmarks.md).
+exporter and prometheus_client). Per request the counter and the two histograms cost a dict
+increment and two bisects: the addon counts ``chaperone.requests`` itself and the histograms
+are aggregated by :mod:`.metric_histograms`, whose points every reader built here carries
+(``TelemetrySetup.histograms``) - the SDK's measurement pipeline took 12-28 us per record.
 
 ``TelemetrySetup.metrics`` says whether metrics are *pushed* over OTLP; ``prometheus`` whether
 the ``/metrics`` reader is there.
@@ -56,6 +57,8 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+from .metric_histograms import FlowHistograms, HistogramsReader
 
 __all__ = ["TelemetrySetup", "setup_telemetry", "prometheus_exposition", "DEFAULT_SERVICE_NAME"]
 
@@ -79,6 +82,15 @@ _CLASSES = ("OTLPSpanExporter", "OTLPMetricExporter")
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _VIEWS = (View(instrument_type=Histogram, instrument_unit="s",
                aggregation=ExplicitBucketHistogramAggregation(boundaries=SECONDS_BUCKETS)),)
+METER_SCOPE = "chaperone.sidecar"
+
+
+class _PeriodicReader(HistogramsReader, PeriodicExportingMetricReader):
+    """The periodic OTLP reader, carrying the per-flow histograms (metric_histograms)."""
+
+
+class _PrometheusReader(HistogramsReader, PrometheusMetricReader):
+    """The ``/metrics`` reader, carrying the per-flow histograms (metric_histograms)."""
 
 
 @dataclass
@@ -90,6 +102,8 @@ class TelemetrySetup:
     notes: list[str] = field(default_factory=list)  # why a signal is not exported
     otlp_metrics: bool = False
     prometheus_reader: PrometheusMetricReader | None = None
+    # the per-flow histograms, aggregated by the sidecar (metric_histograms; None: no metrics)
+    histograms: FlowHistograms | None = None
 
     @property
     def tracing(self) -> bool:
@@ -105,13 +119,13 @@ class TelemetrySetup:
         """Metrics are readable on ``/metrics`` (:func:`prometheus_exposition`)."""
         return self.prometheus_reader is not None
 
-    def tracer(self, name: str = "chaperone.sidecar") -> Any:
+    def tracer(self, name: str = METER_SCOPE) -> Any:
         from opentelemetry import trace
 
         provider = self.tracer_provider or trace.get_tracer_provider()
         return provider.get_tracer(name)
 
-    def meter(self, name: str = "chaperone.sidecar") -> Any:
+    def meter(self, name: str = METER_SCOPE) -> Any:
         from opentelemetry import metrics
 
         provider = self.meter_provider or metrics.get_meter_provider()
@@ -218,15 +232,20 @@ def setup_telemetry(env: Mapping[str, str] | None = None, *,
         setup.tracer_provider = TracerProvider(resource=resource)
         setup.tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter()))
     readers: list[MetricReader] = []
+    histograms = FlowHistograms(resource, METER_SCOPE, SECONDS_BUCKETS)
     if metric_exporter is not None:
-        readers.append(PeriodicExportingMetricReader(metric_exporter()))
+        periodic = _PeriodicReader(metric_exporter())
+        periodic.attach(histograms)
+        readers.append(periodic)
         setup.otlp_metrics = True
     if prometheus_registry is not None:
         # target_info carries the resource attributes (pod, namespace, node) as Prometheus does.
-        setup.prometheus_reader = PrometheusMetricReader(registry=prometheus_registry)
+        setup.prometheus_reader = _PrometheusReader(registry=prometheus_registry)
+        setup.prometheus_reader.attach(histograms)
         readers.append(setup.prometheus_reader)
     if readers:
         setup.meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=_VIEWS)
+        setup.histograms = histograms
     if install_global:
         from opentelemetry import metrics, trace
 

@@ -12,6 +12,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -21,14 +22,19 @@ from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.refusal import refuse
 from chaperone_sidecar.addons.telemetry import Telemetry
 from chaperone_sidecar.config import SidecarConfig
+from chaperone_sidecar.metric_histograms import FlowHistograms, HistogramsReader
 from chaperone_sidecar.policy.model import Action, Decision, Identity, RuleRef
 from chaperone_sidecar.recording.spool import RecorderMetrics
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
-from chaperone_sidecar.telemetry_setup import DEFAULT_SERVICE_NAME, setup_telemetry
+from chaperone_sidecar.telemetry_setup import DEFAULT_SERVICE_NAME, SECONDS_BUCKETS, setup_telemetry
 
 AGENT = Identity(service_account="team-a/claude", pod_namespace="team-a", pod_name="agent-0",
                  creator="alice", on_behalf_of="bob")
+
+
+class HistogramsInMemoryReader(HistogramsReader, InMemoryMetricReader):
+    pass
 
 
 @pytest.fixture
@@ -36,13 +42,18 @@ def otel():
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
+    # the per-flow histograms as setup_telemetry wires them: aggregated by the sidecar,
+    # carried by the reader (metric_histograms)
+    resource = Resource.create({})
+    histograms = FlowHistograms(resource, "test", SECONDS_BUCKETS)
+    reader = HistogramsInMemoryReader()
+    reader.attach(histograms)
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
     recorder = SimpleNamespace(metrics=RecorderMetrics(backlog_bytes=4096, backlog_segments=2,
                                                        events_dropped=1))
     services = SidecarServices(config=SidecarConfig(standalone=True), sources=Sources("team-a"),
                                tracer=tracer_provider.get_tracer("test"),
-                               meter=meter_provider.get_meter("test"),
+                               meter=meter_provider.get_meter("test"), histograms=histograms,
                                approvals=SimpleNamespace(held=3), recorder=recorder)
     addon = Telemetry(services)
     with taddons.context(addon):

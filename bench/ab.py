@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--lat-n", type=int, default=400)
     parser.add_argument("--tput-s", type=float, default=4.0)
+    parser.add_argument("--also", default="", help="comma-separated further paths of bench/paths.py measured "
+                        "in the same rotation (e.g. chaperone-full-without-recording,chaperone-minimal)")
     parser.add_argument("--out", default=None, help="raw results as JSON")
     args = parser.parse_args(argv)
     cpus = _cpus()
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     makers = {"mitmdump": paths.Mitmdump,
               "chaperone-full (before)": lambda: paths.Chaperone("full", root=Path(args.before)),
               "chaperone-full (after)": lambda: paths.Chaperone("full", root=Path(args.after) if args.after else None)}
+    for extra in filter(None, (n.strip() for n in args.also.split(","))):
+        paths.make_path(extra)  # validates the name
+        makers[extra] = lambda extra=extra: paths.make_path(extra)
     names = list(makers)
     env, closers = setup_env(workdir, ["chaperone-full"], _harness_loop(), cpus)
     results: dict[str, list[dict]] = {n: [] for n in names}

@@ -6,19 +6,27 @@ frame (*self*) and where it is anywhere on the stack (*total*), and per *compone
 addon hook or helper a sample belongs to, :func:`component`) - the view that says what a
 feature costs. Sampling is ``--nonblocking``
 (the proxy is never paused) and needs ptrace rights (root, or ``kernel.yama.ptrace_scope=0``).
+
+    python bench/profile.py [--path chaperone-full] [--seconds 10] [--raw OUT.txt]
+
+profiles one path alone (HTTPS 1 KiB, concurrency 32) and prints its top frames; ``--raw``
+keeps the collapsed stacks for a closer look (e.g. ``grep`` a function's callers).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["PY_SPY", "record", "top_frames", "component", "profile_under_load"]
 
@@ -112,3 +120,52 @@ def profile_under_load(pid: int, workdir: Path, seconds: float, load: Callable[[
     frames = top_frames(out.read_text())
     frames["load"] = result.get("load")
     return frames
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("", "sidecar", "operator", "testbed")]
+    from bench import load, paths
+    from bench.run import _cpus, _harness_loop, setup_env
+    from bench.upstream import SIZES
+
+    parser = argparse.ArgumentParser(description="py-spy profile of one proxy path under load")
+    parser.add_argument("--path", default="chaperone-full", help=f"one of {', '.join(paths.PATH_NAMES)}")
+    parser.add_argument("--size", default="1k", choices=sorted(SIZES))
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--limit", type=int, default=30)
+    parser.add_argument("--raw", default=None, help="keep the collapsed stacks here")
+    args = parser.parse_args(argv)
+    cpus = _cpus()
+    if cpus[1]:
+        os.sched_setaffinity(0, cpus[1])
+    workdir = Path(tempfile.mkdtemp(prefix="chaperone-profile-"))
+    env, closers = setup_env(workdir, [args.path], _harness_loop(), cpus)
+    try:
+        path = paths.make_path(args.path).start(env)
+        try:
+            ctx = load.client_ssl(env.client_cafiles)
+            url = env.upstream.url("https", f"/{args.size}")
+            name = f"{args.path}-{args.size}"
+            res = profile_under_load(path.pid, workdir, args.seconds,
+                                     lambda: load.throughput(url, path.proxy, ctx, expect=SIZES[args.size],
+                                                             concurrency=32, seconds=args.seconds + 1,
+                                                             max_requests=200_000), name)
+        finally:
+            path.stop()
+    finally:
+        for close in reversed(closers):
+            close()
+    if args.raw and (workdir / f"py-spy-{name}.txt").exists():
+        shutil.copy(workdir / f"py-spy-{name}.txt", args.raw)
+    print(f"{res.get('samples')} samples {res.get('error', '')}; load {res.get('load')}")
+    for key in ("components", "self", "total"):
+        print(f"\n{key}:")
+        for frame, share in res.get(key, [])[:args.limit]:
+            print(f"  {share * 100:5.1f}%  {frame}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,7 +60,7 @@ from ..log_setup import flow_fields
 from ..policy.masking.masker import Masker
 from ..policy.model import MaskSpec
 from ..recording.events import new_event
-from ..recording.flow_events import body_of, identity_of, redact_headers, redact_text, redact_url
+from ..recording.flow_events import body_of, identity_of, pretty_url, redact_headers, redact_text, redact_url
 from ..recording.spool import SpoolUnavailable
 from ..services import SidecarServices
 from .refusal import refuse
@@ -81,6 +81,14 @@ def _ms(seconds: float | None) -> int | None:
 def _detectors(masks: tuple[MaskSpec, ...]) -> Masker:
     """Every mask of a decision, whatever its target, compiled once (specs are frozen)."""
     return Masker(masks, direction=None)
+
+
+@functools.lru_cache(maxsize=256)
+def _masks_data(masks: tuple[MaskSpec, ...]) -> tuple[dict[str, Any], ...]:
+    """A decision's masks as recorded (the specs are frozen and shared by the flows a rule
+    matches: built once; callers copy)."""
+    return tuple({"detectors": list(m.detectors), "fields": list(m.fields), "target": m.target,
+                  "source": str(m.source) if m.source else None} for m in masks)
 
 
 def _injected_header(ctx: flowctx.FlowContext) -> str:
@@ -279,7 +287,7 @@ class Record:
         masker = self._masker(ctx)
         data: dict[str, Any] = {
             "method": req.method,
-            "url": redact_url(req.pretty_url, masker),
+            "url": redact_url(pretty_url(req), masker),
             "httpVersion": req.http_version,
             "headers": redact_headers(req.headers, _injected_header(ctx), masker),
             "connection": ctx.connection or None,
@@ -315,9 +323,8 @@ class Record:
             "message": d.message if d is not None else "",
         }
         if d is not None and d.masks:
-            data["masks"] = [{"detectors": list(m.detectors), "fields": list(m.fields),
-                              "target": m.target,
-                              "source": str(m.source) if m.source else None} for m in d.masks]
+            data["masks"] = [dict(m, detectors=list(m["detectors"]), fields=list(m["fields"]))
+                             for m in _masks_data(d.masks)]
         if ctx.refused is not None:
             data["refused"] = ctx.refused.get("error")
             data["refusalMessage"] = redact_text(str(ctx.refused.get("message", "")))

@@ -112,7 +112,12 @@ def format_time(moment: datetime) -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2025-01-02T03:04:05.123456Z``."""
     if moment.tzinfo is None:
         raise ValueError("event times must be timezone-aware")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    if moment.year < 1000:  # strftime writes such years unpadded ("5-01-02T..."): as ever
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat of a UTC time ends in "+00:00"; half the cost of strftime (issue 16)
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def utc_now() -> datetime:

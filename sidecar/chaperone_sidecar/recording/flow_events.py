@@ -12,16 +12,18 @@ ever Mask's masked :class:`~chaperone_sidecar.flowctx.BodyCapture`).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 
 from ..flowctx import BodyCapture, RecordingSettings
 from ..policy.model import Identity
 from .events import encode_body
 
-__all__ = ["REDACTED", "redact_headers", "redact_url", "redact_text", "identity_of", "body_of"]
+__all__ = ["REDACTED", "redact_headers", "redact_url", "redact_text", "identity_of", "body_of", "pretty_url"]
 
 REDACTED = "[REDACTED]"
 _SENSITIVE = re.compile(
@@ -31,23 +33,66 @@ _SENSITIVE = re.compile(
 
 # ============================================================================ redaction
 
+@functools.lru_cache(maxsize=1024)
+def _sensitive_header(name: bytes, extra: str) -> bool:
+    """Whether a header's value is a credential (by its name; ``extra``: the connection's
+    injection header, lower case). Cached: a pod sends the same few header names again and
+    again (the regex search was ~1/3 of ``redact_headers``, issue 16); 1,024 names bound it."""
+    text = name.decode("utf-8", "surrogateescape")
+    return bool(_SENSITIVE.search(text)) or bool(extra and text.lower() == extra)
+
+
 def redact_headers(headers: http.Headers, extra: str = "", masker: Any = None) -> list[list[str]]:
     """Headers as ``[[name, value], ...]``: credential-like values redacted, the others
     masked (``Masker.mask_values``: values seen clean before are not scanned again, the rest
-    in one joined scan)."""
+    in one joined scan). Names and values are decoded as mitmproxy's ``items(multi=True)``
+    decodes them (UTF-8, surrogateescape), from the raw fields."""
     out: list[list[str]] = []
     kept: list[int] = []
-    for name, value in headers.items(multi=True):
-        if _SENSITIVE.search(name) or (extra and name.lower() == extra):
-            value = REDACTED
+    for name, value in headers.fields:
+        if _sensitive_header(name, extra):
+            out.append([name.decode("utf-8", "surrogateescape"), REDACTED])
         else:
             kept.append(len(out))
-        out.append([name, value])
+            out.append([name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")])
     if masker is None or not masker.active or not kept:
         return out
     for i, value in zip(kept, masker.mask_values([out[i][1] for i in kept]), strict=True):
         out[i][1] = value
     return out
+
+
+def pretty_url(req: http.Request) -> str:
+    """``req.pretty_url``, with the Host header's parse cached (mitmproxy parses it on every
+    access, with an IDNA check; a pod talks to a few hosts). Same value as the property
+    (``test_pretty_url_as_mitmproxy``)."""
+    if req.first_line_format == "authority":
+        return req.authority
+    header = req.host_header
+    if not header:
+        return req.url
+    host, port = _authority(header) if len(header) <= 255 else url.parse_authority(header, check=False)
+    return url.unparse(req.scheme, host, port or url.default_port(req.scheme) or 443, req.path)
+
+
+@functools.lru_cache(maxsize=256)
+def _authority(header: str) -> tuple[str, int | None]:
+    """mitmproxy's lenient authority parse, for headers up to 255 characters (256 bound it)."""
+    return url.parse_authority(header, check=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _identity_of(identity: Identity) -> dict[str, Any] | None:
+    sa_ns, _, sa_name = identity.service_account.rpartition("/")
+    out: dict[str, Any] = {
+        "namespace": identity.pod_namespace or sa_ns, "pod": identity.pod_name,
+        "podUID": identity.pod_uid, "serviceAccount": sa_name, "creator": identity.creator,
+        "onBehalfOf": identity.on_behalf_of,
+    }
+    if identity.on_behalf_of_groups:
+        out["onBehalfOfGroups"] = list(identity.on_behalf_of_groups)
+    out = {k: v for k, v in out.items() if v}
+    return out or None
 
 
 def redact_url(url: str, masker: Any = None) -> str:
@@ -74,17 +119,16 @@ def redact_text(text: str) -> str:
 
 
 def identity_of(identity: Identity) -> dict[str, Any] | None:
-    """The flow's identity in the recording's vocabulary (``recording.events.SessionIdentity``)."""
-    sa_ns, _, sa_name = identity.service_account.rpartition("/")
-    out: dict[str, Any] = {
-        "namespace": identity.pod_namespace or sa_ns, "pod": identity.pod_name,
-        "podUID": identity.pod_uid, "serviceAccount": sa_name, "creator": identity.creator,
-        "onBehalfOf": identity.on_behalf_of,
-    }
-    if identity.on_behalf_of_groups:
-        out["onBehalfOfGroups"] = list(identity.on_behalf_of_groups)
-    out = {k: v for k, v in out.items() if v}
-    return out or None
+    """The flow's identity in the recording's vocabulary (``recording.events.SessionIdentity``):
+    a fresh dict each call, built once per identity (frozen; a sidecar serves a few)."""
+    out = _identity_of(identity)
+    if out is None:
+        return None
+    groups = out.get("onBehalfOfGroups")
+    copy = dict(out)
+    if groups is not None:
+        copy["onBehalfOfGroups"] = list(groups)
+    return copy
 
 
 def body_of(capture: BodyCapture | None, raw_size: int, settings: RecordingSettings,

@@ -6,7 +6,8 @@ Runs last, so it sees each flow's final state. The tracer and meter come from th
 
 **Span** (kind SERVER, named after the classified action, e.g. ``s3:GetObject``; else the
 method), created when the flow ends with the flow's own start and end times - no span is kept
-open across hooks, so a held approval costs nothing. Attributes: identity
+open across hooks, so a held approval costs nothing; handed to the SDK's span processors by
+:class:`~chaperone_sidecar.flow_spans.FlowSpans` (the same span, without the SDK's ``Span``). Attributes: identity
 (``chaperone.identity.*``), ``chaperone.connection``, ``chaperone.action``,
 ``chaperone.decision``, ``chaperone.rule``, ``chaperone.refused``, ``chaperone.approval.name``
 and ``.approved_by``, ``chaperone.grant``, ``chaperone.masked``, ``chaperone.upstream.latency_ms``, on MCP
@@ -76,6 +77,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import flowctx
+from ..flow_spans import FlowSpans
 from ..genai_content import request_content, response_content
 from ..policy.masking.masker import Masker
 from ..policy.model import MaskSpec
@@ -209,6 +211,9 @@ class Telemetry:
         self.capture_content = os.environ.get(
             CAPTURE_CONTENT_ENV, "").strip().lower() in ("true", "1", "yes", "on")
         self.tracer = services.tracer or trace.get_tracer(TRACER_NAME)
+        # finished spans straight to the SDK's processors (flow_spans: what start_span + end
+        # would hand them, without the SDK's Span and its attribute validation)
+        self.spans = FlowSpans(self.tracer)
         meter = services.meter or metrics.get_meter(METER_NAME)
         # chaperone.requests is counted here and observed at collection (see _requests_observed):
         # a dict increment per flow instead of the SDK's measurement pipeline (~11 µs with the
@@ -420,13 +425,9 @@ class Telemetry:
                 attrs.update(self._genai_content(flow, ctx))
             name = f"chat {model}" if model else "chat"
         attrs = {k: v for k, v in attrs.items() if v is not None and v != ""}
-        span = self.tracer.start_span(name, kind=SpanKind.SERVER, attributes=attrs,
-                                      start_time=int(start * 1e9))
-        if flow.error is not None:
-            span.set_status(Status(StatusCode.ERROR, flow.error.msg))
-        elif resp is not None and resp.status_code >= 500:
-            span.set_status(Status(StatusCode.ERROR))
-        span.end(end_time=int(end * 1e9))
+        status = (Status(StatusCode.ERROR, flow.error.msg) if flow.error is not None else
+                  Status(StatusCode.ERROR) if resp is not None and resp.status_code >= 500 else None)
+        self.spans.emit(name, SpanKind.SERVER, attrs, int(start * 1e9), int(end * 1e9), status)
 
     @staticmethod
     def _genai_content(flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> dict[str, Any]:

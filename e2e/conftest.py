@@ -31,7 +31,6 @@ import os
 import shlex
 import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,11 +473,6 @@ def _claude_pod(ns: str) -> dict:
                                      "command": ["sleep", "infinity"]}]}}
 
 
-def _ready(port: int) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as resp:
-        return resp.status == 200
-
-
 @pytest.fixture(scope="session")
 def story(installation, moto_auth, tmp_path_factory):
     cp = installation.cp
@@ -519,46 +513,15 @@ def story(installation, moto_auth, tmp_path_factory):
         s.pod = json.loads(cp.kubectl("get", "pod", POD, "-n", s.ns, "-o", "json").stdout)
 
         # The operator follows injected pods: interception CA, trust bundle, sidecar RoleBinding.
-        def plumbing() -> bool:
-            ok = all(cp.api("GET", path)[0] == 200 for path in (
-                f"/api/v1/namespaces/{s.ns}/secrets/chaperone-ca",
-                f"/api/v1/namespaces/{s.ns}/configmaps/chaperone-ca-bundle"))
-            status, rb = cp.api("GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{s.ns}"
-                                       "/rolebindings/chaperone-sidecar")
-            return ok and status == 200 and any(
-                sub.get("name") == AGENT_SA for sub in rb.get("subjects") or [])
-        st.wait_for(plumbing, 60, "the operator's CA, trust bundle and sidecar RoleBinding",
-                    detail=installation.log)
-
-        meta = s.pod["metadata"]
-
-        def pod_token(audience: str | None, seconds: int) -> str:
-            # What the kubelet projects: a TokenRequest token of the pod's SA, bound to the pod.
-            args = ["create", "token", s.pod["spec"]["serviceAccountName"], "-n", s.ns,
-                    "--bound-object-kind", "Pod", "--bound-object-name", meta["name"],
-                    "--bound-object-uid", meta["uid"], "--duration", f"{seconds}s"]
-            if audience:
-                args += ["--audience", audience]
-            return cp.kubectl(*args).stdout.strip()
-
-        api_get = lambda path: cp.api("GET", path)  # noqa: E731
-        s.sidecar = st.materialize(s.pod, SIDECAR, workdir / "sidecar", api_get, pod_token)
-        s.agent = st.materialize(s.pod, AGENT_CONTAINER, workdir / AGENT_CONTAINER, api_get, pod_token)
-
-        host, port = cp.url.removeprefix("https://").rsplit(":", 1)
-        env = st.clean_env({
-            **s.sidecar.env,
-            # Set by the kubelet in every container.
-            "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
-            # The image's code: the sidecar package only (it never imports the operator).
-            "PYTHONPATH": str(REPO_ROOT / "sidecar"),
-        })
+        st.wait_for_pod_plumbing(cp, s.ns, AGENT_SA, detail=installation.log)
+        s.sidecar, s.agent = st.materialize_pod(cp, s.pod, workdir, SIDECAR, AGENT_CONTAINER)
+        env = st.sidecar_env(cp, s.sidecar)
         assert s.sidecar.argv[0] == "chaperone" and s.sidecar.argv[1] == "sidecar", s.sidecar.argv
         s.sidecar_process = ManagedProcess(SIDECAR, st.chaperone_argv(*s.sidecar.argv[1:]),
                                            workdir / "sidecar.log", env=env,
                                            cwd=s.sidecar.path("/tmp"))
         s.sidecar_process.start()
-        s.sidecar_process.wait_ready(lambda: _ready(installation.health_port), 90, "ready (/ready 200)")
+        s.sidecar_process.wait_ready(lambda: st.health_ready(installation.health_port), 90, "ready (/ready 200)")
         s.plugin_dir = _make_plugin_shim(workdir / "plugin-bin")
         yield s
     finally:

@@ -43,7 +43,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 __all__ = ["REPO_ROOT", "NotReady", "Container", "materialize", "materialize_mounts", "container_env",
            "find_container", "local_path", "remap", "field_value", "downward_api_text",
-           "chaperone_argv", "aws_argv", "run", "describe", "clean_env", "wait_for", "refusal_in"]
+           "chaperone_argv", "aws_argv", "run", "describe", "clean_env", "wait_for", "refusal_in",
+           "wait_for_pod_plumbing", "pod_token_for", "materialize_pod", "sidecar_env", "health_ready"]
 
 
 class NotReady(RuntimeError):
@@ -398,3 +399,58 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
     env.update(extra or {})
     return env
+
+
+# ============================================================================ an injected pod
+
+def wait_for_pod_plumbing(cp: Any, ns: str, agent_sa: str, detail: Callable[[], str] | None = None) -> None:
+    """Wait until the operator has followed an injected pod into ``ns``: the interception CA
+    Secret, the trust-bundle ConfigMap and the sidecar RoleBinding naming the pod's service
+    account (what the kubelet would wait for before starting the containers)."""
+    def plumbing() -> bool:
+        ok = all(cp.api("GET", path)[0] == 200 for path in (
+            f"/api/v1/namespaces/{ns}/secrets/chaperone-ca", f"/api/v1/namespaces/{ns}/configmaps/chaperone-ca-bundle"))
+        status, rb = cp.api("GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/chaperone-sidecar")
+        return ok and status == 200 and any(s.get("name") == agent_sa for s in rb.get("subjects") or [])
+    wait_for(plumbing, 60, "the operator's CA, trust bundle and sidecar RoleBinding", detail=detail)
+
+
+def pod_token_for(cp: Any, pod: Mapping[str, Any]) -> TokenFor:
+    """What the kubelet projects: a TokenRequest token of the pod's service account, bound to
+    the pod, for an audience (None: the apiserver's) and a lifetime in seconds."""
+    meta, sa = pod["metadata"], pod["spec"]["serviceAccountName"]
+
+    def token(audience: str | None, seconds: int) -> str:
+        args = ["create", "token", sa, "-n", meta["namespace"], "--bound-object-kind", "Pod",
+                "--bound-object-name", meta["name"], "--bound-object-uid", meta["uid"], "--duration", f"{seconds}s"]
+        return cp.kubectl(*(args + (["--audience", audience] if audience else []))).stdout.strip()
+    return token
+
+
+def materialize_pod(cp: Any, pod: Mapping[str, Any], root: Path, sidecar: str, agent: str) -> tuple[Container, Container]:
+    """The injected pod's sidecar and agent containers, materialised under ``root``."""
+    def api_get(path: str) -> tuple[int, Any]:
+        return cp.api("GET", path)
+    token = pod_token_for(cp, pod)
+    return (materialize(pod, sidecar, root / "sidecar", api_get, token),
+            materialize(pod, agent, root / agent, api_get, token))
+
+
+def sidecar_env(cp: Any, sidecar: Container) -> dict[str, str]:
+    """The sidecar container's environment as the kubelet starts it on the test bed: its own env,
+    the apiserver's address (set in every container) and the image's code (the sidecar package
+    only: it never imports the operator)."""
+    host, port = cp.url.removeprefix("https://").rsplit(":", 1)
+    return clean_env({**sidecar.env, "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
+                      "PYTHONPATH": str(REPO_ROOT / "sidecar")})
+
+
+def health_ready(port: int) -> bool:
+    """True once a sidecar's health endpoint on ``port`` answers ``/ready`` with 200."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -107,14 +106,6 @@ class GitStory:
         return self.sidecar.log_tail(40) if self.sidecar else ""
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def gitstory(installation, tmp_path_factory):
     cp = installation.cp
@@ -141,27 +132,11 @@ def gitstory(installation, tmp_path_factory):
     pod = json.loads(cp.kubectl("get", "pod", POD, "-n", ns, "-o", "json").stdout)
     assert json.loads(pod["metadata"]["annotations"]["chaperone.dev/status"])["connections"] == ["git-server"]
 
-    def plumbing() -> bool:
-        ok = all(cp.api("GET", path)[0] == 200 for path in (
-            f"/api/v1/namespaces/{ns}/secrets/chaperone-ca", f"/api/v1/namespaces/{ns}/configmaps/chaperone-ca-bundle"))
-        status, rb = cp.api("GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/chaperone-sidecar")
-        return ok and status == 200 and any(s.get("name") == AGENT_SA for s in rb.get("subjects") or [])
-    st.wait_for(plumbing, 60, "the operator's CA, trust bundle and sidecar RoleBinding", detail=installation.log)
-    assert not _ready(installation.health_port), "another sidecar still holds the chart's ports"
+    st.wait_for_pod_plumbing(cp, ns, AGENT_SA, detail=installation.log)
+    assert not st.health_ready(installation.health_port), "another sidecar still holds the chart's ports"
 
-    meta = pod["metadata"]
-
-    def pod_token(audience: str | None, seconds: int) -> str:
-        args = ["create", "token", AGENT_SA, "-n", ns, "--bound-object-kind", "Pod", "--bound-object-name",
-                meta["name"], "--bound-object-uid", meta["uid"], "--duration", f"{seconds}s"]
-        return cp.kubectl(*(args + (["--audience", audience] if audience else []))).stdout.strip()
-
-    api_get = lambda path: cp.api("GET", path)  # noqa: E731
-    sidecar = st.materialize(pod, SIDECAR, workdir / "sidecar", api_get, pod_token)
-    agent = st.materialize(pod, AGENT, workdir / AGENT, api_get, pod_token)
-    host, port = cp.url.removeprefix("https://").rsplit(":", 1)
-    env = st.clean_env({**sidecar.env, "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
-                        "PYTHONPATH": str(REPO_ROOT / "sidecar")})
+    sidecar, agent = st.materialize_pod(cp, pod, workdir, SIDECAR, AGENT)
+    env = st.sidecar_env(cp, sidecar)
     process = ManagedProcess(SIDECAR, st.chaperone_argv(*sidecar.argv[1:]), workdir / "sidecar.log", env=env,
                              cwd=sidecar.path("/tmp"))
     # The agent: git with the agent container's env only (proxy, GIT_SSL_CAINFO, NO_PROXY).
@@ -172,7 +147,7 @@ def gitstory(installation, tmp_path_factory):
     story.sidecar = process
     process.start()
     try:
-        process.wait_ready(lambda: _ready(installation.health_port), 90, "ready (/ready 200)")
+        process.wait_ready(lambda: st.health_ready(installation.health_port), 90, "ready (/ready 200)")
         yield story
     finally:
         process.stop(timeout=60)

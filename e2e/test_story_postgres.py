@@ -131,43 +131,17 @@ def pg(installation, postgres_server, tmp_path_factory):
     cp.kubectl("create", "-f", "-", input=json.dumps(pod), user="developer")
     mutated = json.loads(cp.kubectl("get", "pod", "claude-db", "-n", ns, "-o", "json").stdout)
 
-    def plumbing() -> bool:
-        return all(cp.api("GET", path)[0] == 200 for path in (
-            f"/api/v1/namespaces/{ns}/secrets/chaperone-ca",
-            f"/api/v1/namespaces/{ns}/configmaps/chaperone-ca-bundle",
-            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/chaperone-sidecar"))
-    st.wait_for(plumbing, 60, "the operator's CA, trust bundle and sidecar RoleBinding",
-                detail=installation.log)
-    meta = mutated["metadata"]
-
-    def pod_token(audience: str | None, seconds: int) -> str:
-        args = ["create", "token", "claude-agent", "-n", ns, "--bound-object-kind", "Pod",
-                "--bound-object-name", meta["name"], "--bound-object-uid", meta["uid"],
-                "--duration", f"{seconds}s"]
-        if audience:
-            args += ["--audience", audience]
-        return cp.kubectl(*args).stdout.strip()
-
-    api_get = lambda path: cp.api("GET", path)  # noqa: E731
-    s.sidecar = st.materialize(mutated, SIDECAR, workdir / "sidecar", api_get, pod_token)
-    s.agent = st.materialize(mutated, AGENT, workdir / AGENT, api_get, pod_token)
+    st.wait_for_pod_plumbing(cp, ns, "claude-agent", detail=installation.log)
+    s.sidecar, s.agent = st.materialize_pod(cp, mutated, workdir, SIDECAR, AGENT)
     argv = list(s.sidecar.argv)
     health = free_port()
     for flag, value in (("--port", free_port()), ("--health-port", health)):
         argv[argv.index(flag) + 1] = str(value)
-    host, port = cp.url.removeprefix("https://").rsplit(":", 1)
-    env = st.clean_env({**s.sidecar.env, "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
-                        "PYTHONPATH": str(st.REPO_ROOT / "sidecar")})
+    env = st.sidecar_env(cp, s.sidecar)
     s.process = ManagedProcess(SIDECAR, st.chaperone_argv(*argv[1:]), workdir / "sidecar.log", env=env,
                                cwd=s.sidecar.path("/tmp"))
     s.process.start()
-
-    def ready() -> bool:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=1) as resp:
-            return resp.status == 200
-    s.process.wait_ready(ready, 90, "ready (/ready 200)")
+    s.process.wait_ready(lambda: st.health_ready(health), 90, "ready (/ready 200)")
     try:
         yield s
     finally:

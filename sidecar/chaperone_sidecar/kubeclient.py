@@ -2,11 +2,12 @@
 
 Every part of the sidecar that talks to the apiserver (the connection and policy feeders in
 :mod:`.sources`, the ApprovalRequest backend in :mod:`.approvals.kube`, and through it the grant
-proofs of :mod:`.approvals.proof`) goes through one :class:`KubeClient` per process: one aiohttp
-session, one :class:`TokenFile`, one error type (:class:`KubeError`), one watch parser
+proofs of :mod:`.approvals.proof`) goes through one :class:`KubeClient` per process: one
+:class:`~.http11.Client` (the sidecar's own HTTP/1.1 client: a keep-alive pool, TLS with the
+cluster CA), one :class:`TokenFile`, one error type (:class:`KubeError`), one watch parser
 (:class:`ListWatch`).
 
-**Why our own module on aiohttp and not a library** - measured with ``python -m
+**Why our own module and not a library** - measured with ``python -m
 bench.kubeclient_cost --with DIR`` (Python 3.11; import cost in a process that already loaded
 asyncio, ssl, aiohttp, aiohttp.web and PyYAML as the sidecar has, median of 3; round trips as a
 ServiceAccount against the test bed's kube-apiserver 1.33 on loopback, median of 30)::
@@ -20,7 +21,8 @@ ServiceAccount against the test bed's kube-apiserver 1.33 on loopback, median of
 The sidecar is a lean per-pod process (idle RSS ~80 MB against a target of 80 MB, see
 docs/benchmarks.md): lightkube would add 15 % to it, kubernetes_asyncio 46 %, for four verbs on
 three paths, and neither is faster on the wire (the round trip is the apiserver's). So: this
-module, on the aiohttp the sidecar already loads. (The operator, one process per cluster, keeps
+module - first on aiohttp, since issue 16 (session 5) on :mod:`.http11`, which takes aiohttp's
+~12 MB out of the sidecar (h11 is mitmproxy's own). (The operator, one process per cluster, keeps
 the official client for its few calls, made off the loop; it imports this package's names from
 :mod:`.api`.)
 
@@ -35,8 +37,9 @@ What it does:
   ``transient_retries`` times, waiting what ``Retry-After`` asks (capped at ``max_retry_after``),
   else ``retry_delay`` doubling. Anything else non-2xx, and any transport failure, raises
   :class:`KubeError` (``status`` 0 when there was no answer).
-* :meth:`KubeClient.watch` - the events of one watch call, split on newlines by hand (an event
-  can exceed aiohttp's readline limit: large ApprovalRequests), ended when the server ends it.
+* :meth:`KubeClient.watch` - the events of one watch call, split on newlines as the chunks
+  arrive (an event may span chunks; at most 32 MiB), ended when the server ends it; a stream
+  cut short (no last chunk) is an error, not an end.
 * :class:`ListWatch` - the informer loop: **list** (paginated), then **watch** from the list's
   ``resourceVersion`` with bookmarks; a watch that ends or drops resumes from the last version
   seen (bookmarks included); ``410 Gone`` - as a status or as an ``ERROR`` event - re-lists;
@@ -59,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+from .http11 import Client, HTTPError
 
 __all__ = ["KubeClient", "KubeError", "TokenFile", "ListWatch", "WatchEvent", "retry_after",
            "RETRY_STATUS"]
@@ -142,10 +145,10 @@ class TokenFile:
 
 
 class KubeClient:
-    """A minimal async Kubernetes API client on aiohttp (JSON requests and watches).
+    """A minimal async Kubernetes API client (JSON requests and watches) on :mod:`.http11`.
 
-    Open and use it on one event loop (aiohttp sessions are per loop); :meth:`aclose` closes the
-    session, and the next call opens a new one.
+    Use it on one event loop (connections belong to their loop); :meth:`aclose` closes the
+    connections, and the next call opens new ones.
     """
 
     def __init__(self, server: str, token_file: str | Path | None, ca_file: str | Path | None = None, *,
@@ -160,14 +163,16 @@ class KubeClient:
         self.retry_delay = retry_delay
         self.max_retry_after = max_retry_after
         self.transient_retried = 0  # calls repeated after a 429/503 (telemetry, tests)
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+    def _http(self) -> Client:
+        if self._client is None:
             context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-            # limit=0: every held flow's watch is a long-lived connection of its own.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=0))
-        return self._session
+            # No limit on connections: every held flow's watch is a long-lived one of its own;
+            # a few idle ones are kept for the requests.
+            self._client = Client(ssl_context=context, connect_timeout=self.request_timeout,
+                                  read_timeout=None, max_idle=4)
+        return self._client
 
     async def _headers(self, force: bool = False) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "chaperone-sidecar"}
@@ -197,14 +202,12 @@ class KubeClient:
             if data is not None:
                 headers["Content-Type"] = content_type
             try:
-                async with self._get_session().request(
-                        method, self.server + path, params=params, data=data, headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=self.request_timeout)) as resp:
-                    status, reason = resp.status, resp.reason
-                    wait = retry_after(resp.headers.get("Retry-After"))
-                    raw = await resp.read()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                resp = await self._http().request(method, self.server + path, params=params, body=data,
+                                                  headers=headers, timeout=self.request_timeout)
+            except HTTPError as exc:
                 raise KubeError(0, f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
+            status, reason, raw = resp.status, resp.reason, resp.body
+            wait = retry_after(resp.headers.get("Retry-After"))
             try:
                 decoded = json.loads(raw) if raw else None
             except ValueError:
@@ -233,16 +236,14 @@ class KubeClient:
         headers = await self._headers()
         # No total timeout: the server ends the watch (timeoutSeconds); a silent connection is
         # dropped 30 s after the server should have ended it.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout,
-                                        sock_read=timeout_seconds + 30)
         query = {**params, "watch": "1", "timeoutSeconds": str(timeout_seconds)}
         try:
-            async with self._get_session().get(self.server + path, params=query, headers=headers,
-                                               timeout=timeout) as resp:
+            async with self._http().stream("GET", self.server + path, params=query, headers=headers,
+                                           read_timeout=timeout_seconds + 30) as resp:
                 if resp.status != 200:
                     if resp.status == 401:
                         await self.token.get(force=True)
-                    raw = await resp.read()
+                    raw = await resp.read(_MAX_LINE)
                     try:
                         decoded = json.loads(raw) if raw else None
                     except ValueError:
@@ -250,7 +251,7 @@ class KubeClient:
                     raise KubeError(resp.status, _message(decoded) if decoded else (resp.reason or ""),
                                     decoded, retry_after(resp.headers.get("Retry-After")))
                 buffer = bytearray()
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp.chunks():
                     buffer += chunk
                     while (end := buffer.find(b"\n")) >= 0:
                         line = bytes(buffer[:end]).strip()
@@ -261,13 +262,13 @@ class KubeClient:
                         raise KubeError(0, "watch event larger than 32 MiB")
                 if buffer.strip():
                     yield _event(bytes(buffer))
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except HTTPError as exc:
             raise KubeError(0, f"watch {path}: {exc.__class__.__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
 
 
 def _event(line: bytes) -> dict[str, Any]:

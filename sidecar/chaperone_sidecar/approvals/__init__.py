@@ -8,14 +8,15 @@ The approval addon calls one façade (``service.ApprovalService``)::
     # outcome.state: approved | denied | expired | pending (pending: answer 403 with the name)
 
 Modules: ``digest`` (canonical request digest, action key, request names), ``kube``
-(ApprovalRequests through the apiserver with aiohttp + watch), ``local`` (standalone mode:
-one JSON file per request), ``grants`` (grant cache + decision fan-out, Redis or memory),
-``proof`` (a cached grant is honoured only when the ApprovalRequest it names proves it),
-``ratelimit`` (policy rate limits, Redis or memory), ``objects`` (ApprovalRequest objects built
-and read, pure), ``service`` (the façade).
+(ApprovalRequests through the apiserver with the sidecar's KubeClient + watch), ``local``
+(standalone mode: one JSON file per request), ``grants`` (grant cache + decision fan-out,
+Redis or memory), ``proof`` (a cached grant is honoured only when the ApprovalRequest it names
+proves it), ``ratelimit`` (policy rate limits, Redis or memory), ``objects`` (ApprovalRequest
+objects built and read, pure), ``service`` (the façade).
 
 The errors live here; everything else is imported from its module (the package re-exports
-nothing), so the standalone proxy imports neither aiohttp nor redis unless it uses them.
+nothing), so the standalone proxy imports neither the Kubernetes client nor redis unless it
+uses them.
 """
 
 from __future__ import annotations

@@ -162,3 +162,70 @@ def test_the_api_names_are_the_crds():
         spec = crds[plural]
         assert spec["group"] == api.GROUP and spec["names"]["kind"] == kind
         assert api.VERSION in [v["name"] for v in spec["versions"] if v.get("served")]
+
+
+class _RawAPIServer:
+    """A loopback server answering every watch with ``body`` in chunks of ``size`` bytes
+    (chunked coding), then the last chunk only if ``complete``; every other GET with a list."""
+
+    def __init__(self, body: bytes, size: int, complete: bool = True) -> None:
+        self.body, self.size, self.complete = body, size, complete
+        self.connections = 0
+
+    async def _serve(self, reader, writer):
+        self.connections += 1
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                if b"watch=1" not in head.split(b"\r\n", 1)[0]:
+                    data = json.dumps({"kind": "List", "metadata": {"resourceVersion": "1"}, "items": []}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                    continue
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for i in range(0, len(self.body), self.size):
+                    part = self.body[i:i + self.size]
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    await writer.drain()
+                if not self.complete:
+                    writer.close()
+                    return
+                writer.write(b"0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+
+def test_watch_events_across_chunks_and_a_stream_cut_short():
+    """Events split over many chunks, one larger than any read, are parsed whole; a watch whose
+    stream ends without its last chunk is an error (KubeError 0: ListWatch resumes), never a
+    quiet end; requests share one kept-alive connection."""
+    big = {"type": "ADDED", "object": {"metadata": {"name": "big", "resourceVersion": "7"},
+                                       "data": "x" * (1 << 20)}}
+    small = {"type": "MODIFIED", "object": {"metadata": {"name": "a", "resourceVersion": "8"}}}
+    body = (json.dumps(big) + "\n" + json.dumps(small) + "\n").encode()
+
+    async def watch(server: _RawAPIServer):
+        async with server as url:
+            client = KubeClient(url, None)
+            try:
+                await client.request("GET", "/api/v1/namespaces")
+                events = [e async for e in client.watch("/api/v1/namespaces", {}, timeout_seconds=5)]
+                await client.request("GET", "/api/v1/namespaces")
+                return events, server.connections
+            finally:
+                await client.aclose()
+
+    events, connections = asyncio.run(watch(_RawAPIServer(body, 1000)))
+    assert [e["type"] for e in events] == ["ADDED", "MODIFIED"]
+    assert len(events[0]["object"]["data"]) == 1 << 20
+    assert connections == 1
+
+    with pytest.raises(KubeError) as err:
+        asyncio.run(watch(_RawAPIServer(body[:5000], 1000, complete=False)))
+    assert err.value.status == 0 and err.value.transient

@@ -88,6 +88,7 @@ def test_idle_full_profile_loads_no_protocol_library_it_has_no_connection_for(be
     assert not any(m.startswith(("botocore.", "pglast.")) for m in modules)
     assert "chaperone_sidecar.postgres.engine" not in modules
     assert "chaperone_sidecar.credentials.aws_sigv4" not in modules
+    assert _loaded(modules, ("requests", "google.protobuf")) == []  # OTLP export: otlp_http, otlp_wire
 
 
 def test_a_postgres_and_an_aws_connection_load_their_engines(bench_env, tmp_path):

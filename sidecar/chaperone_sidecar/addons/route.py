@@ -108,6 +108,7 @@ from .streaming import body_leaves_early, stream_large
 __all__ = ["Route"]
 
 log = logging.getLogger("chaperone.route")
+_OVERRIDE_NAMES = frozenset(name.encode() for name in OVERRIDE_HEADERS)  # lower case, as fields compare
 
 _MISMATCH = "the request is addressed to"
 
@@ -186,8 +187,10 @@ class Route:
             return problem
         honor = isinstance(spec, Mapping) and spec.get("methodOverride") == "honor"
         if not honor:
-            for name in OVERRIDE_HEADERS:
-                req.headers.pop(name, None)
+            # pop() of a missing header costs a scan of every field and a KeyError: look once
+            if any(name.lower() in _OVERRIDE_NAMES for name, _ in req.headers.fields):
+                for name in OVERRIDE_HEADERS:
+                    req.headers.pop(name, None)
             if query:
                 query = _without_params(query, OVERRIDE_PARAMS)
                 sep = "?" if query else ""

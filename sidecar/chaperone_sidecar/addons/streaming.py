@@ -50,11 +50,20 @@ def body_leaves_early(flow: http.HTTPFlow) -> bool:
     req = flow.request
     if req.stream:
         return True
-    if "content-length" in req.headers:
-        return False
+    # One pass over the raw fields (seven addons ask this per flow): ``name in headers`` and
+    # ``headers.get`` each scan and lower-case every field and raise KeyError when the header
+    # is missing - for a GET both lookups missed (issue 16). Names match as mitmproxy's do
+    # (ASCII lower case); values are decoded and folded as ``headers.get`` gives them.
+    chunked = False
+    for name, value in req.headers.fields:
+        name = name.lower()
+        if name == b"content-length":
+            return False
+        if name == b"transfer-encoding" and not chunked:
+            chunked = "chunked" in value.decode("utf-8", "surrogateescape").lower()
     if req.is_http2 or req.is_http3:
         return True
-    return "chunked" in req.headers.get("transfer-encoding", "").lower()
+    return chunked
 
 
 def stream_large(flow: http.HTTPFlow, size: int | None) -> None:

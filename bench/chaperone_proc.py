@@ -27,7 +27,8 @@ proxy`` does (:func:`chaperone_sidecar.lean_imports.install`, then the chosen lo
 ``{"rss": VmRSS bytes, "modules": sorted(sys.modules)}`` to FILE - what an idle sidecar has
 loaded, for the idle-RSS analysis in docs/benchmarks.md and for
 ``tests/sidecar/integration/test_idle_modules.py`` (which heavy libraries stay out until a
-connection of their type exists).
+connection of their type exists). Under ``PYTHONTRACEMALLOC=1`` the report also holds
+``traced``: the bytes Python allocated, by package (``bench/idle_rss.py --tracemalloc``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import asyncio
 import json
 import os
 import sys
+import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,9 +114,31 @@ async def _report_modules(runtime, out: Path) -> None:
     await asyncio.sleep(1.0)
     rss = next((int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("VmRSS:")), 0)
+    report: dict = {"rss": rss, "modules": sorted(sys.modules), "order": list(sys.modules)}
+    if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=1 (bench/idle_rss.py --tracemalloc)
+        report["traced"] = _traced_by_package()
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rss": rss, "modules": sorted(sys.modules)}))
+    tmp.write_text(json.dumps(report))
     tmp.replace(out)
+
+
+def _traced_by_package() -> dict[str, int]:
+    """Bytes Python allocated and still holds, by where: the top-level package of a third-party
+    file, the module path of a chaperone_sidecar file, ``stdlib:<module>`` for the standard
+    library."""
+    out: dict[str, int] = {}
+    for stat in tracemalloc.take_snapshot().statistics("filename"):
+        name = stat.traceback[0].filename
+        if "site-packages/" in name:
+            key = name.split("site-packages/", 1)[1].split("/", 1)[0]
+        elif "/chaperone_sidecar/" in name:
+            key = "chaperone_sidecar/" + name.split("/chaperone_sidecar/", 1)[1]
+        elif "/lib/python3" in name:
+            key = "stdlib:" + name.split("/lib/python3", 1)[1].split("/", 2)[1]
+        else:
+            key = name
+        out[key] = out.get(key, 0) + stat.size
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

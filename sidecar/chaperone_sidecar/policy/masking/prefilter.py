@@ -38,6 +38,8 @@ from typing import cast
 
 import hyperscan
 
+from .hs_compile import compile_database
+
 
 @dataclass(frozen=True, slots=True)
 class Trigger:
@@ -89,11 +91,10 @@ class Prefilter:
     def __init__(self, triggers: Iterable[Trigger]) -> None:
         self.triggers: tuple[Trigger, ...] = tuple(dict.fromkeys(triggers))
         self.trigger_set = frozenset(self.triggers)
-        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
         flags = [(hyperscan.HS_FLAG_CASELESS if t.caseless else 0)
                  | (hyperscan.HS_FLAG_SINGLEMATCH if t.first else 0) for t in self.triggers]
-        self._db.compile(expressions=[t.pattern for t in self.triggers],
-                         ids=list(range(len(self.triggers))), elements=len(self.triggers), flags=flags)
+        # compiled in a child process, loaded serialized: the compiler's pages stay out (hs_compile)
+        self._db = compile_database([t.pattern for t in self.triggers], flags)
         self._local = threading.local()
         _release_freed_heap()
 

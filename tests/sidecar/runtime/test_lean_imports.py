@@ -47,3 +47,59 @@ def test_install_is_a_no_op_once_the_full_package_is_imported():
     assert hasattr(mitmproxy.addons, "default_addons")
     assert lean_imports.install() is False
     assert hasattr(sys.modules["mitmproxy.addons"], "default_addons")
+
+
+DEFERRED = r"""
+import sys
+from chaperone_sidecar import lean_imports
+lean_imports.install()
+from chaperone_sidecar import proxy, services, addons  # everything the sidecar imports
+from mitmproxy import master, options, optmanager
+from mitmproxy.proxy.layers import http  # imports aioquic.tls, which imports service_identity
+import aioquic.tls
+opts = options.Options()
+loaded = [n for n in ("ruamel.yaml.main", "service_identity.cryptography", "pyasn1") if n in sys.modules]
+assert loaded == [] and all(lean_imports.is_deferred(n) for n in lean_imports.DEFERRED), loaded
+import ruamel.yaml, service_identity  # an import statement does not run them either
+assert all(lean_imports.is_deferred(n) for n in lean_imports.DEFERRED)
+# used, they load and work: mitmproxy's option file round trip, aioquic's certificate check
+import tempfile, os
+opts.update(listen_port=9999)
+with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "config.yaml")
+    optmanager.save(opts, path)
+    fresh = options.Options()
+    optmanager.load_paths(fresh, path)
+    assert fresh.listen_port == 9999
+import datetime
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example.com")])
+now = datetime.datetime.now(datetime.timezone.utc)
+cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("example.com")]), critical=False)
+        .sign(key, hashes.SHA256()))
+aioquic.tls.service_identity.cryptography.verify_certificate_hostname(cert, "example.com")
+try:
+    aioquic.tls.service_identity.cryptography.verify_certificate_hostname(cert, "other.com")
+    raise SystemExit("a wrong host name passed")
+except service_identity.VerificationError:
+    pass
+assert not any(lean_imports.is_deferred(n) for n in lean_imports.DEFERRED)
+assert "ruamel.yaml.main" in sys.modules and "pyasn1" in sys.modules
+print("OK")
+"""
+
+
+def test_ruamel_and_service_identity_load_only_when_used_and_then_work():
+    """Issue 16 (idle RSS): mitmproxy's option-file YAML and aioquic's certificate-name check
+    stay unloaded in a sidecar (~5 MB with pyasn1); used, they load and work as always."""
+    env_path = ":".join(str(REPO / p) for p in ("sidecar", "operator", "testbed"))
+    out = subprocess.run([sys.executable, "-c", DEFERRED], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "OK"

@@ -36,6 +36,17 @@ apiserver enforces. Nor are: unique keys of ``x-kubernetes-list-type: map`` list
 reports duplicate rule names itself), formats (``date-time``, ``int64``), and ObjectMeta beyond
 ``metadata.name``/``namespace`` being strings.
 
+jsonschema is imported only for an object that does not conform (issue 16, idle RSS: with
+referencing, rpds, attrs and idna it was 2.2 MB of an idle sidecar's RSS, measured as the
+marginal import in the sidecar's import order; docs/benchmarks.md "Idle RSS, session 5"). The
+usual object, which conforms, is recognised by :func:`_conforms`, a walk over the translated
+schema that answers "valid" only where it implements the keyword exactly as jsonschema does
+(the ones the CRDs use: types, properties, required, enum of strings, lengths, item and
+property counts, bounds, patterns) and "not known valid" for anything else; that answer sends
+the object to jsonschema, which words the errors as before (or finds none).
+``tests/sidecar/policy/test_schema.py`` checks the walk against jsonschema on the example
+policies and on mutated ones.
+
 A value that fails a check is left out of the result (an object key is dropped, a list item
 becomes ``None``), so the compiler's semantic checks only see well-formed values and never
 report a second error for the same problem.
@@ -49,16 +60,18 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from jsonschema import Draft202012Validator, ValidationError, validators
+
+if TYPE_CHECKING:
+    from jsonschema import ValidationError
 
 from ..api import GROUP, VERSION
 from .errors import PolicyError
 from .globs import quote as _q
 
-__all__ = ["Crd", "JSONSchemaValidator", "crd", "type_name", "validate_object"]
+__all__ = ["Crd", "json_schema_validator", "crd", "type_name", "validate_object"]
 
 # libyaml's loader when PyYAML was built with it: a tenth of the pure-Python loader's time.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -128,6 +141,8 @@ def _translate(node: dict, where: str, structural: bool = True) -> dict:
 
 
 def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    from jsonschema import ValidationError
+
     if validator.is_type(instance, "string") and not _regex(pattern).search(instance):
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
@@ -141,15 +156,77 @@ def _regex(source: str) -> re.Pattern[str]:
     return re.compile(source)
 
 
-# Draft 2020-12 with the apiserver's integers and patterns (see the module docstring).
-JSONSchemaValidator = validators.extend(
-    Draft202012Validator,
-    validators={"pattern": _ecma_pattern},
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many({
-        "integer": lambda _, value: isinstance(value, int) and not isinstance(value, bool),
-        "array": lambda _, value: isinstance(value, (list, tuple)),
-    }),
-)
+@functools.cache
+def json_schema_validator() -> Any:
+    """The jsonschema validator class: Draft 2020-12 with the apiserver's integers and patterns
+    (see the module docstring). Imported on first use: only objects that do not conform need it."""
+    from jsonschema import Draft202012Validator, validators
+
+    return validators.extend(
+        Draft202012Validator,
+        validators={"pattern": _ecma_pattern},
+        type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many({
+            "integer": lambda _, value: isinstance(value, int) and not isinstance(value, bool),
+            "array": lambda _, value: isinstance(value, (list, tuple)),
+        }),
+    )
+
+
+# ---------------------------------------------------------------------------- the walk
+
+_TYPES: dict[str, Any] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, (list, tuple)),
+    "null": lambda v: v is None,
+}
+# Keywords the walk implements (and "default", which constrains nothing).
+_WALKED = frozenset({"type", "properties", "additionalProperties", "required", "items", "enum", "maxLength",
+                     "minLength", "pattern", "minimum", "maximum", "maxItems", "minItems", "maxProperties",
+                     "minProperties", "default"})
+
+
+def _conforms(value: Any, schema: Any) -> bool:
+    """True only if jsonschema (:func:`json_schema_validator`) reports no error for ``value``;
+    False also where the walk does not know (a keyword it does not implement, an enum of
+    non-strings, a number of a type JSON does not have): jsonschema then decides."""
+    if schema is True:
+        return True
+    if not isinstance(schema, dict) or not _WALKED.issuperset(schema):
+        return False
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not any(k in _TYPES and _TYPES[k](value) for k in kinds):
+            return False
+    if isinstance(value, str):
+        if "enum" in schema and not (all(isinstance(e, str) for e in schema["enum"]) and value in schema["enum"]):
+            return False
+        if len(value) > schema.get("maxLength", len(value)) or len(value) < schema.get("minLength", 0):
+            return False
+        return "pattern" not in schema or _regex(schema["pattern"]).search(value) is not None
+    if "enum" in schema:
+        return False  # an enum of this value's type: left to jsonschema (its equality: 1 == 1.0 != True)
+    if isinstance(value, dict):
+        props, extra = schema.get("properties") or {}, schema.get("additionalProperties", True)
+        if not all(key in value for key in schema.get("required", ())):
+            return False
+        if not schema.get("minProperties", 0) <= len(value) <= schema.get("maxProperties", len(value)):
+            return False
+        return all(_conforms(item, props[key] if key in props else extra) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+            return False
+        items = schema.get("items", True)
+        return all(_conforms(item, items) for item in value)
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, (int, float)):
+        return schema.get("minimum", value) <= value <= schema.get("maximum", value)
+    return False  # not a JSON value (a YAML timestamp...): jsonschema words it
 
 
 @dataclass(frozen=True)
@@ -159,7 +236,6 @@ class Crd:
     kind: str
     api_version: str
     schema: dict
-    validator: Any  # a jsonschema validator for ``schema``, built once
 
     @classmethod
     def from_definition(cls, definition: dict, version: str = VERSION) -> Crd:
@@ -169,7 +245,12 @@ class Crd:
         schema = _translate(served["schema"]["openAPIV3Schema"], "")
         if "status" in schema.get("properties", {}):
             schema["properties"]["status"] = {"type": "object"}
-        return cls(spec["names"]["kind"], f"{spec['group']}/{version}", schema, JSONSchemaValidator(schema))
+        return cls(spec["names"]["kind"], f"{spec['group']}/{version}", schema)
+
+    @functools.cached_property
+    def validator(self) -> Any:
+        """A jsonschema validator for ``schema``, built on first use (once)."""
+        return json_schema_validator()(self.schema)
 
 
 @functools.cache
@@ -353,7 +434,7 @@ def validate_object(obj: Any, kind: Crd) -> tuple[dict | None, list[PolicyError]
     errors: list[PolicyError] = []
     drops: list[list] = []
     worst: dict[tuple, ValidationError] = {}  # per value: the most telling of its errors
-    for error in kind.validator.iter_errors(value):
+    for error in () if _conforms(value, kind.schema) else kind.validator.iter_errors(value):
         where = list(error.absolute_path)
         if error.validator in _VALUE_KEYWORDS:
             at = tuple(where)

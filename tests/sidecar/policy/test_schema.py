@@ -21,7 +21,7 @@ from chaperone_sidecar.api import ACCESS_POLICIES, CLAUDE_CONNECTIONS
 from chaperone_sidecar.policy import schema as schema_module
 from chaperone_sidecar.policy.compiler import PolicyErrors, compile_policy
 from chaperone_sidecar.policy.errors import PolicyError
-from chaperone_sidecar.policy.schema import Crd, JSONSchemaValidator, crd, validate_object
+from chaperone_sidecar.policy.schema import Crd, _conforms, crd, json_schema_validator, validate_object
 
 REPO = Path(__file__).resolve().parents[3]
 POLICY_CRD = REPO / "crds" / "accesspolicies.chaperone.dev.yaml"
@@ -43,7 +43,7 @@ def test_every_crd_translates_to_a_valid_json_schema(path):
     """Every keyword of every CRD has a translation (an unknown one raises) and the result is a
     valid Draft 2020-12 schema."""
     kind = Crd.from_definition(yaml.safe_load(path.read_text()))
-    JSONSchemaValidator.check_schema(kind.schema)
+    json_schema_validator().check_schema(kind.schema)
     assert kind.api_version == "chaperone.dev/v1alpha1"
 
 
@@ -226,12 +226,14 @@ def test_schema_errors_reach_the_compiler_with_their_paths():
 
 @pytest.mark.parametrize("module", ["schema", "compiler", "errors"])
 def test_no_function_level_imports(module):
-    """No import cycle dodged by a lazy import: schema and compiler share errors.py instead."""
+    """No import cycle dodged by a lazy import: schema and compiler share errors.py instead.
+    (jsonschema, a third-party library, is imported where an object needs it: issue 16.)"""
     path = Path(schema_module.__file__).with_name(f"{module}.py")
     tree = ast.parse(path.read_text())
     functions = [fn for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))]
     lazy = [f"{path.name}:{node.lineno}" for fn in functions
-            for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))]
+            for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))
+            and not (isinstance(node, ast.ImportFrom) and node.module == "jsonschema" and not node.level)]
     assert lazy == []
 
 
@@ -239,3 +241,101 @@ def test_schema_does_not_import_the_compiler():
     imported = {node.module for node in ast.walk(ast.parse(Path(schema_module.__file__).read_text()))
                 if isinstance(node, ast.ImportFrom)}
     assert ".compiler" not in {f".{m}" for m in imported if m} and "compiler" not in imported
+
+
+# ---------------------------------------------------------------------------- jsonschema only when needed
+
+def _examples() -> list[dict]:
+    docs = [d for path in sorted((REPO / "examples").rglob("*.yaml"))
+            for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    return [d for d in docs if d.get("apiVersion") == "chaperone.dev/v1alpha1"
+            and d.get("kind") in ("AccessPolicy", "ClaudeConnection")]
+
+
+def _mutations(value, rng, depth=0):
+    """Copies of ``value`` with one thing changed: a value of another type or size, a key
+    added or removed, an item added."""
+    odd = [None, True, 0, -1, 2.5, 10**12, "", "x" * 300, "UPPER case", "ok", [], ["a"], {}, {"k": "v"}]
+    if isinstance(value, dict) and value:
+        for key in value:
+            yield {k: v for k, v in value.items() if k != key}
+            for other in rng.sample(odd, 4):
+                yield {**value, key: other}
+            if depth < 6:
+                for changed in _mutations(value[key], rng, depth + 1):
+                    yield {**value, key: changed}
+        yield {**value, "unknownField": 1}
+    elif isinstance(value, list) and value:
+        yield value + [value[0]]
+        yield value + rng.sample(odd, 1)
+        if depth < 6:
+            for i in range(min(len(value), 3)):
+                for changed in _mutations(value[i], rng, depth + 1):
+                    yield value[:i] + [changed] + value[i + 1:]
+
+
+@pytest.mark.parametrize("plural", [ACCESS_POLICIES, CLAUDE_CONNECTIONS])
+def test_the_walk_agrees_with_jsonschema(plural):
+    """``_conforms`` says "valid" exactly when jsonschema finds no error, on the example objects
+    (valid: so the common case never needs jsonschema) and on thousands of mutations of them."""
+    import random
+
+    kind = crd(plural)
+    objs = [o for o in _examples() if o["kind"] == kind.kind]
+    assert objs
+    rng, checked = random.Random(16), 0
+    for obj in objs:
+        assert _conforms(obj, kind.schema), obj["metadata"]
+        for mutated in _mutations(obj, rng):
+            valid = not any(True for _ in kind.validator.iter_errors(mutated))
+            assert _conforms(mutated, kind.schema) == valid, mutated
+            checked += 1
+    assert checked > 300
+
+
+def test_values_the_walk_does_not_know_go_to_jsonschema():
+    """Anything outside what the walk implements is "not known valid", never "valid"."""
+    kind = _crd({"tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
+                 "n": {"type": "integer", "enum": [1, 2]}, "size": {"type": "integer", "multipleOf": 4}})
+    assert not _conforms(thing(tags=["a"]), kind.schema)  # uniqueItems: jsonschema's
+    assert not _conforms(thing(n=1), kind.schema)  # an enum of integers: jsonschema's equality
+    assert not _conforms(thing(size=8), kind.schema)  # a keyword the walk does not implement
+    assert _conforms(thing(), kind.schema)
+    assert errors_of(thing(tags=["a"], n=1, size=8), kind) == []
+    assert errors_of(thing(tags=["a", "a"], n=True), kind) == [
+        "spec.n: must be of type integer, got boolean", "spec.tags: must not contain duplicates"]
+
+
+CHECK = r"""
+import json, sys
+from chaperone_sidecar.policy.compiler import compile_policy, PolicyErrors
+obj = json.loads(sys.argv[1])
+try:
+    compile_policy(obj)
+    result = "ok"
+except PolicyErrors as exc:
+    result = str(list(exc)[0])
+print(json.dumps([result, sorted(m for m in sys.modules if m.split(".")[0] in ("jsonschema", "referencing", "rpds"))]))
+"""
+
+
+def _compile_in_fresh_process(obj) -> tuple[str, list[str]]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CHECK, json.dumps(obj)], capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": str(REPO / "sidecar"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result, modules = json.loads(out.stdout)
+    return result, modules
+
+
+def test_a_valid_policy_compiles_without_jsonschema_and_an_invalid_one_loads_it():
+    """Issue 16 (idle RSS): jsonschema and its dependencies are not imported for objects that
+    conform; a schema error still gets jsonschema's detail."""
+    result, modules = _compile_in_fresh_process(policy(match={"methods": ["GET"]}, allow={}))
+    assert (result, modules) == ("ok", [])
+    result, modules = _compile_in_fresh_process(policy(match={"methods": ["get"]}, allow={}))
+    assert result == ('spec.rules[0].match.methods[0]: invalid value "get": '
+                      "must match the regular expression ^[A-Z]+$")
+    assert "jsonschema" in modules

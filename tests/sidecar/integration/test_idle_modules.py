@@ -32,7 +32,7 @@ from chaperone_testbed.services import free_port  # noqa: E402
 # top-level packages (and botocore's signer) a pod loads only for a connection of that type
 POSTGRES_ONLY = ("pglast", "scramp", "asn1crypto")
 AWS_ONLY = ("botocore", "dateutil", "urllib3.contrib.pyopenssl")  # botocore's signer brings the others
-ALWAYS_OUT = ("boto3", "s3transfer", "kubernetes", "kopf", "chaperone_operator")
+ALWAYS_OUT = ("boto3", "s3transfer", "kubernetes", "kopf", "chaperone_operator", "aiohttp", "joserfc")
 
 
 @pytest.fixture(scope="module")

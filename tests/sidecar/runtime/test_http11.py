@@ -1,8 +1,9 @@
 """The sidecar's HTTP/1.1 client (http11.py) against real servers on loopback: the stdlib's
 ``http.server`` (threaded, HTTP/1.1 keep-alive) in plain TCP and behind TLS with a test CA.
 
-Each test runs its client in a fresh event loop and fails on any ResourceWarning (an unclosed
-transport or socket) left after the loop closed.
+Each test runs its client in a fresh event loop - the standard one and uvloop (the sidecar's
+default) - and fails on any ResourceWarning (an unclosed transport or socket) left after the
+loop closed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import uvloop
 
 from chaperone_sidecar.http11 import Client, HTTPError, HTTPTimeout, InvalidRequest
 from chaperone_testbed.pki import CertAuthority
@@ -112,6 +114,9 @@ class Upstream(ThreadingHTTPServer):
         self.scheme = "https" if context else "http"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
+    def handle_error(self, request, client_address):
+        pass  # a client that went away (the timeout and truncation tests): expected
+
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"{self.scheme}://{host}:{self.server_address[1]}{path}"
 
@@ -137,11 +142,25 @@ def pki(tmp_path_factory):
             "client": ca.write_client_cert(d, "client", user="sidecar")}
 
 
+_LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+_loop = ["asyncio"]  # the loop of the running test (the fixture below)
+
+
+@pytest.fixture(autouse=True, params=sorted(_LOOPS))
+def event_loop_kind(request):
+    """Every test on both loops the sidecar runs on (uvloop is its default)."""
+    _loop[0] = request.param
+    yield request.param
+    _loop[0] = "asyncio"
+
+
 def run(coro):
-    """asyncio.run, failing on any ResourceWarning (unclosed transport/socket) it leaves."""
+    """Run ``coro`` on a fresh loop, failing on any ResourceWarning (unclosed transport/socket)
+    it leaves."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
-        result = asyncio.run(coro)
+        with asyncio.Runner(loop_factory=_LOOPS[_loop[0]]) as runner:
+            result = runner.run(coro)
         gc.collect()
     leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not leaks, leaks

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-__all__ = ["READ_LIMIT", "body_leaves_early", "stream_large"]
+__all__ = ["READ_LIMIT", "body_leaves_early", "header_value", "stream_large"]
 
 # The most the sidecar reads into memory to judge a request body (bodyRegex limits, MCP, AWS
 # form and Anthropic bodies are capped at it); mitmproxy's own stream_large_bodies (proxy.py).
@@ -70,6 +70,18 @@ def stream_large(flow: http.HTTPFlow, size: int | None) -> None:
     """Stream a request whose ``Content-Length`` exceeds ``size`` (Chaperone's streaming size),
     as mitmproxy itself would - before any addon looks at it. Addons that must read the body
     switch it back off (Enforce), and mitmproxy then buffers it up to :data:`READ_LIMIT`."""
-    length = flow.request.headers.get("content-length", "").strip()
-    if size is not None and not flow.request.stream and length.isdigit() and int(length) > size:
+    if size is None or flow.request.stream:
+        return
+    length = header_value(flow.request.headers, b"content-length").strip()
+    if length.isdigit() and int(length) > size:
         flow.request.stream = True
+
+
+def header_value(headers: http.Headers, name: bytes, default: str = "") -> str:
+    """``headers.get(name, default)`` for a lower-case ``name``: every value of the header,
+    folded with ", ", decoded as mitmproxy decodes them - without the KeyError a missing header
+    costs ``headers.get`` (issue 16: on the per-flow path most looked-up headers are missing)."""
+    values = [value for key, value in headers.fields if key.lower() == name]
+    if not values:
+        return default
+    return ", ".join(value.decode("utf-8", "surrogateescape") for value in values)

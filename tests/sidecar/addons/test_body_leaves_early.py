@@ -40,3 +40,26 @@ def test_every_combination_answers_as_the_lookups_did():
                     assert body_leaves_early(f) == reference(f), (fields, version, stream)
                     checked += 1
     assert checked > 3000
+
+
+def test_header_value_is_headers_get():
+    from chaperone_sidecar.addons.streaming import header_value
+
+    for n in range(3):
+        for fields in itertools.permutations(FIELDS, n):
+            headers = http.Headers(list(fields))
+            for name in ("content-length", "transfer-encoding", "content-type", "x-missing"):
+                assert header_value(headers, name.encode()) == headers.get(name, ""), (fields, name)
+                assert header_value(headers, name.encode(), "dflt") == headers.get(name, "dflt")
+
+
+def test_stream_large_streams_what_exceeds_the_size():
+    from chaperone_sidecar.addons.streaming import stream_large
+
+    for length, size, streams in ((b"11", 10, True), (b"10", 10, False), (b" 11 ", 10, True), (b"x", 1, False),
+                                  (b"5, 5", 1, False), (None, 1, False), (b"11", None, False)):
+        fields = [(b"Content-Length", length)] if length is not None else []
+        f = tflow.tflow(req=tutils.treq(headers=http.Headers(fields), content=b""))
+        f.request.stream = False
+        stream_large(f, size)
+        assert bool(f.request.stream) is streams, (length, size)

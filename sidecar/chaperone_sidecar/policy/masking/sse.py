@@ -193,7 +193,10 @@ class TextStream:
     """A streaming masker over ``str``: text in, the decided (masked) prefix out."""
 
     def __init__(self, masker: Masker, json_mode: bool) -> None:
-        self.masker = StreamMasker(masker.rules, masker.hash_key, json_mode=json_mode)
+        # Prose (not tool input): a trailing word - a base64 run that may continue - goes out
+        # as far as its decoding cannot hold a secret (``stream._releasable``), not a token late.
+        self.masker = StreamMasker(masker.rules, masker.hash_key, json_mode=json_mode,
+                                   release_runs=not json_mode)
         self._decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")
 
     def feed(self, text: str) -> str:

@@ -131,6 +131,87 @@ def _run_hold(buf: bytes) -> int:
     return start if last and len(last) % 4 == 0 and not last.endswith(b"=") else len(buf)
 
 
+def _unsent(masked: bytes, original: bytes, sent: int) -> bytes:
+    """What of ``masked`` (``original`` after ``mask_base64``) is still to go out when the
+    first ``sent`` bytes of ``original`` - the start of its first run - are out already: the
+    rest, or the whole masked text when that run was masked (its token follows the part that
+    went out, which ``_releasable`` proved to decode to bytes no secret includes)."""
+    if not sent:
+        return masked
+    return masked[sent:] if masked[:sent] == original[:sent] else masked
+
+
+RELEASE_MAX = 64  # a held run longer than this is held until it ends (the test is per byte value)
+_B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
+_SIXTETS = {c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")} | {
+    ord("-"): 62, ord("_"): 63}  # decoded._b64decode reads the URL-safe alphabet the same way
+_NESTED_RUN = re.compile(rb"[A-Za-z0-9+/_-]{16}")
+
+
+def _releasable(run: bytes, rules: tuple[Rule, ...]) -> int:
+    """How many leading characters of ``run`` - base64 characters at the end of a stream, a
+    run that may still continue - can go out before the run ends, without revealing one bit
+    of a secret that the run, once whole, may turn out to encode.
+
+    The base64 view (``decoded.mask_base64``) decodes a run from its first character and
+    masks the whole run when the decoded bytes hold a secret. ``q`` characters reveal the
+    first ``6q`` bits of the decoding. What has arrived fixes the first ``6k // 8`` bytes;
+    when it also fixes the 6 high bits of the next one, the 4 values that byte can take are
+    tried (every byte from 0x80 up matches the ASCII patterns alike), otherwise the next byte
+    is taken as any byte (one test instead of 16 or 64 per delta). A byte can go
+    out (its bits) only if, for every such value, no rule has a match - complete, or partial
+    up to the end (``regex`` partial matching, as ``_open_start``) - starting at or before it,
+    no base64 run that could be nested in the decoding (16 characters, or a run reaching the
+    end) starts at or before it, and no backslash is anywhere (a JSON escape may rewrite what
+    follows it, ``decoded.canonical_json_strings``). A rule's pattern is a superset of what
+    its finder reports, so a match starting later is all a later finding can be: the
+    released characters decode to bytes before any secret the whole run holds (the same
+    guarantee as the steps of a long run, ``B64_HOLD``). ``Hello`` decodes to
+    ``1d e9 65`` and a byte in ``a0..a3``: nothing can start there, so it goes out at once.
+    """
+    k = len(run)
+    bits = 0
+    for c in run:
+        bits = bits << 6 | _SIXTETS[c]
+    full, part = divmod(6 * k, 8)
+    known = (bits >> part).to_bytes(full, "big")
+    if part != 6:  # 0, 2 or 4 bits of the next byte: taken as any byte (one test, not 16 or 64)
+        block = min(_first_secret_byte(known, rules, full), full)
+        return min(k, 8 * block // 6)
+    low = (bits & 0x3F) << 2
+    block = full + 1
+    for v in dict.fromkeys(min(v, 0x80) for v in range(low, low + 4)):  # bytes >= 0x80 match alike
+        block = min(block, _first_secret_byte(known + bytes((v,)), rules, block))
+        if block == 0:
+            return 0
+    return k if block > full else min(k, 8 * block // 6)
+
+
+def _first_secret_byte(text: bytes, rules: tuple[Rule, ...], limit: int) -> int:
+    """The first index of ``text`` (below ``limit``) where a secret, or a nested run, may
+    start with more data; ``limit`` when none does (see ``_releasable``)."""
+    if b"\\" in text:
+        return 0
+    block = limit
+    for rule in rules:
+        pattern = _open_pattern(rule.pattern)
+        if pattern is None:
+            return 0
+        m = pattern.search(text, 0, partial=True)
+        if m is not None:
+            block = min(block, m.start())
+        m2 = rule.pattern.search(text)  # a complete match that does not reach the end
+        if m2 is not None:
+            block = min(block, m2.start())
+    tail = len(text.rstrip(_B64_CHARS))
+    if tail < len(text):  # a run reaching the end may still become a nested one
+        block = min(block, tail)
+    nested = _NESTED_RUN.search(text)
+    if nested is not None:
+        block = min(block, nested.start())
+    return block
+
+
 def _canonical_escape(m: re.Match[bytes]) -> bytes:
     esc = m.group()
     if esc == b"\\\\":
@@ -269,9 +350,11 @@ class StreamMasker(DecodedStream):
 
     def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
                  window: int = WINDOW, decoder: StreamDecoder | None = None, sniff: bool = False,
-                 json_mode: bool = False) -> None:
+                 json_mode: bool = False, release_runs: bool = False) -> None:
         """``sniff``: decide text/binary from the first bytes (binary passes through).
-        ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted."""
+        ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted.
+        ``release_runs``: a held base64 run goes out as far as its decoding cannot be part of a
+        secret (``_releasable``; streamed LLM text, where every trailing word is such a run)."""
         needed = required_window(rules)
         if window < needed:
             raise ValueError(f"window {window} is smaller than the longest match ({needed})")
@@ -302,12 +385,15 @@ class StreamMasker(DecodedStream):
         self._in_string = False  # JSON mode: the held data starts inside a string
         self._esc = b""  # JSON mode: an escape cut by the chunk's end (at most "\\u00X")
         self._b64 = b""  # masked output held while a base64 run at its end may continue
+        self.release_runs = release_runs
+        self._b64_sent = 0  # leading bytes of _b64 already emitted (release_runs; _b64 is one run)
+        self._b64_mid = False  # _b64 starts inside a long run (after a step): never released early
 
 
     @property
     def held(self) -> int:
         """Bytes received but not yet emitted."""
-        return len(self._esc) + len(self._buf) + len(self._b64)
+        return len(self._esc) + len(self._buf) + len(self._b64) - self._b64_sent
 
     # --- internals --------------------------------------------------------------------------
 
@@ -356,23 +442,47 @@ class StreamMasker(DecodedStream):
         ``B64_HOLD`` is scanned as it is and released but for its last ``B64_KEEP`` bytes
         (a whole line or four characters at a time, so the rest still decodes in step): a
         secret (at most ``jwt``'s ~11 KiB, ~15 KiB encoded) never straddles what was
-        released unseen."""
+        released unseen. With ``release_runs``, the start of a held run goes out early as far
+        as ``_releasable`` allows; it stays in ``_b64`` (``_b64_sent`` bytes of it are out),
+        so the run is still decoded and judged whole when it ends."""
         buf = self._b64 + data
         if not buf:
             return b""
+        sent, self._b64_sent = self._b64_sent, 0
         cut = len(buf) if final else _run_hold(buf)
         if cut >= len(buf) - B64_HOLD:
             block, self._b64 = buf[:cut], buf[cut:]
-            return mask_base64(block, self.rules, self.hash_key, self.counts)
+            out = _unsent(mask_base64(block, self.rules, self.hash_key, self.counts), block, sent) if cut else b""
+            if cut:
+                self._b64_mid = False  # what is held now starts a new run
+            else:
+                self._b64_sent = sent  # the run goes on
+            if self.release_runs and self._b64 and not self._b64_mid:
+                out += self._release_run()
+            return out
         masked = mask_base64(buf, self.rules, self.hash_key, self.counts)
         if masked is not buf:  # a secret in what is held: the run goes out masked whole
             self._b64 = b""
-            return masked
+            self._b64_mid = False
+            return _unsent(masked, buf, sent)
         keep = len(buf) - B64_KEEP
         line = max(buf.rfind(b"\n", cut, keep) + 1, buf.rfind(b"\\n", cut, keep) + 2)
         release = line if line > cut + 1 else cut + (keep - cut) // 4 * 4
         self._b64 = buf[release:]
-        return buf[:release]
+        self._b64_mid = True
+        self._b64_sent = max(0, sent - release)
+        return buf[min(sent, release):release]
+
+    def _release_run(self) -> bytes:
+        """The start of the held run that ``_releasable`` lets go now (not yet sent)."""
+        run = self._b64
+        if len(run) > RELEASE_MAX or run.strip(_B64_CHARS):  # long, or line breaks / padding
+            return b""
+        q = _releasable(run, self.rules)
+        if q <= self._b64_sent:
+            return b""
+        out, self._b64_sent = run[self._b64_sent : q], q
+        return out
 
     def _continue(self, final: bool) -> bool:
         """Drop key material of an over-long PEM block; True when the block has ended."""

@@ -67,6 +67,34 @@ def test_children_run_in_order_awaited_and_a_failure_does_not_stop_the_rest(capl
     assert "Addon error: boom (Failing.request)" in caplog.text and "RuntimeError" in caplog.text
 
 
+class ReturnsAwaitable(Logs):
+    def request(self, flow):  # not a coroutine function, but hands back an awaitable
+        async def later():
+            self.log.append((self.name_, "request"))
+        return later()
+
+
+class FailsAsync(Logs):
+    async def request(self, flow):
+        raise RuntimeError("async boom")
+
+
+def test_coroutine_children_are_awaited_without_asking_isawaitable(monkeypatch):
+    """Issue 16: the dispatcher knows which children are coroutine functions; isawaitable is
+    asked only of what other handlers return (and a sync handler's awaitable is awaited)."""
+    import inspect
+
+    asked: list = []
+    real = inspect.isawaitable
+    monkeypatch.setattr(inspect, "isawaitable", lambda obj: asked.append(obj) or real(obj))
+    log: list = []
+    pipeline = Pipeline([AsyncChild("a", log), ReturnsAwaitable("b", log), FailsAsync("c", log),
+                         AsyncChild("d", log)])
+    asyncio.run(pipeline.request(tflow.tflow()))
+    assert log == [("a", "request"), ("b", "request"), ("d", "request")]
+    assert len(asked) == 1  # b's result only
+
+
 def test_options_of_children_are_loaded_and_validated():
     with taddons.context(Pipeline([WithOption()])) as tctx:
         assert tctx.options.pipeline_test_limit == 3

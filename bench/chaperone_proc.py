@@ -38,7 +38,6 @@ import asyncio
 import json
 import os
 import sys
-import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,7 +114,7 @@ async def _report_modules(runtime, out: Path) -> None:
     rss = next((int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("VmRSS:")), 0)
     report: dict = {"rss": rss, "modules": sorted(sys.modules), "order": list(sys.modules)}
-    if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=1 (bench/idle_rss.py --tracemalloc)
+    if os.environ.get("PYTHONTRACEMALLOC"):  # bench/idle_rss.py --tracemalloc
         report["traced"] = _traced_by_package()
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report))
@@ -125,7 +124,9 @@ async def _report_modules(runtime, out: Path) -> None:
 def _traced_by_package() -> dict[str, int]:
     """Bytes Python allocated and still holds, by where: the top-level package of a third-party
     file, the module path of a chaperone_sidecar file, ``stdlib:<module>`` for the standard
-    library."""
+    library. (tracemalloc imports pickle: only imported here, not in the measured process.)"""
+    import tracemalloc
+
     out: dict[str, int] = {}
     for stat in tracemalloc.take_snapshot().statistics("filename"):
         name = stat.traceback[0].filename

@@ -152,14 +152,20 @@ class TelemetryProgress:
 
 # ============================================================================ the context
 
+# Frozen, so one instance serves every new context (Identify and Route replace them per flow;
+# building a frozen dataclass per flow was ~2/3 of FlowContext's construction, issue 16).
+_NO_IDENTITY = Identity()
+_DEFAULT_RECORDING = RecordingSettings()
+
+
 @dataclass
 class FlowContext:
-    identity: Identity = field(default_factory=Identity)
+    identity: Identity = _NO_IDENTITY
     connection: str = ""  # ClaudeConnection name; "" when no connection covers the host
     connection_type: str = ""  # aws | http | kubernetes | anthropic
     snapshot: Snapshot | None = None  # what Route routed the flow with (None: Route did not run)
     method: str = ""  # the method the policy judges when not the request line's (Route)
-    recording: RecordingSettings = field(default_factory=RecordingSettings)  # the connection's
+    recording: RecordingSettings = _DEFAULT_RECORDING  # the connection's (Route)
     action: Action | None = None
     decision: Decision | None = None
     early: bool = False  # Enforce judged it in requestheaders, on the headers alone

@@ -30,7 +30,7 @@ from .routing import normalize_host
 from .snapshot import Snapshot
 
 __all__ = ["KEY", "FlowContext", "RecordingSettings", "BodyCapture", "RecordProgress",
-           "TelemetryProgress", "FULL_BODY_CAP", "get", "ensure", "request_of"]
+           "TelemetryProgress", "FULL_BODY_CAP", "get", "ensure", "request_of", "request_body"]
 
 KEY = "chaperone"
 # The most a request body is decompressed to for the policy's view (request_of): the largest
@@ -211,16 +211,23 @@ def request_of(flow: Any, *, body: bool = True) -> HTTPRequest:
     path, _, query = req.path.partition("?")
     ctx = get(flow)
     method = (ctx.method if ctx is not None else "") or req.method
-    content = b""
-    if body and not req.stream and req.raw_content:
-        # Decoded with a cap (a gzip bomb stops there) and as servers decode (trailing garbage
-        # after a gzip member dropped). Undecodable or over the cap: the raw bytes, as before -
-        # Enforce refuses such a body wherever the body is judged (addons/enforce.py).
-        try:
-            content = decode(req.raw_content, parse_content_encoding(req.headers.get("content-encoding")),
-                             DECODE_CAP)
-        except MaskingError:
-            content = req.raw_content
     return HTTPRequest(method=method, scheme=req.scheme, host=normalize_host(req.host),
                        port=req.port, path=path, query=query,
-                       headers=tuple(req.headers.items(multi=True)), body=content)
+                       headers=tuple(req.headers.items(multi=True)),
+                       body=request_body(flow) if body else b"")
+
+
+def request_body(flow: Any) -> bytes:
+    """``request_of(flow).body`` without building the rest of the view (Enforce judges every
+    buffered request with its body; issue 16)."""
+    req = flow.request
+    if req.stream or not req.raw_content:
+        return b""
+    # Decoded with a cap (a gzip bomb stops there) and as servers decode (trailing garbage
+    # after a gzip member dropped). Undecodable or over the cap: the raw bytes, as before -
+    # Enforce refuses such a body wherever the body is judged (addons/enforce.py).
+    try:
+        return decode(req.raw_content, parse_content_encoding(req.headers.get("content-encoding")),
+                      DECODE_CAP)
+    except MaskingError:
+        return req.raw_content

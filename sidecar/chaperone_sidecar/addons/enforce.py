@@ -67,7 +67,7 @@ from mitmproxy.utils import human
 
 from .. import flowctx
 from ..approvals.ratelimit import MemoryRateLimiter, check_limits
-from ..flowctx import request_of
+from ..flowctx import request_body, request_of
 from ..log_setup import flow_fields
 from ..policy.classify.anthropic import MAX_BODY as ANTHROPIC_MAX_BODY
 from ..policy.classify.aws import MAX_FORM_BODY as AWS_MAX_FORM_BODY
@@ -248,13 +248,13 @@ class Enforce:
             # Judged on the headers because the length was unknown, but the body was buffered
             # after all: judge again with it (a body rule may be stricter).
             if ctx.early and not flow.request.stream and flow.request.raw_content:
-                await self._rejudge(flow, ctx, request_of(flow).body)
+                await self._rejudge(flow, ctx, request_body(flow))
             return
         if flow.request.stream:
             # Streaming was switched on after our requestheaders hook: the body is gone already.
             log.error("a streamed request reached the request hook unjudged",
                       extra=flow_fields(flow))
-        body = request_of(flow).body if not flow.request.stream else b""
+        body = request_body(flow)  # b"" when streamed
         await self._enforce(flow, ctx, self._snapshot(ctx), body)
 
     # ------------------------------------------------------------------ judging
@@ -286,7 +286,8 @@ class Enforce:
             return
         if decision.rate_limits and not await self._within_limits(flow, ctx, decision):
             return
-        log.debug("decision %s", decision.effect, extra=flow_fields(flow))
+        if log.isEnabledFor(logging.DEBUG):  # flow_fields is not free (issue 16)
+            log.debug("decision %s", decision.effect, extra=flow_fields(flow))
 
     async def _rejudge(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext, body: bytes) -> None:
         old = ctx.decision

@@ -24,3 +24,23 @@ def test_frozen_defaults_are_shared_and_mutable_state_is_per_flow():
     a.record.request = True
     a.masked["aws"] = 1
     assert not b.record.request and b.masked == {}
+
+
+def test_request_body_is_the_body_of_request_of():
+    import gzip
+
+    from mitmproxy import http
+    from mitmproxy.test import tflow, tutils
+
+    from chaperone_sidecar.flowctx import request_body, request_of
+
+    cases = [(b"", {}), (b"plain body", {}), (gzip.compress(b"zipped body"), {"content-encoding": "gzip"}),
+             (b"not gzip at all", {"content-encoding": "gzip"}), (b"x", {"content-encoding": "br, unknown"})]
+    for content, headers in cases:
+        for stream in (False, True):
+            f = tflow.tflow(req=tutils.treq(headers=http.Headers(**headers), content=content))
+            f.request.stream = stream
+            assert request_body(f) == request_of(f).body, (content, headers, stream)
+    f = tflow.tflow(req=tutils.treq(content=gzip.compress(b"zipped body"),
+                                    headers=http.Headers(content_encoding="gzip")))
+    assert request_body(f) == b"zipped body"

@@ -196,6 +196,20 @@ def _signal(env: Mapping[str, str], signal: str, index: int, notes: list[str],
     return functools.partial(exporter, endpoint=endpoint, env=env)
 
 
+def _build(factory: Callable[[], Any] | None, signal: str, notes: list[str]) -> Any:
+    """The exporter, or None (noted) when its settings are unusable (an endpoint that is not an
+    http(s) URL, a certificate file that does not load): the proxy runs on, unexported, as it
+    did when the SDK's exporter failed each export over such settings."""
+    if factory is None:
+        return None
+    try:
+        return factory()
+    except (ValueError, OSError) as exc:
+        notes.append(f"{signal}: {exc}")
+        log.error("telemetry %s not exported: %s", signal, exc)
+        return None
+
+
 def prometheus_exposition(accept: str = "", registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
     """(body, content type) of a scrape of ``registry``: the text format, or OpenMetrics when
     the scraper's ``Accept`` asks for it (prometheus_client's negotiation). Collecting runs the
@@ -222,19 +236,19 @@ def setup_telemetry(env: Mapping[str, str] | None = None, *,
     if _truthy(env.get("OTEL_SDK_DISABLED")):
         setup.notes.append("OTEL_SDK_DISABLED")
         return setup
-    span_exporter = _signal(env, "traces", 0, setup.notes, loader)
-    metric_exporter = _signal(env, "metrics", 1, setup.notes, loader)
+    span_exporter = _build(_signal(env, "traces", 0, setup.notes, loader), "traces", setup.notes)
+    metric_exporter = _build(_signal(env, "metrics", 1, setup.notes, loader), "metrics", setup.notes)
     resource = _resource(env, attributes)
     if span_exporter is not None:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         setup.tracer_provider = TracerProvider(resource=resource)
-        setup.tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter()))
+        setup.tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
     readers: list[MetricReader] = []
     histograms = FlowHistograms(resource, METER_SCOPE, SECONDS_BUCKETS)
     if metric_exporter is not None:
-        periodic = _PeriodicReader(metric_exporter())
+        periodic = _PeriodicReader(metric_exporter)
         periodic.attach(histograms)
         readers.append(periodic)
         setup.otlp_metrics = True

@@ -346,7 +346,10 @@ def exporter_from_env(env: Mapping[str, str], *, s3_store: Any = None, namespace
                                 batch_bytes=int(env.get(ENV_S3_BATCH) or 1 << 20),
                                 interval=float(env.get(ENV_S3_INTERVAL) or 30)))
     if env.get(ENV_OTLP, "").strip():
-        sinks.append(OtlpLogSink(env[ENV_OTLP].strip(), resource=resource))
+        try:
+            sinks.append(OtlpLogSink(env[ENV_OTLP].strip(), resource=resource))
+        except (ValueError, OSError) as exc:  # not an http(s) URL, a certificate that does not load
+            log.error("%s is unusable, OCSF events are not sent as OTLP logs: %s", ENV_OTLP, exc)
     if not sinks:
         return None
     return OcsfExporter(sinks, queue_size=int(env.get(ENV_QUEUE) or 10000))

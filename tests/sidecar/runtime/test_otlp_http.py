@@ -125,3 +125,23 @@ def test_https_verifies_against_the_configured_certificate(endpoint, tmp_path):
     # without it, certifi's bundle (as requests) does not know this CA: refused, nothing sent
     assert not OtlpHttpClient("traces", url(endpoint), {"OTEL_EXPORTER_OTLP_TIMEOUT": "0.5"}).export(b"no")
     assert len(endpoint.seen) == 1
+
+
+def test_unusable_settings_leave_the_signal_unexported_not_the_proxy_down(tmp_path):
+    from chaperone_sidecar.recording.ocsf_export import exporter_from_env
+    from chaperone_sidecar.telemetry_setup import setup_telemetry
+
+    with pytest.raises(ValueError):
+        OtlpHttpClient("traces", "collector:4318/v1/traces", {})
+    setup = setup_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318",
+                             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "https://c:4318/v1/metrics",
+                             "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tmp_path / "missing.pem")},
+                            install_global=False, prometheus_registry=None)
+    assert not setup.tracing and not setup.metrics
+    assert any(n.startswith("traces: ") and "collector:4318" in n for n in setup.notes)
+    assert any(n.startswith("metrics: ") for n in setup.notes)
+    sink_file = tmp_path / "o.jsonl"
+    exporter = exporter_from_env({"CHAPERONE_OCSF_OTLP_ENDPOINT": "collector:4318/v1/logs",
+                                  "CHAPERONE_OCSF_FILE": str(sink_file)})
+    assert exporter is not None and [s.name for s in exporter.sinks] == ["file"]
+    exporter.close()

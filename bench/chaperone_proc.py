@@ -27,7 +27,8 @@ proxy`` does (:func:`chaperone_sidecar.lean_imports.install`, then the chosen lo
 ``{"rss": VmRSS bytes, "modules": sorted(sys.modules)}`` to FILE - what an idle sidecar has
 loaded, for the idle-RSS analysis in docs/benchmarks.md and for
 ``tests/sidecar/integration/test_idle_modules.py`` (which heavy libraries stay out until a
-connection of their type exists). Under ``PYTHONTRACEMALLOC=1`` the report also holds
+connection of their type exists); also the resident bytes of each mapped file (``mappings``) and
+the files :mod:`linecache` holds. Under ``PYTHONTRACEMALLOC=1`` the report also holds
 ``traced``: the bytes Python allocated, by package (``bench/idle_rss.py --tracemalloc``).
 """
 
@@ -113,12 +114,29 @@ async def _report_modules(runtime, out: Path) -> None:
     await asyncio.sleep(1.0)
     rss = next((int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("VmRSS:")), 0)
-    report: dict = {"rss": rss, "modules": sorted(sys.modules), "order": list(sys.modules)}
+    import linecache
+
+    report: dict = {"rss": rss, "modules": sorted(sys.modules), "order": list(sys.modules),
+                    "mappings": _resident_mappings(), "linecache": sorted(linecache.cache)}
     if os.environ.get("PYTHONTRACEMALLOC"):  # bench/idle_rss.py --tracemalloc
         report["traced"] = _traced_by_package()
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report))
     tmp.replace(out)
+
+
+def _resident_mappings(least: int = 256 << 10) -> dict[str, int]:
+    """Resident bytes of each mapped file (shared libraries, extension modules) holding at
+    least ``least`` (``/proc/self/smaps``)."""
+    out: dict[str, int] = {}
+    mapping = ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            mapping = parts[5] if len(parts) > 5 and parts[5].startswith("/") else ""
+        elif mapping and parts[:1] == ["Rss:"]:
+            out[mapping] = out.get(mapping, 0) + int(parts[1]) * 1024
+    return {name: size for name, size in out.items() if size >= least}
 
 
 def _traced_by_package() -> dict[str, int]:

@@ -1,5 +1,5 @@
 """What an idle sidecar has loaded (issue 16: idle RSS): per-protocol libraries stay out of a
-pod until a connection of their type exists.
+pod until a connection of their type exists, and what no idle sidecar uses stays out too.
 
 A real sidecar process of the benchmark's full profile (bench/chaperone_proc.py: the runtime
 and services of ``chaperone proxy``, 50-rule policy with AWS action rules, masking with every
@@ -8,6 +8,13 @@ reports ``sys.modules`` once it is ready and idle (``--report-modules``). Before
 held botocore (loader and signer), pglast, scramp and asn1crypto whatever its connections were.
 With a postgres and an aws connection in the same config they are loaded - the loading point
 works (the first postgres/aws flows themselves: test_postgres.py, test_clients.py).
+
+Session 5 (docs/benchmarks.md "Idle RSS, session 5"): jsonschema and its dependencies load only
+for a policy that does not conform to the CRD (then they do, and the policy's error is worded
+as before); mitmproxy's option-file YAML (ruamel) and aioquic's certificate-name check
+(service_identity, pyasn1) are deferred by lean_imports; the masking database is compiled in
+a child process, so Hyperscan's compiler is not resident; start-up's caches and freed heap are
+given back once the proxy is ready (startup_memory). Redis loads only with a Redis URL.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ from chaperone_testbed.services import free_port  # noqa: E402
 # top-level packages (and botocore's signer) a pod loads only for a connection of that type
 POSTGRES_ONLY = ("pglast", "scramp", "asn1crypto")
 AWS_ONLY = ("botocore", "dateutil", "urllib3.contrib.pyopenssl")  # botocore's signer brings the others
-ALWAYS_OUT = ("boto3", "s3transfer", "kubernetes", "kopf", "chaperone_operator", "aiohttp", "joserfc")
+ALWAYS_OUT = ("boto3", "s3transfer", "kubernetes", "kopf", "chaperone_operator", "aiohttp", "joserfc", "redis")
+# jsonschema: only for a policy that does not conform; the deferred modules' code (lean_imports)
+SCHEMA_ERRORS_ONLY = ("jsonschema", "referencing", "rpds", "jsonschema_specifications", "attrs")
+DEFERRED_RUN = ("ruamel.yaml.main", "_ruamel_yaml", "service_identity.cryptography", "pyasn1")
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +56,16 @@ def bench_env(tmp_path_factory):
 
 
 def _idle_modules(env, workdir: Path, extra_connections: list[dict] = ()) -> set[str]:
+    return set(_idle_report(env, workdir, extra_connections)["modules"])
+
+
+def _idle_report(env, workdir: Path, extra_connections: list[dict] = (), extra_policies: list[dict] = ()) -> dict:
     conf = chaperone_config.write_config(workdir / "config", "full", upstream_ca=env.upstream.ca_file,
                                          interception_ca_dir=env.ca_dir)
     for conn in extra_connections:
         (conf / "connections" / f"{conn['metadata']['name']}.yaml").write_text(json.dumps(conn))
+    for pol in extra_policies:
+        (conf / "policies" / f"{pol['metadata']['name']}.yaml").write_text(json.dumps(pol))
     report = workdir / "modules.json"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OTEL_", "CHAPERONE_"))}
     child_env.update(
@@ -68,13 +84,13 @@ def _idle_modules(env, workdir: Path, extra_connections: list[dict] = ()) -> set
             assert proc.poll() is None, (workdir / "sidecar.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no module report within 60 s"
             time.sleep(0.2)
-        modules = set(json.loads(report.read_text())["modules"])
+        result = json.loads(report.read_text())
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
         log.close()
     assert code == 0, (workdir / "sidecar.log").read_text()[-3000:]
-    return modules
+    return result
 
 
 def _loaded(modules: set[str], names: tuple[str, ...]) -> list[str]:
@@ -103,3 +119,40 @@ def test_a_postgres_and_an_aws_connection_load_their_engines(bench_env, tmp_path
     assert {"chaperone_sidecar.postgres.engine", "chaperone_sidecar.credentials.aws_sigv4",
             "botocore.auth"} <= modules
     assert _loaded(modules, ALWAYS_OUT) == []
+
+
+@pytest.fixture(scope="module")
+def idle_report(bench_env, tmp_path_factory):
+    return _idle_report(bench_env, tmp_path_factory.mktemp("idle-report"))
+
+
+def test_idle_full_profile_runs_no_unused_mitmproxy_dependency(idle_report):
+    modules = set(idle_report["modules"])
+    assert "mitmproxy.optmanager" in modules and "aioquic.tls" in modules
+    assert _loaded(modules, DEFERRED_RUN) == []
+
+
+def test_idle_full_profile_has_not_got_hyperscans_compiler_resident(idle_report):
+    """The masking database is on (every detector), compiled in a child: the hyperscan
+    extension's scanner pages are resident (~1.6 MB), its compiler's are not (~5.3 MB)."""
+    resident = sum(size for path, size in idle_report["mappings"].items() if "/hyperscan/" in path)
+    assert 0 < resident < 3 << 20, resident
+
+
+def test_idle_full_profile_has_given_back_start_up_caches(idle_report):
+    """pyparsing's own source, read into linecache while mitmproxy imports it, is dropped."""
+    assert idle_report["linecache"] == []
+
+
+def test_jsonschema_loads_only_for_a_policy_that_does_not_conform(idle_report, bench_env, tmp_path):
+    assert "chaperone_sidecar.policy.schema" in idle_report["modules"]
+    assert _loaded(set(idle_report["modules"]), SCHEMA_ERRORS_ONLY) == []
+    bad = {"apiVersion": chaperone_config.API, "kind": "AccessPolicy", "metadata": {"name": "bad"},
+           "spec": {"connections": [chaperone_config.CONNECTION],
+                    "rules": [{"name": "r", "match": {"methods": ["get"]}, "allow": {}}]}}
+    report = _idle_report(bench_env, tmp_path, extra_policies=[bad])
+    assert _loaded(set(report["modules"]), ("jsonschema", "referencing", "rpds")) == ["jsonschema", "referencing",
+                                                                                     "rpds"]
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "AccessPolicy bench/bad is invalid; its traffic is blocked: spec.rules[0].match.methods[0]: " in log
+    assert "must match the regular expression ^[A-Z]+$" in log

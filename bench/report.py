@@ -149,7 +149,42 @@ def summarise(data: dict) -> dict[str, Any]:
     add("Injection webhook adds <= 30 ms p99 to pod admission", wh, wh <= 30,
         f"{wh:+.1f} ms p99 ({added_ms('webhook', 'p50'):+.1f} ms p50){fixed}")
     data["targets"] = targets
-    return {"targets": targets}
+    data["targets16"] = _issue16_targets(runs)
+    return {"targets": targets, "targets16": data["targets16"]}
+
+
+def _issue16_targets(runs: dict) -> list[dict[str, Any]]:
+    """Issue 16's targets (the fast path), from the same run: Chaperone full against bare
+    mitmproxy side by side. The SSE time-to-first-token target has its own benchmark
+    (bench/sse_ttft.py, docs/benchmarks-sse.md)."""
+    med = lambda path, key: median_of(runs.get(path, []), key)  # noqa: E731
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, figure: float, ok: bool, text: str) -> None:
+        status = "not measured" if not _ok(figure) else ("met" if ok else "missed")
+        targets.append({"target": name, "figure": text if _ok(figure) else "n/a", "status": status, "value": figure})
+
+    def ratio(key: str) -> float:
+        base = med("mitmdump", key)
+        return med("chaperone-full", key) / base if base else math.nan
+
+    rps, cpu = ratio("tput-https-1k.rps"), ratio("tput-https-1k.cpu_us_per_req")
+    add("Chaperone full >= 1.0x bare mitmproxy throughput (HTTPS 1 KiB, c=32; policy, masking, strict recording, "
+        "telemetry)", rps, rps >= 1.0, f"{rps:.2f}x (CPU per request {cpu:.2f}x bare)")
+    added = (med("chaperone-full", "lat-https-1k.p50") - med("mitmdump", "lat-https-1k.p50")) * 1e3
+    add("Chaperone full adds <= 0.3 ms p50 over bare mitmproxy (HTTPS 1 KiB, c=1)", added, added <= 0.3,
+        f"{added:+.2f} ms")
+    big, big_cpu = ratio("tput-https-1m.rps"), ratio("tput-https-1m.cpu_us_per_req")
+    add("Chaperone full >= 0.9x bare mitmproxy on 1 MiB text responses (HTTPS, c=32; every detector on)", big,
+        big >= 0.9, f"{big:.2f}x (CPU per request {big_cpu:.2f}x bare)")
+    idle = med("chaperone-full", "rss_idle") / MB
+    add("Chaperone full idle RSS <= 80 MB", idle, idle <= 80, f"{idle:.1f} MB (bare mitmproxy "
+        f"{med('mitmdump', 'rss_idle') / MB:.1f} MB)")
+    dl, growth = ratio("download.mib_s"), med("chaperone-full", "download.rss_growth") / MB
+    add("1 GiB download >= 0.95x bare mitmproxy MB/s, RSS growth <= 50 MB", dl, dl >= 0.95 and growth <= 50,
+        f"{dl:.2f}x ({med('chaperone-full', 'download.mib_s'):,.0f} vs {med('mitmdump', 'download.mib_s'):,.0f} "
+        f"MiB/s), growth {growth:.1f} MB")
+    return targets
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -349,6 +384,8 @@ def render(data: dict, notes: str | None = None) -> str:
            f"{meta.get('finished', '')}, {p['rounds']} alternating round(s) per path, medians over rounds.", ""]
     out += ["## Targets (issue 7)", ""] + _table(["target", "figure", "status"], [
         [t["target"], t["figure"], f"**{t['status']}**"] for t in data["targets"]]) + [""]
+    out += ["## Targets (issue 16: the fast path)", ""] + _table(["target", "figure", "status"], [
+        [t["target"], t["figure"], f"**{t['status']}**"] for t in data["targets16"]]) + [""]
     if notes:
         out += [notes, ""]
     out += ["## Machine and versions", ""] + _machine_rows(meta) + [""]

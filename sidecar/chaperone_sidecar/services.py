@@ -119,9 +119,11 @@ class InjectorRegistry:
             self._entries[name] = (fp, injector)
 
     def get(self, name: str) -> Any:
+        entry = self._entries.get(name)
+        if entry is not None and not isinstance(entry[1], Exception):
+            return entry[1]  # per flow: no import statement on this path (issue 16)
         from .credentials.credential_sources import CredentialsUnavailable
 
-        entry = self._entries.get(name)
         if entry is None:
             raise CredentialsUnavailable(f"no credentials are set up for connection {name!r}")
         if isinstance(entry[1], Exception):

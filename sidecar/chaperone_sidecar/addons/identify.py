@@ -38,6 +38,7 @@ __all__ = ["Identify", "HEADER_PREFIX", "ON_BEHALF_OF", "base_identity"]
 log = logging.getLogger("chaperone.identify")
 
 HEADER_PREFIX = "x-chaperone-"
+_PREFIX_BYTES = HEADER_PREFIX.encode()  # as raw field names are lower-cased (ASCII)
 ON_BEHALF_OF = "x-chaperone-on-behalf-of"
 
 
@@ -62,9 +63,23 @@ def base_identity(config: SidecarConfig) -> Identity:
 
 def strip_chaperone_headers(headers: http.Headers) -> list[tuple[str, str]]:
     """Remove every ``X-Chaperone-*`` field; returns the removed (name, value) pairs."""
-    removed = [(k, v) for k, v in headers.items(multi=True) if k.lower().startswith(HEADER_PREFIX)]
-    for name in {k.lower() for k, _ in removed}:
-        del headers[name]
+    # Every request passes here: the raw names are checked first, and only the fields that
+    # match are decoded (mitmproxy's items(multi=True) decodes every name and value; issue 16).
+    if not any(k.lower().startswith(_PREFIX_BYTES) for k, _ in headers.fields):
+        return []
+    # The fields themselves are dropped: deleting by the decoded name missed a name whose
+    # str.lower() differs from its bytes' (the Kelvin sign lower-cases to "k") - a KeyError that
+    # left the header, an on-behalf-of token included, in the forwarded request.
+    removed: list[tuple[str, str]] = []
+    kept: list[tuple[bytes, bytes]] = []
+    for raw_name, raw_value in headers.fields:
+        name = raw_name.decode("utf-8", "surrogateescape")
+        if name.lower().startswith(HEADER_PREFIX):
+            removed.append((name, raw_value.decode("utf-8", "surrogateescape")))
+        else:
+            kept.append((raw_name, raw_value))
+    if removed:
+        headers.fields = tuple(kept)
     return removed
 
 

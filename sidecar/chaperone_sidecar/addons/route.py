@@ -248,8 +248,8 @@ class Route:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Alt-Svc would tell the client it may reach the origin over QUIC/another port directly,
         # around the proxy; the sidecar only serves what it proxies.
-        if flow.response is not None and "alt-svc" in flow.response.headers:
-            del flow.response.headers["alt-svc"]
+        if flow.response is not None and any(k.lower() == b"alt-svc" for k, _ in flow.response.headers.fields):
+            del flow.response.headers["alt-svc"]  # (looked for in the raw fields: no KeyError when absent)
         self._gate_refusal(flow)  # now, so no addon starts streaming the upstream's answer
 
     def response(self, flow: http.HTTPFlow) -> None:

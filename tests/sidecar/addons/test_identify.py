@@ -122,3 +122,23 @@ def test_creator_falls_back_to_the_podinfo_annotation(tmp_path):
     ident = base_identity(SidecarConfig(standalone=True, podinfo_dir=tmp_path, creator="dave"))
     assert ident.creator == "dave"
 
+
+
+def test_strip_removes_what_the_decoded_names_say_and_nothing_else():
+    """Issue 16: raw field names are checked first; the answer is the decoded names' answer,
+    whatever the case or the non-ASCII bytes (str.lower() maps e.g. the Kelvin sign to "k")."""
+    import itertools
+
+    from chaperone_sidecar.addons.identify import strip_chaperone_headers
+
+    names = [b"X-Chaperone-On-Behalf-Of", b"x-chaperone-anything", b"X-CHAPERONE-", b"X-Chaperone",
+             b"x-chaperonex", "X-Chaperone-\u212aey".encode(), "\u0130-chaperone-x".encode(), b"\xff-x",
+             b"Host", b"x-chaperone\xff-", b"X-Chaperone-\xff"]
+    for pair in itertools.permutations(names, 2):
+        fields = [(n, b"v%d" % i) for i, n in enumerate(pair)]
+        headers = http.Headers(fields)
+        expected = [(k, v) for k, v in http.Headers(fields).items(multi=True)
+                    if k.lower().startswith("x-chaperone-")]
+        assert strip_chaperone_headers(headers) == expected
+        assert not any(k.lower().startswith("x-chaperone-") for k in headers.keys())
+        assert len(headers.fields) == len(fields) - len(expected)

@@ -1,5 +1,5 @@
-"""Keep mitmproxy's unused addon modules, and two libraries its core imports but the sidecar
-never calls, out of the sidecar process (idle RSS, issue 16).
+"""Keep mitmproxy's unused addon modules, and libraries its core imports but the sidecar never
+calls, out of the sidecar process (idle RSS, issue 16).
 
 ``mitmproxy/addons/__init__.py`` imports every default addon, and with them flask (the
 onboarding app), passlib and ldap3 (proxy auth), pyperclip (export), urwid... And
@@ -13,20 +13,25 @@ mitmproxy.addons import core`` then loads ``core`` alone; every submodule still 
 way it always does. What no longer exists is the package-level ``default_addons()``, which
 only mitmproxy's own tools (mitmdump, mitmweb) call.
 
-It also registers :data:`DEFERRED` - ``ruamel.yaml`` (``mitmproxy.optmanager`` imports it to
-load and save option files, which the sidecar never does) and ``service_identity`` (with
-pyasn1: ``aioquic.tls`` imports it to check a QUIC server's certificate, which the sidecar's
-HTTP/1-2 traffic never asks for) - as deferred modules: found and created the normal way
-(``importlib.util.module_from_spec``: ``__spec__``, ``__file__``, ``__loader__`` set), their
-code run by their own loader, in that same module object, on the first access to any other
-attribute (a module ``__getattr__``, PEP 562). Both importers only ``import`` the module at
-their top and use it inside functions, so nothing runs it at start; when something does use
-it, it runs then and works as always (no mitmproxy internals touched). The standard library's
-``importlib.util.LazyLoader`` does the same but, on Python 3.11, loads the module at the next
-``import`` statement naming it (the import system reads ``__spec__``). Measured: see
+It also registers :data:`DEFERRED`, libraries mitmproxy's core imports but the sidecar never
+calls, as deferred modules:
+
+* ``ruamel.yaml`` - ``mitmproxy.optmanager`` loads and saves option files with it;
+* ``service_identity`` (with pyasn1) - ``aioquic.tls`` checks a QUIC server's certificate
+  name with it; the sidecar's HTTP/1 and HTTP/2 traffic never asks;
+* ``zstandard`` - ``mitmproxy.net.encoding`` decodes ``Content-Encoding: zstd`` bodies with it.
+
+A deferred module is found and created the normal way (``importlib.util.module_from_spec``:
+``__spec__``, ``__file__``, ``__loader__`` set); its code is run by its own loader, in that same
+module object, on the first access to any other attribute (a module ``__getattr__``, PEP 562).
+Each importer only imports the module at its top and uses it inside functions, so nothing
+runs it at start; when something does use it, it runs then (once; another thread asking
+meanwhile waits for it) and works as always - no mitmproxy internals touched. The standard
+library's ``importlib.util.LazyLoader`` does the same but, on Python 3.11, loads the module at
+the next ``import`` statement naming it (the import system reads ``__spec__``). Measured: see
 docs/benchmarks.md "Idle RSS, session 5". ``tests/sidecar/integration/test_idle_modules.py``
-fails if an upgrade starts using either one at import (it would then be loaded at idle), and
-``tests/sidecar/runtime/test_lean_imports.py`` that a deferred module works when used.
+fails if an upgrade starts using one of them at import (it would then be loaded at idle), and
+``tests/sidecar/runtime/test_lean_imports.py`` checks that each works when used.
 
 Called at the start of the sidecar and proxy processes (:func:`chaperone_sidecar.proxy.run`),
 never on import: a process that already imported the full package (tests using
@@ -43,7 +48,7 @@ from typing import Any
 
 __all__ = ["install", "DEFERRED", "is_deferred"]
 
-DEFERRED = ("ruamel.yaml", "service_identity")
+DEFERRED = ("ruamel.yaml", "service_identity", "zstandard")
 _pending: set[str] = set()  # deferred modules not run yet
 
 
@@ -81,16 +86,21 @@ def _defer(name: str) -> None:
     loader = spec.loader
     # A submodule import reads the package's __path__: the package runs first, as it would.
     path = module.__dict__.pop("__path__", None)
-    lock = threading.Lock()
+    lock = threading.RLock()  # another thread waits for the module to finish running
 
     def run_module(attr: str) -> Any:
         with lock:
-            if module.__dict__.get("__getattr__") is run_module:
-                del module.__dict__["__getattr__"]
+            if name in _pending:
                 _pending.discard(name)
                 if path is not None:
                     module.__path__ = path
-                loader.exec_module(module)
+                try:
+                    loader.exec_module(module)
+                finally:
+                    if module.__dict__.get("__getattr__") is run_module:
+                        del module.__dict__["__getattr__"]
+            if module.__dict__.get("__getattr__") is run_module:  # asked while it runs (same thread)
+                raise AttributeError(f"partially initialized module {name!r} has no attribute {attr!r}")
         return getattr(module, attr)
 
     module.__getattr__ = run_module  # type: ignore[method-assign]

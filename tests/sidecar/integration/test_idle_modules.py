@@ -42,7 +42,7 @@ AWS_ONLY = ("botocore", "dateutil", "urllib3.contrib.pyopenssl")  # botocore's s
 ALWAYS_OUT = ("boto3", "s3transfer", "kubernetes", "kopf", "chaperone_operator", "aiohttp", "joserfc", "redis")
 # jsonschema: only for a policy that does not conform; the deferred modules' code (lean_imports)
 SCHEMA_ERRORS_ONLY = ("jsonschema", "referencing", "rpds", "jsonschema_specifications", "attrs")
-DEFERRED_RUN = ("ruamel.yaml.main", "_ruamel_yaml", "service_identity.cryptography", "pyasn1")
+DEFERRED_RUN = ("ruamel.yaml.main", "_ruamel_yaml", "service_identity.cryptography", "pyasn1", "zstandard.backend_c")
 
 
 @pytest.fixture(scope="module")

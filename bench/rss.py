@@ -112,7 +112,7 @@ class PeakSampler:
             self.samples += 1
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self.peak = tree_rss(self.pid)
         self._thread.start()
         return self
@@ -123,24 +123,26 @@ class PeakSampler:
         self.peak = max(self.peak, tree_rss(self.pid))
 
 
-# What a Chaperone process imports, in groups, cumulatively (see import_footprint).
+# What a Chaperone process imports, in groups, cumulatively (see import_footprint). Since issue 16
+# the sidecar has no aiohttp (its own HTTP/1.1 client and health server on h11, which mitmproxy
+# loads anyway), no boto3 (recording shipped by the S3 store on that client) and no
+# requests/protobuf (its own OTLP/HTTP exporters); jsonschema only for a policy that does not
+# conform, redis only with a Redis URL, per-protocol libraries with their first connection.
 FOOTPRINT: list[tuple[str, list[str]]] = [
     ("Python, asyncio, ssl, cryptography", ["asyncio", "ssl", "cryptography.x509"]),
-    ("mitmproxy.master, without the default addons' modules (chaperone_sidecar.lean_imports)",
-     ["=lean-imports", "mitmproxy.master"]),
+    ("mitmproxy.master, without the default addons' modules and with ruamel.yaml, service_identity and "
+     "zstandard deferred (chaperone_sidecar.lean_imports)", ["=lean-imports", "mitmproxy.master"]),
     ("mitmproxy's HTTP/TLS layers and the lean master's core addons",
      ["mitmproxy.proxy.layers.http", "mitmproxy.addons.proxyserver", "mitmproxy.addons.tlsconfig"]),
-    ("aiohttp (health endpoint, Kubernetes and JWKS clients)", ["aiohttp", "aiohttp.web"]),
-    ("PyYAML, OpenTelemetry API + SDK, uvloop", ["yaml", "opentelemetry.sdk.trace", "opentelemetry.sdk.metrics",
-                                                 "uvloop"]),
-    ("chaperone_sidecar: runtime, addons, policy, recording",
+    ("PyYAML, OpenTelemetry API + SDK with the Prometheus reader, uvloop",
+     ["yaml", "opentelemetry.sdk.trace", "opentelemetry.sdk.metrics", "opentelemetry.exporter.prometheus",
+      "uvloop"]),
+    ("chaperone_sidecar: runtime, addons, policy, masking (database loaded serialized), recording with the "
+     "S3 store, OTLP exporters",
      ["chaperone_sidecar.proxy", "chaperone_sidecar.services"] + [f"chaperone_sidecar.addons.{m}" for m in (
          "identify", "route", "enforce", "approve", "credentials", "mask", "record", "telemetry")]
-     + ["chaperone_sidecar.recording"]),
-    ("boto3 and one S3 client (recording shipped to S3: Chaperone full)", ["boto3", "=s3-client"]),
-    ("the OTLP/HTTP exporters (protobuf, requests: telemetry exported, Chaperone full)",
-     ["opentelemetry.exporter.otlp.proto.http.trace_exporter",
-      "opentelemetry.exporter.otlp.proto.http.metric_exporter"]),
+     + ["chaperone_sidecar.recording", "chaperone_sidecar.recording.s3http", "chaperone_sidecar.otlp_spans",
+        "chaperone_sidecar.otlp_metrics"]),
 ]
 
 _FOOTPRINT_CHILD = """
@@ -155,10 +157,6 @@ for mods in json.loads(sys.argv[1]):
         if mod == '=lean-imports':
             from chaperone_sidecar import lean_imports
             lean_imports.install()
-        elif mod == '=s3-client':
-            import boto3
-            boto3.client('s3', region_name='us-east-1', endpoint_url='http://127.0.0.1:9',
-                         aws_access_key_id='x', aws_secret_access_key='y')
         else:
             importlib.import_module(mod)
     out.append(rss())

@@ -11,10 +11,11 @@ list updates per reader (~2 µs).
 Same data as the SDK's explicit-bucket aggregation: bucket ``i`` counts values ``<= bounds[i]``
 (``bisect_left``), sum, count, min and max; each reader gets its own state with its own
 temporality - cumulative (a series reported from its first value on, start time its first
-value's) or delta (only series that changed since the reader's last collection, starting then,
-min and max of that interval) - as the reader's ``_instrument_class_temporality[Histogram]``
-asks, so ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` holds. At most 2000 attribute
-sets per histogram, then one overflow series ``otel.metric.overflow=true`` (the SDK's default
+value's) or delta (only series that changed since the reader's last collection, starting then
+- or at their first value before a first collection - with that interval's min and max) - as
+the reader's ``_instrument_class_temporality[Histogram]`` asks, so
+``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` holds. At most 2000 attribute sets per
+histogram, then one overflow series ``otel.metric.overflow=true`` (the SDK's default
 cardinality limit). No exemplars: the SDK's default ``trace_based`` filter records none for
 these either (no span is current when a flow ends).
 
@@ -60,8 +61,8 @@ class _State:
     def __init__(self, delta: bool) -> None:
         self.delta = delta
         self.series: dict[tuple[Any, ...], list[Any]] = {}
-        self.starts: dict[tuple[Any, ...], int] = {}
-        self.last_collection = time.time_ns()
+        self.starts: dict[tuple[Any, ...], int] = {}  # first value's time (delta: this interval's)
+        self.last_collection: int | None = None
 
 
 class FlowHistogram:
@@ -111,8 +112,9 @@ class FlowHistogram:
         """The reader's points (None when it has none), delta state reset."""
         with self.lock:
             state = self.states[id(reader)]
-            if state.delta:
+            if state.delta:  # as the SDK's delta storage: reset, starting at the last collection
                 series, state.series = state.series, {}
+                starts, state.starts = state.starts, {}
                 start = state.last_collection
             else:
                 nb = len(self.bounds) + 1
@@ -120,8 +122,7 @@ class FlowHistogram:
                     row[nb + 3] = row[nb] + row[nb + 3]
                     row[nb] = 0
                 series = {k: v[:nb] + [v[nb + 3]] + v[nb + 1:nb + 3] for k, v in state.series.items()}
-                start = 0
-            starts = state.starts
+                starts, start = dict(state.starts), None
             state.last_collection = now
         if not series:
             return None
@@ -132,7 +133,8 @@ class FlowHistogram:
             attributes = ({"otel.metric.overflow": True} if key is _OVERFLOW
                           else dict(zip(self.names, key, strict=True)))
             points.append(HistogramDataPoint(
-                attributes=attributes, start_time_unix_nano=max(start, starts.get(key, start)),
+                attributes=attributes,
+                start_time_unix_nano=start if start is not None else starts.get(key, now),
                 time_unix_nano=now, count=sum(counts), sum=row[nb], bucket_counts=counts,
                 explicit_bounds=self.bounds, min=row[nb + 1], max=row[nb + 2], exemplars=[]))
         temporality = AggregationTemporality.DELTA if state.delta else AggregationTemporality.CUMULATIVE

@@ -20,7 +20,7 @@ class Reader(HistogramsReader, InMemoryMetricReader):
     pass
 
 
-def points(reader):
+def points(reader, times=None):
     out = {}
     data = reader.get_metrics_data()
     for rm in data.resource_metrics if data is not None else ():
@@ -32,6 +32,8 @@ def points(reader):
                     for p in m.data.data_points})
                 for p in m.data.data_points:
                     assert 0 < p.start_time_unix_nano <= p.time_unix_nano
+                    if times is not None:
+                        times.setdefault(m.name, []).append((p.start_time_unix_nano, p.time_unix_nano))
     return out
 
 
@@ -60,13 +62,17 @@ def test_same_points_as_the_sdk_histogram_for_cumulative_and_delta_readers():
     for value in (0.0, 0.005, 0.0051, 0.01, 0.3, 10.0, 10.5, 1e6):
         record(sdk, ours, value, ("allow", "github"))
     record(sdk, ours, 0.02, ("block", "github"))
+    first: dict = {}
     for reader in (cumulative, delta):
-        got = points(reader)
+        got = points(reader, first if reader is delta else None)
         assert got["ours"] == got["sdk"] and got["ours"][1]
     # the second interval: only one series moves; delta reports it alone, with that interval's min/max
     record(sdk, ours, 0.7, ("allow", "github"))
     record(sdk, ours, 0.6, ("allow", "github"))
-    got_c, got_d = points(cumulative), points(delta)
+    second: dict = {}
+    got_c, got_d = points(cumulative), points(delta, second)
+    # a delta point starts at the previous collection (as the SDK's: each its own collection's time)
+    assert second["ours"][0][0] == first["ours"][0][1] and second["sdk"][0][0] == first["sdk"][0][1]
     assert got_c["ours"] == got_c["sdk"] and len(got_c["ours"][1]) == 2
     assert got_d["ours"] == got_d["sdk"] and len(got_d["ours"][1]) == 1
     assert got_d["ours"][0] == AggregationTemporality.DELTA

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Tracer
 
+from . import contract as c
 from .approvals.grants import MemoryGrants, RedisGrants
 from .approvals.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from .approvals.service import ApprovalService, Backend
@@ -58,7 +59,6 @@ from .config import SidecarConfig
 from .kubeclient import KubeClient
 from .oidc import OIDCVerifier
 from .recording import Recorder
-from .recording.ocsf_export import OcsfExporter
 from .routing import Connection
 from .snapshot import Snapshot
 from .sources import FileSources, KubeSources, Sources
@@ -66,8 +66,12 @@ from .tool_use_ledger import ToolUseLedger
 
 if TYPE_CHECKING:  # the SDK's metrics package stays out of a process without telemetry
     from .metric_histograms import FlowHistograms
+    from .recording.ocsf_export import OcsfExporter  # the OCSF mapping only with a sink (_make_ocsf)
 
-__all__ = ["SidecarServices", "InjectorRegistry", "build_services"]
+__all__ = ["SidecarServices", "InjectorRegistry", "build_services", "OCSF_SINKS"]
+
+# The variables that each configure an OCSF sink (recording/ocsf_export.exporter_from_env).
+OCSF_SINKS = (c.ENV_OCSF_FILE, c.ENV_OCSF_S3_PREFIX, c.ENV_OCSF_OTLP_ENDPOINT)
 
 log = logging.getLogger("chaperone.services")
 
@@ -305,7 +309,11 @@ def _make_telemetry(config: SidecarConfig, services: SidecarServices) -> None:
 def _make_ocsf(config: SidecarConfig, services: SidecarServices) -> None:
     """OCSF export of the recorded flows when a ``CHAPERONE_OCSF_*`` sink is set
     (recording/ocsf_export.py). The S3 sink gets a store of its own (same bucket, endpoint and
-    credentials as the recording): it runs on the exporter thread's loop, not the proxy's."""
+    credentials as the recording): it runs on the exporter thread's loop, not the proxy's.
+    Without a sink variable the OCSF mapping and exporter modules are not imported (idle RSS,
+    issue 16)."""
+    if not any(os.environ.get(name, "").strip() for name in OCSF_SINKS):
+        return
     from .recording.ocsf_export import ENV_S3_PREFIX, exporter_from_env
 
     store = None

@@ -42,6 +42,7 @@ AWS_ONLY = ("botocore", "dateutil", "urllib3.contrib.pyopenssl")  # botocore's s
 ALWAYS_OUT = ("boto3", "s3transfer", "kubernetes", "kopf", "chaperone_operator", "aiohttp", "joserfc", "redis")
 # jsonschema: only for a policy that does not conform; the deferred modules' code (lean_imports)
 SCHEMA_ERRORS_ONLY = ("jsonschema", "referencing", "rpds", "jsonschema_specifications", "attrs")
+OCSF_ONLY = ("chaperone_sidecar.recording.ocsf", "chaperone_sidecar.recording.ocsf_export")
 DEFERRED_RUN = ("ruamel.yaml.main", "_ruamel_yaml", "service_identity.cryptography", "pyasn1", "zstandard.backend_c")
 
 
@@ -59,7 +60,8 @@ def _idle_modules(env, workdir: Path, extra_connections: list[dict] = ()) -> set
     return set(_idle_report(env, workdir, extra_connections)["modules"])
 
 
-def _idle_report(env, workdir: Path, extra_connections: list[dict] = (), extra_policies: list[dict] = ()) -> dict:
+def _idle_report(env, workdir: Path, extra_connections: list[dict] = (), extra_policies: list[dict] = (),
+                 extra_env: dict[str, str] | None = None) -> dict:
     conf = chaperone_config.write_config(workdir / "config", "full", upstream_ca=env.upstream.ca_file,
                                          interception_ca_dir=env.ca_dir)
     for conn in extra_connections:
@@ -73,6 +75,7 @@ def _idle_report(env, workdir: Path, extra_connections: list[dict] = (), extra_p
         BENCH_S3_BUCKET=env.s3_bucket, BENCH_S3_PREFIX="idle/", BENCH_S3_ENDPOINT=env.s3.endpoint_url,
         BENCH_S3_REGION=env.s3.region, BENCH_S3_ACCESS_KEY=env.s3.access_key,
         BENCH_S3_SECRET_KEY=env.s3.secret_key, BENCH_OTLP_ENDPOINT=env.upstream.otlp_endpoint)
+    child_env.update(extra_env or {})
     log = (workdir / "sidecar.log").open("w")
     proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "chaperone_proc.py"), "--profile", "full",
                              "--config-dir", str(conf), "--port", str(free_port()),
@@ -156,3 +159,9 @@ def test_jsonschema_loads_only_for_a_policy_that_does_not_conform(idle_report, b
     log = (tmp_path / "sidecar.log").read_text()
     assert "AccessPolicy bench/bad is invalid; its traffic is blocked: spec.rules[0].match.methods[0]: " in log
     assert "must match the regular expression ^[A-Z]+$" in log
+
+
+def test_the_ocsf_mapping_loads_only_with_a_sink(idle_report, bench_env, tmp_path):
+    assert _loaded(set(idle_report["modules"]), OCSF_ONLY) == []
+    report = _idle_report(bench_env, tmp_path, extra_env={"CHAPERONE_OCSF_FILE": str(tmp_path / "ocsf.jsonl")})
+    assert _loaded(set(report["modules"]), OCSF_ONLY) == sorted(OCSF_ONLY)

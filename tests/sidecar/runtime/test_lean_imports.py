@@ -106,3 +106,39 @@ def test_deferred_modules_load_only_when_used_and_then_work():
                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "OK"
+
+
+SLOW_MODULE = """
+import time, builtins
+builtins.chaperone_runs = getattr(builtins, "chaperone_runs", 0) + 1
+time.sleep(0.3)
+VALUE = 42
+"""
+
+
+def test_a_deferred_module_runs_once_when_two_threads_use_it(tmp_path, monkeypatch):
+    import builtins
+    import threading
+
+    from chaperone_sidecar import lean_imports
+
+    (tmp_path / "chaperone_slow_module.py").write_text(SLOW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "chaperone_slow_module", raising=False)
+    lean_imports._defer("chaperone_slow_module")
+    try:
+        module = sys.modules["chaperone_slow_module"]
+        assert lean_imports.is_deferred("chaperone_slow_module")
+        assert not hasattr(builtins, "chaperone_runs")
+        seen: list[int] = []
+        threads = [threading.Thread(target=lambda: seen.append(module.VALUE)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert seen == [42, 42] and builtins.chaperone_runs == 1  # type: ignore[attr-defined]
+        assert not lean_imports.is_deferred("chaperone_slow_module")
+    finally:
+        sys.modules.pop("chaperone_slow_module", None)
+        if hasattr(builtins, "chaperone_runs"):
+            del builtins.chaperone_runs  # type: ignore[attr-defined]

@@ -243,6 +243,7 @@ class Client:
                       max_body: int | None = None, max_redirects: int = 0) -> Response:
         """Send one request and read the whole answer. ``timeout``: a deadline for all of it
         (connect, send, answer); ``read_timeout`` overrides the client's for this call."""
+        method = method.upper()
         try:
             async with asyncio.timeout(timeout):
                 for _ in range(max_redirects + 1):
@@ -277,8 +278,10 @@ class Client:
                 status, reason, head = await self._send(conn, request, body, rt, shown)
             except _Stale:
                 self._discard(conn)
+                for idle in self._idle.pop(origin.key, []):  # closed by the same server, likely
+                    idle.abort()
                 if attempt == 0 and method in IDEMPOTENT:
-                    continue
+                    continue  # once more, on a new connection
                 raise HTTPError(f"{method} {shown}: the server closed the kept-alive connection "
                                 f"before answering (not retried: {method} is not idempotent)") from None
             except BaseException:

@@ -274,6 +274,19 @@ def test_a_stale_kept_alive_connection_is_retried_for_idempotent_requests_only(u
     assert upstream.requests == [("GET", "/drop-reused"), ("POST", "/drop-reused")]
 
 
+def test_a_retry_after_a_stale_connection_takes_a_new_one_not_another_pooled_one(upstream):
+    """Two kept-alive connections in the pool, both closed by the server: the retry opens a
+    new connection instead of trying the other stale one (and failing the request)."""
+    async def main():
+        async with with_client() as client:
+            await asyncio.gather(*(client.request("GET", upstream.url("/drop-reused")) for _ in range(2)))
+            assert client.connections_opened == 2
+            answer = await client.request("GET", upstream.url("/drop-reused"))
+            return answer.body, client.connections_opened
+
+    assert run(main()) == (b"first", 3)
+
+
 def test_a_connection_the_server_closed_while_idle_is_not_reused(upstream):
     async def main():
         async with with_client() as client:

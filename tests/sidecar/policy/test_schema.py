@@ -209,7 +209,8 @@ def test_a_claudeconnection_is_checked_against_its_crd():
     assert errors_of(bad, kind) == [
         "spec.hosts: must be of type array, got string",
         "spec.hostz: unknown field",
-        'spec.type: unsupported value "ftp": supported values: "aws", "http", "kubernetes", "anthropic", "postgres", "mcp"',
+        'spec.type: unsupported value "ftp": supported values: '
+        '"aws", "http", "kubernetes", "anthropic", "postgres", "mcp"',
     ]
     assert errors_of({**connection, "kind": "AccessPolicy"}, kind) == [
         'kind: must be "ClaudeConnection", got "AccessPolicy"']
@@ -246,10 +247,22 @@ def test_schema_does_not_import_the_compiler():
 # ---------------------------------------------------------------------------- jsonschema only when needed
 
 def _examples() -> list[dict]:
+    """The example objects, and the benchmark's 50-rule policy (every rule shape it has)."""
     docs = [d for path in sorted((REPO / "examples").rglob("*.yaml"))
             for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    docs += [_bench_policy()]
     return [d for d in docs if d.get("apiVersion") == "chaperone.dev/v1alpha1"
             and d.get("kind") in ("AccessPolicy", "ClaudeConnection")]
+
+
+def _bench_policy() -> dict:
+    import sys
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench import chaperone_config
+
+    return chaperone_config.policy("full")
 
 
 def _mutations(value, rng, depth=0):

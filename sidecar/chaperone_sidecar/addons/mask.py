@@ -108,7 +108,7 @@ from ..policy.masking.stream import StreamMasker
 from ..policy.model import MaskSpec
 from ..services import SidecarServices
 from . import refusal
-from .streaming import body_leaves_early
+from .streaming import body_leaves_early, header_value
 
 __all__ = ["Mask", "UNMASKABLE", "SECRET_DATA", "effective_masks", "masker_for", "mask_whole",
            "stream_masker"]
@@ -160,7 +160,7 @@ def _json_lines(flow: http.HTTPFlow, ctx: flowctx.FlowContext) -> bool:
     """A stream of one JSON document per line: NDJSON, or a Kubernetes watch (served as plain
     ``application/json``, so the classified verb tells)."""
     assert flow.response is not None  # called at responseheaders
-    content_type = flow.response.headers.get("content-type", "").lower()
+    content_type = header_value(flow.response.headers, b"content-type").lower()
     if _mime(flow.response.headers) in _JSON_LINES or "stream=watch" in content_type:
         return True
     kube = ctx.action.kubernetes if ctx.action is not None else None
@@ -228,7 +228,7 @@ class Mask:
         elif masker.active:
             try:
                 stream = stream_masker(masker, _mime(flow.request.headers) or None,
-                                       flow.request.headers.get("content-encoding"))
+                                       header_value(flow.request.headers, b"content-encoding"))
             except MaskingError as exc:
                 capture.withhold(f"not recorded: the body cannot be masked ({exc})")
         # Wrap what is there (InjectCredentials' aws-chunked decoder): replacing it would send
@@ -260,7 +260,7 @@ class Mask:
             return None
         masker = masker_for(effective_masks(ctx), "request")
         try:
-            codings = parse_content_encoding(flow.request.headers.get("content-encoding"))
+            codings = parse_content_encoding(header_value(flow.request.headers, b"content-encoding"))
         except UnsupportedEncoding as exc:
             if masker.active:
                 capture.size = len(raw)
@@ -326,7 +326,7 @@ class Mask:
                 resp.stream = _Passthrough(flow, capture)
             return
         try:
-            codings = parse_content_encoding(resp.headers.get("content-encoding"))
+            codings = parse_content_encoding(header_value(resp.headers, b"content-encoding"))
         except UnsupportedEncoding as exc:
             self._refuse_early(flow, capture, str(exc))
             return
@@ -336,7 +336,7 @@ class Mask:
             elif stream and _json_lines(flow, ctx):
                 # A watch or NDJSON stream never ends: each line is a whole document.
                 try:
-                    lines = masker.lines(mime or None, resp.headers.get("content-encoding"))
+                    lines = masker.lines(mime or None, header_value(resp.headers, b"content-encoding"))
                 except MaskingError as exc:
                     self._refuse_early(flow, capture, str(exc))
                     return
@@ -353,7 +353,7 @@ class Mask:
         if not stream:
             resp.stream = False  # masked whole in `response`
             return
-        sm = stream_masker(masker, mime or None, resp.headers.get("content-encoding"),
+        sm = stream_masker(masker, mime or None, header_value(resp.headers, b"content-encoding"),
                            max_decoded_bytes=masker.max_body_bytes)
         resp.stream = _MaskedStream(flow, capture, sm, ctx)
         if codings:
@@ -375,13 +375,13 @@ class Mask:
         masker = masker_for(effective_masks(ctx), "response")
         if not masker.active:
             try:
-                codings = parse_content_encoding(resp.headers.get("content-encoding"))
+                codings = parse_content_encoding(header_value(resp.headers, b"content-encoding"))
             except UnsupportedEncoding:
                 codings = ()
             _keep_unmasked(capture, raw, codings)
             return None
         try:
-            codings = parse_content_encoding(resp.headers.get("content-encoding"))
+            codings = parse_content_encoding(header_value(resp.headers, b"content-encoding"))
             if _off_loop(raw, codings):  # awaited by mitmproxy: other flows go on meanwhile
                 return self._mask_response_off_loop(flow, ctx, capture, masker, raw, codings)
             masked = mask_whole(masker, raw, _mime(resp.headers), codings)
@@ -415,7 +415,7 @@ class Mask:
         wire, plain, result = masked
         if wire is not raw:
             resp.raw_content = wire
-            if "transfer-encoding" not in resp.headers:
+            if not _has(resp.headers, b"transfer-encoding"):
                 resp.headers["content-length"] = str(len(wire))
         _publish(ctx, capture, plain, result)
 
@@ -495,15 +495,28 @@ def masker_for(masks: tuple[MaskSpec, ...], direction: str | None) -> Masker:
 
 
 def _mime(headers: http.Headers) -> str:
-    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return header_value(headers, b"content-type").split(";", 1)[0].strip().lower()
+
+
+def _has(headers: http.Headers, name: bytes) -> bool:
+    """``name in headers`` for a lower-case ``name``, without the KeyError ``in`` raises and
+    catches when the header is absent (issue 16)."""
+    return any(key.lower() == name for key, _ in headers.fields)
 
 
 def _length(message: http.Message) -> int | None:
-    """Content-Length when it frames the body (not with Transfer-Encoding), else None."""
-    if "transfer-encoding" in message.headers:
-        return None
-    value = message.headers.get("content-length", "").strip()
-    return int(value) if value.isdigit() else None
+    """Content-Length when it frames the body (not with Transfer-Encoding), else None.
+    Read from the header fields directly: ``in``/``get`` raise and catch a KeyError for each
+    missing header (most flows have no Transfer-Encoding; issue 16)."""
+    length = None
+    for key, value in message.headers.fields:
+        name = key.lower()
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            length = value if length is None else length + b", " + value
+    text = length.decode("utf-8", "surrogateescape").strip() if length is not None else ""
+    return int(text) if text.isdigit() else None
 
 
 def _keep_unmasked(capture: BodyCapture, raw: bytes, codings: tuple[str, ...]) -> None:

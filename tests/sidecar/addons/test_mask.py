@@ -570,3 +570,49 @@ def test_recorded_secret_create_request_is_masked(mask):
     _hook(mask.request(f))
     assert f.request.content == body  # upstream unchanged
     assert SECRET_VALUE.encode() not in bytes(flowctx.get(f).bodies.get("request").data)
+
+
+# ---------------------------------------------------------------------------- header lookups
+
+def test_missing_headers_are_looked_up_without_a_key_error(mask, monkeypatch):
+    """Mask's per-flow header reads (content-type, content-length, transfer-encoding,
+    content-encoding) raise no KeyError for a header that is absent - ``Headers.get`` and
+    ``in`` do, and most flows lack most of them (issue 16: a raise and catch each) - and
+    still frame and mask as before."""
+    misses = []
+    original = http.Headers.__getitem__
+
+    def counting(self, key):
+        try:
+            return original(self, key)
+        except KeyError:
+            misses.append(key)
+            raise
+
+    body = json.dumps({"AccessKeyId": AWS_KEY_ID.decode(), "note": "hi"}).encode()
+    f = make_flow()
+    respond(f, body, content_type="application/json", content_length=str(len(body)))
+    monkeypatch.setattr(http.Headers, "__getitem__", counting)
+    mask.responseheaders(f)
+    _hook(mask.response(f))
+    monkeypatch.undo()
+    assert f.response.stream is False  # a known length under the buffer limit: masked whole
+    assert AWS_KEY_ID not in f.response.raw_content
+    assert misses == []
+
+
+@pytest.mark.parametrize(("headers", "length"), [
+    ([(b"Content-Length", b"12")], 12),
+    ([(b"content-length", b" 7 ")], 7),
+    ([(b"Content-Length", b"5"), (b"Content-Length", b"5")], None),  # "5, 5": not a length
+    ([(b"Content-Length", b"12"), (b"Transfer-Encoding", b"chunked")], None),
+    ([(b"Transfer-Encoding", b"")], None),  # present, even empty: the body is not framed by length
+    ([(b"Content-Length", b"-1")], None),
+    ([], None),
+])
+def test_length_reads_content_length_as_headers_get_did(headers, length):
+    from chaperone_sidecar.addons.mask import _length
+
+    resp = http.Response.make(200)
+    resp.headers = http.Headers(headers)
+    assert _length(resp) == length

@@ -40,7 +40,7 @@ import bisect
 import json
 import re
 
-from .prefilter import B64_HEAD, B64_TAIL, MASKED, UPPER, Prefilter
+from .prefilter import B64_HEAD, B64_WINDOW, MASKED, UPPER, Prefilter
 from .spans import MASK_TOKEN_RE, Finding, Rule, mask_text, mask_token, merge, prefilter_for, scan, string_spans
 
 B64_MIN = 16  # shortest base64 run decoded (12 bytes; an AWS key id alone encodes to 28)
@@ -119,17 +119,18 @@ def _b64decode(run: bytes) -> bytes | None:
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
 
 
-_TAIL = Prefilter((B64_TAIL,))
+_WINDOW = Prefilter((B64_WINDOW,))
 
 
 def _first_run(text: bytes, rules: tuple[Rule, ...]) -> int:
     """Where the first run with an upper-case letter starts, or -1 (the cheap common case).
 
-    Such a run has a 16-character window of the alphabet that starts (``B64_HEAD``) or ends
-    (``B64_TAIL``) with an upper-case letter, so it lies in the stretch of alphabet
-    characters holding the first such window or later: the search starts there. No window
-    starts before the stretch of the first upper-case letter (``UPPER``), and a tail window
-    only matters before the first head window: the tail is searched only there."""
+    Such a run has a 16-character window of the alphabet with an upper-case letter in it
+    (``B64_WINDOW``), so it lies in the stretch of alphabet characters holding the first such
+    window or later: the search starts there. No window lies before the stretch of the first
+    upper-case letter (``UPPER``), and the first window that starts with one (``B64_HEAD``,
+    found by the one pass) bounds where the first window is: windows are searched only
+    between the two."""
     hits = prefilter_for(rules).hits(text)
     upper = hits.positions((UPPER,))
     if not upper:
@@ -138,9 +139,9 @@ def _first_run(text: bytes, rules: tuple[Rule, ...]) -> int:
     heads = hits.positions((B64_HEAD,))
     first = heads[0] if heads else len(text)
     if first > lo:
-        tails = _TAIL.hits(text[lo : first + 16]).positions((B64_TAIL,))
-        if tails:
-            first = min(first, lo + tails[0])
+        windows = _WINDOW.hits(text[lo : first + 16]).positions((B64_WINDOW,))
+        if windows:
+            first = min(first, lo + windows[0])
     if first >= len(text):
         return -1
     for m in _B64_RUN.finditer(text, len(text[:first].rstrip(_ALPHABET))):

@@ -18,6 +18,7 @@ import base64
 import dataclasses
 import json
 import random
+import re
 
 import pytest
 
@@ -193,6 +194,39 @@ def test_long_hostile_runs_mask_identically():
         new, old = _both(doc, True)
         assert new == old
         assert new[1], "a secret was planted at the end"
+
+
+_B64_HEAD_OR_TAIL = re.compile(rb"[A-Z][A-Za-z0-9+/_-]{15}|[A-Za-z0-9+/_-]{15}[A-Z]")
+
+
+def _short_runs(n: int, seed: int = 17) -> list[bytes]:
+    """Base64 runs of 16-30 characters of a small secret whose upper-case letters all sit in
+    the middle: no 16-character window starts or ends with one (``ePRUIGFAYmMuaW8g``)."""
+    rnd = random.Random(seed)
+    secrets = [b"a@bc.io", b"ssn 536-22-1234", b"password=hunter22", AWS_KEY_ID]
+    out: list[bytes] = []
+    while len(out) < n:
+        raw = rnd.randbytes(rnd.randrange(4)) + b" " + rnd.choice(secrets) + b" " + rnd.randbytes(rnd.randrange(4))
+        run = base64.b64encode(raw).rstrip(b"=")
+        if len(run) < decoded.B64_MIN or not re.search(rb"[A-Z]", run) or _B64_HEAD_OR_TAIL.search(run) \
+                or re.search(rb"[+/]", run):
+            continue
+        if ref_decoded.mask_decoded(run, OLD_RULES) != run:  # the reference finds the secret
+            out.append(run)
+    return out
+
+
+def test_short_base64_runs_with_inner_upper_case_mask_identically():
+    """A base64 run of 16-30 characters whose upper-case letters are all in its middle is
+    decoded like any other (session 5: the engine looked only for windows that start or end
+    with an upper-case letter and let these through unmasked)."""
+    runs = _short_runs(12)
+    docs = [b"x " + r + b" y" for r in runs] + [b'{"v": "' + r + b'"}' for r in runs]
+    docs.append(b"lower case prose " * 50 + b" ".join(runs))
+    for doc in docs:
+        new, old = _both(doc, True)
+        assert new == old, doc
+        assert new[1], f"{doc!r}: the planted secret is masked"
 
 
 def test_corpus_exercises_every_rule():

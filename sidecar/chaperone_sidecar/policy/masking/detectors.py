@@ -29,10 +29,10 @@ import binascii
 import bisect
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from .prefilter import Trigger, literal
-from .spans import MASK_TOKEN_RE, MatchLike, Rule, SpanMatch, anchored, leftmost, prefilter_for
+from .spans import MASK_TOKEN_RE, MatchLike, Rule, SpanMatch, anchored, at_offset, leftmost, prefilter_for
 
 PEM_BODY_MAX = 8 * 1024  # longest PEM body matched as a closed BEGIN..END block
 
@@ -287,10 +287,6 @@ def _email_ok(text: bytes, m: MatchLike) -> bool:
 # --- where anchored finders start matching (see spans.anchored) ----------------------------
 
 
-def _at(offset: int) -> Callable[[bytes, int], Iterable[int]]:
-    return lambda text, i: (i - offset,)
-
-
 _KEY_QUOTE_MAX = 101  # keys are at most 100 bytes: the quote is at most this far before a key word
 
 
@@ -480,41 +476,41 @@ RULES: dict[str, tuple[Rule, ...]] = {
         # is still readable to anyone who knows the prefix. Every occurrence is tried (the
         # anchored finder), so a decoy "AKIA" just before the real one cannot shift the match.
         Rule("aws-access-key-id", _AWS_ID_RE, max_len=20, triggers=tuple(map(literal, _AWS_ID_ANCHORS)),
-             find=anchored(_AWS_ID_RE, _at(0)), open_from=_at(0), open_tail=4),
+             find=anchored(_AWS_ID_RE, at_offset(0)), open_from=at_offset(0), open_tail=4),
     ),
     "aws-secret-key": (
         # Context required (see module docstring): a credential label (...secret...key), a
         # separator, then exactly 40 characters of the secret-key alphabet.
         Rule("aws-secret-key", _AWS_SECRET_RE, max_len=100, triggers=(literal(b"secret"),),
-             find=anchored(_AWS_SECRET_RE, _at(0)), open_from=_at(0), open_tail=6),
+             find=anchored(_AWS_SECRET_RE, at_offset(0)), open_from=at_offset(0), open_tail=6),
     ),
     "private-key": (
         # A closed block is masked whole (any content, headers included, escaped newlines in
         # JSON too); a BEGIN with no END within PEM_BODY_MAX masks the key-material run after it.
         Rule("private-key", _PEM_RE,
             max_len=PEM_BODY_MAX + 200, triggers=(literal(b"-----BEGIN ", caseless=False),),
-            find=leftmost(_PEM_RE), continuation=re.compile(_PEM_RUN, _F), open_from=_at(0), open_tail=11),
+            find=leftmost(_PEM_RE), continuation=re.compile(_PEM_RUN, _F), open_from=at_offset(0), open_tail=11),
     ),
     "jwt": (
         # header.payload.signature in base64url; the header must start like a JSON object
         # ("ey" for '{"', "ew" for '{\n') and decode to one with "alg". A JWT glued to other
         # token characters is still one (see _jwt_find).
         Rule("jwt", _JWT_RE, max_len=11300, triggers=(_JWT_TRIGGER,), validate=_jwt_ok, find=_jwt_find,
-             open_from=_at(0), open_tail=10),
+             open_from=at_offset(0), open_tail=10),
     ),
     "bearer-token": (
         # "Authorization: Bearer x" (header dumps, JSON, curl lines): anything after Bearer.
         Rule("bearer-token", _AUTH_RE, max_len=8300, triggers=(literal(b"authorization"),),
-             validate=lambda t, m: _not_token(m.group("s")), find=anchored(_AUTH_RE, _at(0)), open_from=_at(0),
-             open_tail=13),
+             validate=lambda t, m: _not_token(m.group("s")), find=anchored(_AUTH_RE, at_offset(0)),
+             open_from=at_offset(0), open_tail=13),
         # "Bearer x" without the label: only token-looking values (see _bare_bearer_ok).
         Rule("bearer-token", _BEARER_RE, max_len=8220, triggers=(literal(b"bearer"),),
-             validate=_bare_bearer_ok, find=anchored(_BEARER_RE, _at(0)), open_from=_at(0), open_tail=6),
+             validate=_bare_bearer_ok, find=anchored(_BEARER_RE, at_offset(0)), open_from=at_offset(0), open_tail=6),
         # OAuth token responses: {"access_token": "...", "token_type": "Bearer"}.
         Rule("bearer-token", _OAUTH_RE, max_len=8300,
              triggers=tuple(map(literal, (b"access_token", b"refresh_token", b"id_token"))),
-             validate=_oauth_ok, lookahead=_CTX, lookbehind=_CTX, find=anchored(_OAUTH_RE, _at(1)),
-             open_from=_at(1), open_tail=1 + 13),
+             validate=_oauth_ok, lookahead=_CTX, lookbehind=_CTX, find=anchored(_OAUTH_RE, at_offset(1)),
+             open_from=at_offset(1), open_tail=1 + 13),
     ),
     "secret-json-key": (
         # Any string value under a secret-named key; the key is kept, the value (escapes and

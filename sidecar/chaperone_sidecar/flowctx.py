@@ -29,7 +29,7 @@ from .policy.model import Action, Decision, HTTPRequest, Identity
 from .routing import normalize_host
 from .snapshot import Snapshot
 
-__all__ = ["KEY", "FlowContext", "RecordingSettings", "BodyCapture", "RecordProgress",
+__all__ = ["KEY", "FlowContext", "RecordingSettings", "BodyCapture", "RequestURL", "RecordProgress",
            "TelemetryProgress", "FULL_BODY_CAP", "get", "ensure", "request_of", "request_body"]
 
 KEY = "chaperone"
@@ -128,6 +128,22 @@ class BodyCapture:
                 f"binary={self.binary}, streamed={self.streamed}, recordable={self.recordable})")
 
 
+# ============================================================================ request URL
+
+@dataclass(frozen=True)
+class RequestURL:
+    """The request's host and its URL as recorded (credential-like query parameters redacted,
+    the decision's detectors applied), worked out once per flow: Record builds it for the
+    request event, Telemetry reuses it for ``server.address`` and ``url.full`` (issue 16: the
+    Host header parse and the URL's masking ran twice per flow). ``source`` is what it was
+    worked out from (:func:`~.recording.flow_events.recorded_url`): one whose source no longer
+    matches the flow is worked out again."""
+
+    source: tuple[Any, ...]
+    host: str
+    url: str
+
+
 # ============================================================================ private progress
 
 @dataclass
@@ -177,6 +193,7 @@ class FlowContext:
     masked: dict[str, int] = field(default_factory=dict)  # masked kinds -> count (response)
     bodies: dict[str, BodyCapture] = field(default_factory=dict)  # Mask's captures, by direction
     request_digest: str = ""  # sha256:... of the canonical request (approvals, grants)
+    request_url: RequestURL | None = None  # host and recorded URL (recorded_url; Record, Telemetry)
     started: float = field(default_factory=time.monotonic)
     upstream_started: float = 0.0
     upstream_latency: float = 0.0

@@ -57,10 +57,9 @@ from mitmproxy import http
 from .. import flowctx
 from ..flowctx import FULL_BODY_CAP, BodyCapture, RecordingSettings
 from ..log_setup import flow_fields
-from ..policy.masking.masker import Masker
 from ..policy.model import MaskSpec
 from ..recording.events import new_event
-from ..recording.flow_events import body_of, identity_of, pretty_url, redact_headers, redact_text, redact_url
+from ..recording.flow_events import body_of, detectors, identity_of, recorded_url, redact_headers, redact_text
 from ..recording.spool import SpoolUnavailable
 from ..services import SidecarServices
 from .refusal import refuse
@@ -75,12 +74,6 @@ RECORDING_RETRY_AFTER = "5"  # seconds; Retry-After of a request refused by stri
 
 def _ms(seconds: float | None) -> int | None:
     return int(round(seconds * 1000)) if seconds is not None and seconds >= 0 else None
-
-
-@functools.lru_cache(maxsize=256)
-def _detectors(masks: tuple[MaskSpec, ...]) -> Masker:
-    """Every mask of a decision, whatever its target, compiled once (specs are frozen)."""
-    return Masker(masks, direction=None)
 
 
 @functools.lru_cache(maxsize=256)
@@ -279,7 +272,7 @@ class Record:
         """Detectors for header values and URLs: every mask of the decision, whatever its
         target (these are recorded, not forwarded, so a response-only mask applies too)."""
         masks = ctx.decision.masks if ctx.decision is not None else ()
-        return _detectors(masks) if masks else None
+        return detectors(masks) if masks else None
 
     def _request_event(self, flow: http.HTTPFlow, ctx: flowctx.FlowContext,
                        settings: RecordingSettings, streamed: bool) -> dict[str, Any]:
@@ -287,7 +280,7 @@ class Record:
         masker = self._masker(ctx)
         data: dict[str, Any] = {
             "method": req.method,
-            "url": redact_url(pretty_url(req), masker),
+            "url": recorded_url(req, ctx).url,  # shared with Telemetry (flowctx.RequestURL)
             "httpVersion": req.http_version,
             "headers": redact_headers(req.headers, _injected_header(ctx), masker),
             "connection": ctx.connection or None,

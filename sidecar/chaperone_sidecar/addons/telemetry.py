@@ -63,7 +63,6 @@ bodies by their length.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -72,16 +71,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from mitmproxy import http
-from mitmproxy.net.http import url
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import flowctx
 from ..flow_spans import FlowSpans
 from ..genai_content import request_content, response_content
-from ..policy.masking.masker import Masker
-from ..policy.model import MaskSpec
-from ..recording.flow_events import redact_url
+from ..recording.flow_events import recorded_url
 from ..services import SidecarServices
 
 __all__ = ["Telemetry", "METER_NAME", "TRACER_NAME", "genai_response"]
@@ -353,7 +349,7 @@ class Telemetry:
               start: float, end: float, state: flowctx.TelemetryProgress) -> None:
         req, resp = flow.request, flow.response
         ident = ctx.identity
-        host, full_url = _pretty_host_url(req)
+        where = recorded_url(req, ctx)  # as the request event has them (Record worked them out)
         attrs: dict[str, Any] = dict(labels)
         attrs.update({
             "chaperone.identity.service_account": ident.service_account,
@@ -369,11 +365,10 @@ class Telemetry:
             "chaperone.grant": ctx.grant,
             "http.request.method": req.method,
             "url.scheme": req.scheme,
-            "server.address": host,
+            "server.address": where.host,
             "server.port": req.port,
             "url.path": req.path.partition("?")[0],
-            "url.full": redact_url(full_url, _detectors(ctx.decision.masks)
-                                   if ctx.decision is not None and ctx.decision.masks else None),
+            "url.full": where.url,
             "network.protocol.version": req.http_version.removeprefix("HTTP/"),
             "http.request.body.size": self._size(req, state.request),
         })
@@ -468,34 +463,6 @@ class Telemetry:
         if counter is not None and message.stream is counter:
             return counter.bytes
         return len(message.raw_content or b"")
-
-
-@functools.lru_cache(maxsize=256)
-def _detectors(masks: tuple[MaskSpec, ...]) -> Masker:
-    """The decision's masks, whatever their target, over ``url.full`` - as the recording does
-    for its URL, so a secret in a path never reaches a span (specs are frozen: cached)."""
-    return Masker(masks, direction=None)
-
-
-def _pretty_host_url(req: http.Request) -> tuple[str, str]:
-    """``(req.pretty_host, req.pretty_url)`` with the Host header parsed once (mitmproxy parses
-    it in each property, and the parse is most of their cost) - same values as the two
-    properties (``test_pretty_host_and_url_as_mitmproxy``)."""
-    header = req.host_header
-    if not header:
-        return req.host, (req.authority if req.first_line_format == "authority" else req.url)
-    host, port = (_authority(header) if len(header) <= 255 else
-                  url.parse_authority(header, check=False))
-    if req.first_line_format == "authority":
-        return host, req.authority
-    return host, url.unparse(req.scheme, host, port or url.default_port(req.scheme) or 443, req.path)
-
-
-@functools.lru_cache(maxsize=256)
-def _authority(header: str) -> tuple[str, int | None]:
-    """mitmproxy's lenient authority parse, cached for headers up to 255 characters (a pod
-    talks to a few hosts: a Host header repeats; 256 short keys bound the memory)."""
-    return url.parse_authority(header, check=False)
 
 
 def _sse(resp: http.Response) -> bool:

@@ -19,11 +19,13 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from ..flowctx import BodyCapture, RecordingSettings
-from ..policy.model import Identity
+from ..flowctx import BodyCapture, FlowContext, RecordingSettings, RequestURL
+from ..policy.masking.masker import Masker
+from ..policy.model import Identity, MaskSpec
 from .events import encode_body
 
-__all__ = ["REDACTED", "redact_headers", "redact_url", "redact_text", "identity_of", "body_of", "pretty_url"]
+__all__ = ["REDACTED", "redact_headers", "redact_url", "redact_text", "identity_of", "body_of", "pretty_url",
+           "pretty_host_url", "recorded_url", "detectors"]
 
 REDACTED = "[REDACTED]"
 _SENSITIVE = re.compile(
@@ -66,13 +68,45 @@ def pretty_url(req: http.Request) -> str:
     """``req.pretty_url``, with the Host header's parse cached (mitmproxy parses it on every
     access, with an IDNA check; a pod talks to a few hosts). Same value as the property
     (``test_pretty_url_as_mitmproxy``)."""
-    if req.first_line_format == "authority":
-        return req.authority
+    return pretty_host_url(req)[1]
+
+
+def pretty_host_url(req: http.Request) -> tuple[str, str]:
+    """``(req.pretty_host, req.pretty_url)`` with the Host header parsed once (mitmproxy parses
+    it in each property, and the parse is most of their cost) - same values as the two
+    properties (``test_pretty_host_and_url_as_mitmproxy``)."""
     header = req.host_header
     if not header:
-        return req.url
+        return req.host, (req.authority if req.first_line_format == "authority" else req.url)
     host, port = _authority(header) if len(header) <= 255 else url.parse_authority(header, check=False)
-    return url.unparse(req.scheme, host, port or url.default_port(req.scheme) or 443, req.path)
+    if req.first_line_format == "authority":
+        return host, req.authority
+    return host, url.unparse(req.scheme, host, port or url.default_port(req.scheme) or 443, req.path)
+
+
+@functools.lru_cache(maxsize=256)
+def detectors(masks: tuple[MaskSpec, ...]) -> Masker:
+    """Every mask of a decision, whatever its target, over values that are only recorded or
+    exported (header values, the URL, summaries): compiled once (specs are frozen)."""
+    return Masker(masks, direction=None)
+
+
+def recorded_url(req: http.Request, ctx: FlowContext) -> RequestURL:
+    """The request's host and recorded URL (:func:`pretty_host_url`; :func:`redact_url` with
+    every mask of the flow's decision), kept on the flow's context: Record and Telemetry both
+    need them and the second asks for free. Worked out again when what they come from changed
+    since (the decision's masks, the request line, the Host header: mitmproxy replaces the
+    header tuple on every change, so an unchanged one is the same object)."""
+    masks = ctx.decision.masks if ctx.decision is not None else ()
+    data = req.data
+    source = (masks, data.method, data.scheme, data.authority, data.host, data.port, data.path,
+              data.http_version, data.headers.fields)
+    memo = ctx.request_url
+    if memo is not None and memo.source == source:
+        return memo
+    host, full = pretty_host_url(req)
+    memo = ctx.request_url = RequestURL(source, host, redact_url(full, detectors(masks) if masks else None))
+    return memo
 
 
 @functools.lru_cache(maxsize=256)

@@ -451,6 +451,59 @@ def test_url_full_gets_the_decisions_detectors_like_the_recording(otel):
     assert "[MASKED:aws-access-key-id]" in span.attributes["url.full"]
 
 
+def test_url_full_and_host_reuse_what_the_recording_worked_out(otel, monkeypatch):
+    """When Record worked the URL out for the request event (flow_events.recorded_url), the
+    span takes it from the flow's context - the Host parse and the URL's masking are not done
+    a second time (issue 16) - and worked out again when the flow changed since (here: the
+    decision's masks), so the span still has what the recording of this request has."""
+    from chaperone_sidecar.policy.masking.masker import Masker
+    from chaperone_sidecar.policy.model import MaskSpec
+    from chaperone_sidecar.recording import flow_events
+
+    t = otel.addon
+    masks = (MaskSpec(detectors=("aws-access-key-id",)),)
+    f = make_flow(decision=Decision("allow", masks=masks))
+    f.request.path = "/repos/AKIAIOSFODNN7EXAMPLE/r?access_token=secret123"
+    ctx = flowctx.get(f)
+    recorded = flow_events.recorded_url(f.request, ctx)  # what Record does for the request event
+    scans = []
+    original = Masker.mask_str
+    monkeypatch.setattr(Masker, "mask_str", lambda self, text: scans.append(text) or original(self, text))
+    t.request(f)
+    f.response = http.Response.make(200, b"ok")
+    t.response(f)
+    [span] = otel.spans.get_finished_spans()
+    assert scans == []  # the URL was not masked again
+    assert span.attributes["url.full"] == recorded.url == \
+        "https://api.github.com/repos/[MASKED:aws-access-key-id]/r?access_token=[REDACTED]"
+    assert span.attributes["server.address"] == recorded.host == "api.github.com"
+
+    f2 = make_flow(decision=Decision("allow", masks=masks))
+    flow_events.recorded_url(f2.request, flowctx.get(f2))
+    flowctx.get(f2).decision = Decision("allow")  # judged again since: no masks now
+    f2.request.path = "/repos/AKIAIOSFODNN7EXAMPLE/r"
+    t.request(f2)
+    f2.response = http.Response.make(200, b"ok")
+    t.response(f2)
+    assert otel.spans.get_finished_spans()[-1].attributes["url.full"] == \
+        "https://api.github.com/repos/AKIAIOSFODNN7EXAMPLE/r"
+
+
+def test_recorded_url_is_worked_out_again_when_its_source_changed():
+    from chaperone_sidecar.policy.model import MaskSpec
+    from chaperone_sidecar.recording.flow_events import recorded_url
+
+    f = make_flow(decision=Decision("allow", masks=(MaskSpec(detectors=("aws-access-key-id",)),)))
+    ctx = flowctx.get(f)
+    first = recorded_url(f.request, ctx)
+    assert recorded_url(f.request, ctx) is first
+    f.request.headers["host"] = "other.example:8443"
+    second = recorded_url(f.request, ctx)
+    assert (second.host, second.url) == (f.request.pretty_host, "https://other.example:8443/repos/o/r?access_token=[REDACTED]")
+    f.request.path = "/AKIAIOSFODNN7EXAMPLE"
+    assert recorded_url(f.request, ctx).url == "https://other.example:8443/[MASKED:aws-access-key-id]"
+
+
 def test_genai_content_is_opt_in_and_only_the_masked_capture(otel):
     """Off by default; on, the attributes come from Mask's captures (what the recording
     stores), never from the wire body - here the wire says PROMPT-SECRET, the capture masked it."""
@@ -556,7 +609,7 @@ def test_span_attributes_of_a_plain_flow_in_full(otel):
                         authority=b"h2.example.com", headers=http.Headers()),
 ])
 def test_pretty_host_and_url_as_mitmproxy(build):
-    from chaperone_sidecar.addons.telemetry import _pretty_host_url
+    from chaperone_sidecar.recording.flow_events import pretty_host_url as _pretty_host_url
 
     for _ in range(2):  # cold and cached
         req = build()
@@ -584,5 +637,6 @@ def test_requests_counter_has_the_counter_type_and_an_overflow_series(otel, monk
     f = make_flow()
     flowctx.get(f).connection = "b"
     t.response(f)
-    got = {p.attributes.get("chaperone.connection", "overflow"): p.value for p in metric_points(otel.reader)["chaperone.requests"]}
+    got = {p.attributes.get("chaperone.connection", "overflow"): p.value
+           for p in metric_points(otel.reader)["chaperone.requests"]}
     assert got == {"a": 2, "b": 2, "overflow": 2}  # cumulative

@@ -56,6 +56,13 @@ class FlowSpans:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
         self.readable = sdk.ReadableSpan
+        from opentelemetry.sdk.trace import sampling
+
+        # the SDK's default sampler (and OTEL_TRACES_SAMPLER=parentbased_always_on): without a
+        # parent it defers to its root, ALWAYS_ON - answered in emit without the call
+        self.parent_based = tuple(getattr(sampling, n) for n in ("ParentBased", "_ParentBasedAlwaysOn")
+                                  if hasattr(sampling, n))
+        self.always_on = sampling.ALWAYS_ON
         self.noop_start = (BatchSpanProcessor, SimpleSpanProcessor)  # on_start/_on_ending: nothing
         self.direct = (isinstance(tracer.span_processor, sdk.SynchronousMultiSpanProcessor)
                        and os.environ.get(_METRICS_ENV, "").strip().lower() != "true")  # as the SDK reads it
@@ -79,20 +86,29 @@ class FlowSpans:
         else:
             trace_id = parent.trace_id
             random_trace_id = parent.trace_flags.random_trace_id
-        result = tracer.sampler.should_sample(None, trace_id, name, kind, attributes, ())
-        span_id = tracer.id_generator.generate_span_id()  # drawn for an unrecorded span too
-        if not result.decision.is_recording():
-            return  # a NonRecordingSpan: nothing reaches the processors
-        flags = TraceFlags.SAMPLED if result.decision.is_sampled() else TraceFlags.DEFAULT
+        sampled_attrs: Any = attributes
+        trace_state = None
+        if parent is None and self._always_on(tracer.sampler):
+            # what ParentBased(ALWAYS_ON) answers without a parent: record and sample, the
+            # attributes as given, no trace state (two context look-ups and a result less)
+            span_id = tracer.id_generator.generate_span_id()
+            flags = TraceFlags.SAMPLED
+        else:
+            result = tracer.sampler.should_sample(None, trace_id, name, kind, attributes, ())
+            span_id = tracer.id_generator.generate_span_id()  # drawn for an unrecorded span too
+            if not result.decision.is_recording():
+                return  # a NonRecordingSpan: nothing reaches the processors
+            flags = TraceFlags.SAMPLED if result.decision.is_sampled() else TraceFlags.DEFAULT
+            sampled_attrs, trace_state = result.attributes, result.trace_state
         if random_trace_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
         context = trace_api.SpanContext(trace_id, span_id, is_remote=False,
-                                        trace_flags=TraceFlags(flags), trace_state=result.trace_state)
+                                        trace_flags=TraceFlags(flags), trace_state=trace_state)
         limits = tracer._span_limits
-        attrs: Any = _plain(result.attributes, limits.max_span_attribute_length,
+        attrs: Any = _plain(sampled_attrs, limits.max_span_attribute_length,
                             limits.max_span_attributes)
         if attrs is None:
-            attrs = BoundedAttributes(limits.max_span_attributes, result.attributes, immutable=True,
+            attrs = BoundedAttributes(limits.max_span_attributes, sampled_attrs, immutable=True,
                                       max_value_len=limits.max_span_attribute_length)
         span = self.readable(name=name, context=context, parent=parent, resource=tracer.resource,
                             attributes=attrs, kind=kind,
@@ -103,6 +119,14 @@ class FlowSpans:
                             instrumentation_scope=tracer._instrumentation_scope)
         for processor in processors:
             processor.on_end(span)
+
+    def _always_on(self, sampler: Any) -> bool:
+        """``sampler`` samples every span without a parent, as :meth:`emit` assumes: the SDK's
+        ``ALWAYS_ON``, or the SDK's ``ParentBased`` (exactly: a subclass may sample otherwise)
+        whose root is."""
+        if sampler is self.always_on:
+            return True
+        return type(sampler) in self.parent_based and sampler._root is self.always_on
 
 
 def _plain(attributes: Any, max_len: int | None, max_count: int | None) -> dict[str, Any] | None:

@@ -132,3 +132,47 @@ def test_another_processor_or_a_disabled_tracer_goes_through_the_sdk():
     noop = FlowSpans(trace.NoOpTracer())
     assert not noop.direct
     noop.emit("s", SpanKind.SERVER, {"a": 1}, 1, 2)
+
+
+def test_default_sampler_without_a_parent_is_answered_without_its_call():
+    """ParentBased(ALWAYS_ON) (the SDK's default) and ALWAYS_ON sample every span without a
+    parent: emit does not call them then (issue 16), and the spans still equal the SDK's
+    (test_direct_spans_equal_the_sdk_spans); a subclass of ParentBased or a span with a parent
+    is asked as before."""
+    calls = []
+
+    class Counting(ParentBased):
+        def should_sample(self, *args, **kwargs):
+            calls.append("subclass")
+            return super().should_sample(*args, **kwargs)
+
+    for sampler, asked in ((ParentBased(ALWAYS_ON), 0), (ALWAYS_ON, 0), (Counting(ALWAYS_ON), 3)):
+        provider = TracerProvider(sampler=sampler)
+        spans = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(spans))
+        tracer = provider.get_tracer("t")
+        original = type(sampler).should_sample
+        counted = []
+
+        def counting(self, *args, _original=original, _counted=counted, **kwargs):
+            _counted.append(1)
+            return _original(self, *args, **kwargs)
+
+        type(sampler).should_sample = counting
+        try:
+            flow_spans = FlowSpans(tracer)
+            for _ in range(3):
+                flow_spans.emit("s", SpanKind.SERVER, {"a": 1}, 1, 2)
+            parent = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            token = context_api.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+            try:
+                flow_spans.emit("child", SpanKind.SERVER, {"a": 1}, 1, 2)
+            finally:
+                context_api.detach(token)
+        finally:
+            type(sampler).should_sample = original
+        assert len(counted) == asked + 1  # the span with a parent: always asked
+        got = spans.get_finished_spans()
+        assert [s.name for s in got] == ["s", "s", "s", "child"]
+        assert all(s.context.trace_flags.sampled and s.context.trace_state.to_header() == "" for s in got)
+        assert got[-1].context.trace_id == 0xABC and got[-1].parent.span_id == 0xDEF

@@ -107,6 +107,8 @@ from .streaming import body_leaves_early, stream_large
 
 __all__ = ["Route"]
 
+_MAX_RECORDING_MEMO = 1024  # connections whose recording settings Route keeps built
+
 log = logging.getLogger("chaperone.route")
 _OVERRIDE_NAMES = frozenset(name.encode() for name in OVERRIDE_HEADERS)  # lower case, as fields compare
 
@@ -121,6 +123,20 @@ class Route:
         self.services = services
         config = getattr(services, "config", None)
         self._stream_size = human.parse_size(getattr(config, "stream_large_bodies", None) or "1m")
+        # connection name -> (its spec.recording object, the settings built from it): built once
+        # per configuration generation instead of per flow (issue 16; published specs are
+        # replaced, never changed in place - a new snapshot brings new objects)
+        self._recording: dict[str, tuple[Any, RecordingSettings]] = {}
+
+    def _recording_settings(self, name: str, recording: Any) -> RecordingSettings:
+        known = self._recording.get(name)
+        if known is not None and known[0] is recording:
+            return known[1]
+        if len(self._recording) >= _MAX_RECORDING_MEMO:
+            self._recording.clear()  # connections come and go: bounded
+        settings = RecordingSettings.from_spec(recording)
+        self._recording[name] = (recording, settings)
+        return settings
 
     # ------------------------------------------------------------------ hooks
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -140,7 +156,7 @@ class Route:
         assert conn is not None
         ctx.connection, ctx.connection_type = conn.name, conn.type
         recording = conn.spec.get("recording") if isinstance(conn.spec, Mapping) else None
-        ctx.recording = RecordingSettings.from_spec(recording)
+        ctx.recording = self._recording_settings(conn.name, recording)
         rules = path_rules(conn.type, conn.spec)
         problem = self._canonical(flow, ctx, conn.type, conn.spec, rules)
         if problem:

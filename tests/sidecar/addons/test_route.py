@@ -187,7 +187,8 @@ def test_raw_tcp_udp_and_dns_flows_are_closed():
 
 def test_request_of_and_the_routed_snapshot():
     svc = services()
-    f = make_flow("API.GitHub.com", path="/a%2Fb?x=1&y=2", headers=[(b"host", b"api.github.com"), (b"a", b"1"), (b"a", b"2")],
+    f = make_flow("API.GitHub.com", path="/a%2Fb?x=1&y=2",
+                  headers=[(b"host", b"api.github.com"), (b"a", b"1"), (b"a", b"2")],
                   content=b"body")
     req = request_of(f)
     assert (req.host, req.path, req.query, req.body) == ("api.github.com", "/a%2Fb", "x=1&y=2", b"body")
@@ -304,3 +305,34 @@ def test_a_method_field_in_a_form_body_is_stripped_or_refused_or_judged():
     bad.request.method = "POST"
     route(bad, services(CANON_CONNECTIONS))
     assert bad.response.status_code == 400
+
+
+def test_recording_settings_are_built_once_per_configuration_generation(monkeypatch):
+    """A connection's spec.recording becomes RecordingSettings once per published spec, not
+    per flow (issue 16); a new configuration brings new settings at the next flow."""
+    from chaperone_sidecar.flowctx import RecordingSettings
+
+    built = []
+    original = RecordingSettings.from_spec.__func__
+    monkeypatch.setattr(RecordingSettings, "from_spec",
+                        classmethod(lambda cls, spec: built.append(spec) or original(cls, spec)))
+    svc = services([{"metadata": {"name": "github"},
+                     "spec": {"type": "http", "hosts": ["api.github.com"],
+                              "recording": {"bodies": "none", "mode": "best-effort"}}}])
+    addon = Route(svc)
+    with taddons.context(addon):
+        contexts = []
+        for _ in range(3):
+            f = make_flow("api.github.com", path="/repos/x/y")
+            addon.requestheaders(f)
+            contexts.append(flowctx.get(f))
+        assert len(built) == 1
+        assert {(c.recording.bodies, c.recording.mode) for c in contexts} == {("none", "best-effort")}
+        svc.sources.publish({"connection_objs": [
+            {"metadata": {"name": "github"},
+             "spec": {"type": "http", "hosts": ["api.github.com"], "recording": {"maxBodyBytes": 7}}}],
+            "policy_objs": [], "mounts": []})
+        f = make_flow("api.github.com", path="/repos/x/y")
+        addon.requestheaders(f)
+    assert len(built) == 2
+    assert flowctx.get(f).recording == RecordingSettings(max_body_bytes=7, mode="strict")

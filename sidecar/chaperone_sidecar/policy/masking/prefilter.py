@@ -123,20 +123,32 @@ class Prefilter:
         self._local.last = (text, result) if len(text) <= CACHE_MAX else None
         return result
 
+    def first(self, text: bytes) -> int:
+        """Where the first match of this database's one fixed-width trigger starts, or -1;
+        the scan stops there (Hyperscan reports in order of end offset)."""
+        (trigger,) = self.triggers
+        assert trigger.width is not None
+        found: list[int] = []
+        try:
+            self._db.scan(text, match_event_handler=_stop, context=found, scratch=self._scratch())
+        except hyperscan.ScanTerminated:
+            return found[0] - trigger.width
+        return -1
+
 
 # Base64 runs worth decoding (``decoded._runs``) are 16 characters or more of its alphabet
 # with an upper-case letter, so such a run holds a 16-character window of the alphabet with an
-# upper-case letter in it (``B64_WINDOW``). Only the first occurrences matter
-# (``decoded._first_run``). The window pattern costs ~2.5 ms per MiB of lower-case text (counted
-# classes, nothing to skip to), so it is not in the one pass: that reports the first upper-case
-# letter and the first window that *starts* with one (``B64_HEAD``, cheap), and the windows are
-# looked for only between them, when there is an upper-case letter at all. (Until session 5 of
-# issue 16 that second search looked only for windows *ending* with one: a run of 16-30
-# characters whose upper-case letters all sit in its middle was missed, e.g. the base64 of a
-# short address, ``ePRUIGFAYmMuaW8g``; tests/.../test_differential.py, short runs.)
+# upper-case letter in it (``B64_WINDOW``). Only the first one matters (``decoded._first_run``).
+# The window pattern costs ~2.5-4 ms per MiB of text (counted classes, nothing to skip to), so
+# it is not in the one pass: that reports only the first upper-case letter (``UPPER``), and
+# the first window is looked for from there (``Prefilter.first``: the scan stops at it), when
+# there is an upper-case letter at all. (Until session 5 of issue 16 the one pass also held the
+# windows that *start* with an upper-case letter, ~3 ms per MiB of log prose, and the second
+# search looked only for windows *ending* with one: a run of 16-30 characters whose upper-case
+# letters all sit in its middle was missed, e.g. the base64 of a short address,
+# ``ePRUIGFAYmMuaW8g``; tests/.../test_differential.py, short runs.)
 _B64_CHAR = rb"[A-Za-z0-9+/_\-]"
 UPPER = Trigger(rb"[A-Z]", 1, first=True)
-B64_HEAD = Trigger(rb"[A-Z]" + _B64_CHAR + rb"{15}", 16, first=True)
 
 
 def _window(k: int) -> bytes:
@@ -151,7 +163,7 @@ B64_WINDOW = Trigger(b"(?:" + b"|".join(_window(k) for k in range(16)) + b")", 1
 # one are not decoded (``decoded._runs``).
 MASKED = literal(b"[MASKED:", caseless=False)
 # In every database besides the rules' own triggers.
-SHARED_TRIGGERS = (UPPER, B64_HEAD, MASKED)
+SHARED_TRIGGERS = (UPPER, MASKED)
 
 
 def _release_freed_heap() -> None:
@@ -161,6 +173,11 @@ def _release_freed_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _stop(id_: int, start: int, end: int, flags: int, found: Any) -> bool:
+    found.append(end)
+    return True  # terminate the scan
 
 
 def _collect(id_: int, start: int, end: int, flags: int, ends: Any) -> None:  # ends: list[list[int]]

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chaperone_sidecar.policy.masking import decoded
 from chaperone_sidecar.policy.masking.decoded import canonical_json_strings, mask_base64, mask_binary
 from chaperone_sidecar.policy.masking.masker import Masker
 from chaperone_sidecar.policy.model import MaskSpec
@@ -178,3 +180,18 @@ def test_a_run_at_the_end_of_a_line_never_swallows_the_next_line():
     assert len(encoded) % 4 == 0 and not encoded.endswith("=")
     yaml = f"creds: {encoded}\nname: keep-me\n".encode()
     assert M.mask_bytes(yaml, "application/yaml").body == b"creds: [MASKED:aws-access-key-id]\nname: keep-me\n"
+
+
+def test_run_search_is_the_regex_search():
+    """``decoded._run_matches`` (stretches found by ``bytes.find``) gives exactly the matches
+    of ``_B64_RUN.finditer`` from any position: runs glued to "=", padding of 0-3 "=",
+    stretches of 15-17, runs cut by the start position, escapes and line breaks."""
+    rnd = random.Random(21)
+    alphabet = b"aZ09+/_-=\\n \"\n.:"
+    for _ in range(3000):
+        text = bytes(rnd.choice(alphabet) if rnd.random() < 0.2 else rnd.choice(b"aB3/")
+                     for _ in range(rnd.randrange(120)))
+        text = text.replace(b"=", b"=" * rnd.randrange(1, 4))
+        pos = rnd.randrange(len(text) + 1)
+        want = [m.span() for m in decoded._B64_RUN.finditer(text, pos)]
+        assert [m.span() for m in decoded._run_matches(text, pos)] == want, (text, pos)

@@ -14,6 +14,9 @@ base64     a JSON document with a 60-column wrapped base64 file (GitHub's conten
 binary     random bytes (masked as binary: printable runs, length preserving)
 =========  ====================================================================================
 
+``--floods`` masks the trigger floods of the hostile-body tests instead (a unit repeated to
+1 MiB; CPU seconds per MiB, old engine against new).
+
 Each corpus is masked whole (``decoded.mask_decoded`` / ``mask_binary``: what
 ``Masker.mask_bytes`` runs after decoding) and streamed in 64 KiB chunks (``StreamMasker``),
 by the product engine (``chaperone_sidecar.policy.masking``) and by the engine before issue 16
@@ -245,6 +248,29 @@ def engines(rounds: int = 5) -> list[tuple[str, str, float]]:
     return out
 
 
+FLOODS = (b"-----BEGIN ", b"AKIA", b"a@b.c", b"1 ", b"eyJhbGciOi.")
+
+
+def floods(rounds: int = 3, size: int = MIB) -> list[tuple[str, float, float, bool]]:
+    """Trigger floods (tests/sidecar/policy/masking/test_hostile.py): ``size`` bytes of one
+    unit and a card at the end, masked whole (JSON mode) by the engine before issue 16 and
+    the product engine, alternating: (unit, old and new best CPU seconds, same output)."""
+    engines = _engines()
+    out = []
+    for unit in FLOODS:
+        body = (unit * (size // len(unit) + 1))[:size] + b" 4111 1111 1111 1111"
+        outputs = {eng: engines[eng]["whole"](body, True, False) for eng in ("old", "new")}
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for r in range(rounds):
+            for eng in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                times[eng].append(_cpu(lambda b, e=eng: engines[e]["whole"](b, True, False), bytes(bytearray(body))))
+        same = outputs["old"] == outputs["new"]
+        out.append((unit.decode(), min(times["old"]), min(times["new"]), same))
+        print(f"{unit.decode()!r:16s} old {min(times['old']):7.3f} s  new {min(times['new']):7.3f} s "
+              f"(median {statistics.median(times['new']):.3f}) per {size / MIB:g} MiB  same={same}", flush=True)
+    return out
+
+
 def _cpu(fn: Callable[[bytes], object], body: bytes) -> float:
     t0 = time.process_time()
     fn(body)
@@ -269,10 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="whole,stream")
     ap.add_argument("--markdown", action="store_true", help="print a docs/benchmarks.md table at the end")
     ap.add_argument("--engines", action="store_true", help="only compare the candidate one-pass engines")
+    ap.add_argument("--floods", action="store_true", help="only mask the trigger floods (CPU s per MiB)")
     args = ap.parse_args(argv)
     if args.engines:
         engines(args.rounds)
         return 0
+    if args.floods:
+        return 0 if all(same for *_, same in floods(args.rounds, args.size)) else 1
     rows = run(args.rounds, args.size, tuple(args.modes.split(",")))
     if args.markdown:
         print(markdown(rows))

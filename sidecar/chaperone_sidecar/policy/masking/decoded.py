@@ -129,7 +129,7 @@ _RUN_CLASS = bytes(0x61 if c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrst
 _RUN_NEEDLE = b"a" * B64_MIN
 
 
-def _run_matches(text: bytes, pos: int) -> Iterator[re.Match[bytes]]:
+def _run_matches(text: bytes, pos: int, skip: list[int] | None = None) -> Iterator[re.Match[bytes]]:
     """``_B64_RUN.finditer(text, pos)``, without running the regex over the bytes between runs.
 
     A match of ``_B64_RUN`` is a maximal stretch of the alphabet (its lookbehind and lookahead
@@ -140,9 +140,15 @@ def _run_matches(text: bytes, pos: int) -> Iterator[re.Match[bytes]]:
     other positions follow an alphabet byte). The stretches are found by ``bytes.find`` on a
     one-byte-per-class copy. Measured (issue 16, session 5): the regex's finditer ran at ~30
     MB/s, so a body with a base64 run early cost ~30 ms per MiB for the rest of the body;
-    the copy and the finds cost ~1.5 ms per MiB."""
+    the copy and the finds cost ~1.5 ms per MiB. ``skip``: ``skip[0]``, set by the consumer,
+    is where the search goes on (the caller's matches starting before it are of no use)."""
     classes = text.translate(_RUN_CLASS)
-    while (j := classes.find(_RUN_NEEDLE, pos)) >= 0:
+    while True:
+        if skip is not None:
+            pos = max(pos, skip[0])
+        j = classes.find(_RUN_NEEDLE, pos)
+        if j < 0:
+            return
         start = classes.rfind(b" ", 0, j) + 1
         end = classes.find(b" ", j)
         end = len(text) if end < 0 else end
@@ -186,7 +192,8 @@ def _runs(text: bytes, rules: tuple[Rule, ...]) -> list[tuple[int, int]]:
     tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text, masked[0])] if masked else []
     ends = [b for _, b in tokens]
     out: list[tuple[int, int]] = []
-    for m in _run_matches(text, first):
+    skip = [first]  # after a wrapped run: its lines are not searched again
+    for m in _run_matches(text, first, skip):
         a, b = m.span()
         if out and a < out[-1][1]:
             continue  # already part of a wrapped run
@@ -203,6 +210,7 @@ def _runs(text: bytes, rules: tuple[Rule, ...]) -> list[tuple[int, int]]:
         if b - a >= B64_MIN and (k == len(tokens) or tokens[k][0] >= b) and \
                 text[a:b].strip(_HEX_UPPER):
             out.append((a, b))
+            skip[0] = b  # the matches of the lines joined into this run start before b
     return out
 
 

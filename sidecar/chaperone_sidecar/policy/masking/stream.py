@@ -119,13 +119,14 @@ def _run_hold(buf: bytes) -> int:
     """Where a base64 run that may still continue starts at the end of ``buf`` (``len(buf)``:
     none). A run touching the end may grow; one followed by a line break only continues as
     wrapped base64 (``decoded._runs``), i.e. when its last line has a multiple of 4 characters
-    and no padding."""
+    and no padding. A run followed by a lone backslash is held too: cut there, the run would be
+    decoded with the backslash glued to it (and judged clean), while whole it ends in ``\\n``."""
     start = len(buf.rstrip(_RUN_BYTES))
     if start == len(buf):
         return start
     tail = buf[start:]
     brk = next((b for b in _BREAKS if tail.endswith(b)), None)
-    if brk is None:
+    if brk is None or brk == b"\\":  # a lone backslash: what it escapes has not arrived
         return start
     last = _LINE_BREAK.split(tail[: len(tail) - len(brk)])[-1]
     return start if last and len(last) % 4 == 0 and not last.endswith(b"=") else len(buf)
@@ -531,6 +532,22 @@ class StreamMasker(DecodedStream):
         self._frontier = base
         return base
 
+    def _label_start(self, window: bytes, off: int, cut: int) -> int | None:
+        """The earliest start (in ``_buf``, before ``cut``) of a match that could continue
+        past ``cut`` - a label whose value begins at the cut - or None. Only searched when a
+        word is held because it may change: ``_base`` found no open match reaching the end
+        (the glued word broke it), but once the glue is masked the label matches, as in the
+        whole-body scan's next round."""
+        head = window[: off + cut]
+        hits = prefilter_for(self.rules).hits(window)  # cached: this window was just scanned
+        found: int | None = None
+        for rule in self._eager:
+            pos = max(off, len(head) - rule.max_len - SLACK)
+            start = _open_start(head, rule, pos, hits.positions(rule.triggers))
+            if start is not None and start < len(head) and (found is None or start - off < found):
+                found = start - off
+        return found
+
     def _drain(self, final: bool, out: list[bytes]) -> None:
         """Emit what is decided; may enter continuation mode for an over-long PEM block."""
         for round_ in range(MAX_ROUNDS):
@@ -577,6 +594,12 @@ class StreamMasker(DecodedStream):
                     start -= 1
                 if start == 0 or buf[start - 1] not in _TOKEN_BYTES:  # runs longer are cut
                     cut = _safe_cut(start, start, spans + [(f.start, f.end) for f in findings])
+                    # The held word may still change (a key glued to its end is masked), and a
+                    # label before it may then match ("secret_key = " + the 40 characters
+                    # before a glued AKIA): hold a match that could start before the word.
+                    label = self._label_start(window, off, cut)
+                    if label is not None:
+                        cut = _safe_cut(label, label, spans + [(f.start, f.end) for f in findings])
             if not final and 0 < cut < n:
                 # Nor a run of digit groups: a card glued to a word may become one once the word
                 # is masked ("4111 ... 1111AKIA..." after the key id's token), as in a whole body.

@@ -342,6 +342,34 @@ def test_base64_wrapped_secret_never_survives_any_chunking(case):
     assert out == JSON_STREAM.mask_bytes(body, "application/json").body
 
 
+def test_wrapped_base64_cut_at_its_escaped_line_break_is_masked():
+    """Found by CI: a wrapped run whose last line is padded, cut between the backslash and the
+    ``n`` of its final ``\\n``, was decoded with the backslash glued on and passed unmasked."""
+    encoded = base64.b64encode(b"\0" * 14 + b"aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY").decode()
+    wrapped = "\n".join(encoded[i : i + 60] for i in range(0, len(encoded), 60)) + "\n"
+    body = json.dumps({"name": "creds", "content": wrapped, "encoding": "base64"}).encode()
+    cut = body.index(b'\\n", "encoding') + 1
+    for cuts in ([cut], range(len(body) + 1)):
+        out = run(JSON_STREAM.stream("application/json"), split(body, cuts))
+        assert json.loads(out)["content"].startswith("[MASKED:aws-secret-key]"), (cuts, out)
+        assert out == JSON_STREAM.mask_bytes(body, "application/json").body
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_labelled_secret_glued_to_a_key_id_is_masked_in_any_two_chunks(json_mode):
+    """Found by CI: ``secret_key = <40 characters>AKIA...``. A whole body masks the key id, then
+    (the glue gone) the secret after its label; a stream emitted the label while it held the
+    glued word, and its next scan no longer saw the label. Every cut, both engines' answers."""
+    text = b"aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY" + AWS_KEY_ID + b" done"
+    whole = mask_text(text, ALL_RULES, json_strings=json_mode)
+    assert whole == b"aws_secret_access_key = [MASKED:aws-secret-key][MASKED:aws-access-key-id] done"
+    for cut in range(len(text) + 1):
+        for chunks in ([text[:cut], text[cut:]], [text]):
+            masker = StreamMasker(ALL_RULES, json_mode=json_mode)
+            out = b"".join([masker.feed(c) for c in chunks if c] + [masker.finish()])
+            assert out == whole, (cut, out)
+
+
 def test_base64_in_a_chunked_text_body_is_masked():
     blob = base64.b64encode(b"key id " + AWS_KEY_ID + b" ok").decode()
     body = f"line one\nblob: {blob}\nline three\n".encode()

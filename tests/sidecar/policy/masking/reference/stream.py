@@ -112,7 +112,7 @@ def _run_hold(buf: bytes) -> int:
         return start
     tail = buf[start:]
     brk = next((b for b in _BREAKS if tail.endswith(b)), None)
-    if brk is None:
+    if brk is None or brk == b"\\":  # fix carried from the product (a lone backslash)
         return start
     last = _LINE_BREAK.split(tail[: len(tail) - len(brk)])[-1]
     return start if last and len(last) % 4 == 0 and not last.endswith(b"=") else len(buf)
@@ -378,6 +378,15 @@ class StreamMasker(DecodedStream):
         self._frontier = base
         return base
 
+    def _label_start(self, window: bytes, off: int, cut: int) -> int | None:
+        head = window[: off + cut]
+        found: int | None = None
+        for rule in self._eager:
+            start = _open_start(head, rule, max(off, len(head) - rule.max_len - SLACK))
+            if start is not None and start < len(head) and (found is None or start - off < found):
+                found = start - off
+        return found
+
     def _drain(self, final: bool, out: list[bytes]) -> None:
         """Emit what is decided; may enter continuation mode for an over-long PEM block."""
         for round_ in range(MAX_ROUNDS):
@@ -424,6 +433,10 @@ class StreamMasker(DecodedStream):
                     start -= 1
                 if start == 0 or buf[start - 1] not in _TOKEN_BYTES:  # runs longer are cut
                     cut = _safe_cut(start, start, spans + [(f.start, f.end) for f in findings])
+                    # fix carried from the product: a label before a held word is held too
+                    label = self._label_start(window, off, cut)
+                    if label is not None:
+                        cut = _safe_cut(label, label, spans + [(f.start, f.end) for f in findings])
             if not final and 0 < cut < n:
                 # Nor a run of digit groups: a card glued to a word may become one once the word
                 # is masked ("4111 ... 1111AKIA..." after the key id's token), as in a whole body.

@@ -27,6 +27,14 @@ lint: venv
 
 # The story on a real node alone (e2e/node, issue 14; docs/e2e.md): containerd + runc + a
 # kubelet, the image built from the Dockerfile, `helm install`. Root only. `make test` runs it too.
+# Hunt with new random examples: the property tests under FUZZ_SEEDS seeds (CI derandomizes
+# them, tests/conftest.py). A failure prints the seed and the example; make it a regression test.
+FUZZ_SEEDS ?= 1 2 3 4
+.PHONY: fuzz
+fuzz: venv
+	@files=$$(grep -rl "from hypothesis" tests); for seed in $(FUZZ_SEEDS); do \
+	  echo "fuzz: seed $$seed"; HYPOTHESIS_PROFILE=default $(PY) -m pytest -q -p no:cacheprovider $$files --hypothesis-seed=$$seed || exit 1; done
+
 .PHONY: test-node
 test-node: deps
 	KUBEBUILDER_ASSETS="$$(hack/build-control-plane.sh)" HELM_BIN="$$(hack/build-helm.sh)" \

@@ -54,17 +54,7 @@ def encode(batch: Sequence[ReadableLogRecord]) -> bytes:
         scope = readable.instrumentation_scope or None
         grouped.setdefault(readable.resource, {}).setdefault(scope, []).append(
             field(2, writer.record(readable)))
-    out = []
-    for resource, scopes in grouped.items():
-        body = [field(1, writer.resource(resource))]
-        for scope, records in scopes.items():
-            schema = scope.schema_url if scope is not None else None
-            body.append(field(2, field(1, writer.scope(scope)) + b"".join(records)
-                              + (field(3, schema.encode("utf-8")) if schema else b"")))
-        if resource.schema_url:
-            body.append(field(3, resource.schema_url.encode("utf-8")))
-        out.append(field(1, b"".join(body)))
-    return b"".join(out)
+    return writer.grouped(grouped)
 
 
 class OTLPLogExporter(LogRecordExporter):

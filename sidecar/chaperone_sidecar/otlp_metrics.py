@@ -154,17 +154,7 @@ def encode(data: MetricsData) -> bytes:
         resources[rm.resource] = scopes  # a repeated resource replaces, as in the SDK's encoder
         for sm in rm.scope_metrics:
             scopes[sm.scope] = [field(2, writer.metric(m)) for m in sm.metrics]
-    out = []
-    for resource, scopes in resources.items():
-        body = [field(1, writer.resource(resource))]
-        for scope, metrics in scopes.items():
-            schema = scope.schema_url if scope is not None else None
-            body.append(field(2, field(1, writer.scope(scope)) + b"".join(metrics)
-                              + (field(3, schema.encode("utf-8")) if schema else b"")))
-        if resource.schema_url:
-            body.append(field(3, resource.schema_url.encode("utf-8")))
-        out.append(field(1, b"".join(body)))
-    return b"".join(out)
+    return writer.grouped(resources)
 
 
 def _temporality(env: Mapping[str, str]) -> dict[type, AggregationTemporality]:

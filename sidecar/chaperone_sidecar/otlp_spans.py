@@ -112,17 +112,7 @@ def encode(spans: Sequence[ReadableSpan]) -> bytes:
     for span in spans:
         scope = span.instrumentation_scope or None
         grouped.setdefault(span.resource, {}).setdefault(scope, []).append(field(2, writer.span(span)))
-    out = []
-    for resource, scopes in grouped.items():
-        body = [field(1, writer.resource(resource))]
-        for scope, encoded in scopes.items():
-            schema = scope.schema_url if scope is not None else None
-            body.append(field(2, field(1, writer.scope(scope)) + b"".join(encoded)
-                             + (field(3, schema.encode("utf-8")) if schema else b"")))
-        if resource.schema_url:
-            body.append(field(3, resource.schema_url.encode("utf-8")))
-        out.append(field(1, b"".join(body)))
-    return b"".join(out)
+    return writer.grouped(grouped)
 
 
 class OTLPSpanExporter(SpanExporter):

@@ -130,5 +130,22 @@ class Writer:
         """A ``Resource`` message."""
         return self.attributes(1, resource.attributes)
 
+    def grouped(self, resources: Mapping[Any, Mapping[Any, Sequence[bytes]]]) -> bytes:
+        """The repeated ``Resource{Spans,Metrics,Logs}`` of an export request: per resource its
+        ``Resource``, per scope a ``Scope...`` message holding the scope and the encoded items
+        (each already a field 2 of it), and the schema URLs - the framing the three signals
+        share (``resources``: resource -> scope (None: none) -> encoded items)."""
+        out = []
+        for resource, scopes in resources.items():
+            body = [field(1, self.resource(resource))]
+            for scope, items in scopes.items():
+                schema = scope.schema_url if scope is not None else None
+                body.append(field(2, field(1, self.scope(scope)) + b"".join(items)
+                                  + (field(3, schema.encode("utf-8")) if schema else b"")))
+            if resource.schema_url:
+                body.append(field(3, resource.schema_url.encode("utf-8")))
+            out.append(field(1, b"".join(body)))
+        return b"".join(out)
+
 
 CACHE: dict[tuple[int, str, type, Any], bytes] = {}

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
-import http.server
 import ssl
-import threading
 import time
 
 import pytest
@@ -19,36 +17,18 @@ from cryptography.x509.oid import NameOID
 
 from chaperone_sidecar.otlp_http import OtlpHttpClient
 
-
-class Endpoint(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a collector answers
-
-    def do_POST(self):  # noqa: N802
-        body = self.rfile.read(int(self.headers["content-length"]))
-        self.server.seen.append((self.path, dict(self.headers.items()), body))
-        status, headers = self.server.answers.pop(0) if self.server.answers else (200, {})
-        self.send_response(status)
-        for k, v in {"content-length": "0", **headers}.items():
-            self.send_header(k, v)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
+from .otlp_endpoint import otlp_endpoint
+from .otlp_endpoint import url as endpoint_url
 
 
 @pytest.fixture
 def endpoint():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    server.seen, server.answers = [], []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with otlp_endpoint() as server:
+        yield server
 
 
 def url(server, path="/v1/traces"):
-    scheme = "https" if isinstance(server.socket, ssl.SSLSocket) else "http"
-    return f"{scheme}://127.0.0.1:{server.server_address[1]}{path}"
+    return endpoint_url(server, path)
 
 
 def test_headers_gzip_and_path_from_the_sdk_variables(endpoint):

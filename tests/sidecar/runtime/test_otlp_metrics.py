@@ -5,9 +5,6 @@ SDK exporter's temporality and aggregation variables and reaches a real OTLP/HTT
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
 from opentelemetry.metrics import Observation
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -28,6 +25,8 @@ from opentelemetry.trace import set_span_in_context
 
 from chaperone_sidecar import otlp_metrics
 from chaperone_sidecar.telemetry_setup import setup_telemetry
+
+from .otlp_endpoint import otlp_endpoint, url
 
 
 def record(temporality):
@@ -103,32 +102,16 @@ def test_temporality_and_aggregation_preferences_as_the_sdk_exporter():
 
 
 def test_setup_exports_metrics_to_an_otlp_endpoint():
-    received: list[tuple[str, bytes]] = []
-
-    class Sink(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            received.append((self.path, self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(200)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        setup = setup_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+    with otlp_endpoint() as server:
+        setup = setup_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": url(server),
                                  "OTEL_TRACES_EXPORTER": "none"}, install_global=False,
                                 prometheus_registry=None)
         meter = setup.meter()
         meter.create_histogram("chaperone.request.duration", unit="s").record(0.02, {"c": "x"})
         meter.create_counter("chaperone.x").add(2)
         setup.shutdown()
-    finally:
-        server.shutdown()
-    assert {path for path, _ in received} == {"/v1/metrics"}
-    sent = ExportMetricsServiceRequest.FromString(received[0][1])
+    assert {path for path, _, _ in server.seen} == {"/v1/metrics"}
+    sent = ExportMetricsServiceRequest.FromString(server.seen[0][2])
     metrics = {m.name: m for rm in sent.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
     hist = metrics["chaperone.request.duration"].histogram
     assert hist.aggregation_temporality == 2  # cumulative

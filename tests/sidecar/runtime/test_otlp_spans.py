@@ -4,9 +4,6 @@ for every kind of span the SDK produces; the exporter sends it to a real OTLP/HT
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -28,6 +25,8 @@ from opentelemetry.trace import (
 
 from chaperone_sidecar import otlp_spans
 from chaperone_sidecar.telemetry_setup import setup_telemetry
+
+from .otlp_endpoint import otlp_endpoint, url
 
 
 def spans_of_every_shape():
@@ -95,23 +94,8 @@ def test_a_value_otlp_cannot_hold_leaves_its_attribute_out_as_the_sdk_encoder_do
 
 
 def test_setup_exports_with_the_fast_encoder_to_an_otlp_endpoint():
-    received: list[bytes] = []
-
-    class Sink(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            received.append(self.rfile.read(int(self.headers["content-length"])))
-            assert self.path == "/v1/traces" and self.headers["content-type"] == "application/x-protobuf"
-            self.send_response(200)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        setup = setup_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+    with otlp_endpoint() as server:
+        setup = setup_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": url(server),
                                  "OTEL_METRICS_EXPORTER": "none"},
                                 install_global=False, prometheus_registry=None)
         processor = setup.tracer_provider._active_span_processor._span_processors[0]
@@ -121,9 +105,9 @@ def test_setup_exports_with_the_fast_encoder_to_an_otlp_endpoint():
         span.end()
         assert setup.tracer_provider.force_flush()
         setup.shutdown()
-    finally:
-        server.shutdown()
-    sent = ExportTraceServiceRequest.FromString(b"".join(received))
+    assert {(path, {k.lower(): v for k, v in headers.items()}["content-type"]) for path, headers, _ in server.seen} == {
+        ("/v1/traces", "application/x-protobuf")}
+    sent = ExportTraceServiceRequest.FromString(b"".join(body for _, _, body in server.seen))
     (rs,) = sent.resource_spans
     assert {kv.key: kv.value.string_value for kv in rs.resource.attributes}["service.name"] == "chaperone-sidecar"
     (s,) = rs.scope_spans[0].spans

@@ -36,7 +36,8 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry.util.re import parse_env_headers
@@ -164,6 +165,20 @@ class OtlpHttpClient:
             return self._post(body, deadline - time.monotonic())  # a stale pooled connection
 
     # ------------------------------------------------------------------ export
+    def export_batch(self, encode: Callable[[Any], bytes], batch: Any) -> bool:
+        """Encode ``batch`` (one of the fast encoders) and :meth:`export` it: what each
+        signal's exporter does. An encoder error fails the batch, logged, as the SDK's
+        exporters report one; nothing is posted then, nor once shut down."""
+        if self._stop.is_set():
+            log.warning("OTLP %s exporter already shut down, batch dropped", self.signal)
+            return False
+        try:
+            body = encode(batch)
+        except Exception as error:  # noqa: BLE001 - as the SDK's export: a failed batch
+            log.error("Failed to encode the OTLP %s batch: %s", self.signal, error)
+            return False
+        return self.export(body)
+
     def export(self, body: bytes) -> bool:
         """Post ``body`` (a serialised ``Export*ServiceRequest``); True once the endpoint
         answered 2xx/3xx. Failures are logged, as the SDK's exporters log them."""

@@ -12,7 +12,6 @@ SDK encoder's.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +23,6 @@ from .otlp_wire import CACHE, FIXED32, FIXED64, Writer, field, value, varint
 
 __all__ = ["encode", "OTLPLogExporter"]
 
-log = logging.getLogger("chaperone.telemetry")
 
 
 class _Writer(Writer):
@@ -63,23 +61,12 @@ class OTLPLogExporter(LogRecordExporter):
 
     def __init__(self, endpoint: str, env: Mapping[str, str] | None = None) -> None:
         self.client = OtlpHttpClient("logs", endpoint, env)
-        self._shutdown = False
 
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        if self._shutdown:
-            log.warning("Exporter already shutdown, ignoring batch")
-            return LogRecordExportResult.FAILURE
-        try:
-            body = encode(batch)
-        except Exception as error:  # noqa: BLE001 - as the SDK's export: a failed batch
-            log.error("Failed to encode log batch: %s", error)
-            return LogRecordExportResult.FAILURE
-        return LogRecordExportResult.SUCCESS if self.client.export(body) else LogRecordExportResult.FAILURE
+        ok = self.client.export_batch(encode, batch)
+        return LogRecordExportResult.SUCCESS if ok else LogRecordExportResult.FAILURE
 
     def shutdown(self) -> None:
-        if self._shutdown:
-            return
-        self._shutdown = True
         self.client.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:

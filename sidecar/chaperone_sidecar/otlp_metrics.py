@@ -189,25 +189,14 @@ class OTLPMetricExporter(MetricExporter):
         super().__init__(preferred_temporality=_temporality(env),
                          preferred_aggregation=_aggregation(env))
         self.client = OtlpHttpClient("metrics", endpoint, env)
-        self._shutdown = False
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
                **kwargs: Any) -> MetricExportResult:
-        if self._shutdown:
-            log.warning("Exporter already shutdown, ignoring batch")
-            return MetricExportResult.FAILURE
-        try:
-            body = encode(metrics_data)
-        except Exception as error:  # noqa: BLE001 - as the SDK's export: a failed batch
-            log.error("Failed to encode metrics: %s", error)
-            return MetricExportResult.FAILURE
-        return MetricExportResult.SUCCESS if self.client.export(body) else MetricExportResult.FAILURE
+        return MetricExportResult.SUCCESS if self.client.export_batch(encode, metrics_data) \
+            else MetricExportResult.FAILURE
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return True  # nothing is buffered here
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        if self._shutdown:
-            return
-        self._shutdown = True
         self.client.shutdown()

@@ -23,7 +23,6 @@ the SDK's exporter (its client serialises protobuf objects itself).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +35,6 @@ from .otlp_wire import CACHE, FIXED32, FIXED64, Writer, field, varint
 
 __all__ = ["encode", "OTLPSpanExporter"]
 
-log = logging.getLogger("chaperone.telemetry")
 
 _KIND = {kind: b"\x30" + bytes((n,)) for kind, n in (  # Span.kind (field 6), encoded
     (SpanKind.INTERNAL, 1), (SpanKind.SERVER, 2), (SpanKind.CLIENT, 3), (SpanKind.PRODUCER, 4),
@@ -121,23 +119,11 @@ class OTLPSpanExporter(SpanExporter):
 
     def __init__(self, endpoint: str, env: Mapping[str, str] | None = None) -> None:
         self.client = OtlpHttpClient("traces", endpoint, env)
-        self._shutdown = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._shutdown:
-            log.warning("Exporter already shutdown, ignoring batch")
-            return SpanExportResult.FAILURE
-        try:
-            body = encode(spans)
-        except Exception as error:  # noqa: BLE001 - as the SDK's export: a failed batch
-            log.error("Failed to encode span batch: %s", error)
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS if self.client.export(body) else SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS if self.client.export_batch(encode, spans) else SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
-        if self._shutdown:
-            return
-        self._shutdown = True
         self.client.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:

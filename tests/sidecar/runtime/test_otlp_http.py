@@ -125,3 +125,17 @@ def test_unusable_settings_leave_the_signal_unexported_not_the_proxy_down(tmp_pa
                                   "CHAPERONE_OCSF_FILE": str(sink_file)})
     assert exporter is not None and [s.name for s in exporter.sinks] == ["file"]
     exporter.close()
+
+
+def test_export_batch_fails_a_batch_its_encoder_cannot_encode_and_posts_nothing(endpoint):
+    client = OtlpHttpClient("logs", url(endpoint, "/v1/logs"), {})
+
+    def broken(batch):
+        raise ValueError("an attribute OTLP cannot hold")
+
+    assert not client.export_batch(broken, ["record"])
+    assert client.export_batch(lambda batch: b"".join(batch), [b"a", b"b"])
+    assert [body for _, _, body in endpoint.seen] == [b"ab"]
+    client.shutdown()
+    assert not client.export_batch(lambda batch: b"late", [])  # shut down: dropped
+    assert len(endpoint.seen) == 1

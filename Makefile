@@ -32,7 +32,7 @@ lint: venv
 FUZZ_SEEDS ?= 1 2 3 4
 .PHONY: fuzz
 fuzz: venv
-	@files=$$(grep -rl "from hypothesis" tests); for seed in $(FUZZ_SEEDS); do \
+	@files=$$(grep -rl --include="test_*.py" "from hypothesis" tests); for seed in $(FUZZ_SEEDS); do \
 	  echo "fuzz: seed $$seed"; HYPOTHESIS_PROFILE=default $(PY) -m pytest -q -p no:cacheprovider $$files --hypothesis-seed=$$seed || exit 1; done
 
 .PHONY: test-node

@@ -1,7 +1,8 @@
 """Before/after in one alternating run: bare mitmproxy, Chaperone full from another checkout
-("before") and Chaperone full from this one ("after"), HTTPS 1 KiB.
+("before") and Chaperone full from this one ("after"), HTTPS 1 KiB (``--size 1m``: the 1 MiB text
+body every detector scans, at the same concurrency).
 
-    python bench/ab.py --before /tmp/base-checkout [--rounds 5] [--out ab.json]
+    python bench/ab.py --before /tmp/base-checkout [--rounds 5] [--size 1k|1m] [--out ab.json]
 
 Why a script of its own next to bench/run.py: a change to the sidecar is judged against the
 code it replaces on the same machine in the same minutes - on 2 cores shared with other work
@@ -34,16 +35,16 @@ from bench.run import FULL, _cpus, _harness_loop, setup_env  # noqa: E402
 from bench.upstream import SIZES  # noqa: E402
 
 
-def measure(path: paths.ProxyPath, env: paths.Env, lat_n: int, tput_s: float) -> dict:
+def measure(path: paths.ProxyPath, env: paths.Env, lat_n: int, tput_s: float, size: str = "1k") -> dict:
     up, ctx, res = env.upstream, load.client_ssl(env.client_cafiles), {}
     try:
         path.start(env)
         res["rss_idle_mb"] = rss.settle(path.pid, 1.5) / 1e6
-        url = up.url("https", "/1k")
-        s = asyncio.run(load.latency(url, path.proxy, ctx, expect=SIZES["1k"], n=lat_n, max_seconds=15))
+        url = up.url("https", f"/{size}")
+        s = asyncio.run(load.latency(url, path.proxy, ctx, expect=SIZES[size], n=lat_n, max_seconds=15))
         res["p50_ms"], res["lat_errors"] = s.p(50) * 1e3, s.errors
         cpu0 = rss.cpu_seconds(path.pid)
-        r = asyncio.run(load.throughput(url, path.proxy, ctx, expect=SIZES["1k"], concurrency=32,
+        r = asyncio.run(load.throughput(url, path.proxy, ctx, expect=SIZES[size], concurrency=32,
                                         seconds=tput_s, max_requests=FULL.tput_max))
         res["cpu_us"] = (rss.cpu_seconds(path.pid) - cpu0) / (r.requests + 32) * 1e6
         res["rps"], res["errors"] = r.rps, r.errors
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tput-s", type=float, default=4.0)
     parser.add_argument("--also", default="", help="comma-separated further paths of bench/paths.py measured "
                         "in the same rotation (e.g. chaperone-full-without-recording,chaperone-minimal)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="1k", help="response body of every request")
     parser.add_argument("--out", default=None, help="raw results as JSON")
     args = parser.parse_args(argv)
     cpus = _cpus()
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rnd in range(args.rounds):
             for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-                res = measure(makers[name](), env, args.lat_n, args.tput_s)
+                res = measure(makers[name](), env, args.lat_n, args.tput_s, args.size)
                 results[name].append(res)
                 print(f"round {rnd + 1} {name:26s} {res.get('rps', 0):6.0f} req/s "
                       f"{res.get('cpu_us', 0):6.0f} µs/req p50 {res.get('p50_ms', 0):.2f} ms "
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for close in reversed(closers):
             close()
     table = summarise(results)
-    print(f"\nload average before {load_before}, after {os.getloadavg()}; {args.rounds} rounds; "
+    print(f"\nload average before {load_before}, after {os.getloadavg()}; {args.rounds} rounds; {args.size} bodies; "
           f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n{table}")
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "table": table,

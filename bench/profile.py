@@ -9,8 +9,10 @@ feature costs. Sampling is ``--nonblocking``
 
     python bench/profile.py [--path chaperone-full] [--seconds 10] [--raw OUT.txt]
 
-profiles one path alone (HTTPS 1 KiB, concurrency 32) and prints its top frames; ``--raw``
-keeps the collapsed stacks for a closer look (e.g. ``grep`` a function's callers).
+profiles one path alone (HTTPS 1 KiB, concurrency 32; ``--size 1m``: 1 MiB text bodies;
+``--size download``: one large binary download, the 1 GiB scenario's stream) and prints its
+top frames; ``--raw`` keeps the collapsed stacks for a closer look (e.g. ``grep`` a function's
+callers).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="py-spy profile of one proxy path under load")
     parser.add_argument("--path", default="chaperone-full", help=f"one of {', '.join(paths.PATH_NAMES)}")
-    parser.add_argument("--size", default="1k", choices=sorted(SIZES))
+    parser.add_argument("--size", default="1k", choices=[*sorted(SIZES), "download"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--raw", default=None, help="keep the collapsed stacks here")
@@ -146,12 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         path = paths.make_path(args.path).start(env)
         try:
             ctx = load.client_ssl(env.client_cafiles)
-            url = env.upstream.url("https", f"/{args.size}")
             name = f"{args.path}-{args.size}"
-            res = profile_under_load(path.pid, workdir, args.seconds,
-                                     lambda: load.throughput(url, path.proxy, ctx, expect=SIZES[args.size],
-                                                             concurrency=32, seconds=args.seconds + 1,
-                                                             max_requests=200_000), name)
+            if args.size == "download":  # more bytes than the proxy can pass in the profile's time
+                url = env.upstream.url("https", "/bytes")
+                res = profile_under_load(path.pid, workdir, args.seconds,
+                                         lambda: load.download(url, path.proxy, ctx, size=64 << 30,
+                                                               max_seconds=args.seconds + 1), name)
+            else:
+                url = env.upstream.url("https", f"/{args.size}")
+                res = profile_under_load(path.pid, workdir, args.seconds,
+                                         lambda: load.throughput(url, path.proxy, ctx, expect=SIZES[args.size],
+                                                                 concurrency=32, seconds=args.seconds + 1,
+                                                                 max_requests=200_000), name)
         finally:
             path.stop()
     finally:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["machine_info", "summarise", "render", "median_of"]
+__all__ = ["machine_info", "summarise", "render", "median_of", "paired_table"]
 
 NAMES = {"direct": "direct", "mitmdump": "bare mitmproxy", "chaperone-minimal": "Chaperone minimal",
          "chaperone-full": "Chaperone full", "chaperone-minimal-asyncio": "Chaperone minimal (asyncio loop)",
@@ -149,15 +149,18 @@ def summarise(data: dict) -> dict[str, Any]:
     add("Injection webhook adds <= 30 ms p99 to pod admission", wh, wh <= 30,
         f"{wh:+.1f} ms p99 ({added_ms('webhook', 'p50'):+.1f} ms p50){fixed}")
     data["targets"] = targets
-    data["targets16"] = _issue16_targets(runs)
+    data["targets16"] = _issue16_targets(runs, data.get("paired"))
     return {"targets": targets, "targets16": data["targets16"]}
 
 
-def _issue16_targets(runs: dict) -> list[dict[str, Any]]:
+def _issue16_targets(runs: dict, pairs: dict | None = None) -> list[dict[str, Any]]:
     """Issue 16's targets (the fast path), from the same run: Chaperone full against bare
-    mitmproxy side by side. The SSE time-to-first-token target has its own benchmark
-    (bench/sse_ttft.py, docs/benchmarks-sse.md)."""
+    mitmproxy side by side. The throughput ratios come from the paired phase when it ran
+    (``bench/paired.py``: median of per-pair ratios, quartiles shown), the ratio of the round
+    medians beside them; without it, from the rounds alone. The SSE time-to-first-token target
+    has its own benchmark (bench/sse_ttft.py, docs/benchmarks-sse.md)."""
     med = lambda path, key: median_of(runs.get(path, []), key)  # noqa: E731
+    summary = (pairs or {}).get("summary") or {}
     targets: list[dict[str, Any]] = []
 
     def add(name: str, figure: float, ok: bool, text: str) -> None:
@@ -168,23 +171,70 @@ def _issue16_targets(runs: dict) -> list[dict[str, Any]]:
         base = med("mitmdump", key)
         return med("chaperone-full", key) / base if base else math.nan
 
-    rps, cpu = ratio("tput-https-1k.rps"), ratio("tput-https-1k.cpu_us_per_req")
+    def figure(scenario: str, key: str, unit: str) -> tuple[float, str]:
+        """(the ratio judged, its text): paired when measured, else the rounds' medians."""
+        rounds, cpu = ratio(f"{key}.rps" if key != "download" else "download.mib_s"), ratio(
+            f"{key}.cpu_us_per_req") if key != "download" else math.nan
+        rounds_text = f"{rounds:.2f}x" + (f" (CPU per {unit} {cpu:.2f}x bare)" if _ok(cpu) else "")
+        s = summary.get(scenario)
+        if not s or not s.get("pairs"):
+            return rounds, rounds_text
+        (r1, r, r3), (c1, c, c3) = s["rate_ratio"], s["cpu_ratio"]
+        return r, (f"{r:.2f}x paired (quartiles {r1:.2f}-{r3:.2f}, {s['pairs']} pairs; CPU per {unit} {c:.2f}x, "
+                   f"{c1:.2f}-{c3:.2f}); rounds: {rounds_text}")
+
+    rps, text = figure("tput-https-1k", "tput-https-1k", "request")
     add("Chaperone full >= 1.0x bare mitmproxy throughput (HTTPS 1 KiB, c=32; policy, masking, strict recording, "
-        "telemetry)", rps, rps >= 1.0, f"{rps:.2f}x (CPU per request {cpu:.2f}x bare)")
+        "telemetry)", rps, rps >= 1.0, text)
     added = (med("chaperone-full", "lat-https-1k.p50") - med("mitmdump", "lat-https-1k.p50")) * 1e3
     add("Chaperone full adds <= 0.3 ms p50 over bare mitmproxy (HTTPS 1 KiB, c=1)", added, added <= 0.3,
         f"{added:+.2f} ms")
-    big, big_cpu = ratio("tput-https-1m.rps"), ratio("tput-https-1m.cpu_us_per_req")
+    big, text = figure("tput-https-1m", "tput-https-1m", "request")
     add("Chaperone full >= 0.9x bare mitmproxy on 1 MiB text responses (HTTPS, c=32; every detector on)", big,
-        big >= 0.9, f"{big:.2f}x (CPU per request {big_cpu:.2f}x bare)")
+        big >= 0.9, text)
     idle = med("chaperone-full", "rss_idle") / MB
     add("Chaperone full idle RSS <= 80 MB", idle, idle <= 80, f"{idle:.1f} MB (bare mitmproxy "
         f"{med('mitmdump', 'rss_idle') / MB:.1f} MB)")
-    dl, growth = ratio("download.mib_s"), med("chaperone-full", "download.rss_growth") / MB
+    dl, text = figure("download", "download", "MiB")
+    growth = med("chaperone-full", "download.rss_growth") / MB
     add("1 GiB download >= 0.95x bare mitmproxy MB/s, RSS growth <= 50 MB", dl, dl >= 0.95 and growth <= 50,
-        f"{dl:.2f}x ({med('chaperone-full', 'download.mib_s'):,.0f} vs {med('mitmdump', 'download.mib_s'):,.0f} "
-        f"MiB/s), growth {growth:.1f} MB")
+        f"{text}; 1 GiB in the rounds: {med('chaperone-full', 'download.mib_s'):,.0f} vs "
+        f"{med('mitmdump', 'download.mib_s'):,.0f} MiB/s, growth {growth:.1f} MB")
     return targets
+
+
+def paired_table(result: dict[str, Any]) -> str:
+    """The summary of a paired phase (``bench/paired.py``) as a Markdown table."""
+    base, other = result["paths"]
+    units = {"download": ("MiB/s", "ms CPU/MiB", 1e3, ",.2f")}
+    lines = [f"| scenario | {base} | {other} | ratio: median (quartiles) | CPU per unit: {base} | {other} | "
+             "CPU ratio: median (quartiles) | pairs |", "|---|---:|---:|---|---:|---:|---|---:|"]
+    for scenario, s in result["summary"].items():
+        rate_unit, cpu_unit, scale, spec = units.get(scenario, ("req/s", "µs CPU/req", 1e6, ",.0f"))
+        r, c = s["rate_ratio"], s["cpu_ratio"]
+        lines.append(
+            f"| {scenario} ({rate_unit}) | {s['rate'][base]:,.0f} | {s['rate'][other]:,.0f} | "
+            f"{r[1]:.2f}x ({r[0]:.2f}-{r[2]:.2f}) | {s['cpu_per_unit'][base] * scale:{spec}} | "
+            f"{s['cpu_per_unit'][other] * scale:{spec}} {cpu_unit} | {c[1]:.2f}x ({c[0]:.2f}-{c[2]:.2f}) | "
+            f"{s['pairs']} |")
+    return "\n".join(lines)
+
+
+def _paired(data: dict) -> list[str]:
+    pairs = data.get("paired")
+    if not pairs:
+        return []
+    head = ["## Paired bursts: bare mitmproxy and Chaperone full side by side", ""]
+    if pairs.get("error"):
+        return head + [f"Failed: `{pairs['error']}`", ""]
+    prm = pairs.get("params", {})
+    return head + [
+        f"Both proxies up at once, taking turns (order flipping every pair) at bursts of "
+        f"{prm.get('burst_s', 0):g} s (HTTPS, concurrency {prm.get('concurrency', 0)}) and a "
+        f"{prm.get('download_bytes', 0) / (1 << 20):,.0f} MiB download; each burst's CPU includes the work its "
+        "proxy finished after it (recording shipped to S3) - `bench/paired.py`. Ratios are Chaperone full over "
+        "bare mitmproxy per pair: median and quartiles (the spread is the machine's noise).", "",
+        paired_table(pairs), ""]
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -388,6 +438,7 @@ def render(data: dict, notes: str | None = None) -> str:
         [t["target"], t["figure"], f"**{t['status']}**"] for t in data["targets16"]]) + [""]
     if notes:
         out += [notes, ""]
+    out += _paired(data)
     out += ["## Machine and versions", ""] + _machine_rows(meta) + [""]
     out += ["## Proxy paths", ""]
     out += _throughput(data, "tput-https-1k", "Throughput: HTTPS intercepted, 1 KiB, concurrency 32")

@@ -14,6 +14,11 @@ log). ``python -m bench.report RESULTS.json OUT.md`` re-renders a report from th
 Scenarios per path and round (HTTP and HTTPS-intercepted, 1 KiB and 1 MiB): concurrency-1
 latency, concurrency-32 throughput (with the proxy's CPU time per request), wrk for plain
 HTTP, an SSE stream, and a 1 GiB download with peak-RSS sampling.
+
+After the rounds, the *paired* phase (``bench/paired.py``): bare mitmproxy and Chaperone full
+run side by side and take turns at short bursts (HTTPS 1 KiB, 1 MiB text, a download), so the
+ratios issue 16 sets targets on are medians of per-pair ratios, seconds apart, not ratios of
+medians of rounds minutes apart (``--paired-only`` runs just that phase).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ for _p in (REPO, REPO / "sidecar", REPO / "operator", REPO / "testbed"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench import load, paths, report, rss  # noqa: E402
+from bench import load, paired, paths, report, rss  # noqa: E402
 from bench.upstream import SIZES, Upstream  # noqa: E402
 
 __all__ = ["Params", "FULL", "QUICK", "measure_path", "run_paths", "main"]
@@ -67,12 +72,16 @@ class Params:
     kubectl_n: int = 8
     profile_s: float = 8.0
     ablation_rounds: int = 3
+    # bench/paired.py: bare mitmproxy and Chaperone full up side by side, short bursts alternating
+    paired_bursts: paired.PairedParams = field(default_factory=paired.PairedParams)
 
 
 FULL = Params()
 QUICK = Params(rounds=1, lat_n={"1k": 60, "1m": 10}, lat_max_s=5, tput_s=1.5, wrk_s=1, sse_streams=5,
                download_bytes=64 << 20, download_max_s=60, settle_s=1.0, approvals_n=5, webhook_n=10,
-               kubectl_n=2, profile_s=3, ablation_rounds=1)
+               kubectl_n=2, profile_s=3, ablation_rounds=1,
+               paired_bursts=paired.PairedParams(pairs=2, burst_s=0.5, download_bytes=32 << 20))
+PAIRED_PATHS = ("mitmdump", "chaperone-full")
 
 
 def _samples(s: load.Samples) -> dict[str, Any]:
@@ -286,10 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--no-controlplane", action="store_true", help="skip the apiserver measurements")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy on misses")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="only the paired phase (bare mitmproxy and Chaperone full); prints its table")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs of bursts per scenario in the paired phase")
     args = parser.parse_args(argv)
     p = QUICK if args.quick else FULL
     if args.rounds:
         p.rounds = args.rounds
+    if args.pairs:
+        p.paired_bursts.pairs = args.pairs
     if args.paths:
         names = [n.strip() for n in args.paths.split(",") if n.strip()]
     else:
@@ -309,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 proxy_cpus=sorted(cpus[0] or []), client_cpus=sorted(cpus[1] or []),
                 started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     workdir = Path(tempfile.mkdtemp(prefix="chaperone-bench-"))
+    if args.paired_only:
+        return _paired_only(workdir, p, cpus)
     print(f"work dir {workdir}; {p.rounds} round(s) over {', '.join(names)}", flush=True)
     results, env, closers = run_paths(names, p, workdir, log=lambda m: print(m, flush=True), cpus=cpus)
     data: dict[str, Any] = {"meta": meta, "paths": results}
@@ -318,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - an explanation, not a measurement
         data["footprint"] = [(f"failed: {exc}", 0)]
     try:
+        if all(n in names for n in PAIRED_PATHS):
+            print("paired bursts: bare mitmproxy and Chaperone full side by side ...", flush=True)
+            try:
+                data["paired"] = paired.run_paired(PAIRED_PATHS, env, p.paired_bursts,
+                                                   log=lambda m: print(m, flush=True))
+            except Exception as exc:  # noqa: BLE001 - reported in the document
+                data["paired"] = {"error": f"{type(exc).__name__}: {exc}"}
         if not args.no_controlplane:
             from bench.controlplane import run_controlplane
 
@@ -342,6 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     json_out = Path(args.json) if args.json else workdir / "results.json"
     json_out.write_text(json.dumps(data, indent=1, default=str))
     print(f"wrote {out} and {json_out} (logs of every process under {workdir})")
+    return 0
+
+
+def _paired_only(workdir: Path, p: Params, cpus: tuple[set[int] | None, set[int] | None]) -> int:
+    env, closers = setup_env(workdir, list(PAIRED_PATHS), _harness_loop(), cpus)
+    try:
+        result = paired.run_paired(PAIRED_PATHS, env, p.paired_bursts, log=lambda m: print(m, flush=True))
+    finally:
+        for close in reversed(closers):
+            close()
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {os.getloadavg()}\n"
+          f"{report.paired_table(result)}")
     return 0
 
 

@@ -77,6 +77,7 @@ from collections.abc import Callable, Iterable
 import regex
 
 from .decoded import mask_base64
+from .detectors import ALL, resolve_rules
 from .encoding import MaskingError, StreamDecoder
 from .spans import (
     MAX_ROUNDS,
@@ -239,6 +240,17 @@ def _open_pattern(pattern: re.Pattern[bytes]) -> regex.Pattern[bytes] | None:
         return regex.compile(b"(?:" + pattern.pattern + b")\\Z", flags)
     except (regex.error, TypeError, ValueError):
         return None
+
+
+def compile_partial_patterns(rules: Iterable[Rule]) -> int:
+    """Compile (and cache) the partial-match patterns of ``rules``; how many compiled."""
+    return sum(_open_pattern(rule.pattern) is not None for rule in rules)
+
+
+# Every detector's partial-match pattern, compiled once at import (~5-30 ms with the ``regex``
+# module, +0.2 MB) like the trigger database (detectors.py), not by the first streamed response
+# of the process on the event loop.
+compile_partial_patterns(resolve_rules([ALL]))
 
 
 def _open_start(text: bytes, rule: Rule, pos: int, anchors: list[int] | None = None) -> int | None:

@@ -120,6 +120,7 @@ def _b64decode(run: bytes) -> bytes | None:
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
 
 
+_UPPER_FIRST = Prefilter((UPPER,))
 _WINDOW = Prefilter((B64_WINDOW,))
 
 
@@ -159,19 +160,18 @@ def _run_matches(text: bytes, pos: int, skip: list[int] | None = None) -> Iterat
         pos = end
 
 
-def _first_run(text: bytes, rules: tuple[Rule, ...]) -> int:
+def _first_run(text: bytes) -> int:
     """Where the first run with an upper-case letter starts, or -1 (the cheap common case).
 
     Such a run has a 16-character window of the alphabet with an upper-case letter in it
     (``B64_WINDOW``), so it lies in the stretch of alphabet characters holding the first such
     window or later: the search starts there. No window lies before the stretch of the first
-    upper-case letter (``UPPER``, from the one pass): the window search starts there and
-    stops at the first one."""
-    hits = prefilter_for(rules).hits(text)
-    upper = hits.positions((UPPER,))
-    if not upper:
+    upper-case letter (``UPPER``): the window search starts there and stops at the first
+    one."""
+    upper = _UPPER_FIRST.first(text)
+    if upper < 0:
         return -1
-    lo = len(text[: upper[0]].rstrip(_ALPHABET))
+    lo = len(text[:upper].rstrip(_ALPHABET))
     window = _WINDOW.first(text[lo:] if lo else text)
     if window < 0:
         return -1
@@ -185,10 +185,10 @@ def _first_run(text: bytes, rules: tuple[Rule, ...]) -> int:
 
 def _runs(text: bytes, rules: tuple[Rule, ...]) -> list[tuple[int, int]]:
     """Spans of the base64 runs worth decoding (not inside a mask token)."""
-    first = _first_run(text, rules)
+    first = _first_run(text)
     if first < 0:
         return []
-    masked = prefilter_for(rules).hits(text).positions((MASKED,))  # cached: _first_run scanned it
+    masked = prefilter_for(rules).hits(text).positions((MASKED,))  # cached if mask_text scanned this text
     tokens = [m.span() for m in MASK_TOKEN_RE.finditer(text, masked[0])] if masked else []
     ends = [b for _, b in tokens]
     out: list[tuple[int, int]] = []

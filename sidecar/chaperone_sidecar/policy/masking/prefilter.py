@@ -156,13 +156,18 @@ class Prefilter:
 # with an upper-case letter, so such a run holds a 16-character window of the alphabet with an
 # upper-case letter in it (``B64_WINDOW``). Only the first one matters (``decoded._first_run``).
 # The window pattern costs ~2.5-4 ms per MiB of text (counted classes, nothing to skip to), so
-# it is not in the one pass: that reports only the first upper-case letter (``UPPER``), and
-# the first window is looked for from there (``Prefilter.first``: the scan stops at it), when
-# there is an upper-case letter at all. (Until session 5 of issue 16 the one pass also held the
-# windows that *start* with an upper-case letter, ~3 ms per MiB of log prose, and the second
-# search looked only for windows *ending* with one: a run of 16-30 characters whose upper-case
-# letters all sit in its middle was missed, e.g. the base64 of a short address,
-# ``ePRUIGFAYmMuaW8g``; tests/.../test_differential.py, short runs.)
+# it is not in the one pass: ``decoded._first_run`` finds the first upper-case letter
+# (``UPPER``, a database of its own) and looks for the first window from there
+# (``Prefilter.first``: the scan stops at it), when there is an upper-case letter at all. (Until
+# session 5 of issue 16 the one pass also held the windows that *start* with an upper-case
+# letter, ~3 ms per MiB of log prose, and the second search looked only for windows *ending*
+# with one: a run of 16-30 characters whose upper-case letters all sit in its middle was
+# missed, e.g. the base64 of a short address, ``ePRUIGFAYmMuaW8g``; tests/.../
+# test_differential.py, short runs.) ``UPPER`` left the one pass in session 8: in the same
+# database as the card and JWT triggers it made the scan ~1 ms per MiB of log prose or API
+# JSON dearer although it reports one position (Hyperscan runs it in the same NFA as the
+# other class patterns); alone it stops at the first upper-case letter, or runs at ~13 GB/s
+# through a text without one.
 _B64_CHAR = rb"[A-Za-z0-9+/_\-]"
 UPPER = Trigger(rb"[A-Z]", 1, first=True)
 
@@ -179,7 +184,7 @@ B64_WINDOW = Trigger(b"(?:" + b"|".join(_window(k) for k in range(16)) + b")", 1
 # one are not decoded (``decoded._runs``).
 MASKED = literal(b"[MASKED:", caseless=False)
 # In every database besides the rules' own triggers.
-SHARED_TRIGGERS = (UPPER, MASKED)
+SHARED_TRIGGERS = (MASKED,)
 
 
 def _release_freed_heap() -> None:

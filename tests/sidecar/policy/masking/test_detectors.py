@@ -327,3 +327,45 @@ def test_a_glued_prefix_does_not_hide_a_secret(name, text, gone):
     assert f"[MASKED:{name}".encode() in out
     for fragment in gone:
         assert fragment not in out, out
+
+
+def _luhn_card(length: int, rnd: random.Random) -> bytes:
+    """A Visa-prefixed number of ``length`` digits that passes Luhn."""
+    body = [4] + [rnd.randrange(10) for _ in range(length - 2)]
+    total = 0
+    for i, d in enumerate(reversed(body)):  # the check digit will sit right of these
+        total += (d * 2 - 9 if d * 2 > 9 else d * 2) if i % 2 == 0 else d
+    return "".join(map(str, body + [(-total) % 10])).encode()
+
+
+def _layouts(digits: bytes) -> list[list[int]]:
+    """Every grouping the card finder accepts for ``digits``: one group, 4-4-...-x (x 1-4),
+    and Amex / Diners 4-6-5 / 4-6-4."""
+    n = len(digits)
+    out = [[n]]
+    fours = (n - 1) // 4
+    if 1 <= n - 4 * fours <= 4 and fours >= 3:
+        out.append([4] * fours + [n - 4 * fours])
+    if n in (14, 15):
+        out.append([4, 6, n - 10])
+    return out
+
+
+@pytest.mark.parametrize("sep", [b" ", b"-"])
+def test_every_card_layout_is_found_inside_any_stretch_of_digit_groups(sep):
+    """The card trigger (a layout's head, on to the end of its stretch of digits and
+    separators) fires for every layout the finder accepts, wherever the card sits in the
+    stretch: a trigger that missed one would let that card through unmasked."""
+    rnd = random.Random(16)
+    for length in range(13, 20):
+        digits = _luhn_card(length, rnd)
+        for layout in _layouts(digits):
+            groups, at = [], 0
+            for size in layout:
+                groups.append(digits[at:at + size])
+                at += size
+            card = sep.join(groups)
+            for before, after in ((b"card ", b"."), (b"ref 12 7 ", b" 9 x"), (b"x 1-2 ", b"")):
+                text = before + card + after
+                masked = mask(text, "credit-card")
+                assert card not in masked and b"[MASKED:credit-card" in masked, (layout, text)

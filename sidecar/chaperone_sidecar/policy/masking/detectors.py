@@ -146,7 +146,9 @@ _DIGITS_RE = re.compile(rb"\d+")
 
 # Card layouts of a window of digit groups (``_card_runs``): one group of 13-19 digits, or a
 # first group of 4 digits then 4-digit groups and a last one of 1-4 (4-4-4-4, 4-4-4-4-3 ...),
-# or Amex 4-6-5 / Diners 4-6-4; one separator throughout.
+# or Amex 4-6-5 / Diners 4-6-4; one separator throughout. A new layout needs its head in
+# ``_CARD_TRIGGER`` (a stretch without a trigger is never searched) and in ``_layouts`` of
+# tests/sidecar/policy/masking/test_detectors.py.
 
 
 # Every card _card_runs yields lies inside one maximal stretch of digits and separators and

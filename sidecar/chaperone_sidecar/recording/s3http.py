@@ -7,9 +7,9 @@ resident memory (the session, the S3 service model, endpoint rules) and ~15 ms o
 1 MiB chunk, and its blocking calls need a thread each. The shipper makes three kinds of
 request, all on the event loop with the sidecar's own HTTP client (one kept-alive connection,
 re-used from upload to upload): a chunk or manifest
-``PUT`` (with ``Content-MD5``, ``x-amz-checksum-sha256`` and ``x-amz-meta-sha256``, plus the
-Object Lock headers when the bucket has Object Lock), a ``HEAD`` to confirm it, and one
-``GET ?object-lock`` per process.
+``PUT`` (with ``x-amz-checksum-sha256`` and ``x-amz-meta-sha256``, plus the Object Lock
+headers and ``Content-MD5`` when the bucket has Object Lock or could not be asked), a ``HEAD``
+to confirm it, and one ``GET ?object-lock`` per process.
 
 **Signing** (:func:`sign_v4`): AWS Signature Version 4 in its S3 form - the path URI-encoded
 once, the payload's SHA-256 in ``x-amz-content-sha256``, ``x-amz-security-token`` for
@@ -296,6 +296,9 @@ class AioS3Store:
         self._connect_host = connect_host
         self._clock = clock or (lambda: datetime.now(UTC))
         self._client: Client | None = None
+        # Whether the bucket has Object Lock, as GetObjectLockConfiguration answered (None:
+        # not asked yet, or refused): ``put`` sends Content-MD5 unless this is False.
+        self.object_lock: bool | None = None
 
     def __repr__(self) -> str:
         return f"AioS3Store({self.description!r}, {self._origin}{self._base})"
@@ -355,10 +358,17 @@ class AioS3Store:
 
     async def put(self, key: str, data: bytes, *, sha256: str, content_type: str,
                   lock_mode: str | None = None, retain_until: datetime | None = None) -> str:
-        md5 = hashlib.md5(data) if len(data) < 65536 else await asyncio.to_thread(hashlib.md5, data)
-        headers = {"content-type": content_type, "content-md5": base64.b64encode(md5.digest()).decode(),
+        headers = {"content-type": content_type,
                    "x-amz-checksum-sha256": base64.b64encode(bytes.fromhex(sha256)).decode(),
                    "x-amz-meta-sha256": sha256}
+        if lock_mode or self.object_lock is not False:
+            # Object Lock (explicit retention, or a bucket default we may not have been allowed
+            # to read) wants Content-MD5 - AWS also takes an SDK checksum algorithm, other
+            # S3 servers (Ceph) only MD5. Elsewhere it would be a third digest of every
+            # recorded byte: the signed payload hash and x-amz-checksum-sha256 already make
+            # the server refuse a body that is not the one we hashed.
+            md5 = hashlib.md5(data) if len(data) < 65536 else await asyncio.to_thread(hashlib.md5, data)
+            headers["content-md5"] = base64.b64encode(md5.digest()).decode()
         if lock_mode and retain_until:
             headers["x-amz-object-lock-mode"] = lock_mode
             headers["x-amz-object-lock-retain-until-date"] = retain_until.astimezone(UTC).strftime(
@@ -386,10 +396,12 @@ class AioS3Store:
     async def object_lock_enabled(self) -> bool:
         status, _, body = await self._request("GET", None, [("object-lock", "")], {})
         if status == 200:
-            return any(node.tag.rsplit("}", 1)[-1] == "ObjectLockEnabled" and node.text == "Enabled"
-                       for node in ET.fromstring(body).iter())
+            self.object_lock = any(node.tag.rsplit("}", 1)[-1] == "ObjectLockEnabled" and node.text == "Enabled"
+                                   for node in ET.fromstring(body).iter())
+            return self.object_lock
         code = _xml_code(body)
         if code == "ObjectLockConfigurationNotFoundError":
+            self.object_lock = False
             return False
         if code in ("AccessDenied", "AccessDeniedException"):
             import logging

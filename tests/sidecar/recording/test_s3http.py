@@ -176,6 +176,91 @@ def test_ships_a_session_signed_and_verified_by_the_server(tmp_path, auth_s3, lo
     assert head["Metadata"]["sha256"] and (head.get("ObjectLockMode") == "COMPLIANCE") == lock
 
 
+class HeaderSpy:
+    """The PUT headers an AioS3Store sends (its own ``_request``, wrapped; the server still
+    answers every request)."""
+
+    def __init__(self, store: AioS3Store) -> None:
+        self.puts: list[dict[str, str]] = []
+        inner = store._request
+
+        async def request(method, key, query, headers, *args, **kwargs):
+            if method == "PUT":
+                self.puts.append(dict(headers))
+            return await inner(method, key, query, headers, *args, **kwargs)
+
+        store._request = request  # type: ignore[method-assign]
+
+
+def test_content_md5_only_where_object_lock_may_need_it(tmp_path, auth_s3):
+    """MD5 of every shipped byte only where Object Lock may ask for it: a bucket without
+    Object Lock gets none (the signed payload hash and x-amz-checksum-sha256 bind the body),
+    an Object Lock bucket gets it with the retention headers."""
+    plain, locked = auth_s3.bucket(), auth_s3.bucket(ObjectLockEnabledForBucket=True)
+    seen = {}
+    for bucket in (plain, locked):
+        store = auth_s3.store(bucket)
+        spy = HeaderSpy(store)
+
+        async def main(store=store, bucket=bucket):
+            rec = make_recorder(tmp_path / bucket, store)
+            await rec.start()
+            await record(rec, 40)
+            return await rec.close()
+
+        assert asyncio.run(main())
+        assert shipped_requests(auth_s3.reader(bucket)) == list(range(40))
+        seen[bucket] = spy.puts
+    assert seen[plain] and not any("content-md5" in h for h in seen[plain])
+    assert all(h["x-amz-checksum-sha256"] for h in seen[plain])
+    assert seen[locked] and all(
+        h["content-md5"] and h["x-amz-object-lock-mode"] == "COMPLIANCE" for h in seen[locked])
+
+
+def test_a_bucket_whose_object_lock_cannot_be_read_still_gets_content_md5(tmp_path, auth_s3):
+    """Not allowed to read the Object Lock configuration (the shipper writes without explicit
+    retention): the bucket's default retention still needs Content-MD5 on every PUT, so it
+    is sent - the server refuses the upload without it."""
+    bucket = auth_s3.bucket(ObjectLockEnabledForBucket=True)
+    auth_s3.admin_client("s3").put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration={
+        "ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}}})
+    user = f"no-lock-read-{uuid.uuid4().hex[:8]}"
+    auth_s3.iam.create_user(UserName=user)
+    auth_s3.iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=ALLOW_S3)
+    # moto authorises GET ?object-lock as s3:ListBucket; AWS as GetBucketObjectLockConfiguration
+    auth_s3.iam.put_user_policy(UserName=user, PolicyName="no-lock-read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Resource": "*", "Action": [
+            "s3:GetBucketObjectLockConfiguration", "s3:ListBucket"]}]}))
+    key = auth_s3.iam.create_access_key(UserName=user)["AccessKey"]
+    store = auth_s3.store(bucket, aws_access_key_id=key["AccessKeyId"],
+                          aws_secret_access_key=key["SecretAccessKey"])
+    spy = HeaderSpy(store)
+
+    async def main():
+        enabled = await store.object_lock_enabled()
+        rec = make_recorder(tmp_path, store)
+        await rec.start()
+        await record(rec, 40)
+        return enabled, await rec.close()
+
+    enabled, shipped = asyncio.run(main())
+    assert enabled is False and store.object_lock is None  # refused: not known to be off
+    assert shipped and shipped_requests(auth_s3.reader(bucket)) == list(range(40))
+    assert spy.puts and all(h["content-md5"] and "x-amz-object-lock-mode" not in h for h in spy.puts)
+
+    async def without_md5():  # the control: this bucket does refuse a PUT without it
+        store.object_lock = False
+        data = b"x\n"
+        try:
+            await store.put("k", data, sha256=hashlib.sha256(data).hexdigest(), content_type="text/plain")
+        finally:
+            await store.aclose()
+
+    with pytest.raises(S3Error) as err:
+        asyncio.run(without_md5())
+    assert err.value.status == 400
+
+
 def test_a_wrong_secret_is_refused_by_the_server(auth_s3):
     bucket = auth_s3.bucket()
     store = auth_s3.store(bucket, aws_secret_access_key="not-the-secret")

@@ -33,8 +33,10 @@ LABEL org.opencontainers.image.title="chaperone" \
       org.opencontainers.image.source="https://github.com/chaperone-dev/chaperone"
 
 # iptables (+ ip6tables) for the transparent-mode init container, which runs this image.
+# libvectorscan5: the system Hyperscan masking scans with (policy/masking/libhs.py; a fat-runtime
+# build, 1.4-2.2x faster than the hyperscan wheel's generic one, which stays the fallback).
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables libvectorscan5 \
  && rm -rf /var/lib/apt/lists/*
 
 # The sidecar's dedicated user. The UID/GID must equal the injection default

@@ -63,8 +63,19 @@ def machine_info(load_before: Iterable[float] = ()) -> dict[str, Any]:
         "python": platform.python_version(), "mitmproxy": _dist("mitmproxy"), "aiohttp": _dist("aiohttp"),
         "uvloop": _dist("uvloop"), "opentelemetry-sdk": _dist("opentelemetry-sdk"), "openssl": ssl.OPENSSL_VERSION,
         "squid": _version([SQUID or "squid", "-v"], r"Version (\S+)"), "wrk": _version(["wrk", "-v"], r"wrk (\S+)"),
-        "load_before": list(load_before),
+        "hyperscan": _hyperscan_engine(), "load_before": list(load_before),
     }
+
+
+def _hyperscan_engine() -> str:
+    """What the sidecar's masking scans with, as its hs_compile chooses it in this environment."""
+    from chaperone_sidecar.policy.masking.hs_compile import engine_name, system_library
+
+    lib = system_library()
+    if lib is None:
+        return engine_name()
+    features = lib.compile([b"x"], [0]).info().split("Features:")[1].split("Mode:")[0].strip()
+    return f"{engine_name()} ({features or 'generic'})"
 
 
 # ---------------------------------------------------------------------------- numbers
@@ -472,7 +483,8 @@ def _machine_rows(meta: dict) -> list[str]:
             ["Python", meta["python"]], ["mitmproxy", meta["mitmproxy"]], ["Squid", meta["squid"]],
             ["aiohttp (client and upstream)", f"{meta['aiohttp']} on {meta.get('harness_loop')}"],
             ["uvloop", meta["uvloop"]], ["opentelemetry-sdk", meta["opentelemetry-sdk"]],
-            ["OpenSSL", meta["openssl"]], ["wrk", meta["wrk"]]]
+            ["OpenSSL", meta["openssl"]], ["wrk", meta["wrk"]],
+            ["Hyperscan (masking)", meta.get("hyperscan", "the hyperscan wheel (not recorded)")]]
     return _table(["", ""], rows)
 
 

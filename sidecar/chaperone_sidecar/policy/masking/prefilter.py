@@ -25,7 +25,8 @@ reference, so the identity cannot be reused): the whole-body pipeline scans the 
 object for the detectors and then for base64 runs when nothing was masked. Only texts up to
 ``CACHE_MAX`` (4 MiB) are kept, so a large body is not held after its masking (a larger one is
 scanned twice: ~2 ms per MiB more). Hyperscan's
-scratch space is per thread (the scan releases the GIL).
+scratch space is per thread (the scan releases the GIL). The engine - the system's
+``libhs.so.5`` or the ``hyperscan`` wheel - is :mod:`.hs_compile`'s choice.
 """
 
 from __future__ import annotations
@@ -37,9 +38,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import hyperscan
-
-from .hs_compile import compile_database
+from .hs_compile import SCAN_TERMINATED, compile_database
+from .libhs import HS_FLAG_CASELESS, HS_FLAG_SINGLEMATCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +104,14 @@ class Prefilter:
     def __init__(self, triggers: Iterable[Trigger]) -> None:
         self.triggers: tuple[Trigger, ...] = tuple(dict.fromkeys(triggers))
         self.trigger_set = frozenset(self.triggers)
-        flags = [(hyperscan.HS_FLAG_CASELESS if t.caseless else 0)
-                 | (hyperscan.HS_FLAG_SINGLEMATCH if t.first else 0) for t in self.triggers]
+        flags = [(HS_FLAG_CASELESS if t.caseless else 0)
+                 | (HS_FLAG_SINGLEMATCH if t.first else 0) for t in self.triggers]
         # compiled in a child process, loaded serialized: the compiler's pages stay out (hs_compile)
         self._db = compile_database([t.pattern for t in self.triggers], flags)
         self._local = threading.local()
         _release_freed_heap()
 
-    def _scratch(self) -> hyperscan.Scratch:
+    def _scratch(self) -> Any:  # the engine's Scratch (hs_compile: the system library or the wheel)
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = self._db.scratch.clone()
@@ -147,7 +147,7 @@ class Prefilter:
         found: list[int] = []
         try:
             self._db.scan(text, match_event_handler=_stop, context=found, scratch=self._scratch())
-        except hyperscan.ScanTerminated:
+        except SCAN_TERMINATED:
             return found[0] - trigger.width
         return -1
 

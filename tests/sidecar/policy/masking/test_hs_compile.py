@@ -62,7 +62,7 @@ def test_a_failing_child_falls_back_to_compiling_here(monkeypatch, caplog):
 
 
 def test_an_invalid_expression_is_still_an_error():
-    with pytest.raises(hyperscan.error):
+    with pytest.raises(hs_compile.ENGINE_ERRORS, match="(?i)parenthesis"):
         hs_compile.compile_database([b"(unclosed"], [0])
 
 
@@ -73,7 +73,7 @@ for line in open("/proc/self/smaps"):
     parts = line.split()
     if "-" in parts[0] and not parts[0].endswith(":"):
         mapping = parts[5] if len(parts) > 5 else ""
-    elif parts[0] == "Rss:" and mapping and "/hyperscan/" in mapping:
+    elif parts[0] == "Rss:" and mapping and ("/hyperscan/" in mapping or "/libhs.so" in mapping):
         kib += int(parts[1])
 print(kib)
 """
@@ -81,8 +81,8 @@ print(kib)
 
 def test_the_sidecar_never_makes_the_compiler_resident():
     """Importing the detectors (which builds the database of every detector and the base64
-    tail's) leaves ~1.6 MB of the hyperscan extension resident; compiled in process it was
-    ~5.3 MB (the compiler's code pages)."""
+    tail's) leaves ~1.6 MB of Hyperscan resident (the wheel's extension and the system's
+    libhs.so.5 together); compiled in process it was ~5.3 MB (the compiler's code pages)."""
     out = subprocess.run([sys.executable, "-c", RESIDENT], capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(REPO / "sidecar"), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]

@@ -55,9 +55,14 @@ class _CompileError(ctypes.Structure):
 
 
 def _on_match(id_: int, start: int, end: int, flags: int, call: Any) -> int:
-    # ``call`` is the (handler, context) pair Database.scan passed as the C context pointer.
-    handler, context = call
-    return 1 if handler(id_, start, end, flags, context) else 0
+    # ``call`` is the [handler, context, error] list Database.scan passed as the C context
+    # pointer. An exception must not be lost (ctypes would print it and go on scanning: a
+    # trigger missed, a secret unmasked): it stops the scan and Database.scan raises it.
+    try:
+        return 1 if call[0](id_, start, end, flags, call[1]) else 0
+    except BaseException as exc:  # noqa: BLE001 - re-raised by Database.scan
+        call[2] = exc
+        return 1
 
 
 _ON_MATCH = _MATCH(_on_match)  # one C thunk for every scan (making one per scan costs µs)
@@ -146,14 +151,17 @@ class Database:
     def scan(self, data: bytes, match_event_handler: Callable[..., Any], context: Any = None,
              scratch: Scratch | None = None) -> None:
         """Report every match to ``match_event_handler(id, from, to, flags, context)``; a true
-        return value stops the scan with :class:`ScanTerminated`."""
+        return value stops the scan with :class:`ScanTerminated`, an exception in it stops the
+        scan and is raised here."""
         if type(data) is not bytes:
             data = bytes(data)  # a bytearray or memoryview: the C side needs a stable buffer
         if scratch is None:
             with self._lock:
                 return self.scan(data, match_event_handler, context, self.scratch)
-        rc = self._lib._lib.hs_scan(self._handle, data, len(data), 0, scratch._handle, _ON_MATCH,
-                                    (match_event_handler, context))
+        call = [match_event_handler, context, None]
+        rc = self._lib._lib.hs_scan(self._handle, data, len(data), 0, scratch._handle, _ON_MATCH, call)
+        if call[2] is not None:
+            raise call[2]  # the handler's own exception (the wheel raises it too)
         if rc == HS_SCAN_TERMINATED:
             raise ScanTerminated()
         self._lib._check(rc, "hs_scan")

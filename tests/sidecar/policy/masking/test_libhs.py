@@ -92,6 +92,21 @@ def test_a_true_return_stops_the_scan(lib):
     db.scan(b"akia akia", match_event_handler=lambda *a: None)  # scratch still usable afterwards
 
 
+def test_an_exception_in_the_handler_stops_the_scan_and_is_raised(lib):
+    """Never swallowed (ctypes' default: print it, go on - a trigger lost, a secret unmasked)."""
+    db = lib.compile([b"akia"], [libhs.HS_FLAG_CASELESS])
+    calls: list[int] = []
+
+    def handler(i, s, e, f, ctx):
+        calls.append(e)
+        raise MemoryError("no room for the hit")
+
+    with pytest.raises(MemoryError, match="no room"):
+        db.scan(b"akia akia akia", match_event_handler=handler)
+    assert calls == [4]
+    assert _hits(db, b"akia akia") == Counter({(0, 4): 1, (0, 9): 1})  # the scratch is fine afterwards
+
+
 def test_a_serialized_database_scans_like_the_compiled_one(lib):
     triggers = _triggers()
     db = lib.compile([t.pattern for t in triggers], _flags(triggers))

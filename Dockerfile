@@ -34,7 +34,7 @@ LABEL org.opencontainers.image.title="chaperone" \
 
 # iptables (+ ip6tables) for the transparent-mode init container, which runs this image.
 # libvectorscan5: the system Hyperscan masking scans with (policy/masking/libhs.py; a fat-runtime
-# build, 1.4-2.2x faster than the hyperscan wheel's generic one, which stays the fallback).
+# build, 1.3-2.1x faster than the hyperscan wheel's generic one, which stays the fallback).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables libvectorscan5 \
  && rm -rf /var/lib/apt/lists/*

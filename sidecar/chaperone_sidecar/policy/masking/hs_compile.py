@@ -20,7 +20,7 @@ database, it only costs the memory it did before. A compile error in the express
 hidden by that fallback: the in-process compile raises it as before.
 
 **Engine** (issue 16, session 9): the system's ``libhs.so.5`` through :mod:`.libhs` when it
-loads (Debian's ``libvectorscan5``: a fat-runtime build, 1.4-2.2x faster scans than the wheel's
+loads (Debian's ``libvectorscan5``: a fat-runtime build, 1.3-2.1x faster scans than the wheel's
 generic one), else the ``hyperscan`` wheel. ``CHAPERONE_HYPERSCAN=wheel`` forces the wheel
 (A/B runs, and the test that compares the two). The child compiles with the same engine: it
 loads ``libhs.py`` by path, or imports the wheel. :data:`ENGINE_ERRORS` are what either raises.

@@ -176,6 +176,14 @@ def test_ships_a_session_signed_and_verified_by_the_server(tmp_path, auth_s3, lo
     assert head["Metadata"]["sha256"] and (head.get("ObjectLockMode") == "COMPLIANCE") == lock
 
 
+async def put_one(store: AioS3Store, data: bytes = b"x\n") -> str:
+    """One small PUT, then the store's connections closed (the server's refusal is raised)."""
+    try:
+        return await store.put("k", data, sha256=hashlib.sha256(data).hexdigest(), content_type="text/plain")
+    finally:
+        await store.aclose()
+
+
 class HeaderSpy:
     """The PUT headers an AioS3Store sends (its own ``_request``, wrapped; the server still
     answers every request)."""
@@ -248,32 +256,17 @@ def test_a_bucket_whose_object_lock_cannot_be_read_still_gets_content_md5(tmp_pa
     assert shipped and shipped_requests(auth_s3.reader(bucket)) == list(range(40))
     assert spy.puts and all(h["content-md5"] and "x-amz-object-lock-mode" not in h for h in spy.puts)
 
-    async def without_md5():  # the control: this bucket does refuse a PUT without it
-        store.object_lock = False
-        data = b"x\n"
-        try:
-            await store.put("k", data, sha256=hashlib.sha256(data).hexdigest(), content_type="text/plain")
-        finally:
-            await store.aclose()
-
+    store.object_lock = False  # the control: this bucket does refuse a PUT without MD5
     with pytest.raises(S3Error) as err:
-        asyncio.run(without_md5())
+        asyncio.run(put_one(store))
     assert err.value.status == 400
 
 
 def test_a_wrong_secret_is_refused_by_the_server(auth_s3):
     bucket = auth_s3.bucket()
     store = auth_s3.store(bucket, aws_secret_access_key="not-the-secret")
-    data = b"x\n"
-
-    async def main():
-        try:
-            await store.put("k", data, sha256=hashlib.sha256(data).hexdigest(), content_type="text/plain")
-        finally:
-            await store.aclose()
-
     with pytest.raises(S3Error) as err:
-        asyncio.run(main())
+        asyncio.run(put_one(store))
     assert err.value.code == "SignatureDoesNotMatch" and err.value.status == 403
 
 

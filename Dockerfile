@@ -15,6 +15,11 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+# gcc for the package's one C extension (chaperone_sidecar/policy/masking/_stretches.c); only
+# its shared object reaches the runtime stage, inside the venv.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/chaperone
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./

@@ -56,7 +56,9 @@ system-deps:
 venv: $(STAMP)
 
 # Exact pins in constraints.txt keep the install fast (unpinned kubernetes + boto3 backtracks).
-$(STAMP): pyproject.toml constraints.txt
+# The editable install also builds the C extension in place (pyproject.toml, ext-modules): a
+# change to its source reinstalls.
+$(STAMP): pyproject.toml constraints.txt sidecar/chaperone_sidecar/policy/masking/_stretches.c
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'

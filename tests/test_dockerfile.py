@@ -242,6 +242,17 @@ def test_build_context_holds_the_packages_and_nothing_else():
                                                    "README.md", "constraints.txt"}
     assert not leaked, f"in the build context but not needed: {sorted(leaked)}"
     assert not [f for f in CONTEXT if "__pycache__" in f or f.endswith(".pyc")]
+    # The C extension is built in the image from its source, never copied from a host's build.
+    assert "sidecar/chaperone_sidecar/policy/masking/_stretches.c" in CONTEXT
+    assert not [f for f in CONTEXT if f.endswith(".so")]
+
+
+def test_the_build_stage_has_a_compiler_for_the_c_extension():
+    runs = " ; ".join(BUILD.all("RUN"))
+    assert re.search(r"apt-get install -y --no-install-recommends [^;&]*\bgcc\b", runs)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (ext,) = project["tool"]["setuptools"]["ext-modules"]
+    assert ext["sources"] == ["sidecar/chaperone_sidecar/policy/masking/_stretches.c"]
 
 
 def test_every_entry_point_resolves_inside_the_image():

@@ -40,7 +40,7 @@ import hyperscan
 
 from . import libhs
 
-__all__ = ["ENGINE_ERRORS", "SCAN_TERMINATED", "compile_database", "compile_in_process", "engine_name",
+__all__ = ["ENGINE_ERRORS", "compile_database", "compile_in_process", "engine_name",
            "system_library"]
 
 log = logging.getLogger("chaperone.masking")
@@ -68,7 +68,6 @@ else:
 """
 
 ENGINE_ERRORS = (hyperscan.error, libhs.HyperscanError)  # what a compile or scan of either raises
-SCAN_TERMINATED = (hyperscan.ScanTerminated, libhs.ScanTerminated)
 
 
 @functools.cache

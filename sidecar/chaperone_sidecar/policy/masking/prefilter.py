@@ -16,9 +16,11 @@ and validators as before) only at or around those places (see each finder in
 ~0.5 ms; RE2's one combined alternation needs ~1.7 ms and cannot report overlapping
 occurrences; Python's ``re`` alternation ~240 ms.
 
-Triggers that occur in runs (the base64 trigger fires at every upper-case letter of a blob)
-are compiled with ``HS_FLAG_SINGLEMATCH``: only their first occurrence is reported, which is
-all their user needs (``decoded._first_run`` starts its own run search there).
+A trigger may be *native* (``Trigger.native``): a function that returns exactly the positions
+Hyperscan would report for its pattern, found without it. The card trigger is one
+(``_stretches.card_head_ends``): its counted digit classes were 0.8-1.2 ms of the one pass's
+1.5-1.7 ms per MiB of prose and JSON, the function ~0.2 ms. Its pattern stays the
+specification (test_stretches.py compares the two); a database holds only the others.
 
 Results are cached for the last text scanned in each thread (by identity; the cache holds a
 reference, so the identity cannot be reused): the whole-body pipeline scans the same bytes
@@ -34,12 +36,12 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .hs_compile import SCAN_TERMINATED, compile_database
-from .libhs import HS_FLAG_CASELESS, HS_FLAG_SINGLEMATCH
+from .hs_compile import compile_database
+from .libhs import HS_FLAG_CASELESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,20 +49,21 @@ class Trigger:
     """A Hyperscan pattern every match of a rule contains.
 
     ``width``: the fixed length of every match, so its start is ``end - width`` (literals and
-    fixed-shape patterns); ``None`` reports end offsets. ``first``: only the first occurrence
-    is needed (``HS_FLAG_SINGLEMATCH``)."""
+    fixed-shape patterns); ``None`` reports end offsets. ``native``: a function that returns
+    the end offsets Hyperscan reports for ``pattern`` in a text (sorted), used instead of a
+    scan (see the module docstring)."""
 
     pattern: bytes
     width: int | None = None
     caseless: bool = False
-    first: bool = False
+    native: Callable[[bytes], list[int]] | None = field(default=None, compare=False)
     # Triggers key the hits of every scan (``Hits``), looked up ~80 times per body: the
     # generated __hash__ (a Python call hashing a tuple of the fields) was most of the time of
     # masking a clean 1 KiB body (issue 16, session 6); the hash is computed once instead.
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.pattern, self.width, self.caseless, self.first)))
+        object.__setattr__(self, "_hash", hash((self.pattern, self.width, self.caseless)))
 
     def __hash__(self) -> int:
         return self._hash
@@ -104,14 +107,16 @@ class Prefilter:
     def __init__(self, triggers: Iterable[Trigger]) -> None:
         self.triggers: tuple[Trigger, ...] = tuple(dict.fromkeys(triggers))
         self.trigger_set = frozenset(self.triggers)
-        flags = [(HS_FLAG_CASELESS if t.caseless else 0)
-                 | (HS_FLAG_SINGLEMATCH if t.first else 0) for t in self.triggers]
+        self._scanned = tuple(t for t in self.triggers if t.native is None)
+        self._native = tuple((t, t.native) for t in self.triggers if t.native is not None)
+        flags = [HS_FLAG_CASELESS if t.caseless else 0 for t in self._scanned]
         # compiled in a child process, loaded serialized: the compiler's pages stay out (hs_compile)
-        self._db = compile_database([t.pattern for t in self.triggers], flags)
+        self._db = compile_database([t.pattern for t in self._scanned], flags) if self._scanned else None
         self._local = threading.local()
         _release_freed_heap()
 
     def _scratch(self) -> Any:  # the engine's Scratch (hs_compile: the system library or the wheel)
+        assert self._db is not None
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = self._db.scratch.clone()
@@ -125,61 +130,23 @@ class Prefilter:
         # Only the triggers that occur get a list (a clean text: none; one per trigger was a
         # third of a clean 1 KiB body's scan, session 6).
         ends: defaultdict[int, list[int]] = defaultdict(list)
-        if text:
+        if text and self._db is not None:
             self._db.scan(text, match_event_handler=_collect, context=ends, scratch=self._scratch())
         by_trigger: dict[Trigger, list[int]] = {}
-        triggers = self.triggers
         for i, found in ends.items():
-            t = triggers[i]
+            t = self._scanned[i]
             # Hyperscan reports in order of end offset; equal-width starts keep that order.
             found.sort()  # in end order already, but Hyperscan does not promise it for all engines
             by_trigger[t] = [e - t.width for e in found] if t.width is not None else found
+        for t, native in self._native:
+            if text and (found := native(text)):
+                by_trigger[t] = [e - t.width for e in found] if t.width is not None else found
         result = Hits(by_trigger)
         # Larger texts are not kept: the cache would hold them until the thread's next scan.
         self._local.last = (text, result) if len(text) <= CACHE_MAX else None
         return result
 
-    def first(self, text: bytes) -> int:
-        """Where the first match of this database's one fixed-width trigger starts, or -1;
-        the scan stops there (Hyperscan reports in order of end offset)."""
-        (trigger,) = self.triggers
-        assert trigger.width is not None
-        found: list[int] = []
-        try:
-            self._db.scan(text, match_event_handler=_stop, context=found, scratch=self._scratch())
-        except SCAN_TERMINATED:
-            return found[0] - trigger.width
-        return -1
 
-
-# Base64 runs worth decoding (``decoded._runs``) are 16 characters or more of its alphabet
-# with an upper-case letter, so such a run holds a 16-character window of the alphabet with an
-# upper-case letter in it (``B64_WINDOW``). Only the first one matters (``decoded._first_run``).
-# The window pattern costs ~2.5-4 ms per MiB of text (counted classes, nothing to skip to), so
-# it is not in the one pass: ``decoded._first_run`` finds the first upper-case letter
-# (``UPPER``, a database of its own) and looks for the first window from there
-# (``Prefilter.first``: the scan stops at it), when there is an upper-case letter at all. (Until
-# session 5 of issue 16 the one pass also held the windows that *start* with an upper-case
-# letter, ~3 ms per MiB of log prose, and the second search looked only for windows *ending*
-# with one: a run of 16-30 characters whose upper-case letters all sit in its middle was
-# missed, e.g. the base64 of a short address, ``ePRUIGFAYmMuaW8g``; tests/.../
-# test_differential.py, short runs.) ``UPPER`` left the one pass in session 8: in the same
-# database as the card and JWT triggers it made the scan ~1 ms per MiB of log prose or API
-# JSON dearer although it reports one position (Hyperscan runs it in the same NFA as the
-# other class patterns); alone it stops at the first upper-case letter, or runs at ~13 GB/s
-# through a text without one.
-_B64_CHAR = rb"[A-Za-z0-9+/_\-]"
-UPPER = Trigger(rb"[A-Z]", 1, first=True)
-
-
-def _window(k: int) -> bytes:
-    """The 16-character window with its upper-case letter at offset ``k``."""
-    def rep(n: int) -> bytes:
-        return b"" if n == 0 else _B64_CHAR + (b"{%d}" % n if n > 1 else b"")
-    return rep(k) + rb"[A-Z]" + rep(15 - k)
-
-
-B64_WINDOW = Trigger(b"(?:" + b"|".join(_window(k) for k in range(16)) + b")", 16, first=True)
 # Where a mask token may start: findings inside one are dropped (``spans.scan``), runs inside
 # one are not decoded (``decoded._runs``).
 MASKED = literal(b"[MASKED:", caseless=False)
@@ -194,11 +161,6 @@ def _release_freed_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _stop(id_: int, start: int, end: int, flags: int, found: Any) -> bool:
-    found.append(end)
-    return True  # terminate the scan
 
 
 def _collect(id_: int, start: int, end: int, flags: int, ends: Any) -> None:  # ends: defaultdict[int, list[int]]

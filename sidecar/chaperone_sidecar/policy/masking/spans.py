@@ -210,7 +210,7 @@ def prefilter_for(rules: tuple[Rule, ...]) -> Prefilter:
     needed = {t for r in rules for t in r.triggers} | set(SHARED_TRIGGERS)
     pre = next((p for _, p in _PREFILTERS.values() if needed <= p.trigger_set), None)
     if pre is None:
-        pre = Prefilter(sorted(needed, key=lambda t: (t.pattern, t.caseless, t.first)))
+        pre = Prefilter(sorted(needed, key=lambda t: (t.pattern, t.caseless)))
     if len(_PREFILTERS) >= 256:
         _PREFILTERS.clear()
         _LAST_PREFILTER.clear()

@@ -26,12 +26,11 @@ TEXT = (b'{"aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", 
 
 def _triggers():
     return sorted({t for r in resolve_rules([ALL]) for t in r.triggers} | set(SHARED_TRIGGERS),
-                  key=lambda t: (t.pattern, t.caseless, t.first))
+                  key=lambda t: (t.pattern, t.caseless))
 
 
 def _flags(triggers):
-    return [(hyperscan.HS_FLAG_CASELESS if t.caseless else 0) | (hyperscan.HS_FLAG_SINGLEMATCH if t.first else 0)
-            for t in triggers]
+    return [hyperscan.HS_FLAG_CASELESS if t.caseless else 0 for t in triggers]
 
 
 def _matches(db, text: bytes) -> list[tuple[int, int]]:

@@ -42,7 +42,7 @@ import re
 from collections.abc import Iterator
 
 from ._stretches import first_upper_run
-from .prefilter import MASKED
+from .prefilter import JSON_ESCAPE, MASKED
 from .spans import MASK_TOKEN_RE, Finding, Rule, mask_text, mask_token, merge, prefilter_for, scan, string_spans
 
 B64_MIN = 16  # shortest base64 run decoded (12 bytes; an AWS key id alone encodes to 28)
@@ -264,7 +264,8 @@ def mask_decoded(text: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = 
     if not rules or not text:
         return text
     found: dict[str, int] = {}
-    view = canonical_json_strings(text) if json_strings else text
+    escaped = json_strings and prefilter_for(rules).hits(text).positions((JSON_ESCAPE,))  # the scan mask_text reuses
+    view = canonical_json_strings(text) if escaped else text
     masked = mask_text(view, rules, hash_key, found, json_strings=json_strings)
     masked = mask_base64(masked, rules, hash_key, found)
     if not found:

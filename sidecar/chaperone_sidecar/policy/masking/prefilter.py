@@ -150,8 +150,15 @@ class Prefilter:
 # Where a mask token may start: findings inside one are dropped (``spans.scan``), runs inside
 # one are not decoded (``decoded._runs``).
 MASKED = literal(b"[MASKED:", caseless=False)
+# Where a JSON string escapes printable ASCII or "/" (``decoded.canonical_json_strings``'s
+# pattern): a JSON body without one is scanned as it is. Python's re searched for it at ~2 GB/s
+# (0.5 ms per MiB of JSON holding "\u00e9" escapes); in the one pass it costs nothing: with it
+# the database of every detector scans 1 MiB of prose in 0.13 ms instead of 0.54 (JSON 0.12 /
+# 0.31, SSE 0.11 / 0.31; libvectorscan5 here). Measured, not designed: another literal ("zzzq")
+# gains less, a lone backslash loses; it is how the compiler groups the literals.
+JSON_ESCAPE = Trigger(rb"\\(?:u00[2-7][0-9A-Fa-f]|/)")
 # In every database besides the rules' own triggers.
-SHARED_TRIGGERS = (MASKED,)
+SHARED_TRIGGERS = (MASKED, JSON_ESCAPE)
 
 
 def _release_freed_heap() -> None:

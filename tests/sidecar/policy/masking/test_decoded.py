@@ -16,7 +16,10 @@ from hypothesis import strategies as st
 
 from chaperone_sidecar.policy.masking import decoded
 from chaperone_sidecar.policy.masking.decoded import canonical_json_strings, mask_base64, mask_binary
+from chaperone_sidecar.policy.masking.detectors import ALL, resolve_rules
 from chaperone_sidecar.policy.masking.masker import Masker
+from chaperone_sidecar.policy.masking.prefilter import JSON_ESCAPE
+from chaperone_sidecar.policy.masking.spans import prefilter_for
 from chaperone_sidecar.policy.model import MaskSpec
 
 from .samples import ALL_RULES, AWS_KEY_ID, AWS_SECRET
@@ -74,6 +77,19 @@ def test_canonicalisation_keeps_lone_surrogates_valid_json():
     text = b'{"a": "\\ud800 \\u0041", "b": "\\"\\\\"}'
     out = canonical_json_strings(text)
     assert json.loads(out) == json.loads(text) and out.isascii()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"\\", b"u", b"00", b"0041", b"00e9", b"002F", b"007a", b"/", b"x", b'"', b"\n"]),
+                max_size=40))
+def test_the_escape_trigger_finds_what_canonicalisation_looks_for(pieces):
+    """The one pass's ``JSON_ESCAPE`` gates ``canonical_json_strings`` in ``mask_decoded``: it
+    must occur exactly where the canonicalisation's own pattern matches (a miss would leave an
+    escaped secret unread)."""
+    assert JSON_ESCAPE.pattern == decoded._NONCANONICAL_ESCAPE.pattern
+    text = b"".join(pieces)
+    hits = prefilter_for(resolve_rules([ALL])).hits(text).positions((JSON_ESCAPE,))
+    assert hits == [m.end() for m in decoded._NONCANONICAL_ESCAPE.finditer(text)]  # matches never overlap
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

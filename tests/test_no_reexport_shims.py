@@ -32,6 +32,10 @@ def _product_modules() -> dict[str, Path]:
         for path in (REPO / top / pkg).rglob("*.py"):
             name = ".".join(path.relative_to(REPO / top).with_suffix("").parts)
             mods[name.removesuffix(".__init__")] = path
+        # A C extension is a module too; its stub (.pyi) says what it defines.
+        for path in (REPO / top / pkg).rglob("*.pyi"):
+            if not path.with_suffix(".py").exists():
+                mods[".".join(path.relative_to(REPO / top).with_suffix("").parts)] = path
     return mods
 
 

@@ -4,9 +4,9 @@ Why: the node story (issue 14) must run the image users build - the repository's
 and nothing can be pulled on this machine class. So:
 
 1. a **base image** is made with debootstrap from Debian's packages: bookworm (minbase) with
-   python3, python3-venv and python-is-python3, i.e. what the Dockerfile needs from its
-   `PYTHON_IMAGE` build argument (`python:3.11-slim` by default: Debian bookworm's Python 3.11
-   with `python` and venv). It also carries this machine's extra CA certificates and pip
+   python3, python3-venv, python-is-python3 and python3-dev, i.e. what the Dockerfile needs from
+   its `PYTHON_IMAGE` build argument (`python:3.11-slim` by default: Debian bookworm's Python
+   3.11 with `python`, venv and its C headers, which the package's C extension compiles against). It also carries this machine's extra CA certificates and pip
    configuration, if any: package downloads here go through a TLS-inspecting egress whose CA
    only the machine trusts. That is what an organisation's own base image behind such a proxy
    does; the Dockerfile itself stays untouched and the one recipe.
@@ -42,7 +42,7 @@ IMAGE_NAME = "ghcr.io/chaperone-dev/chaperone:0.1.0"
 AGENT_IMAGE = "chaperone.local/agent:e2e"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
+BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "python3-dev", "ca-certificates")
 AGENT_PACKAGES = ("curl", "awscli")
 # The build context the Dockerfile sees (.dockerignore is an allowlist of exactly these).
 CONTEXT = ("pyproject.toml", "README.md", "constraints.txt", "operator", "sidecar")

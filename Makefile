@@ -8,7 +8,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 APT_PACKAGES := redis-server iproute2 iptables curl squid-openssl wrk \
                 containerd runc containernetworking-plugins debootstrap buildah \
-                postgresql postgresql-client git libvectorscan5
+                postgresql postgresql-client git libvectorscan5 gcc
 export CHAPERONE_CACHE ?= $(HOME)/.cache/chaperone
 
 .PHONY: demo test lint deps system-deps venv control-plane node-deps sync-crds check-crds bench clean
@@ -44,7 +44,8 @@ deps: system-deps venv control-plane node-deps kube-node
 
 # Debian packages: redis-server is a real component of the test bed; iproute2/iptables serve the
 # transparent-mode tests; libvectorscan5 is the Hyperscan masking scans with (policy/masking/
-# libhs.py; tests/.../test_libhs.py fails without it). apt-get runs only when something is missing.
+# libhs.py; tests/.../test_libhs.py fails without it); gcc compiles the package's C extension
+# (policy/masking/_stretches.c) when the venv installs it. apt-get runs only when something is missing.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -7,9 +7,10 @@ and nothing can be pulled on this machine class. So:
    python3, python3-venv, python-is-python3 and python3-dev, i.e. what the Dockerfile needs from
    its `PYTHON_IMAGE` build argument (`python:3.11-slim` by default: Debian bookworm's Python
    3.11 with `python`, venv and its C headers, which the package's C extension compiles
-   against). It also carries this machine's extra CA certificates and pip configuration, if any: package downloads here go through a TLS-inspecting egress whose CA
-   only the machine trusts. That is what an organisation's own base image behind such a proxy
-   does; the Dockerfile itself stays untouched and the one recipe.
+   against). It also carries this machine's extra CA certificates and pip configuration, if any:
+   package downloads here go through a TLS-inspecting egress whose CA only the machine trusts.
+   That is what an organisation's own base image behind such a proxy does; the Dockerfile itself
+   stays untouched and the one recipe.
 2. **the chaperone image** is `buildah bud` of the Dockerfile with
    `--build-arg PYTHON_IMAGE=<base>` (chroot isolation, host network for pip and apt), exported
    as a Docker archive named like the chart's default image (`IMAGE_NAME`);

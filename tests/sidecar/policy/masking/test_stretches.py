@@ -210,7 +210,7 @@ PROBE = Path(__file__).with_name("stretches_probe.py")
 SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
 
-def _build(directory: Path, source: str, *, sanitized: bool) -> Path:
+def _build(directory: Path, source: str, *, sanitized: bool, extra: tuple[str, ...] = ()) -> Path:
     """Compile ``source`` as the ``_stretches`` module into ``directory`` (gcc: make deps)."""
     cc = shutil.which("gcc")
     assert cc is not None, "gcc is required (make deps installs it): the extension is C"
@@ -218,20 +218,25 @@ def _build(directory: Path, source: str, *, sanitized: bool) -> Path:
     c_file = directory / "_stretches.c"
     c_file.write_text(source)
     built = directory / ("_stretches" + sysconfig.get_config_var("EXT_SUFFIX"))
-    flags = ["-O1", "-g", *(SANITIZERS if sanitized else [])]
+    flags = ["-O1", "-g", *(SANITIZERS if sanitized else []), *extra]
     subprocess.run([cc, "-shared", "-fPIC", *flags, "-I" + sysconfig.get_paths()["include"], str(c_file),
                     "-o", str(built)], check=True, capture_output=True, text=True)
     return built
 
 
+def _asan_runtime() -> str:
+    """The ASan runtime a non-instrumented interpreter needs preloaded to load a sanitized build."""
+    runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    assert os.path.isabs(runtime) and os.path.exists(runtime), f"gcc has no ASan runtime ({runtime!r})"
+    return runtime
+
+
 def _probe(built: Path, *, sanitized: bool) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     if sanitized:
-        runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], check=True, capture_output=True,
-                                 text=True).stdout.strip()
-        assert os.path.isabs(runtime) and os.path.exists(runtime), f"gcc has no ASan runtime ({runtime!r})"
         # The interpreter leaks by design (detect_leaks=0); every bytes object its own malloc.
-        env.update(LD_PRELOAD=runtime, PYTHONMALLOC="malloc", ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
+        env.update(LD_PRELOAD=_asan_runtime(), PYTHONMALLOC="malloc", ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     return subprocess.run([sys.executable, str(PROBE), str(built)], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -243,11 +248,29 @@ def test_no_out_of_bounds_access_or_undefined_behaviour_under_the_sanitizers(tmp
     assert re.fullmatch(r"probed \d{4,} inputs\n", result.stdout), result.stdout
 
 
+def test_a_build_without_sse2_runs_the_portable_classifier_alone(tmp_path):
+    """What a CPU without SSE2 (arm64) compiles: the SWAR classifier for both modes, under the
+    sanitizers, with the installed build's results (on x86-64 built with -mno-sse2)."""
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    built = _build(tmp_path, SOURCE.read_text(), sanitized=True, extra=("-mno-sse2",) if x86 else ())
+    result = _probe(built, sanitized=True)
+    assert result.returncode == 0, result.stderr[-6000:]
+    check = subprocess.run([sys.executable, "-c", "import importlib.machinery as m, importlib.util as u, sys\n"
+                            "l = m.ExtensionFileLoader('_stretches', sys.argv[1])\n"
+                            "s = u.spec_from_file_location('_stretches', sys.argv[1], loader=l)\n"
+                            "x = u.module_from_spec(s); l.exec_module(x); print(x.SSE2)", str(built)],
+                           capture_output=True, text=True, check=True,
+                           env=dict(os.environ, LD_PRELOAD=_asan_runtime(), ASAN_OPTIONS="detect_leaks=0"))
+    assert check.stdout.strip() == "0"
+
+
 MUTANTS = {
-    # SSE2 loads of 64 bytes wherever a block starts, also in the text's last block
-    "over-read at the end": ("t->n - at >= 64) return mask_sse2", "t->n - at >= 1) return mask_sse2"),
+    # 64-byte loads wherever a block starts, also in the text's last, short block
+    "over-read at the end": ("if (t->n - at >= 64) return mask_block", "if (t->n - at >= 1) return mask_block"),
     # a range of a whole word built as 1 << 64
     "shift by 64": ("b - a == 64 ?", "b - a == 65 ?"),
+    # SWAR sums over bytes >= 0x80 carry into the next byte
+    "SWAR carry": ("t = w & ~HIGH, r;", "t = w, r;"),
 }
 
 
@@ -255,6 +278,7 @@ MUTANTS = {
     ("over-read at the end", True, "ERROR: AddressSanitizer"),  # the guard page or a red zone
     ("over-read at the end", False, "SIGSEGV"),  # the guard page, without any sanitizer
     ("shift by 64", True, "runtime error: shift exponent 64"),
+    ("SWAR carry", False, "AssertionError: "),  # a result differs from the installed build
 ])
 def test_the_probe_catches_a_broken_build(tmp_path, name, sanitized, caught_by):
     """Controls: each mutant of the source fails the probe, by the named check."""

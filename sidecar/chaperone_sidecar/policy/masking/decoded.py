@@ -41,7 +41,7 @@ import json
 import re
 from collections.abc import Iterator
 
-from ._stretches import first_upper_run
+from ._stretches import first_run_candidate, first_upper_run
 from .prefilter import JSON_ESCAPE, MASKED
 from .spans import MASK_TOKEN_RE, Finding, Rule, mask_text, mask_token, merge, prefilter_for, scan, string_spans
 
@@ -118,42 +118,30 @@ def _b64decode(run: bytes) -> bytes | None:
         return None
 
 
-_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
-
-
-# Alphabet bytes -> "a", every other byte -> " " (``_run_matches``).
-_RUN_CLASS = bytes(0x61 if c in _ALPHABET else 0x20 for c in range(256))
-_RUN_NEEDLE = b"a" * B64_MIN
-
-
 def _run_matches(text: bytes, pos: int, skip: list[int] | None = None) -> Iterator[re.Match[bytes]]:
-    """``_B64_RUN.finditer(text, pos)``, without running the regex over the bytes between runs.
+    """The matches of ``_B64_RUN`` at or after ``pos`` that :func:`_runs` may keep, in order.
 
-    A match of ``_B64_RUN`` is a maximal stretch of the alphabet (its lookbehind and lookahead
-    refuse a neighbour of the alphabet) of ``B64_MIN`` characters or more, plus padding: so it
-    starts only where such a stretch starts, and the matches are exactly the successful
-    ``match`` calls at the starts of the stretches of ``B64_MIN`` or more at or after ``pos``,
-    in order (a stretch starting before ``pos`` has none: its start is not searched and its
-    other positions follow an alphabet byte). The stretches are found by ``bytes.find`` on a
-    one-byte-per-class copy. Measured (issue 16, session 5): the regex's finditer ran at ~30
-    MB/s, so a body with a base64 run early cost ~30 ms per MiB for the rest of the body;
-    the copy and the finds cost ~1.5 ms per MiB. ``skip``: ``skip[0]``, set by the consumer,
-    is where the search goes on (the caller's matches starting before it are of no use)."""
-    classes = text.translate(_RUN_CLASS)
+    A match is a maximal stretch of the alphabet (its lookbehind and lookahead refuse a
+    neighbour of the alphabet) of ``B64_MIN`` characters or more, plus padding: so it starts
+    only where such a stretch starts. ``_runs`` keeps a run holding an upper-case letter, and a
+    stretch without one only as the first line of wrapped base64 whose later lines have one
+    (a line length multiple of 4, then a line break); :func:`first_run_candidate` finds the
+    stretches that are either, 64 bytes at a time in C, and the others are never looked at.
+    Measured (issue 16, session 11): a body with one base64 run early made Python look at every
+    stretch of 16+ after it ("content_block_delta" in each event of an SSE stream: ~14 000
+    per MiB, ~3.6 µs each, 50 ms per MiB); see docs/masking.md, "Session 11". ``skip``:
+    ``skip[0]``, set by the consumer, is where the search goes on (the caller's matches
+    starting before it are of no use)."""
     while True:
         if skip is not None:
             pos = max(pos, skip[0])
-        j = classes.find(_RUN_NEEDLE, pos)
-        if j < 0:
+        start = first_run_candidate(text, pos)
+        if start < 0:
             return
-        start = classes.rfind(b" ", 0, j) + 1
-        end = classes.find(b" ", j)
-        end = len(text) if end < 0 else end
-        m = _B64_RUN.match(text, start) if start >= pos else None
+        m = _B64_RUN.match(text, start)
         if m is not None:
             yield m
-            end = max(end, m.end())
-        pos = end
+        pos = start + 1  # the stretch starting at `start` is skipped, and so is its padding
 
 
 def _first_run(text: bytes) -> int:

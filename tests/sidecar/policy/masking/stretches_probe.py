@@ -74,8 +74,8 @@ class Fenced:
         self.map.close()
 
 
-_PIECES = [b"a", b"Z", b"0", b"7", b" ", b"-", b"+", b"/", b"_", b"=", b"\n", b".", b"\xe9", b"\xff", b"\x80",
-           b"1111", b"4111 ", b"4111-", b"abcdefgh", b"ABCD", b"QUJD"]
+_PIECES = [b"a", b"Z", b"0", b"7", b" ", b"-", b"+", b"/", b"_", b"=", b"\n", b"\r", b"\\", b".", b"\xe9", b"\xff",
+           b"\x80", b"1111", b"4111 ", b"4111-", b"abcdefgh", b"ABCD", b"QUJD"]
 
 
 def inputs(rng: random.Random) -> Iterator[bytes]:
@@ -85,6 +85,7 @@ def inputs(rng: random.Random) -> Iterator[bytes]:
         yield b"4" * n
         yield (b"4111 1111 1111 1111 " * 12)[:n]
         yield (b"a" * 15 + b"Z") * 13 + b"x"[: n % 2]
+        yield (b"abcdefghijklmnop\n" * 12)[:n]  # lines that may wrap, a break at every offset
     for filler, n in ((b"Z", 4096), (b"7", 4096), (b"1 ", 5000), (b"9-", 8191), (b"q", 70000),
                       (b"8", 70001), (b"\xff", 65536)):
         yield (filler * n)[:n]
@@ -103,11 +104,12 @@ def check(module, data, reference: bytes) -> None:
         if got != expected:
             raise AssertionError(f"card_head_ends {got} != {expected} (portable={portable}) for {reference[:80]!r}")
         for pos in (0, 1, 15, 16, size // 2, max(0, size - 1), size, size + 64, sys.maxsize):
-            expected_run = installed.first_upper_run(reference, pos, portable=portable)
-            got_run = module.first_upper_run(data, pos, portable=portable)
-            if got_run != expected_run:
-                raise AssertionError(f"first_upper_run {got_run} != {expected_run} (pos={pos}, "
-                                     f"portable={portable}) for {reference[:80]!r}")
+            for name in ("first_upper_run", "first_run_candidate"):
+                expected_run = getattr(installed, name)(reference, pos, portable=portable)
+                got_run = getattr(module, name)(data, pos, portable=portable)
+                if got_run != expected_run:
+                    raise AssertionError(f"{name} {got_run} != {expected_run} (pos={pos}, "
+                                         f"portable={portable}) for {reference[:80]!r}")
 
 
 def main(path: str, seed: int = 16) -> int:

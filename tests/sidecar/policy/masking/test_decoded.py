@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -198,16 +199,32 @@ def test_a_run_at_the_end_of_a_line_never_swallows_the_next_line():
     assert M.mask_bytes(yaml, "application/yaml").body == b"creds: [MASKED:aws-access-key-id]\nname: keep-me\n"
 
 
+def _may_start_a_kept_run(text: bytes, m: re.Match[bytes]) -> bool:
+    """What ``_runs`` can keep of a match: one holding an upper-case letter, or the first line
+    of wrapped base64 (a length multiple of 4 after the "n" of a "\\n" escape, no padding, a
+    line break, CR or backslash after it)."""
+    a, b = m.span()
+    if re.search(rb"[A-Z]", m.group()):
+        return True
+    a += a > 0 and text[a - 1:a] == b"\\"
+    return (b - a) % 4 == 0 and not m.group().endswith(b"=") and text[b:b + 1] in (b"\n", b"\r", b"\\")
+
+
 def test_run_search_is_the_regex_search():
-    """``decoded._run_matches`` (stretches found by ``bytes.find``) gives exactly the matches
-    of ``_B64_RUN.finditer`` from any position: runs glued to "=", padding of 0-3 "=",
-    stretches of 15-17, runs cut by the start position, escapes and line breaks."""
+    """``decoded._run_matches`` (candidate stretches found in C) gives exactly the matches of
+    ``_B64_RUN.finditer`` from any position that ``_runs`` can keep: runs glued to "=", padding
+    of 0-3 "=", stretches of 15-17, runs cut by the start position, escapes and line breaks,
+    lines of wrapped base64 in lower case."""
     rnd = random.Random(21)
-    alphabet = b"aZ09+/_-=\\n \"\n.:"
-    for _ in range(3000):
-        text = bytes(rnd.choice(alphabet) if rnd.random() < 0.2 else rnd.choice(b"aB3/")
+    kept_lower = 0
+    for _ in range(5000):
+        lower = rnd.random() < 0.5  # no upper-case letter at all: only wrapped lines are kept
+        alphabet, letters = (b"a09+/_-=\\n \"\n\r.:", b"a3/") if lower else (b"aZ09+/_-=\\n \"\n\r.:", b"aB3/")
+        text = bytes(rnd.choice(alphabet) if rnd.random() < 0.1 else rnd.choice(letters)
                      for _ in range(rnd.randrange(120)))
         text = text.replace(b"=", b"=" * rnd.randrange(1, 4))
         pos = rnd.randrange(len(text) + 1)
-        want = [m.span() for m in decoded._B64_RUN.finditer(text, pos)]
+        want = [m.span() for m in decoded._B64_RUN.finditer(text, pos) if _may_start_a_kept_run(text, m)]
+        kept_lower += sum(1 for a, b in want if not re.search(rb"[A-Z]", text[a:b]))
         assert [m.span() for m in decoded._run_matches(text, pos)] == want, (text, pos)
+    assert kept_lower > 50  # the wrapped-line case was drawn, not only the upper-case one

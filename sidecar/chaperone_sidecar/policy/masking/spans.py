@@ -334,7 +334,12 @@ def ends_in_string(text: bytes, in_string: bool = False) -> bool:
     The same answer as ``string_spans``' scan: a string never spans a line feed, so only the
     text after the last one counts; there the end is inside a string when some quote does
     not close before it (after such a quote no later one closes either: its escapes pair up
-    the same way)."""
+    the same way).
+
+    Without ``\\"`` or ``\\\\`` there, no escape decides a quote (inside a string a backslash
+    escapes a letter, outside one it is a byte like any other): the end is inside a string when
+    an odd number of quotes follow ``start`` - counted in C, where the regex ran at ~150 MB/s
+    (a 64 KiB chunk of one-line JSON cost ~0.4 ms, half of streaming it; session 11)."""
     nl = text.rfind(b"\n")
     if nl >= 0:
         start = nl + 1
@@ -345,6 +350,8 @@ def ends_in_string(text: bytes, in_string: bool = False) -> bool:
         start = rest.end()
     else:
         start = 0
+    if text.find(b'\\"', start) < 0 and text.find(b"\\\\", start) < 0:
+        return text.count(b'"', start) % 2 == 1
     return _CLOSED_LINE_RE.match(text, start).end() < len(text)  # type: ignore[union-attr]  # matches empty
 
 

@@ -102,6 +102,10 @@ _HEX_UPPER = b"0123456789ABCDEF"  # upper-case hex digests are not base64 either
 # The next line of wrapped base64: a whole line (a line break, a closing quote or the end after
 # it), so "data: QUJD\nname: x" in YAML or prose after a run never joins it.
 _WRAPPED = re.compile(rb"(?:\\r\\n|\\n|\r?\n)([A-Za-z0-9+/_-]+={0,2})(?=\\[rn]|[\r\n\"]|\Z)")
+# Any number of such lines of a multiple of 4 characters (no padding) in one C-level match:
+# matching line by line cost ~1.7 µs a line, 30 of the 60 ms per MiB of streaming a wrapped
+# base64 file (session 11).
+_WRAPPED_FULL = re.compile(rb"(?:(?:\\r\\n|\\n|\r?\n)(?:[A-Za-z0-9+/_-]{4})++(?=\\[rn]|[\r\n\"]|\Z))*+")
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _SEPARATOR = b"\n\x00\n"  # between decoded runs in the joined scan: no detector crosses it
 
@@ -157,6 +161,17 @@ def _first_run(text: bytes) -> int:
     return start
 
 
+def _wrapped_end(text: bytes, a: int, b: int) -> int:
+    """Where a run whose first line is ``text[a:b]`` ends: the line after a line of a multiple
+    of 4 characters without padding joins it, and so on (full lines while they come, then one
+    more line of any length)."""
+    if (b - a) % 4 or text[b - 1] == 0x3D:
+        return b
+    b = _WRAPPED_FULL.match(text, b).end()  # type: ignore[union-attr]  # matches empty
+    last = _WRAPPED.match(text, b)
+    return b if last is None else last.end()
+
+
 def _runs(text: bytes, rules: tuple[Rule, ...]) -> list[tuple[int, int]]:
     """Spans of the base64 runs worth decoding (not inside a mask token)."""
     first = _first_run(text)
@@ -175,9 +190,7 @@ def _runs(text: bytes, rules: tuple[Rule, ...]) -> list[tuple[int, int]]:
             a += 1
         # Wrapped base64 (GitHub's contents API, MIME, PEM-like bodies): lines of a multiple
         # of 4 characters joined by a line break, raw or JSON-escaped, are one run.
-        line = b - a
-        while line % 4 == 0 and text[b - 1] != 0x3D and (c := _WRAPPED.match(text, b)):
-            line, b = c.end() - c.start(1), c.end()
+        b = _wrapped_end(text, a, b)
         if _UPPER.search(text, a, b) is None:
             continue
         k = bisect.bisect_right(ends, a)  # the first token ending after the run starts

@@ -108,6 +108,10 @@ B64_HOLD = 32 * 1024  # a base64 run held longer than this is scanned in steps (
 B64_KEEP = 16 * 1024  # ... keeping this much of it for the next step
 # What a held base64 run may consist of: its alphabets, padding, raw and escaped line breaks.
 _RUN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-=\r\n\\"
+# Run bytes -> "a", others -> " ", for a long run at the end: ``bytes.rstrip`` with a set of 68
+# bytes looks each byte up in the set (~9 ns a byte: 0.6 ms for a 64 KiB chunk of base64), a
+# translate of the whole buffer then one byte ~2.5 ns - but the common run at the end is short.
+_RUN_CLASS = bytes(0x61 if c in _RUN_BYTES else 0x20 for c in range(256))
 _ESCAPES = re.compile(rb"\\\\|\\(?:u00[2-7][0-9A-Fa-f]|/)")
 _PARTIAL_ESCAPE = re.compile(rb"(?:u[0-9A-Fa-f]{0,3})?")
 
@@ -122,7 +126,12 @@ def _run_hold(buf: bytes) -> int:
     wrapped base64 (``decoded._runs``), i.e. when its last line has a multiple of 4 characters
     and no padding. A run followed by a lone backslash is held too: cut there, the run would be
     decoded with the backslash glued to it (and judged clean), while whole it ends in ``\\n``."""
-    start = len(buf.rstrip(_RUN_BYTES))
+    window = buf[-256:]
+    kept = len(window.rstrip(_RUN_BYTES))
+    if kept or len(window) == len(buf):
+        start = len(buf) - len(window) + kept
+    else:  # a run longer than the window
+        start = len(buf.translate(_RUN_CLASS).rstrip(b"a"))
     if start == len(buf):
         return start
     tail = buf[start:]

@@ -228,3 +228,31 @@ def test_run_search_is_the_regex_search():
         kept_lower += sum(1 for a, b in want if not re.search(rb"[A-Z]", text[a:b]))
         assert [m.span() for m in decoded._run_matches(text, pos)] == want, (text, pos)
     assert kept_lower > 50  # the wrapped-line case was drawn, not only the upper-case one
+
+
+def _wrapped_end_line_by_line(text: bytes, b: int, line: int) -> int:
+    """The specification of the wrapped-run join: line by line, while the line so far is of a
+    multiple of 4 characters without padding, the next line (raw or escaped break) joins."""
+    while line % 4 == 0 and text[b - 1] != 0x3D and (c := decoded._WRAPPED.match(text, b)):
+        line, b = c.end() - c.start(1), c.end()
+    return b
+
+
+def test_wrapped_lines_join_as_line_by_line():
+    """``_wrapped_end`` (all the full lines in one match, then the last line) ends a wrapped run
+    where the line-by-line join does: lines of 3-9 characters, padding, raw and escaped CR/LF,
+    quotes, a text ending mid-line."""
+    rnd = random.Random(16)
+    seps = [b"\n", b"\r\n", b"\\n", b"\\r\\n", b"\r", b" ", b'"']
+    joined_lines = 0
+    for _ in range(4000):
+        parts = [b"QUJD" * rnd.randrange(1, 5)]
+        for _ in range(rnd.randrange(0, 6)):
+            parts.append(rnd.choice(seps) + b"aB3/"[rnd.randrange(4)::][:1] * rnd.choice([4, 8, 3, 5, 9])
+                         + b"=" * rnd.choice([0, 0, 0, 1, 2]))
+        text = b"".join(parts) + rnd.choice([b"", b"\n", b'"', b"x"])
+        b = len(parts[0])
+        want = _wrapped_end_line_by_line(text, b, b)
+        assert decoded._wrapped_end(text, 0, b) == want, text
+        joined_lines += want > b
+    assert joined_lines > 1000

@@ -159,3 +159,15 @@ def test_controlplane_measurements_run(control_plane, crds_installed, tmp_path):
         assert hook["handler"]["n"] >= 3  # every labelled pod (API and kubectl) went through the webhook
         data = {"meta": {}, "controlplane": {"approval": approval, "webhook": hook}}
         assert "Approval round trip" in "\n".join(report._controlplane(data))
+
+
+def test_masking_engine_before_after_compares_two_checkouts(capsys):
+    """bench/ab_masking_engine.py against this very tree as "before": a row per corpus, secrets
+    and mode, and the same output from both children (the corpora are handed to both)."""
+    from bench import ab_masking_engine
+
+    assert ab_masking_engine.main(["--before", str(REPO), "--rounds", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 6 * 2 * 2
+    assert all(row.endswith("same=True") for row in rows), rows
+    assert {row.split()[0] for row in rows} == {"text", "prose", "json", "sse", "base64", "binary"}

@@ -97,6 +97,12 @@ WINDOW = 32 * 1024
 CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
 SLACK = 4  # bytes the lookahead assertions read past a match end (at most 2 today)
 SNIFF_BYTES = 512
+# Held this much after a drain (a flood of overlapping matches is one finding until it ends: an
+# AKIA or a@b.c flood), the next drain waits until the held data has doubled. Each drain scans
+# all that is held, so draining per chunk was quadratic (a 1 MiB AKIA flood in 64 KiB chunks:
+# 7.1 s, 2 MiB ~28 s; session 11); doubling makes it linear. Never reached by a normal stream
+# (it holds at most a couple of windows), so their chunks are drained as they come.
+FLOOD_HOLD = 4 * WINDOW
 RUN_HOLD = 4096  # a digit-group run up to this long is held whole when it crosses a cut
 RUN_MARGIN = 64  # a longer one is cut this far (or more) before the cut, between groups
 RUN_BACKOFF = 2048  # a cut is moved back to the start of a word at most this far
@@ -410,18 +416,30 @@ class StreamMasker(DecodedStream):
         self.release_runs = release_runs
         self._b64_sent = 0  # leading bytes of _b64 already emitted (release_runs; _b64 is one run)
         self._b64_mid = False  # _b64 starts inside a long run (after a step): never released early
+        self._pending: list[bytes] = []  # received while a flood is held, not drained yet
+        self._pending_len = 0
+        self._drain_at = 0  # with a flood held: drain when _buf and _pending reach this size
 
 
     @property
     def held(self) -> int:
         """Bytes received but not yet emitted."""
-        return len(self._esc) + len(self._buf) + len(self._b64) - self._b64_sent
+        return len(self._esc) + len(self._buf) + self._pending_len + len(self._b64) - self._b64_sent
 
     # --- internals --------------------------------------------------------------------------
 
     def _push(self, data: bytes, final: bool) -> bytes:
         if self.json_mode and self.rules and self.binary is not True:
             data = self._unescape(data, final)
+        if self._drain_at and not final and len(self._buf) + self._pending_len + len(data) < self._drain_at:
+            # A flood is held (FLOOD_HOLD): gathered in a list (``+=`` would copy all that is
+            # held per chunk), drained once it has doubled - the same output, as any chunking.
+            self._pending.append(data)
+            self._pending_len += len(data)
+            return self._base64(b"", final)
+        if self._pending:
+            data = b"".join(self._pending) + data
+            self._pending, self._pending_len = [], 0
         self._buf += data
         if self.binary is None:
             if len(self._buf) < SNIFF_BYTES and not final:
@@ -433,6 +451,7 @@ class StreamMasker(DecodedStream):
         out: list[bytes] = []
         if self._cont is None or self._continue(final):
             self._drain(final, out)
+        self._drain_at = 2 * len(self._buf) if len(self._buf) >= FLOOD_HOLD else 0
         return self._base64(b"".join(out), final)
 
     def _unescape(self, data: bytes, final: bool) -> bytes:

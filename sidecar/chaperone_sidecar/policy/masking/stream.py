@@ -99,10 +99,12 @@ SLACK = 4  # bytes the lookahead assertions read past a match end (at most 2 tod
 SNIFF_BYTES = 512
 # Held this much after a drain (a flood of overlapping matches is one finding until it ends: an
 # AKIA or a@b.c flood), the next drain waits until the held data has doubled. Each drain scans
-# all that is held, so draining per chunk was quadratic (a 1 MiB AKIA flood in 64 KiB chunks:
-# 7.1 s, 2 MiB ~28 s; session 11); doubling makes it linear. Never reached by a normal stream
-# (it holds at most a couple of windows), so their chunks are drained as they come.
-FLOOD_HOLD = 4 * WINDOW
+# all that is held, so draining per chunk was quadratic: a 1 MiB AKIA flood in 64 KiB chunks
+# 7.1 s, 2 MiB ~28 s; streamed LLM text of "AKIA" deltas (4 bytes a chunk) 5.1 s for 8 KiB
+# (session 11). Doubling makes it linear. A normal stream holds less (a word, an open match at
+# the end); one holding a long open match (a JWT being streamed) releases what follows it at
+# the next doubling instead of the next chunk - later, never different.
+FLOOD_HOLD = 1024
 RUN_HOLD = 4096  # a digit-group run up to this long is held whole when it crosses a cut
 RUN_MARGIN = 64  # a longer one is cut this far (or more) before the cut, between groups
 RUN_BACKOFF = 2048  # a cut is moved back to the start of a word at most this far

@@ -11,11 +11,15 @@ code misses it fivefold). The results are those of the reference engine
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from chaperone_sidecar.policy.masking import decoded, detectors, stream
+from chaperone_sidecar.policy.masking.masker import Masker
+from chaperone_sidecar.policy.masking.sse import SSEMasker
+from chaperone_sidecar.policy.model import MaskSpec
 
 RULES = detectors.resolve_rules(["all"])
 MIB = 1 << 20
@@ -97,3 +101,26 @@ def test_a_streamed_flood_of_overlapping_matches_costs_linear_time(unit):
     assert spent < STREAM_BOUND, f"{unit!r}: {spent:.2f} s CPU for 2 MiB streamed"
     assert out == decoded.mask_decoded(body, RULES, None, {})
     assert out.endswith(b"[MASKED:credit-card] end") and out.count(b"[MASKED:") == 2
+
+
+def _delta(text: str) -> bytes:
+    data = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+    return b"event: content_block_delta\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("piece", ["AKIA", "a@b.c"])
+def test_streamed_llm_text_flooding_one_match_costs_linear_time(piece):
+    """A model asked to repeat "AKIA" streams it a few bytes per event; the text is masked as one
+    stream across events (sse.py), so the flood was drained per event over all that was held:
+    8 KiB of text took 5.1 s, 32 KiB ~80 s (quadratic). 32 KiB now: ~0.2 s measured."""
+    start = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+             b'"content_block":{"type":"text","text":""}}\n\n')
+    body = start + b"".join(_delta(piece) for _ in range((32 << 10) // len(piece))) + _delta(" done")
+    started = time.process_time()
+    masker = SSEMasker(Masker([MaskSpec(detectors=("all",))]))
+    out = b"".join([masker.feed(body[i:i + 4096]) for i in range(0, len(body), 4096)] + [masker.finish()])
+    spent = time.process_time() - started
+    assert spent < BOUND, f"{piece!r}: {spent:.2f} s CPU for 32 KiB of streamed text"
+    texts = "".join(json.loads(line[6:])["delta"]["text"] for line in out.split(b"\n")
+                    if line.startswith(b"data: ") and b"text_delta" in line)
+    assert texts.count("[MASKED:") == 1 and texts.endswith(" done") and piece not in texts

@@ -23,7 +23,7 @@ from chaperone_sidecar.policy.masking.spans import mask_text
 from chaperone_sidecar.policy.masking.stream import B64_HOLD, WINDOW, StreamMasker, required_window
 from chaperone_sidecar.policy.model import MaskSpec
 
-from .samples import ALL_RULES, AWS_KEY_ID, key_material, planted, rsa_pem
+from .samples import ALL_RULES, AWS_KEY_ID, key_material, make_jwt, planted, rsa_pem
 
 PLANTED = planted()
 MASKER = Masker([MaskSpec(detectors=("all",))])
@@ -447,3 +447,19 @@ def test_the_first_stream_of_a_process_compiles_no_partial_pattern():
     assert cached >= len(resolve_rules(["all"]))
     assert misses_after == misses_before
 
+
+
+def test_jwt_with_a_long_header_split_everywhere():
+    """A JWT whose header runs to hundreds of characters (a "kid", an "x5u") is held whole
+    however it is cut: the stream skips only the "ey" whose header can no longer end in a dot
+    (more than 1026 characters of its run, or a run ending at anything but a dot), and a header
+    of 40-1026 characters is neither."""
+    header = {"alg": "RS256", "typ": "JWT", "kid": "k" * 180, "x5u": "https://keys.example/" + "p" * 300}
+    jwt = make_jwt({"sub": "1234567890", "groups": ["g" * 40] * 80}, header=header)  # longer than a held word
+    head = jwt.split(b".")[0]
+    assert 600 < len(head) < 1026 and len(jwt) > 4096
+    body = b"token " + jwt + b" and eyJ" + b"y" * 1100 + b" then text\n"
+    for size in (1, 5, 64, 333, 1024, 4096):
+        out = run(MASKER.stream("text/plain"), [body[i : i + size] for i in range(0, len(body), size)])
+        assert out == batch(body), size
+        assert head[:40] not in out and jwt.split(b".")[1][-40:] not in out

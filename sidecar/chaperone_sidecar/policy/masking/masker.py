@@ -34,7 +34,7 @@ from typing import Literal
 from ..model import MaskSpec
 from .decoded import mask_base64, mask_binary, mask_decoded
 from .detectors import ALL, DETECTOR_NAMES, resolve_rules, validate_detectors
-from .encoding import BodyTooLarge, StreamDecoder, decode, encode, parse_content_encoding
+from .encoding import BodyTooLarge, MaskingError, StreamDecoder, decode, encode, parse_content_encoding
 from .fields import FIELD_KIND, CompiledPath, apply_paths, compile_path
 from .kubernetes import KIND as SECRET_KIND
 from .kubernetes import mask_secrets
@@ -82,6 +82,11 @@ def _looks_utf8(body: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+class NestedTooDeep(MaskingError):
+    """A JSON body nested beyond what the parser (or the field walk) reaches: the field rules
+    cannot see into it, so it is refused rather than passed with its fields unmasked."""
 
 
 @dataclass(frozen=True)
@@ -226,9 +231,15 @@ class Masker:
                 out = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
                 out = json.dumps(document, separators=(",", ":")).encode("ascii")
-        except (ValueError, RecursionError) as exc:
-            # Not JSON after all (or nested beyond the parser's depth): the detectors still
-            # run over the text; the note lets the recording say the field rules did not.
+        except RecursionError:
+            # Valid JSON, but deeper than Python's parser goes (~1 000 levels; no API nests like
+            # that): passing it would let a field rule's value through wrapped in brackets.
+            # Refused (fail closed) - session 11; it was passed with a note before.
+            raise NestedTooDeep("a JSON body nested deeper than the masking can parse: its field rules "
+                                "cannot be applied, so it is refused") from None
+        except ValueError as exc:
+            # Not JSON after all (an error page, truncated): the detectors still run over the
+            # text; the note lets the recording say the field rules did not.
             notes.append(f"field rules not applied: body is not parseable JSON ({type(exc).__name__})")
             return body
         counts[FIELD_KIND] = counts.get(FIELD_KIND, 0) + n

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chaperone_sidecar.policy.masking.encoding import BodyTooLarge, MaskingError, UnsupportedEncoding
-from chaperone_sidecar.policy.masking.masker import Masker, MaskResult, is_json_type, is_text_type
+from chaperone_sidecar.policy.masking.masker import Masker, MaskResult, NestedTooDeep, is_json_type, is_text_type
 from chaperone_sidecar.policy.masking.stream import StreamMasker
 from chaperone_sidecar.policy.model import MaskSpec, RuleRef
 
@@ -102,8 +102,18 @@ def test_unparseable_json_notes_and_still_runs_detectors():
     r = ALL.mask_bytes(b'{"password": "pw", "x": ' + AWS_KEY_ID + b"}", "application/json")
     assert AWS_KEY_ID not in r.body and b'"password": "[MASKED:secret-json-key]"' in r.body
     assert r.notes and "field rules not applied" in r.notes[0]
-    deep = b"[" * 100_000 + b"]" * 100_000
-    assert "RecursionError" in ALL.mask_bytes(deep, "application/json").notes[0]
+
+
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+def test_json_nested_beyond_the_parser_is_refused_under_field_rules(depth):
+    """Valid JSON too deep to parse cannot have its field rules applied: refused (a password
+    wrapped in thousands of brackets passed with a note before), and so without field rules
+    it is only scanned by the detectors."""
+    deep = b'{"a":' * depth + b'{"password": "hunter2"}' + b"}" * depth
+    with pytest.raises(NestedTooDeep, match="nested deeper"):
+        ALL.mask_bytes(deep, "application/json")
+    detectors_only = Masker([MaskSpec(detectors=("all",))]).mask_bytes(deep, "application/json")
+    assert b"hunter2" not in detectors_only.body  # secret-json-key, on the text
 
 
 @pytest.mark.parametrize(("coding", "compress", "decompress"), [

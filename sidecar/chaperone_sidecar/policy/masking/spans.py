@@ -106,8 +106,8 @@ class SpanMatch:
 
 # --- finders ------------------------------------------------------------------------------
 # One Hyperscan pass (prefilter.py) finds where each rule's triggers occur; a finder runs the
-# rule's exact pattern only there. The finders of the built-in rules are in detectors.py; these
-# two are shared.
+# rule's exact pattern only there. The finders of the built-in rules are in detectors.py;
+# ``anchored`` and ``at_offset`` are shared.
 
 
 def anchored(pattern: re.Pattern[bytes], starts: Callable[[bytes, int], Iterable[int]]) -> Finder:
@@ -158,25 +158,6 @@ def _at_anchor(pattern: re.Pattern[bytes], offset: int) -> Finder:
             m = match(text, i - offset)
             if m is not None:
                 yield m
-
-    return find
-
-
-def leftmost(pattern: re.Pattern[bytes]) -> Finder:
-    """``pattern.finditer(text, pos)`` for a pattern every match of which *starts* with its
-    trigger: the leftmost match at or after a point starts at the first trigger occurrence
-    there that matches, and the next search starts at its end - so trying the occurrences in
-    order, skipping those inside the last match, is the same sequence of matches."""
-
-    def find(text: bytes, pos: int, anchors: list[int]) -> Iterator[re.Match[bytes]]:
-        at = pos
-        for i in anchors[bisect.bisect_left(anchors, pos):]:
-            if i < at:
-                continue
-            m = pattern.match(text, i)
-            if m is not None:
-                yield m
-                at = max(m.end(), m.start() + 1)
 
     return find
 

@@ -31,7 +31,8 @@ def _fill(unit: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("unit", [b"1 ", b"1-", b"1 2-", b"4111 ", b"4111-", b"12 ", b"ssn1 1 1 1 1 1 1 1 1 1 1 1 1 1 ",
-                                  b"eyJhbGciOi.", b"ey"], ids=repr)
+                                  b"eyJhbGciOi.", b"ey", b"-----BEGIN PRIVATE KEY-----",
+                                  b"-----BEGIN PRIVATE KEY-----\nMIIB\n"], ids=repr)
 def test_a_hostile_mib_masks_in_bounded_time(unit):
     body = _fill(unit) + b" 4111 1111 1111 1111"
     counts: dict[str, int] = {}

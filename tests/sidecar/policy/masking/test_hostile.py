@@ -86,21 +86,31 @@ def test_a_wrapped_run_whose_upper_case_letter_comes_late_is_still_one_run():
     assert b"abcdefghijklmnop" not in out and b"[MASKED:aws-access-key-id]" in out
 
 
-STREAM_BOUND = 10.0  # CPU seconds for 2 MiB streamed (measured 4.6-5.4; drained per chunk: ~28)
+def _stream_cpu(body: bytes) -> tuple[float, bytes]:
+    """The least CPU time of two runs (a loaded box inflates one) and the output."""
+    best, out = float("inf"), b""
+    for _ in range(2):
+        started = time.process_time()
+        masker = stream.StreamMasker(RULES)
+        out = b"".join([masker.feed(body[i:i + 65536]) for i in range(0, len(body), 65536)] + [masker.finish()])
+        best = min(best, time.process_time() - started)
+    return best, out
 
 
 @pytest.mark.parametrize("unit", [b"AKIA", b"a@b.c"], ids=repr)
 def test_a_streamed_flood_of_overlapping_matches_costs_linear_time(unit):
     """A flood of overlapping matches is one finding until it ends, so the stream holds all of
-    it; draining per chunk rescanned all that was held (quadratic). The output is the whole
+    it; draining per chunk rescanned all that was held (quadratic: 256 KiB 0.6 s, 2 MiB ~28 s).
+    Judged by how the cost grows, not by a bound a loaded CI box can miss: eight times the
+    flood costs ~10x (measured 8-11x), where quadratic was ~47x. The output is the whole
     body's: one token for the flood, the card after it masked."""
-    body = (unit * ((2 * MIB) // len(unit) + 1))[:2 * MIB] + b" x 4111 1111 1111 1111 end"
-    started = time.process_time()
-    masker = stream.StreamMasker(RULES)
-    out = b"".join([masker.feed(body[i:i + 65536]) for i in range(0, len(body), 65536)] + [masker.finish()])
-    spent = time.process_time() - started
-    assert spent < STREAM_BOUND, f"{unit!r}: {spent:.2f} s CPU for 2 MiB streamed"
-    assert out == decoded.mask_decoded(body, RULES, None, {})
+    def body(size: int) -> bytes:
+        return (unit * (size // len(unit) + 1))[:size] + b" x 4111 1111 1111 1111 end"
+
+    small, _ = _stream_cpu(body(MIB // 4))
+    large, out = _stream_cpu(body(2 * MIB))
+    assert large / small < 20, f"{unit!r}: 256 KiB {small:.2f} s, 2 MiB {large:.2f} s CPU streamed"
+    assert out == decoded.mask_decoded(body(2 * MIB), RULES, None, {})
     assert out.endswith(b"[MASKED:credit-card] end") and out.count(b"[MASKED:") == 2
 
 

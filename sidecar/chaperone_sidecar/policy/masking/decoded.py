@@ -101,11 +101,13 @@ _UPPER = re.compile(rb"[A-Z]")
 _HEX_UPPER = b"0123456789ABCDEF"  # upper-case hex digests are not base64 either
 # The next line of wrapped base64: a whole line (a line break, a closing quote or the end after
 # it), so "data: QUJD\nname: x" in YAML or prose after a run never joins it.
-_WRAPPED = re.compile(rb"(?:\\r\\n|\\n|\r?\n)([A-Za-z0-9+/_-]+={0,2})(?=\\[rn]|[\r\n\"]|\Z)")
+_BREAK = rb"(?:\\r\\n|\\n|\r?\n)"  # raw or JSON-escaped
+_LINE_END = rb"(?=\\[rn]|[\r\n\"]|\Z)"
+_WRAPPED = re.compile(_BREAK + rb"([A-Za-z0-9+/_-]+={0,2})" + _LINE_END)
 # Any number of such lines of a multiple of 4 characters (no padding) in one C-level match:
 # matching line by line cost ~1.7 µs a line, 30 of the 60 ms per MiB of streaming a wrapped
 # base64 file (session 11).
-_WRAPPED_FULL = re.compile(rb"(?:(?:\\r\\n|\\n|\r?\n)(?:[A-Za-z0-9+/_-]{4})++(?=\\[rn]|[\r\n\"]|\Z))*+")
+_WRAPPED_FULL = re.compile(rb"(?:" + _BREAK + rb"(?:[A-Za-z0-9+/_-]{4})++" + _LINE_END + rb")*+")
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _SEPARATOR = b"\n\x00\n"  # between decoded runs in the joined scan: no detector crosses it
 

@@ -451,9 +451,11 @@ class _JwtOpenFrom:
     the header from it can no longer end in a dot - the same test as ``_first_match``: its
     base64url run already holds more than ``_JWT_HEADER_MAX`` bytes, or ends at a byte that
     is not a dot. Without it a stream retried the partial pattern at every "ey" of a run, each
-    try scanning up to 1 KiB: 18 s of CPU per MiB of "ey" fed in 4 KiB chunks (session 11).
+    try scanning up to 1 KiB: 14 s of CPU per MiB of "ey" fed in 4 KiB chunks (session 11).
     The run's end is shared by the triggers inside it (the last one is remembered, with the
-    text it belongs to, as one tuple: the masking pool's threads share this object)."""
+    text it belongs to, as one tuple: the masking pool's threads share this object). The text
+    is held by reference, not by ``id`` - a freed text's id can come back with other bytes;
+    so the last window a stream searched stays alive until the next search."""
 
     def __init__(self) -> None:
         self._last: tuple[bytes | None, int, int] = (None, 0, 0)
@@ -497,24 +499,22 @@ def _ssn_find(text: bytes, pos: int, labels: list[int]) -> Iterator[re.Match[byt
 SLACK = 4  # bytes the lookahead of a pattern reads past its match (at most 2)
 
 
+_PEM_HEAD = rb"-----BEGIN (?P<label>(?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?)-----"
 _PEM_RE = re.compile(
-    rb"-----BEGIN (?P<label>(?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?)-----"
-    rb"(?:(?P<body>.{0,%d}?)-----END (?P=label)-----|" % PEM_BODY_MAX + _PEM_RUN + rb")",
+    _PEM_HEAD + rb"(?:(?P<body>.{0,%d}?)-----END (?P=label)-----|" % PEM_BODY_MAX + _PEM_RUN + rb")",
     _F | re.DOTALL)
 # The same with the closed-block alternative disabled (same groups; ``body`` never set): what
 # _PEM_RE matches where no END marker is within reach.
-_PEM_OPEN_RE = re.compile(
-    rb"-----BEGIN (?P<label>(?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?)-----"
-    rb"(?:(?P<body>(?!))|" + _PEM_RUN + rb")", _F | re.DOTALL)
+_PEM_OPEN_RE = re.compile(_PEM_HEAD + rb"(?:(?P<body>(?!))|" + _PEM_RUN + rb")", _F | re.DOTALL)
 _PEM_END = b"-----END "
 _PEM_REACH = PEM_BODY_MAX + 128  # from a BEGIN to the latest start of its END (header <= 84 bytes)
 
 
 def _pem_find(text: bytes, pos: int, heads: list[int]) -> Iterator[re.Match[bytes]]:
-    """``leftmost(_PEM_RE)``, without the lazy 8 KiB body search at a BEGIN with no END marker
-    within reach (there only the key-material alternative can match: ``_PEM_OPEN_RE``). A
-    flood of BEGIN lines searched 8 KiB each: 3.5-4 s of CPU per MiB; the END markers are now
-    found once per text (session 11)."""
+    """The matches of ``_PEM_RE`` in order, each at a BEGIN (``heads``) not inside the last one,
+    without the lazy 8 KiB body search at a BEGIN with no END marker within reach (there only
+    the key-material alternative can match: ``_PEM_OPEN_RE``). A flood of BEGIN lines searched
+    8 KiB each: 3.5-4 s of CPU per MiB; the END markers are now found once per text (session 11)."""
     ends: list[int] | None = None
     at = pos
     for i in heads[bisect.bisect_left(heads, pos):]:

@@ -32,10 +32,11 @@ what is *buffered* and what a compressed stream may *decompress to*; an identity
 is masked to its end whatever its size (a 1 GiB download is masked, not refused).
 
 **Binary** bodies (not a text type and not UTF-8): buffered ones have their printable ASCII
-runs masked in place, length preserving (``policy/masking/decoded.py``); streamed ones pass
-through unscanned. **Decision**: when masks apply, a binary body is not kept for the recording
-(it cannot be shown to be masked); the recording says ``binary`` with its size. Without masks
-it is kept as is, like any body.
+runs masked in place, length preserving (``policy/masking/decoded.py``), streamed ones too
+(``policy/masking/stream.py``: only the printable bytes at the end are held). **Decision**:
+when masks apply, a binary body is not kept for the recording (it cannot be shown to be
+masked); the recording says ``binary`` with its size. Without masks it is kept as is, like
+any body.
 
 **Headers.** Response header values (all but Content-Length and Transfer-Encoding) are masked
 in ``responseheaders``, before they go out, for every response; Record then stores the same
@@ -116,7 +117,7 @@ __all__ = ["Mask", "UNMASKABLE", "SECRET_DATA", "effective_masks", "masker_for",
 log = logging.getLogger("chaperone.mask")
 
 UNMASKABLE = "response_unmaskable"  # refusal kind (502, refusal.KINDS)
-BINARY_NOTE = "binary body: passed through unmasked, not recorded (it cannot be masked)"
+BINARY_NOTE = "binary body: not recorded (only its printable runs are masked)"
 _STEP = 64 * 1024
 DEFAULT_BUFFER = "1m"
 _NO_BODY_STATUS = (204, 304)

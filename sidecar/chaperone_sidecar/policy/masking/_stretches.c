@@ -15,6 +15,10 @@
  *     line of wrapped base64 (decoded._run_matches: which stretches after the first run the
  *     Python looks at; issue 16, session 11: looking at every stretch of 16+ cost ~3.6 us each,
  *     50 ms per MiB of an SSE stream with a base64 run early).
+ *   printable_runs: the stretches of printable ASCII (and tab, CR, LF) of RUN_MIN (8) bytes or
+ *     more in a binary body (decoded.binary_findings: only these are scanned). Random binary
+ *     holds ~300 per MiB, so the detectors scan a few KiB instead of a view of the whole
+ *     body (issue 16, session 12: a streamed download is scanned at all only if this is cheap).
  *   card_head_ends: the end offsets Hyperscan reports for detectors._CARD_TRIGGER (a card
  *     layout's head - 13 digits, 4-4-4-x or 4-6-4 with space or dash separators - on to the end
  *     of its stretch of digits, spaces and dashes). That one pattern was 0.8-1.2 ms of the
@@ -51,7 +55,8 @@
 #define B64_MIN 16 /* decoded.B64_MIN */
 
 enum { C_B64 = 1, C_UPPER = 2, C_DIGIT = 4, C_STRETCH = 8 /* digit, space, dash */,
-       C_BREAK = 16 /* what may follow a line of wrapped base64: LF, CR, a backslash (escapes) */ };
+       C_BREAK = 16 /* what may follow a line of wrapped base64: LF, CR, a backslash (escapes) */,
+       C_PRINT = 32 /* printable ASCII, tab, LF, CR: what a binary body's scanned runs are made of */ };
 static unsigned char byte_class[256];
 
 static void init_classes(void) {
@@ -63,6 +68,7 @@ static void init_classes(void) {
         if (digit) k |= C_DIGIT;
         if (digit || c == ' ' || c == '-') k |= C_STRETCH;
         if (c == '\n' || c == '\r' || c == '\\') k |= C_BREAK;
+        if ((c >= 32 && c < 127) || c == '\t' || c == '\n' || c == '\r') k |= C_PRINT;
         byte_class[c] = k;
     }
 }
@@ -106,6 +112,7 @@ static inline __attribute__((always_inline)) uint64_t mask_swar(const unsigned c
         case C_DIGIT: r = between(t, '0', '9'); break;
         case C_STRETCH: r = between(t, '0', '9') | between(t, ' ', ' ') | between(t, '-', '-'); break;
         case C_BREAK: r = between(t, '\n', '\n') | between(t, '\r', '\r') | between(t, '\\', '\\'); break;
+        case C_PRINT: r = between(t, ' ', '~') | between(t, '\t', '\n') | between(t, '\r', '\r'); break;
         default: /* C_B64: letters folded to lower case (t | 0x20 is a-z iff t is a letter), '/' and
                   * the digits are one range (0x2F-0x39) */
             r = between(t | ONES * 0x20, 'a', 'z') | between(t, '/', '9') | between(t, '+', '+') |
@@ -133,6 +140,7 @@ static inline __attribute__((always_inline)) uint64_t mask_sse2(const unsigned c
         case C_DIGIT: y = in_range(x, '0', '9'); break;
         case C_STRETCH: y = _mm_or_si128(in_range(x, '0', '9'), _mm_or_si128(is(x, ' '), is(x, '-'))); break;
         case C_BREAK: y = _mm_or_si128(is(x, '\n'), _mm_or_si128(is(x, '\r'), is(x, '\\'))); break;
+        case C_PRINT: y = _mm_or_si128(in_range(x, ' ', '~'), _mm_or_si128(in_range(x, '\t', '\n'), is(x, '\r'))); break;
         default: /* C_B64 */
             y = _mm_or_si128(_mm_or_si128(in_range(x, 'A', 'Z'), in_range(x, 'a', 'z')),
                              _mm_or_si128(in_range(x, '0', '9'), is(x, '-')));
@@ -338,6 +346,36 @@ static inline __attribute__((always_inline)) int card_head_ends_impl(const Text 
     return 0;
 }
 
+/* --- printable_runs ---------------------------------------------------------------------- */
+
+/* The maximal stretches of C_PRINT of `min_len` (1..64) bytes or more, as start, end pairs.
+ * A stretch's first window is its first byte: base is always 0, a block start after a block
+ * without a window (a stretch reaching into it would have had its window there), or the byte
+ * after a stretch (not in the class). -1 when out of memory. */
+static inline __attribute__((always_inline)) int printable_runs_impl(const Text *t, int min_len, Ends *out) {
+    const unsigned char *p = t->p;
+    Py_ssize_t n = t->n, base = 0;
+    uint64_t print = mask(t, 0, C_PRINT), print_next;
+    while (base < n) {
+        print_next = mask(t, base + 64, C_PRINT);
+        uint64_t w = print ? windows(print, print_next, min_len) : 0;
+        if (w == 0) {
+            base += 64;
+            print = print_next;
+            continue;
+        }
+        int k = __builtin_ctzll(w);
+        int end_bit = first_zero(print, print_next, k + min_len);
+        Py_ssize_t end = base + end_bit;
+        if (end_bit == 128)
+            while (end < n && has(p, end, C_PRINT)) end++;
+        if (push(out, base + k) < 0 || push(out, end) < 0) return -1;
+        base = end + 1; /* p[end] is not in the class (or end == n) */
+        print = mask(t, base, C_PRINT);
+    }
+    return 0;
+}
+
 /* Each scan compiled once per classifier (the impls inline with `portable` a constant), so the
  * block loops carry no classifier branch: measured 5-10 % on the SSE2 path. */
 static Py_ssize_t first_upper_run_sse2(Text t, Py_ssize_t pos, int wrapped) {
@@ -349,6 +387,11 @@ static Py_ssize_t first_upper_run_swar(Text t, Py_ssize_t pos, int wrapped) {
     return wrapped ? first_upper_run_impl(&t, pos, 1) : first_upper_run_impl(&t, pos, 0);
 }
 static int card_head_ends_sse2(Text t, Ends *out) { t.portable = 0; return card_head_ends_impl(&t, out); }
+static int printable_runs_sse2(Text t, int min_len, Ends *out) { t.portable = 0; return printable_runs_impl(&t, min_len, out); }
+static int printable_runs_swar(Text t, int min_len, Ends *out) { t.portable = 1; return printable_runs_impl(&t, min_len, out); }
+static int printable_runs_in(const Text *t, int min_len, Ends *out) {
+    return t->portable || !HAVE_SSE2 ? printable_runs_swar(*t, min_len, out) : printable_runs_sse2(*t, min_len, out);
+}
 static int card_head_ends_swar(Text t, Ends *out) { t.portable = 1; return card_head_ends_impl(&t, out); }
 
 static Py_ssize_t first_upper_run_in(const Text *t, Py_ssize_t pos, int wrapped) {
@@ -360,6 +403,18 @@ static int card_head_ends_in(const Text *t, Ends *out) {
 }
 
 /* --- Python ------------------------------------------------------------------------------ */
+
+static PyObject *ends_list(Ends *ends) {
+    PyObject *list = PyList_New(ends->len);
+    for (Py_ssize_t k = 0; list != NULL && k < ends->len; k++) {
+        PyObject *v = PyLong_FromSsize_t(ends->at[k]);
+        if (v == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, k, v);
+    }
+    free(ends->at);
+    return list;
+}
+
 
 static PyObject *first_run(PyObject *args, PyObject *kwargs, int wrapped) {
     static char *kwlist[] = {"data", "pos", "portable", NULL};
@@ -409,14 +464,35 @@ static PyObject *py_card_head_ends(PyObject *self, PyObject *args, PyObject *kwa
         free(ends.at);
         return PyErr_NoMemory();
     }
-    PyObject *list = PyList_New(ends.len);
-    for (Py_ssize_t k = 0; list != NULL && k < ends.len; k++) {
-        PyObject *v = PyLong_FromSsize_t(ends.at[k]);
-        if (v == NULL) Py_CLEAR(list);
-        else PyList_SET_ITEM(list, k, v);
+    return ends_list(&ends);
+}
+
+static PyObject *py_printable_runs(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"data", "min_len", "portable", NULL};
+    Py_buffer view;
+    int min_len = 8, portable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|i$p", kwlist, &view, &min_len, &portable)) return NULL;
+    if (min_len < 1 || min_len > 64) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "min_len must be 1 to 64");
+        return NULL;
     }
-    free(ends.at);
-    return list;
+    Text t = {view.buf, view.len, portable};
+    Ends runs = {NULL, 0, 0};
+    int rc;
+    if (view.len >= RELEASE_GIL) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = printable_runs_in(&t, min_len, &runs);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = printable_runs_in(&t, min_len, &runs);
+    }
+    PyBuffer_Release(&view);
+    if (rc < 0) {
+        free(runs.at);
+        return PyErr_NoMemory();
+    }
+    return ends_list(&runs);
 }
 
 static PyMethodDef methods[] = {
@@ -430,6 +506,10 @@ static PyMethodDef methods[] = {
      "Like first_upper_run, but also a stretch without an upper-case letter that may be the first\n"
      "line of wrapped base64: followed by LF, CR or a backslash, its length (less one after a\n"
      "backslash before it: the n of a \\n escape) a multiple of 4."},
+    {"printable_runs", (PyCFunction)(void (*)(void))py_printable_runs, METH_VARARGS | METH_KEYWORDS,
+     "printable_runs(data, min_len=8, *, portable=False) -> list[int]\n\n"
+     "The maximal stretches of printable ASCII, tab, LF and CR of min_len (1 to 64) bytes or more:\n"
+     "start, end, start, end ... in order."},
     {"card_head_ends", (PyCFunction)(void (*)(void))py_card_head_ends, METH_VARARGS | METH_KEYWORDS,
      "card_head_ends(data, *, portable=False) -> list[int]\n\n"
      "The end offsets Hyperscan reports for detectors._CARD_TRIGGER on data, in order."},

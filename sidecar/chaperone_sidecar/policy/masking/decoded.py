@@ -39,9 +39,11 @@ import binascii
 import bisect
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
-from ._stretches import first_run_candidate, first_upper_run
+from ._stretches import first_run_candidate, first_upper_run, printable_runs
+from .detectors import SLACK
 from .prefilter import JSON_ESCAPE, MASKED
 from .spans import MASK_TOKEN_RE, Finding, Rule, mask_text, mask_token, merge, prefilter_for, scan, string_spans
 
@@ -285,13 +287,93 @@ def mask_decoded(text: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = 
 
 # --- binary ---------------------------------------------------------------------------------
 
-# Printable ASCII, tab, CR and LF stay; every other byte becomes a line feed (which no detector
-# but a PEM block crosses), so a scan of the copy sees exactly the printable runs, at the same
-# offsets as in the body.
+# Every other byte becomes a line feed (which no detector but a PEM block crosses), as in a
+# view of the whole body: a finding stays within its run, as in a text body.
 _PRINTABLE = bytes(c if c in (9, 10, 13) or 32 <= c < 127 else 10 for c in range(256))
+# Before each run its LEAD bytes are scanned too (short runs, gaps as line feeds): a label in a
+# short run (an SSN's "tin:", detectors.SSN_CONTEXT_BYTES) or a JSON key that says the value is
+# not one reads as it does in the whole body. Longer lookbehinds (OAuth's token_type, 512 bytes)
+# see the neighbouring runs closer together than in the body, so no fewer of them.
+LEAD = 32
 
 
-def _fitted_token(kind: str, secret: bytes, hash_key: bytes | None) -> bytes:
+class BinaryScan(NamedTuple):
+    """What :func:`binary_scan` found, at the offsets of the body (not its context)."""
+
+    findings: list[Finding]  # merged; a base64 run with a secret inside is one, whole
+    runs: list[tuple[int, int]]  # every base64 run decoded (a stream cuts them only aligned)
+    tail: int  # where the printable bytes at the body's end start (len(body): none)
+    # The earliest start of a match that more bytes may still change: an open PEM block, or one
+    # a validator rejected before the context it reads after the match arrived (OAuth's
+    # token_type); len(body): none. A stream holds it, as it holds the tail.
+    undecided: int
+
+
+def binary_scan(body: bytes, rules: tuple[Rule, ...], context: bytes = b"") -> BinaryScan:
+    """The findings in the printable runs of ``RUN_MIN`` bytes or more of a binary body, base64
+    runs among them decoded. ``context``: the bytes before ``body`` (a stream's, already sent),
+    read for lookbehinds only.
+
+    Only the runs (and their ``LEAD``) are scanned, joined by a line feed
+    (``_stretches.printable_runs``, SSE2): random binary holds ~300 runs per MiB, so its scan is
+    a few KiB of text instead of a view of the whole body (session 12, which made streamed binary
+    bodies scanned at all). A body that is mostly text is a few long runs, scanned as text."""
+    whole = context + body if context else body
+    off = len(context)
+    bounds = printable_runs(whole, RUN_MIN)
+    if bounds and bounds[-1] == len(whole):
+        tail = max(0, bounds[-2] - off)
+    else:  # printable bytes at the end, too few for a run yet (it may still become one)
+        tail = len(body)
+        while tail > 0 and len(body) - tail < RUN_MIN and _PRINTABLE[body[tail - 1]] == body[tail - 1]:
+            tail -= 1
+    if not rules or not bounds:
+        return BinaryScan([], [], tail, len(body))
+    pieces: list[tuple[int, int]] = []  # spans of ``whole`` scanned, in order, apart
+    for k in range(0, len(bounds), 2):
+        start, end = bounds[k], bounds[k + 1]
+        if pieces and start - LEAD <= pieces[-1][1]:
+            pieces[-1] = (pieces[-1][0], end)
+        else:
+            pieces.append((max(0, start - LEAD), end))
+    starts: list[int] = []  # in the scanned text, of each piece
+    at = 0
+    for start, end in pieces:
+        starts.append(at)
+        at += end - start + 1
+    text = b"\n".join([whole[start:end] for start, end in pieces]).translate(_PRINTABLE)
+
+    def at_body(i: int) -> int:  # an offset in the scanned text at the body's offsets
+        k = bisect.bisect_right(starts, i) - 1
+        return pieces[k][0] + i - starts[k] - off
+
+    findings = []
+    undecided = len(body)
+    for c in scan(text, rules):
+        f = c.finding
+        if f is not None:
+            end = at_body(f.end - 1) + 1
+            if end > 0:  # not wholly in the context (sent already)
+                findings.append(Finding(max(0, at_body(f.start)), end, f.kind))
+        if c.open or (f is None and c.rule.lookahead and len(text) - c.match_end < c.rule.lookahead + SLACK):
+            undecided = min(undecided, max(0, at_body(c.match_start)))
+    runs = _runs(body, rules)  # the body's own bytes: a gap is no line wrap; not the context,
+    if runs:  # which would decode a run cut (aligned) by a stream from the wrong start
+        kinds = _secret_kinds([_b64decode(body[a:b]) or b"" for a, b in runs], rules, NESTING)
+        findings += [Finding(a, b, k) for (a, b), k in zip(runs, kinds, strict=True) if k]
+    return BinaryScan(merge(findings), runs, tail, undecided)
+
+
+def mask_in_place(out: bytearray, original: bytes, findings: Iterable[Finding], hash_key: bytes | None,
+                  counts: dict[str, int] | None = None) -> None:
+    """Each finding of ``original`` replaced in ``out`` by a :func:`fitted_token`."""
+    for f in findings:
+        out[f.start : f.end] = fitted_token(f.kind, original[f.start : f.end], hash_key)
+        if counts is not None:
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+
+
+def fitted_token(kind: str, secret: bytes, hash_key: bytes | None) -> bytes:
     """A mask token exactly ``len(secret)`` long: padded with ``*``, or with the kind (and
     hash) cut short; below 9 bytes (``[MASKED:]``) only ``*`` fit."""
     n = len(secret)
@@ -309,17 +391,9 @@ def mask_binary(body: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = N
     (base64 runs among them included, masked whole)."""
     if not rules or len(body) < RUN_MIN:
         return body
-    view = body.translate(_PRINTABLE)
-    findings = [c.finding for c in scan(view, rules) if c.finding is not None]
-    runs = _runs(body, rules)  # not the view: its line feeds stand for binary bytes, not line wraps
-    if runs:
-        kinds = _secret_kinds([_b64decode(body[a:b]) or b"" for a, b in runs], rules, NESTING)
-        findings += [Finding(a, b, k) for (a, b), k in zip(runs, kinds, strict=True) if k]
+    findings = binary_scan(body, rules).findings
     if not findings:
         return body
     out = bytearray(body)
-    for f in merge(findings):
-        out[f.start : f.end] = _fitted_token(f.kind, body[f.start : f.end], hash_key)
-        if counts is not None:
-            counts[f.kind] = counts.get(f.kind, 0) + 1
+    mask_in_place(out, body, findings, hash_key, counts)
     return bytes(out)

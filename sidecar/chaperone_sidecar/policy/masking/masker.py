@@ -269,7 +269,8 @@ class Masker:
         With a Content-Encoding the stream is decoded (capped at ``max_decoded_bytes``,
         default ``max_body_bytes``, against bombs) and emitted identity-encoded. An identity
         stream has no total limit: bounding it is the proxy's job (it is streamed because it
-        is long). A non-text content type is sniffed: binary streams pass through unchanged.
+        is long). A non-text content type is sniffed: a binary stream has its printable runs
+        masked in place, length preserving (as a buffered binary body).
         """
         codings = parse_content_encoding(content_encoding)
         decoder = None

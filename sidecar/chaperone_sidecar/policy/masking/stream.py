@@ -56,6 +56,16 @@ contain a raw LF, so it resets per line), and a bare number replaced by a token 
   bounded and no secret straddles what went out unseen; of such a run only the part from
   the secret on is masked.
 
+**Binary streams** (a non-text type whose first bytes are not UTF-8; ``_binary``, session 12 -
+they passed through unscanned, so a tar of text files or a Latin-1 log over 1 MiB reached the
+agent unmasked): the printable runs are masked in place, length preserving, exactly as
+``decoded.mask_binary`` masks the whole body (property-tested over any cuts). Held: the printable
+bytes at the end, which may still become (part of) a secret; of a run longer than
+``BINARY_LONG`` (text in a tar) all but the last ``BINARY_KEEP`` bytes go, never through a finding
+that may still grow nor unaligned through a base64 run; a base64 run or PEM block masked there
+goes on being masked to its end (``_sealing``). Random binary costs ~1.8 ms per MiB in 64 KiB
+chunks (``_stretches.printable_runs`` finds the ~300 runs per MiB; only they are scanned).
+
 Credit-card runs of digit groups are held whole up to ``RUN_HOLD`` (4 KiB); a longer run (an
 agent-chosen prefix) is cut between groups well before the end - cards are windows of whole
 groups judged on their own, so the scan resumes there exactly as a whole-body scan.
@@ -76,7 +86,7 @@ from collections.abc import Callable, Iterable
 
 import regex
 
-from .decoded import mask_base64
+from .decoded import binary_scan, mask_base64, mask_in_place
 from .detectors import ALL, resolve_rules
 from .encoding import MaskingError, StreamDecoder
 from .spans import (
@@ -112,6 +122,11 @@ RUN_BACKOFF = 2048  # a cut is moved back to the start of a word at most this fa
 _TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-/=~@")
 
 
+# A binary stream holds the printable bytes at its end (a run that may continue); of one longer
+# than BINARY_LONG (text in a tar, a base64 blob) all but the last BINARY_KEEP bytes go: more than
+# any secret (jwt ~11 KiB), encoded (~15 KiB), so one that starts before the cut is all there.
+BINARY_LONG = 64 * 1024
+BINARY_KEEP = 16 * 1024
 B64_HOLD = 32 * 1024  # a base64 run held longer than this is scanned in steps (see _base64)
 B64_KEEP = 16 * 1024  # ... keeping this much of it for the next step
 # What a held base64 run may consist of: its alphabets, padding, raw and escaped line breaks.
@@ -120,6 +135,9 @@ _RUN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_
 # bytes looks each byte up in the set (~9 ns a byte: 0.6 ms for a 64 KiB chunk of base64), a
 # translate of the whole buffer then one byte ~2.5 ns - but the common run at the end is short.
 _RUN_CLASS = bytes(0x61 if c in _RUN_BYTES else 0x20 for c in range(256))
+# What a PEM block masked whole may go on with (its key material, see detectors._PEM_RUN), as
+# the same kind of class.
+_PEM_CLASS = bytes(0x61 if c in _RUN_BYTES + b" \t:,." else 0x20 for c in range(256))
 _ESCAPES = re.compile(rb"\\\\|\\(?:u00[2-7][0-9A-Fa-f]|/)")
 _PARTIAL_ESCAPE = re.compile(rb"(?:u[0-9A-Fa-f]{0,3})?")
 
@@ -381,7 +399,7 @@ class StreamMasker(DecodedStream):
     def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
                  window: int = WINDOW, decoder: StreamDecoder | None = None, sniff: bool = False,
                  json_mode: bool = False, release_runs: bool = False) -> None:
-        """``sniff``: decide text/binary from the first bytes (binary passes through).
+        """``sniff``: decide text/binary from the first bytes (binary: ``_binary``).
         ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted.
         ``release_runs``: a held base64 run goes out as far as its decoding cannot be part of a
         secret (``_releasable``; streamed LLM text, where every trailing word is such a run)."""
@@ -421,6 +439,9 @@ class StreamMasker(DecodedStream):
         self._pending: list[bytes] = []  # received while a flood is held, not drained yet
         self._pending_len = 0
         self._drain_at = 0  # with a flood held: drain when _buf and _pending reach this size
+        self._sealed = 0  # binary: leading bytes of _buf masked already (a finding crossing the cut)
+        self._sealing = False  # binary: that finding may go on; what continues it is masked too
+        self._seal_class = _RUN_CLASS  # ... as long as its bytes are of this class (0x61)
 
 
     @property
@@ -447,14 +468,68 @@ class StreamMasker(DecodedStream):
             if len(self._buf) < SNIFF_BYTES and not final:
                 return b""
             self.binary = not _looks_text(self._buf[:SNIFF_BYTES], final)
-        if self.binary or not self.rules:
+        if not self.rules:
             passed, self._buf = self._buf, b""
             return passed
+        if self.binary:
+            released = self._binary(final)
+            self._drain_at = 2 * len(self._buf) if len(self._buf) >= FLOOD_HOLD else 0
+            return released
         out: list[bytes] = []
         if self._cont is None or self._continue(final):
             self._drain(final, out)
         self._drain_at = 2 * len(self._buf) if len(self._buf) >= FLOOD_HOLD else 0
         return self._base64(b"".join(out), final)
+
+    def _binary(self, final: bool) -> bytes:
+        """A binary stream: its printable runs masked in place, length preserving, as
+        ``decoded.mask_binary`` masks a whole body. The printable bytes at the end are held (a
+        run that may continue); of a run longer than ``BINARY_LONG`` all but ``BINARY_KEEP``
+        bytes go, never through a finding that may still grow nor unaligned through a base64
+        run (the rest is decoded from the cut). A finding masked that may go on past what has
+        arrived (a base64 run with only run bytes after it, a PEM block reaching the end) is
+        masked on while its bytes go on (``_sealing``), as a whole body masks the whole run."""
+        buf = self._buf
+        if self._sealing:
+            end = _sealed_end(buf, self._sealed, self._seal_class)
+            if end > self._sealed:
+                buf = buf[: self._sealed] + b"*" * (end - self._sealed) + buf[end:]
+            self._sealed, self._sealing = end, end == len(buf) and not final
+        found = binary_scan(buf, self.rules, self._raw_ctx)
+        n = len(buf)
+        cut = n
+        if not final:
+            cut = found.tail if n - found.tail <= BINARY_LONG else n - BINARY_KEEP
+            if found.undecided >= n - BINARY_LONG:
+                cut = min(cut, found.undecided)
+            for _ in range(4):  # moved back to a finding's start, it may land in a base64 run
+                before = cut
+                for f in found.findings:
+                    if f.start < cut < f.end and f.start >= n - BINARY_LONG:
+                        cut = f.start  # held whole: it may still grow
+                for a, b in found.runs:
+                    if a < cut < b:
+                        cut = a if a >= n - BINARY_LONG else _aligned(buf, a, cut)
+                if cut == before:
+                    break
+        masks = [f for f in found.findings if f.start < cut]
+        sealed = self._sealed if self._sealing else 0
+        if not masks:
+            released, self._buf = buf[:cut], buf[cut:]
+        else:
+            out = bytearray(buf)
+            mask_in_place(out, buf, masks, self.hash_key, self.counts)
+            runs = set(found.runs)
+            for f in masks if not final else ():
+                run = (f.start, f.end) in runs
+                if f.end == n or (run and _sealed_end(buf, f.end, _RUN_CLASS) == n):
+                    out[f.end : n] = b"*" * (n - f.end)  # the run may go on: masked on
+                    sealed, self._sealing = n, True
+                    self._seal_class = _RUN_CLASS if run else _PEM_CLASS
+            released, self._buf = bytes(out[:cut]), bytes(out[cut:])
+        self._sealed = max(0, sealed - cut)
+        self._raw_ctx = (self._raw_ctx + buf[:cut])[-CONTEXT:]
+        return released
 
     def _unescape(self, data: bytes, final: bool) -> bytes:
         """JSON mode: escapes of printable ASCII (``\\u0041``) and ``\\/`` decoded, so the
@@ -734,6 +809,20 @@ def _safe_cut(cut: int, held: int, spans: list[tuple[int, int]]) -> int:
         else:
             backwards = True
             cut = min(s for s, _ in crossing)
+
+
+def _sealed_end(buf: bytes, start: int, cls: bytes) -> int:
+    """Where the bytes of the class ``cls`` (``_RUN_CLASS``, ``_PEM_CLASS``) from ``start`` end."""
+    end = buf.translate(cls).find(b" ", start)
+    return len(buf) if end < 0 else end
+
+
+def _aligned(buf: bytes, start: int, cut: int) -> int:
+    """A cut at or before ``cut`` in the base64 run starting at ``start`` from which the rest
+    still decodes in step: after its last line break (a wrapped run's lines are multiples of
+    four characters), or a multiple of four characters into it."""
+    line = buf.rfind(b"\n", start, cut)
+    return line + 1 if line >= 0 else start + (cut - start) // 4 * 4
 
 
 def _looks_text(sample: bytes, final: bool) -> bool:

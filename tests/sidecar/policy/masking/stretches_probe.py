@@ -103,6 +103,12 @@ def check(module, data, reference: bytes) -> None:
         got = module.card_head_ends(data, portable=portable)
         if got != expected:
             raise AssertionError(f"card_head_ends {got} != {expected} (portable={portable}) for {reference[:80]!r}")
+        for min_len in (1, 8, 64):
+            expected_runs = installed.printable_runs(reference, min_len, portable=portable)
+            got_runs = module.printable_runs(data, min_len, portable=portable)
+            if got_runs != expected_runs:
+                raise AssertionError(f"printable_runs {got_runs[:8]} != {expected_runs[:8]} (min_len={min_len}, "
+                                     f"portable={portable}) for {reference[:80]!r}")
         for pos in (0, 1, 15, 16, size // 2, max(0, size - 1), size, size + 64, sys.maxsize):
             for name in ("first_upper_run", "first_run_candidate"):
                 expected_run = getattr(installed, name)(reference, pos, portable=portable)

@@ -1,6 +1,7 @@
 """The 1 GiB download alone, paths alternating: MB/s, proxy CPU per MiB, RSS growth.
 
-``python bench/download_ab.py [--paths mitmdump,chaperone-full] [--rounds 5] [--size-mib 1024]``
+``python bench/download_ab.py [--paths mitmdump,chaperone-full] [--rounds 5] [--size-mib 1024]
+[--pattern random|ramp]``
 
 Why a separate driver: ``bench/run.py`` measures the download once per round among a dozen
 scenarios, and on the shared 2-core machine one download's MB/s moves by 30 % with whatever
@@ -28,10 +29,10 @@ for _p in (REPO, REPO / "sidecar", REPO / "operator", REPO / "testbed"):
 
 from bench import load, paths, rss  # noqa: E402
 from bench.run import _harness_loop, setup_env  # noqa: E402
-from bench.upstream import SIZES  # noqa: E402
+from bench.upstream import PATTERNS, SIZES  # noqa: E402
 
 
-def one(name: str, env: paths.Env, size: int) -> dict[str, float]:
+def one(name: str, env: paths.Env, size: int, pattern: str = "random") -> dict[str, float]:
     path = paths.make_path(name)
     path.start(env)
     try:
@@ -43,7 +44,8 @@ def one(name: str, env: paths.Env, size: int) -> dict[str, float]:
         assert pid is not None
         before, cpu0 = rss.tree_rss(pid), rss.cpu_seconds(pid)
         with rss.PeakSampler(pid) as sampler:
-            r = asyncio.run(load.download(up.url("https", "/bytes"), path.proxy, ctx, size=size, max_seconds=600))
+            r = asyncio.run(load.download(up.url("https", "/bytes"), path.proxy, ctx, size=size, max_seconds=600,
+                                          pattern=pattern))
         cpu = rss.cpu_seconds(pid) - cpu0
         if not r.requests:
             raise RuntimeError(f"{name}: download failed: {r.first_error}\n{path.logs()[-2000:]}")
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="mitmdump,chaperone-full")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--pattern", default="random", choices=sorted(PATTERNS),
+                        help="the body: random bytes, or the ramp bytes(range(256)) (see bench/upstream.py)")
     args = parser.parse_args(argv)
     names = args.paths.split(",")
     size = args.size_mib << 20
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 order = names[rnd % len(names):] + names[:rnd % len(names)]
                 for name in order:
-                    res = one(name, env, size)
+                    res = one(name, env, size, args.pattern)
                     results[name].append(res)
                     print(f"round {rnd + 1} {name:24s} {res['mib_s']:7.1f} MiB/s  "
                           f"{res['cpu_ms_per_mib']:6.2f} ms CPU/MiB  growth {res['growth_mb']:5.1f} MB", flush=True)

@@ -199,8 +199,9 @@ async def sse(url: str, proxy: str | None, ctx: ssl.SSLContext, *, events: int, 
 
 
 async def download(url: str, proxy: str | None, ctx: ssl.SSLContext, *, size: int,
-                   max_seconds: float) -> Rate:
-    """Read ``size`` bytes of /bytes and drop them; ``requests`` is 1 on success."""
+                   max_seconds: float, pattern: str = "random") -> Rate:
+    """Read ``size`` bytes of /bytes (``pattern``: see upstream.PATTERNS) and drop them;
+    ``requests`` is 1 on success."""
     import aiohttp
 
     out = Rate()
@@ -208,7 +209,7 @@ async def download(url: str, proxy: str | None, ctx: ssl.SSLContext, *, size: in
     try:
         async with _session(ctx, 1) as session:
             timeout = aiohttp.ClientTimeout(total=max_seconds)
-            async with session.get(url + f"?size={size}", proxy=proxy, timeout=timeout) as resp:
+            async with session.get(url + f"?size={size}&pattern={pattern}", proxy=proxy, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise BadResponse(f"HTTP {resp.status}")
                 got, head = 0, b""
@@ -216,7 +217,7 @@ async def download(url: str, proxy: str | None, ctx: ssl.SSLContext, *, size: in
                     if len(head) < 4096:
                         head += chunk[: 4096 - len(head)]
                     got += len(chunk)
-                if got != size or head != byte_pattern(0, len(head)):
+                if got != size or head != byte_pattern(0, len(head), pattern):
                     raise BadResponse(f"{got} bytes instead of {size} (or wrong content)")
         out.requests = 1
     except Exception as exc:  # noqa: BLE001

@@ -10,7 +10,10 @@ Routes (every body is deterministic, so clients check what they received):
 ``/1k``            1024 bytes of JSON (``application/json``)
 ``/1m``            1 MiB of text (``text/plain``): what masking has to scan in a large body
 ``/sse?n=N``       ``text/event-stream``: N events of ~100 bytes, each flushed on its own
-``/bytes?size=N``  ``application/octet-stream`` of N bytes with a Content-Length (1 GiB download)
+``/bytes?size=N``  ``application/octet-stream`` of N bytes with a Content-Length (1 GiB download):
+                   pseudo-random bytes (a seeded 256 KiB block, repeated), as compressed
+                   archives, images, layers and weights are; ``&pattern=ramp`` sends
+                   ``bytes(range(256))`` repeated instead (the body before session 12)
 ``POST /v1/*``     an OTLP/HTTP sink (``/v1/traces``, ``/v1/metrics``): Chaperone full exports
                    its spans and metrics here with the SDK's OTLP exporter, as an injected
                    sidecar does to a collector. ``--otlp-out FILE`` decodes each span into
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Upstream", "BODY_1K", "BODY_1M", "sse_event", "byte_pattern", "SIZES"]
+__all__ = ["Upstream", "BODY_1K", "BODY_1M", "PATTERNS", "sse_event", "byte_pattern", "SIZES"]
 
 _WORDS = (b"lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
           b"incididunt ut labore et dolore magna aliqua ")
@@ -53,7 +57,12 @@ def _json_body(size: int) -> bytes:
 BODY_1K = _json_body(1024)
 BODY_1M = _text(1024 * 1024)
 SIZES = {"1k": len(BODY_1K), "1m": len(BODY_1M)}
-_PATTERN = bytes(range(256)) * 1024  # 256 KiB, repeated for /bytes
+# Repeated for /bytes. Since session 12 a streamed binary body is scanned (its printable runs
+# masked), so what it holds matters: random bytes have ~300 short printable runs per MiB, as
+# real binaries do. The ramp before (bytes(range(256))) holds a 95-byte printable run with a
+# 26-letter base64 run in it every 256 bytes - 4 096 runs to decode per MiB, like no download.
+_PATTERN = random.Random(256).randbytes(256 * 1024)
+_RAMP = bytes(range(256)) * 1024
 
 
 def sse_event(i: int) -> bytes:
@@ -61,12 +70,15 @@ def sse_event(i: int) -> bytes:
     return (b'event: delta\ndata: {"index":%d,"text":"' % i) + _text(60) + b'"}\n\n'
 
 
-def byte_pattern(offset: int, size: int) -> bytes:
+PATTERNS = {"random": _PATTERN, "ramp": _RAMP}
+
+
+def byte_pattern(offset: int, size: int, pattern: str = "random") -> bytes:
     """The bytes /bytes sends at ``offset`` (for spot checks by the client)."""
-    out = bytearray()
+    block, out = PATTERNS[pattern], bytearray()
     while len(out) < size:
-        pos = (offset + len(out)) % len(_PATTERN)
-        out += _PATTERN[pos:pos + size - len(out)]
+        pos = (offset + len(out)) % len(block)
+        out += block[pos:pos + size - len(out)]
     return bytes(out)
 
 
@@ -108,11 +120,14 @@ def _app(otlp_out: str | None = None) -> Any:
     async def sized(request: web.Request) -> web.StreamResponse:
         size = min(int(request.query.get("size", "0")), 8 << 30)
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        block = PATTERNS.get(request.query.get("pattern", "random"))
+        if block is None:
+            return web.Response(status=400, text=f"pattern: one of {sorted(PATTERNS)}")
         resp.content_length = size
         await resp.prepare(request)
-        view, sent = memoryview(_PATTERN), 0
+        view, sent = memoryview(block), 0
         while sent < size:
-            chunk = view[: min(len(_PATTERN), size - sent)]
+            chunk = view[: min(len(block), size - sent)]
             await resp.write(chunk)
             sent += len(chunk)
         await resp.write_eof()

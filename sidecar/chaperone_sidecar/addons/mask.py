@@ -105,7 +105,7 @@ from ..policy.masking.lines import LineMasker
 from ..policy.masking.masker import Masker, MaskResult
 from ..policy.masking.ndjson import NDJSONMasker
 from ..policy.masking.sse import SSEMasker
-from ..policy.masking.stream import StreamMasker
+from ..policy.masking.stream import BINARY_BATCH, StreamMasker
 from ..policy.model import MaskSpec
 from ..services import SidecarServices
 from . import refusal
@@ -355,7 +355,8 @@ class Mask:
             resp.stream = False  # masked whole in `response`
             return
         sm = stream_masker(masker, mime or None, header_value(resp.headers, b"content-encoding"),
-                           max_decoded_bytes=masker.max_body_bytes)
+                           max_decoded_bytes=masker.max_body_bytes,
+                           batch=BINARY_BATCH if length is not None else 0)
         resp.stream = _MaskedStream(flow, capture, sm, ctx)
         if codings:
             del resp.headers["content-encoding"]  # the masker emits the decoded body
@@ -580,7 +581,7 @@ _NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applic
 
 
 def stream_masker(masker: Masker, content_type: str | None, content_encoding: str | None, *,
-                  max_decoded_bytes: int | None = None) -> StreamMasker | SSEMasker | NDJSONMasker:
+                  max_decoded_bytes: int | None = None, batch: int = 0) -> StreamMasker | SSEMasker | NDJSONMasker:
     """The streaming masker for a body of this type: what its client reassembles is masked.
 
     * ``text/event-stream``: :class:`~..policy.masking.sse.SSEMasker` - events parsed, the
@@ -590,7 +591,8 @@ def stream_masker(masker: Masker, content_type: str | None, content_encoding: st
       as a JSON document, the text fields a client concatenates (Ollama) across records.
     * anything else (chunked ``text/*``, JSON, unknown): the byte-level
       :class:`~..policy.masking.stream.StreamMasker`, which holds only a tail that could still
-      become a secret.
+      become a secret; ``batch``: a binary body of known length is scanned in batches of that
+      many bytes (``stream.BINARY_BATCH``).
 
     Raises ``UnsupportedEncoding`` for a Content-Encoding it cannot decode.
     """
@@ -601,7 +603,7 @@ def stream_masker(masker: Masker, content_type: str | None, content_encoding: st
         if mime == "text/event-stream":
             return SSEMasker(masker, decoder=decoder)
         return NDJSONMasker(masker, decoder=decoder)
-    return masker.stream(content_type, content_encoding, max_decoded_bytes=max_decoded_bytes)
+    return masker.stream(content_type, content_encoding, max_decoded_bytes=max_decoded_bytes, batch=batch)
 
 
 def _mime_of(content_type: str | None) -> str:

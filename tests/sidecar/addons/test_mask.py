@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import os
 import zlib
 
 import pytest
@@ -22,6 +23,9 @@ from chaperone_sidecar import flowctx
 from chaperone_sidecar.addons.mask import Mask
 from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.flowctx import BodyCapture, RecordingSettings
+from chaperone_sidecar.policy.masking.decoded import mask_binary
+from chaperone_sidecar.policy.masking.detectors import resolve_rules
+from chaperone_sidecar.policy.masking.stream import BINARY_BATCH
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec, RuleRef
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
@@ -277,14 +281,37 @@ def test_binary_body_passes_through_unmasked_and_says_so(mask):
     assert flowctx.get(f).masked == {}
 
 
-def test_binary_stream_passes_through_unmasked(mask):
-    blob = bytes(range(256)) * 600 + AWS_KEY_ID
+def test_binary_stream_is_masked_in_place_chunk_by_chunk(mask):
+    """A binary stream of unknown length (a watch, a live protocol) is scanned as each chunk
+    comes: its printable runs masked in place, length preserving (session 12: it passed
+    through unscanned)."""
+    blob = bytes(range(256)) * 600 + b"\x00" + AWS_KEY_ID + b"\x00"
     f = make_flow()
     respond(f, content_type="application/octet-stream", transfer_encoding="chunked")
     mask.responseheaders(f)
-    assert stream_through(f, [blob[i:i + 10000] for i in range(0, len(blob), 10000)]) == blob
+    assert f.response.stream.masker.batch == 0
+    cut = 39 * 256 + 100  # inside a printable stretch (bytes 32-126 of the 40th ramp)
+    first = f.response.stream(blob[:cut])
+    assert b"".join(first) == blob[:39 * 256 + 32]  # all but the printable bytes at its end
+    out = b"".join(first) + stream_through(f, [blob[i:i + 10000] for i in range(cut, len(blob), 10000)])
+    assert out == mask_binary(blob, resolve_rules(['all'])) and len(out) == len(blob) and AWS_KEY_ID not in out
     capture = flowctx.get(f).bodies.get("response")
     assert capture.binary and not capture.data and capture.size == len(blob)
+    assert flowctx.get(f).masked == {"aws-access-key-id": 1}
+
+
+def test_a_binary_download_is_scanned_in_batches(mask):
+    """A binary body of known length too long to buffer (a download) is gathered to
+    BINARY_BATCH before each scan: the same bytes out, fewer scans."""
+    blob = os.urandom(3 * BINARY_BATCH) + b"\x00" + AWS_KEY_ID + b"\x00" + os.urandom(1000)
+    f = make_flow()
+    respond(f, content_type="application/octet-stream", content_length=str(len(blob)))
+    mask.responseheaders(f)
+    assert f.response.stream.masker.batch == BINARY_BATCH
+    first = f.response.stream(blob[:16384])  # scanned (sniffed binary)
+    assert f.response.stream(blob[16384:32768]) == []  # gathered
+    out = b"".join(first) + stream_through(f, [blob[i:i + 16384] for i in range(32768, len(blob), 16384)])
+    assert out == mask_binary(blob, resolve_rules(['all'])) and AWS_KEY_ID not in out
 
 
 def test_binary_without_masks_is_kept_as_is(mask):

@@ -15,8 +15,9 @@
  *     line of wrapped base64 (decoded._run_matches: which stretches after the first run the
  *     Python looks at; issue 16, session 11: looking at every stretch of 16+ cost ~3.6 us each,
  *     50 ms per MiB of an SSE stream with a base64 run early).
- *   printable_runs: the stretches of printable ASCII (and tab, CR, LF) of RUN_MIN (8) bytes or
- *     more in a binary body (decoded.binary_findings: only these are scanned). Random binary
+ *   printable_runs, printable_tail: the stretches of printable ASCII (and tab, CR, LF) of RUN_MIN
+ *     (8) bytes or more in a binary body, with the bytes before each that are scanned with it
+ *     (decoded.binary_scan: only these are), and where the printable bytes at the end start. Random binary
  *     holds ~300 per MiB, so the detectors scan a few KiB instead of a view of the whole
  *     body (issue 16, session 12: a streamed download is scanned at all only if this is cheap).
  *   card_head_ends: the end offsets Hyperscan reports for detectors._CARD_TRIGGER (a card
@@ -348,11 +349,23 @@ static inline __attribute__((always_inline)) int card_head_ends_impl(const Text 
 
 /* --- printable_runs ---------------------------------------------------------------------- */
 
-/* The maximal stretches of C_PRINT of `min_len` (1..64) bytes or more, as start, end pairs.
+/* Appends the span [start, end) widened by `lead` bytes before it, merged into the last span
+ * when they meet (decoded.binary_scan scans each run with the bytes just before it). */
+static int push_piece(Ends *out, Py_ssize_t start, Py_ssize_t end, Py_ssize_t lead) {
+    Py_ssize_t from = start > lead ? start - lead : 0;
+    if (out->len && from <= out->at[out->len - 1]) {
+        out->at[out->len - 1] = end;
+        return 0;
+    }
+    return push(out, from) < 0 || push(out, end) < 0 ? -1 : 0;
+}
+
+/* The maximal stretches of C_PRINT of `min_len` (1..64) bytes or more, as start, end pairs
+ * (each widened by `lead` bytes before it and merged when they meet: push_piece).
  * A stretch's first window is its first byte: base is always 0, a block start after a block
  * without a window (a stretch reaching into it would have had its window there), or the byte
  * after a stretch (not in the class). -1 when out of memory. */
-static inline __attribute__((always_inline)) int printable_runs_impl(const Text *t, int min_len, Ends *out) {
+static inline __attribute__((always_inline)) int printable_runs_impl(const Text *t, int min_len, Py_ssize_t lead, Ends *out) {
     const unsigned char *p = t->p;
     Py_ssize_t n = t->n, base = 0;
     uint64_t print = mask(t, 0, C_PRINT), print_next;
@@ -369,7 +382,7 @@ static inline __attribute__((always_inline)) int printable_runs_impl(const Text 
         Py_ssize_t end = base + end_bit;
         if (end_bit == 128)
             while (end < n && has(p, end, C_PRINT)) end++;
-        if (push(out, base + k) < 0 || push(out, end) < 0) return -1;
+        if (push_piece(out, base + k, end, lead) < 0) return -1;
         base = end + 1; /* p[end] is not in the class (or end == n) */
         print = mask(t, base, C_PRINT);
     }
@@ -387,10 +400,26 @@ static Py_ssize_t first_upper_run_swar(Text t, Py_ssize_t pos, int wrapped) {
     return wrapped ? first_upper_run_impl(&t, pos, 1) : first_upper_run_impl(&t, pos, 0);
 }
 static int card_head_ends_sse2(Text t, Ends *out) { t.portable = 0; return card_head_ends_impl(&t, out); }
-static int printable_runs_sse2(Text t, int min_len, Ends *out) { t.portable = 0; return printable_runs_impl(&t, min_len, out); }
-static int printable_runs_swar(Text t, int min_len, Ends *out) { t.portable = 1; return printable_runs_impl(&t, min_len, out); }
-static int printable_runs_in(const Text *t, int min_len, Ends *out) {
-    return t->portable || !HAVE_SSE2 ? printable_runs_swar(*t, min_len, out) : printable_runs_sse2(*t, min_len, out);
+static int printable_runs_sse2(Text t, int min_len, Py_ssize_t lead, Ends *out) { t.portable = 0; return printable_runs_impl(&t, min_len, lead, out); }
+static int printable_runs_swar(Text t, int min_len, Py_ssize_t lead, Ends *out) { t.portable = 1; return printable_runs_impl(&t, min_len, lead, out); }
+static int printable_runs_in(const Text *t, int min_len, Py_ssize_t lead, Ends *out) {
+    return t->portable || !HAVE_SSE2 ? printable_runs_swar(*t, min_len, lead, out) : printable_runs_sse2(*t, min_len, lead, out);
+}
+
+/* Where the bytes of C_PRINT at the end start: one past the last byte not in it, or 0 - a
+ * block at a time from the end (a stream holds them: they may become a run). */
+static Py_ssize_t printable_tail_in(const Text *t) {
+    Py_ssize_t at = t->n;
+    while (at > 0) {
+        Py_ssize_t base = at >= 64 ? at - 64 : 0;
+        uint64_t m = mask(t, base, C_PRINT);
+        int width = (int)(at - base);
+        uint64_t want = width == 64 ? ~(uint64_t)0 : (((uint64_t)1 << width) - 1);
+        uint64_t outside = ~m & want;
+        if (outside) return base + 64 - __builtin_clzll(outside);
+        at = base;
+    }
+    return 0;
 }
 static int card_head_ends_swar(Text t, Ends *out) { t.portable = 1; return card_head_ends_impl(&t, out); }
 
@@ -468,13 +497,14 @@ static PyObject *py_card_head_ends(PyObject *self, PyObject *args, PyObject *kwa
 }
 
 static PyObject *py_printable_runs(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"data", "min_len", "portable", NULL};
+    static char *kwlist[] = {"data", "min_len", "lead", "portable", NULL};
     Py_buffer view;
     int min_len = 8, portable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|i$p", kwlist, &view, &min_len, &portable)) return NULL;
-    if (min_len < 1 || min_len > 64) {
+    Py_ssize_t lead = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|i$np", kwlist, &view, &min_len, &lead, &portable)) return NULL;
+    if (min_len < 1 || min_len > 64 || lead < 0) {
         PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "min_len must be 1 to 64");
+        PyErr_SetString(PyExc_ValueError, "min_len must be 1 to 64, lead 0 or more");
         return NULL;
     }
     Text t = {view.buf, view.len, portable};
@@ -482,10 +512,10 @@ static PyObject *py_printable_runs(PyObject *self, PyObject *args, PyObject *kwa
     int rc;
     if (view.len >= RELEASE_GIL) {
         Py_BEGIN_ALLOW_THREADS
-        rc = printable_runs_in(&t, min_len, &runs);
+        rc = printable_runs_in(&t, min_len, lead, &runs);
         Py_END_ALLOW_THREADS
     } else {
-        rc = printable_runs_in(&t, min_len, &runs);
+        rc = printable_runs_in(&t, min_len, lead, &runs);
     }
     PyBuffer_Release(&view);
     if (rc < 0) {
@@ -493,6 +523,17 @@ static PyObject *py_printable_runs(PyObject *self, PyObject *args, PyObject *kwa
         return PyErr_NoMemory();
     }
     return ends_list(&runs);
+}
+
+static PyObject *py_printable_tail(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"data", "portable", NULL};
+    Py_buffer view;
+    int portable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|$p", kwlist, &view, &portable)) return NULL;
+    Text t = {view.buf, view.len, portable};
+    Py_ssize_t tail = printable_tail_in(&t);
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(tail);
 }
 
 static PyMethodDef methods[] = {
@@ -507,9 +548,13 @@ static PyMethodDef methods[] = {
      "line of wrapped base64: followed by LF, CR or a backslash, its length (less one after a\n"
      "backslash before it: the n of a \\n escape) a multiple of 4."},
     {"printable_runs", (PyCFunction)(void (*)(void))py_printable_runs, METH_VARARGS | METH_KEYWORDS,
-     "printable_runs(data, min_len=8, *, portable=False) -> list[int]\n\n"
+     "printable_runs(data, min_len=8, *, lead=0, portable=False) -> list[int]\n\n"
      "The maximal stretches of printable ASCII, tab, LF and CR of min_len (1 to 64) bytes or more:\n"
-     "start, end, start, end ... in order."},
+     "start, end, start, end ... in order; each starting lead bytes earlier (not before 0), merged\n"
+     "into the one before when they meet."},
+    {"printable_tail", (PyCFunction)(void (*)(void))py_printable_tail, METH_VARARGS | METH_KEYWORDS,
+     "printable_tail(data, *, portable=False) -> int\n\n"
+     "Where the printable ASCII, tab, LF and CR bytes at the end of data start (len(data): none)."},
     {"card_head_ends", (PyCFunction)(void (*)(void))py_card_head_ends, METH_VARARGS | METH_KEYWORDS,
      "card_head_ends(data, *, portable=False) -> list[int]\n\n"
      "The end offsets Hyperscan reports for detectors._CARD_TRIGGER on data, in order."},

@@ -263,18 +263,20 @@ class Masker:
         return LineMasker(self, content_type, decoder)
 
     def stream(self, content_type: str | None = None, content_encoding: str | None = None,
-               *, max_decoded_bytes: int | None = None) -> StreamMasker:
+               *, max_decoded_bytes: int | None = None, batch: int = 0) -> StreamMasker:
         """A streaming masker for one body (detectors only; see ``can_stream``).
 
         With a Content-Encoding the stream is decoded (capped at ``max_decoded_bytes``,
         default ``max_body_bytes``, against bombs) and emitted identity-encoded. An identity
         stream has no total limit: bounding it is the proxy's job (it is streamed because it
         is long). A non-text content type is sniffed: a binary stream has its printable runs
-        masked in place, length preserving (as a buffered binary body).
+        masked in place, length preserving (as a buffered binary body); ``batch``: see
+        ``StreamMasker``.
         """
         codings = parse_content_encoding(content_encoding)
         decoder = None
         if codings:
             decoder = StreamDecoder(codings, max_decoded_bytes or self.max_body_bytes)
         return StreamMasker(self.rules, self.hash_key, decoder=decoder,
-                            sniff=not is_text_type(content_type), json_mode=_json_lines(content_type))
+                            sniff=not is_text_type(content_type), json_mode=_json_lines(content_type),
+                            batch=batch)

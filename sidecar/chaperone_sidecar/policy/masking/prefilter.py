@@ -93,7 +93,13 @@ class Hits:
             return self._by_trigger.get(triggers[0], [])
         merged = self._merged.get(triggers)
         if merged is None:
-            merged = sorted({p for t in triggers for p in self._by_trigger.get(t, ())})
+            # Most texts hold few of the triggers: a rule with none of them or one costs no set
+            # (the binary scan of a small text per 16 KiB chunk: 40 % of it was these sets).
+            present = [self._by_trigger[t] for t in triggers if t in self._by_trigger]
+            if len(present) <= 1:
+                merged = present[0] if present else []
+            else:
+                merged = sorted({p for found in present for p in found})
             self._merged[triggers] = merged
         return merged
 

@@ -253,8 +253,8 @@ def _binary_secrets() -> list[bytes]:
     return plain + [base64.b64encode(b"key=" + p) for p in plain[:3]]
 
 
-def _streamed(body: bytes, cuts: list[int], content_type: str = "application/octet-stream") -> tuple[bytes, StreamMasker]:
-    s = MASKER.stream(content_type)
+def _streamed(body: bytes, cuts: list[int], batch: int = 0) -> tuple[bytes, StreamMasker]:
+    s = MASKER.stream("application/octet-stream", batch=batch)
     out, prev = [], 0
     for c in [*sorted(cuts), len(body)]:
         if c > prev:  # an empty chunk ends the stream
@@ -268,7 +268,8 @@ def _streamed(body: bytes, cuts: list[int], content_type: str = "application/oct
 def test_a_binary_stream_masks_as_the_whole_body_however_it_is_cut(seed):
     """Random binary with secrets (plain, base64, a PEM block, an SSN by its label) and now and
     then a printable run longer than BINARY_LONG before one: cut anywhere, the stream's output
-    is the whole body's (``mask_binary``), byte for byte - length preserving, nothing missed."""
+    is the whole body's (``mask_binary``), byte for byte - length preserving, nothing missed;
+    gathered in batches (a download) or not."""
     rnd = random.Random(seed)
     secrets = _binary_secrets()
     for trial in range(40):
@@ -276,30 +277,34 @@ def test_a_binary_stream_masks_as_the_whole_body_however_it_is_cut(seed):
         for _ in range(rnd.randrange(1, 6)):
             parts.append(rnd.randbytes(rnd.randrange(0, 300)))
             secret = rnd.choice(secrets)
-            if rnd.random() < 0.15:
-                secret = b"lorem ipsum " * rnd.randrange(6000, 12000) + secret  # > BINARY_LONG
+            if rnd.random() < 0.15:  # in a printable run longer than BINARY_LONG, cut in steps
+                secret = b"lorem ipsum " * rnd.randrange(6000, 12000) + secret + b" lorem" * rnd.randrange(0, 6000)
             parts.append(b" x: " + secret + b" ")  # (after "=" a base64 run is not decoded: see docs/masking.md)
         body = b"".join(parts)
         whole = mask_binary(body, ALL_RULES)
         assert whole != body
-        out, s = _streamed(body, [rnd.randrange(len(body) + 1) for _ in range(rnd.choice((1, 3, 10, 60)))])
+        out, s = _streamed(body, [rnd.randrange(len(body) + 1) for _ in range(rnd.choice((1, 3, 10, 60)))],
+                           batch=rnd.choice((0, 0, 1000, 50_000)))
         assert s.binary and out == whole, f"trial {trial}"
 
 
 def test_a_long_base64_run_in_a_binary_stream_is_masked_from_the_secret_on():
-    """A base64 run longer than BINARY_LONG is released in aligned steps (the rest still decodes);
-    a secret inside masks the run from the step it is found in to the run's end, across chunks,
-    wrapped or not (a whole body masks all of it)."""
+    """A base64 run longer than BINARY_LONG is released in steps aligned so the rest still
+    decodes (a mutant cutting anywhere leaves the key readable); a secret inside masks the run
+    from the step it is found in to the run's end, across later chunks (a mutant masking only
+    the step leaves the rest readable) - wrapped or not (a whole body masks all of it)."""
     rnd = random.Random(5)
-    for trial in range(16):
-        plain = (bytes(rnd.choice(b"abcdefghij klmnop") for _ in range(rnd.randrange(0, 150_000)))
-                 + b" key=" + AWS_KEY_ID + b" " + bytes(rnd.choice(b"abcdefgh ijk") for _ in range(rnd.randrange(0, 150_000))))
+    for trial in range(24):
+        before, after = rnd.randrange(0, 240_000), rnd.randrange(0, 120_000)
+        plain = (bytes(rnd.choice(b"abcdefghij klmnop") for _ in range(before)) + b" key=" + AWS_KEY_ID + b" "
+                 + bytes(rnd.choice(b"abcdefgh ijk") for _ in range(after)))
         enc = base64.b64encode(plain)
         wrapped = trial % 2 == 1
         if wrapped:
             enc = b"\n".join(enc[i : i + 76] for i in range(0, len(enc), 76))
         body = _HEADER + b"\x00" + enc + b"\x00" + rnd.randbytes(100)
-        out, _ = _streamed(body, [rnd.randrange(len(body) + 1) for _ in range(rnd.choice((1, 10, 200)))])
+        size = rnd.choice((1500, 4096, 16384, 65536))
+        out, _ = _streamed(body, list(range(size, len(body), size)), batch=rnd.choice((0, 100_000)))
         assert len(out) == len(body)
         run_out = out[len(_HEADER) + 1 : len(_HEADER) + 1 + len(enc)]
         clear = re.match(rb"[A-Za-z0-9+/=\n]*", run_out).end()
@@ -311,6 +316,17 @@ def test_a_long_base64_run_in_a_binary_stream_is_masked_from_the_secret_on():
         # what follows the first masked byte is masked to the run's end (its last, shorter line aside)
         rest = run_out[clear:].rsplit(b"\n", 1)[0] if wrapped else run_out[clear:]
         assert re.fullmatch(rb"(?:\[MASKED:[a-z-]*\]|\*|\n)*", rest), f"trial {trial}"
+
+
+@pytest.mark.parametrize("size", [4096, 65536])
+def test_a_flood_longer_than_the_keep_in_a_binary_stream_is_masked_as_in_the_whole_body(size):
+    """A finding longer than BINARY_KEEP (a 24 KiB AKIA flood is one) crossing the step's cut
+    is held until it ends, then masked as the whole body masks it - not masked on past its end
+    (a mutant that masks it at the cut and goes on masking over-masks the prose after it)."""
+    body = (_HEADER + b"lorem ipsum " * 8000 + b"AKIA" * 6000 + b" dolor sit amet" * 3000 + b"!"
+            + b"\x00" + os.urandom(2000))
+    out, _ = _streamed(body, list(range(size, len(body), size)))
+    assert out == mask_binary(body, ALL_RULES)
 
 
 def test_a_binary_stream_holds_only_the_printable_bytes_at_its_end():
@@ -346,7 +362,7 @@ def test_an_oauth_token_in_a_binary_stream_waits_for_the_context_after_it():
     body = _HEADER + b'{"access_token": "' + token + b'", "expires_in": 3599,\x01 "token_type": "Bearer"}\x00'
     whole = mask_binary(body, ALL_RULES)
     assert token not in whole
-    at = body.index(b"\x01") + 1
+    at = body.index(b"\x01", len(_HEADER)) + 1
     for cut in (at - 1, at, at + 5, len(body) - 3):
         out, _ = _streamed(body, [cut])
         assert out == whole, cut

@@ -103,9 +103,11 @@ def check(module, data, reference: bytes) -> None:
         got = module.card_head_ends(data, portable=portable)
         if got != expected:
             raise AssertionError(f"card_head_ends {got} != {expected} (portable={portable}) for {reference[:80]!r}")
-        for min_len in (1, 8, 64):
-            expected_runs = installed.printable_runs(reference, min_len, portable=portable)
-            got_runs = module.printable_runs(data, min_len, portable=portable)
+        if module.printable_tail(data, portable=portable) != installed.printable_tail(reference, portable=portable):
+            raise AssertionError(f"printable_tail (portable={portable}) for {reference[:80]!r}")
+        for min_len, lead in ((1, 0), (8, 32), (64, 3)):
+            expected_runs = installed.printable_runs(reference, min_len, lead=lead, portable=portable)
+            got_runs = module.printable_runs(data, min_len, lead=lead, portable=portable)
             if got_runs != expected_runs:
                 raise AssertionError(f"printable_runs {got_runs[:8]} != {expected_runs[:8]} (min_len={min_len}, "
                                      f"portable={portable}) for {reference[:80]!r}")

@@ -222,8 +222,19 @@ _PIECES = st.sampled_from([b"a", b"Z", b"0", b"7", b" ", b"-", b"+", b"/", b"_",
                            b"\xe9", b":", b"1111", b"4111 ", b"abcdefgh", b"ABCD", b"\x00", b"\x7f", b"~", b"\t"])
 
 
-def _printable_runs(data: bytes, min_len: int = 8) -> list[int]:
-    return [k for m in re.finditer(rb"[\t\n\r -~]{%d,}" % min_len, data) for k in m.span()]
+def _printable_runs(data: bytes, min_len: int = 8, lead: int = 0) -> list[int]:
+    out: list[int] = []
+    for m in re.finditer(rb"[\t\n\r -~]{%d,}" % min_len, data):
+        start = max(0, m.start() - lead)
+        if out and start <= out[-1]:
+            out[-1] = m.end()
+        else:
+            out += [start, m.end()]
+    return out
+
+
+def _printable_tail(data: bytes) -> int:
+    return len(data.rstrip(bytes(range(32, 127)) + b"\t\n\r"))
 
 
 @pytest.mark.parametrize("name", ["text", "json", "binary"])
@@ -249,6 +260,22 @@ def test_printable_runs_refuses_a_length_it_cannot_window():
     for bad in (0, 65, -1):
         with pytest.raises(ValueError, match="min_len"):
             _stretches.printable_runs(b"abcdefgh", bad)
+    with pytest.raises(ValueError, match="lead"):
+        _stretches.printable_runs(b"abcdefgh", lead=-1)
+
+
+def test_printable_runs_with_a_lead_and_the_printable_tail():
+    """Each run widened by its lead (binary_scan's LEAD) and merged when they meet; the tail: where
+    the printable bytes at the end start, at every length around the blocks."""
+    body = corpora(256 * 1024)["binary"][0]
+    for portable in MODES:
+        for lead in (0, 1, 32, 500):
+            assert _stretches.printable_runs(body, lead=lead, portable=portable) == _printable_runs(body, lead=lead)
+        for n in (0, 1, 63, 64, 65, 127, 128, 129, 1000):
+            for tail in (b"", b"a", b"a" * 63, b"a" * 64, b"a" * 65, b"a" * 200):
+                data = body[:n] + b"\x00" + tail
+                assert _stretches.printable_tail(data, portable=portable) == _printable_tail(data), (n, len(tail))
+            assert _stretches.printable_tail(b"b" * n, portable=portable) == 0
 
 
 @settings(max_examples=400, deadline=None)
@@ -261,6 +288,8 @@ def test_generated_bytes(card_db, runs):
         assert _stretches.card_head_ends(text, portable=portable) == card
         assert _stretches.printable_runs(text, portable=portable) == _printable_runs(text)
         assert _stretches.printable_runs(text, 3, portable=portable) == _printable_runs(text, 3)
+        assert _stretches.printable_runs(text, lead=5, portable=portable) == _printable_runs(text, lead=5)
+        assert _stretches.printable_tail(text, portable=portable) == _printable_tail(text)
         assert _stretches.first_upper_run(text, portable=portable) == first
         assert _stretches.first_run_candidate(text, portable=portable) == _first_run_candidate(text)
         for pos in (1, 17, len(text) // 2):

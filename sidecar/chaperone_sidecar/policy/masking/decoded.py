@@ -98,7 +98,9 @@ def canonical_json_strings(text: bytes) -> bytes:
 # ("content_block_delta") and lower-case hex digests are not base64 of anything (16 base64
 # characters of real data without one: p < 2e-6). Checked per match rather than by a lookahead
 # in the pattern, which made the engine twice as slow on a body with no run at all.
-_B64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{%d,}={0,2}(?![A-Za-z0-9+/_=-])" % B64_MIN)
+# A run may follow "=" (KEY=<base64> in an env file, ?token=<base64>: session 12 found those were
+# never decoded); one followed by "=" and more of the alphabet is a key, not a value.
+_B64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{%d,}={0,2}(?![A-Za-z0-9+/_=-])" % B64_MIN)
 _UPPER = re.compile(rb"[A-Z]")
 _HEX_UPPER = b"0123456789ABCDEF"  # upper-case hex digests are not base64 either
 # The next line of wrapped base64: a whole line (a line break, a closing quote or the end after
@@ -158,7 +160,7 @@ def _first_run(text: bytes) -> int:
     Such a run is a stretch of the alphabet of ``B64_MIN`` characters or more holding an
     upper-case letter, which :func:`first_upper_run` finds 64 bytes at a time (``_stretches.c``:
     ~0.2-0.5 ms per MiB of prose, JSON or SSE, where Hyperscan's window pattern took 1.8-2.4
-    ms); it is a run when ``_B64_RUN`` matches there (not glued to ``=`` on either side)."""
+    ms); it is a run when ``_B64_RUN`` matches there (not followed by ``=`` and more)."""
     start = first_upper_run(text)
     while start >= 0 and _B64_RUN.match(text, start) is None:
         start = first_upper_run(text, start + 1)  # the stretch starting at `start` is skipped

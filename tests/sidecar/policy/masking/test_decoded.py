@@ -136,6 +136,20 @@ def test_base64_in_yaml_text_headers_and_nested_twice():
         "Basic [MASKED:aws-access-key-id]"
 
 
+def test_base64_after_an_equals_sign_is_decoded():
+    """KEY=<base64> (an env file, a ConfigMap's properties, a query string) was never decoded
+    before session 12: the run was refused for the "=" before it. A key followed by "=" and its
+    value is still not decoded as a run itself."""
+    blob = base64.b64encode(CREDENTIALS).decode()
+    env = f"AWS_CREDENTIALS_BLOB={blob}\nREGION=eu-west-1\n".encode()
+    masked = M.mask_bytes(env, "text/plain").body
+    assert masked == b"AWS_CREDENTIALS_BLOB=[MASKED:aws-access-key-id]\nREGION=eu-west-1\n"
+    query = b"GET /cb?state=abc&token=" + base64.urlsafe_b64encode(b"key=" + AWS_KEY_ID) + b"&x=1"
+    assert mask_base64(query, ALL_RULES) == b"GET /cb?state=abc&token=[MASKED:aws-access-key-id]&x=1"
+    clean = b"SOME_LONG_CONFIG_NAME=" + base64.b64encode(b"nothing secret in here at all") + b"\n"
+    assert mask_base64(clean, ALL_RULES) is clean
+
+
 def test_base64_after_an_escape_and_short_runs():
     body = json.dumps({"pem": "line\n" + base64.b64encode(CREDENTIALS).decode()}).encode()
     assert b"MASKED" in M.mask_bytes(body, "application/json").body

@@ -232,6 +232,22 @@ def test_gzip_bomb_in_a_stream_is_refused():
             s(bomb[i : i + 4096])
 
 
+@pytest.mark.parametrize("size", [1000, 4096, 65536])
+@pytest.mark.parametrize("lead", [b"config:\nSOME_KEY=", b"config:\n", b'{"v":"\\n'], ids=["key", "line", "escaped"])
+def test_a_long_base64_run_is_stepped_from_the_run_not_what_is_held_before_it(size, lead):
+    """A base64 run over B64_HOLD held with what precedes it in the same stretch of run bytes
+    (a line break, an escaped one, a KEY=): its steps are aligned to the run (aligned to the
+    stretch, the rest decodes out of step and the key stays readable - as it did for a line
+    break before session 12)."""
+    plain = b"lorem ipsum dolor sit amet " * 3000 + b"key=" + AWS_KEY_ID + b" " + b"consectetur " * 2000
+    body = lead + base64.b64encode(plain) + b"\nnext: 1\n"
+    out = run(MASKER.stream("text/plain"), [body[i : i + size] for i in range(0, len(body), size)])
+    run_out = out[len(lead) :].split(b"\n")[0]
+    clear = re.match(rb"[A-Za-z0-9+/=]*", run_out).end()
+    assert AWS_KEY_ID not in base64.b64decode(run_out[: clear // 4 * 4])
+    assert b"[MASKED:aws-access-key-id]" in run_out
+
+
 def test_binary_is_sniffed_and_masked_in_place():
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4 + AWS_KEY_ID
     s = MASKER.stream("image/png")

@@ -93,7 +93,9 @@ def canonical_json_strings(text: bytes) -> bytes:
 # ("content_block_delta") and lower-case hex digests are not base64 of anything (16 base64
 # characters of real data without one: p < 2e-6). Checked per match rather than by a lookahead
 # in the pattern, which made the engine twice as slow on a body with no run at all.
-_B64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{%d,}={0,2}(?![A-Za-z0-9+/_=-])" % B64_MIN)
+# A run may follow "=" (KEY=<base64> in an env file, ?token=<base64>: session 12 found those were
+# never decoded); one followed by "=" and more of the alphabet is a key, not a value.
+_B64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{%d,}={0,2}(?![A-Za-z0-9+/_=-])" % B64_MIN)
 _UPPER = re.compile(rb"[A-Z]")
 _HEX_UPPER = b"0123456789ABCDEF"  # upper-case hex digests are not base64 either
 # The next line of wrapped base64: a whole line (a line break, a closing quote or the end after

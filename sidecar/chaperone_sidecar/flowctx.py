@@ -207,6 +207,9 @@ class FlowContext:
     tool_use: Any = None  # ToolUse: its memory of an LLM answer (rules, judged blocks)
     kube_stream: Any = None  # KubeStreams: an exec/attach/port-forward session's stream state
     git_gate: Any = None  # Route: the gate holding a streamed git push's body (gitgate.py)
+    # WidenRanges -> TrimRanges: the byte range the agent asked for (first, last or None: to the
+    # end); the request went upstream widened by ranges.PAD on both sides
+    requested_range: tuple[int, int | None] | None = None
     telemetry: TelemetryProgress = field(default_factory=TelemetryProgress)
 
 

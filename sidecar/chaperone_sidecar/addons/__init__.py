@@ -58,6 +58,10 @@ addon (module)         responsibility; FlowContext fields read -> written
                        port-forward stream's port, records every frame as a ``stream``
                        event (strict: unrecordable -> connection closed).
                        action, decision, snapshot, recording -> ``kube_stream`` (private)
+4c. WidenRanges        With response masks in force, a single ``Range: bytes=a-b`` goes up
+   (ranges)            widened by ``ranges.PAD`` on each side (before the signature); other
+                       Range forms are dropped (the whole body comes back, masked).
+                       decision -> ``requested_range``, (request)
 5. InjectCredentials   Replaces the agent's credentials with the connection's (AWS SigV4
    (credentials)       re-signing, header/bearer tokens, x-api-key); the last addon that
                        changes the request. A streamed aws-chunked upload gets its decoder as
@@ -67,6 +71,9 @@ addon (module)         responsibility; FlowContext fields read -> written
                        streamed body with a tee that *wraps* the stream function in place (the
                        aws-chunked decoder), never replaces it. decision.masks, recording ->
                        ``masked``, ``bodies``
+6a. TrimRanges         A widened 206 (masked in place by Mask, length preserving) cut back to
+   (ranges)            the range asked for, Content-Range restored; one that does not cover
+                       it -> 502 ``response_unmaskable``. requested_range -> (response)
 6b. McpTools           MCP ``tools/list`` results (JSON, or SSE events as they stream) lose
    (mcp_tools)         the tools the policy blocks for this identity whatever the arguments,
                        so the model never sees them; wraps Mask's response stream, never
@@ -112,6 +119,7 @@ from .enforce import Enforce
 from .identify import Identify
 from .mask import Mask
 from .mcp_tools import McpTools
+from .ranges import TrimRanges, WidenRanges
 from .record import Record
 from .route import Route
 from .sessions import KubeStreams
@@ -127,8 +135,10 @@ ADDON_ORDER: tuple[type[Any], ...] = (
     Enforce,
     Approve,
     KubeStreams,
+    WidenRanges,
     InjectCredentials,
     Mask,
+    TrimRanges,
     McpTools,
     ToolUse,
     Record,

@@ -331,6 +331,18 @@ class Mask:
         except UnsupportedEncoding as exc:
             self._refuse_early(flow, capture, str(exc))
             return
+        if _ranged(resp):  # a part of a representation: masked in place, at its offsets
+            if stream:
+                resp.stream = _MaskedStream(flow, capture, masker.stream(
+                    mime or None, header_value(resp.headers, b"content-encoding"),
+                    max_decoded_bytes=masker.max_body_bytes, in_place=True,
+                    batch=BINARY_BATCH if length is not None else 0), ctx)
+                if codings:
+                    del resp.headers["content-encoding"]
+                self._unframe(flow)
+            else:
+                resp.stream = False  # masked whole in `response`
+            return
         if not masker.can_stream(mime or None):  # field rules: the whole document is needed
             if length is not None and length > masker.max_body_bytes:
                 self._refuse_early(flow, capture, str(BodyTooLarge(masker.max_body_bytes)))
@@ -386,7 +398,7 @@ class Mask:
             codings = parse_content_encoding(header_value(resp.headers, b"content-encoding"))
             if _off_loop(raw, codings):  # awaited by mitmproxy: other flows go on meanwhile
                 return self._mask_response_off_loop(flow, ctx, capture, masker, raw, codings)
-            masked = mask_whole(masker, raw, _mime(resp.headers), codings)
+            masked = mask_whole(masker, raw, _mime(resp.headers), codings, in_place=_ranged(resp))
         except MaskingError as exc:
             self._response_unmaskable(flow, capture, raw, exc)
             return None
@@ -397,7 +409,8 @@ class Mask:
                                       masker: Masker, raw: bytes, codings: tuple[str, ...]) -> None:
         assert flow.response is not None
         try:
-            masked = await _mask_off_loop(masker, raw, _mime(flow.response.headers), codings)
+            masked = await _mask_off_loop(masker, raw, _mime(flow.response.headers), codings,
+                                          in_place=_ranged(flow.response))
         except MaskingError as exc:
             self._response_unmaskable(flow, capture, raw, exc)
             return
@@ -496,6 +509,12 @@ def masker_for(masks: tuple[MaskSpec, ...], direction: str | None) -> Masker:
     return Masker(masks, direction=direction)  # type: ignore[arg-type]
 
 
+def _ranged(resp: http.Response) -> bool:
+    """A part of a representation (206): masked in place, length preserving, so its bytes stay
+    at the offsets its Content-Range gives (ranges.TrimRanges cuts it to what was asked)."""
+    return resp.status_code == 206
+
+
 def _mime(headers: http.Headers) -> str:
     return header_value(headers, b"content-type").split(";", 1)[0].strip().lower()
 
@@ -548,15 +567,16 @@ def _keep_unmasked(capture: BodyCapture, raw: bytes, codings: tuple[str, ...]) -
 
 
 def mask_whole(masker: Masker, raw: bytes, content_type: str,
-               codings: tuple[str, ...]) -> tuple[bytes, bytes, MaskResult]:
-    """Decode (capped), mask, re-encode one whole body: (wire bytes, masked plain, result).
+               codings: tuple[str, ...], in_place: bool = False) -> tuple[bytes, bytes, MaskResult]:
+    """Decode (capped), mask, re-encode one whole body: (wire bytes, masked plain, result);
+    ``in_place``: length preserving (``Masker.mask_bytes``; a ranged response).
 
     Raises ``MaskingError`` (``BodyTooLarge`` for bombs) when the body cannot be masked.
     """
     plain = decode(raw, codings, masker.max_body_bytes)
     if not codings and len(plain) > masker.max_body_bytes:
         raise BodyTooLarge(masker.max_body_bytes)
-    result = masker.mask_bytes(plain, content_type or None, None)
+    result = masker.mask_bytes(plain, content_type or None, None, in_place=in_place)
     if not result.changed:
         return raw, plain, result
     return (encode(result.body, codings) if codings else result.body), result.body, result
@@ -568,10 +588,10 @@ def _off_loop(raw: bytes, codings: tuple[str, ...]) -> bool:
 
 
 async def _mask_off_loop(masker: Masker, raw: bytes, content_type: str,
-                         codings: tuple[str, ...]) -> tuple[bytes, bytes, MaskResult]:
+                         codings: tuple[str, ...], in_place: bool = False) -> tuple[bytes, bytes, MaskResult]:
     """``mask_whole`` in the masking pool; the event loop serves other flows meanwhile."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_MASK_POOL, mask_whole, masker, raw, content_type, codings)
+    return await loop.run_in_executor(_MASK_POOL, mask_whole, masker, raw, content_type, codings, in_place)
 
 
 # ============================================================================ stream callables

@@ -69,8 +69,8 @@ def test_build_addons_in_the_documented_order():
     addons = build_addons(services)
     assert [type(a) for a in addons] == list(ADDON_ORDER)
     assert [cls.__name__ for cls in ADDON_ORDER] == ["Identify", "Route", "Enforce", "Approve", "KubeStreams",
-                                                     "InjectCredentials", "Mask", "McpTools", "ToolUse",
-                                                     "Record", "Telemetry"]
+                                                     "WidenRanges", "InjectCredentials", "Mask", "TrimRanges",
+                                                     "McpTools", "ToolUse", "Record", "Telemetry"]
     assert all(a.services is services for a in addons)
 
 

@@ -145,10 +145,12 @@ class Masker:
         return bool(self.rules or self.paths or self.kubernetes_secrets)
 
     def mask_bytes(self, body: bytes, content_type: str | None = None,
-                   content_encoding: str | None = None) -> MaskResult:
+                   content_encoding: str | None = None, *, in_place: bool = False) -> MaskResult:
         """Mask one whole body. Never raises for an identity-encoded body within the size
         limit; raises ``MaskingError`` subclasses (``BodyTooLarge``, ``UnsupportedEncoding``,
-        ``DecodeError``) when the body cannot be masked and must be refused."""
+        ``DecodeError``) when the body cannot be masked and must be refused. ``in_place``:
+        masked as a binary body whatever it holds, length preserving (a ranged response: its
+        bytes must stay at their offsets; field rules and Secret data need a whole document)."""
         if not self.active or not body:
             return MaskResult(body)
         codings = parse_content_encoding(content_encoding)
@@ -159,6 +161,11 @@ class Masker:
         else:
             plain = body
         counts: dict[str, int] = {}
+        if in_place:
+            masked = mask_binary(plain, self.rules, self.hash_key, counts)
+            if not counts:
+                return MaskResult(body, binary=True)
+            return MaskResult(encode(masked, codings) if codings else masked, counts, binary=True)
         if self.kubernetes_secrets:  # raises NotJSON (refused) for protobuf, CBOR, YAML ...
             plain, n = mask_secrets(plain)
             if n:
@@ -263,15 +270,15 @@ class Masker:
         return LineMasker(self, content_type, decoder)
 
     def stream(self, content_type: str | None = None, content_encoding: str | None = None,
-               *, max_decoded_bytes: int | None = None, batch: int = 0) -> StreamMasker:
+               *, max_decoded_bytes: int | None = None, batch: int = 0, in_place: bool = False) -> StreamMasker:
         """A streaming masker for one body (detectors only; see ``can_stream``).
 
         With a Content-Encoding the stream is decoded (capped at ``max_decoded_bytes``,
         default ``max_body_bytes``, against bombs) and emitted identity-encoded. An identity
         stream has no total limit: bounding it is the proxy's job (it is streamed because it
         is long). A non-text content type is sniffed: a binary stream has its printable runs
-        masked in place, length preserving (as a buffered binary body); ``batch``: see
-        ``StreamMasker``.
+        masked in place, length preserving (as a buffered binary body); ``batch`` and
+        ``in_place``: see ``StreamMasker``.
         """
         codings = parse_content_encoding(content_encoding)
         decoder = None
@@ -279,4 +286,4 @@ class Masker:
             decoder = StreamDecoder(codings, max_decoded_bytes or self.max_body_bytes)
         return StreamMasker(self.rules, self.hash_key, decoder=decoder,
                             sniff=not is_text_type(content_type), json_mode=_json_lines(content_type),
-                            batch=batch)
+                            batch=batch, in_place=in_place)

@@ -407,14 +407,16 @@ class StreamMasker(DecodedStream):
 
     def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
                  window: int = WINDOW, decoder: StreamDecoder | None = None, sniff: bool = False,
-                 json_mode: bool = False, release_runs: bool = False, batch: int = 0) -> None:
+                 json_mode: bool = False, release_runs: bool = False, batch: int = 0,
+                 in_place: bool = False) -> None:
         """``sniff``: decide text/binary from the first bytes (binary: ``_binary``).
         ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted.
         ``release_runs``: a held base64 run goes out as far as its decoding cannot be part of a
         secret (``_releasable``; streamed LLM text, where every trailing word is such a run).
         ``batch``: a binary stream is scanned once this many bytes have gathered (a body of
         known length - a download - whose latency no one waits on chunk by chunk; see
-        ``BINARY_BATCH``)."""
+        ``BINARY_BATCH``). ``in_place``: masked as a binary stream whatever it holds (length
+        preserving: a ranged response, whose bytes must stay at their offsets)."""
         needed = required_window(rules)
         if window < needed:
             raise ValueError(f"window {window} is smaller than the longest match ({needed})")
@@ -426,7 +428,7 @@ class StreamMasker(DecodedStream):
         self.decoder = decoder
         self.counts: dict[str, int] = {}
         self.errors: list[str] = []  # e.g. a truncated compressed stream at finish
-        self.binary: bool | None = None if sniff else False  # None: not decided yet
+        self.binary: bool | None = True if in_place else None if sniff else False  # None: not decided yet
         self._buf = b""  # received, not yet emitted (settled findings may be masked already)
         self._ctx = b""  # tail of the emitted output (masked), for the adjacency rule
         # The same tail as received (unmasked): lookbehinds and validator context (an SSN label,

@@ -281,3 +281,19 @@ def test_mask_values_is_exactly_mask_str_per_value(values):
     expected = [Masker([MaskSpec(detectors=("all",))]).mask_str(v)[0] for v in values]
     assert masker.mask_values(values) == expected
     assert masker.mask_values(values) == expected  # again, now from the clean cache
+
+
+def test_in_place_masks_any_body_length_preserving():
+    """A ranged response (``in_place``): its bytes must stay at their offsets, so even a text or
+    JSON body is masked as a binary one - fitted tokens, no field rules, no escapes rewritten."""
+    m = Masker([MaskSpec(detectors=("all",), fields=("$.password",))])
+    body = b'{"password": "hunter2-hunter2", "k": "' + AWS_KEY_ID + b'", "e": "\\u0041KIA"}'
+    whole = m.mask_bytes(body, "application/json")
+    assert len(whole.body) != len(body)  # tokens and the field rule change the length
+    ranged = m.mask_bytes(body, "application/json", in_place=True)
+    assert len(ranged.body) == len(body) and AWS_KEY_ID not in ranged.body and ranged.binary
+    assert b"\\u0041KIA" in ranged.body  # a part is no document: escapes stay (the detectors run)
+    assert m.mask_bytes(b"nothing here", "text/plain", in_place=True).body == b"nothing here"
+    s = m.stream("application/json", in_place=True)
+    streamed = b"".join(s(body[:30]) + s(body[30:]) + s(b""))
+    assert streamed == ranged.body and s.binary

@@ -1,0 +1,88 @@
+"""``aws s3 cp`` of a large object through a masking sidecar: boto3's ``download_file``
+(s3transfer: 8 MiB ranged GETs, several at once) with access keys straddling the part boundaries.
+
+Before session 12 each part was masked on its own, so each held half a key no detector matched
+and the downloaded file had the whole key back at the boundary. Here the sidecar runs as the
+injected pod's process, re-signs for moto **with signature checking on** (so the widened Range is
+covered by the signature the sidecar makes, or moto refuses it), and the file the agent gets is
+the object masked in place: same length, every byte outside the keys unchanged, no key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from chaperone_operator.injection.settings import InjectionSettings
+
+from .pod import InjectedPod, connection, free_port, policy, setup_namespace
+
+REGION = "us-east-1"
+KEY_ID = b"AKIAIOSFODNN7EXAMPLE"
+PART = 8 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def pod(control_plane, crds_installed, moto_auth, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranges")
+    ns = f"ranges-{uuid.uuid4().hex[:8]}"
+    conns = [connection("aws", {"type": "aws", "aws": {"region": REGION, "endpointURL": moto_auth.endpoint_url},
+                                "credentials": {"source": "secret", "secretRef": {"name": "aws-creds"}}})]
+    policies = [policy("aws", {"connections": ["aws"], "defaultEffect": "allow", "rules": [
+        {"name": "reads", "match": {"methods": ["GET", "HEAD"]}, "allow": {}}],
+        "masking": {"detectors": ["aws-access-key-id"]}})]
+    setup_namespace(control_plane, ns, conns + policies)
+    settings = InjectionSettings(proxy_port=free_port(), health_port=free_port())
+    sidecar = InjectedPod(
+        control_plane, ns, root, connections=conns, settings=settings, mode="explicit",
+        secrets={"aws-creds": {"AWS_ACCESS_KEY_ID": moto_auth.access_key,
+                               "AWS_SECRET_ACCESS_KEY": moto_auth.secret_key}})
+    sidecar.start()
+    try:
+        sidecar.wait_ready()
+        yield sidecar
+    finally:
+        code = sidecar.stop()
+    assert code == 0, sidecar.logs()
+
+
+DOWNLOAD = textwrap.dedent("""
+    import json, sys, boto3
+    from boto3.s3.transfer import TransferConfig
+    bucket, key, path = sys.argv[1:4]
+    part = 8 * 1024 * 1024
+    boto3.client("s3").download_file(bucket, key, path, Config=TransferConfig(
+        multipart_threshold=part, multipart_chunksize=part, max_concurrency=3))
+    print(json.dumps({"ok": True}))
+""")
+
+
+def test_a_multipart_download_has_no_key_at_its_part_boundaries(pod, moto_auth, tmp_path):
+    sidecar = pod
+    line = b"quarterly numbers, nothing secret in this line at all\n"
+    data = bytearray(line * (3 * PART // len(line) + 1))
+    spots = []
+    for boundary in (PART, 2 * PART):
+        at = boundary - len(KEY_ID) // 2  # half the key in each part
+        data[at - 4 : at + len(KEY_ID)] = b"key=" + KEY_ID
+        spots.append(at)
+    data = bytes(data)
+    bucket, key = f"ranges-{uuid.uuid4().hex[:10]}", "exports/ledger.txt"
+    s3 = moto_auth.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    path = tmp_path / "ledger.txt"
+    out = subprocess.run([sys.executable, "-c", DOWNLOAD, bucket, key, str(path)], env=sidecar.agent_env(),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr + sidecar.logs()[-3000:]
+    got = path.read_bytes()
+    assert len(got) == len(data) and KEY_ID[:8] not in got and KEY_ID[8:] not in got
+    for at in spots:
+        assert got[at : at + len(KEY_ID)].startswith(b"[MASKED:aws-acc"), got[at - 10 : at + 30]
+    outside = [(0, spots[0]), (spots[0] + len(KEY_ID), spots[1]), (spots[1] + len(KEY_ID), len(data))]
+    assert all(got[a:b] == data[a:b] for a, b in outside)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ok": True}

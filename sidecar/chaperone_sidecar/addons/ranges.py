@@ -15,10 +15,12 @@ Content-Range. A secret no longer than ``PAD`` that straddles a range's edge lie
 both neighbours' widened parts, so each masks its share. **Decisions**: several ranges or a
 suffix (``bytes=-500``), or another unit, are not widened: the Range header is dropped and the
 agent gets the whole representation (200), masked like any body - RFC 9110 lets a server ignore
-Range, and clients handle it. A 206 whose Content-Range does not cover the first byte asked
-for is refused (502), never passed on unmasked at the wrong offsets. Limits: a base64 run that
-starts more than ``PAD`` before a range is decoded from the widened start, out of step; the
-recording shows the widened Range header and, the body being masked as binary, no body.
+Range, and clients handle it. S3's other slice, ``GetObject?partNumber=N`` (one part as it was
+uploaded), loses its ``partNumber`` on an aws connection the same way. A 206 whose
+Content-Range does not cover the first byte asked for is refused (502), never passed on at the
+wrong offsets. Limits: a base64 run that starts more than ``PAD`` before a range is decoded from
+the widened start, out of step; the recording shows the widened Range header and, the body being
+masked as binary, no body.
 
 Two classes because one addon has one place in the pipeline: widening must precede the
 signature, trimming must follow masking. They share ``FlowContext.requested_range``.
@@ -62,7 +64,13 @@ class WidenRanges:
         if ctx is None or flow.response is not None or ctx.decision is None:
             return  # refused, or not judged: nothing goes up
         value = header_value(flow.request.headers, b"range")
-        if not value or not Masker(ctx.decision.masks, direction="response").active:
+        part = ctx.connection_type == "aws" and "partNumber" in flow.request.query
+        if not (value or part) or not Masker(ctx.decision.masks, direction="response").active:
+            return
+        if part:  # S3's GetObject?partNumber=N: a 206 of one uploaded part, cut where the uploader cut
+            del flow.request.query["partNumber"]
+            log.info("partNumber dropped under masking: the whole object is sent", extra=flow_fields(flow))
+        if not value:
             return
         single = _SINGLE.fullmatch(value.strip())
         last = int(single[2]) if single and single[2] else None

@@ -326,6 +326,7 @@ class Mask:
             if stream:
                 resp.stream = _Passthrough(flow, capture)
             return
+        _drop_digests(resp)
         try:
             codings = parse_content_encoding(header_value(resp.headers, b"content-encoding"))
         except UnsupportedEncoding as exc:
@@ -507,6 +508,20 @@ def masker_for(masks: tuple[MaskSpec, ...], direction: str | None) -> Masker:
     """The compiled ``Masker`` for a decision's masks in one direction (``None``: every spec,
     whatever its target); cached, since specs are frozen."""
     return Masker(masks, direction=direction)  # type: ignore[arg-type]
+
+
+# Digests of the body as the upstream sent it (S3's flexible checksums, RFC 9530, Content-MD5):
+# once the body may be masked they no longer hold, and an SDK that checks them refuses the
+# masked body - boto3 >= 1.36 asks S3 for the checksum on every GetObject and raised
+# FlexibleChecksumError on a masked object (session 12). Dropped whenever a body is masked.
+_DIGESTS = (b"content-md5", b"digest", b"content-digest", b"repr-digest")
+
+
+def _drop_digests(resp: http.Response) -> None:
+    names = [name for name, _ in resp.headers.fields
+             if name.lower() in _DIGESTS or name.lower().startswith(b"x-amz-checksum-")]
+    for name in names:
+        resp.headers.pop(name.decode("latin-1"), None)
 
 
 def _ranged(resp: http.Response) -> bool:

@@ -314,6 +314,22 @@ def test_a_binary_download_is_scanned_in_batches(mask):
     assert out == mask_binary(blob, resolve_rules(['all'])) and AWS_KEY_ID not in out
 
 
+def test_body_digests_are_dropped_when_the_body_may_be_masked(mask):
+    """A digest of the upstream's body (S3's x-amz-checksum-*, Content-MD5, RFC 9530) no longer
+    holds once the body is masked - an SDK that checks it refuses the response."""
+    digests = {"x-amz-checksum-crc32": "3J0Uqg==", "x_amz_checksum_type": "FULL_OBJECT",
+               "content_md5": "Q2hlY2sgSW50ZWdyaXR5IQ==", "repr_digest": "sha-256=:AAAA:"}
+    f = make_flow()
+    respond(f, b"key " + AWS_KEY_ID, content_type="text/plain", content_length="24", **digests)
+    mask.responseheaders(f)
+    assert not [n for n in f.response.headers if "checksum" in n.lower() or "md5" in n.lower()
+                or "digest" in n.lower()]
+    f = make_flow(masks=())
+    respond(f, b"key " + AWS_KEY_ID, content_type="text/plain", content_length="24", **digests)
+    mask.responseheaders(f)
+    assert f.response.headers["x-amz-checksum-crc32"] == "3J0Uqg==" and "content-md5" in f.response.headers
+
+
 def test_binary_without_masks_is_kept_as_is(mask):
     png = b"\x89PNG\r\n\x1a\n\x00\x00" + AWS_KEY_ID
     f = make_flow(masks=())

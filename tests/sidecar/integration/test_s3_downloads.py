@@ -1,11 +1,14 @@
-"""``aws s3 cp`` of a large object through a masking sidecar: boto3's ``download_file``
-(s3transfer: 8 MiB ranged GETs, several at once) with access keys straddling the part boundaries.
+"""S3 downloads through a masking sidecar, with the agent's real SDK (boto3 in a subprocess, the
+injected pod's environment), the sidecar re-signing for moto **with signature checking on**.
 
-Before session 12 each part was masked on its own, so each held half a key no detector matched
-and the downloaded file had the whole key back at the boundary. Here the sidecar runs as the
-injected pod's process, re-signs for moto **with signature checking on** (so the widened Range is
-covered by the signature the sidecar makes, or moto refuses it), and the file the agent gets is
-the object masked in place: same length, every byte outside the keys unchanged, no key."""
+* ``aws s3 cp`` of a large object: boto3's ``download_file`` (s3transfer: 8 MiB ranged GETs,
+  several at once) with access keys straddling the part boundaries. Before session 12 each part
+  was masked on its own, so each held half a key no detector matched and the downloaded file had
+  the whole key back. The widened Range is covered by the signature the sidecar makes (or moto
+  refuses it); the file is the object masked in place: same length, every other byte unchanged.
+* A whole object stored with a checksum: boto3 asks for it and checks the body against it, so a
+  masked body raised FlexibleChecksumError (session 12) - the digests are dropped when masking.
+"""
 
 from __future__ import annotations
 
@@ -86,3 +89,25 @@ def test_a_multipart_download_has_no_key_at_its_part_boundaries(pod, moto_auth, 
     outside = [(0, spots[0]), (spots[0] + len(KEY_ID), spots[1]), (spots[1] + len(KEY_ID), len(data))]
     assert all(got[a:b] == data[a:b] for a, b in outside)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ok": True}
+
+
+GET_WHOLE = textwrap.dedent("""
+    import json, sys, boto3
+    bucket, key = sys.argv[1:3]
+    body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    print(json.dumps({"body": body.decode()}))
+""")
+
+
+def test_a_whole_object_with_a_checksum_reads_back_masked(pod, moto_auth):
+    """boto3 asks for the object's checksum (x-amz-checksum-mode) and checks the body against it
+    when S3 sends one: a masked body must still be readable by the agent's SDK."""
+    sidecar = pod
+    bucket, key = f"whole-{uuid.uuid4().hex[:10]}", "env/prod.env"
+    s3 = moto_auth.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key=key, Body=b"AWS_ACCESS_KEY_ID=" + KEY_ID + b"\n", ChecksumAlgorithm="CRC32")
+    out = subprocess.run([sys.executable, "-c", GET_WHOLE, bucket, key], env=sidecar.agent_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr + sidecar.logs()[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"body": "AWS_ACCESS_KEY_ID=[MASKED:aws-access-key-id]\n"}

@@ -61,8 +61,9 @@ class WidenRanges:
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = flowctx.get(flow)
-        if ctx is None or flow.response is not None or ctx.decision is None:
-            return  # refused, or not judged: nothing goes up
+        if ctx is None or flow.response is not None or ctx.decision is None or \
+                flow.request.method.upper() == "HEAD":
+            return  # refused, or not judged: nothing goes up; HEAD: no body to mask
         value = header_value(flow.request.headers, b"range")
         part = ctx.connection_type == "aws" and "partNumber" in flow.request.query
         if not (value or part) or not Masker(ctx.decision.masks, direction="response").active:

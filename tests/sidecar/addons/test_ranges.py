@@ -171,6 +171,10 @@ def test_the_range_goes_up_widened_only_when_the_response_is_masked(addons):
     f = make_flow("bytes=0-99", masks=())
     widen.request(f)
     assert f.request.headers["range"] == "bytes=0-99" and flowctx.get(f).requested_range is None
+    f = make_flow("bytes=0-99")
+    f.request.method = "HEAD"  # no body comes back: its headers describe the range as asked
+    widen.request(f)
+    assert f.request.headers["range"] == "bytes=0-99" and flowctx.get(f).requested_range is None
 
 
 @pytest.mark.parametrize("value", ["bytes=-500", "bytes=0-1,5-6", "items=0-5", "bytes=9-3"])

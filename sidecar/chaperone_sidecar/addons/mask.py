@@ -332,19 +332,8 @@ class Mask:
         except UnsupportedEncoding as exc:
             self._refuse_early(flow, capture, str(exc))
             return
-        if _ranged(resp):  # a part of a representation: masked in place, at its offsets
-            if stream:
-                resp.stream = _MaskedStream(flow, capture, masker.stream(
-                    mime or None, header_value(resp.headers, b"content-encoding"),
-                    max_decoded_bytes=masker.max_body_bytes, in_place=True,
-                    batch=BINARY_BATCH if length is not None else 0), ctx)
-                if codings:
-                    del resp.headers["content-encoding"]
-                self._unframe(flow)
-            else:
-                resp.stream = False  # masked whole in `response`
-            return
-        if not masker.can_stream(mime or None):  # field rules: the whole document is needed
+        ranged = _ranged(resp)  # a part of a representation: masked in place, at its offsets
+        if not ranged and not masker.can_stream(mime or None):  # field rules: the whole document
             if length is not None and length > masker.max_body_bytes:
                 self._refuse_early(flow, capture, str(BodyTooLarge(masker.max_body_bytes)))
             elif stream and _json_lines(flow, ctx):
@@ -369,7 +358,7 @@ class Mask:
             return
         sm = stream_masker(masker, mime or None, header_value(resp.headers, b"content-encoding"),
                            max_decoded_bytes=masker.max_body_bytes,
-                           batch=BINARY_BATCH if length is not None else 0)
+                           batch=BINARY_BATCH if length is not None else 0, in_place=ranged)
         resp.stream = _MaskedStream(flow, capture, sm, ctx)
         if codings:
             del resp.headers["content-encoding"]  # the masker emits the decoded body
@@ -616,7 +605,8 @@ _NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applic
 
 
 def stream_masker(masker: Masker, content_type: str | None, content_encoding: str | None, *,
-                  max_decoded_bytes: int | None = None, batch: int = 0) -> StreamMasker | SSEMasker | NDJSONMasker:
+                  max_decoded_bytes: int | None = None, batch: int = 0,
+                  in_place: bool = False) -> StreamMasker | SSEMasker | NDJSONMasker:
     """The streaming masker for a body of this type: what its client reassembles is masked.
 
     * ``text/event-stream``: :class:`~..policy.masking.sse.SSEMasker` - events parsed, the
@@ -627,18 +617,20 @@ def stream_masker(masker: Masker, content_type: str | None, content_encoding: st
     * anything else (chunked ``text/*``, JSON, unknown): the byte-level
       :class:`~..policy.masking.stream.StreamMasker`, which holds only a tail that could still
       become a secret; ``batch``: a binary body of known length is scanned in batches of that
-      many bytes (``stream.BINARY_BATCH``).
+      many bytes (``stream.BINARY_BATCH``); ``in_place`` (a ranged response, whatever its type):
+      masked as a binary stream, length preserving.
 
     Raises ``UnsupportedEncoding`` for a Content-Encoding it cannot decode.
     """
     mime = _mime_of(content_type)
-    if mime == "text/event-stream" or mime in _NDJSON_TYPES:
+    if not in_place and (mime == "text/event-stream" or mime in _NDJSON_TYPES):
         codings = parse_content_encoding(content_encoding)
         decoder = StreamDecoder(codings, max_decoded_bytes or masker.max_body_bytes) if codings else None
         if mime == "text/event-stream":
             return SSEMasker(masker, decoder=decoder)
         return NDJSONMasker(masker, decoder=decoder)
-    return masker.stream(content_type, content_encoding, max_decoded_bytes=max_decoded_bytes, batch=batch)
+    return masker.stream(content_type, content_encoding, max_decoded_bytes=max_decoded_bytes, batch=batch,
+                         in_place=in_place)
 
 
 def _mime_of(content_type: str | None) -> str:

@@ -106,9 +106,7 @@ class TrimRanges:
         if trim is None:
             return  # refused
         skip, count = trim
-        resp.stream = _Trim(resp.stream, skip, count)
-        if "content-length" in resp.headers:
-            resp.headers["content-length"] = str(count)
+        resp.stream = _Trim(resp.stream, skip, count)  # Mask dropped Content-Length (unframed)
 
     def response(self, flow: http.HTTPFlow) -> None:
         ctx = flowctx.get(flow)

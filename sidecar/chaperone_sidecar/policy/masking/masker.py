@@ -161,16 +161,11 @@ class Masker:
         else:
             plain = body
         counts: dict[str, int] = {}
-        if in_place:
-            masked = mask_binary(plain, self.rules, self.hash_key, counts)
-            if not counts:
-                return MaskResult(body, binary=True)
-            return MaskResult(encode(masked, codings) if codings else masked, counts, binary=True)
-        if self.kubernetes_secrets:  # raises NotJSON (refused) for protobuf, CBOR, YAML ...
+        if self.kubernetes_secrets and not in_place:  # raises NotJSON (refused) for protobuf, CBOR ...
             plain, n = mask_secrets(plain)
             if n:
                 counts[SECRET_KIND] = n
-        if not is_text_type(content_type) and not _looks_utf8(plain):
+        if in_place or (not is_text_type(content_type) and not _looks_utf8(plain)):
             masked = mask_binary(plain, self.rules, self.hash_key, counts)
             if not counts:
                 return MaskResult(body, binary=True)

@@ -18,9 +18,11 @@ agent gets the whole representation (200), masked like any body - RFC 9110 lets 
 Range, and clients handle it. S3's other slice, ``GetObject?partNumber=N`` (one part as it was
 uploaded), loses its ``partNumber`` on an aws connection the same way. A 206 whose
 Content-Range does not cover the first byte asked for is refused (502), never passed on at the
-wrong offsets. Limits: a base64 run that starts more than ``PAD`` before a range is decoded from
-the widened start, out of step; the recording shows the widened Range header and, the body being
-masked as binary, no body.
+wrong offsets. A base64 run that starts more than ``PAD`` before a range begins before the
+widened part too, at an alignment it does not show: Mask decodes a run at a 206's first byte at
+all four (``binary_scan``'s ``phases``) - from the widened start alone, an agent picking its
+range's offset read three in four secrets inside a long base64 blob (session 13). Limits: the
+recording shows the widened Range header and, the body being masked as binary, no body.
 
 Two classes because one addon has one place in the pipeline: widening must precede the
 signature, trimming must follow masking. They share ``FlowContext.requested_range``.

@@ -5,6 +5,7 @@ at its offsets, whatever range neighbours it; forms that cannot be widened get t
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 
@@ -164,6 +165,22 @@ def test_parallel_parts_of_a_large_object_assemble_to_the_masked_whole(addons, f
     assert [len(p) for p in parts] == [part] * 3
     assembled = b"".join(parts)
     assert assembled == mask_binary(data, RULES) and AWS_KEY_ID[:8] not in assembled
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 3])
+def test_a_range_deep_inside_a_base64_blob_is_masked_at_any_offset(addons, shift):
+    """An agent picking its offsets: a key inside a base64 blob that began more than PAD
+    before the range. The widened part starts inside the run, at an alignment the part does
+    not show; decoded from there alone, three offsets in four read noise and sent the key."""
+    inner = b"x" * (2 * PAD) + b"aws_access_key_id = " + AWS_KEY_ID + b"\n" + b"y" * 3000
+    blob = base64.b64encode(inner) + b"\n"
+    at = 2 * PAD * 4 // 3  # about where the label's base64 starts
+    first = at - 100 - shift  # widened: PAD before, well inside the run
+    f = fetch(addons, f"bytes={first}-{at + 199}", blob)
+    got = f.response.content
+    assert f.response.status_code == 206 and len(got) == at + 200 - first and got != blob[first : at + 200]
+    for k in range(4):  # the agent decodes its part at each alignment
+        assert AWS_KEY_ID not in base64.b64decode(got[k:][: (len(got) - k) // 4 * 4]), k
 
 
 def test_the_range_goes_up_widened_only_when_the_response_is_masked(addons):

@@ -330,10 +330,14 @@ class BinaryScan(NamedTuple):
     undecided: int
 
 
-def binary_scan(body: bytes, rules: tuple[Rule, ...], context: bytes = b"") -> BinaryScan:
+def binary_scan(body: bytes, rules: tuple[Rule, ...], context: bytes = b"", *,
+                phases: bool = False) -> BinaryScan:
     """The findings in the printable runs of ``RUN_MIN`` bytes or more of a binary body, base64
     runs among them decoded. ``context``: the bytes before ``body`` (a stream's, already sent),
-    read for lookbehinds only.
+    read for lookbehinds only. ``phases``: ``body`` may start inside a base64 run that began
+    before it (a ranged response, widened by 64 KiB: a run longer than that), so a run at its
+    first byte is decoded at each of the four alignments (``_leading_phases``) - decoded only
+    from there, three in four cuts read noise and the secret in it went out (session 13).
 
     Only the runs (and their ``LEAD``) are scanned, joined (``_joined``), where they are found
     by ``_stretches.printable_runs`` (SSE2): random binary holds ~300 runs per MiB, so its scan
@@ -367,9 +371,27 @@ def binary_scan(body: bytes, rules: tuple[Rule, ...], context: bytes = b"") -> B
         joined, at_own = _joined(whole, [(max(start, off), end) for start, end in pieces if end > off])
     runs = [(at_own(a) - off, at_own(b - 1) + 1 - off) for a, b in _runs(joined, rules)]
     if runs:
-        kinds = _secret_kinds([_b64decode(body[a:b]) or b"" for a, b in runs], rules, NESTING)
-        findings += [Finding(a, b, k) for (a, b), k in zip(runs, kinds, strict=True) if k]
+        blobs = [_b64decode(body[a:b]) or b"" for a, b in runs]
+        shifted = _leading_phases(body, runs[0][1]) if phases and runs[0][0] == 0 else []
+        kinds = _secret_kinds(blobs + [_b64decode(body[a:b]) or b"" for a, b in shifted], rules, NESTING)
+        findings += [Finding(a, b, k) for (a, b), k in zip(runs, kinds[: len(runs)], strict=True) if k]
+        findings += [Finding(0, b, k) for (_, b), k in zip(shifted, kinds[len(runs):], strict=True) if k]
     return BinaryScan(merge(findings), runs, tail, undecided)
+
+
+def _leading_phases(body: bytes, end: int) -> list[tuple[int, int]]:
+    """The other three alignments of a base64 run at ``body[0:end]`` that may have begun
+    before the body (``binary_scan``'s ``phases``): each as a span to decode. A wrapped run
+    cut inside a line: its lines are whole multiples of 4, so ``end % 4`` bytes are the cut
+    line's rest - from there the line joins the next ones (``_wrapped_end``), which a run
+    whose first line is not a multiple of 4 never does."""
+    spans = [(k, end) for k in (1, 2, 3) if end - k >= B64_MIN]
+    cut = end % 4
+    if cut:
+        wrapped = _wrapped_end(body, cut, end)
+        if wrapped > end:
+            spans = [(k, wrapped if k == cut else b) for k, b in spans]
+    return spans
 
 
 def mask_in_place(out: bytearray, original: bytes, findings: Iterable[Finding], hash_key: bytes | None,
@@ -394,12 +416,12 @@ def fitted_token(kind: str, secret: bytes, hash_key: bytes | None) -> bytes:
 
 
 def mask_binary(body: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = None,
-                counts: dict[str, int] | None = None) -> bytes:
+                counts: dict[str, int] | None = None, *, phases: bool = False) -> bytes:
     """Mask secrets in the printable runs of a binary body in place, length preserving
-    (base64 runs among them included, masked whole)."""
+    (base64 runs among them included, masked whole; ``phases``: see :func:`binary_scan`)."""
     if not rules or len(body) < RUN_MIN:
         return body
-    findings = binary_scan(body, rules).findings
+    findings = binary_scan(body, rules, phases=phases).findings
     if not findings:
         return body
     out = bytearray(body)

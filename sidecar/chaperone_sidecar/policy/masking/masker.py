@@ -166,7 +166,7 @@ class Masker:
             if n:
                 counts[SECRET_KIND] = n
         if in_place or (not is_text_type(content_type) and not _looks_utf8(plain)):
-            masked = mask_binary(plain, self.rules, self.hash_key, counts)
+            masked = mask_binary(plain, self.rules, self.hash_key, counts, phases=in_place)
             if not counts:
                 return MaskResult(body, binary=True)
             return MaskResult(encode(masked, codings) if codings else masked, counts, binary=True)

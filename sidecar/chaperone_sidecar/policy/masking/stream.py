@@ -429,6 +429,7 @@ class StreamMasker(DecodedStream):
         self.counts: dict[str, int] = {}
         self.errors: list[str] = []  # e.g. a truncated compressed stream at finish
         self.binary: bool | None = True if in_place else None if sniff else False  # None: not decided yet
+        self.in_place = in_place  # also: it may start inside a base64 run (binary_scan's phases)
         self._buf = b""  # received, not yet emitted (settled findings may be masked already)
         self._ctx = b""  # tail of the emitted output (masked), for the adjacency rule
         # The same tail as received (unmasked): lookbehinds and validator context (an SSN label,
@@ -511,7 +512,7 @@ class StreamMasker(DecodedStream):
             if end > self._sealed:
                 buf = buf[: self._sealed] + b"*" * (end - self._sealed) + buf[end:]
             self._sealed, self._sealing = end, end == len(buf) and not final
-        found = binary_scan(buf, self.rules, self._raw_ctx)
+        found = binary_scan(buf, self.rules, self._raw_ctx, phases=self.in_place)
         n = len(buf)
         cut = n
         if not final:

@@ -175,6 +175,28 @@ def test_binary_printable_runs_are_masked_in_place_length_preserving():
     assert r.body.endswith(b"*" * 10 + b"\x00\x01") and r.counts == {"aws-access-key-id": 2}
 
 
+@pytest.mark.parametrize("cut", range(1, 9))
+def test_a_slice_inside_a_base64_run_is_decoded_at_every_alignment(cut):
+    """A ranged response may start inside a base64 run that began before it (``in_place``:
+    ``phases``). Decoded from its first byte only, three cuts in four read noise."""
+    blob = base64.b64encode(b"x" * 3000 + b"aws_access_key_id = " + AWS_KEY_ID + b"\n" + b"y" * 3000) + b"\n"
+    part = blob[cut:]
+    r = M.mask_bytes(part, "application/octet-stream", in_place=True)
+    assert r.counts == {"aws-access-key-id": 1} and len(r.body) == len(part)
+    assert (mask_binary(part, ALL_RULES) == part) == (cut % 4 != 0)  # what phases=False missed
+
+
+@pytest.mark.parametrize("cut", range(1, 40, 3))
+def test_a_slice_inside_a_wrapped_base64_line_joins_the_next_lines(cut):
+    """Wrapped base64 (76 columns) cut inside its first line: the cut line's length is no
+    multiple of 4, so it joins the next lines only from ``end % 4`` on - the key's encoding
+    crosses the first line break here."""
+    blob = base64.encodebytes(b"x" * 40 + b"key " + AWS_KEY_ID + b" " + b"y" * 600)
+    assert blob.index(b"\n") == 76
+    r = M.mask_bytes(blob[cut:], "application/octet-stream", in_place=True)
+    assert r.counts == {"aws-access-key-id": 1}, cut
+
+
 def test_binary_with_gzip_is_masked_and_re_encoded():
     import gzip
 

@@ -248,6 +248,21 @@ def test_a_long_base64_run_is_stepped_from_the_run_not_what_is_held_before_it(si
     assert b"[MASKED:aws-access-key-id]" in run_out
 
 
+@pytest.mark.parametrize("cut", [1, 2, 3, 5])
+def test_an_in_place_stream_decodes_each_step_of_a_long_run_at_every_alignment(cut):
+    """A ranged response starting inside a base64 run longer than BINARY_LONG: the run is
+    released in aligned steps, and the key 150 KiB in lies in a later step - whose leading run
+    (continued from the context) is decoded at every alignment too."""
+    blob = base64.b64encode(b"x" * 150_000 + b"aws_access_key_id = " + AWS_KEY_ID + b"\n" + b"y" * 60_000)
+    part = blob[cut:]
+    s = Masker([MaskSpec(detectors=("all",))]).stream("application/octet-stream", in_place=True)
+    out = b"".join(piece for i in range(0, len(part), 16384) for piece in s(part[i : i + 16384])) + b"".join(s(b""))
+    assert len(out) == len(part) and s.counts == {"aws-access-key-id": 1}
+    for k in range(4):  # (the steps released before the key's are not masked: it was not there)
+        data = re.sub(rb"[^A-Za-z0-9+/]", b"", out[k:])
+        assert AWS_KEY_ID not in base64.b64decode(data[: len(data) // 4 * 4]), k
+
+
 def test_binary_is_sniffed_and_masked_in_place():
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4 + AWS_KEY_ID
     s = MASKER.stream("image/png")

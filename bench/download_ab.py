@@ -1,7 +1,7 @@
 """The 1 GiB download alone, paths alternating: MB/s, proxy CPU per MiB, RSS growth.
 
 ``python bench/download_ab.py [--paths mitmdump,chaperone-full] [--rounds 5] [--size-mib 1024]
-[--pattern random|ramp]``
+[--pattern random|ramp] [--before CHECKOUT]``
 
 Why a separate driver: ``bench/run.py`` measures the download once per round among a dozen
 scenarios, and on the shared 2-core machine one download's MB/s moves by 30 % with whatever
@@ -10,7 +10,9 @@ one small request, then downloads ``/bytes`` (``application/octet-stream`` with 
 Content-Length, so mitmproxy streams it past ``stream_large_bodies``) through it, sampling the
 RSS of the proxy's process tree. Reported per path: median and best MB/s, the ratio to the
 first path (median of per-round ratios and best-of), and the proxy's CPU seconds per MiB from
-/proc - CPU time barely moves with contention, so its ratio is the robust one.
+/proc - CPU time barely moves with contention, so its ratio is the robust one. ``--before``:
+Chaperone full from another checkout joins the rotation as ``chaperone-full (before)`` (a change
+judged against the code it replaces, as in ``bench/ab.py``).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from bench import load, paths, rss  # noqa: E402
 from bench.run import _harness_loop, setup_env  # noqa: E402
 from bench.upstream import PATTERNS, SIZES  # noqa: E402
 
+BEFORE = "chaperone-full (before)"
 
-def one(name: str, env: paths.Env, size: int, pattern: str = "random") -> dict[str, float]:
-    path = paths.make_path(name)
+
+def one(name: str, env: paths.Env, size: int, pattern: str = "random", before: Path | None = None) -> dict[str, float]:
+    path = paths.Chaperone("full", root=before) if name == BEFORE else paths.make_path(name)
     path.start(env)
     try:
         ctx = load.client_ssl(env.client_cafiles)
@@ -63,17 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--pattern", default="random", choices=sorted(PATTERNS),
                         help="the body: random bytes, or the ramp bytes(range(256)) (see bench/upstream.py)")
+    parser.add_argument("--before", default=None, help="root of a checkout whose Chaperone full joins the rotation")
     args = parser.parse_args(argv)
-    names = args.paths.split(",")
+    names = args.paths.split(",") + ([BEFORE] if args.before else [])
     size = args.size_mib << 20
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="chaperone-download-ab-") as tmp:
-        env, closers = setup_env(Path(tmp), names, _harness_loop())
+        env, closers = setup_env(Path(tmp), [n for n in names if n != BEFORE], _harness_loop())
         try:
             for rnd in range(args.rounds):
                 order = names[rnd % len(names):] + names[:rnd % len(names)]
                 for name in order:
-                    res = one(name, env, size, args.pattern)
+                    res = one(name, env, size, args.pattern, Path(args.before) if args.before else None)
                     results[name].append(res)
                     print(f"round {rnd + 1} {name:24s} {res['mib_s']:7.1f} MiB/s  "
                           f"{res['cpu_ms_per_mib']:6.2f} ms CPU/MiB  growth {res['growth_mb']:5.1f} MB", flush=True)

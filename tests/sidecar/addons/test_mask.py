@@ -25,7 +25,7 @@ from chaperone_sidecar.config import SidecarConfig
 from chaperone_sidecar.flowctx import BodyCapture, RecordingSettings
 from chaperone_sidecar.policy.masking.decoded import mask_binary
 from chaperone_sidecar.policy.masking.detectors import resolve_rules
-from chaperone_sidecar.policy.masking.stream import BINARY_BATCH
+from chaperone_sidecar.policy.masking.stream import BINARY_BATCH, MAX_HELD
 from chaperone_sidecar.policy.model import Action, Decision, Identity, MaskSpec, RuleRef
 from chaperone_sidecar.services import SidecarServices
 from chaperone_sidecar.sources import Sources
@@ -182,6 +182,19 @@ def test_streamed_gzip_bomb_is_cut_off_and_the_flow_killed(mask):
     assert len(out) <= cap  # never more than the cap decoded and sent
     assert f.error is not None and f.error.msg == "Connection killed."  # the client sees a broken transfer
     assert any("exceeds the masking limit" in n for n in flowctx.get(f).bodies.get("response").notes)
+
+
+def test_a_streamed_flood_held_past_the_cap_kills_the_flow(mask):
+    """An endless flood of overlapping matches (an object of "AKIA" repeated, one the agent
+    uploaded) is one finding that never ends: it was held whole, however long. Past MAX_HELD
+    the stream fails: nothing of it went out, the flow is killed, the note says why."""
+    f = make_flow()
+    respond(f, content_type="text/plain", transfer_encoding="chunked")
+    mask.responseheaders(f)
+    flood = b"AKIA" * (16 * 1024)
+    out = stream_through(f, [flood] * (MAX_HELD // len(flood) + 2))
+    assert out == b"" and f.error is not None and f.error.msg == "Connection killed."
+    assert any("data held unsettled" in n for n in flowctx.get(f).bodies.get("response").notes)
 
 
 # ---------------------------------------------------------------------------- buffered

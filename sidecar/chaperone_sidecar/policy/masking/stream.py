@@ -88,7 +88,7 @@ import regex
 
 from .decoded import binary_scan, mask_base64, mask_in_place
 from .detectors import ALL, resolve_rules
-from .encoding import MaskingError, StreamDecoder
+from .encoding import BodyTooLarge, MaskingError, StreamDecoder
 from .spans import (
     MAX_ROUNDS,
     Finding,
@@ -115,6 +115,14 @@ SNIFF_BYTES = 512
 # the end); one holding a long open match (a JWT being streamed) releases what follows it at
 # the next doubling instead of the next chunk - later, never different.
 FLOOD_HOLD = 1024
+# What a stream may hold between chunks. A flood of overlapping matches is held until it ends
+# (it is one finding: no byte of it may go out), and an upstream - one the agent can write to,
+# such as a bucket - could send one without end: the sidecar held it all (2 MiB of "AKIA" in
+# 64 KiB chunks: 2 MiB held, nothing sent, 3.9 s of CPU on the event loop; session 13). Past
+# this the stream fails (``BodyTooLarge``: Mask withholds the rest and kills the flow) - what a
+# buffered body may be by default (``chaperone_mask_buffer``), 4x what any other stream holds
+# (measured: a 256 KiB download batch, 16-32 KiB of a base64 run, 2.5 KiB of digit groups).
+MAX_HELD = 1 << 20
 RUN_HOLD = 4096  # a digit-group run up to this long is held whole when it crosses a cut
 RUN_MARGIN = 64  # a longer one is cut this far (or more) before the cut, between groups
 RUN_BACKOFF = 2048  # a cut is moved back to the start of a word at most this far
@@ -468,6 +476,13 @@ class StreamMasker(DecodedStream):
     # --- internals --------------------------------------------------------------------------
 
     def _push(self, data: bytes, final: bool) -> bytes:
+        released = self._settle(data, final)
+        if self.held > MAX_HELD:
+            raise BodyTooLarge(MAX_HELD, "data held unsettled (a flood of overlapping matches)")
+        return released
+
+    def _settle(self, data: bytes, final: bool) -> bytes:
+        """``data`` in: what can go out (masked) released, the rest held."""
         if self.json_mode and self.rules and self.binary is not True:
             data = self._unescape(data, final)
         if self._drain_at and not final and len(self._buf) + self._pending_len + len(data) < self._drain_at:

@@ -22,7 +22,8 @@ from chaperone_sidecar.policy.masking.encoding import BodyTooLarge
 from chaperone_sidecar.policy.masking.masker import Masker
 from chaperone_sidecar.policy.masking.spans import mask_text
 from chaperone_sidecar.policy.masking.decoded import mask_binary
-from chaperone_sidecar.policy.masking.stream import B64_HOLD, BINARY_LONG, WINDOW, StreamMasker, required_window
+from chaperone_sidecar.policy.masking.stream import (B64_HOLD, BINARY_BATCH, BINARY_LONG, MAX_HELD, WINDOW, StreamMasker,
+                                                     required_window)
 from chaperone_sidecar.policy.model import MaskSpec
 
 from .samples import ALL_RULES, AWS_KEY_ID, key_material, make_jwt, planted, rsa_pem
@@ -261,6 +262,40 @@ def test_an_in_place_stream_decodes_each_step_of_a_long_run_at_every_alignment(c
     for k in range(4):  # (the steps released before the key's are not masked: it was not there)
         data = re.sub(rb"[^A-Za-z0-9+/]", b"", out[k:])
         assert AWS_KEY_ID not in base64.b64decode(data[: len(data) // 4 * 4]), k
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream"])
+def test_a_flood_held_past_max_held_fails_the_stream(content_type):
+    """A flood of overlapping matches is one finding until it ends, held whole: an endless one
+    is refused once more than MAX_HELD is held (nothing of it has gone out)."""
+    s = Masker([MaskSpec(detectors=("all",))]).stream(content_type)
+    flood, out = b"AKIA" * (16 * 1024), []
+    with pytest.raises(BodyTooLarge, match="data held unsettled"):
+        for _ in range(MAX_HELD // len(flood) + 2):
+            out += s(flood)
+    assert out == [] and MAX_HELD < s.held <= MAX_HELD + len(flood)
+
+
+@pytest.mark.parametrize("name", ["random", "long printable run", "base64 text", "base64 in binary", "digit groups"])
+def test_other_streams_hold_far_less_than_max_held(name):
+    """What MAX_HELD must leave room for: the streams that hold most (a download's batch, a
+    long run or base64 blob in steps, digit groups) hold a third of it at most (measured: up to
+    256 KiB + 2 bytes)."""
+    rng = random.Random(5)
+    body, content_type = {
+        "random": (rng.randbytes(2 << 20), "application/octet-stream"),
+        "long printable run": (b"\x00\x01" + b"x" * (2 << 20), "application/octet-stream"),
+        "base64 text": (base64.b64encode(rng.randbytes(3 << 19)), "text/plain"),
+        "base64 in binary": (b"\x00\x01" + base64.b64encode(rng.randbytes(3 << 19)), "application/octet-stream"),
+        "digit groups": (b"1234 " * 400_000, "text/plain"),
+    }[name]
+    s = Masker([MaskSpec(detectors=("all",))]).stream(content_type, batch=BINARY_BATCH)
+    held = 0
+    for i in range(0, len(body), 16384):
+        s(body[i : i + 16384])
+        held = max(held, s.held)
+    s(b"")
+    assert held <= MAX_HELD // 3
 
 
 def test_binary_is_sniffed_and_masked_in_place():

@@ -184,6 +184,27 @@ def test_streamed_gzip_bomb_is_cut_off_and_the_flow_killed(mask):
     assert any("exceeds the masking limit" in n for n in flowctx.get(f).bodies.get("response").notes)
 
 
+@pytest.mark.parametrize("size", ["buffered", "streamed"])
+def test_a_utf16_file_is_masked_as_text(mask, size):
+    """A PowerShell 5 output file (UTF-16LE, a mark) downloaded as octet-stream: it was binary
+    to the masker and the key went out. Masked as text, written back as UTF-16."""
+    text = "AWS_ACCESS_KEY_ID = " + AWS_KEY_ID.decode() + "\r\n"
+    body = b"\xff\xfe" + ((text if size == "buffered" else "x" * 70_000 + "\r\n" + text) * 2).encode("utf-16-le")
+    f = make_flow()
+    respond(f, content_type="application/octet-stream", content_length=str(len(body)))
+    mask.responseheaders(f)
+    if size == "streamed":
+        assert callable(f.response.stream)
+        out = stream_through(f, [body[i : i + 16383] for i in range(0, len(body), 16383)])
+    else:
+        f.response.content = body
+        _hook(mask.response(f))
+        out = f.response.content
+        assert f.response.headers["content-length"] == str(len(out))
+    assert out.startswith(b"\xff\xfe") and AWS_KEY_ID.decode().encode("utf-16-le") not in out
+    assert out[2:].decode("utf-16-le").count("[MASKED:aws-access-key-id]") == 2
+
+
 def test_a_streamed_flood_held_past_the_cap_kills_the_flow(mask):
     """An endless flood of overlapping matches (an object of "AKIA" repeated, one the agent
     uploaded) is one finding that never ends: it was held whole, however long. Past MAX_HELD

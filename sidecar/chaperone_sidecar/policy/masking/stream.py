@@ -88,7 +88,7 @@ import regex
 
 from .decoded import binary_scan, mask_base64, mask_in_place
 from .detectors import ALL, resolve_rules
-from .encoding import BodyTooLarge, MaskingError, StreamDecoder
+from .encoding import BodyTooLarge, DecodeError, MaskingError, StreamDecoder
 from .spans import (
     MAX_ROUNDS,
     Finding,
@@ -102,6 +102,7 @@ from .spans import (
     scan,
     string_spans,
 )
+from .wide_text import HEAD, Transcoder, codec_of
 
 WINDOW = 32 * 1024
 CONTEXT = 1024  # emitted bytes kept for lookbehinds and validator context (SSN label, OAuth)
@@ -416,7 +417,7 @@ class StreamMasker(DecodedStream):
     def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
                  window: int = WINDOW, decoder: StreamDecoder | None = None, sniff: bool = False,
                  json_mode: bool = False, release_runs: bool = False, batch: int = 0,
-                 in_place: bool = False) -> None:
+                 in_place: bool = False, wide: bool = False, content_type: str | None = None) -> None:
         """``sniff``: decide text/binary from the first bytes (binary: ``_binary``).
         ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted.
         ``release_runs``: a held base64 run goes out as far as its decoding cannot be part of a
@@ -424,7 +425,9 @@ class StreamMasker(DecodedStream):
         ``batch``: a binary stream is scanned once this many bytes have gathered (a body of
         known length - a download - whose latency no one waits on chunk by chunk; see
         ``BINARY_BATCH``). ``in_place``: masked as a binary stream whatever it holds (length
-        preserving: a ranged response, whose bytes must stay at their offsets)."""
+        preserving: a ranged response, whose bytes must stay at their offsets). ``wide``: a
+        stream starting with a UTF-16 (or UTF-32) byte order mark, or whose ``content_type``
+        says ``charset=utf-16``, is masked as the text it is (``wide_text.Transcoder``)."""
         needed = required_window(rules)
         if window < needed:
             raise ValueError(f"window {window} is smaller than the longest match ({needed})")
@@ -466,17 +469,37 @@ class StreamMasker(DecodedStream):
         self._sealed = 0  # binary: leading bytes of _buf masked already (a finding crossing the cut)
         self._sealing = False  # binary: that finding may go on; what continues it is masked too
         self._seal_class = _RUN_CLASS  # ... as long as its bytes are of this class (0x61)
+        self._wide_sniff = wide  # the first HEAD bytes decide (a byte order mark, or the charset)
+        self._content_type = content_type
+        self._head = b""  # the first bytes, while they wait for HEAD of them
+        self._wide: Transcoder | None = None
 
 
     @property
     def held(self) -> int:
         """Bytes received but not yet emitted."""
-        return len(self._esc) + len(self._buf) + self._pending_len + len(self._b64) - self._b64_sent
+        return (len(self._esc) + len(self._buf) + self._pending_len + len(self._b64) - self._b64_sent
+                + len(self._head) + (self._wide.held if self._wide is not None else 0))
 
     # --- internals --------------------------------------------------------------------------
 
     def _push(self, data: bytes, final: bool) -> bytes:
+        if self._wide_sniff:
+            self._head += data
+            if len(self._head) < HEAD and not final:
+                return b""
+            data, self._head, self._wide_sniff = self._head, b"", False
+            wide = codec_of(data[:HEAD], self._content_type)
+            if wide is not None:
+                self._wide, self.binary = Transcoder(wide), False
+        if self._wide is not None:
+            try:
+                data = self._wide.inward(data, final)
+            except UnicodeDecodeError as exc:
+                raise DecodeError(f"a {self._wide.wide.codec} body that does not decode: {exc.reason}") from None
         released = self._settle(data, final)
+        if self._wide is not None:
+            released = self._wide.outward(released, final)
         if self.held > MAX_HELD:
             raise BodyTooLarge(MAX_HELD, "data held unsettled (a flood of overlapping matches)")
         return released

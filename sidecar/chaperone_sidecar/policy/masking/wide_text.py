@@ -94,15 +94,18 @@ class Transcoder:
         if self._skip:
             data, self._skip = data[self._skip:], max(0, self._skip - len(data))
         text = self._in.decode(data, False)
-        if final:
+        if final:  # (reset: an empty HTTP/2 frame ends a stream that may go on - see StreamMasker)
             self._stray = self._in.getstate()[0]
+            self._in.reset()
         return text.encode("utf-8", "surrogatepass")
 
     def outward(self, text: bytes, final: bool) -> bytes:
         out = self._out.decode(text, final).encode(self.wide.codec, "surrogatepass")
         if not self._marked and (out or final):
             out, self._marked = self.wide.mark + out, True
-        return out + self._stray if final else out
+        if final:
+            out, self._stray = out + self._stray, b""
+        return out
 
     @property
     def held(self) -> int:

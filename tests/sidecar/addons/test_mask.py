@@ -184,6 +184,32 @@ def test_streamed_gzip_bomb_is_cut_off_and_the_flow_killed(mask):
     assert any("exceeds the masking limit" in n for n in flowctx.get(f).bodies.get("response").notes)
 
 
+AGENT_CHOSEN_TYPES = ["text/plain", "application/json", "text/event-stream", "application/x-ndjson",
+                      "application/json;stream=watch", "image/png", "application/octet-stream",
+                      "text/plain; charset=utf-16le", "text/plain; charset=utf-32", "application/grpc",
+                      "multipart/byteranges; boundary=x", "application/vnd.kubernetes.protobuf", "text/html"]
+
+
+@pytest.mark.parametrize("content_type", AGENT_CHOSEN_TYPES)
+@pytest.mark.parametrize("size", ["buffered", "streamed"])
+def test_a_content_type_the_agent_chooses_never_unmasks_a_text_object(mask, content_type, size):
+    """S3 answers GetObject with the Content-Type it is asked for (``response-content-type``),
+    and other APIs echo what they are told: whatever the label, the key in a text object is
+    masked. (``charset=utf-16le`` let it through for an hour of session 13, see wide_text.py.)"""
+    body = (b"line one\nkey = " + AWS_KEY_ID + b"\nowner alice@example.com\n") * (1 if size == "buffered" else 3000)
+    f = make_flow()
+    respond(f, content_type=content_type, content_length=str(len(body)))
+    mask.responseheaders(f)
+    assert callable(f.response.stream) == (size == "streamed" or content_type == "text/event-stream")
+    if callable(f.response.stream):  # (SSE streams whatever its size)
+        out = stream_through(f, [body[i : i + 7001] for i in range(0, len(body), 7001)])
+    else:
+        f.response.content = body
+        _hook(mask.response(f))
+        out = f.response.content
+    assert AWS_KEY_ID not in out and b"alice@example.com" not in out
+
+
 @pytest.mark.parametrize("size", ["buffered", "streamed"])
 def test_a_utf16_file_is_masked_as_text(mask, size):
     """A PowerShell 5 output file (UTF-16LE, a mark) downloaded as octet-stream: it was binary

@@ -162,10 +162,10 @@ class Masker:
         else:
             plain = body
         counts: dict[str, int] = {}
-        if not in_place and (wide := codec_of(plain[:HEAD], content_type)) is not None:
+        if not in_place and (wide := codec_of(plain[:HEAD])) is not None:
             decoded = to_utf8(plain, wide)
-            if decoded is not None:  # masked as the text it is (wide_text.py); the charset is dealt with
-                inner = self.mask_bytes(decoded[0], _mime(content_type) or None)
+            if decoded is not None:  # masked as the text it is (wide_text.py)
+                inner = self.mask_bytes(decoded[0], content_type)
                 if not inner.changed:
                     return MaskResult(body, notes=inner.notes)
                 masked = from_utf8(inner.body, wide, decoded[1])
@@ -290,4 +290,4 @@ class Masker:
             decoder = StreamDecoder(codings, max_decoded_bytes or self.max_body_bytes)
         return StreamMasker(self.rules, self.hash_key, decoder=decoder,
                             sniff=not is_text_type(content_type), json_mode=_json_lines(content_type),
-                            batch=batch, in_place=in_place, wide=not in_place, content_type=content_type)
+                            batch=batch, in_place=in_place, wide=not in_place)

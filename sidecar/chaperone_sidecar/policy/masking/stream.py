@@ -417,7 +417,7 @@ class StreamMasker(DecodedStream):
     def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
                  window: int = WINDOW, decoder: StreamDecoder | None = None, sniff: bool = False,
                  json_mode: bool = False, release_runs: bool = False, batch: int = 0,
-                 in_place: bool = False, wide: bool = False, content_type: str | None = None) -> None:
+                 in_place: bool = False, wide: bool = False) -> None:
         """``sniff``: decide text/binary from the first bytes (binary: ``_binary``).
         ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted.
         ``release_runs``: a held base64 run goes out as far as its decoding cannot be part of a
@@ -426,8 +426,8 @@ class StreamMasker(DecodedStream):
         known length - a download - whose latency no one waits on chunk by chunk; see
         ``BINARY_BATCH``). ``in_place``: masked as a binary stream whatever it holds (length
         preserving: a ranged response, whose bytes must stay at their offsets). ``wide``: a
-        stream starting with a UTF-16 (or UTF-32) byte order mark, or whose ``content_type``
-        says ``charset=utf-16``, is masked as the text it is (``wide_text.Transcoder``)."""
+        stream starting with a UTF-16 (or UTF-32) byte order mark is masked as the text it is
+        (``wide_text.Transcoder``)."""
         needed = required_window(rules)
         if window < needed:
             raise ValueError(f"window {window} is smaller than the longest match ({needed})")
@@ -469,8 +469,7 @@ class StreamMasker(DecodedStream):
         self._sealed = 0  # binary: leading bytes of _buf masked already (a finding crossing the cut)
         self._sealing = False  # binary: that finding may go on; what continues it is masked too
         self._seal_class = _RUN_CLASS  # ... as long as its bytes are of this class (0x61)
-        self._wide_sniff = wide  # the first HEAD bytes decide (a byte order mark, or the charset)
-        self._content_type = content_type
+        self._wide_sniff = wide  # the first HEAD bytes decide (a byte order mark)
         self._head = b""  # the first bytes, while they wait for HEAD of them
         self._wide: Transcoder | None = None
 
@@ -489,7 +488,7 @@ class StreamMasker(DecodedStream):
             if len(self._head) < HEAD and not final:
                 return b""
             data, self._head, self._wide_sniff = self._head, b"", False
-            wide = codec_of(data[:HEAD], self._content_type)
+            wide = codec_of(data[:HEAD])
             if wide is not None:
                 self._wide, self.binary = Transcoder(wide), False
         if self._wide is not None:

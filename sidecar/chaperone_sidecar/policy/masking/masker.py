@@ -162,14 +162,19 @@ class Masker:
         else:
             plain = body
         counts: dict[str, int] = {}
-        if not in_place and (wide := codec_of(plain[:HEAD])) is not None:
+        if not in_place and (wide := codec_of(plain[:HEAD], content_type)) is not None:
+            # Both views (wide_text.py): the bytes as they are (in place, so the code units stay
+            # aligned) - the label may be the agent's - then the text the mark or label names.
+            plain = mask_binary(plain, self.rules, self.hash_key, counts)
             decoded = to_utf8(plain, wide)
-            if decoded is not None:  # masked as the text it is (wide_text.py)
-                inner = self.mask_bytes(decoded[0], content_type)
-                if not inner.changed:
+            if decoded is not None:
+                inner = self.mask_bytes(decoded[0], _mime(content_type) or None)  # (no charset: no loop)
+                for kind, n in inner.counts.items():
+                    counts[kind] = counts.get(kind, 0) + n
+                if not counts:
                     return MaskResult(body, notes=inner.notes)
-                masked = from_utf8(inner.body, wide, decoded[1])
-                return MaskResult(encode(masked, codings) if codings else masked, inner.counts, notes=inner.notes)
+                masked = from_utf8(inner.body, wide, decoded[1]) if inner.changed else plain
+                return MaskResult(encode(masked, codings) if codings else masked, counts, notes=inner.notes)
         if self.kubernetes_secrets and not in_place:  # raises NotJSON (refused) for protobuf, CBOR ...
             plain, n = mask_secrets(plain)
             if n:
@@ -290,4 +295,4 @@ class Masker:
             decoder = StreamDecoder(codings, max_decoded_bytes or self.max_body_bytes)
         return StreamMasker(self.rules, self.hash_key, decoder=decoder,
                             sniff=not is_text_type(content_type), json_mode=_json_lines(content_type),
-                            batch=batch, in_place=in_place, wide=not in_place)
+                            batch=batch, in_place=in_place, wide=not in_place, content_type=content_type)

@@ -417,7 +417,7 @@ class StreamMasker(DecodedStream):
     def __init__(self, rules: tuple[Rule, ...], hash_key: bytes | None = None, *,
                  window: int = WINDOW, decoder: StreamDecoder | None = None, sniff: bool = False,
                  json_mode: bool = False, release_runs: bool = False, batch: int = 0,
-                 in_place: bool = False, wide: bool = False) -> None:
+                 in_place: bool = False, wide: bool = False, content_type: str | None = None) -> None:
         """``sniff``: decide text/binary from the first bytes (binary: ``_binary``).
         ``json_mode``: JSON lines (JSON, NDJSON, SSE): tokens replacing bare values are quoted.
         ``release_runs``: a held base64 run goes out as far as its decoding cannot be part of a
@@ -426,8 +426,9 @@ class StreamMasker(DecodedStream):
         known length - a download - whose latency no one waits on chunk by chunk; see
         ``BINARY_BATCH``). ``in_place``: masked as a binary stream whatever it holds (length
         preserving: a ranged response, whose bytes must stay at their offsets). ``wide``: a
-        stream starting with a UTF-16 (or UTF-32) byte order mark is masked as the text it is
-        (``wide_text.Transcoder``)."""
+        stream starting with a UTF-16 (or UTF-32) byte order mark, or whose ``content_type``
+        names such a charset, is masked as its bytes are (in place) and then as the text it is
+        (``wide_text``: both views, the label may be the agent's)."""
         needed = required_window(rules)
         if window < needed:
             raise ValueError(f"window {window} is smaller than the longest match ({needed})")
@@ -469,7 +470,9 @@ class StreamMasker(DecodedStream):
         self._sealed = 0  # binary: leading bytes of _buf masked already (a finding crossing the cut)
         self._sealing = False  # binary: that finding may go on; what continues it is masked too
         self._seal_class = _RUN_CLASS  # ... as long as its bytes are of this class (0x61)
-        self._wide_sniff = wide  # the first HEAD bytes decide (a byte order mark)
+        self._wide_sniff = wide  # the first HEAD bytes decide (a byte order mark), or the charset
+        self._content_type = content_type
+        self._bytes_view: StreamMasker | None = None  # a wide stream's first view: its bytes, in place
         self._head = b""  # the first bytes, while they wait for HEAD of them
         self._wide: Transcoder | None = None
 
@@ -478,7 +481,8 @@ class StreamMasker(DecodedStream):
     def held(self) -> int:
         """Bytes received but not yet emitted."""
         return (len(self._esc) + len(self._buf) + self._pending_len + len(self._b64) - self._b64_sent
-                + len(self._head) + (self._wide.held if self._wide is not None else 0))
+                + len(self._head) + (self._wide.held if self._wide is not None else 0)
+                + (self._bytes_view.held if self._bytes_view is not None else 0))
 
     # --- internals --------------------------------------------------------------------------
 
@@ -488,10 +492,16 @@ class StreamMasker(DecodedStream):
             if len(self._head) < HEAD and not final:
                 return b""
             data, self._head, self._wide_sniff = self._head, b"", False
-            wide = codec_of(data[:HEAD])
+            wide = codec_of(data[:HEAD], self._content_type)
             if wide is not None:
                 self._wide, self.binary = Transcoder(wide), False
+                self._bytes_view = StreamMasker(self.rules, self.hash_key, in_place=True)
         if self._wide is not None:
+            assert self._bytes_view is not None
+            data = self._bytes_view._push(data, final)
+            if final:
+                for kind, n in self._bytes_view.counts.items():
+                    self.counts[kind] = self.counts.get(kind, 0) + n
             try:
                 data = self._wide.inward(data, final)
             except UnicodeDecodeError as exc:

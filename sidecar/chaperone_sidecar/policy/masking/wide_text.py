@@ -7,7 +7,8 @@ such files by default - PowerShell 5's ``Out-File`` and ``>``, ``reg export``, E
 "Unicode text", SQL Server exports - and they end up in buckets and behind HTTP APIs. UTF-32
 (three NULs a character) is rarer; it costs nothing more here.
 
-What: :func:`codec_of` recognises such a body by its byte order mark. The masker transcodes
+What: :func:`codec_of` recognises such a body by its byte order mark or its charset (without a
+mark, RFC 2781 reads ``utf-16`` as big-endian; so is ``utf-32`` read). The masker transcodes
 it to UTF-8, masks it as text (tokens, field rules, decoded views: all a UTF-8 body gets) and
 writes the result back in the body's own encoding, mark included; a stream does the same chunk
 by chunk (:class:`Transcoder`, incremental both ways, so a character cut between chunks is
@@ -16,14 +17,19 @@ byte after UTF-16: appended by an agent to make the body invalid, so that it is 
 binary) is kept as it is, after the masked text. Lone surrogates pass through unchanged
 (``surrogatepass``).
 
-**Decision: the mark, never the charset.** A ``charset=utf-16le`` in the content type was
-honoured at first, and it made an ASCII body unreadable to the detectors (read as UTF-16, its
-bytes pair up into CJK characters): an agent asking S3 for ``response-content-type=text/plain;
-charset=utf-16le`` - S3 sends back whatever type it is asked for - got every key in the object
-(found by trying the content types an agent can choose; ``test_wide_text.py``). The bytes of a
-body come from whoever wrote it; its labels may come from the agent. Not here, then: UTF-16
-without a mark (binary to the masker, as before), and a ranged part (masked in place as binary:
-its bytes must keep their offsets).
+**Decision: both views, and the label too.** A body is masked first as its bytes are (as
+binary, in place: length preserving, so the code units stay aligned), then as the text its
+mark - or, without one, its ``charset=utf-16``/``utf-16le``/``utf-16be``/``utf-32...`` - says
+it is. Why both: the label may be the agent's. S3 answers with whatever
+``response-content-type`` asks for, and the first version of this module, trusting
+``charset=utf-16le`` alone, read an ASCII object as UTF-16 (its bytes paired into CJK
+characters) and let every key in it out (found by trying the content types an agent can choose;
+``test_mask.py``). Trusting only the mark instead let a server that honours
+``Accept-Charset: utf-16le`` (and writes no mark, as Java's ``UTF-16LE`` does not) send its
+secrets past. Masked both ways, a label can hide nothing: ASCII secrets are found in the
+bytes, UTF-16 ones in the text. Not here: UTF-16 with neither mark nor label (binary to the
+masker, as before), and a ranged part (masked in place as binary: its bytes must keep their
+offsets).
 """
 
 from __future__ import annotations
@@ -35,11 +41,14 @@ __all__ = ["Transcoder", "WideText", "codec_of", "from_utf8", "to_utf8"]
 # UTF-32's marks first: UTF-32LE's (FF FE 00 00) begins with UTF-16LE's.
 _MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
           (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_CHARSETS = {"utf-16": "utf-16-be", "utf-16le": "utf-16-le", "utf-16be": "utf-16-be",
+             "utf-32": "utf-32-be", "utf-32le": "utf-32-le", "utf-32be": "utf-32-be"}
 HEAD = 4  # the bytes codec_of reads
 
 
 class WideText:
-    """A body's wide encoding: the codec, its byte order mark and its code unit."""
+    """A body's wide encoding: the codec, its byte order mark (``b""`` when only the charset
+    said so) and its code unit."""
 
     __slots__ = ("codec", "mark", "unit")
 
@@ -47,11 +56,18 @@ class WideText:
         self.codec, self.mark, self.unit = codec, mark, 4 if "32" in codec else 2
 
 
-def codec_of(head: bytes) -> WideText | None:
-    """The wide encoding of a body from its first ``HEAD`` bytes (a byte order mark), else None."""
+def codec_of(head: bytes, content_type: str | None = None) -> WideText | None:
+    """The wide encoding of a body from its first ``HEAD`` bytes (a byte order mark) or, without
+    one, the charset of its content type; else None."""
     for mark, codec in _MARKS:
         if head.startswith(mark):
             return WideText(codec, mark)
+    for param in (content_type or "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            named = _CHARSETS.get(value.strip().strip('"').lower())
+            if named is not None:
+                return WideText(named, b"")
     return None
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from chaperone_sidecar.policy.masking.decoded import mask_binary
 from chaperone_sidecar.policy.masking.encoding import DecodeError
 from chaperone_sidecar.policy.masking.masker import Masker
 from chaperone_sidecar.policy.masking.wide_text import codec_of
 from chaperone_sidecar.policy.model import MaskSpec
 
-from .samples import AWS_KEY_ID
+from .samples import ALL_RULES, AWS_KEY_ID
 
 M = Masker([MaskSpec(detectors=("all",))])
 # What PowerShell 5 writes for `Get-ChildItem Env: > env.txt` (UTF-16LE with a mark), shortened.
@@ -31,22 +32,50 @@ def _streamed(body: bytes, chunk: int, content_type: str = "application/octet-st
     return b"".join(piece for i in range(0, len(body), chunk) for piece in s(body[i : i + chunk])) + b"".join(s(b""))
 
 
-def test_the_mark_names_the_encoding():
+def test_the_mark_or_the_charset_names_the_encoding():
     assert codec_of(b"\xff\xfe\x00\x00").codec == "utf-32-le"  # before UTF-16LE, whose mark it starts with
     assert codec_of(b"\xff\xfeA\x00").codec == "utf-16-le" and codec_of(b"\xff\xfeA\x00").mark == b"\xff\xfe"
-    assert codec_of(b"\xfe\xff\x00A").codec == "utf-16-be" and codec_of(b"\x00\x00\xfe\xff").codec == "utf-32-be"
-    assert codec_of(b"A\x00B\x00") is None and codec_of(b"\xef\xbb\xbfA") is None
+    assert codec_of(b"\xfe\xff\x00A", "text/plain; charset=utf-16le").codec == "utf-16-be"  # the mark wins
+    assert codec_of(b"A\x00", 'text/plain; charset="UTF-16LE"').codec == "utf-16-le"
+    assert codec_of(b"\x00A", "text/csv;charset=utf-16").codec == "utf-16-be"  # RFC 2781: no mark, big-endian
+    assert codec_of(b"A\x00B\x00", "application/octet-stream") is None
+    assert codec_of(b"\xef\xbb\xbfA", "text/plain; charset=utf-8") is None
 
 
 @pytest.mark.parametrize("content_type", ["text/plain; charset=utf-16le", "text/plain; charset=UTF-16",
                                           "application/octet-stream; charset=utf-32be"])
-def test_a_charset_the_agent_chose_changes_nothing(content_type):
-    """S3 answers with the content type it is asked for (``response-content-type``): honoured,
-    ``charset=utf-16le`` made an ASCII object unreadable to the detectors and its keys went out."""
+def test_a_charset_the_agent_chose_hides_nothing(content_type):
+    """S3 answers with the content type it is asked for (``response-content-type``). Trusting
+    ``charset=utf-16le`` alone, an ASCII object was read as UTF-16 - its bytes paired into CJK
+    characters - and its keys went out: the bytes as they are are masked first (in place)."""
     body = TEXT.encode()
     r = M.mask_bytes(body, content_type)
-    assert r.counts == {"aws-access-key-id": 1, "email": 1} and r.body == M.mask_bytes(body, "text/plain").body
-    assert _streamed(body, 7, content_type) == r.body
+    assert r.counts == {"aws-access-key-id": 1, "email": 1} and r.body == mask_binary(body, ALL_RULES)
+    if "32" in content_type:  # ASCII read as UTF-32 is out of range: a whole body stays binary, a stream fails
+        with pytest.raises(DecodeError):
+            _streamed(body, 7, content_type)
+    else:
+        assert _streamed(body, 7, content_type) == r.body
+
+
+def test_a_charset_without_a_mark_is_read_too():
+    """A server honouring ``Accept-Charset: utf-16le`` writes no mark (Java's UTF-16LE does not):
+    with the charset ignored, its body was binary to the masker and its keys went out."""
+    body = TEXT.encode("utf-16-le")
+    r = M.mask_bytes(body, "text/plain; charset=utf-16le")
+    assert r.counts == {"aws-access-key-id": 1, "email": 1} and r.body == _expected("utf-16-le", b"")
+    assert _streamed(body, 5, "text/plain; charset=utf-16le") == r.body
+
+
+def test_both_views_at_once():
+    """Mislabelled halves: ASCII with a key, then UTF-16LE text with another - each view finds one."""
+    ascii_part = b"ascii key " + AWS_KEY_ID + b" end\n\x00"  # an even length: the UTF-16 after it stays aligned
+    wide_part = " wide key AKIAI44QH8DHBEXAMPLE end\r\n".encode("utf-16-le")
+    body = b"\xff\xfe" + ascii_part + wide_part
+    r = M.mask_bytes(body, "application/octet-stream")
+    assert r.counts == {"aws-access-key-id": 2}
+    assert AWS_KEY_ID not in r.body and "AKIAI44QH8DHBEXAMPLE".encode("utf-16-le") not in r.body
+    assert _streamed(body, 3) == r.body
 
 
 @pytest.mark.parametrize("codec, mark", ENCODINGS, ids=[c for c, _ in ENCODINGS])

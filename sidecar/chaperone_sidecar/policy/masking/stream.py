@@ -499,9 +499,9 @@ class StreamMasker(DecodedStream):
         if self._wide is not None:
             assert self._bytes_view is not None
             data = self._bytes_view._push(data, final)
-            if final:
-                for kind, n in self._bytes_view.counts.items():
-                    self.counts[kind] = self.counts.get(kind, 0) + n
+            for kind, n in self._bytes_view.counts.items():  # what it masked, counted here once
+                self.counts[kind] = self.counts.get(kind, 0) + n
+            self._bytes_view.counts.clear()
             try:
                 data = self._wide.inward(data, final)
             except UnicodeDecodeError as exc:

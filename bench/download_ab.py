@@ -1,7 +1,7 @@
 """The 1 GiB download alone, paths alternating: MB/s, proxy CPU per MiB, RSS growth.
 
 ``python bench/download_ab.py [--paths mitmdump,chaperone-full] [--rounds 5] [--size-mib 1024]
-[--pattern random|ramp] [--before CHECKOUT]``
+[--pattern random|ramp] [--before CHECKOUT] [--warm 1k|1m]``
 
 Why a separate driver: ``bench/run.py`` measures the download once per round among a dozen
 scenarios, and on the shared 2-core machine one download's MB/s moves by 30 % with whatever
@@ -12,7 +12,11 @@ RSS of the proxy's process tree. Reported per path: median and best MB/s, the ra
 first path (median of per-round ratios and best-of), and the proxy's CPU seconds per MiB from
 /proc - CPU time barely moves with contention, so its ratio is the robust one. ``--before``:
 Chaperone full from another checkout joins the rotation as ``chaperone-full (before)`` (a change
-judged against the code it replaces, as in ``bench/ab.py``).
+judged against the code it replaces, as in ``bench/ab.py``). ``--warm SIZE``: before the
+download each proxy serves 4 s of ``SIZE`` requests (concurrency 32) and goes idle - as in
+``bench/run.py``, where the download follows the other scenarios. Session 13 found Chaperone
+full spending 1.2x bare's CPU per MiB after 1 MiB traffic, 1.05x fresh (mitmdump: no
+change), in a noisy probe; this option reproduces it (bench/analysis.md, "Session 13").
 """
 
 from __future__ import annotations
@@ -29,14 +33,15 @@ for _p in (REPO, REPO / "sidecar", REPO / "operator", REPO / "testbed"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench import load, paths, rss  # noqa: E402
+from bench import load, paired, paths, rss  # noqa: E402
 from bench.run import _harness_loop, setup_env  # noqa: E402
 from bench.upstream import PATTERNS, SIZES  # noqa: E402
 
 BEFORE = "chaperone-full (before)"
 
 
-def one(name: str, env: paths.Env, size: int, pattern: str = "random", before: Path | None = None) -> dict[str, float]:
+def one(name: str, env: paths.Env, size: int, pattern: str = "random", before: Path | None = None,
+        warm: str | None = None) -> dict[str, float]:
     path = paths.Chaperone("full", root=before) if name == BEFORE else paths.make_path(name)
     path.start(env)
     try:
@@ -44,6 +49,11 @@ def one(name: str, env: paths.Env, size: int, pattern: str = "random", before: P
         up = env.upstream
         asyncio.run(load.latency(up.url("https", "/1k"), path.proxy, ctx, expect=SIZES["1k"], n=1,
                                  max_seconds=10, warmup=0))
+        if warm:
+            asyncio.run(load.throughput(up.url("https", f"/{warm}"), path.proxy, ctx, expect=SIZES[warm],
+                                        concurrency=32, seconds=4.0, max_requests=100_000))
+            assert path.pid is not None
+            paired.quiesce(path.pid, 15.0)  # its recording shipped, its CPU idle again
         pid = path.pid
         assert pid is not None
         before, cpu0 = rss.tree_rss(pid), rss.cpu_seconds(pid)
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pattern", default="random", choices=sorted(PATTERNS),
                         help="the body: random bytes, or the ramp bytes(range(256)) (see bench/upstream.py)")
     parser.add_argument("--before", default=None, help="root of a checkout whose Chaperone full joins the rotation")
+    parser.add_argument("--warm", default=None, choices=sorted(SIZES),
+                        help="serve 4 s of these requests before the download (a sidecar that has been busy)")
     args = parser.parse_args(argv)
     names = args.paths.split(",") + ([BEFORE] if args.before else [])
     size = args.size_mib << 20
@@ -78,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 order = names[rnd % len(names):] + names[:rnd % len(names)]
                 for name in order:
-                    res = one(name, env, size, args.pattern, Path(args.before) if args.before else None)
+                    res = one(name, env, size, args.pattern, Path(args.before) if args.before else None, args.warm)
                     results[name].append(res)
                     print(f"round {rnd + 1} {name:24s} {res['mib_s']:7.1f} MiB/s  "
                           f"{res['cpu_ms_per_mib']:6.2f} ms CPU/MiB  growth {res['growth_mb']:5.1f} MB", flush=True)

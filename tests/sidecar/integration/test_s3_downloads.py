@@ -8,6 +8,8 @@ injected pod's environment), the sidecar re-signing for moto **with signature ch
   refuses it); the file is the object masked in place: same length, every other byte unchanged.
 * A whole object stored with a checksum: boto3 asks for it and checks the body against it, so a
   masked body raised FlexibleChecksumError (session 12) - the digests are dropped when masking.
+* A UTF-16 object (a PowerShell 5 file, with its byte order mark): binary to the masker until
+  session 13, its key reached the agent; now masked and still UTF-16.
 """
 
 from __future__ import annotations
@@ -111,3 +113,31 @@ def test_a_whole_object_with_a_checksum_reads_back_masked(pod, moto_auth):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr + sidecar.logs()[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"body": "AWS_ACCESS_KEY_ID=[MASKED:aws-access-key-id]\n"}
+
+
+
+def test_a_utf16_object_reads_back_masked(pod, moto_auth):
+    """A PowerShell 5 file (UTF-16LE with a byte order mark) was binary to the masker, whose
+    printable runs never held the key (session 13): read with the agent's SDK, it comes back
+    masked, still UTF-16. (The label attack - S3's ``response-content-type`` - is tested at the
+    Mask addon, test_mask.py: moto, signature checking on, refuses boto3's own signature over
+    an encoded query value and does not echo the type.)"""
+    sidecar = pod
+    text = "AWS_ACCESS_KEY_ID=" + KEY_ID.decode() + "\r\nREGION=us-east-1\r\n"
+    bucket, key = f"utf16-{uuid.uuid4().hex[:10]}", "env/prod.env"
+    s3 = moto_auth.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key=key, Body=b"\xff\xfe" + text.encode("utf-16-le"))
+    out = subprocess.run([sys.executable, "-c", GET_HEX, bucket, key], env=sidecar.agent_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr + sidecar.logs()[-3000:]
+    body = bytes.fromhex(json.loads(out.stdout.strip().splitlines()[-1])["body"])
+    assert body[:2] == b"\xff\xfe"
+    assert body[2:].decode("utf-16-le") == text.replace(KEY_ID.decode(), "[MASKED:aws-access-key-id]")
+
+
+GET_HEX = textwrap.dedent("""
+    import json, sys, boto3
+    bucket, key = sys.argv[1:3]
+    print(json.dumps({"body": boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().hex()}))
+""")

@@ -292,7 +292,7 @@ def mask_decoded(text: bytes, rules: tuple[Rule, ...], hash_key: bytes | None = 
 # Every other byte becomes a line feed (which no detector but a PEM block crosses), as in a
 # view of the whole body: a finding stays within its run, as in a text body.
 _PRINTABLE = bytes(c if c in (9, 10, 13) or 32 <= c < 127 else 10 for c in range(256))
-_PRINTABLE_BYTES = frozenset(c for c in range(256) if c in (9, 10, 13) or 32 <= c < 127)  # C_PRINT
+_PRINTABLE_BYTES = frozenset(c for c in range(256) if _PRINTABLE[c] == c)  # those it keeps (C_PRINT)
 # Before each run its LEAD bytes are scanned too (short runs, gaps as line feeds): a label in a
 # short run (an SSN's "tin:", detectors.SSN_CONTEXT_BYTES) or a JSON key that says the value is
 # not one reads as it does in the whole body. Longer lookbehinds (OAuth's token_type, 512 bytes)

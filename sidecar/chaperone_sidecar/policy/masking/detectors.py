@@ -310,6 +310,10 @@ def _quote_before(text: bytes, i: int) -> Iterable[int]:
 
 
 _LOCAL_REV = re.compile(rb"[A-Za-z0-9._%+-]{1,65}")
+# What every address has right after its "@" (_EMAIL_ADDRESS: a label, a dot, a letter or
+# digit). Most "@" are not addresses - in the printable runs of random binary, 19 per 256 KiB
+# download batch, 13 us of its ~60 us scan - and this one match turns them away (issue 16).
+_DOMAIN_HEAD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]{0,62}\.[A-Za-z0-9]")
 
 
 def _email_find(text: bytes, pos: int, ats: list[int]) -> Iterator[re.Match[bytes]]:
@@ -320,6 +324,8 @@ def _email_find(text: bytes, pos: int, ats: list[int]) -> Iterator[re.Match[byte
     longer run, or a top-level domain glued to more letters, no longer hides the address (the
     rest of the run stays)."""
     for i in ats[bisect.bisect_left(ats, pos):]:  # every "@" (the trigger) from pos on
+        if _DOMAIN_HEAD.match(text, i + 1) is None:
+            continue
         found = None
         local = _LOCAL_REV.match(text[max(0, i - 65) : i][::-1])
         if local is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import random
 from pathlib import Path
 
@@ -369,3 +370,35 @@ def test_every_card_layout_is_found_inside_any_stretch_of_digit_groups(sep):
                 text = before + card + after
                 masked = mask(text, "credit-card")
                 assert card not in masked and b"[MASKED:credit-card" in masked, (layout, text)
+
+
+def test_the_domain_check_before_an_address_turns_away_only_what_no_address_matches(monkeypatch):
+    """``_email_find`` skips an "@" whose next bytes cannot begin a domain (``_DOMAIN_HEAD``:
+    a label, a dot, a letter or digit) before its costlier matches. Around "@" in text built of
+    the bytes an address is made of, and of what ends one, the finder finds exactly what it
+    finds without that check - labels up to the 63 bytes they may have, and one byte longer."""
+    from chaperone_sidecar.policy.masking import detectors
+
+    rnd = random.Random(16)
+    local = [b"a", b"b.c", b"9", b"%", b"+", b"-", b"\\n", b" ", b'"', b"x" * 64]
+    texts = [b"a@" + b"x" * n + b".io" for n in (61, 62, 63, 64)]
+    texts += [b"a@" + b"x" * 62 + b"-.io", b"a@-x.io", b"a@x..io", b"a@x.-io", b"a@x.", b"a@.x.io", b"a@x.1"]
+    pieces = [b"a", b"b0", b"7", b"-", b".", b".", b"io", b"com", b"x" * 62, b"\\n", b" ", b"@", b"%"]
+    for _ in range(3000):
+        if rnd.random() < 0.3:
+            domain = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 7)))
+        else:  # labels (up to one byte longer than a label may be), a top-level domain, what follows
+            labels = [rnd.choice([b"a", b"b0", b"7", b"-a", b"a-", b"x" * 62, b"x" * 63, b"x" * 64, b""])
+                      for _ in range(rnd.randrange(1, 4))]
+            domain = (b".".join(labels) + b"." + rnd.choice([b"io", b"com", b"c", b"7z", b""])
+                      + rnd.choice([b"", b" ", b"-", b"x", b"\\n", b"@b.io"]))
+        texts.append(b"".join(rnd.choice(local) for _ in range(rnd.randrange(1, 5))) + b"@" + domain)
+
+    def found(text: bytes) -> list[tuple[int, int]]:
+        ats = [i for i in range(len(text)) if text[i] == ord("@")]
+        return [m.span() for m in detectors._email_find(text, 0, ats)]
+
+    checked = [found(t) for t in texts]
+    monkeypatch.setattr(detectors, "_DOMAIN_HEAD", re.compile(b""))  # matches everywhere: no check
+    assert [found(t) for t in texts] == checked
+    assert sum(1 for spans in checked if spans) > 500  # addresses were found, not only refused

@@ -354,6 +354,31 @@ def test_a_binary_stream_masks_as_the_whole_body_however_it_is_cut(seed):
         assert s.binary and out == whole, f"trial {trial}"
 
 
+def test_a_download_batch_ending_in_printable_bytes_holds_them_aside_and_masks_across():
+    """A download's batch (BINARY_BATCH, gathered from 64 KiB chunks: the first chunk alone,
+    then four at a time) whose last chunk ends in printable bytes holds them aside before its
+    scan and goes out without them (``_hold_tail``); they are scanned with the next batch - a
+    key cut there, or a tail longer than BINARY_LONG (left in the scan: part of it goes out),
+    masks as in the whole body. Held between batches: the tail alone."""
+    rnd = random.Random(14)
+    chunk = 64 * 1024
+    ends = [chunk * (1 + 4 * k) for k in range(4)]  # where batches end
+    key = b"AKIAIOSFODNN7EXAMPLE"
+    for cut_in_key in (4, 10, 19):
+        body = bytearray(_HEADER + rnd.randbytes(14 * chunk - len(_HEADER)))
+        body[ends[1] - 7 : ends[1]] = b"\x00k=ab: "  # the second batch ends in 6 printable bytes
+        at = ends[2] - cut_in_key  # the third inside the key
+        body[at - 1 : at + len(key) + 1] = b"\x00" + key + b"\x00"
+        long_tail = BINARY_LONG + 100  # the fourth in printable bytes longer than BINARY_LONG
+        body[ends[3] - long_tail - 1 : ends[3]] = b"\x00" + (b"lorem " * long_tail)[:long_tail]
+        body = bytes(body)
+        s = MASKER.stream("application/octet-stream", batch=BINARY_BATCH)
+        out = [s.feed(body[i : i + chunk]) for i in range(0, ends[1], chunk)]
+        assert len(out[-1]) == ends[1] - ends[0] - 6 and s.held == 6  # the batch went out but for its tail
+        out += [s.feed(body[i : i + chunk]) for i in range(ends[1], len(body), chunk)] + [s.finish()]
+        assert b"".join(out) == mask_binary(body, ALL_RULES) and key not in b"".join(out), cut_in_key
+
+
 def test_a_long_base64_run_in_a_binary_stream_is_masked_from_the_secret_on():
     """A base64 run longer than BINARY_LONG is released in steps aligned so the rest still
     decodes (a mutant cutting anywhere leaves the key readable); a secret inside masks the run

@@ -207,6 +207,15 @@ static int any_bits(uint64_t lo, uint64_t hi, int from, int to) {
     return ((lo & l) | (hi & h)) != 0;
 }
 
+/* Where the bytes of `cls` from `at` (all of them up to `at` are) end: 64 at a time. */
+static __attribute__((noinline)) Py_ssize_t stretch_end(const Text *t, Py_ssize_t at, unsigned cls) {
+    for (;;) {
+        uint64_t outside = ~mask(t, at, cls); /* bytes past the end are in no class */
+        if (outside) return at + __builtin_ctzll(outside) < t->n ? at + __builtin_ctzll(outside) : t->n;
+        at += 64;
+    }
+}
+
 /* The first zero bit at or after `from` (< 128) of lo|hi<<64, or 128. */
 static int first_zero(uint64_t lo, uint64_t hi, int from) {
     uint64_t zl = from < 64 ? (~lo >> from) << from : 0;
@@ -366,7 +375,6 @@ static int push_piece(Ends *out, Py_ssize_t start, Py_ssize_t end, Py_ssize_t le
  * without a window (a stretch reaching into it would have had its window there), or the byte
  * after a stretch (not in the class). -1 when out of memory. */
 static inline __attribute__((always_inline)) int printable_runs_impl(const Text *t, int min_len, Py_ssize_t lead, Ends *out) {
-    const unsigned char *p = t->p;
     Py_ssize_t n = t->n, base = 0;
     uint64_t print = mask(t, 0, C_PRINT), print_next;
     while (base < n) {
@@ -380,8 +388,9 @@ static inline __attribute__((always_inline)) int printable_runs_impl(const Text 
         int k = __builtin_ctzll(w);
         int end_bit = first_zero(print, print_next, k + min_len);
         Py_ssize_t end = base + end_bit;
-        if (end_bit == 128)
-            while (end < n && has(p, end, C_PRINT)) end++;
+        if (end_bit == 128) /* a long run (text in a tar): its end found a block at a time (byte by
+                              * byte, 256 KiB of text took 69 us) */
+            end = stretch_end(t, end, C_PRINT);
         if (push_piece(out, base + k, end, lead) < 0) return -1;
         base = end + 1; /* p[end] is not in the class (or end == n) */
         print = mask(t, base, C_PRINT);

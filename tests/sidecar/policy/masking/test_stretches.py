@@ -256,6 +256,20 @@ def test_printable_runs_around_the_blocks():
                     assert _stretches.printable_runs(data, portable=portable) == _printable_runs(data), (gap, offset, length)
 
 
+def test_printable_runs_that_span_many_blocks():
+    """A run longer than two blocks has its end found a block at a time (text in a tar: byte by
+    byte it was 69 us per 256 KiB of text, now ~15): every end around the blocks, at the end of
+    the data or before a byte that is not printable, from starts around a block."""
+    for start in (0, 1, 63, 64, 65):
+        for length in (127, 128, 129, 191, 192, 193, 255, 256, 257, 1000):
+            for after in (b"", b"\x00", b"\x7fab", b"\x80" + b"c" * 70):
+                data = b"\x01" * start + bytes(range(32, 127)) * (length // 95) + b"\t\n\r" + b"x" * (length % 95)
+                data = data[: start + length] + after
+                for portable in MODES:
+                    assert _stretches.printable_runs(data, portable=portable) == _printable_runs(data), \
+                        (start, length, after[:2], portable)
+
+
 def test_printable_runs_refuses_a_length_it_cannot_window():
     for bad in (0, 65, -1):
         with pytest.raises(ValueError, match="min_len"):

@@ -554,10 +554,11 @@ class StreamMasker(DecodedStream):
     def _hold_tail(self, last: bytes) -> bytes | memoryview:
         """A batch's last chunk without the printable bytes at its end, which are held aside
         (``_tail``) before the scan: the batch then ends where ``_binary`` would cut it, and goes
-        out whole, as joined, instead of as a copy of all but its tail (a download's 256 KiB
-        batch ends in printable bytes 3 times in 8; that copy was half the masker's copying).
-        A chunk wholly printable, or with a tail longer than ``BINARY_LONG`` (which ``_binary``
-        releases in part), is left whole."""
+        out whole, as joined, instead of as a copy of all but its tail (a batch of random bytes
+        ends in printable bytes 3 times in 8: one process, 64 MiB in 64 KiB chunks, 0.63 ->
+        0.33 ms per MiB; in the proxy, whose heap reuses its blocks, ~0.01). A chunk wholly
+        printable, or with a tail longer than ``BINARY_LONG`` (which ``_binary`` releases in
+        part), is left whole."""
         start = printable_tail(last)
         if start == 0 or len(last) - start > BINARY_LONG:
             return last

@@ -211,7 +211,10 @@ static int any_bits(uint64_t lo, uint64_t hi, int from, int to) {
 static __attribute__((noinline)) Py_ssize_t stretch_end(const Text *t, Py_ssize_t at, unsigned cls) {
     for (;;) {
         uint64_t outside = ~mask(t, at, cls); /* bytes past the end are in no class */
-        if (outside) return at + __builtin_ctzll(outside) < t->n ? at + __builtin_ctzll(outside) : t->n;
+        if (outside) {
+            Py_ssize_t end = at + __builtin_ctzll(outside);
+            return end < t->n ? end : t->n;
+        }
         at += 64;
     }
 }

@@ -468,7 +468,6 @@ class StreamMasker(DecodedStream):
         self._pending_len = 0
         self._drain_at = 0  # with a flood held: drain when _buf and _pending reach this size
         self.batch = batch
-        self._tail = b""  # binary: the printable end of a batch, held aside while it is scanned (_hold_tail)
         self._sealed = 0  # binary: leading bytes of _buf masked already (a finding crossing the cut)
         self._sealing = False  # binary: that finding may go on; what continues it is masked too
         self._seal_class = _RUN_CLASS  # ... as long as its bytes are of this class (0x61)
@@ -525,10 +524,11 @@ class StreamMasker(DecodedStream):
             self._pending.append(data)
             self._pending_len += len(data)
             return self._base64(b"", final)
+        tail = b""  # a batch's printable end, held aside while the batch is scanned (_split_tail)
         if self._pending:  # one copy of what is held and gathered (a 256 KiB batch: ~25 us a copy)
             last: bytes | memoryview = data
             if self.binary and self.rules and not final and not self._sealing:
-                last = self._hold_tail(data)
+                last, tail = _split_tail(data)
             self._buf = b"".join([self._buf, *self._pending, last])
             self._pending, self._pending_len = [], 0
         else:
@@ -542,6 +542,7 @@ class StreamMasker(DecodedStream):
             return passed
         if self.binary:
             released = self._binary(final)
+            self._buf += tail
             self._drain_at = max(2 * len(self._buf) if len(self._buf) >= FLOOD_HOLD else 0,
                                  len(self._buf) + self.batch if self.batch else 0)
             return released
@@ -550,20 +551,6 @@ class StreamMasker(DecodedStream):
             self._drain(final, out)
         self._drain_at = 2 * len(self._buf) if len(self._buf) >= FLOOD_HOLD else 0
         return self._base64(b"".join(out), final)
-
-    def _hold_tail(self, last: bytes) -> bytes | memoryview:
-        """A batch's last chunk without the printable bytes at its end, which are held aside
-        (``_tail``) before the scan: the batch then ends where ``_binary`` would cut it, and goes
-        out whole, as joined, instead of as a copy of all but its tail (a batch of random bytes
-        ends in printable bytes 3 times in 8: one process, 64 MiB in 64 KiB chunks, 0.63 ->
-        0.33 ms per MiB; in the proxy, whose heap reuses its blocks, ~0.01). A chunk wholly
-        printable, or with a tail longer than ``BINARY_LONG`` (which ``_binary`` releases in
-        part), is left whole."""
-        start = printable_tail(last)
-        if start == 0 or len(last) - start > BINARY_LONG:
-            return last
-        self._tail = last[start:]
-        return memoryview(last)[:start]
 
     def _binary(self, final: bool) -> bytes:
         """A binary stream: its printable runs masked in place, length preserving, as
@@ -613,8 +600,6 @@ class StreamMasker(DecodedStream):
             released, self._buf = bytes(out[:cut]), bytes(out[cut:])
         self._sealed = max(0, sealed - cut)
         self._raw_ctx = (self._raw_ctx + buf[max(0, cut - CONTEXT) : cut])[-CONTEXT:]
-        if self._tail:
-            self._buf, self._tail = self._buf + self._tail, b""
         return released
 
     def _unescape(self, data: bytes, final: bool) -> bytes:
@@ -902,6 +887,19 @@ def _sealed_end(buf: bytes, start: int, cls: bytes) -> int:
     """Where the bytes of the class ``cls`` (``_RUN_CLASS``, ``_PEM_CLASS``) from ``start`` end."""
     end = buf.translate(cls).find(b" ", start)
     return len(buf) if end < 0 else end
+
+
+def _split_tail(last: bytes) -> tuple[bytes | memoryview, bytes]:
+    """A batch's last chunk split before the printable bytes at its end, which are held aside
+    while the batch is scanned: the batch then ends where ``_binary`` would cut it, and goes out
+    whole, as joined, instead of as a copy of all but its tail (a batch of random bytes ends in
+    printable bytes 3 times in 8: one process, 64 MiB in 64 KiB chunks, 0.63 -> 0.33 ms per MiB;
+    in the proxy, whose heap reuses its blocks, ~0.01). A chunk wholly printable, or with a tail
+    longer than ``BINARY_LONG`` (which ``_binary`` releases in part), is not split."""
+    start = printable_tail(last)
+    if start == 0 or len(last) - start > BINARY_LONG:
+        return last, b""
+    return memoryview(last)[:start], last[start:]
 
 
 def _aligned(buf: bytes, start: int, cut: int) -> int:

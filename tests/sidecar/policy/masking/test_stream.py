@@ -357,7 +357,7 @@ def test_a_binary_stream_masks_as_the_whole_body_however_it_is_cut(seed):
 def test_a_download_batch_ending_in_printable_bytes_holds_them_aside_and_masks_across():
     """A download's batch (BINARY_BATCH, gathered from 64 KiB chunks: the first chunk alone,
     then four at a time) whose last chunk ends in printable bytes holds them aside before its
-    scan and goes out without them (``_hold_tail``); they are scanned with the next batch - a
+    scan and goes out without them (``_split_tail``); they are scanned with the next batch - a
     key cut there, or a tail longer than BINARY_LONG (left in the scan: part of it goes out),
     masks as in the whole body. Held between batches: the tail alone."""
     rnd = random.Random(14)

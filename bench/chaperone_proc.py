@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -117,7 +118,8 @@ async def _report_modules(runtime, out: Path) -> None:
     import linecache
 
     report: dict = {"rss": rss, "modules": sorted(sys.modules), "order": list(sys.modules),
-                    "mappings": _resident_mappings(), "linecache": sorted(linecache.cache)}
+                    "mappings": _resident_mappings(), "linecache": sorted(linecache.cache),
+                    "gc": {"frozen": gc.get_freeze_count(), "threshold": list(gc.get_threshold())}}
     if os.environ.get("PYTHONTRACEMALLOC"):  # bench/idle_rss.py --tracemalloc
         report["traced"] = _traced_by_package()
     tmp = out.with_suffix(".tmp")

@@ -90,20 +90,23 @@ def top_frames(raw: str, limit: int = 40) -> dict[str, Any]:
     return {"samples": samples, "self": share(self_c), "total": share(total_c), "components": share(comp_c)}
 
 
-def record(pid: int, seconds: float, out: Path, rate: int = 250) -> subprocess.Popen:
-    """Start ``py-spy record`` on ``pid`` for ``seconds`` (returns the running process)."""
+def record(pid: int, seconds: float, out: Path, rate: int = 250, threads: bool = False) -> subprocess.Popen:
+    """Start ``py-spy record`` on ``pid`` for ``seconds`` (returns the running process);
+    ``threads``: each stack starts with its thread's frame (``--threads``), so one thread's
+    samples - the event loop's, which bounds throughput - can be told from the pools'."""
     if PY_SPY is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
     return subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
-                             "--rate", str(rate), "--format", "raw", "--nonblocking", "--output", str(out)],
+                             "--rate", str(rate), "--format", "raw", "--nonblocking", "--output", str(out),
+                             *(["--threads"] if threads else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def profile_under_load(pid: int, workdir: Path, seconds: float, load: Callable[[], Any],
-                       name: str) -> dict[str, Any]:
+                       name: str, threads: bool = False) -> dict[str, Any]:
     """Profile ``pid`` while ``load()`` (a coroutine factory) runs; returns :func:`top_frames`."""
     out = workdir / f"py-spy-{name}.txt"
-    proc = record(pid, seconds, out)
+    proc = record(pid, seconds, out, threads=threads)
     result: dict[str, Any] = {}
 
     def drive() -> None:
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--raw", default=None, help="keep the collapsed stacks here")
+    parser.add_argument("--threads", action="store_true",
+                        help="stacks start with their thread (py-spy --threads): grep the event loop's")
     args = parser.parse_args(argv)
     cpus = _cpus()
     if cpus[1]:
@@ -153,13 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                 url = env.upstream.url("https", "/bytes")
                 res = profile_under_load(path.pid, workdir, args.seconds,
                                          lambda: load.download(url, path.proxy, ctx, size=64 << 30,
-                                                               max_seconds=args.seconds + 1), name)
+                                                               max_seconds=args.seconds + 1), name, args.threads)
             else:
                 url = env.upstream.url("https", f"/{args.size}")
                 res = profile_under_load(path.pid, workdir, args.seconds,
                                          lambda: load.throughput(url, path.proxy, ctx, expect=SIZES[args.size],
                                                                  concurrency=32, seconds=args.seconds + 1,
-                                                                 max_requests=200_000), name)
+                                                                 max_requests=200_000), name, args.threads)
         finally:
             path.stop()
     finally:

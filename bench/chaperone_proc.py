@@ -119,7 +119,7 @@ async def _report_modules(runtime, out: Path) -> None:
 
     report: dict = {"rss": rss, "modules": sorted(sys.modules), "order": list(sys.modules),
                     "mappings": _resident_mappings(), "linecache": sorted(linecache.cache),
-                    "gc": {"frozen": gc.get_freeze_count(), "threshold": list(gc.get_threshold())}}
+                    "gc": {"frozen": gc.get_freeze_count()}}
     if os.environ.get("PYTHONTRACEMALLOC"):  # bench/idle_rss.py --tracemalloc
         report["traced"] = _traced_by_package()
     tmp = out.with_suffix(".tmp")

@@ -70,7 +70,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import gc_tuning, http11_server, startup_memory
+from . import http11_server, startup_memory
 from .config import SidecarConfig
 from .log_setup import configure_logging
 from .postgres.server import PostgresListeners
@@ -380,8 +380,8 @@ class ProxyRuntime:
         addrs = list(dict.fromkeys(f"{a[0]}:{a[1]}" for s in proxyserver.servers for a in s.listen_addrs))
         log.info("ready: listening on %s", ", ".join(addrs), extra={"fields": {"listen": addrs}})
         self.ready.set()
-        startup_memory.release()  # start-up's freed heap back to the kernel (idle RSS, issue 16)
-        gc_tuning.settle()  # start-up's live objects out of every later collection (throughput, issue 16)
+        # start-up's freed heap back to the kernel, its live objects out of later collections (issue 16)
+        startup_memory.release()
 
     def shutdown(self) -> None:
         log.info("shutting down")

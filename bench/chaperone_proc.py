@@ -40,6 +40,7 @@ import gc
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,12 +120,19 @@ async def _report_modules(runtime, out: Path) -> None:
 
     report: dict = {"rss": rss, "modules": sorted(sys.modules), "order": list(sys.modules),
                     "mappings": _resident_mappings(), "linecache": sorted(linecache.cache),
-                    "gc": {"frozen": gc.get_freeze_count()}}
+                    "gc": {"frozen": gc.get_freeze_count()}, "threads": _thread_policies()}
     if os.environ.get("PYTHONTRACEMALLOC"):  # bench/idle_rss.py --tracemalloc
         report["traced"] = _traced_by_package()
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report))
     tmp.replace(out)
+
+
+def _thread_policies() -> dict[str, str]:
+    """Each live thread's scheduling policy by name (``other`` or ``batch``: helper_threads)."""
+    names = {getattr(os, "SCHED_OTHER", 0): "other", getattr(os, "SCHED_BATCH", 3): "batch"}
+    return {t.name: names.get(os.sched_getscheduler(t.native_id), "?") for t in threading.enumerate()
+            if t.native_id is not None}
 
 
 def _resident_mappings(least: int = 256 << 10) -> dict[str, int]:

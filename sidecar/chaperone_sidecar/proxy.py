@@ -66,11 +66,11 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import http11_server, startup_memory
+from . import helper_threads, http11_server, startup_memory
 from .config import SidecarConfig
 from .log_setup import configure_logging
 from .postgres.server import PostgresListeners
@@ -418,14 +418,24 @@ def event_loop_factory(choice: str) -> tuple[Any, str]:
     ImportError is a clear start-up failure); ``asyncio`` is the standard loop.
     """
     if choice == "asyncio":
-        return asyncio.new_event_loop, "asyncio"
+        return _with_helpers(asyncio.new_event_loop), "asyncio"
     try:
         import uvloop
     except ImportError:
         if choice == "uvloop":
             raise RuntimeError("CHAPERONE_EVENT_LOOP=uvloop but uvloop is not installed") from None
-        return asyncio.new_event_loop, "asyncio"
-    return uvloop.new_event_loop, "uvloop"
+        return _with_helpers(asyncio.new_event_loop), "asyncio"
+    return _with_helpers(uvloop.new_event_loop), "uvloop"
+
+
+def _with_helpers(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> Callable[[], asyncio.AbstractEventLoop]:
+    """``new_loop`` whose default executor (``asyncio.to_thread``: the shipper's disk work, ...)
+    has threads that yield to the loop (helper_threads)."""
+    def factory() -> asyncio.AbstractEventLoop:
+        loop = new_loop()
+        loop.set_default_executor(helper_threads.executor(helper_threads.DEFAULT_WORKERS, "chaperone-io"))
+        return loop
+    return factory
 
 
 def run(config: SidecarConfig) -> int:

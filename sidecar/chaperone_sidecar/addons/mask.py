@@ -82,14 +82,13 @@ import asyncio
 import functools
 import logging
 from collections.abc import Coroutine, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mitmproxy import ctx as mctx
 from mitmproxy import exceptions, http
 from mitmproxy.utils import human
 
-from .. import flowctx
+from .. import flowctx, helper_threads
 from ..flowctx import BodyCapture
 from ..log_setup import flow_fields
 from ..policy.masking.encoding import (
@@ -129,9 +128,10 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding"))  # never rewritt
 # at most ~30 ms, while a 1 MiB body an agent planted upstream would stall every flow of the pod
 # for up to half a second (64 MiB: half a minute). Two workers: the pod has few cores, and the
 # masking holds the GIL for its Python parts (the loop still gets it every switch interval).
-# Queued bodies are ones mitmproxy already holds in memory: the pool adds no buffering.
+# Queued bodies are ones mitmproxy already holds in memory: the pool adds no buffering. Its
+# threads yield to the event loop (helper_threads: a finished body never preempts the loop).
 OFFLOAD_BYTES = 64 * 1024
-_MASK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chaperone-mask")
+_MASK_POOL = helper_threads.executor(2, "chaperone-mask")
 
 
 # ============================================================================ masks

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .. import helper_threads
 from .events import EVENT_TYPES, SessionIdentity, format_time, new_event, utc_now
 from .manifest import ManifestKey
 from .recovery import adopt, leftovers
@@ -256,6 +257,7 @@ class Recorder:
     def _write_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Batches from the queue until "stop"; between batches, or when the spool's next
         deadline passes without one, the group fsync and the age rotation."""
+        helper_threads.yield_to_event_loop()  # a hand-off wakes it without preempting the loop
         get = self._queue.get
         while True:
             deadline = self._spool.next_deadline()

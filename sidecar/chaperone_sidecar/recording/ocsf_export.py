@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import contract as c
+from .. import helper_threads
 from .events import format_time, utc_now
 from .ocsf import CLASS_UID, FlowEvents
 
@@ -276,6 +277,7 @@ class OcsfExporter:
 
     # ------------------------------------------------------------------ thread side
     def _run(self) -> None:
+        helper_threads.yield_to_event_loop()
         stop = False
         while not stop:
             try:

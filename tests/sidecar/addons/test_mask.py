@@ -719,3 +719,12 @@ def test_length_reads_content_length_as_headers_get_did(headers, length):
     resp = http.Response.make(200)
     resp.headers = http.Headers(headers)
     assert _length(resp) == length
+
+
+def test_the_masking_pool_yields_to_the_event_loop():
+    # SCHED_BATCH (helper_threads): a body masked off the loop never preempts it when done.
+    from chaperone_sidecar.addons import mask as mask_module
+
+    assert mask_module._MASK_POOL.submit(os.sched_getscheduler, 0).result() == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+

@@ -156,6 +156,16 @@ def test_idle_full_profile_froze_its_start_up_heap_out_of_collections(idle_repor
     assert idle_report["gc"]["frozen"] > 20_000, idle_report["gc"]
 
 
+def test_idle_full_profile_runs_its_helper_threads_under_sched_batch(idle_report):
+    """The threads the event loop hands work to (the spool writer: running once recording
+    started) yield to it (helper_threads); the event loop's own thread keeps the default."""
+    threads = idle_report["threads"]
+    assert threads["MainThread"] == "other", threads
+    assert threads["chaperone-spool"] == "batch", threads
+    assert {name: p for name, p in threads.items() if name.startswith("chaperone")} == \
+        {name: "batch" for name in threads if name.startswith("chaperone")}, threads
+
+
 def test_jsonschema_loads_only_for_a_policy_that_does_not_conform(idle_report, bench_env, tmp_path):
     assert "chaperone_sidecar.policy.schema" in idle_report["modules"]
     assert _loaded(set(idle_report["modules"]), SCHEMA_ERRORS_ONLY) == []

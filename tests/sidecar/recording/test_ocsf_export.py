@@ -5,6 +5,7 @@ decodes ExportLogsServiceRequest with opentelemetry-proto."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,6 +71,30 @@ def test_a_stuck_sink_never_blocks_submit_and_drops_are_counted(tmp_path):
     assert exporter.metrics()["dropped"] >= 2 * 45
     release.set()
     exporter.close()
+
+
+def test_the_export_thread_yields_to_the_event_loop():
+    # SCHED_BATCH (helper_threads): a submitted batch wakes it without preempting the loop.
+    policies: list[int] = []
+
+    class Probe:
+        name = "probe"
+
+        def write(self, events, lines):
+            policies.append(os.sched_getscheduler(0))
+
+        def tick(self, now):
+            pass
+
+        def close(self):
+            pass
+
+    exporter = OcsfExporter([Probe()], tick_seconds=0.05)
+    exporter.start()
+    exporter.submit(flow_events("f0"))
+    exporter.close()
+    assert policies == [os.SCHED_BATCH]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_unsealed_events_are_stamped_with_a_time(tmp_path):

@@ -106,3 +106,17 @@ def test_deadlines_run_without_appends(tmp_path):
     fsyncs, closed = asyncio.run(main())
     assert fsyncs >= 1 and closed == 1
     assert list((tmp_path / "spool" / "s1").glob("seg-*.jsonl"))
+
+
+def test_the_writer_thread_yields_to_the_event_loop(tmp_path):
+    # SCHED_BATCH (helper_threads): a hand-off wakes it without preempting the loop.
+    async def main():
+        rec = recorder(tmp_path)
+        await rec.start()
+        try:
+            await rec.record("request", data={})
+            return os.sched_getscheduler(rec._writer.native_id), os.sched_getscheduler(0)
+        finally:
+            await rec.close()
+
+    assert asyncio.run(main()) == (os.SCHED_BATCH, os.SCHED_OTHER)

@@ -50,7 +50,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from .events import sha256_hex, split_lines
+from .events import outline, sha256_hex
 from .manifest import ManifestKey, build_manifest, manifest_file, sign_manifest
 
 log = logging.getLogger("chaperone.recording")
@@ -388,20 +388,20 @@ class Shipper:
         """In a thread: the segment's complete lines and its ``shipped.jsonl`` entry (None: it
         held no complete line and was discarded)."""
         data = segment.read_bytes()
-        lines, tail = split_lines(data)
-        if tail:  # only a write cut short by a failing disk leaves this in a closed segment
-            spool.report("torn-tail", f"{segment.name}: {len(tail)} bytes after the last newline dropped")
-            data = data[: len(data) - len(tail)]
+        count, first, last, cut = outline(data)
+        if cut < len(data):  # only a write cut short by a failing disk leaves this in a closed segment
+            spool.report("torn-tail", f"{segment.name}: {len(data) - cut} bytes after the last newline dropped")
+            data = data[:cut]
         first_seq = int(segment.name.split("-", 1)[1].split(".")[0])
         entry: dict[str, Any] = {"key": self._key(spool, segment), "sha256": sha256_hex(data),
-                                 "bytes": len(data), "events": len(lines), "firstSeq": first_seq,
-                                 "lastSeq": first_seq + len(lines) - 1}
-        for name, line in (("first", lines[0] if lines else b""), ("last", lines[-1] if lines else b"")):
+                                 "bytes": len(data), "events": count, "firstSeq": first_seq,
+                                 "lastSeq": first_seq + count - 1}
+        for name, line in (("first", first), ("last", last)):
             try:
                 entry[f"{name}Hash"] = json.loads(line)["hash"]
             except (ValueError, KeyError, TypeError):  # corrupt line: verify will name it
                 entry[f"{name}Hash"] = sha256_hex(line)
-        if not lines:
+        if not count:
             spool.discard(segment)
             return None
         return data, entry

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from hypothesis import given, strategies as st
 
 from chaperone_sidecar.recording.events import (
     Chain, ChainChecker, SessionIdentity, canonical_json, decode_body, encode_body, event_hash,
-    genesis_hash, new_event, split_lines, who,
+    genesis_hash, new_event, outline, split_lines, who,
 )
 
 
@@ -135,6 +136,22 @@ def test_body_extras_and_none():
 def test_split_lines_separates_a_torn_tail():
     assert split_lines(b'{"a":1}\n{"b":2}\n{"c"') == ([b'{"a":1}\n', b'{"b":2}\n'], b'{"c"')
     assert split_lines(b"") == ([], b"")
+
+
+def test_only_a_newline_ends_a_line():
+    # A raw CR (only in a corrupt line: canonical JSON escapes it) does not split the line.
+    assert split_lines(b'{"a":"x\ry"}\r\n{"b":2}\n\n') == ([b'{"a":"x\ry"}\r\n', b'{"b":2}\n', b"\n"], b"")
+    assert outline(b'{"a":"x\ry"}\r\n{"b":2}\n\n') == (3, b'{"a":"x\ry"}\r\n', b"\n", 22)
+
+
+def test_outline_agrees_with_split_lines():
+    rnd = random.Random(16)
+    cases = [b"", b"\n", b"x", b"a\n", b"a\nb", b"\n\nx", b'{"a":1}\n{"b":2}\n{"c"']
+    cases += [bytes(rnd.choice(b"ab\n\r") for _ in range(rnd.randrange(40))) for _ in range(2000)]
+    for data in cases:
+        lines, tail = split_lines(data)
+        assert outline(data) == (len(lines), lines[0] if lines else b"", lines[-1] if lines else b"",
+                                 len(data) - len(tail)), data
 
 
 def test_identity_and_who():

@@ -129,7 +129,7 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding"))  # never rewritt
 # for up to half a second (64 MiB: half a minute). Two workers: the pod has few cores, and the
 # masking holds the GIL for its Python parts (the loop still gets it every switch interval).
 # Queued bodies are ones mitmproxy already holds in memory: the pool adds no buffering. Its
-# threads yield to the event loop (helper_threads: a finished body never preempts the loop).
+# threads yield to the event loop (helper_threads: handing a body over never preempts the loop).
 OFFLOAD_BYTES = 64 * 1024
 _MASK_POOL = helper_threads.executor(2, "chaperone-mask")
 

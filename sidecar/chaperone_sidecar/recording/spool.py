@@ -66,11 +66,7 @@ class SpoolConfig:
     mode: Literal["strict", "best-effort"] = "strict"
     fsync_every: int = 64  # events per group fsync
     fsync_interval: float = 0.05  # seconds an event may wait for its group fsync
-    # Rotate (close, make shippable) at this size. Each rotation costs fsyncs (the file, the
-    # directory twice) and one upload with its HEAD and bookkeeping; 1 MiB until issue 16
-    # session 16, where 64 KiB recorded bodies rotated every ~15 requests: 4 MiB measured
-    # 3,609 -> 3,503 us of CPU per 1 MiB request (bench/ab.py, 4 rounds).
-    segment_bytes: int = 4 << 20
+    segment_bytes: int = 1 << 20  # rotate (close, make shippable) at this size
     segment_max_age: float = 10.0  # ...or when the oldest event in the open segment is this old
     max_spool_bytes: int | None = None  # cap on unshipped bytes; stay below the emptyDir limit
     max_error_reports: int = 100

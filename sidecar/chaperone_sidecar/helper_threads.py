@@ -15,8 +15,10 @@ what is handed over meanwhile joins its batch. Nothing waits longer when the loo
 flow waiting for its recorded event leaves the loop in ``epoll_wait``, and the writer runs at
 once. Measured (bench/analysis.md "Session 16"): the loop's preemptions per 1 MiB request
 3.3 -> 1.1, the writer's wake-ups 2.5 -> 1.3 per request; CPU per request alternating with the
-session's start (bench/ab.py, 1 MiB text, 5 rounds) 4,449 -> 4,311 us; latency at concurrency
-1 and 32 unchanged within the box's noise.
+session's start (bench/ab.py, 5 rounds) 1 MiB text 4,449 -> 4,311 us, 1 KiB 1,119 -> 975.
+Latency (3-4 alternating rounds): 1 KiB better at concurrency 1 and 32 (p99 4.05 -> 3.48 and
+53.5 -> 40.6 ms); 1 MiB p50 at concurrency 1 4.97 -> 4.66 ms, its p99 11.6 -> 13.5 (a helper
+now runs when the loop waits, and the loop waking then may wait for the GIL it holds).
 
 ``SCHED_BATCH`` needs no privilege (only the real-time policies do). Where the platform has
 no such policy (not Linux) or a seccomp profile refuses the call, the thread keeps the default

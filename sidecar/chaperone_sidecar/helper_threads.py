@@ -15,10 +15,11 @@ what is handed over meanwhile joins its batch. Nothing waits longer when the loo
 flow waiting for its recorded event leaves the loop in ``epoll_wait``, and the writer runs at
 once. Measured (bench/analysis.md "Session 16"): the loop's preemptions per 1 MiB request
 3.3 -> 1.1, the writer's wake-ups 2.5 -> 1.3 per request; CPU per request alternating with the
-session's start (bench/ab.py, 5 rounds) 1 MiB text 4,449 -> 4,311 us, 1 KiB 1,119 -> 975.
-Latency (3-4 alternating rounds): 1 KiB better at concurrency 1 and 32 (p99 4.05 -> 3.48 and
-53.5 -> 40.6 ms); 1 MiB p50 at concurrency 1 4.97 -> 4.66 ms, its p99 11.6 -> 13.5 (a helper
-now runs when the loop waits, and the loop waking then may wait for the GIL it holds).
+session's start (bench/ab.py, 5 rounds) 1 MiB text 4,449 -> 4,311 us and 1 KiB 1,119 -> 975;
+a second rotation (3 rounds each) 1 MiB 3,768 -> 3,588, 1 KiB 866 -> 870 (no change). Latency
+in that rotation: 1 KiB unchanged (p99 at concurrency 1 2.40 vs 2.56 ms, at 32 38.6 vs 38.7);
+1 MiB at concurrency 32 unchanged (p99 139 vs 141 ms), at concurrency 1 p99 9.99 -> 12.5 ms (a
+helper now runs when the loop waits, and the loop, woken meanwhile, may wait for the GIL).
 
 ``SCHED_BATCH`` needs no privilege (only the real-time policies do). Where the platform has
 no such policy (not Linux) or a seccomp profile refuses the call, the thread keeps the default

@@ -130,7 +130,7 @@ async def _report_modules(runtime, out: Path) -> None:
 
 def _thread_policies() -> dict[str, str]:
     """Each live thread's scheduling policy by name (``other`` or ``batch``: helper_threads)."""
-    names = {getattr(os, "SCHED_OTHER", 0): "other", getattr(os, "SCHED_BATCH", 3): "batch"}
+    names = {os.SCHED_OTHER: "other", os.SCHED_BATCH: "batch"}
     return {t.name: names.get(os.sched_getscheduler(t.native_id), "?") for t in threading.enumerate()
             if t.native_id is not None}
 

@@ -32,13 +32,9 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["yield_to_event_loop", "executor", "DEFAULT_WORKERS"]
+__all__ = ["yield_to_event_loop", "executor"]
 
 log = logging.getLogger("chaperone.runtime")
-
-# What asyncio's own default executor would have (concurrent.futures' default).
-DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
-
 
 def yield_to_event_loop() -> bool:
     """Put the calling thread under ``SCHED_BATCH``; False where the platform refused it."""
@@ -53,7 +49,8 @@ def yield_to_event_loop() -> bool:
     return True
 
 
-def executor(max_workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads :func:`yield_to_event_loop` as they start."""
+def executor(name: str, max_workers: int | None = None) -> ThreadPoolExecutor:
+    """A thread pool whose threads :func:`yield_to_event_loop` as they start (``max_workers``
+    None: concurrent.futures' default, what asyncio's own default executor has)."""
     return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name,
                               initializer=yield_to_event_loop)

@@ -433,7 +433,7 @@ def _with_helpers(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> Callable
     has threads that yield to the loop (helper_threads)."""
     def factory() -> asyncio.AbstractEventLoop:
         loop = new_loop()
-        loop.set_default_executor(helper_threads.executor(helper_threads.DEFAULT_WORKERS, "chaperone-io"))
+        loop.set_default_executor(helper_threads.executor("chaperone-io"))
         return loop
     return factory
 

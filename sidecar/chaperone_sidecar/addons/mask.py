@@ -131,7 +131,7 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding"))  # never rewritt
 # Queued bodies are ones mitmproxy already holds in memory: the pool adds no buffering. Its
 # threads yield to the event loop (helper_threads: handing a body over never preempts the loop).
 OFFLOAD_BYTES = 64 * 1024
-_MASK_POOL = helper_threads.executor(2, "chaperone-mask")
+_MASK_POOL = helper_threads.executor("chaperone-mask", 2)
 
 
 # ============================================================================ masks

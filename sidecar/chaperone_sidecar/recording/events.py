@@ -222,7 +222,8 @@ class Chain:
             high = memoryview(canonical_json({k: v for k, v in sealed.items() if k > "hash"}))[1:-1]
             hasher = hashlib.sha256(b"{")
             hasher.update(low)
-            hasher.update(b"," if low and high else b"")
+            if low and high:
+                hasher.update(b",")
             hasher.update(high)
             hasher.update(b"}")
             digest = hasher.hexdigest()

@@ -32,7 +32,7 @@ def test_the_calling_thread_and_only_it_yields_to_the_event_loop():
 
 
 def test_executor_threads_yield_to_the_event_loop():
-    pool = helper_threads.executor(2, "test-helpers")
+    pool = helper_threads.executor("test-helpers", 2)
     try:
         policies = {pool.submit(os.sched_getscheduler, 0).result() for _ in range(8)}
         names = {pool.submit(lambda: threading.current_thread().name).result() for _ in range(8)}
